@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install what svt needs into the active Python environment, but only what is missing.
+# A torch that is already importable is kept (cluster users keep their CUDA build); when torch
+# is missing, constraints.txt pins the versions we test with. Pass "test" to add pytest.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+
+modules="torch torchvision timm numpy einops fvcore tensorboard av"
+if [[ "$(uname -m)" == "x86_64" ]]; then modules="$modules decord"; fi
+if [[ "${1:-}" == "test" ]]; then modules="$modules pytest"; fi
+
+missing=$("$PYTHON" - $modules <<'PY'
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+PY
+)
+if [[ -z "$missing" ]]; then
+    exit 0
+fi
+echo "[install_deps] missing: $missing -> installing requirements.txt" >&2
+constraint=()
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    constraint=(-c "$ROOT/constraints.txt")
+fi
+extra=()
+if [[ " $missing " == *" pytest "* ]]; then extra=(pytest); fi
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements.txt" "${constraint[@]}" "${extra[@]}"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run the test suite on CPU: installs what is missing, then pytest. Extra args go to pytest,
+# e.g. `./scripts/test.sh -k model -x`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/install_deps.sh test
+export HF_HUB_OFFLINE=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" -m pytest "$@"

@@ -1,0 +1,76 @@
+"""Load the fvcore config from `--cfg` and `--opts`, as the original scripts pass them."""
+import difflib
+import os
+from typing import Sequence
+
+from fvcore.common.config import CfgNode
+
+from utils.defaults import UNSUPPORTED_TRUE_KEYS, get_cfg
+
+DEFAULT_CFG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "models", "configs", "Kinetics", "TimeSformer_divST_8x32_224.yaml")
+
+
+def add_config_args(parser) -> None:
+    """Add the original's `--cfg` and `--opts` arguments to an argparse parser (`--opts` must be last)."""
+    import argparse
+    parser.add_argument("--cfg", dest="cfg_file", default=DEFAULT_CFG, type=str,
+                        help="fvcore YAML with the data/model config (default: the SVT Kinetics config).")
+    parser.add_argument("--opts", default=None, nargs=argparse.REMAINDER,
+                        help="KEY VALUE pairs that override the YAML, e.g. `--opts DATA.PATH_PREFIX /data/k400 "
+                             "DATA.RAND_FR True`. Must be the last argument.")
+
+
+def _all_keys(node: CfgNode, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in node.items():
+        keys += _all_keys(value, f"{prefix}{name}.") if isinstance(value, CfgNode) else [f"{prefix}{name}"]
+    return keys
+
+
+def _require_key(cfg: CfgNode, key: str) -> None:
+    known = _all_keys(cfg)
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"--opts: unknown config key {key!r}.{hint} The keys svt reads are listed in "
+                       f"utils/defaults.py.")
+
+
+def _check(cfg: CfgNode) -> None:
+    for key in UNSUPPORTED_TRUE_KEYS:
+        node, name = key.split(".")
+        if cfg[node][name]:
+            raise ValueError(f"{key} True selects an experimental branch of the original code that is not "
+                             f"supported in this reimplementation; leave it False.")
+    if cfg.TIMESFORMER.ATTENTION_TYPE not in ("divided_space_time", "space_only", "joint_space_time"):
+        raise ValueError(f"TIMESFORMER.ATTENTION_TYPE {cfg.TIMESFORMER.ATTENTION_TYPE!r} is not one of "
+                         "divided_space_time, space_only, joint_space_time.")
+    if cfg.DATA.DECODING_BACKEND not in ("decord", "pyav"):
+        raise ValueError(f"DATA.DECODING_BACKEND {cfg.DATA.DECODING_BACKEND!r} is not one of decord, pyav.")
+
+
+def load_config_from(cfg_file: str | None = None, opts: Sequence[str] | None = None) -> CfgNode:
+    """Defaults, then the YAML, then the KEY VALUE overrides; unknown keys are errors that name the key."""
+    cfg = get_cfg()
+    if cfg_file:
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"--cfg {cfg_file}: no such file.")
+        try:
+            cfg.merge_from_file(cfg_file)
+        except KeyError as err:
+            raise KeyError(f"{cfg_file}: {err.args[0]}. The keys svt reads are listed in utils/defaults.py.") from None
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"--opts takes KEY VALUE pairs, got an odd number of items: {list(opts)}")
+        for key in opts[0::2]:
+            _require_key(cfg, key)
+        cfg.merge_from_list(list(opts))
+    _check(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def load_config(args) -> CfgNode:
+    """The config for a parsed argparse namespace with `cfg_file` and `opts`."""
+    return load_config_from(getattr(args, "cfg_file", None), getattr(args, "opts", None))
