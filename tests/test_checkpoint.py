@@ -1,0 +1,235 @@
+"""Weights in and out: SVT/TimeSformer checkpoint layouts, ImageNet init, hub entry, save/resume."""
+import argparse
+import os
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import hubconf
+from models import DINOHead, MultiCropWrapper, VisionTransformer
+from models.helpers import load_pretrained
+from utils.checkpoint import atomic_save, load_pretrained_weights, restart_from_checkpoint, safe_torch_load
+
+TINY = dict(embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.0, img_size=32)
+
+
+def tiny(seed: int, **kw) -> VisionTransformer:
+    torch.manual_seed(seed)
+    model = VisionTransformer(**{**TINY, **kw})
+    with torch.no_grad():  # make every tensor distinct from a fresh init
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def wrapper(seed: int) -> MultiCropWrapper:
+    return MultiCropWrapper(tiny(seed), DINOHead(48, 32, hidden_dim=16, bottleneck_dim=8))
+
+
+def assert_same_backbone(model: nn.Module, reference: nn.Module) -> None:
+    ref = reference.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
+class NotAllowed:
+    pass
+
+
+@pytest.fixture
+def training_checkpoint(tmp_path):
+    """A checkpoint in the layout of the original train_ssl.py (spec 7.1)."""
+    student, teacher = wrapper(1), wrapper(2)
+    ddp_student_state = {f"module.{k}": v for k, v in student.state_dict().items()}
+    optimizer = torch.optim.AdamW(student.parameters())
+    ckpt = {
+        "student": ddp_student_state, "teacher": teacher.state_dict(), "motion_student": 0,
+        "motion_teacher": 0, "optimizer": optimizer.state_dict(), "epoch": 5,
+        "args": argparse.Namespace(arch="vit_base", lr=5e-4, output_dir="out", global_crops_scale=(0.4, 1.0)),
+        "dino_loss": {"center": torch.zeros(1, 32)}, "fp16_scaler": None,
+    }
+    path = tmp_path / "checkpoint.pth"
+    torch.save(ckpt, path)
+    return path, student, teacher
+
+
+@pytest.mark.parametrize("key", ["teacher", "student"])
+def test_training_checkpoint_loads_without_missing_keys(training_checkpoint, key):
+    path, student, teacher = training_checkpoint
+    model = tiny(0)
+    summary = load_pretrained_weights(model, path, checkpoint_key=key)
+    assert summary.missing == [] and summary.unexpected == [] and len(summary.matched) == 47
+    assert_same_backbone(model, (teacher if key == "teacher" else student).backbone)
+    assert isinstance(safe_torch_load(path)["args"], argparse.Namespace)
+
+
+def test_released_flat_teacher_file_loads(tmp_path, capsys):
+    teacher = wrapper(3)
+    path = tmp_path / "kinetics400_vitb_ssl.pth"
+    torch.save(teacher.state_dict(), path)  # backbone.* + head.*, no 'teacher' key
+    model = tiny(0)
+    summary = load_pretrained_weights(model, path)  # default checkpoint_key="teacher" is absent
+    assert summary.missing == [] and summary.unexpected == []
+    assert_same_backbone(model, teacher.backbone)
+    assert "loaded 47 tensors" in capsys.readouterr().out
+
+
+def test_timesformer_and_bare_state_dicts_load(tmp_path):
+    source = tiny(4, num_classes=7)
+    path = tmp_path / "TimeSformer_divST_8x32_224_K400.pyth"
+    torch.save({"model_state": {f"model.{k}": v for k, v in source.state_dict().items()}, "epoch": 15}, path)
+    model = tiny(0)
+    summary = load_pretrained_weights(model, path)
+    assert summary.missing == [] and sorted(summary.unexpected) == ["head.bias", "head.weight"]
+    assert_same_backbone(model, source)
+    bare = tmp_path / "bare.pth"
+    torch.save(tiny(5).state_dict(), bare)
+    model = tiny(0)
+    assert load_pretrained_weights(model, bare, checkpoint_key=None).missing == []
+    assert_same_backbone(model, tiny(5))
+
+
+def test_time_embed_of_another_length_is_resized_nearest(tmp_path):
+    source = tiny(6)  # 8 frames
+    path = tmp_path / "ckpt.pth"
+    torch.save(source.state_dict(), path)
+    model = tiny(0, num_frames=16)
+    summary = load_pretrained_weights(model, path)
+    assert summary.resized == ["time_embed (1, 8, 48)->(1, 16, 48)"]
+    assert torch.equal(model.time_embed, source.time_embed.repeat_interleave(2, dim=1))
+    x = torch.randn(1, 3, 16, 32, 32)
+    with torch.no_grad():  # the same values the 8-frame model uses on the fly for 16 frames
+        assert torch.allclose(model(x), source(x), atol=1e-5)
+
+
+def test_wrong_files_fail_loudly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        load_pretrained_weights(tiny(0), tmp_path / "nowhere.pth")
+    unrelated = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(3), "fc.bias": torch.zeros(2)}, unrelated)
+    with pytest.raises(ValueError, match="no key of .*resnet.pth"):
+        load_pretrained_weights(tiny(0), unrelated)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(RuntimeError, match="notes.pth"):
+        load_pretrained_weights(tiny(0), text)
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"obj": NotAllowed()}, unsafe)
+    with pytest.raises(RuntimeError, match="weights_only"):
+        safe_torch_load(unsafe)
+
+
+def test_shape_mismatch_names_the_key(tmp_path):
+    state = tiny(7).state_dict()
+    state["blocks.1.mlp.fc1.weight"] = torch.zeros(96, 48)
+    path = tmp_path / "ckpt.pth"
+    torch.save({f"backbone.{k}": v for k, v in state.items()}, path)
+    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc1\.weight.*\(96, 48\).*\(192, 48\)"):
+        load_pretrained_weights(tiny(0), path)
+
+
+def image_vit_state(seed: int, img_size: int = 32, num_classes: int = 10) -> dict:
+    torch.manual_seed(seed)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=img_size, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=num_classes)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.normal_(0, 0.1)
+    return vit.state_dict()
+
+
+@pytest.mark.parametrize("layout", ["timm", "dino_flat", "wrapped_module"])
+def test_imagenet_init_mapping(tmp_path, layout):
+    vit = image_vit_state(8)
+    if layout == "dino_flat":
+        obj = {k: v for k, v in vit.items() if not k.startswith("head.")}
+    elif layout == "wrapped_module":
+        obj = {"model": {f"module.{k}": v for k, v in vit.items()}, "epoch": 3}
+    else:
+        obj = vit
+    path = tmp_path / "vit_b16.pth"
+    torch.save(obj, path)
+    model = VisionTransformer(**TINY)
+    result = load_pretrained(model, path)
+    sd = model.state_dict()
+    for k, v in vit.items():
+        if not k.startswith("head."):
+            assert torch.equal(sd[k], v), k
+    for i in range(2):
+        for name in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
+            assert torch.equal(sd[f"blocks.{i}.temporal_attn.{name}"], vit[f"blocks.{i}.attn.{name}"])
+        for name in ("weight", "bias"):
+            assert torch.equal(sd[f"blocks.{i}.temporal_norm1.{name}"], vit[f"blocks.{i}.norm1.{name}"])
+            assert torch.count_nonzero(sd[f"blocks.{i}.temporal_fc.{name}"]) == 0
+    assert torch.count_nonzero(model.time_embed) == 0
+    assert sorted(result["missing"]) == sorted(
+        ["time_embed"] + [f"blocks.{i}.temporal_fc.{n}" for i in range(2) for n in ("weight", "bias")])
+    assert result["unexpected"] == []  # the classifier head is dropped
+
+
+def test_imagenet_init_resizes_pos_embed_and_reports_errors(tmp_path):
+    vit = image_vit_state(9, img_size=64, num_classes=0)  # 4x4 grid
+    path = tmp_path / "vit64.pth"
+    torch.save(vit, path)
+    model = VisionTransformer(**TINY)  # 2x2 grid
+    load_pretrained(model, path)
+    grid = vit["pos_embed"][0, 1:].reshape(4, 4, 48)
+    assert torch.equal(model.pos_embed[0, 0], vit["pos_embed"][0, 0])
+    assert torch.equal(model.pos_embed[0, 1:].reshape(2, 2, 48), grid[0::2][:, 0::2])
+    with pytest.raises(FileNotFoundError, match="missing.pth.*put them at that path"):
+        load_pretrained(model, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="local file"):
+        load_pretrained(model, "https://example.com/vit.pth")
+    other = tmp_path / "other.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, other)
+    with pytest.raises(ValueError, match="no key of .*other.pth"):
+        load_pretrained(model, other)
+
+
+def test_hub_entry_loads_local_file(tmp_path):
+    teacher = MultiCropWrapper(tiny(10, img_size=224), DINOHead(48, 32, hidden_dim=16, bottleneck_dim=8))
+    path = tmp_path / "kinetics400_vitb_ssl.pth"
+    torch.save(teacher.state_dict(), path)
+    kw = dict(embed_dim=48, depth=2, num_heads=3)
+    model = hubconf.svt_vitb_k400(pretrained_path=str(path), **kw)
+    assert_same_backbone(model, teacher.backbone)
+    assert not model.training
+    repo = os.path.dirname(os.path.abspath(hubconf.__file__))
+    hub_model = torch.hub.load(repo, "svt_vitb_k400", source="local", pretrained_path=str(path), **kw)
+    assert_same_backbone(hub_model, teacher.backbone)
+
+
+def test_atomic_save_and_restart_round_trip(tmp_path):
+    model = tiny(11)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(1, 3, 2, 32, 32)).sum().backward()
+    optimizer.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    loss = nn.Module()
+    loss.register_buffer("center", torch.randn(1, 32))
+    path = tmp_path / "run" / "checkpoint.pth"
+    atomic_save({"student": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 4,
+                 "fp16_scaler": scaler.state_dict(), "dino_loss": loss.state_dict(),
+                 "args": argparse.Namespace(epochs=10)}, path)
+    assert os.listdir(path.parent) == ["checkpoint.pth"]  # no temporary file left behind
+
+    model2 = tiny(12)
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    scaler2 = torch.amp.GradScaler("cpu")
+    loss2 = nn.Module()
+    loss2.register_buffer("center", torch.zeros(1, 32))
+    run_variables = {"epoch": 0}
+    restart_from_checkpoint(path, run_variables=run_variables, student=model2, optimizer=optimizer2,
+                            fp16_scaler=scaler2, dino_loss=loss2, teacher=None)
+    assert run_variables["epoch"] == 4
+    assert_same_backbone(model2, model)
+    assert torch.equal(loss2.center, loss.center)
+    assert scaler2.get_scale() == 1024.0
+    s1, s2 = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) for i in s1)
+
+    fresh = {"epoch": 0}
+    restart_from_checkpoint(tmp_path / "none.pth", run_variables=fresh, student=model2)
+    assert fresh == {"epoch": 0}

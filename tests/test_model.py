@@ -1,0 +1,293 @@
+"""TimeSformer backbone, DINO head and multi-view wrapper (CPU, tiny sizes)."""
+import copy
+import math
+import warnings
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from models import ARCHS, DINOHead, MultiCropWrapper, VisionTransformer, build_backbone
+from models.timesformer import vit_base_patch16_224
+from utils.defaults import get_cfg
+
+TINY = dict(embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.0)
+
+
+def tiny(**kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(**{**TINY, **kw}).eval()
+
+
+def randomise_temporal(model: VisionTransformer) -> None:
+    """Give the zero-initialised temporal parts non-zero values so that they matter."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.time_embed.normal_(0, 0.5, generator=g)
+        for blk in model.blocks:
+            blk.temporal_fc.weight.normal_(0, 0.1, generator=g)
+            blk.temporal_fc.bias.normal_(0, 0.1, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 224, 224), (2, 3, 2, 96, 96), (1, 3, 16, 64, 64),
+                                   (1, 3, 4, 64, 96), (1, 3, 64, 32, 32)])
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "space_only", "joint_space_time"])
+def test_output_shapes(shape, attention_type):
+    model = tiny(attention_type=attention_type)
+    b, _, t, h, w = shape
+    x = torch.randn(shape)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert model(x).shape == (b, 48)
+    n = (h // 16) * (w // 16) * (1 if attention_type == "space_only" else t)
+    assert tokens.shape == (b, 1 + n, 48)
+    assert torch.isfinite(tokens).all()
+
+
+def test_classifier_head_and_bad_inputs():
+    model = tiny(num_classes=5)
+    assert "head.weight" in model.state_dict()
+    assert model(torch.randn(2, 3, 2, 32, 32)).shape == (2, 5)
+    assert not any(k.startswith("head") for k in tiny().state_dict())
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(torch.randn(1, 3, 2, 40, 32))
+    with pytest.raises(ValueError, match="attention_type"):
+        tiny(attention_type="divided")
+
+
+def test_pos_embed_interpolation_is_nearest():
+    model = tiny()
+    assert model.interpolate_pos_embed(197, 14, 14) is model.pos_embed
+    grid = model.pos_embed[0, 1:].reshape(14, 14, 48)
+    idx6 = [0, 2, 4, 7, 9, 11]  # floor(i * 14 / 6)
+    out = model.interpolate_pos_embed(1 + 36, 6, 6)[0]
+    assert torch.equal(out[0], model.pos_embed[0, 0])
+    assert torch.equal(out[1:].reshape(6, 6, 48), grid[idx6][:, idx6])
+    out = model.interpolate_pos_embed(1 + 4 * 6, 4, 6)[0]  # non-square: rows 14->4, cols 14->6
+    assert torch.equal(out[1:].reshape(4, 6, 48), grid[[0, 3, 7, 10]][:, idx6])
+    assert torch.equal(model.interpolate_pos_embed(1 + 49, 7, 7)[0, 1:].reshape(7, 7, 48),
+                       grid[0::2][:, 0::2])
+
+
+def test_time_embed_interpolation_is_nearest():
+    model = tiny()
+    randomise_temporal(model)
+    te = model.time_embed[0]
+    assert model.interpolate_time_embed(8) is model.time_embed
+    assert torch.equal(model.interpolate_time_embed(2)[0], te[[0, 4]])
+    assert torch.equal(model.interpolate_time_embed(4)[0], te[[0, 2, 4, 6]])
+    assert torch.equal(model.interpolate_time_embed(16)[0], te.repeat_interleave(2, dim=0))
+    assert torch.equal(model.interpolate_time_embed(64)[0], te.repeat_interleave(8, dim=0))
+
+
+def reference_forward(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The divided space-time forward written with plain reshapes/permutes and explicit nearest
+    indices, following the original step by step (eval mode: no dropout / drop path)."""
+    b, _, t, hh, ww = x.shape
+    h, w, d = hh // 16, ww // 16, model.embed_dim
+    frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, 3, hh, ww)
+    p = model.patch_embed.proj(frames).flatten(2).transpose(1, 2)  # (bt, hw, d)
+    rows = [math.floor(i * 14 / h) for i in range(h)]
+    cols = [math.floor(j * 14 / w) for j in range(w)]
+    grid = model.pos_embed[0, 1:].reshape(14, 14, d)[rows][:, cols].reshape(h * w, d)
+    p = p + grid
+    cls = model.cls_token[0] + model.pos_embed[0, :1]  # (1, d)
+    te = model.time_embed[0, [math.floor(i * 8 / t) for i in range(t)]]  # (t, d)
+    p = p.reshape(b, t, h * w, d) + te[None, :, None]
+    tokens = p.permute(0, 2, 1, 3).reshape(b, h * w * t, d)  # index n * t + frame
+    z = torch.cat([cls.expand(b, 1, d), tokens], dim=1)
+    for blk in model.blocks:
+        c, pt = z[:, :1], z[:, 1:]
+        xt = pt.reshape(b * h * w, t, d)
+        res_t = blk.temporal_fc(blk.temporal_attn(blk.temporal_norm1(xt)).reshape(b, h * w * t, d))
+        xt = pt + res_t
+        xs = xt.reshape(b, h * w, t, d).permute(0, 2, 1, 3).reshape(b * t, h * w, d)
+        cs = c.repeat(1, t, 1).reshape(b * t, 1, d)
+        res = blk.attn(blk.norm1(torch.cat([cs, xs], dim=1)))
+        c_avg = res[:, 0].reshape(b, t, d).mean(dim=1, keepdim=True)
+        res_p = res[:, 1:].reshape(b, t, h * w, d).permute(0, 2, 1, 3).reshape(b, h * w * t, d)
+        z = torch.cat([c, xt], dim=1) + torch.cat([c_avg, res_p], dim=1)
+        z = z + blk.mlp(blk.norm2(z))
+    return model.norm(z)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 32, 48), (1, 3, 4, 96, 96), (1, 3, 16, 32, 32)])
+def test_divided_forward_matches_reference(shape):
+    model = tiny()
+    randomise_temporal(model)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), reference_forward(model, x), atol=1e-5)
+
+
+def test_sdpa_equals_explicit_attention():
+    model = tiny()
+    randomise_temporal(model)
+    x = torch.randn(2, 3, 4, 64, 64)
+    with torch.no_grad():
+        fused = model.forward_features(x)
+        model.set_fused_attention(False)
+        assert not any(m.fused for m in model.modules() if hasattr(m, "fused"))
+        explicit = model.forward_features(x)
+    assert (fused - explicit).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "space_only"])
+def test_static_clip_with_inert_temporal_path_equals_image_vit(attention_type):
+    """At init temporal_fc = 0 and time_embed = 0, so on a clip of one repeated frame the TimeSformer
+    (with the image ViT's weights) must give exactly the image ViT's tokens."""
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=0).eval()
+    model = tiny(img_size=64, attention_type=attention_type)
+    missing = model.load_state_dict(vit.state_dict(), strict=False).missing_keys
+    assert all("temporal" in k or k == "time_embed" for k in missing)
+    frame = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = vit.forward_features(frame)
+        tokens = model.forward_features(frame[:, :, None].expand(-1, -1, 4, -1, -1))
+    assert torch.allclose(tokens[:, 0], ref[:, 0], atol=1e-5)
+    if attention_type == "divided_space_time":  # patch n of frame t sits at 1 + n * T + t
+        assert torch.allclose(tokens[:, 1::4], ref[:, 1:], atol=1e-5)
+        assert torch.allclose(tokens[:, 4::4], ref[:, 1:], atol=1e-5)
+
+
+def test_vit_base_state_dict_matches_original():
+    with torch.device("meta"):  # shapes only: skip allocating and initialising 121M parameters
+        model = vit_base_patch16_224()
+    expected = [("cls_token", (1, 1, 768)), ("pos_embed", (1, 197, 768)), ("time_embed", (1, 8, 768)),
+                ("patch_embed.proj.weight", (768, 3, 16, 16)), ("patch_embed.proj.bias", (768,))]
+    block = [("norm1.weight", (768,)), ("norm1.bias", (768,)),
+             ("attn.qkv.weight", (2304, 768)), ("attn.qkv.bias", (2304,)),
+             ("attn.proj.weight", (768, 768)), ("attn.proj.bias", (768,)),
+             ("temporal_norm1.weight", (768,)), ("temporal_norm1.bias", (768,)),
+             ("temporal_attn.qkv.weight", (2304, 768)), ("temporal_attn.qkv.bias", (2304,)),
+             ("temporal_attn.proj.weight", (768, 768)), ("temporal_attn.proj.bias", (768,)),
+             ("temporal_fc.weight", (768, 768)), ("temporal_fc.bias", (768,)),
+             ("norm2.weight", (768,)), ("norm2.bias", (768,)),
+             ("mlp.fc1.weight", (3072, 768)), ("mlp.fc1.bias", (3072,)),
+             ("mlp.fc2.weight", (768, 3072)), ("mlp.fc2.bias", (768,))]
+    for i in range(12):
+        expected += [(f"blocks.{i}.{k}", s) for k, s in block]
+    expected += [("norm.weight", (768,)), ("norm.bias", (768,))]
+    sd = model.state_dict()
+    assert [(k, tuple(v.shape)) for k, v in sd.items()] == expected
+    assert len(sd) == 247 and not list(model.buffers())
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"vit_base TimeSformer parameters (no head): {n_params:,}")
+    assert n_params == 121_258_752
+    assert [m.drop_prob if hasattr(m, "drop_prob") else 0.0 for m in
+            (blk.drop_path for blk in model.blocks)] == pytest.approx(torch.linspace(0, 0.1, 12).tolist())
+
+
+@pytest.mark.parametrize("attention_type", ["space_only", "joint_space_time"])
+def test_other_attention_types_have_no_temporal_keys(attention_type):
+    sd = tiny(attention_type=attention_type).state_dict()
+    assert not any("temporal" in k for k in sd)
+    assert ("time_embed" in sd) == (attention_type == "joint_space_time")
+
+
+def test_init():
+    model = tiny(depth=3)
+    assert torch.count_nonzero(model.time_embed) == 0
+    for blk in model.blocks:  # all blocks, including block 0
+        assert torch.count_nonzero(blk.temporal_fc.weight) == 0
+        assert torch.count_nonzero(blk.temporal_fc.bias) == 0
+        assert torch.count_nonzero(blk.attn.qkv.bias) == 0
+        assert torch.equal(blk.norm1.weight, torch.ones(48)) and blk.norm1.eps == 1e-6
+        assert 0.015 < blk.mlp.fc1.weight.std() < 0.025  # trunc-normal std .02 (cut-offs +-2, absolute)
+    assert model.pos_embed.abs().max() <= 2.0 and 0.015 < model.pos_embed.std() < 0.025
+
+
+def test_intermediate_layers_and_grad_checkpointing():
+    model = tiny()
+    randomise_temporal(model)
+    x = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        last = model.get_intermediate_layers(x, n=1)
+        two = model.get_intermediate_layers(x, n=2)
+        assert len(last) == 1 and torch.allclose(last[0], model.forward_features(x))
+        assert len(two) == 2 and torch.allclose(two[1], last[0])
+    model.train()
+    out = model(x).sum()
+    out.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    out_ckpt = model(x).sum()
+    out_ckpt.backward()
+    assert torch.allclose(out, out_ckpt)
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_build_backbone_from_cfg(tmp_path):
+    cfg = get_cfg()
+    cfg.DATA.TRAIN_CROP_SIZE = 96
+    cfg.DATA.NUM_FRAMES = 4
+    cfg.MODEL.DROP_PATH_RATE = 0.2
+    model = build_backbone("vit_tiny", cfg, depth=2)
+    assert model.pos_embed.shape == (1, 37, 192) and model.time_embed.shape == (1, 4, 192)
+    assert model.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    assert set(ARCHS) == {"timesformer", "vit_base", "vit_small", "vit_tiny"}
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_backbone("resnet", cfg)
+    cfg.TIMESFORMER.PRETRAINED_MODEL = str(tmp_path / "dino_vitbase16_pretrain.pth")
+    with pytest.raises(FileNotFoundError, match="dino_vitbase16_pretrain.pth"):
+        build_backbone("vit_tiny", cfg, depth=2)
+
+
+def test_dino_head_keys_shapes_and_counts():
+    head = DINOHead(768, 65536)
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert shapes == {
+        "mlp.0.weight": (2048, 768), "mlp.0.bias": (2048,), "mlp.2.weight": (2048, 2048),
+        "mlp.2.bias": (2048,), "mlp.4.weight": (256, 2048), "mlp.4.bias": (256,),
+        "last_layer.weight_g": (65536, 1), "last_layer.weight_v": (65536, 256)}
+    assert sum(p.numel() for p in head.parameters()) == 23_138_560
+    assert sum(p.numel() for p in head.parameters() if p.requires_grad) == 23_073_024
+    assert torch.equal(head.last_layer.weight_g, torch.ones(65536, 1))
+    assert DINOHead(768, 16, norm_last_layer=False).last_layer.weight_g.requires_grad
+    bn = DINOHead(32, 16, use_bn=True, hidden_dim=24, bottleneck_dim=8)
+    assert [type(m).__name__ for m in bn.mlp] == ["Linear", "BatchNorm1d", "GELU"] * 2 + ["Linear"]
+
+
+def test_dino_head_matches_legacy_weight_norm():
+    torch.manual_seed(0)
+    head = DINOHead(32, 16, hidden_dim=24, bottleneck_dim=8)
+    with torch.no_grad():
+        head.last_layer.weight_g.uniform_(0.5, 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        legacy = nn.utils.weight_norm(nn.Linear(8, 16, bias=False))
+    legacy.load_state_dict(head.last_layer.state_dict())
+    x = torch.randn(5, 32)
+    z = nn.functional.normalize(head.mlp(x), dim=-1)
+    assert torch.allclose(head(x), legacy(z), atol=1e-6)
+    # norm_last_layer with g = 1: every output is a cosine similarity
+    unit = DINOHead(32, 16, hidden_dim=24, bottleneck_dim=8)
+    assert unit(x).abs().max() <= 1 + 1e-6
+    copy.deepcopy(head)  # the legacy helper cannot be deep-copied after a forward
+
+
+def test_multicrop_wrapper_groups_and_matches_per_view_calls():
+    backbone = tiny()
+    randomise_temporal(backbone)
+    head = DINOHead(48, 10, hidden_dim=16, bottleneck_dim=8).eval()
+    wrapper = MultiCropWrapper(backbone, head)
+    shapes = [(4, 64, 64), (8, 64, 64), (2, 32, 32), (2, 32, 32), (4, 32, 32), (4, 32, 32), (2, 32, 32)]
+    views = [torch.randn(2, 3, *s) for s in shapes]
+    calls = []
+    hook = backbone.register_forward_hook(lambda m, inp, out: calls.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        out = wrapper(views)
+    hook.remove()
+    assert calls == [(2, 3, 4, 64, 64), (2, 3, 8, 64, 64), (4, 3, 2, 32, 32), (4, 3, 4, 32, 32),
+                     (2, 3, 2, 32, 32)]
+    assert out.shape == (len(views) * 2, 10)
+    with torch.no_grad():
+        expected = torch.cat([head(backbone(v)) for v in views])
+    assert torch.allclose(out, expected, atol=1e-5)
+    keys = wrapper.state_dict().keys()
+    assert all(k.startswith(("backbone.", "head.")) for k in keys) and "head.last_layer.weight_g" in keys
