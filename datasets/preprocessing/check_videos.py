@@ -1,0 +1,79 @@
+"""Scan a video list (Kinetics csv or UCF/HMDB split list) with N workers and report every video as
+ok / missing / undecodable / too_short, with fps, frame count and resolution; write a cleaned list with
+the lines of the ok videos only.
+
+    python -m datasets.preprocessing.check_videos --list data/k400/train.csv --prefix data/k400/videos \
+        --workers 8 --report train_report.csv --out_list data/k400/train_clean.csv
+"""
+import argparse
+import csv
+import os
+import sys
+from collections import Counter
+from multiprocessing import Pool
+
+from datasets.decoder import DecodeError, open_video
+from datasets.video_dataset import parse_list_file
+
+
+def check_video(job: tuple) -> dict:
+    """job = (path, backend, min_frames) -> report row."""
+    path, backend, min_frames = job
+    row = {"path": path, "status": "ok", "fps": "", "frames": "", "width": "", "height": "", "error": ""}
+    if not os.path.isfile(path):
+        row["status"] = "missing"
+        return row
+    try:
+        with open_video(path, backend) as reader:
+            n = reader.num_frames
+            row["fps"], row["frames"] = f"{reader.fps:.3f}", n
+            probe = sorted({0, n // 2, max(n - 1, 0)})
+            frames = reader.get_frames(probe)
+            row["height"], row["width"] = frames.shape[1], frames.shape[2]
+    except DecodeError as err:
+        row["status"], row["error"] = "undecodable", str(err)
+        return row
+    if n < min_frames:
+        row["status"] = "too_short"
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Check the videos of a list file and write a cleaned list.")
+    parser.add_argument("--list", required=True, help="List file: lines 'path label' (space or comma).")
+    parser.add_argument("--prefix", default="", help="Folder joined to every path (DATA.PATH_PREFIX).")
+    parser.add_argument("--separator", default=" ", help="Path/label separator (DATA.PATH_LABEL_SEPARATOR).")
+    parser.add_argument("--workers", type=int, default=4, help="Parallel worker processes.")
+    parser.add_argument("--backend", default="pyav", choices=("decord", "pyav"), help="Decoder used for the check.")
+    parser.add_argument("--min_frames", type=int, default=8, help="Videos with fewer frames are 'too_short'.")
+    parser.add_argument("--report", default=None, help="Report csv (default: <list>.report.csv).")
+    parser.add_argument("--out_list", default=None, help="Cleaned list (default: <list>.clean<ext>).")
+    args = parser.parse_args(argv)
+
+    entries = parse_list_file(args.list, args.separator)
+    with open(args.list) as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    jobs = [(os.path.join(args.prefix, p), args.backend, args.min_frames) for p, _ in entries]
+    if args.workers > 1:
+        with Pool(args.workers) as pool:
+            rows = pool.map(check_video, jobs, chunksize=max(1, len(jobs) // (args.workers * 8)))
+    else:
+        rows = [check_video(j) for j in jobs]
+
+    root, ext = os.path.splitext(args.list)
+    report = args.report or f"{root}.report.csv"
+    out_list = args.out_list or f"{root}.clean{ext}"
+    with open(report, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out_list, "w") as f:
+        f.writelines(f"{line}\n" for line, row in zip(lines, rows) if row["status"] == "ok")
+    counts = Counter(r["status"] for r in rows)
+    summary = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("ok", "missing", "undecodable", "too_short"))
+    print(f"{len(rows)} videos: {summary}. Report: {report}. Cleaned list: {out_list}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

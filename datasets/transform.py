@@ -1,0 +1,224 @@
+"""Spatial transforms on whole clips: the SVT multi-view augmentation and the evaluation sampling.
+
+Every function works on a clip tensor (T, C, H, W) at once, so one crop box and one set of colour
+parameters is shared by all frames of a view. Randomness comes from torch's RNG (seeded per
+DataLoader worker by torch).
+"""
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RAND_FR_GLOBAL_FRAMES = (4, 8)
+RAND_FR_LOCAL_FRAMES = (2, 2, 4, 4, 8, 8, 16, 16)
+
+
+def ssl_view_frames(cfg, local_crops_number: int = 8) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Frames per SSL view: (global_frames, local_frames).
+
+    Default: every view has DATA.NUM_FRAMES. DATA.RAND_FR: globals (4, 8), locals (2,2,4,4,8,8,16,16)
+    (the original code). DATA.GLOBAL_NUM_FRAMES / LOCAL_NUM_FRAMES override either (the paper's
+    setting is [8, 16] and [2, 2, 4, 4, 8, 8, 16, 16])."""
+    n = cfg.DATA.NUM_FRAMES
+    global_frames = RAND_FR_GLOBAL_FRAMES if cfg.DATA.RAND_FR else (n, n)
+    local_frames = RAND_FR_LOCAL_FRAMES if cfg.DATA.RAND_FR else (n,) * local_crops_number
+    source = "DATA.RAND_FR True" if cfg.DATA.RAND_FR else "DATA.NUM_FRAMES"
+    if len(cfg.DATA.GLOBAL_NUM_FRAMES):
+        global_frames = tuple(int(f) for f in cfg.DATA.GLOBAL_NUM_FRAMES)
+    if len(cfg.DATA.LOCAL_NUM_FRAMES):
+        local_frames = tuple(int(f) for f in cfg.DATA.LOCAL_NUM_FRAMES)
+        source = "DATA.LOCAL_NUM_FRAMES"
+    if len(global_frames) != 2:
+        raise ValueError(f"DATA.GLOBAL_NUM_FRAMES must list 2 frame counts (one per global view), "
+                         f"got {list(global_frames)}")
+    if len(local_frames) != local_crops_number:
+        raise ValueError(f"{source} gives {len(local_frames)} local views ({list(local_frames)}) but "
+                         f"--local_crops_number is {local_crops_number}; set --local_crops_number "
+                         f"{len(local_frames)} or DATA.LOCAL_NUM_FRAMES with {local_crops_number} entries.")
+    if min(global_frames + local_frames, default=1) < 1:
+        raise ValueError(f"frame counts must be >= 1, got globals {global_frames}, locals {local_frames}")
+    return global_frames, local_frames
+
+
+def to_float_clip(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (T, 3, H, W) in [0, 1]."""
+    return frames.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(clip: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(T, C, H, W) -> normalised (C, T, H, W)."""
+    out = clip.permute(1, 0, 2, 3).clone(memory_format=torch.contiguous_format)
+    out.sub_(torch.as_tensor(mean, dtype=out.dtype).view(-1, 1, 1, 1))
+    return out.div_(torch.as_tensor(std, dtype=out.dtype).view(-1, 1, 1, 1))
+
+
+def resize(clip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (T, C, H, W) to size (h, w); align_corners False, no antialias (as the
+    original's evaluation sampling)."""
+    if tuple(clip.shape[-2:]) == tuple(size):
+        return clip
+    return F.interpolate(clip, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_uint8(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> uint8 (T, 3, size, size): bicubic with antialiasing (torchvision's
+    RandomResizedCrop default), on a channels-last view, which torch's vectorised uint8 kernel handles
+    about 15x faster than a float bicubic resize. Values stay in [0, 255]."""
+    return TF.resize(frames.permute(0, 3, 1, 2), [size, size], interpolation=InterpolationMode.BICUBIC,
+                     antialias=True)
+
+
+def random_resized_crop_params(height: int, width: int, scale: Sequence[float],
+                               ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w) as torchvision's RandomResizedCrop: area U(scale), log-uniform ratio,
+    10 attempts, first valid one wins, else a centre crop with the ratio clamped."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * float(torch.empty(()).uniform_(scale[0], scale[1]))
+        aspect = math.exp(float(torch.empty(()).uniform_(*log_ratio)))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, ()))
+            left = int(torch.randint(0, width - w + 1, ()))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def color_jitter(clip: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4,
+                 saturation: float = 0.2) -> torch.Tensor:
+    """Brightness, contrast and saturation (no hue) with one factor each for the whole clip, in random
+    order. Contrast blends every frame with the mean of its own grayscale image."""
+    factors = [float(torch.empty(()).uniform_(1 - m, 1 + m)) for m in (brightness, contrast, saturation)]
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for k in torch.randperm(3).tolist():
+        clip = ops[k](clip, factors[k])
+    return clip
+
+
+class VideoDataAugmentationDINO:
+    """SVT's per-view spatial augmentation. Input: a list of uint8 clips (T_v, H, W, 3), the global
+    views first; output: float (3, T_v, size, size) normalised with the ImageNet statistics.
+
+    Per view: RandomResizedCrop (global scale (0.4, 1) to global_size, local (0.05, 0.4) to local_size,
+    bicubic with antialiasing, values kept in [0, 1]); flip p=0.5; colour jitter p=0.8 (0.4, 0.4, 0.2,
+    no hue, random order); grayscale p=0.2. Blur and solarisation are off (no-ops in the original)."""
+
+    def __init__(self, global_crops_scale: Sequence[float] = (0.4, 1.0),
+                 local_crops_scale: Sequence[float] = (0.05, 0.4), local_crops_number: int = 8,
+                 global_size: int = 224, local_size: int = 96, global_frames: Sequence[int] = (8, 8),
+                 local_frames: Sequence[int] = (8,) * 8, no_spatial: bool = False):
+        if len(global_frames) != 2:
+            raise ValueError(f"SVT has 2 global views, got global_frames {list(global_frames)}")
+        if len(local_frames) != local_crops_number:
+            raise ValueError(f"local_frames has {len(local_frames)} entries but local_crops_number is "
+                             f"{local_crops_number}")
+        self.global_crops_scale = tuple(global_crops_scale)
+        self.local_crops_scale = tuple(local_crops_scale)
+        self.local_crops_number = local_crops_number
+        self.global_size, self.local_size = global_size, local_size
+        self.global_frames, self.local_frames = tuple(global_frames), tuple(local_frames)
+        self.no_spatial = no_spatial
+
+    @property
+    def view_frames(self) -> tuple[int, ...]:
+        return self.global_frames + self.local_frames
+
+    def augment_view(self, frames: torch.Tensor, size: int, scale: Sequence[float],
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
+        """One view: uint8 (T, H, W, 3) -> float (3, T, size, size). With `positions`, the view is
+        frames[positions] (cropped before the gather, so only the crop is copied)."""
+        if positions is None:
+            positions = slice(None)
+        top, left, h, w = 0, 0, frames.shape[1], frames.shape[2]
+        if not self.no_spatial:
+            top, left, h, w = random_resized_crop_params(frames.shape[1], frames.shape[2], scale)
+        frames = frames[:, top:top + h, left:left + w][positions]
+        clip = resize_uint8(frames, size).float().div_(255.0)
+        if self.no_spatial:
+            return normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
+        if torch.rand(()) < 0.5:
+            clip = clip.flip(-1)
+        if torch.rand(()) < 0.8:
+            clip = color_jitter(clip)
+        if torch.rand(()) < 0.2:
+            clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
+        return normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
+
+    def _sizes(self, num_views: int) -> list[tuple[int, tuple[float, float]]]:
+        if num_views != 2 + self.local_crops_number:
+            raise ValueError(f"expected {2 + self.local_crops_number} views, got {num_views}")
+        return [(self.global_size, self.global_crops_scale)] * 2 + \
+            [(self.local_size, self.local_crops_scale)] * self.local_crops_number
+
+    def __call__(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Views given as separate uint8 clips (T_v, H, W, 3), globals first."""
+        return [self.augment_view(v, size, scale) for v, (size, scale) in zip(views, self._sizes(len(views)))]
+
+    def from_union(self, frames: torch.Tensor, positions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Views given as positions into one decoded array of frames (K, H, W, 3) (decoder.decode_union)."""
+        return [self.augment_view(frames, size, scale, pos)
+                for pos, (size, scale) in zip(positions, self._sizes(len(positions)))]
+
+
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) with the short side = size and the long side floor(long * size / short) (PySlowFast)."""
+    if height <= width:
+        return size, int(math.floor(width * size / height))
+    return int(math.floor(height * size / width)), size
+
+
+def uniform_crop_offsets(height: int, width: int, size: int, spatial_idx: int) -> tuple[int, int]:
+    """(top, left) of crop spatial_idx in {0, 1, 2} along the long side (left/centre/right or
+    top/centre/bottom); 1 is the centre: ceil((S - size) / 2)."""
+    top = int(math.ceil((height - size) / 2))
+    left = int(math.ceil((width - size) / 2))
+    if height > width:
+        top = {0: 0, 1: top, 2: height - size}[spatial_idx]
+    else:
+        left = {0: 0, 1: left, 2: width - size}[spatial_idx]
+    return top, left
+
+
+def eval_crop_box(height: int, width: int, spatial_idx: int, min_scale: int, max_scale: int,
+                  crop_size: int, random_flip: bool) -> tuple[tuple[int, int], tuple[int, int], bool]:
+    """Spatial sampling of an evaluation clip: ((resized h, w), (top, left), flip).
+
+    spatial_idx -1 (train): short side round(U(min_scale, max_scale)), random crop, random flip.
+    0/1/2: short side min_scale, uniform crop spatial_idx, no flip."""
+    if spatial_idx == -1:
+        short = int(round(float(torch.empty(()).uniform_(min_scale, max_scale))))
+        rh, rw = short_side_size(height, width, short)
+        top = int(torch.randint(0, rh - crop_size + 1, ()))
+        left = int(torch.randint(0, rw - crop_size + 1, ()))
+        flip = random_flip and bool(torch.rand(()) < 0.5)
+        return (rh, rw), (top, left), flip
+    rh, rw = short_side_size(height, width, min_scale)
+    return (rh, rw), uniform_crop_offsets(rh, rw, crop_size, spatial_idx), False
+
+
+def apply_eval_crop(frames: torch.Tensor, resized: tuple[int, int], offset: tuple[int, int], flip: bool,
+                    crop_size: int, out_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> resize (bilinear) to `resized`, crop crop_size at offset, flip, resize to
+    out_size when it differs (slow-fast clip), normalise -> float (3, T, out_size, out_size)."""
+    clip = resize(to_float_clip(frames), resized)
+    top, left = offset
+    clip = clip[..., top:top + crop_size, left:left + crop_size]
+    if flip:
+        clip = clip.flip(-1)
+    if out_size != crop_size:
+        clip = TF.resize(clip, [out_size, out_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return normalize(clip, mean, std)

@@ -1,0 +1,59 @@
+"""Shared test fixtures: a tiny synthetic video set and config factories pointing at it.
+
+- `synthetic_root`: Path of a generated set (4 classes x 6 videos, 24 frames, 64x64, layout of
+  datasets/synthetic.py), built once per test session.
+- `synthetic_cfg(list_dir="annotations", tiny=True, **opts)`: a frozen cfg whose DATA paths point at
+  it; tiny=True shrinks crops (32 global / 16 local / 32 test, jitter [36, 40]) and clips (4 frames,
+  sampling rate 2) for fast tests; opts are "DATA.KEY"-style overrides, e.g. {"DATA.RAND_FR": True}.
+- `make_video(path, frames=None, num_frames=16, size=(48, 64), fps=30, levels=None)`: write an mp4;
+  `levels` makes frame i a flat grey image of that level (frame identity readable after decoding).
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasets.synthetic import generate, write_video
+from utils.defaults import get_cfg
+
+TINY_OPTS = {"DATA.TRAIN_CROP_SIZE": 32, "DATA.LOCAL_CROP_SIZE": 16, "DATA.TEST_CROP_SIZE": 32,
+             "DATA.TRAIN_JITTER_SCALES": [36, 40], "DATA.NUM_FRAMES": 4, "DATA.SAMPLING_RATE": 2}
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    return generate(str(tmp_path_factory.mktemp("synthetic")), num_classes=4, per_class=6, num_frames=24, size=64)
+
+
+def build_cfg(data_dir, prefix, tiny: bool = True, **opts):
+    """A frozen cfg with DATA.PATH_TO_DATA_DIR / PATH_PREFIX set, TINY_OPTS when tiny, then opts."""
+    cfg = get_cfg()
+    cfg.DATA.PATH_TO_DATA_DIR, cfg.DATA.PATH_PREFIX = str(data_dir), str(prefix)
+    for key, value in {**(TINY_OPTS if tiny else {}), **opts}.items():
+        node, name = key.split(".")
+        cfg[node][name] = value
+    cfg.freeze()
+    return cfg
+
+
+@pytest.fixture
+def synthetic_cfg(synthetic_root):
+    def factory(list_dir: str = "annotations", tiny: bool = True, **opts):
+        return build_cfg(synthetic_root / list_dir, synthetic_root / "videos", tiny, **opts)
+    return factory
+
+
+def _make_video(path, frames=None, num_frames: int = 16, size=(48, 64), fps: int = 30, levels=None, gop=None):
+    if levels is not None:
+        frames = np.broadcast_to(np.asarray(levels, dtype=np.uint8)[:, None, None, None],
+                                 (len(levels), size[0], size[1], 3)).copy()
+    elif frames is None:
+        rng = np.random.default_rng(0)
+        frames = rng.integers(0, 256, (num_frames, size[0], size[1], 3), dtype=np.uint8)
+    write_video(str(path), frames, fps=fps, gop=gop)
+    return Path(path)
+
+
+@pytest.fixture
+def make_video():
+    return _make_video

@@ -1,0 +1,246 @@
+"""Datasets: list formats, errors, retries, view indices through the whole pipeline, eval modes, loader."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from datasets import DATASETS, Kinetics, decoder, ReturnIndexDataset, Ssv2, build_dataset
+from datasets.synthetic import write_video
+from datasets.transform import IMAGENET_MEAN, IMAGENET_STD, VideoDataAugmentationDINO, ssl_view_frames
+from datasets.video_dataset import parse_list_file
+from tests.conftest import build_cfg
+
+LEVELS = [10 + 6 * i for i in range(40)]   # frame i is a flat grey image of level 10 + 6 i
+
+
+def _frame_ids(clip: torch.Tensor, mean: float, std: float) -> list[int]:
+    """Frame ids of a normalised (C, T, H, W) clip of flat grey frames."""
+    level = (clip.mean(dim=(0, 2, 3)) * std + mean) * 255
+    return ((level - 10) / 6).round().long().tolist()
+
+
+def _ssl(cfg, no_spatial=False):
+    g, l = ssl_view_frames(cfg, 8)
+    return VideoDataAugmentationDINO(global_size=cfg.DATA.TRAIN_CROP_SIZE, local_size=cfg.DATA.LOCAL_CROP_SIZE,
+                                     global_frames=g, local_frames=l, no_spatial=no_spatial)
+
+
+# ----------------------------------------------------------------------------------------- list formats
+def test_list_formats_space_comma_and_prefix(tmp_path):
+    (tmp_path / "a.csv").write_text("x/a.mp4 3\n\ny/b c.mp4 0\n")
+    (tmp_path / "b.csv").write_text("x/a.mp4,3\ny/b.mp4,12\n")
+    assert parse_list_file(str(tmp_path / "a.csv")) == [("x/a.mp4", 3), ("y/b c.mp4", 0)]
+    assert parse_list_file(str(tmp_path / "b.csv")) == [("x/a.mp4", 3), ("y/b.mp4", 12)]
+
+
+@pytest.mark.parametrize("content, line", [("a.mp4 1\nb.mp4 x\n", 2), ("a.mp4 1\nb.mp4\n", 2), ("a.mp4\n", 1)])
+def test_malformed_line_names_file_number_and_line(tmp_path, content, line):
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    bad = content.splitlines()[line - 1]
+    with pytest.raises(ValueError, match=f"train.csv:{line}: malformed line '{bad}'"):
+        parse_list_file(str(path))
+
+
+def test_missing_list_file_names_key(tmp_path, synthetic_root):
+    cfg = build_cfg(tmp_path, synthetic_root / "videos")
+    with pytest.raises(FileNotFoundError, match="train.csv.*DATA.PATH_TO_DATA_DIR"):
+        Kinetics(cfg, "train")
+
+
+def test_every_video_list_layout_is_read(synthetic_cfg):
+    kin = {m: build_dataset("kinetics400", synthetic_cfg("annotations"), m) for m in ("train", "val", "test")}
+    assert [kin[m].num_videos for m in ("train", "val", "test")] == [16, 8, 8]
+    assert kin["train"].video_labels == [y for y in range(4) for _ in range(4)]
+    for name in ("ucf101", "hmdb51"):
+        for folder in ("splits", "knn_splits"):
+            train = build_dataset(name, synthetic_cfg(folder), "train")
+            test = build_dataset(name, synthetic_cfg(folder), "test")
+            assert train.num_videos == 16 and test.num_videos == 8
+            assert test.video_paths == kin["val"].video_paths
+    assert set(DATASETS) == {"kinetics400", "kinetics", "ucf101", "hmdb51", "ssv2"}
+    with pytest.raises(ValueError, match="unknown dataset 'k700'"):
+        build_dataset("k700", synthetic_cfg(), "train")
+
+
+def _write_ssv2(root, num_videos=3, frames=12):
+    labels = {"Pushing something": "0", "Pulling something": "1"}
+    annos = [{"id": str(100 + v), "template": ["[Pushing] something", "Pulling [something]"][v % 2]}
+             for v in range(num_videos)]
+    rows = ["original_vido_id video_id frame_id path labels"]
+    for v in range(num_videos):
+        folder = root / "frames" / str(100 + v)
+        folder.mkdir(parents=True)
+        for f in range(frames):
+            Image.new("RGB", (48, 40), (LEVELS[f],) * 3).save(folder / f"{f:06d}.jpg", quality=100)
+            rows.append(f"{100 + v} {v} {f} {100 + v}/{f:06d}.jpg \"\"")
+    (root / "something-something-v2-labels.json").write_text(json.dumps(labels))
+    for split in ("train", "validation"):
+        (root / f"something-something-v2-{split}.json").write_text(json.dumps(annos))
+    for split in ("train", "val"):
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_ssv2_layout(tmp_path):
+    _write_ssv2(tmp_path)
+    cfg = build_cfg(tmp_path, tmp_path / "frames", **{"DATA.MEAN": [0.0] * 3, "DATA.STD": [1.0] * 3})
+    val = Ssv2(cfg, "val")
+    assert val.num_videos == 3 and val.video_labels == [0, 1, 0]
+    frames, label, index, meta = val[1]
+    assert frames.shape == (3, 4, 32, 32) and label == 1 and index == 1 and meta == {"skipped": 0}
+    # segments of (12 - 1) / 4 = 2.75 frames, middle frame: (0+3)//2, (3+6)//2, (6+8)//2, (8+11)//2
+    assert _frame_ids(frames, 0.0, 1.0) == [1, 4, 7, 9]
+    test = Ssv2(cfg, "test", slowfast=True)
+    assert len(test) == 9 and [tuple(c.shape) for c in test[0][0]] == [(3, 4, 32, 32), (3, 32, 16, 16)]
+    (tmp_path / "val.csv").write_text("original_vido_id video_id frame_id path labels\n100 0 0 a.jpg\n")
+    with pytest.raises(ValueError, match="val.csv:2: malformed line"):
+        Ssv2(cfg, "val")
+
+
+# ----------------------------------------------------------------------------------------- failures
+def _mixed_list(tmp_path, synthetic_root, good=2):
+    videos = sorted((synthetic_root / "videos").rglob("*.mp4"))[:good]
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00garbage" * 64)
+    lines = ["missing.mp4 0", "corrupt.mp4 1"] + [f"{v} 2" for v in videos]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    return build_cfg(tmp_path, tmp_path)
+
+
+def test_missing_and_corrupt_are_skipped_counted_and_logged_once(tmp_path, synthetic_root, caplog):
+    cfg = _mixed_list(tmp_path, synthetic_root)
+    ds = Kinetics(cfg, "train", ssl_aug=_ssl(cfg))
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="datasets.video_dataset"):
+        results = [ds[i] for i in (0, 1, 0, 1)]
+    for views, label, index, meta in results:
+        assert len(views) == 10 and label == 2 and index >= 2 and meta["skipped"] >= 1
+    assert ds.num_skipped == sum(r[3]["skipped"] for r in results)
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("missing.mp4" in m for m in logged) <= 1 and sum("corrupt.mp4" in m for m in logged) <= 1
+    assert any("missing.mp4" in m for m in logged) and any("corrupt.mp4" in m for m in logged)
+
+
+def test_all_retries_failing_raises_with_paths(tmp_path, synthetic_root):
+    cfg = _mixed_list(tmp_path, synthetic_root, good=0)
+    ds = Kinetics(cfg, "train", num_retries=3)
+    with pytest.raises(RuntimeError, match=r"4 videos failed.*num_retries=3.*(missing|corrupt)\.mp4"):
+        ds[0]
+
+
+# ----------------------------------------------------------------------------------------- indices
+@pytest.fixture
+def level_video_cfg(tmp_path):
+    frames = np.broadcast_to(np.asarray(LEVELS, np.uint8)[:, None, None, None], (40, 48, 64, 3)).copy()
+    write_video(str(tmp_path / "v30.mp4"), frames, fps=30)
+    write_video(str(tmp_path / "v15.mp4"), frames, fps=15)
+    for name in ("train.csv", "val.csv", "test.csv"):
+        (tmp_path / name).write_text("v30.mp4 0\nv15.mp4 1\n")
+    return lambda **opts: build_cfg(tmp_path, tmp_path, **{"DATA.MEAN": [0.0] * 3, "DATA.STD": [1.0] * 3, **opts})
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_eval_clip_indices_and_fps_resampling(level_video_cfg, backend):
+    # NUM_FRAMES 4 x SAMPLING_RATE 4 = 16 target frames: 16 frames at 30 fps, 8 frames at 15 fps.
+    cfg = level_video_cfg(**{"DATA.SAMPLING_RATE": 4, "DATA.DECODING_BACKEND": backend})
+    val = Kinetics(cfg, "val")
+    assert _frame_ids(val[0][0], 0, 1) == [0, 5, 10, 15]      # linspace(0, 15, 4) from frame 0
+    assert _frame_ids(val[1][0], 0, 1) == [0, 2, 4, 7]        # linspace(0, 7, 4)
+    cfg = level_video_cfg(**{"DATA.SAMPLING_RATE": 4, "DATA.DECODING_BACKEND": backend,
+                             "TEST.NUM_ENSEMBLE_VIEWS": 3, "TEST.NUM_SPATIAL_CROPS": 1})
+    test = Kinetics(cfg, "test")
+    assert len(test) == 6 and test.labels == [0, 0, 0, 1, 1, 1] and test.num_clips_per_video == 3
+    # starts delta * i / 3 with delta = 40 - 16 = 24: 0, 8, 16
+    assert [_frame_ids(test[i][0], 0, 1) for i in range(3)] == [[0, 5, 10, 15], [8, 13, 18, 23], [16, 21, 26, 31]]
+
+
+def test_ssl_view_indices_through_the_dataset(level_video_cfg):
+    # Window of NUM_FRAMES 4 x SAMPLING_RATE 8 = 32 frames in a 40-frame video at 30 fps (start in [0, 8]).
+    cfg = level_video_cfg(**{"DATA.SAMPLING_RATE": 8})
+    ds = Kinetics(cfg, "train", ssl_aug=_ssl(cfg, no_spatial=True))
+    torch.manual_seed(3)
+    views, _, _, _ = ds[0]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    ids = [_frame_ids(v * std + mean, 0, 1) for v in views]
+    first = ids[0][0]
+    assert 0 <= first <= 8
+    assert ids[0] == [first + i for i in (0, 9, 18, 27)]        # linspace(0, 27, 4)
+    assert ids[1] == [first + i for i in (5, 14, 23, 31)]       # linspace(5, 32, 4) clamped to 31
+    for local in ids[2:]:                                       # width 32 // 8 = 4
+        s = local[0] - first
+        assert 0 <= s <= 27 and local == [first + s + i for i in (0, 1, 2, 4)]
+
+
+# ----------------------------------------------------------------------------------------- eval modes
+@pytest.mark.parametrize("name", ["kinetics400", "ucf101", "hmdb51"])
+def test_eval_modes_shapes_and_clip_counts(synthetic_cfg, name):
+    folder = "annotations" if name.startswith("kinetics") else "splits"
+    cfg = synthetic_cfg(folder)
+    train = build_dataset(name, cfg, "train")
+    frames, label, index, meta = train[5]
+    assert frames.shape == (3, 4, 32, 32) and label == 1 and index == 5 and meta == {"skipped": 0}
+    val = build_dataset(name, cfg, "val")
+    assert len(val) == 8 and val[0][0].shape == (3, 4, 32, 32)
+    test = build_dataset(name, cfg, "test")
+    assert test.num_clips_per_video == 3 and len(test) == 24 and test.labels[:4] == [0, 0, 0, 0]
+    crops = [test[i][0] for i in range(3)]
+    assert all(c.shape == (3, 4, 32, 32) for c in crops)
+    assert [test[i][2] for i in range(3)] == [0, 1, 2]
+    sf = build_dataset(name, cfg, "test", slowfast=True)[1][0]
+    assert [tuple(c.shape) for c in sf] == [(3, 4, 32, 32), (3, 32, 16, 16)]
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_three_spatial_crops_left_centre_right(tmp_path, make_video, backend):
+    make_video(tmp_path / "v.mp4", num_frames=20, size=(48, 64))
+    (tmp_path / "test.csv").write_text("v.mp4 0\n")
+    cfg = build_cfg(tmp_path, tmp_path, **{"DATA.DECODING_BACKEND": backend})
+    ds = Kinetics(cfg, "test")
+    crops = [ds[i][0] for i in range(3)]
+    with decoder.open_video(str(tmp_path / "v.mp4"), backend) as reader:   # linspace(0, 7, 4) from frame 0
+        frames = reader.get_frames([0, 2, 4, 7])
+    full = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2).float() / 255, size=(32, 42),
+                                           mode="bilinear", align_corners=False)
+    full = ((full - 0.45) / 0.225).permute(1, 0, 2, 3)
+    for crop, left in zip(crops, (0, 5, 10)):       # short side 32: width 42, offsets 0, ceil(10/2), 10
+        assert torch.allclose(crop, full[..., left:left + 32], atol=1e-5)
+
+
+def test_val_is_deterministic_and_kinetics_no_rgb_aug_gives_plain_clip(synthetic_cfg):
+    cfg = synthetic_cfg(**{"DATA.NO_RGB_AUG": True})
+    ds = Kinetics(cfg, "train", ssl_aug=_ssl(cfg))
+    assert ds.ssl_aug is None and ds[0][0].shape == (3, 4, 32, 32)
+    val = Kinetics(synthetic_cfg(), "val")
+    assert torch.equal(val[2][0], val[2][0])
+
+
+def test_return_index_dataset(synthetic_cfg):
+    ds = ReturnIndexDataset(build_dataset("ucf101", synthetic_cfg("knn_splits"), "val"))
+    frames, index = ds[3]
+    assert frames.shape == (3, 4, 32, 32) and index == 3 and ds.labels == ds.dataset.labels and len(ds) == 8
+
+
+# ----------------------------------------------------------------------------------------- loader
+@pytest.mark.parametrize("rand_fr", [False, True])
+def test_ssl_dataloader_with_two_workers(synthetic_cfg, rand_fr):
+    cfg = synthetic_cfg(**{"DATA.RAND_FR": rand_fr})
+    ds = Kinetics(cfg, "train", ssl_aug=_ssl(cfg))
+    loader = DataLoader(ds, batch_size=4, num_workers=2, shuffle=True, drop_last=True)
+    batches = list(loader)
+    assert len(batches) == 4
+    views, labels, index, meta = batches[0]
+    frames = (4, 8, 2, 2, 4, 4, 8, 8, 16, 16) if rand_fr else (4,) * 10
+    assert [tuple(v.shape) for v in views] == [(4, 3, t, s, s) for t, s in zip(frames, [32] * 2 + [16] * 8)]
+    assert labels.shape == (4,) and meta["skipped"].tolist() == [0] * 4
+    assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(16))
+
+
+def test_workers_draw_different_augmentations(synthetic_cfg):
+    cfg = synthetic_cfg()
+    ds = Kinetics(cfg, "train", ssl_aug=_ssl(cfg))
+    loader = DataLoader(ds, batch_size=1, num_workers=2, sampler=[0, 0])   # one sample per worker
+    first, second = [batch[0][0] for batch in loader]
+    assert not torch.equal(first, second)

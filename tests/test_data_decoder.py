@@ -1,0 +1,116 @@
+"""Decoding backends and the frame-index maths of the original."""
+import numpy as np
+import pytest
+import torch
+
+from datasets import decoder
+from datasets.synthetic import write_video
+
+
+@pytest.mark.parametrize("indices", [[0, 1, 2, 3], [3, 7, 11, 17, 22, 23], [17, 18, 23], [5]])
+def test_decord_and_pyav_return_identical_frames(synthetic_root, indices):
+    # yuv420p H.264 with B-frames, as synthetic.py writes it: both convert with swscale -> bit-identical.
+    path = str(next((synthetic_root / "videos").rglob("*.mp4")))
+    with decoder.open_video(path, "decord") as a, decoder.open_video(path, "pyav") as b:
+        assert a.num_frames == b.num_frames == 24 and a.fps == b.fps == 30.0
+        fa, fb = a.get_frames(indices), b.get_frames(indices)
+    assert fa.dtype == torch.uint8 and fa.shape == (len(indices), 64, 64, 3)
+    assert torch.equal(fa, fb)
+
+
+@pytest.mark.parametrize("gop", [None, 4])   # one keyframe, or a keyframe every 4 frames (real seeks)
+@pytest.mark.parametrize("backend", decoder.BACKENDS)
+def test_frames_come_back_in_order(tmp_path, make_video, backend, gop):
+    levels = [10 + 6 * i for i in range(30)]
+    path = make_video(tmp_path / "levels.mp4", levels=levels, gop=gop)
+    for indices in ([2, 9, 25, 29], [13, 14, 22], [0, 1]):
+        with decoder.open_video(str(path), backend) as reader:
+            frames = reader.get_frames(indices)
+        assert ((frames.float().mean(dim=(1, 2, 3)) - 10) / 6).round().long().tolist() == indices
+
+
+def test_backends_agree_with_frequent_keyframes(tmp_path, make_video):
+    path = str(make_video(tmp_path / "noise.mp4", num_frames=30, gop=5))
+    for indices in ([0, 7, 8, 21], [11, 12, 13, 29]):
+        with decoder.open_video(path, "decord") as a, decoder.open_video(path, "pyav") as b:
+            assert torch.equal(a.get_frames(indices), b.get_frames(indices))
+
+
+@pytest.mark.parametrize("backend", decoder.BACKENDS)
+def test_missing_and_corrupt_files_raise_decode_error(tmp_path, backend):
+    with pytest.raises(decoder.DecodeError, match="no such file"):
+        decoder.open_video(str(tmp_path / "none.mp4"), backend)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(decoder.DecodeError, match="bad.mp4"):
+        with decoder.open_video(str(bad), backend) as reader:
+            reader.get_frames([0])
+
+
+def test_start_end_idx():
+    assert decoder.get_start_end_idx(300, 256, 0, 1) == (0, 255)
+    assert decoder.get_start_end_idx(300, 256, 1, 3) == (44 / 3, 44 / 3 + 255)
+    assert decoder.get_start_end_idx(100, 256, 0, 1) == (0, 255)   # shorter than the clip: start 0
+    torch.manual_seed(0)
+    starts = [decoder.get_start_end_idx(300, 256, -1, 1)[0] for _ in range(200)]
+    assert 0 <= min(starts) and max(starts) <= 44 and max(starts) - min(starts) > 30
+
+
+def test_clip_size_resamples_to_target_fps():
+    assert decoder.clip_size_frames(8, 32, 30, 30.0) == 256
+    assert decoder.clip_size_frames(8, 32, 30, 15.0) == 128
+    assert decoder.clip_size_frames(8, 32, 30, 60.0) == 512
+
+
+def test_temporal_indices_linspace_clamp_truncate():
+    assert decoder.temporal_indices(0, 255, 8, 256).tolist() == [0, 36, 72, 109, 145, 182, 218, 255]
+    assert decoder.temporal_indices(0, 15, 4, 10).tolist() == [0, 5, 9, 9]   # clamped to length - 1
+
+
+def test_ssl_view_indices_match_original_for_l256():
+    torch.manual_seed(0)
+    views = decoder.ssl_view_indices(256, (8, 8), (8,) * 8)
+    assert views[0].tolist() == [0, 35, 71, 107, 143, 179, 215, 251]
+    assert views[1].tolist() == [5, 40, 76, 112, 148, 184, 220, 255]
+    for local in views[2:]:
+        start = int(local[0])
+        assert 0 <= start <= 256 - 32 - 1
+        assert local.tolist() == torch.linspace(start, start + 32, 8).long().tolist()
+    assert len({int(v[0]) for v in views[2:]}) > 1   # independent windows
+
+
+def test_ssl_view_indices_rand_fr_counts():
+    views = decoder.ssl_view_indices(256, (4, 8), (2, 2, 4, 4, 8, 8, 16, 16))
+    assert [len(v) for v in views] == [4, 8, 2, 2, 4, 4, 8, 8, 16, 16]
+    assert views[0].tolist() == [0, 83, 167, 251]
+
+
+def test_clip_window():
+    assert decoder.clip_window(300, 256, 0, 1) == (0, 256)
+    assert decoder.clip_window(100, 256, 0, 1) == (0, 100)
+    first, length = decoder.clip_window(300, 256, -1, 1)
+    assert 0 <= first <= 44 and length == 256
+
+
+@pytest.mark.parametrize("backend", decoder.BACKENDS)
+def test_decode_views_decodes_union_once(tmp_path, make_video, backend):
+    path = make_video(tmp_path / "levels.mp4", levels=[10 + 6 * i for i in range(30)])
+    calls = []
+    with decoder.open_video(str(path), backend) as reader:
+        original = reader.get_frames
+        reader.get_frames = lambda idx: calls.append(list(idx)) or original(idx)
+        views = decoder.decode_views(reader, 4, [torch.tensor([0, 5, 10]), torch.tensor([5, 6, 6])])
+    assert calls == [[4, 9, 10, 14]]
+    got = [((v.float().mean(dim=(1, 2, 3)) - 10) / 6).round().long().tolist() for v in views]
+    assert got == [[4, 9, 14], [9, 10, 10]]
+
+
+@pytest.mark.parametrize("backend", decoder.BACKENDS)
+def test_container_without_frame_count(tmp_path, backend):
+    # Matroska stores no frame count or stream duration: PyAV decodes the whole video once (as the original).
+    levels = np.asarray([10 + 6 * i for i in range(30)], np.uint8)
+    write_video(str(tmp_path / "v.mkv"), np.broadcast_to(levels[:, None, None, None], (30, 48, 64, 3)).copy(), gop=4)
+    with decoder.open_video(str(tmp_path / "v.mkv"), backend) as reader:
+        assert reader.num_frames == 30 and reader.fps == 30.0
+        frames = reader.get_frames([0, 5, 17, 29])
+    assert ((frames.float().mean(dim=(1, 2, 3)) - 10) / 6).round().long().tolist() == [0, 5, 17, 29]

@@ -1,0 +1,108 @@
+"""SSL view augmentation and evaluation spatial sampling."""
+import pytest
+import torch
+
+from datasets import transform
+from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
+from tests.conftest import build_cfg
+
+
+def _cfg(**opts):
+    return build_cfg("", "", tiny=False, **opts)
+
+
+def test_ssl_view_frames_defaults_rand_fr_and_paper():
+    assert ssl_view_frames(_cfg(), 8) == ((8, 8), (8,) * 8)
+    assert ssl_view_frames(_cfg(**{"DATA.NUM_FRAMES": 4}), 2) == ((4, 4), (4, 4))
+    assert ssl_view_frames(_cfg(**{"DATA.RAND_FR": True}), 8) == ((4, 8), (2, 2, 4, 4, 8, 8, 16, 16))
+    paper = _cfg(**{"DATA.GLOBAL_NUM_FRAMES": [8, 16], "DATA.LOCAL_NUM_FRAMES": [2, 2, 4, 4, 8, 8, 16, 16]})
+    assert ssl_view_frames(paper, 8) == ((8, 16), (2, 2, 4, 4, 8, 8, 16, 16))
+
+
+def test_ssl_view_frames_errors_name_the_mismatch():
+    with pytest.raises(ValueError, match="DATA.RAND_FR True gives 8 local views.*--local_crops_number is 6"):
+        ssl_view_frames(_cfg(**{"DATA.RAND_FR": True}), 6)
+    with pytest.raises(ValueError, match="DATA.LOCAL_NUM_FRAMES gives 2 local views"):
+        ssl_view_frames(_cfg(**{"DATA.LOCAL_NUM_FRAMES": [2, 4]}), 8)
+    with pytest.raises(ValueError, match="GLOBAL_NUM_FRAMES must list 2"):
+        ssl_view_frames(_cfg(**{"DATA.GLOBAL_NUM_FRAMES": [8]}), 8)
+
+
+def _static_views(frames_per_view, h=40, w=56):
+    torch.manual_seed(1)
+    image = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
+    return [image.expand(t, h, w, 3).clone() for t in frames_per_view]
+
+
+def test_views_shapes_and_one_crop_and_colour_per_view():
+    aug = VideoDataAugmentationDINO(global_size=32, local_size=16, global_frames=(4, 8),
+                                    local_frames=(2, 2, 4, 4, 8, 8, 16, 16))
+    out = aug(_static_views(aug.view_frames))
+    assert [tuple(v.shape) for v in out] == [(3, 4, 32, 32), (3, 8, 32, 32)] + [
+        (3, t, 16, 16) for t in (2, 2, 4, 4, 8, 8, 16, 16)]
+    for view in out:   # identical input frames -> identical output frames: one box, one jitter per view
+        assert torch.equal(view, view[:, :1].expand_as(view))
+    assert not torch.allclose(out[2][:, 0], out[3][:, 0])   # but views differ from each other
+
+
+def test_from_union_equals_separate_views():
+    aug = VideoDataAugmentationDINO(global_size=32, local_size=16, local_crops_number=2, local_frames=(2, 4))
+    frames = torch.randint(0, 256, (6, 40, 56, 3), dtype=torch.uint8)
+    positions = [torch.tensor([0, 2, 4, 5]), torch.tensor([1, 3, 5, 5]), torch.tensor([2, 3]),
+                 torch.tensor([0, 1, 1, 2])]
+    torch.manual_seed(4)
+    a = aug.from_union(frames, positions)
+    torch.manual_seed(4)
+    b = aug([frames[p] for p in positions])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_crop_params_drawn_once_per_view(monkeypatch):
+    calls = []
+    original = transform.random_resized_crop_params
+    monkeypatch.setattr(transform, "random_resized_crop_params", lambda *a: calls.append(a[2]) or original(*a))
+    aug = VideoDataAugmentationDINO(global_size=32, local_size=16, local_crops_number=2, local_frames=(8, 8))
+    aug(_static_views(aug.view_frames))
+    assert calls == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 2
+
+
+def test_random_resized_crop_params_respect_scale_and_ratio():
+    torch.manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = transform.random_resized_crop_params(256, 340, (0.05, 0.4))
+        assert 0 <= top and top + h <= 256 and 0 <= left and left + w <= 340
+        assert 0.04 < h * w / (256 * 340) < 0.42 and 0.70 < w / h < 1.40
+
+
+def test_no_spatial_is_full_frame_resize_and_imagenet_normalised():
+    aug = VideoDataAugmentationDINO(global_size=8, local_size=4, local_crops_number=1, local_frames=(2,),
+                                    no_spatial=True)
+    views = [torch.full((2, 16, 16, 3), 128, dtype=torch.uint8)] * 3
+    out = aug(views)
+    mean = torch.tensor(transform.IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(transform.IMAGENET_STD).view(3, 1, 1, 1)
+    assert out[0].shape == (3, 2, 8, 8) and out[2].shape == (3, 2, 4, 4)
+    assert torch.allclose(out[0], ((128 / 255 - mean) / std).expand(3, 2, 8, 8), atol=1e-5)
+
+
+def test_grayscale_uses_rgb_weights():
+    red = torch.zeros(1, 3, 2, 2)
+    red[:, 0] = 1.0
+    grey = transform.TF.rgb_to_grayscale(red, num_output_channels=3)
+    assert torch.allclose(grey, torch.full_like(grey, 0.2989), atol=1e-3)
+
+
+def test_short_side_and_uniform_crop_offsets():
+    assert transform.short_side_size(256, 340, 224) == (224, 297)
+    assert transform.short_side_size(340, 256, 224) == (297, 224)
+    assert [transform.uniform_crop_offsets(224, 297, 224, i) for i in (0, 1, 2)] == [(0, 0), (0, 37), (0, 73)]
+    assert [transform.uniform_crop_offsets(297, 224, 224, i) for i in (0, 1, 2)] == [(0, 0), (37, 0), (73, 0)]
+
+
+def test_eval_crop_box_train_jitter_range():
+    torch.manual_seed(0)
+    for _ in range(50):
+        (rh, rw), (top, left), _ = transform.eval_crop_box(240, 320, -1, 256, 320, 224, True)
+        assert 256 <= rh <= 320 and rw == int(320 * rh / 240)
+        assert 0 <= top <= rh - 224 and 0 <= left <= rw - 224
+    assert transform.eval_crop_box(240, 320, 1, 256, 256, 224, True) == ((256, 341), (16, 59), False)
