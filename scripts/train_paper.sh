@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The paper's SVT recipe (arXiv 2112.01514 and the author's answers in kahnchana/svt#16/#23) on top of
+# scripts/train.sh: 20 epochs with 5 warm-up epochs, weight decay 0.04 -> 0.1, global views of 8 and 16
+# frames and local views of 2,2,4,4,8,8,16,16 frames, 8 clips x 4 GPUs, and the DINO ImageNet ViT-B/16
+# spatial init when PRETRAINED is set. Same environment as scripts/train.sh plus:
+#   PRETRAINED  local dino_vitbase16_pretrain.pth (TIMESFORMER.PRETRAINED_MODEL); empty = random init
+#   EXP_NAME    (default: svt_paper)   EPOCHS (default: 20)
+# Extra arguments and `--opts` are forwarded and win over the preset.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export EXP_NAME="${EXP_NAME:-svt_paper}"
+export EPOCHS="${EPOCHS:-20}"
+
+user_args=()
+user_opts=()
+in_opts=0
+for arg in "$@"; do
+    if [[ "$arg" == "--opts" ]]; then in_opts=1; continue; fi
+    if (( in_opts )); then user_opts+=("$arg"); else user_args+=("$arg"); fi
+done
+
+paper_opts=(DATA.GLOBAL_NUM_FRAMES "[8, 16]" DATA.LOCAL_NUM_FRAMES "[2, 2, 4, 4, 8, 8, 16, 16]")
+if [[ -n "${PRETRAINED:-}" ]]; then
+    if [[ ! -f "$PRETRAINED" ]]; then
+        echo "PRETRAINED=$PRETRAINED: no such file (the DINO ViT-B/16 ImageNet weights)." >&2
+        exit 1
+    fi
+    paper_opts+=(TIMESFORMER.PRETRAINED_MODEL "$PRETRAINED")
+fi
+
+exec bash "$HERE/train.sh" \
+  --warmup_epochs 5 \
+  --weight_decay 0.04 \
+  --weight_decay_end 0.1 \
+  --local_crops_number 8 \
+  ${user_args[@]+"${user_args[@]}"} \
+  --opts "${paper_opts[@]}" ${user_opts[@]+"${user_opts[@]}"}

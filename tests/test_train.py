@@ -1,0 +1,303 @@
+"""train_ssl.py: the DINO loss, EMA, frozen last layer, and end-to-end CPU runs of a tiny TimeSformer
+(2 epochs, resume, non-finite loss, 2-process torchrun)."""
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import train_ssl
+from utils import utils
+from utils.checkpoint import safe_torch_load
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BACKBONE = dict(depth=2, embed_dim=48, num_heads=2)
+ORIGINAL_KEYS = {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss, schedules, EMA
+# ---------------------------------------------------------------------------------------------
+def _reference_loss(student, teacher, center, ncrops, t_temp, s_temp=0.1):
+    """The DINO loss written out with numpy, pair by pair."""
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    s_views = np.split(student / s_temp, ncrops)
+    t_views = np.split(softmax((teacher - center) / t_temp), 2)
+    pairs = [(iq, v) for iq in range(2) for v in range(ncrops) if v != iq]
+    terms = [np.mean(np.sum(-t_views[iq] * np.log(softmax(s_views[v])), axis=-1)) for iq, v in pairs]
+    return np.mean(terms), len(pairs)
+
+
+def test_dino_loss_hand_computed_tiny_logits():
+    # 2 globals + 1 local, batch 1, K = 2: every number can be checked by hand.
+    loss_fn = train_ssl.DINOLoss(out_dim=2, ncrops=3, warmup_teacher_temp=0.5, teacher_temp=0.5,
+                                 warmup_teacher_temp_epochs=0, nepochs=1)
+    student = torch.tensor([[0.1, 0.0], [0.0, 0.1], [0.0, 0.0]])
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    loss = loss_fn(student, teacher, epoch=0)
+    # teacher g1: softmax([2, 0]); g2: [0.5, 0.5]. student: g1 softmax([1, 0]), g2 softmax([0, 1]), l1 uniform.
+    q1 = np.array([np.exp(2), 1]) / (np.exp(2) + 1)
+    logp_g1 = np.log(np.array([np.e, 1]) / (np.e + 1))
+    logp_g2 = logp_g1[::-1]
+    log_half = np.log([0.5, 0.5])
+    terms = [-(q1 * logp_g2).sum(), -(q1 * log_half).sum(), -(0.5 * logp_g1).sum(), -(0.5 * log_half).sum()]
+    assert loss.item() == pytest.approx(np.mean(terms), rel=1e-6)
+
+
+def test_dino_loss_18_terms_matches_reference():
+    torch.manual_seed(0)
+    b, k = 3, 16
+    loss_fn = train_ssl.DINOLoss(k, ncrops=10, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                                 warmup_teacher_temp_epochs=0, nepochs=2)
+    loss_fn.center.copy_(torch.randn(1, k) * 0.1)
+    center = loss_fn.center.numpy().copy()
+    student, teacher = torch.randn(10 * b, k), torch.randn(2 * b, k)
+    ref, n_terms = _reference_loss(student.double().numpy(), teacher.double().numpy(), center, 10, 0.04)
+    assert n_terms == 18
+    assert loss_fn(student, teacher, epoch=1).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_center_update_and_state():
+    loss_fn = train_ssl.DINOLoss(4, ncrops=4, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                                 warmup_teacher_temp_epochs=0, nepochs=1)
+    t1, t2 = torch.randn(6, 4), torch.randn(6, 4)
+    loss_fn(torch.randn(12, 4), t1.half(), 0)  # fp16 logits (autocast) still give an fp32 centre
+    c1 = 0.1 * t1.half().float().mean(0, keepdim=True)
+    torch.testing.assert_close(loss_fn.center, c1)
+    loss_fn(torch.randn(12, 4), t2, 0)
+    torch.testing.assert_close(loss_fn.center, 0.9 * c1 + 0.1 * t2.mean(0, keepdim=True))
+    state = loss_fn.state_dict()
+    assert list(state) == ["center"] and state["center"].dtype == torch.float32
+
+
+def test_teacher_temp_schedule_per_epoch():
+    loss_fn = train_ssl.DINOLoss(4, 4, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                                 warmup_teacher_temp_epochs=3, nepochs=5)
+    np.testing.assert_allclose(loss_fn.teacher_temp_schedule, [0.04, 0.055, 0.07, 0.07, 0.07])
+
+
+def test_ema_update():
+    teacher, student = [torch.ones(3), torch.zeros(2, 2)], [torch.full((3,), 3.0), torch.ones(2, 2)]
+    train_ssl.ema_update(teacher, student, 0.75)
+    torch.testing.assert_close(teacher[0], torch.full((3,), 1.5))
+    torch.testing.assert_close(teacher[1], torch.full((2, 2), 0.25))
+
+
+def test_parser_defaults_and_legacy_args():
+    parser = train_ssl.get_args_parser()
+    args = parser.parse_args(["--local-rank", "3", "--opts", "DATA.RAND_FR", "True"])
+    expected = dict(arch="timesformer", patch_size=16, out_dim=65536, norm_last_layer=True, momentum_teacher=0.996,
+                    use_bn_in_head=False, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                    warmup_teacher_temp_epochs=0, use_fp16=True, weight_decay=0.04, weight_decay_end=0.4,
+                    clip_grad=3.0, batch_size_per_gpu=64, epochs=100, freeze_last_layer=1, lr=0.0005,
+                    warmup_epochs=10, min_lr=1e-6, optimizer="adamw", local_crops_number=8, saveckp_freq=20,
+                    seed=0, num_workers=10, dist_url="env://", nb_knn=5, temperature=0.07,
+                    eval_batch_size_per_gpu=128, teacher_drop_path=True, opts=["DATA.RAND_FR", "True"])
+    for name, value in expected.items():
+        assert getattr(args, name) == value, name
+    assert tuple(args.global_crops_scale) == (0.4, 1.0) and tuple(args.local_crops_scale) == (0.05, 0.4)
+    assert parser.parse_args(["--local_rank=1"]).local_rank == 1
+
+
+def test_frozen_last_layer_has_no_grad_in_epoch_0(synthetic_cfg):
+    cfg = synthetic_cfg()
+    student = models.MultiCropWrapper(models.build_backbone("vit_tiny", cfg, **TINY_BACKBONE),
+                                      models.DINOHead(48, 32, hidden_dim=64, bottleneck_dim=16))
+    loss_fn = train_ssl.DINOLoss(32, 3, 0.04, 0.04, 0, 2)
+    views = [torch.randn(2, 3, 4, 32, 32), torch.randn(2, 3, 4, 32, 32), torch.randn(2, 3, 2, 16, 16)]
+    for epoch in (0, 1):
+        student.zero_grad(set_to_none=True)
+        loss_fn(student(views), student(views[:2]).detach(), epoch).backward()
+        utils.cancel_gradients_last_layer(epoch, student, freeze_last_layer=1)
+        grad = student.head.last_layer.weight_v.grad
+        assert (grad is None) == (epoch == 0)
+        assert student.backbone.blocks[0].attn.qkv.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end runs (in-process; the backbone is shrunk to depth 2, width 48)
+# ---------------------------------------------------------------------------------------------
+def _argv(root: Path, out: Path, *extra: str, opts=()) -> list[str]:
+    return ["--arch", "vit_tiny", "--out_dim", "256", "--batch_size_per_gpu", "4", "--epochs", "2",
+            "--warmup_epochs", "1", "--local_crops_number", "2", "--num_workers", "0", "--log_freq", "2",
+            "--lr", "0.05", "--data_path", str(root / "annotations"), "--output_dir", str(out), *extra,
+            "--opts", "DATA.PATH_PREFIX", str(root / "videos"), "DATA.NUM_FRAMES", "4", "DATA.SAMPLING_RATE", "2",
+            "DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16", "DATA.LOCAL_NUM_FRAMES", "[2, 4]", *opts]
+
+
+def _train(monkeypatch, argv):
+    monkeypatch.setattr(train_ssl, "build_backbone", functools.partial(models.build_backbone, **TINY_BACKBONE))
+    parser = train_ssl.get_args_parser()
+    train_ssl.train_svt(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def full_run(synthetic_root, tmp_path_factory):
+    """An uninterrupted 2-epoch run with online kNN each epoch (the reference of the resume tests, which
+    also shows that the kNN pass leaves the training RNG streams alone)."""
+    out = tmp_path_factory.mktemp("full")
+    mp = pytest.MonkeyPatch()
+    try:
+        _train(mp, _argv(synthetic_root, out, "--knn_freq", "1", "--knn_data_path", str(synthetic_root / "knn_splits"),
+                         "--knn_path_prefix", str(synthetic_root / "videos")))
+    finally:
+        mp.undo()
+    return out
+
+
+def _assert_same_state(a: dict, b: dict):
+    for key in ("student", "teacher", "dino_loss"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in sa:
+            assert torch.equal(sa[name], sb[name])
+
+
+def test_two_epoch_run_outputs(full_run):
+    lines = [json.loads(l) for l in (full_run / "log.txt").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [0, 1]
+    for line in lines:
+        assert {"train_loss", "train_lr", "train_wd", "epoch", "skipped_videos", "epoch_time"} <= line.keys()
+        assert np.isfinite(line["train_loss"]) and line["skipped_videos"] == 0
+        assert 0 <= line["knn_top1"] <= line["knn_top5"] <= 100  # online kNN on the held-out lists
+    assert list((full_run / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((full_run / "config.txt").read_text())["out_dim"] == 256
+    assert "LOCAL_NUM_FRAMES" in (full_run / "config.yaml").read_text()
+    ckpt = safe_torch_load(full_run / "checkpoint.pth")
+    assert ORIGINAL_KEYS <= ckpt.keys() and ckpt["epoch"] == 2 and ckpt["fp16_scaler"] is None
+    assert all(k.startswith(("module.backbone.", "module.head.")) for k in ckpt["student"])
+    assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
+    assert ckpt["dino_loss"]["center"].shape == (1, 256) and ckpt["args"].out_dim == 256
+    assert len(ckpt["optimizer"]["param_groups"]) == 2
+    first = safe_torch_load(full_run / "checkpoint0000.pth")
+    assert first["epoch"] == 1
+    # Epoch 0: the last layer got no update, so the EMA teacher still equals the student there.
+    for ck, close in ((first, True), (ckpt, False)):
+        s, t = ck["student"]["module.head.last_layer.weight_v"], ck["teacher"]["head.last_layer.weight_v"]
+        assert torch.allclose(s, t, atol=1e-6) == close
+        assert not torch.equal(ck["student"]["module.backbone.cls_token"], ck["teacher"]["backbone.cls_token"])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_kill_after_epoch_then_resume_is_exact(full_run, synthetic_root, tmp_path, monkeypatch):
+    real = train_ssl.train_one_epoch
+
+    def dies_in_epoch_1(state, loader, epoch, *a, **kw):
+        if epoch == 1:
+            raise _Killed
+        return real(state, loader, epoch, *a, **kw)
+
+    monkeypatch.setattr(train_ssl, "train_one_epoch", dies_in_epoch_1)
+    with pytest.raises(_Killed):
+        _train(monkeypatch, _argv(synthetic_root, tmp_path))
+    assert safe_torch_load(tmp_path / "checkpoint.pth")["epoch"] == 1
+    monkeypatch.setattr(train_ssl, "train_one_epoch", real)
+    _train(monkeypatch, _argv(synthetic_root, tmp_path))
+    _assert_same_state(safe_torch_load(tmp_path / "checkpoint.pth"), safe_torch_load(full_run / "checkpoint.pth"))
+    losses = [json.loads(l)["train_loss"] for l in (tmp_path / "log.txt").read_text().splitlines()]
+    full = [json.loads(l)["train_loss"] for l in (full_run / "log.txt").read_text().splitlines()]
+    assert losses == full
+
+
+def test_mid_epoch_resume_is_exact(full_run, synthetic_root, tmp_path, monkeypatch):
+    real_forward = train_ssl.DINOLoss.forward
+    calls = []
+
+    def dies_at_step_7(self, *a, **kw):  # epoch 1, iteration 2 (4 iterations per epoch)
+        calls.append(1)
+        if len(calls) == 7:
+            raise _Killed
+        return real_forward(self, *a, **kw)
+
+    monkeypatch.setattr(train_ssl.DINOLoss, "forward", dies_at_step_7)
+    with pytest.raises(_Killed):
+        _train(monkeypatch, _argv(synthetic_root, tmp_path, "--saveckp_iters", "2"))
+    ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 2)
+    monkeypatch.setattr(train_ssl.DINOLoss, "forward", real_forward)
+    _train(monkeypatch, _argv(synthetic_root, tmp_path, "--saveckp_iters", "2"))
+    _assert_same_state(safe_torch_load(tmp_path / "checkpoint.pth"), safe_torch_load(full_run / "checkpoint.pth"))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(synthetic_root, tmp_path, monkeypatch, capsys):
+    real_forward = train_ssl.DINOLoss.forward
+
+    def nan_in_epoch_1(self, student_output, teacher_output, epoch):
+        loss = real_forward(self, student_output, teacher_output, epoch)
+        return loss * float("nan") if epoch == 1 else loss
+
+    monkeypatch.setattr(train_ssl.DINOLoss, "forward", nan_in_epoch_1)
+    with pytest.raises(SystemExit) as exc:
+        _train(monkeypatch, _argv(synthetic_root, tmp_path))
+    assert exc.value.code == 1
+    out = capsys.readouterr().out
+    assert "Loss is [nan], stopping training" in out and "No checkpoint is written" in out
+    ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
+    assert ckpt["epoch"] == 1  # the epoch-0 checkpoint, untouched
+    assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
+    assert not list(tmp_path.glob(".checkpoint*.tmp"))
+    assert len((tmp_path / "log.txt").read_text().splitlines()) == 1
+
+
+def test_missing_train_csv_names_the_path(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train.csv")):
+        _train(monkeypatch, ["--data_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 processes (torchrun, gloo) vs 1 process with the same global batch
+# ---------------------------------------------------------------------------------------------
+LAUNCHER = textwrap.dedent("""
+    import functools, sys
+    sys.path.insert(0, {root!r})
+    import models, train_ssl
+    train_ssl.build_backbone = functools.partial(models.build_backbone, depth=2, embed_dim=48, num_heads=2)
+    train_ssl.train_svt(train_ssl.get_args_parser().parse_args())
+""")
+
+
+def _torchrun(launcher: Path, nproc: int, argv: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(launcher), *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_two_process_loss_matches_one_process(synthetic_root, tmp_path):
+    launcher = tmp_path / "launch_tiny.py"
+    launcher.write_text(LAUNCHER.format(root=str(ROOT)))
+    opts = ("MODEL.DROP_PATH_RATE", "0.0")  # drop path draws differ per process; everything else is shared
+    losses = {}
+    for nproc, batch in ((1, 8), (2, 4)):
+        out = tmp_path / f"np{nproc}"
+        argv = _argv(synthetic_root, out, "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu",
+                     str(batch), opts=opts)
+        _torchrun(launcher, nproc, argv)
+        losses[nproc] = json.loads((out / "log.txt").read_text().splitlines()[0])["train_loss"]
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_bf16_grad_checkpointing_lars_run(synthetic_root, tmp_path, monkeypatch):
+    _train(monkeypatch, _argv(synthetic_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--amp_dtype", "bf16",
+                              "--grad_checkpointing", "true", "--optimizer", "lars", "--teacher_drop_path", "false"))
+    line = json.loads((tmp_path / "log.txt").read_text())
+    assert np.isfinite(line["train_loss"])
+    ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
+    assert all(v.dtype == torch.float32 for v in ckpt["student"].values() if v.is_floating_point())

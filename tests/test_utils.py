@@ -1,0 +1,167 @@
+"""utils/utils.py: flags, schedules, gradient helpers, param groups, meters, distributed setup."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from utils import utils
+
+
+def test_bool_flag():
+    for value in ("on", "TRUE", "1", "yes", "True"):
+        assert utils.bool_flag(value) is True
+    for value in ("off", "False", "0", "no", "FALSE"):
+        assert utils.bool_flag(value) is False
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid boolean 'maybe'"):
+        utils.bool_flag("maybe")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--flag", type=utils.bool_flag, default=True)
+    assert parser.parse_args(["--flag", "false"]).flag is False
+    with pytest.raises(SystemExit):  # a clean argparse error, not a NameError
+        parser.parse_args(["--flag", "nope"])
+
+
+def test_cosine_scheduler_warmup_first_last():
+    s = utils.cosine_scheduler(1.0, 0.1, epochs=4, niter_per_ep=5, warmup_epochs=1, start_warmup_value=0.0)
+    assert len(s) == 20
+    np.testing.assert_allclose(s[:5], np.linspace(0, 1, 5))  # inclusive linear warm-up
+    assert s[5] == pytest.approx(1.0)  # cosine starts at the base value
+    n = 15
+    assert s[-1] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (n - 1) / n)))
+    assert s[5 + 7] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 7 / n)))
+    m = utils.cosine_scheduler(0.996, 1.0, epochs=2, niter_per_ep=3)
+    assert m[0] == pytest.approx(0.996) and np.all(np.diff(m) > 0) and m[-1] < 1.0
+
+
+def test_clip_gradients_per_parameter():
+    model = nn.Linear(3, 2)
+    model.weight.grad = torch.full((2, 3), 2.0)  # norm sqrt(24) ~ 4.9 -> clipped to 3
+    model.bias.grad = torch.tensor([0.3, 0.4])  # norm 0.5 -> unchanged
+    norms = utils.clip_gradients(model, 3.0)
+    torch.testing.assert_close(norms, torch.tensor([math.sqrt(24.0), 0.5]))
+    torch.testing.assert_close(model.weight.grad, torch.full((2, 3), 2.0 * 3.0 / (math.sqrt(24.0) + 1e-6)))
+    torch.testing.assert_close(model.bias.grad, torch.tensor([0.3, 0.4]))
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 4)
+        self.last_layer = nn.Linear(4, 2, bias=False)
+        self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+
+
+def test_get_params_groups_split():
+    model = _Toy()
+    reg, not_reg = utils.get_params_groups(model)
+    ids = lambda group: {id(p) for p in group["params"]}
+    assert ids(reg) == {id(model.cls_token), id(model.fc.weight), id(model.last_layer.weight)}
+    assert ids(not_reg) == {id(model.norm.weight), id(model.norm.bias), id(model.fc.bias)}
+    assert not_reg["weight_decay"] == 0.0 and "weight_decay" not in reg
+
+
+def test_cancel_gradients_last_layer():
+    model = _Toy()
+    for p in (model.fc.weight, model.last_layer.weight):
+        p.grad = torch.ones_like(p)
+    utils.cancel_gradients_last_layer(epoch=1, model=model, freeze_last_layer=1)
+    assert model.last_layer.weight.grad is not None
+    utils.cancel_gradients_last_layer(epoch=0, model=model, freeze_last_layer=1)
+    assert model.last_layer.weight.grad is None and model.fc.weight.grad is not None
+
+
+def test_smoothed_value_and_metric_logger(capsys):
+    meter = utils.SmoothedValue(window_size=2)
+    for v in (1.0, torch.tensor(2.0), torch.tensor(4.0)):
+        meter.update(v)
+    assert meter.count == 1 and meter.total == 1.0  # tensors are read back lazily
+    assert meter.global_avg == pytest.approx(7 / 3) and meter.median == pytest.approx(3.0)
+    logger = utils.MetricLogger()
+    for _ in logger.log_every(range(3), 2, header="Epoch: [0/1]"):
+        logger.update(loss=torch.tensor(0.5), lr=0.1)
+    out = capsys.readouterr().out
+    assert "Epoch: [0/1]  [0/3]" in out and "[2/3]" in out and "[1/3]" not in out
+    assert "eta: " in out and "loss: 0.500000" in out and "time: " in out and "data: " in out
+
+
+def test_resolve_amp_dtype_and_autocast():
+    cpu = torch.device("cpu")
+    assert utils.resolve_amp_dtype(False, "bf16", cpu) is None
+    assert utils.resolve_amp_dtype(True, "auto", cpu) is None
+    assert utils.resolve_amp_dtype(True, "bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="--amp_dtype fp16 needs a CUDA device"):
+        utils.resolve_amp_dtype(True, "fp16", cpu)
+    with utils.autocast_context(torch.bfloat16, cpu):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with utils.autocast_context(None, cpu):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_lars_step_matches_formula():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
+    opt = utils.LARS([w], lr=0.1, weight_decay=0.0, momentum=0.9, eta=0.001)
+    w.grad = torch.tensor([[0.0, 2.0]])  # norm 2 -> trust ratio 0.001 * 5 / 2
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0 - 0.1 * 2.0 * 0.0025]]))
+
+
+def test_first_slurm_host():
+    assert utils.first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert utils.first_slurm_host("node17") == "node17"
+    assert utils.first_slurm_host("a1,b2") == "a1"
+
+
+@pytest.fixture
+def fake_dist(monkeypatch):
+    """Record init_process_group calls instead of creating a group."""
+    calls = []
+    monkeypatch.setattr(utils.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(utils.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(utils.dist, "barrier", lambda: None)
+    monkeypatch.setattr(utils, "setup_for_distributed", lambda is_master: None)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+                "SLURM_NODELIST", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    return calls
+
+
+def test_init_distributed_torchrun_env(fake_dist, monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    args = argparse.Namespace(dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert (args.rank, args.world_size, args.gpu) == (3, 8, 1)
+    (a, kw), = fake_dist
+    assert kw == {"init_method": "env://", "world_size": 8, "rank": 3}
+
+
+def test_init_distributed_slurm_env(fake_dist, monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NODELIST", "gpu[12-13]")
+    args = argparse.Namespace(dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert (args.rank, args.world_size, args.gpu) == (5, 8, 1)
+    import os
+    assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == "29500"
+    (a, kw), = fake_dist
+    assert kw["world_size"] == 8 and kw["rank"] == 5
+    monkeypatch.setenv("MASTER_ADDR", "head")  # an explicit address wins
+    utils.init_distributed_mode(args)
+    assert os.environ["MASTER_ADDR"] == "head"
+
+
+def test_init_distributed_single_process(fake_dist):
+    args = argparse.Namespace(dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert (args.rank, args.world_size, args.gpu) == (0, 1, 0)
+    (a, kw), = fake_dist
+    assert a == ("nccl" if torch.cuda.is_available() else "gloo",) and kw["world_size"] == 1
+    assert isinstance(kw["store"], utils.dist.HashStore)

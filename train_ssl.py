@@ -1,0 +1,669 @@
+"""SVT self-supervised pretraining: DINO self-distillation of a TimeSformer on multi-view video clips.
+
+The student sees every view of a clip (2 global + `--local_crops_number` local views, each with its own
+frame count, frame rate and crop); the EMA teacher sees the 2 global views. One cross-entropy loss over
+all (teacher global, student view) pairs holds both of the paper's objectives: global/global is the
+motion correspondence, local/global the cross-view correspondence.
+
+    torchrun --nproc_per_node=4 train_ssl.py --arch timesformer --batch_size_per_gpu 8 \
+        --data_path /data/k400/annotations --output_dir checkpoints/svt --opts DATA.PATH_PREFIX /data/k400/videos
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
+
+from datasets.kinetics import Kinetics
+from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
+from models import ARCHS, DINOHead, MultiCropWrapper, build_backbone
+from utils import utils
+from utils.checkpoint import atomic_save, load_pretrained_weights, restart_from_checkpoint
+from utils.parser import add_config_args, load_config
+
+ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("SVT", add_help=False)
+
+    # Model parameters
+    parser.add_argument("--arch", default="timesformer", type=str, choices=[*ARCHS, *ARCH_ALIASES],
+                        help="""Backbone. `timesformer` (= vit_base, TimeSformer-B/16 divided space-time attention)
+        is the paper's model; vit_small / vit_tiny are smaller TimeSformers for quick runs.""")
+    parser.add_argument("--patch_size", default=16, type=int, help="""Patch side in pixels. 16 matches the
+        ImageNet ViT-B/16 init and the released weights; smaller patches multiply the token count.""")
+    parser.add_argument("--out_dim", default=65536, type=int, help="""Number of prototypes K of the DINO head
+        (65536 in SVT). Large K suits large datasets; a few thousand is enough for small ones.""")
+    parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
+                        help="""Keep the gain of the head's weight-normalised last layer fixed at 1
+        (True, SVT's setting for ViT-B). False lets it learn: sometimes better, but less stable.""")
+    parser.add_argument("--momentum_teacher", default=0.996, type=float, help="""Teacher EMA momentum at the
+        start; a cosine schedule raises it to 1. If the loss stays flat with small batches, a lower value
+        (e.g. 0.99) lets the teacher follow the student faster.""")
+    parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
+                        help="BatchNorm after the hidden layers of the DINO head (off in SVT).")
+    parser.add_argument("--teacher_drop_path", default=True, type=utils.bool_flag, help="""True (the original):
+        the teacher keeps MODEL.DROP_PATH_RATE and stays in train mode, so its forward is stochastic.
+        False: DINO-style deterministic teacher (eval mode, no drop path).""")
+
+    # Temperature teacher parameters
+    parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
+                        help="""Teacher temperature at the start of its warm-up. 0.04 is SVT's value;
+        if the loss does not go down (collapse), lower it.""")
+    parser.add_argument("--teacher_temp", default=0.04, type=float, help="""Teacher temperature after the warm-up.
+        Sharper (lower) targets avoid collapse; values above about 0.07 tend to be unstable.""")
+    parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+                        help="Epochs of linear teacher-temperature warm-up (0 in SVT: constant temperature).")
+
+    # Training/Optimization parameters
+    parser.add_argument("--use_fp16", type=utils.bool_flag, default=True, help="""Mixed precision (the original's
+        name; see --amp_dtype for the type). Faster and lighter; turn it off if the loss turns non-finite.""")
+    parser.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"], help="""Mixed
+        precision type when --use_fp16 is on. auto: bf16 on GPUs that support it (no loss scaling needed),
+        else fp16 with a GradScaler; fp32 on CPU. bf16 also works on CPU.""")
+    parser.add_argument("--weight_decay", type=float, default=0.04, help="""Weight decay at the start of
+        its cosine schedule (biases and norm parameters are never decayed).""")
+    parser.add_argument("--weight_decay_end", type=float, default=0.4, help="""Weight decay at the end of
+        the cosine schedule (the code's default 0.4; the paper reports 0.1).""")
+    parser.add_argument("--clip_grad", type=float, default=3.0, help="""Largest gradient norm of
+        each parameter tensor (clipped one by one, as the original; not a global norm). 0 turns it off.""")
+    parser.add_argument("--batch_size_per_gpu", default=64, type=int,
+                        help="Videos per GPU per step (the original script: 8 on each of 4 GPUs).")
+    parser.add_argument("--epochs", default=100, type=int, help="Training epochs (the original's default 100; the paper: 20).")
+    parser.add_argument("--freeze_last_layer", default=1, type=int, help="""Epochs during which the head's last
+        layer gets no updates; holding it one epoch steadies the start. Raise it if the loss stays flat.""")
+    parser.add_argument("--lr", default=0.0005, type=float, help="""Peak learning rate for a global
+        batch of 256; the run uses lr * batch_size_per_gpu * world_size / 256 (6.25e-5 at SVT's batch 32).""")
+    parser.add_argument("--warmup_epochs", default=10, type=int,
+                        help="Epochs of linear learning-rate warm-up from 0 (the original's default 10; the paper: 5).")
+    parser.add_argument("--min_lr", type=float, default=1e-6, help="""Learning rate at the end of the
+        cosine schedule.""")
+    parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"],
+                        help="""Optimizer; AdamW is SVT's (and suits ViTs).""")
+    parser.add_argument("--grad_checkpointing", default=False, type=utils.bool_flag,
+                        help="Recompute the student's blocks in the backward pass: less memory, ~30%% slower.")
+    parser.add_argument("--compile", default=False, type=utils.bool_flag,
+                        help="torch.compile the student and teacher backbones (first iterations are slow).")
+
+    # Multi-crop parameters
+    parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.),
+                        help="""Area range of the 2 global views' random crops, as a fraction of the frame. With
+        --local_crops_number 0 a wider range (e.g. 0.14 1.0) keeps the task hard enough.""")
+    parser.add_argument("--local_crops_number", type=int, default=8, help="""Local (small, short) views per video
+        (8 in SVT; DATA.LOCAL_NUM_FRAMES, when set, must have this many entries). 0 trains on the 2 globals only.""")
+    parser.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4),
+                        help="""Area range of the local views' random crops, as a fraction of the frame.""")
+
+    # Misc
+    parser.add_argument("--data_path", default=None, type=str, help="""Folder with the Kinetics train.csv
+        (copied into DATA.PATH_TO_DATA_DIR; default: the value of that config key). Video paths in the csv are
+        joined to DATA.PATH_PREFIX.""")
+    parser.add_argument("--pretrained_rgb", default=None, type=str, help="""An SVT training checkpoint (or the
+        released teacher file) whose teacher backbone initialises both student and teacher backbones.
+        For the paper's ImageNet init use --opts TIMESFORMER.PRETRAINED_MODEL /path/to/dino_vitbase16_pretrain.pth.""")
+    parser.add_argument("--output_dir", default=".", type=str, help="Folder for checkpoints, log.txt, config and tensorboard.")
+    parser.add_argument("--saveckp_freq", default=20, type=int, help="Keep a numbered checkpointNNNN.pth every x epochs.")
+    parser.add_argument("--saveckp_iters", default=0, type=int, help="""Also rewrite checkpoint.pth every
+        x iterations inside an epoch (0: off), so long epochs can resume mid-way.""")
+    parser.add_argument("--log_freq", default=10, type=int, help="Print/tensorboard every x iterations.")
+    parser.add_argument("--seed", default=0, type=int, help="Random seed.")
+    parser.add_argument("--num_workers", default=10, type=int, help="Number of data loading workers per GPU.")
+    parser.add_argument("--dist_url", default="env://", type=str, help="""Rendezvous URL for
+        torch.distributed (env:// reads what torchrun or SLURM set).""")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Ignored (torch.distributed.launch passes it; torchrun sets LOCAL_RANK instead).")
+
+    # Online kNN on a held-out list
+    parser.add_argument("--knn_freq", default=0, type=int, help="""Run a kNN evaluation of the teacher backbone
+        every x epochs and after the last one (0: off). Needs --knn_data_path.""")
+    parser.add_argument("--knn_dataset", default="ucf101", type=str,
+                        help="Dataset of the kNN lists (a name known to datasets.build_dataset).")
+    parser.add_argument("--knn_data_path", default="", type=str,
+                        help="Folder with the kNN train/val lists (e.g. UCF-101 knn_splits).")
+    parser.add_argument("--knn_path_prefix", default="", type=str,
+                        help="Prefix joined to the kNN list paths (the videos folder).")
+    parser.add_argument("--eval_batch_size_per_gpu", default=128, type=int,
+                        help="Per-GPU batch-size for the kNN feature extraction.")
+    parser.add_argument("--nb_knn", default=5, type=int, help="Number of nearest neighbours of the kNN.")
+    parser.add_argument("--temperature", default=0.07, type=float, help="Temperature of the kNN vote.")
+    add_config_args(parser)
+    return parser
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centred, sharpened teacher softmax and the student log-softmax, averaged
+    over every (teacher global view, student view) pair with different views: 2 * (ncrops - 1) terms."""
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        # The teacher temperature has a linear warm-up, indexed per epoch.
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp,
+        ))
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(self.ncrops)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach().chunk(2)
+        total_loss, n_loss_terms = 0, 0
+        for iq, q in enumerate(teacher_p):
+            for v, logp in enumerate(student_logp):
+                if v == iq:
+                    continue  # the same view for student and teacher
+                total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
+                n_loss_terms += 1
+        self.update_center(teacher_output)
+        return total_loss / n_loss_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the teacher's mean output over the global batch (all ranks)."""
+        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        world_size = utils.get_world_size()
+        if world_size > 1:
+            dist.all_reduce(batch_center)
+        batch_center = batch_center / (len(teacher_output) * world_size)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every sample is drawn under its own seed, so augmentations depend only on (seed, epoch, position
+# in the global shuffled order) - not on the number of workers or ranks - and a resumed run replays them.
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def preserved_rng_state():
+    """Restore the torch (CPU), numpy and python RNG states on exit."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+class SeededDistributedSampler(DistributedSampler):
+    """DistributedSampler yielding (index, seed) pairs; `skip` drops the first batches (mid-epoch resume)."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0, **kwargs):
+        super().__init__(dataset, seed=seed, **kwargs)
+        self.skip = 0
+
+    def __iter__(self):
+        for i, index in enumerate(super().__iter__()):
+            if i < self.skip:
+                continue
+            position = self.rank + i * self.num_replicas
+            sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0])
+            yield index, sample_seed
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class SeededDataset(Dataset):
+    """Calls `dataset[index]` with torch/numpy/random seeded by the sampler's per-sample seed."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with preserved_rng_state():
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            return self.dataset[index]
+
+
+def build_train_loader(args, cfg, device: torch.device) -> DataLoader:
+    global_frames, local_frames = ssl_view_frames(cfg, args.local_crops_number)
+    transform = VideoDataAugmentationDINO(
+        global_crops_scale=tuple(args.global_crops_scale),
+        local_crops_scale=tuple(args.local_crops_scale),
+        local_crops_number=args.local_crops_number,
+        global_size=cfg.DATA.TRAIN_CROP_SIZE,
+        local_size=cfg.DATA.LOCAL_CROP_SIZE,
+        global_frames=global_frames,
+        local_frames=local_frames,
+        no_spatial=cfg.DATA.NO_SPATIAL,
+    )
+    dataset = Kinetics(cfg, "train", ssl_aug=transform)
+    sampler = SeededDistributedSampler(dataset, seed=args.seed, shuffle=True)
+    cuda = device.type == "cuda"
+    loader = DataLoader(
+        SeededDataset(dataset),
+        sampler=sampler,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        pin_memory=cuda,
+        drop_last=True,
+        persistent_workers=cuda and args.num_workers > 0,
+        worker_init_fn=utils.seed_worker,
+        # The loader's own generator: creating an iterator never consumes the global RNG.
+        generator=torch.Generator().manual_seed(args.seed + utils.get_rank()),
+    )
+    if len(loader) == 0:
+        raise ValueError(f"{cfg.DATA.PATH_TO_DATA_DIR}/train.csv has {len(dataset)} videos, fewer than one "
+                         f"global batch ({args.batch_size_per_gpu} x {utils.get_world_size()} processes); "
+                         "lower --batch_size_per_gpu.")
+    print(f"Data loaded: there are {len(dataset)} videos, {len(loader)} iterations per epoch.")
+    return loader
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint helpers
+# ---------------------------------------------------------------------------------------------
+class PrefixedState:
+    """state_dict / load_state_dict of a module under a key prefix: the student is stored with the original's
+    DDP `module.` prefix whether or not it is DDP-wrapped in this run."""
+
+    def __init__(self, module: nn.Module, prefix: str = "module."):
+        self.module, self.prefix = module, prefix
+
+    def state_dict(self) -> dict:
+        return {self.prefix + k: v for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        return self.module.load_state_dict({k.removeprefix(self.prefix): v for k, v in state.items()},
+                                           strict=strict)
+
+
+def get_rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_s = state["numpy"]
+    np.random.set_state(("MT19937", np_s["keys"].numpy().astype(np.uint32), np_s["pos"], np_s["has_gauss"],
+                         np_s["cached_gaussian"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    """The RNG states of all ranks (index = rank)."""
+    state = get_rng_state()
+    if utils.get_world_size() == 1:
+        return [state]
+    states = [None] * utils.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def train_svt(args) -> None:
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
+    args.arch = ARCH_ALIASES.get(args.arch, args.arch)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    cfg = prepare_config(args)
+    for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+        if getattr(args, name) > args.epochs:
+            raise ValueError(f"--{name} {getattr(args, name)} is larger than --epochs {args.epochs}")
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    output_dir = Path(args.output_dir)
+    if utils.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.txt").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        (output_dir / "config.yaml").write_text(cfg.dump())
+
+    # ============ data ... ============
+    data_loader = build_train_loader(args, cfg, device)
+    niter = len(data_loader)
+
+    # ============ student and teacher networks ... ============
+    student, teacher, student_without_ddp, teacher_without_ddp = build_networks(args, cfg, device)
+
+    # ============ loss, optimizer, schedules ... ============
+    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
+    optimizer = build_optimizer(args, student_without_ddp, device)
+    precision = utils.resolve_amp_dtype(args.use_fp16, args.amp_dtype, device)
+    fp16_scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
+    print(f"Mixed precision: {precision or 'off (fp32)'}")
+    global_batch = args.batch_size_per_gpu * utils.get_world_size()
+    lr_schedule = utils.cosine_scheduler(args.lr * global_batch / 256., args.min_lr, args.epochs, niter,
+                                         warmup_epochs=args.warmup_epochs)
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
+    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter)
+    print("Loss, optimizer and schedulers ready.")
+
+    # ============ optionally resume training ... ============
+    to_restore = {"epoch": 0, "iteration": 0, "rng": None}
+    restart_from_checkpoint(output_dir / "checkpoint.pth", run_variables=to_restore,
+                            student=PrefixedState(student_without_ddp), teacher=teacher_without_ddp,
+                            optimizer=optimizer, fp16_scaler=fp16_scaler, dino_loss=dino_loss)
+    start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
+    restore_rng(to_restore["rng"])
+
+    writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
+    knn = OnlineKNN(args, cfg, device) if args.knn_freq > 0 else None
+
+    def save_checkpoint(epoch: int, iteration: int, numbered: bool = False) -> None:
+        save_dict = {
+            "student": PrefixedState(student_without_ddp).state_dict(),
+            "teacher": teacher_without_ddp.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "iteration": iteration,
+            "args": args,
+            "dino_loss": dino_loss.state_dict(),
+            "fp16_scaler": fp16_scaler.state_dict() if fp16_scaler is not None else None,
+            "rng": gather_rng_states(),
+        }
+        if utils.is_main_process():
+            atomic_save(save_dict, output_dir / "checkpoint.pth")
+            if numbered:
+                atomic_save(save_dict, output_dir / f"checkpoint{epoch - 1:04}.pth")
+
+    train_state = TrainState(student=student, teacher=teacher, student_without_ddp=student_without_ddp,
+                             teacher_without_ddp=teacher_without_ddp, dino_loss=dino_loss, optimizer=optimizer,
+                             fp16_scaler=fp16_scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
+                             momentum_schedule=momentum_schedule, precision=precision, device=device,
+                             writer=writer, save_checkpoint=save_checkpoint)
+
+    start_time = time.time()
+    print("Starting SVT training !")
+    for epoch in range(start_epoch, args.epochs):
+        data_loader.sampler.set_epoch(epoch)
+        data_loader.sampler.skip = start_iter * args.batch_size_per_gpu if epoch == start_epoch else 0
+        epoch_start = time.time()
+
+        # ============ training one epoch of SVT ... ============
+        train_stats, skipped = train_one_epoch(train_state, data_loader, epoch, niter, args,
+                                               start_iter=start_iter if epoch == start_epoch else 0)
+
+        # ============ writing logs ... ============
+        last = epoch + 1 == args.epochs
+        save_checkpoint(epoch + 1, 0, numbered=bool(args.saveckp_freq) and epoch % args.saveckp_freq == 0)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                     "skipped_videos": skipped, "epoch_time": round(time.time() - epoch_start, 3)}
+        if knn is not None and (epoch % args.knn_freq == 0 or last):
+            with preserved_rng_state():
+                top1, top5 = knn.evaluate(teacher_without_ddp.backbone, precision)
+            log_stats.update(knn_top1=top1, knn_top5=top5)
+            print(f"Epoch {epoch}: kNN top1 {top1:.2f} top5 {top5:.2f}")
+        if utils.is_main_process():
+            with (output_dir / "log.txt").open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            for k, v in log_stats.items():
+                if k != "epoch":
+                    writer.add_scalar(f"epoch/{k}", v, epoch)
+            writer.flush()
+    if writer is not None:
+        writer.close()
+    total_time = time.time() - start_time
+    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+
+
+def prepare_config(args):
+    """The fvcore config with --data_path applied; checks that the train list exists."""
+    cfg = load_config(args).clone()
+    cfg.defrost()
+    if args.data_path:
+        cfg.DATA.PATH_TO_DATA_DIR = args.data_path
+    train_csv = Path(cfg.DATA.PATH_TO_DATA_DIR) / "train.csv"
+    if not train_csv.is_file():
+        raise FileNotFoundError(f"{train_csv} not found: --data_path (or DATA.PATH_TO_DATA_DIR) must be the folder "
+                                f"with the Kinetics train.csv ('path label' per line).")
+    if cfg.DATA.NO_RGB_AUG:
+        raise ValueError("DATA.NO_RGB_AUG True makes Kinetics train return one plain clip; self-supervised "
+                         "training needs the multi-view clips, so leave it False.")
+    cfg.freeze()
+    return cfg
+
+
+def build_networks(args, cfg, device: torch.device):
+    """Student = MultiCropWrapper(backbone, DINOHead); teacher = the same, initialised from the student."""
+    student_backbone = build_backbone(args.arch, cfg, patch_size=args.patch_size)
+    embed_dim = student_backbone.embed_dim
+    if args.pretrained_rgb:
+        load_pretrained_weights(student_backbone, args.pretrained_rgb, checkpoint_key="teacher")
+    teacher_backbone = copy.deepcopy(student_backbone)
+    student = MultiCropWrapper(student_backbone, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
+                                                          norm_last_layer=args.norm_last_layer))
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    if args.grad_checkpointing:
+        student.backbone.set_grad_checkpointing(True)
+    student, teacher = student.to(device), teacher.to(device)
+    distributed = utils.get_world_size() > 1
+    device_ids = [device.index] if device.type == "cuda" else None
+    if utils.has_batchnorms(student) and distributed:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        teacher = nn.parallel.DistributedDataParallel(teacher, device_ids=device_ids)
+        teacher_without_ddp = teacher.module
+    else:
+        teacher_without_ddp = teacher
+    student_without_ddp = student
+    if distributed:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids, find_unused_parameters=False)
+    teacher_without_ddp.load_state_dict(student_without_ddp.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    teacher.train(args.teacher_drop_path)
+    if args.compile:
+        # Static shapes: one graph per view shape (a handful), no dynamic-shape recompiles.
+        student_without_ddp.backbone.compile(dynamic=False)
+        teacher_without_ddp.backbone.compile(dynamic=False)
+    n_params = sum(p.numel() for p in student_without_ddp.parameters())
+    print(f"Student and Teacher are built: they are both {args.arch} network ({n_params / 1e6:.1f}M params).")
+    return student, teacher, student_without_ddp, teacher_without_ddp
+
+
+def build_optimizer(args, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params_groups = utils.get_params_groups(model)
+    if args.optimizer == "adamw":
+        if device.type == "cuda":
+            return torch.optim.AdamW(params_groups, fused=True)
+        return torch.optim.AdamW(params_groups, foreach=True)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr and wd are set by the schedulers
+    return utils.LARS(params_groups)
+
+
+def restore_rng(states) -> None:
+    if states is None:
+        return
+    rank, world = utils.get_rank(), utils.get_world_size()
+    if len(states) != world:
+        print(f"Checkpoint RNG states are from {len(states)} processes, this run has {world}: "
+              "random streams restart from the seed (training continues, not bit-identically).")
+        return
+    set_rng_state(states[rank])
+
+
+class TrainState:
+    """What one training step needs (networks, loss, optimizer, schedules, precision, logging)."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+        # EMA pairs, in the same order in student and teacher.
+        self.ema_student = [p.detach() for p in self.student_without_ddp.parameters()]
+        self.ema_teacher = [p.detach() for p in self.teacher_without_ddp.parameters()]
+
+
+@torch.no_grad()
+def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], m: float) -> None:
+    """theta_t <- m * theta_t + (1 - m) * theta_s for every parameter pair."""
+    torch._foreach_mul_(teacher_params, m)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+
+
+def stop_if_nonfinite(nonfinite: torch.Tensor, losses: list[torch.Tensor], epoch: int, it: int, args) -> None:
+    """On log steps: if any rank saw a non-finite loss since the last check, every rank prints and exits 1."""
+    flag = nonfinite.to(torch.int32)
+    if utils.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    values = torch.stack(losses).tolist() if losses else []
+    print(f"Loss is {values}, stopping training (rank {utils.get_rank()}, epoch {epoch}, iteration {it}): "
+          f"non-finite loss on at least one process. No checkpoint is written; the last good one is "
+          f"{Path(args.output_dir) / 'checkpoint.pth'} (if any). Try a lower --lr, --clip_grad, --use_fp16 false "
+          f"or --amp_dtype bf16, or a larger --freeze_last_layer.", force=True, flush=True)
+    sys.exit(1)
+
+
+def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, niter: int, args,
+                    start_iter: int = 0) -> tuple[dict, int]:
+    """One epoch (from `start_iter` when resuming mid-epoch). Returns the averaged meters and skipped videos."""
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    device, student, teacher = state.device, state.student, state.teacher
+    state.student.train()
+    state.teacher.train(args.teacher_drop_path)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    recent_losses: list[torch.Tensor] = []
+    skipped = torch.zeros((), dtype=torch.long)
+    global_batch = args.batch_size_per_gpu * utils.get_world_size()
+    last_log_time, last_log_it = time.time(), start_iter
+    for it_in_epoch, (views, _, _, meta) in enumerate(
+            metric_logger.log_every(data_loader, args.log_freq, header, total=niter, start=start_iter),
+            start=start_iter):
+        it = niter * epoch + it_in_epoch  # global training iteration
+        for i, param_group in enumerate(state.optimizer.param_groups):
+            param_group["lr"] = float(state.lr_schedule[it])
+            if i == 0:  # group 0 holds the decayed weights
+                param_group["weight_decay"] = float(state.wd_schedule[it])
+
+        views = [v.to(device, non_blocking=True) for v in views]
+        with utils.autocast_context(state.precision, device):
+            with torch.no_grad():
+                teacher_output = teacher(views[:2])  # the teacher sees the 2 global views
+            student_output = student(views)
+            loss = state.dino_loss(student_output, teacher_output, epoch)
+        nonfinite |= ~torch.isfinite(loss.detach())
+        recent_losses.append(loss.detach())
+
+        # backward, clip, drop the frozen last layer's grads, step
+        state.optimizer.zero_grad(set_to_none=True)
+        if state.fp16_scaler is None:
+            loss.backward()
+            if args.clip_grad:
+                utils.clip_gradients(state.student_without_ddp, args.clip_grad)
+            utils.cancel_gradients_last_layer(epoch, state.student_without_ddp, args.freeze_last_layer)
+            state.optimizer.step()
+        else:
+            state.fp16_scaler.scale(loss).backward()
+            if args.clip_grad:
+                state.fp16_scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
+                utils.clip_gradients(state.student_without_ddp, args.clip_grad)
+            utils.cancel_gradients_last_layer(epoch, state.student_without_ddp, args.freeze_last_layer)
+            state.fp16_scaler.step(state.optimizer)
+            state.fp16_scaler.update()
+
+        # teacher <- m * teacher + (1 - m) * student
+        momentum = float(state.momentum_schedule[it])
+        ema_update(state.ema_teacher, state.ema_student, momentum)
+
+        metric_logger.update(loss=loss.detach())
+        metric_logger.update(lr=state.optimizer.param_groups[0]["lr"])
+        metric_logger.update(wd=state.optimizer.param_groups[0]["weight_decay"])
+        skipped += meta["skipped"].sum()
+        log_step = (it_in_epoch - start_iter) % args.log_freq == 0 or it_in_epoch == niter - 1
+        save_step = bool(args.saveckp_iters) and (it_in_epoch + 1) % args.saveckp_iters == 0 \
+            and it_in_epoch + 1 < niter
+        if log_step or save_step:
+            stop_if_nonfinite(nonfinite, recent_losses, epoch, it, args)
+            recent_losses.clear()
+        if log_step and state.writer is not None:
+            now = time.time()
+            clips_per_s = global_batch * (it_in_epoch + 1 - last_log_it) / max(now - last_log_time, 1e-9)
+            last_log_time, last_log_it = now, it_in_epoch + 1
+            scalars = {"loss": metric_logger.loss.value, "lr": state.lr_schedule[it], "wd": state.wd_schedule[it],
+                       "momentum": momentum, "teacher_temp": state.dino_loss.teacher_temp_schedule[epoch],
+                       "clips_per_s": clips_per_s}
+            for name, value in scalars.items():
+                state.writer.add_scalar(f"train/{name}", value, it)
+        if save_step:
+            state.save_checkpoint(epoch, it_in_epoch + 1)
+
+    # average the meters over ranks
+    metric_logger.synchronize_between_processes()
+    if utils.get_world_size() > 1:
+        skipped = skipped.to(device)
+        dist.all_reduce(skipped)
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, int(skipped.item())
+
+
+class OnlineKNN:
+    """Weighted kNN (eval_knn's protocol: one centre clip per video, train split as the bank) of the teacher
+    backbone's CLS features on a held-out train/val list."""
+
+    def __init__(self, args, cfg, device: torch.device):
+        import eval_knn
+        from datasets import ReturnIndexDataset, build_dataset
+        if not args.knn_data_path:
+            raise ValueError("--knn_freq needs --knn_data_path (the folder with the kNN train/val lists).")
+        knn_cfg = cfg.clone()
+        knn_cfg.defrost()
+        knn_cfg.DATA.PATH_TO_DATA_DIR = args.knn_data_path
+        knn_cfg.DATA.PATH_PREFIX = args.knn_path_prefix
+        knn_cfg = eval_knn.knn_config(knn_cfg)
+        knn_args = argparse.Namespace(dataset=args.knn_dataset, train_aug=False, num_workers=args.num_workers,
+                                      batch_size_per_gpu=args.eval_batch_size_per_gpu)
+        datasets = (ReturnIndexDataset(eval_knn.build_train_bank_dataset(knn_args, knn_cfg)),
+                    ReturnIndexDataset(build_dataset(args.knn_dataset, knn_cfg, "val")))
+        self.eval_knn, self.args, self.device = eval_knn, args, device
+        self.loaders = [eval_knn.make_loader(ds, knn_args) for ds in datasets]
+        self.labels = [eval_knn.dataset_labels(ds) for ds in datasets]
+        self.num_classes = int(max(int(lab.max()) for lab in self.labels)) + 1
+        print(f"Online kNN on {args.knn_dataset}: {len(datasets[0])} train and {len(datasets[1])} val videos.")
+
+    @torch.no_grad()
+    def evaluate(self, backbone: nn.Module, precision: torch.dtype | None = None) -> tuple[float, float]:
+        was_training = backbone.training
+        backbone.eval()
+        with utils.autocast_context(precision, self.device):
+            feats = [F.normalize(self.eval_knn.extract_features(backbone, loader, self.device), dim=1)
+                     for loader in self.loaders]
+        backbone.train(was_training)
+        return self.eval_knn.knn_classifier(feats[0], self.labels[0], feats[1], self.labels[1], self.args.nb_knn,
+                                            self.args.temperature, self.num_classes)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("SVT", parents=[get_args_parser()])
+    args = parser.parse_args()
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    train_svt(args)

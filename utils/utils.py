@@ -1,0 +1,399 @@
+"""Training utilities in the style of DINO's utils.py: schedules, gradient helpers, logging, distributed setup."""
+import argparse
+import builtins
+import contextlib
+import datetime
+import os
+import random
+import re
+import time
+from collections import defaultdict, deque
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_TRUE = {"on", "true", "1", "yes"}
+_FALSE = {"off", "false", "0", "no"}
+
+
+def bool_flag(value: str) -> bool:
+    """argparse type for booleans: on/true/1/yes or off/false/0/no, any case."""
+    lowered = str(value).lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {value!r}: use true/false (or on/off, 1/0)")
+
+
+def fix_random_seeds(seed: int = 31) -> None:
+    """Seed torch (CPU and CUDA), numpy and python's random."""
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: seed numpy and random from the worker's torch seed (distinct per worker)."""
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+    """One value per iteration: linear warm-up from start_warmup_value to base_value, then a cosine to final_value."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
+    """Per-parameter clipping (DINO): each grad is scaled by min(1, clip / (||g|| + 1e-6)). Returns the norms.
+
+    Runs without a host sync (foreach kernels, device-side clamp).
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads))
+    coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(coefs.to(grads[0].dtype).unbind()))
+    return norms
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Drop the grads of the head's last layer during the first `freeze_last_layer` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+def get_params_groups(model: nn.Module) -> list[dict]:
+    """Two groups: weight-decayed (ndim > 1, not a bias; includes cls/pos/time embeddings as in the original)
+    and not decayed (biases and 1-D params such as LayerNorm). Frozen params are skipped."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+def has_batchnorms(model: nn.Module) -> bool:
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(m, bn_types) for m in model.modules())
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (DINO's version): SGD with momentum and a layer-wise trust ratio; 1-D params get neither
+    weight decay nor the trust ratio."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=group["weight_decay"])
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one),
+                                    one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(dp)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple = (1,)) -> list[torch.Tensor]:
+    """Top-k accuracies in percent."""
+    maxk = max(topk)
+    batch_size = target.size(0)
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.t().eq(target.reshape(1, -1).expand_as(pred.t()))
+    return [correct[:k].reshape(-1).float().sum(0) * 100.0 / batch_size for k in topk]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision
+# ---------------------------------------------------------------------------------------------
+def resolve_amp_dtype(use_fp16: bool, amp_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--use_fp16` / `--amp_dtype` on a device; None means fp32.
+
+    auto: bf16 on CUDA devices that support it, else fp16 on CUDA, fp32 on CPU.
+    """
+    if not use_fp16:
+        return None
+    if amp_dtype == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp_dtype == "bf16":
+        return torch.bfloat16
+    if amp_dtype == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp_dtype fp16 needs a CUDA device; on CPU use --amp_dtype bf16 or "
+                             "--use_fp16 false.")
+        return torch.float16
+    raise ValueError(f"--amp_dtype {amp_dtype!r}: use auto, bf16 or fp16")
+
+
+def autocast_context(precision: torch.dtype | None, device: torch.device):
+    """torch.autocast for `precision` on `device`, or a no-op context for fp32 (None)."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------
+class SmoothedValue:
+    """A window median/average and a global average of a series. Values may be device tensors; they are
+    read back to the host in one batch only when a statistic is asked for (no sync per update)."""
+
+    def __init__(self, window_size: int = 20, fmt: str | None = None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.6f} ({global_avg:.6f})"
+        self._pending: list[tuple[torch.Tensor, int]] = []
+
+    def update(self, value, n: int = 1) -> None:
+        if isinstance(value, torch.Tensor):
+            self._pending.append((value.detach().reshape(()).float(), n))
+            return
+        self._add(float(value), n)
+
+    def _add(self, value: float, n: int) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def flush(self) -> None:
+        """Read pending tensor values back to the host (one sync)."""
+        if not self._pending:
+            return
+        values = torch.stack([v for v, _ in self._pending]).tolist()
+        for value, (_, n) in zip(values, self._pending):
+            self._add(value, n)
+        self._pending = []
+
+    def synchronize_between_processes(self) -> None:
+        """Sum count and total over ranks (the window is not synced)."""
+        self.flush()
+        if not is_dist_avail_and_initialized() or get_world_size() == 1:
+            return
+        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = t[1].item()
+
+    @property
+    def median(self) -> float:
+        self.flush()
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def avg(self) -> float:
+        self.flush()
+        return float(np.mean(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        self.flush()
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        self.flush()
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self) -> float:
+        self.flush()
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
+                               value=self.value)
+
+
+class MetricLogger:
+    """Named SmoothedValues and DINO's progress line: `Epoch: [e/E] [it/N] eta ... loss ... time ... data ...`."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs) -> None:
+        for name, value in kwargs.items():
+            self.meters[name].update(value)
+
+    def __getattr__(self, attr):
+        if attr in self.__dict__.get("meters", {}):
+            return self.meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "", total: int | None = None,
+                  start: int = 0) -> Iterator:
+        """Yield from `iterable`, printing the progress line every `print_freq` iterations and at the last.
+
+        `total` is the epoch length and `start` the index of the first item (mid-epoch resume).
+        """
+        total = len(iterable) if total is None else total
+        i = start
+        start_time = time.time()
+        end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        width = len(str(total))
+        parts = [header, "[{0:>" + str(width) + "}/{1}]", "eta: {eta}", "{meters}", "time: {time}",
+                 "data: {data}"]
+        if torch.cuda.is_available():
+            parts.append("max mem: {memory:.0f}")
+        line = self.delimiter.join(parts)
+        mb = 1024.0 * 1024.0
+        for obj in iterable:
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if (i - start) % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - 1 - i)))
+                memory = torch.cuda.max_memory_allocated() / mb if torch.cuda.is_available() else 0.0
+                print(line.format(i, total, eta=eta, meters=str(self), time=str(iter_time),
+                                  data=str(data_time), memory=memory))
+            i += 1
+            end = time.time()
+        total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+        print(f"{header} Total time: {total_time} ({(time.time() - start_time) / max(i - start, 1):.4f} s / it)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+# ---------------------------------------------------------------------------------------------
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def save_on_master(*args, **kwargs) -> None:
+    if is_main_process():
+        torch.save(*args, **kwargs)
+
+
+_BUILTIN_PRINT = builtins.print
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Only the main process prints, unless `print(..., force=True)`."""
+
+    def print_(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            _BUILTIN_PRINT(*args, **kwargs)
+
+    builtins.print = print_
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise ValueError(f"cannot parse SLURM_NODELIST {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def init_distributed_mode(args) -> None:
+    """Set args.rank / args.world_size / args.gpu and create the process group.
+
+    Order: torchrun / torch.distributed.launch env (RANK, WORLD_SIZE, LOCAL_RANK); SLURM (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR from the env or the first host of SLURM_NODELIST, MASTER_PORT
+    from the env or 29500); else one process. A group is always created (nccl on CUDA, gloo on CPU), so
+    collectives work the same everywhere.
+    """
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if is_dist_avail_and_initialized():
+        args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+        _set_device(args.gpu)
+        dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+    elif "SLURM_PROCID" in os.environ:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ.get("SLURM_NTASKS", 1))
+        args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = first_slurm_host(os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        _set_device(args.gpu)
+        dist.init_process_group(backend, init_method="env://", world_size=args.world_size, rank=args.rank)
+    else:
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        _set_device(args.gpu)
+        # A one-process group needs no rendezvous: an in-memory store avoids port clashes.
+        dist.init_process_group(backend, store=dist.HashStore(), world_size=1, rank=0)
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {backend}, local device "
+          f"{args.gpu})", flush=True)
+    if args.world_size > 1:
+        dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def _set_device(local_rank: int) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
