@@ -1,0 +1,353 @@
+"""Linear probe on frozen SVT features, with single-view validation and the multi-view / slow-fast test.
+
+    torchrun --nproc_per_node=1 eval_linear.py --n_last_blocks 1 --arch vit_base \
+        --pretrained_weights ckpt.pth --epochs 20 --lr 0.001 --batch_size_per_gpu 16 --num_labels 101 \
+        --dataset ucf101 --output_dir checkpoints/eval/le_001 \
+        --opts DATA.PATH_TO_DATA_DIR data/ucf101/splits DATA.PATH_PREFIX data/ucf101/videos
+"""
+import argparse
+import json
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from datasets import DATASETS, ReturnIndexDataset, build_dataset
+from eval_knn import (dataset_labels, extract_features, load_backbone, make_loader, to_device,
+                      top1_top5)
+from models import ARCHS
+from utils import utils
+from utils.checkpoint import atomic_save, safe_torch_load
+from utils.parser import add_config_args, load_config
+
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Linear evaluation of video features", add_help=False)
+    parser.add_argument("--n_last_blocks", default=4, type=int,
+                        help="Concatenate the CLS tokens of the last n blocks (each through the final norm). "
+                             "The original script uses 1 (the paper's setting).")
+    parser.add_argument("--avgpool_patchtokens", default=False, type=utils.bool_flag,
+                        help="Also concatenate the average of the last block's patch tokens.")
+    parser.add_argument("--arch", default="vit_base", type=str, choices=ARCHS,
+                        help="Backbone: timesformer / vit_base (TimeSformer-B, the paper's), vit_small, vit_tiny.")
+    parser.add_argument("--pretrained_weights", default="", type=str,
+                        help="Checkpoint to evaluate (full train_ssl.py checkpoint, released flat file, "
+                             "TimeSformer `model_state` file or bare backbone dict). Empty: random backbone.")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='Entry of a full training checkpoint to evaluate ("teacher" or "student").')
+    parser.add_argument("--lc_pretrained_weights", default="", type=str,
+                        help="A trained linear classifier (checkpoint.pth.tar of this script): skip training "
+                             "and only evaluate it (as the original).")
+    parser.add_argument("--epochs", default=100, type=int, help="Training epochs (the original script: 20).")
+    parser.add_argument("--lr", default=0.001, type=float,
+                        help="Learning rate at a global batch of 256 (scaled linearly with the batch size).")
+    parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Clips per GPU (original script: 16).")
+    parser.add_argument("--dist_url", default="env://", type=str,
+                        help="URL used to set up distributed training (torchrun sets the environment).")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Legacy torch.distributed.launch argument; torchrun's LOCAL_RANK is used instead.")
+    parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per GPU.")
+    parser.add_argument("--val_freq", default=1, type=int, help="Validate every N epochs (and after the last).")
+    parser.add_argument("--output_dir", default=".", help="Checkpoint, log.txt and results are written here.")
+    parser.add_argument("--num_labels", default=None, type=int,
+                        help="Classes of the classifier (101 UCF-101, 51 HMDB-51, 400 Kinetics-400, 174 SSv2). "
+                             "Default: max label + 1 of the dataset (the original defaulted to 1000).")
+    parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS, help="Evaluation dataset.")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="Only evaluate a trained classifier (--lc_pretrained_weights, else the "
+                             "output_dir checkpoint): single-view val and the multi-view test.")
+    parser.add_argument("--ensemble", default="sum", choices=("sum", "softmax"),
+                        help="Multi-view aggregation per video: sum of the clip logits (the original's "
+                             "TestMeter) or the mean of the clip softmax probabilities.")
+    parser.add_argument("--slowfast_eval", default=False, type=utils.bool_flag,
+                        help="Evaluate each clip as the mean feature of a NUM_FRAMES x TEST_CROP_SIZE and an "
+                             "8*NUM_FRAMES x LOCAL_CROP_SIZE clip (the paper's slow-fast inference).")
+    add_config_args(parser)
+    return parser
+
+
+class LinearClassifier(nn.Module):
+    """One linear layer on the flattened features (weight N(0, 0.01), bias 0)."""
+
+    def __init__(self, dim: int, num_labels: int = 1000):
+        super().__init__()
+        self.num_labels = num_labels
+        self.linear = nn.Linear(dim, num_labels)
+        self.linear.weight.data.normal_(mean=0.0, std=0.01)
+        self.linear.bias.data.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.view(x.size(0), -1))
+
+
+def clip_features(model: nn.Module, frames, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
+    """CLS of the last n blocks (+ mean patch token of the last), concatenated: (B, D * (n + avgpool)).
+
+    `frames` may be a list of clips of the same videos (slow-fast): their features are averaged.
+    """
+    if isinstance(frames, (list, tuple)):
+        return torch.stack([clip_features(model, f, n_last_blocks, avgpool) for f in frames]).mean(0)
+    blocks = model.get_intermediate_layers(frames, n_last_blocks)
+    out = [x[:, 0] for x in blocks]
+    if avgpool:
+        out.append(blocks[-1][:, 1:].mean(dim=1))
+    return torch.cat(out, dim=-1).float()
+
+
+def aggregate_views(scores: torch.Tensor, video_ids: torch.Tensor, num_videos: int,
+                    ensemble: str = "sum") -> torch.Tensor:
+    """(num_videos, C) per-video scores from (N_clips, C) clip logits: summed logits or mean softmax."""
+    if ensemble == "softmax":
+        scores = scores.softmax(dim=1)
+    elif ensemble != "sum":
+        raise ValueError(f"ensemble must be 'sum' or 'softmax', got {ensemble!r}")
+    out = torch.zeros(num_videos, scores.shape[1], dtype=scores.dtype).index_add_(0, video_ids, scores)
+    if ensemble == "softmax":
+        out /= torch.bincount(video_ids, minlength=num_videos).clamp(min=1).unsqueeze(1).to(out.dtype)
+    return out
+
+
+def video_labels(clip_labels: torch.Tensor, num_clips: int) -> torch.Tensor:
+    """One label per video from the per-clip labels (clip i belongs to video i // num_clips)."""
+    per_video = clip_labels.view(-1, num_clips)
+    if not bool((per_video == per_video[:, :1]).all()):
+        raise RuntimeError("multi-view test: the clips of one video have different labels; the dataset must "
+                           "list the clips of video v at indices v * num_clips ... (v + 1) * num_clips - 1.")
+    return per_video[:, 0]
+
+
+def accuracy_stats(scores: torch.Tensor, labels: torch.Tensor, num_labels: int, prefix: str = "") -> dict:
+    """Top-1 (and top-5 with at least 5 classes) accuracy in percent."""
+    top1, top5 = top1_top5(scores, labels)
+    stats = {f"{prefix}acc1": top1}
+    if num_labels >= 5:
+        stats[f"{prefix}acc5"] = top5
+    return stats
+
+
+def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args, device: torch.device) -> torch.Tensor:
+    """(N_clips, C) classifier logits of every clip, each rank its shard, gathered in index order."""
+    classifier.eval()
+    head = classifier.module if hasattr(classifier, "module") else classifier
+
+    def score(frames):
+        return head(clip_features(model, frames, args.n_last_blocks, args.avgpool_patchtokens))
+
+    return extract_features(score, make_loader(ReturnIndexDataset(dataset), args), device)
+
+
+@torch.no_grad()
+def validate_network(model, classifier, dataset, args, device) -> dict:
+    """Single-view accuracy: one clip per video."""
+    logits = clip_logits(model, classifier, dataset, args, device)
+    labels = dataset_labels(dataset)
+    return {**accuracy_stats(logits, labels, args.num_labels), "loss": F.cross_entropy(logits, labels).item()}
+
+
+@torch.no_grad()
+def validate_network_multi_view(model, classifier, dataset, args, device) -> dict:
+    """Per-video accuracy over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips, aggregated by `args.ensemble`."""
+    logits = clip_logits(model, classifier, dataset, args, device)
+    num_clips = dataset.num_clips_per_video
+    num_videos = logits.shape[0] // num_clips
+    video_ids = torch.arange(num_videos * num_clips) // num_clips
+    scores = aggregate_views(logits[:num_videos * num_clips], video_ids, num_videos, args.ensemble)
+    labels = video_labels(dataset_labels(dataset)[:num_videos * num_clips], num_clips)
+    stats = accuracy_stats(scores, labels, args.num_labels, prefix="multiview_")
+    stats.update(num_videos=num_videos, num_clips_per_video=num_clips)
+    return stats
+
+
+def train_one_epoch(model, classifier, optimizer, loader, epoch: int, args, device) -> dict:
+    classifier.train()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+    for frames, target, _, _ in metric_logger.log_every(loader, 20, header):
+        frames = to_device(frames, device)
+        target = target.to(device, non_blocking=True)
+        with torch.no_grad():
+            features = clip_features(model, frames, args.n_last_blocks, args.avgpool_patchtokens)
+        loss = nn.functional.cross_entropy(classifier(features), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        metric_logger.update(loss=loss.item())
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) -> None:
+    """Load `linear.*` (or DDP's `module.linear.*`) weights; a shape mismatch is an error naming the fix."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = classifier.state_dict()
+    if set(state) != set(expected):
+        raise KeyError(f"{path}: expected the keys {sorted(expected)} of a linear classifier, found "
+                       f"{sorted(state)[:6]}. Pass a checkpoint.pth.tar written by eval_linear.py.")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but this run builds "
+                             f"{tuple(expected[key].shape)} (num_labels x feature dim). Match --num_labels, "
+                             f"--n_last_blocks, --avgpool_patchtokens and --arch to the run that trained it.")
+    classifier.load_state_dict(state)
+
+
+def eval_config(cfg, ensemble_views: int | None = None, spatial_crops: int | None = None, **data):
+    cfg = cfg.clone()
+    cfg.defrost()
+    if ensemble_views is not None:
+        cfg.TEST.NUM_ENSEMBLE_VIEWS = ensemble_views
+    if spatial_crops is not None:
+        cfg.TEST.NUM_SPATIAL_CROPS = spatial_crops
+    for key, value in data.items():
+        cfg.DATA[key] = value
+    cfg.freeze()
+    return cfg
+
+
+def infer_num_labels(datasets: Sequence) -> int:
+    return int(max(int(dataset_labels(d).max()) for d in datasets)) + 1
+
+
+def write_log(args, stats: dict) -> None:
+    if utils.is_main_process():
+        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+def final_test(model, classifier, test_set, args, device) -> dict:
+    stats = validate_network_multi_view(model, classifier, test_set, args, device)
+    print(f"Multi-view test ({stats['num_clips_per_video']} clips x {stats['num_videos']} videos, "
+          f"{args.ensemble}): top-1 {stats['multiview_acc1']:.2f}"
+          + (f", top-5 {stats['multiview_acc5']:.2f}" if "multiview_acc5" in stats else ""))
+    return stats
+
+
+def eval_linear(args) -> dict:
+    utils.init_distributed_mode(args)
+    cfg = load_config(args)
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+    os.makedirs(args.output_dir, exist_ok=True)
+    evaluate_only = args.evaluate or bool(args.lc_pretrained_weights)
+    if utils.is_main_process():
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+
+    # Data: linear-probe training clips (Kinetics: the plain clip, not the SSL views), single-view val,
+    # multi-view test (NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips per video).
+    val_set = build_dataset(args.dataset, eval_config(cfg, 1, 1), "val", slowfast=args.slowfast_eval)
+    test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval)
+    train_set = None
+    if not evaluate_only:
+        train_set = build_dataset(args.dataset, eval_config(cfg, NO_RGB_AUG=True), "train")
+    labelled = [d for d in (train_set, val_set) if d is not None]
+    trained_state, trained_path = None, args.lc_pretrained_weights or os.path.join(args.output_dir, CHECKPOINT_NAME)
+    if evaluate_only:
+        if not os.path.isfile(trained_path):
+            raise FileNotFoundError(f"--evaluate: no trained classifier at {trained_path}; train one first or "
+                                    "pass --lc_pretrained_weights.")
+        trained = safe_torch_load(trained_path)
+        if not isinstance(trained, dict) or "state_dict" not in trained:
+            raise KeyError(f"{trained_path} has no 'state_dict' entry; pass a checkpoint.pth.tar of eval_linear.py.")
+        trained_state = trained["state_dict"]
+        bias = trained_state.get("module.linear.bias", trained_state.get("linear.bias"))
+        if args.num_labels is None and bias is not None:
+            args.num_labels = int(bias.shape[0])
+    if args.num_labels is None:
+        args.num_labels = infer_num_labels(labelled)
+    elif infer_num_labels(labelled) > args.num_labels:
+        raise ValueError(f"--num_labels {args.num_labels} but the {args.dataset} lists have labels up to "
+                         f"{infer_num_labels(labelled) - 1}.")
+    print(f"Data loaded: {len(train_set) if train_set else 0} train clips, {len(val_set)} val clips, "
+          f"{len(test_set)} test clips ({test_set.num_clips_per_video} per video); {args.num_labels} classes.")
+
+    model = load_backbone(args, cfg, device)
+    dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
+    if not 1 <= args.n_last_blocks <= len(model.blocks):
+        raise ValueError(f"--n_last_blocks {args.n_last_blocks}: the backbone has {len(model.blocks)} blocks.")
+    classifier = LinearClassifier(dim, args.num_labels).to(device)
+
+    if evaluate_only:
+        load_classifier_state(classifier, trained_state, trained_path)
+        stats = {**validate_network(model, classifier, val_set, args, device),
+                 **final_test(model, classifier, test_set, args, device)}
+        print(f"Single-view val top-1: {stats['acc1']:.2f}")
+        _write_results(args, stats)
+        return stats
+
+    distributed = utils.is_dist_avail_and_initialized()
+    if distributed:
+        classifier = nn.parallel.DistributedDataParallel(
+            classifier, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = DistributedSampler(train_set) if distributed else RandomSampler(train_set)
+    train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                              num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                              drop_last=False, worker_init_fn=utils.seed_worker)
+    lr = args.lr * (args.batch_size_per_gpu * utils.get_world_size()) / 256.0
+    optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+
+    start_epoch, best_acc = 0, 0.0
+    ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    if os.path.isfile(ckpt_path):
+        ckpt = safe_torch_load(ckpt_path)
+        load_classifier_state(classifier.module if distributed else classifier, ckpt["state_dict"], ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
+        print(f"Resumed from {ckpt_path}: epoch {start_epoch}, best top-1 {best_acc:.2f}")
+
+    for epoch in range(start_epoch, args.epochs):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, classifier, optimizer, train_loader, epoch, args, device)
+        scheduler.step()
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
+            test_stats = validate_network(model, classifier, val_set, args, device)
+            best_acc = max(best_acc, test_stats["acc1"])
+            print(f"Accuracy at epoch {epoch} of the network on the {len(val_set)} val clips: "
+                  f"{test_stats['acc1']:.1f}%  (max {best_acc:.2f}%)")
+            log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
+        if utils.is_main_process():
+            atomic_save({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "best_acc": best_acc}, ckpt_path)
+        write_log(args, log_stats)
+
+    stats = final_test(model, classifier, test_set, args, device)
+    stats["best_acc"] = best_acc
+    print(f"Training of the supervised linear classifier on frozen features completed.\n"
+          f"Top-1 test accuracy (best single view): {best_acc:.1f}")
+    write_log(args, {f"test_{k}": v for k, v in stats.items()})
+    _write_results(args, stats)
+    return stats
+
+
+def _write_results(args, stats: dict) -> None:
+    if utils.is_main_process():
+        with open(os.path.join(args.output_dir, "linear_results.json"), "w") as f:
+            json.dump({"dataset": args.dataset, "pretrained_weights": args.pretrained_weights,
+                       "ensemble": args.ensemble, "slowfast_eval": args.slowfast_eval, **stats}, f, indent=2)
+    if utils.is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    eval_linear(argparse.ArgumentParser("Linear evaluation of video features",
+                                        parents=[get_args_parser()]).parse_args())

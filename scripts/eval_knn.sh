@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Weighted k-NN evaluation of an SVT checkpoint (the original's settings: UCF-101 split 1, k 5, T 0.07,
+# batch 128). Every path comes from the environment; extra arguments are forwarded to eval_knn.py
+# (before --opts), e.g. `./scripts/eval_knn.sh --nb_knn 10 20 --train_aug True`.
+#   DATA_PATH   dataset root with splits/, knn_splits/ and videos/  (default: data/ucf101)
+#   CHECKPOINT  checkpoint to evaluate (train_ssl.py checkpoint.pth or the released file)  [required]
+#   DATASET     ucf101 | hmdb51 | kinetics400 | ssv2                 (default: ucf101)
+#   EXP_NAME    run name                                      (default: knn_001)
+#   OUTPUT_DIR  results folder                   (default: <repo>/checkpoints/eval/$EXP_NAME)
+#   LIST_DIR    folder of the list files                     (default: $DATA_PATH/knn_splits)
+#   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "DATA.NUM_FRAMES 16"
+#   GPUS        processes (GPUs) to use                               (default: 1)
+#   MASTER_PORT rendezvous port                                       (default: 29511)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DATA_PATH="${DATA_PATH:-data/ucf101}"
+DATASET="${DATASET:-ucf101}"
+EXP_NAME="${EXP_NAME:-knn_001}"
+GPUS="${GPUS:-1}"
+: "${CHECKPOINT:?set CHECKPOINT to the checkpoint to evaluate}"
+
+torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29511}" "$ROOT/eval_knn.py" \
+  --arch vit_base \
+  --pretrained_weights "$CHECKPOINT" \
+  --batch_size_per_gpu 128 \
+  --nb_knn 5 \
+  --temperature 0.07 \
+  --num_workers 4 \
+  --dataset "$DATASET" \
+  --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/eval/$EXP_NAME}" \
+  "$@" \
+  --opts DATA.PATH_TO_DATA_DIR "${LIST_DIR:-${DATA_PATH}/knn_splits}" DATA.PATH_PREFIX "${DATA_PATH}/videos" \
+  ${EXTRA_OPTS:-}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Linear probe of an SVT checkpoint (the original's settings: UCF-101 split 1, 20 epochs, lr 0.001,
+# batch 16, CLS of the last block). Every path comes from the environment; extra arguments are
+# forwarded to eval_linear.py (before --opts), e.g. `./scripts/eval_linear.sh --slowfast_eval True`
+# or `./scripts/eval_linear.sh --evaluate`.
+#   DATA_PATH   dataset root with splits/ and videos/        (default: data/ucf101)
+#   CHECKPOINT  checkpoint to evaluate (train_ssl.py checkpoint.pth or the released file)  [required]
+#   DATASET     ucf101 | hmdb51 | kinetics400 | ssv2        (default: ucf101)
+#   NUM_LABELS  classes (101 UCF, 51 HMDB, 400 K400, 174 SSv2; default: from DATASET)
+#   EXP_NAME    run name                                      (default: le_001)
+#   OUTPUT_DIR  results folder                   (default: <repo>/checkpoints/eval/$EXP_NAME)
+#   LIST_DIR    folder of the list files                     (default: $DATA_PATH/splits)
+#   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "DATA.NUM_FRAMES 16"
+#   GPUS        processes (GPUs) to use                      (default: 1)
+#   MASTER_PORT rendezvous port                              (default: 29512)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DATA_PATH="${DATA_PATH:-data/ucf101}"
+DATASET="${DATASET:-ucf101}"
+EXP_NAME="${EXP_NAME:-le_001}"
+GPUS="${GPUS:-1}"
+: "${CHECKPOINT:?set CHECKPOINT to the checkpoint to evaluate}"
+case "$DATASET" in
+  ucf101) DEFAULT_LABELS=101 ;;
+  hmdb51) DEFAULT_LABELS=51 ;;
+  kinetics400|kinetics) DEFAULT_LABELS=400 ;;
+  ssv2) DEFAULT_LABELS=174 ;;
+  *) echo "unknown DATASET=$DATASET (ucf101, hmdb51, kinetics400, ssv2)" >&2; exit 2 ;;
+esac
+NUM_LABELS="${NUM_LABELS:-$DEFAULT_LABELS}"
+
+torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29512}" "$ROOT/eval_linear.py" \
+  --n_last_blocks 1 \
+  --arch vit_base \
+  --pretrained_weights "$CHECKPOINT" \
+  --epochs 20 \
+  --lr 0.001 \
+  --batch_size_per_gpu 16 \
+  --num_workers 4 \
+  --num_labels "$NUM_LABELS" \
+  --dataset "$DATASET" \
+  --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/eval/$EXP_NAME}" \
+  "$@" \
+  --opts DATA.PATH_TO_DATA_DIR "${LIST_DIR:-${DATA_PATH}/splits}" DATA.PATH_PREFIX "${DATA_PATH}/videos" \
+  ${EXTRA_OPTS:-}

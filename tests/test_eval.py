@@ -1,0 +1,259 @@
+"""Evaluation building blocks: weighted k-NN against hand-computed votes, distributed extraction,
+multi-view / slow-fast aggregation, the linear classifier and strict checkpoint loading."""
+import argparse
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, Dataset
+
+import eval_knn
+from eval_knn import ShardSampler, extract_features, gather_rows, knn_classifier, knn_votes, load_backbone, run_knn
+from eval_linear import (LinearClassifier, aggregate_views, clip_features, load_classifier_state,
+                         video_labels)
+from models import VisionTransformer
+from utils.parser import load_config_from
+
+E = math.exp
+
+
+# ------------------------------------------------------------------------------------------------------
+# k-NN
+# ------------------------------------------------------------------------------------------------------
+TRAIN = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.6, 0.8, 0], [0.8, 0.6, 0]])
+TRAIN_LABELS = torch.tensor([0, 1, 2, 1, 0])
+TEST = torch.tensor([[1, 0, 0], [0, 1, 0], [0.28, 0, 0.96]])
+TEST_LABELS = torch.tensor([0, 0, 2])
+
+
+def test_knn_votes_match_hand_computation():
+    # T = 0.5: weights exp(2 * cos). Sims q0 [1,0,0,.6,.8], q1 [0,1,0,.8,.6], q2 [.28,0,.96,.168,.224].
+    votes1 = knn_votes(TRAIN, TRAIN_LABELS, TEST, k=1, T=0.5, num_classes=3)
+    expected1 = torch.tensor([[E(2), 0, 0], [0, E(2), 0], [0, 0, E(1.92)]])
+    torch.testing.assert_close(votes1, expected1)
+    votes3 = knn_votes(TRAIN, TRAIN_LABELS, TEST, k=3, T=0.5, num_classes=3)
+    expected3 = torch.tensor([[E(2) + E(1.6), E(1.2), 0],
+                              [E(1.2), E(2) + E(1.6), 0],
+                              [E(0.56) + E(0.448), 0, E(1.92)]])
+    torch.testing.assert_close(votes3, expected3)
+    votes5 = knn_votes(TRAIN, TRAIN_LABELS, TEST, k=5, T=0.5, num_classes=4)
+    torch.testing.assert_close(votes5[0], torch.tensor([E(2) + E(1.6), E(0) + E(1.2), E(0), 0]))
+    # k larger than the bank uses the whole bank.
+    torch.testing.assert_close(knn_votes(TRAIN, TRAIN_LABELS, TEST, k=50, T=0.5, num_classes=4), votes5)
+
+
+def test_knn_accuracy_several_k_small_test_set():
+    # 3 queries (< 100: the original's chunking crashed here). q1 is labelled 0 but its nearest is class 1.
+    top1, top5 = knn_classifier(TRAIN, TRAIN_LABELS, TEST, TEST_LABELS, k=1, T=0.07, num_classes=3)
+    assert top1 == pytest.approx(200 / 3) and top5 == pytest.approx(200 / 3)  # top-5 looks at min(5, k) = 1
+    top1, top5 = knn_classifier(TRAIN, TRAIN_LABELS, TEST, TEST_LABELS, k=3, T=0.07, num_classes=3)
+    assert top1 == pytest.approx(200 / 3) and top5 == pytest.approx(100.0)  # class 0 is q1's second
+    top1, _ = knn_classifier(TRAIN, TRAIN_LABELS, TEST[:1], TEST_LABELS[:1], k=2, T=0.07, num_classes=3)
+    assert top1 == 100.0
+
+
+def test_knn_vote_ties_go_to_the_lower_class():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    query = torch.tensor([[1.0, 1.0]]) / math.sqrt(2)
+    votes = knn_votes(train, torch.tensor([1, 0]), query, k=2, T=0.07, num_classes=2)
+    assert votes[0, 0] == votes[0, 1]
+    assert knn_classifier(train, torch.tensor([1, 0]), query, torch.tensor([0]), 2, 0.07, 2) == (100.0, 100.0)
+    assert knn_classifier(train, torch.tensor([1, 0]), query, torch.tensor([1]), 2, 0.07, 2) == (0.0, 100.0)
+    # Tied neighbours at the k-th place with the same label: the vote does not depend on which is taken.
+    train3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    v = knn_votes(train3, torch.tensor([0, 1, 1]), torch.tensor([[0.0, 1.0]]), k=2, T=1.0, num_classes=2)
+    torch.testing.assert_close(v, torch.tensor([[0.0, 2 * E(1)]]))
+
+
+def test_knn_chunking_equals_brute_force(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    test = torch.nn.functional.normalize(torch.randn(57, 16, generator=g), dim=1)
+    labels = torch.randint(0, 7, (300,), generator=g)
+    monkeypatch.setattr(eval_knn, "BANK_CHUNK", 64)   # 5 bank chunks, the last one short
+    monkeypatch.setattr(eval_knn, "SIM_BUDGET", 640)  # 10 queries per chunk
+    for k in (1, 5, 20, 70):
+        sim, idx = (test @ train.T).topk(k, dim=1)
+        brute = torch.zeros(57, 7).scatter_add_(1, labels[idx], (sim / 0.07).exp())
+        torch.testing.assert_close(knn_votes(train, labels, test, k, 0.07, 7), brute, rtol=1e-5, atol=0)
+
+
+def test_run_knn_takes_num_classes_from_labels():
+    acc = run_knn(TRAIN, TEST, TRAIN_LABELS, TEST_LABELS, [1, 3], 0.07, torch.device("cpu"))
+    assert set(acc) == {1, 3}
+    assert acc[3] == (pytest.approx(200 / 3), pytest.approx(100.0))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Gathering and distributed extraction
+# ------------------------------------------------------------------------------------------------------
+def test_shard_sampler_covers_once_without_padding():
+    shards = [list(ShardSampler(7, rank=r, world_size=3)) for r in range(3)]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]]
+    assert [len(ShardSampler(7, rank=r, world_size=3)) for r in range(3)] == [3, 2, 2]
+
+
+def test_gather_rows_orders_by_index_and_rejects_holes():
+    local = torch.arange(12.0).view(4, 3)
+    out = gather_rows(local, torch.tensor([2, 0, 3, 1]), 4)
+    torch.testing.assert_close(out, local[[1, 3, 0, 2]])
+    with pytest.raises(RuntimeError, match="produced by no rank"):
+        gather_rows(local[:3], torch.tensor([2, 0, 3]), 4)
+
+
+class TinyClips(Dataset):
+    """Deterministic (frames, index) samples: (3, 2, 32, 32) clips."""
+
+    def __init__(self, n: int = 7):
+        g = torch.Generator().manual_seed(1)
+        self.clips = torch.randn(n, 3, 2, 32, 32, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        return self.clips[i], i
+
+
+def tiny_vit(**kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    cfg = dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_frames=2, drop_path_rate=0.0)
+    return VisionTransformer(**{**cfg, **kw}).eval()
+
+
+def _extract_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        dataset = TinyClips()
+        loader = DataLoader(dataset, sampler=ShardSampler(len(dataset)), batch_size=2)
+        feats = extract_features(tiny_vit(), loader, torch.device("cpu"))
+        torch.save(feats, os.path.join(out_dir, f"rank{rank}.pth"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_extraction_matches_single_process(tmp_path):
+    torch.set_num_threads(1)
+    mp.spawn(_extract_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    dataset = TinyClips()
+    single = extract_features(tiny_vit(), DataLoader(dataset, batch_size=3), torch.device("cpu"))
+    with torch.no_grad():
+        direct = tiny_vit()(dataset.clips)
+    torch.testing.assert_close(single, direct, rtol=1e-4, atol=1e-5)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pth"), single, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Linear probe pieces
+# ------------------------------------------------------------------------------------------------------
+def test_linear_classifier_init_keys_and_forward():
+    torch.manual_seed(0)
+    clf = LinearClassifier(768 * 4, 101)
+    assert list(clf.state_dict()) == ["linear.weight", "linear.bias"]
+    assert clf.linear.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert torch.count_nonzero(clf.linear.bias) == 0
+    x = torch.randn(2, 768 * 4)
+    torch.testing.assert_close(clf(x), x @ clf.linear.weight.T + clf.linear.bias)
+
+
+def test_load_classifier_state_strips_ddp_prefix_and_checks_shape():
+    src = LinearClassifier(10, 4)
+    dst = LinearClassifier(10, 4)
+    load_classifier_state(dst, {f"module.{k}": v for k, v in src.state_dict().items()}, "ckpt")
+    torch.testing.assert_close(dst.linear.weight, src.linear.weight)
+    with pytest.raises(ValueError, match="--num_labels"):
+        load_classifier_state(LinearClassifier(10, 5), src.state_dict(), "ckpt")
+    with pytest.raises(KeyError, match="linear classifier"):
+        load_classifier_state(dst, {"fc.weight": src.linear.weight}, "ckpt")
+
+
+def test_multi_view_aggregation_matches_hand_computation():
+    logits = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 0.0],   # video 0
+                           [0.0, 5.0], [2.0, 1.0], [1.0, 1.0]])  # video 1
+    ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    torch.testing.assert_close(aggregate_views(logits, ids, 2, "sum"), torch.tensor([[4.0, 2.0], [3.0, 7.0]]))
+    p = logits.softmax(1)
+    expected = torch.stack([p[:3].mean(0), p[3:].mean(0)])
+    torch.testing.assert_close(aggregate_views(logits, ids, 2, "softmax"), expected)
+    # By hand for video 0: softmax rows (0.2689, 0.7311), (0.9526, 0.0474), (0.5, 0.5).
+    torch.testing.assert_close(aggregate_views(logits, ids, 2, "softmax")[0],
+                               torch.tensor([(0.26894 + 0.95257 + 0.5) / 3, (0.73106 + 0.04743 + 0.5) / 3]),
+                               atol=1e-4, rtol=0)
+    assert video_labels(torch.tensor([3, 3, 3, 1, 1, 1]), 3).tolist() == [3, 1]
+    with pytest.raises(RuntimeError, match="different labels"):
+        video_labels(torch.tensor([3, 3, 1, 1, 1, 1]), 3)
+
+
+def test_clip_features_last_blocks_avgpool_and_slowfast():
+    model = tiny_vit(depth=3)
+    x = torch.randn(2, 3, 2, 32, 32)
+    with torch.no_grad():
+        blocks = model.get_intermediate_layers(x, 3)
+        f1 = clip_features(model, x, 1, False)
+        f3 = clip_features(model, x, 3, True)
+        torch.testing.assert_close(f1, model(x))  # the last CLS through the final norm
+        assert f3.shape == (2, 48 * 4)
+        torch.testing.assert_close(f3[:, :48], blocks[0][:, 0])
+        torch.testing.assert_close(f3[:, 96:144], blocks[2][:, 0])
+        torch.testing.assert_close(f3[:, 144:], blocks[2][:, 1:].mean(1))
+        # Slow-fast: a 2-frame 32x32 clip and an 8-frame 16x16 clip, features averaged.
+        fast = torch.randn(2, 3, 8, 16, 16)
+        sf = clip_features(model, [x, fast], 2, False)
+        assert sf.shape == (2, 96)
+        torch.testing.assert_close(sf, (clip_features(model, x, 2, False) + clip_features(model, fast, 2, False)) / 2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Strict checkpoint loading
+# ------------------------------------------------------------------------------------------------------
+def _cfg():
+    return load_config_from(None, ["DATA.TRAIN_CROP_SIZE", "32", "DATA.NUM_FRAMES", "2"])
+
+
+def _args(path: str, arch: str = "vit_tiny", key: str = "teacher") -> argparse.Namespace:
+    return argparse.Namespace(arch=arch, pretrained_weights=path, checkpoint_key=key)
+
+
+def test_load_backbone_reads_a_training_checkpoint(tmp_path):
+    from models import build_backbone
+    src = build_backbone("vit_tiny", _cfg())
+    teacher = {f"backbone.{k}": v for k, v in src.state_dict().items()}
+    teacher["head.last_layer.weight_g"] = torch.ones(8, 1)
+    student = {f"module.{k}": torch.zeros_like(v) for k, v in teacher.items()}
+    torch.save({"teacher": teacher, "student": student, "epoch": 3, "args": argparse.Namespace(lr=1)},
+               tmp_path / "checkpoint.pth")
+    model = load_backbone(_args(str(tmp_path / "checkpoint.pth")), _cfg(), torch.device("cpu"))
+    torch.testing.assert_close(model.state_dict(), src.state_dict())
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_load_backbone_rejects_wrong_architecture_and_foreign_files(tmp_path):
+    from models import build_backbone
+    torch.save({"backbone." + k: v for k, v in build_backbone("vit_small", _cfg()).state_dict().items()},
+               tmp_path / "small.pth")
+    with pytest.raises(ValueError, match="shape"):
+        load_backbone(_args(str(tmp_path / "small.pth")), _cfg(), torch.device("cpu"))
+    torch.save({"backbone." + k: v for k, v in build_backbone("vit_tiny", _cfg(), depth=2).state_dict().items()},
+               tmp_path / "shallow.pth")
+    with pytest.raises(ValueError, match="does not fit --arch vit_tiny"):
+        load_backbone(_args(str(tmp_path / "shallow.pth")), _cfg(), torch.device("cpu"))
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(3)}}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match="no key"):
+        load_backbone(_args(str(tmp_path / "resnet.pth")), _cfg(), torch.device("cpu"))
+
+
+def test_parsers_accept_legacy_local_rank():
+    import eval_linear
+    for parser in (eval_knn.get_args_parser(), eval_linear.get_args_parser()):
+        assert parser.parse_args(["--local-rank=3"]).local_rank == 3
+        assert parser.parse_args(["--local_rank", "2"]).local_rank == 2
+    args = eval_knn.get_args_parser().parse_args([])
+    assert (args.nb_knn, args.temperature, args.checkpoint_key, args.train_aug) == ([10, 20, 100, 200], 0.07,
+                                                                                   "teacher", False)
+    args = eval_linear.get_args_parser().parse_args([])
+    assert (args.n_last_blocks, args.avgpool_patchtokens, args.epochs, args.lr, args.ensemble) == (4, False, 100,
+                                                                                                   0.001, "sum")

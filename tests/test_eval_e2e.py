@@ -1,0 +1,186 @@
+"""eval_knn.py and eval_linear.py end to end on the synthetic videos: a tiny backbone saved as a training
+checkpoint, kNN with dumped/reloaded features, and a linear probe that trains, checkpoints, resumes and
+evaluates (single view, multi-view, slow-fast; Kinetics lists too)."""
+import argparse
+import builtins
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import eval_knn
+import eval_linear
+from models import build_backbone
+from utils.parser import load_config_from
+
+# The tiny clips of tests/conftest.py: 4 frames, 32 px crops (16 px local), short side 36-40.
+OPTS = ["DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16", "DATA.TEST_CROP_SIZE", "32",
+        "DATA.TRAIN_JITTER_SCALES", "[36,40]", "DATA.NUM_FRAMES", "4", "DATA.SAMPLING_RATE", "2"]
+
+
+@pytest.fixture(autouse=True)
+def single_process_group():
+    """The scripts create a one-process group and redirect print; undo both after each test."""
+    print_ = builtins.print
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    builtins.print = print_
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A train_ssl-style checkpoint of a tiny vit_tiny backbone (teacher `backbone.*` + a head entry)."""
+    torch.manual_seed(0)
+    cfg = load_config_from(None, OPTS)
+    teacher = {f"backbone.{k}": v for k, v in build_backbone("vit_tiny", cfg).state_dict().items()}
+    teacher["head.mlp.0.weight"] = torch.zeros(4, 192)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
+    torch.save({"teacher": teacher, "epoch": 1, "args": argparse.Namespace(arch="vit_tiny")}, path)
+    return str(path)
+
+
+def _data_opts(root, list_dir: str) -> list[str]:
+    return ["DATA.PATH_TO_DATA_DIR", str(root / list_dir), "DATA.PATH_PREFIX", str(root / "videos")] + OPTS
+
+
+def knn(args: list[str]) -> dict:
+    return eval_knn.main(argparse.ArgumentParser(parents=[eval_knn.get_args_parser()]).parse_args(args))
+
+
+def linear(args: list[str]) -> dict:
+    return eval_linear.eval_linear(
+        argparse.ArgumentParser(parents=[eval_linear.get_args_parser()]).parse_args(args))
+
+
+def test_knn_end_to_end_with_dump_and_load(synthetic_root, checkpoint, tmp_path):
+    common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--nb_knn", "1", "3",
+              "--batch_size_per_gpu", "5", "--num_workers", "0", "--dataset", "ucf101", "--use_cuda", "False"]
+    res = knn(common + ["--output_dir", str(tmp_path / "a"), "--dump_features", str(tmp_path / "feats"),
+                        "--opts"] + _data_opts(synthetic_root, "knn_splits"))
+    assert (res["num_train"], res["num_test"]) == (16, 8)
+    assert set(res["results"]) == {"1", "3"}
+    assert json.loads((tmp_path / "a" / "knn_results.json").read_text()) == res
+    feats = torch.load(tmp_path / "feats" / "trainfeat.pth")
+    assert feats.shape == (16, 192)
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(16))
+    assert torch.load(tmp_path / "feats" / "trainlabels.pth").tolist() == [c for c in range(4) for _ in range(4)]
+    # Deterministic train bank (val-style clips): a second extraction gives the same features.
+    dist.destroy_process_group()
+    res2 = knn(common + ["--output_dir", str(tmp_path / "b"), "--dump_features", str(tmp_path / "feats2"),
+                         "--opts"] + _data_opts(synthetic_root, "knn_splits"))
+    torch.testing.assert_close(torch.load(tmp_path / "feats2" / "trainfeat.pth"), feats)
+    assert res2["results"] == res["results"]
+    dist.destroy_process_group()
+    res3 = knn(common + ["--output_dir", str(tmp_path / "c"), "--load_features", str(tmp_path / "feats"),
+                         "--opts"] + _data_opts(synthetic_root, "knn_splits"))
+    assert res3["results"] == res["results"]
+    # --train_aug True: the original's randomly augmented train clips (other features, same sizes).
+    dist.destroy_process_group()
+    knn(common + ["--train_aug", "True", "--output_dir", str(tmp_path / "d"), "--dump_features",
+                  str(tmp_path / "feats_aug"), "--opts"] + _data_opts(synthetic_root, "knn_splits"))
+    aug = torch.load(tmp_path / "feats_aug" / "trainfeat.pth")
+    assert aug.shape == feats.shape and not torch.allclose(aug, feats)
+    torch.testing.assert_close(torch.load(tmp_path / "feats_aug" / "testfeat.pth"),
+                               torch.load(tmp_path / "feats" / "testfeat.pth"))
+
+
+def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, checkpoint, tmp_path):
+    out = tmp_path / "le"
+    common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "2",
+              "--avgpool_patchtokens", "True", "--lr", "0.5", "--batch_size_per_gpu", "4", "--num_workers", "0",
+              "--dataset", "ucf101", "--output_dir", str(out)]
+    opts = ["--opts"] + _data_opts(synthetic_root, "splits")
+    stats = linear(common + ["--epochs", "2"] + opts)
+    assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 3
+    ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=False)
+    assert set(ckpt) == {"epoch", "state_dict", "optimizer", "scheduler", "best_acc"}
+    # A process group always exists (as in the original), so the classifier is DDP-wrapped: `module.` keys.
+    assert ckpt["epoch"] == 2 and list(ckpt["state_dict"]) == ["module.linear.weight", "module.linear.bias"]
+    assert ckpt["state_dict"]["module.linear.weight"].shape == (4, 192 * 3)
+    lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
+    assert [l.get("epoch") for l in lines] == [0, 1, None]
+    assert "test_acc1" in lines[0] and "train_loss" in lines[0] and "test_multiview_acc1" in lines[2]
+    assert ckpt["scheduler"]["last_epoch"] == 2
+
+    # Resume: one more epoch, starting from the saved epoch 2 with the saved classifier.
+    dist.destroy_process_group()
+    linear(common + ["--epochs", "3"] + opts)
+    lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
+    assert [l.get("epoch") for l in lines] == [0, 1, None, 2, None]
+    resumed = torch.load(out / "checkpoint.pth.tar", weights_only=False)
+    assert resumed["epoch"] == 3 and resumed["best_acc"] >= ckpt["best_acc"]
+
+    # --evaluate: the saved classifier, nothing trained; --ensemble softmax changes only the aggregation.
+    dist.destroy_process_group()
+    ev = linear(common + ["--evaluate", "--ensemble", "softmax"] + opts)
+    assert torch.equal(torch.load(out / "checkpoint.pth.tar", weights_only=False)["state_dict"]["module.linear.weight"],
+                       resumed["state_dict"]["module.linear.weight"])
+    assert {"acc1", "multiview_acc1"} <= set(ev) and "multiview_acc5" not in set(ev)  # 4 classes: no top-5
+    results = json.loads((out / "linear_results.json").read_text())
+    assert results["ensemble"] == "softmax" and results["multiview_acc1"] == ev["multiview_acc1"]
+
+    # Slow-fast evaluation of the same classifier: NUM_FRAMES x 32 and 8*NUM_FRAMES x 16 clips per video.
+    dist.destroy_process_group()
+    sf = linear(common + ["--evaluate", "--slowfast_eval", "True"] + opts)
+    assert sf["num_videos"] == 8 and 0 <= sf["multiview_acc1"] <= 100
+
+
+def test_linear_probe_on_kinetics_lists_and_missing_classifier(synthetic_root, checkpoint, tmp_path):
+    common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "1",
+              "--batch_size_per_gpu", "8", "--num_workers", "0", "--dataset", "kinetics400"]
+    opts = ["--opts"] + _data_opts(synthetic_root, "annotations") + ["TEST.NUM_SPATIAL_CROPS", "1",
+                                                                     "TEST.NUM_ENSEMBLE_VIEWS", "2"]
+    stats = linear(common + ["--epochs", "1", "--num_labels", "4", "--output_dir", str(tmp_path / "k")] + opts)
+    assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 2
+    # --lc_pretrained_weights alone means: evaluate that classifier (num_labels read from it), train nothing.
+    dist.destroy_process_group()
+    ev = linear(common + ["--lc_pretrained_weights", str(tmp_path / "k" / "checkpoint.pth.tar"),
+                          "--output_dir", str(tmp_path / "k_eval")] + opts)
+    assert ev["multiview_acc1"] == stats["multiview_acc1"]
+    assert not (tmp_path / "k_eval" / "checkpoint.pth.tar").exists()
+    dist.destroy_process_group()
+    with pytest.raises(FileNotFoundError, match="no trained classifier"):
+        linear(common + ["--evaluate", "--output_dir", str(tmp_path / "empty")] + opts)
+
+
+@pytest.mark.slow
+def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
+    """scripts/eval_{knn,linear}.sh under torchrun with 2 gloo ranks: same kNN features as one process,
+    and a DDP linear probe that trains and tests."""
+    import os
+    import socket
+    import subprocess
+    from pathlib import Path
+    repo = Path(eval_knn.__file__).resolve().parent
+    env = {**os.environ, "DATA_PATH": str(synthetic_root), "CHECKPOINT": checkpoint, "GPUS": "2",
+           "EXTRA_OPTS": " ".join(OPTS), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    small = ["--arch", "vit_tiny", "--num_workers", "0", "--batch_size_per_gpu", "3"]
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def run(script, out, *args):
+        proc = subprocess.run(["bash", str(repo / "scripts" / script), *small, *args],
+                              env={**env, "OUTPUT_DIR": str(tmp_path / out), "MASTER_PORT": str(free_port())},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run("eval_knn.sh", "knn", "--nb_knn", "1", "3", "--dump_features", str(tmp_path / "f2"))
+    res = json.loads((tmp_path / "knn" / "knn_results.json").read_text())
+    single = knn(small + ["--pretrained_weights", checkpoint, "--nb_knn", "1", "3", "--use_cuda", "False",
+                          "--output_dir", str(tmp_path / "k1"), "--dump_features", str(tmp_path / "f1"),
+                          "--opts"] + _data_opts(synthetic_root, "knn_splits"))
+    for name in ("trainfeat", "testfeat", "trainlabels", "testlabels"):
+        torch.testing.assert_close(torch.load(tmp_path / "f2" / f"{name}.pth"),
+                                   torch.load(tmp_path / "f1" / f"{name}.pth"), rtol=1e-4, atol=1e-5)
+    assert res["results"] == single["results"]
+
+    run("eval_linear.sh", "linear", "--epochs", "1", "--num_labels", "4")
+    results = json.loads((tmp_path / "linear" / "linear_results.json").read_text())
+    assert results["num_videos"] == 8 and results["num_clips_per_video"] == 3
+    ckpt = torch.load(tmp_path / "linear" / "checkpoint.pth.tar", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.001 * 6 / 256)
