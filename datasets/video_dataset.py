@@ -9,6 +9,8 @@ Modes:
   left/centre/right at short side TEST_CROP_SIZE, 1 crop is the "val" centre crop.
 Evaluation clips use DATA.MEAN/STD; `slowfast=True` gives [NUM_FRAMES x TEST_CROP_SIZE,
 8*NUM_FRAMES x LOCAL_CROP_SIZE] clips of the same window and crop.
+A video that cannot be read is replaced by a random other one in "train" (logged once, counted in
+meta["skipped"]); "val"/"test" raise an error naming it, since a substitute would carry the wrong label.
 """
 import logging
 import os
@@ -22,6 +24,19 @@ logger = logging.getLogger(__name__)
 
 MODES = ("train", "val", "test")
 _LOGGED_FAILURES: set = set()
+
+
+def check_paths_resolve(paths: list[str], list_file: str, prefix: str, probes: int = 16) -> None:
+    """Fail early when none of a spread of `probes` list entries exists on disk: that is a wrong
+    DATA.PATH_PREFIX (or a list written for another machine), not a few corrupt videos."""
+    step = max(len(paths) // probes, 1)
+    sample = paths[::step][:probes]
+    if any(os.path.isfile(p) for p in sample):
+        return
+    raise FileNotFoundError(
+        f"{list_file}: none of {len(sample)} checked videos exists, e.g. {sample[0]!r} "
+        f"(DATA.PATH_PREFIX={prefix!r} joined to the list path). Set DATA.PATH_PREFIX to the folder the "
+        f"list's paths are relative to (e.g. --opts DATA.PATH_PREFIX /data/k400/videos), or fix the list.")
 
 
 def parse_list_file(list_file: str, separator: str = " ") -> list[tuple[str, int]]:
@@ -72,6 +87,7 @@ class VideoDataset(Dataset):
         self.num_videos = len(entries)
         self.labels = [y for y in self.video_labels for _ in range(self.num_clips_per_video)]
         self.list_file = list_file
+        check_paths_resolve(self.video_paths, list_file, cfg.DATA.PATH_PREFIX)
 
     @staticmethod
     def list_name(mode: str) -> str:
@@ -126,9 +142,8 @@ class VideoDataset(Dataset):
 
     # ----------------------------------------------------------------------------------- retries
     def _replacement(self, index: int) -> int:
-        """Another random sample; in test mode at the same clip position of another video."""
-        video = int(torch.randint(0, self.num_videos, ()))
-        return video * self.num_clips_per_video + index % self.num_clips_per_video
+        """Another random training video (evaluation modes never substitute)."""
+        return int(torch.randint(0, self.num_videos, ()))
 
     def __getitem__(self, index: int):
         tried = []
@@ -137,6 +152,13 @@ class VideoDataset(Dataset):
                 frames = self._load(index)
             except decoder.DecodeError as err:
                 path = self.video_paths[index // self.num_clips_per_video]
+                if self.mode != "train":
+                    # Evaluation scores every listed video under its own label: a substitute would be
+                    # scored under the wrong label, so stop and name the file instead.
+                    raise RuntimeError(
+                        f"{self.dataset_name} {self.mode}: cannot evaluate {path} ({err}). Evaluation needs every "
+                        f"video of {self.list_file}: fix or re-encode it, or drop it from the list "
+                        f"(datasets/preprocessing/check_videos.py writes a cleaned list).") from err
                 tried.append(path)
                 self.num_skipped += 1
                 if path not in _LOGGED_FAILURES:
@@ -146,6 +168,9 @@ class VideoDataset(Dataset):
                 continue
             label = self.video_labels[index // self.num_clips_per_video]
             return frames, label, index, {"skipped": len(tried)}
+        missing = sum(not os.path.isfile(p) for p in tried)
         raise RuntimeError(f"{self.dataset_name}: {len(tried)} videos failed to decode in a row "
-                           f"(num_retries={self.num_retries}); tried: {tried}. Run "
-                           f"datasets/preprocessing/check_videos.py on {self.list_file}.")
+                           f"(num_retries={self.num_retries}, {missing} of them missing on disk); tried: "
+                           f"{tried[:4]}{' ...' if len(tried) > 4 else ''}. Check DATA.PATH_PREFIX "
+                           f"({self.cfg.DATA.PATH_PREFIX!r}) and run datasets/preprocessing/check_videos.py "
+                           f"on {self.list_file}.")

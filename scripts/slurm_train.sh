@@ -21,7 +21,6 @@ PYTHON="$PYTHON" bash scripts/install_deps.sh
 DATA_PATH="${DATA_PATH:-$PROJECT_PATH/data/kinetics400/annotations}"
 EXP_NAME="${EXP_NAME:-svt_test}"
 export MASTER_PORT="${MASTER_PORT:-29500}"
-mkdir -p "checkpoints/$EXP_NAME"
 
 user_args=()
 user_opts=()
@@ -30,6 +29,22 @@ for arg in "$@"; do
     if [[ "$arg" == "--opts" ]]; then in_opts=1; continue; fi
     if (( in_opts )); then user_opts+=("$arg"); else user_args+=("$arg"); fi
 done
+
+# Fail before launching when the train list is not where the run will look (a forwarded --data_path wins).
+data_dir="$DATA_PATH"
+for ((i = 0; i < ${#user_args[@]}; i++)); do
+    case "${user_args[i]}" in
+        --data_path) data_dir="${user_args[i + 1]:-}" ;;
+        --data_path=*) data_dir="${user_args[i]#--data_path=}" ;;
+    esac
+done
+if [[ ! -f "$data_dir/train.csv" ]]; then
+    echo "$(basename "$0"): $data_dir/train.csv not found. Set DATA_PATH (or pass --data_path) to the folder" \
+         "with the Kinetics train.csv ('path label' per line), e.g. DATA_PATH=/data/k400/annotations;" \
+         "video paths in it are joined to DATA.PATH_PREFIX (--opts DATA.PATH_PREFIX /data/k400/videos)." >&2
+    exit 2
+fi
+mkdir -p "checkpoints/$EXP_NAME"
 
 srun --kill-on-bad-exit=1 "$PYTHON" train_ssl.py \
   --arch timesformer \

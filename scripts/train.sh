@@ -29,7 +29,6 @@ NNODES="${NNODES:-1}"
 if [[ -z "${GPUS:-}" ]]; then
     GPUS=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
-mkdir -p "checkpoints/$EXP_NAME"
 
 # Split the forwarded arguments: everything after a user `--opts` goes after the script's opts.
 user_args=()
@@ -39,6 +38,22 @@ for arg in "$@"; do
     if [[ "$arg" == "--opts" ]]; then in_opts=1; continue; fi
     if (( in_opts )); then user_opts+=("$arg"); else user_args+=("$arg"); fi
 done
+
+# Fail before launching when the train list is not where the run will look (a forwarded --data_path wins).
+data_dir="$DATA_PATH"
+for ((i = 0; i < ${#user_args[@]}; i++)); do
+    case "${user_args[i]}" in
+        --data_path) data_dir="${user_args[i + 1]:-}" ;;
+        --data_path=*) data_dir="${user_args[i]#--data_path=}" ;;
+    esac
+done
+if [[ ! -f "$data_dir/train.csv" ]]; then
+    echo "$(basename "$0"): $data_dir/train.csv not found. Set DATA_PATH (or pass --data_path) to the folder" \
+         "with the Kinetics train.csv ('path label' per line), e.g. DATA_PATH=/data/k400/annotations;" \
+         "video paths in it are joined to DATA.PATH_PREFIX (--opts DATA.PATH_PREFIX /data/k400/videos)." >&2
+    exit 2
+fi
+mkdir -p "checkpoints/$EXP_NAME"
 
 if (( NNODES > 1 )); then
     : "${MASTER_ADDR:?set MASTER_ADDR (the address of node 0) for a multi-node run}"

@@ -6,6 +6,7 @@ import argparse
 import os
 import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -24,6 +25,11 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch.save format
+        raise RuntimeError(f"{path} is not a complete file written by torch.save (it starts with {head!r}): "
+                           "re-download or re-copy it, e.g. not an HTML error page or a partial download.")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -33,7 +39,8 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             "argparse.Namespace are accepted; re-save the file from a trusted source without other "
             "Python objects.") from e
     except Exception as e:  # a truncated or foreign file
-        raise RuntimeError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise RuntimeError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); it is not a complete "
+                           "file written by torch.save: re-download or re-copy it (compare its size).") from e
 
 
 def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,12 +69,24 @@ def _select_state_dict(ckpt: Any, checkpoint_key: str | None, path: str) -> tupl
                 ckpt, where = ckpt[key], f"'{key}'"
                 break
     if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{path}: entry {where} is a {type(ckpt).__name__}, not a state dict")
+        raise ValueError(f"{path}: entry {where} is a {type(ckpt).__name__}, not a state dict; pick another "
+                         f"entry with the checkpoint key (--checkpoint_key student / teacher).")
     state = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     # Keep the backbone of a MultiCropWrapper state (drops `head.*`, the DINO head).
     if any(k.removeprefix("module.").startswith("backbone.") for k in state):
         state = {k: v for k, v in state.items() if k.removeprefix("module.").startswith("backbone.")}
     return _strip_prefixes(state), where
+
+
+def _kind_hint(state: Mapping[str, Any]) -> str:
+    """A sentence naming what a non-matching state dict looks like, or ''."""
+    keys = list(state)
+    if keys and all(k.startswith("linear.") for k in keys):
+        return (" This is a linear classifier saved by eval_linear.py (checkpoint.pth.tar), not a backbone;"
+                " pass it as --lc_pretrained_weights of eval_linear.py.")
+    if not keys:
+        return " The selected entry holds no tensors."
+    return ""
 
 
 def resize_time_embed(time_embed: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -133,8 +152,9 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
     if not summary.matched:
         raise ValueError(
             f"no key of {path} ({where}) matches the model: file keys start with "
-            f"{sorted(state)[:5]}, model keys with {list(target)[:5]}. Is this an SVT/TimeSformer checkpoint "
-            f"of this architecture? (checkpoint_key={checkpoint_key!r})")
+            f"{sorted(state)[:5]}, model keys with {list(target)[:5]}.{_kind_hint(state)} Pass an SVT "
+            f"checkpoint (train_ssl.py checkpoint.pth, the released kinetics400_vitb_ssl.pth) or a "
+            f"TimeSformer one (checkpoint_key={checkpoint_key!r}).")
     to_load = {}
     for k in summary.matched:
         v, want = state[k], target[k].shape
@@ -185,20 +205,21 @@ def restart_from_checkpoint(ckp_path: str | os.PathLike, run_variables: dict | N
     ckp_path = os.fspath(ckp_path)
     if not os.path.isfile(ckp_path):
         return
-    print(f"Found checkpoint at {ckp_path}")
+    print(f"Resuming from {ckp_path}")
     ckpt = safe_torch_load(ckp_path)
     for key, obj in objects.items():
         if obj is None:
             continue
         if key not in ckpt or ckpt[key] is None:
-            print(f"=> key '{key}' not found in checkpoint '{ckp_path}'")
+            print(f"  {key}: not in the checkpoint, left as built")
             continue
         if isinstance(obj, nn.Module):
-            msg = obj.load_state_dict(ckpt[key], strict=False)
-            print(f"=> loaded '{key}' from checkpoint '{ckp_path}' with msg {msg}")
+            result = obj.load_state_dict(ckpt[key], strict=False)
+            print(f"  {key}: restored; missing keys {result.missing_keys}, unexpected keys "
+                  f"{result.unexpected_keys}")
         else:
             obj.load_state_dict(ckpt[key])
-            print(f"=> loaded '{key}' from checkpoint '{ckp_path}'")
+            print(f"  {key}: restored")
     if run_variables is not None:
         for name in run_variables:
             if name in ckpt:

@@ -28,10 +28,24 @@ def _all_keys(node: CfgNode, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys of the original's TimeSformer config that are command-line flags of the svt scripts instead.
+_FLAG_INSTEAD = {
+    "TRAIN.BATCH_SIZE": "--batch_size_per_gpu", "TEST.BATCH_SIZE": "--batch_size_per_gpu",
+    "DATA_LOADER.NUM_WORKERS": "--num_workers", "SOLVER.BASE_LR": "--lr", "SOLVER.MAX_EPOCH": "--epochs",
+    "SOLVER.WEIGHT_DECAY": "--weight_decay", "MODEL.NUM_CLASSES": "--num_labels (eval_linear.py)",
+    "NUM_GPUS": "the launcher (torchrun --nproc_per_node)", "OUTPUT_DIR": "--output_dir",
+    "RNG_SEED": "--seed",
+}
+
+
 def _require_key(cfg: CfgNode, key: str) -> None:
     known = _all_keys(cfg)
     if key not in known:
-        close = difflib.get_close_matches(key, known, n=3)
+        if key.upper() in _FLAG_INSTEAD:
+            raise KeyError(f"--opts: config key {key!r} of the original is a command-line option here: use "
+                           f"{_FLAG_INSTEAD[key.upper()]}.")
+        by_upper = {k.upper(): k for k in known}
+        close = [by_upper[k] for k in difflib.get_close_matches(key.upper(), list(by_upper), n=3)]
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"--opts: unknown config key {key!r}.{hint} The keys svt reads are listed in "
                        f"utils/defaults.py.")
