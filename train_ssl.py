@@ -163,18 +163,20 @@ class DINOLoss(nn.Module):
         ))
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(self.ncrops)
+        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         temp = self.teacher_temp_schedule[epoch]
-        teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach().chunk(2)
-        total_loss, n_loss_terms = 0, 0
-        for iq, q in enumerate(teacher_p):
-            for v, logp in enumerate(student_logp):
-                if v == iq:
-                    continue  # the same view for student and teacher
-                total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
-                n_loss_terms += 1
+        teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        # All (teacher view i, student view v) cross-entropies at once: ce[b, i, v] = -sum_k q[i,b,k] logp[v,b,k]
+        # as one batched matmul over the K prototypes (instead of 2 * ncrops element-wise passes).
+        batch = teacher_p.shape[0] // 2
+        q = teacher_p.unflatten(0, (2, batch)).transpose(0, 1)  # (B, 2, K)
+        logp = student_logp.unflatten(0, (self.ncrops, batch)).permute(1, 2, 0)  # (B, K, ncrops)
+        with torch.autocast(q.device.type, enabled=False):  # the loss stays fp32 under mixed precision
+            ce = -torch.bmm(q, logp).mean(dim=0)  # (2, ncrops), each the batch mean of one pair
+        same_view = torch.eye(2, self.ncrops, dtype=torch.bool, device=ce.device)
+        n_loss_terms = 2 * self.ncrops - min(2, self.ncrops)
         self.update_center(teacher_output)
-        return total_loss / n_loss_terms
+        return ce.masked_fill(same_view, 0).sum() / n_loss_terms
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -489,10 +491,14 @@ def build_networks(args, cfg, device: torch.device):
     return student, teacher, student_without_ddp, teacher_without_ddp
 
 
-def build_optimizer(args, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(args, model: nn.Module, device: torch.device, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW (the fused kernel on CUDA and CPU, where it is the fastest; foreach elsewhere or with
+    `fused=False`), SGD or LARS."""
     params_groups = utils.get_params_groups(model)
     if args.optimizer == "adamw":
-        if device.type == "cuda":
+        if fused is None:
+            fused = device.type in ("cuda", "cpu")
+        if fused:
             return torch.optim.AdamW(params_groups, fused=True)
         return torch.optim.AdamW(params_groups, foreach=True)
     if args.optimizer == "sgd":
@@ -543,12 +549,50 @@ def stop_if_nonfinite(nonfinite: torch.Tensor, losses: list[torch.Tensor], epoch
     sys.exit(1)
 
 
+def train_step(state: TrainState, views: list[torch.Tensor], epoch: int, it: int, args) -> tuple[torch.Tensor, float]:
+    """One SVT iteration on a batch of views already on the device: schedules, teacher forward on the 2 global
+    views, student forward on all views, DINO loss, backward, per-parameter clipping, optimizer step and
+    teacher EMA. Returns the detached loss (no host sync) and the EMA momentum used."""
+    for i, param_group in enumerate(state.optimizer.param_groups):
+        param_group["lr"] = float(state.lr_schedule[it])
+        if i == 0:  # group 0 holds the decayed weights
+            param_group["weight_decay"] = float(state.wd_schedule[it])
+
+    with utils.autocast_context(state.precision, state.device):
+        with torch.no_grad():
+            teacher_output = state.teacher(views[:2])  # the teacher sees the 2 global views
+        student_output = state.student(views)
+        loss = state.dino_loss(student_output, teacher_output, epoch)
+
+    # backward, clip, drop the frozen last layer's grads, step
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.fp16_scaler is None:
+        loss.backward()
+        if args.clip_grad:
+            utils.clip_gradients(state.student_without_ddp, args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, state.student_without_ddp, args.freeze_last_layer)
+        state.optimizer.step()
+    else:
+        state.fp16_scaler.scale(loss).backward()
+        if args.clip_grad:
+            state.fp16_scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
+            utils.clip_gradients(state.student_without_ddp, args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, state.student_without_ddp, args.freeze_last_layer)
+        state.fp16_scaler.step(state.optimizer)
+        state.fp16_scaler.update()
+
+    # teacher <- m * teacher + (1 - m) * student
+    momentum = float(state.momentum_schedule[it])
+    ema_update(state.ema_teacher, state.ema_student, momentum)
+    return loss.detach(), momentum
+
+
 def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, niter: int, args,
                     start_iter: int = 0) -> tuple[dict, int]:
     """One epoch (from `start_iter` when resuming mid-epoch). Returns the averaged meters and skipped videos."""
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
-    device, student, teacher = state.device, state.student, state.teacher
+    device = state.device
     state.student.train()
     state.teacher.train(args.teacher_drop_path)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -560,42 +604,12 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
             metric_logger.log_every(data_loader, args.log_freq, header, total=niter, start=start_iter),
             start=start_iter):
         it = niter * epoch + it_in_epoch  # global training iteration
-        for i, param_group in enumerate(state.optimizer.param_groups):
-            param_group["lr"] = float(state.lr_schedule[it])
-            if i == 0:  # group 0 holds the decayed weights
-                param_group["weight_decay"] = float(state.wd_schedule[it])
-
         views = [v.to(device, non_blocking=True) for v in views]
-        with utils.autocast_context(state.precision, device):
-            with torch.no_grad():
-                teacher_output = teacher(views[:2])  # the teacher sees the 2 global views
-            student_output = student(views)
-            loss = state.dino_loss(student_output, teacher_output, epoch)
-        nonfinite |= ~torch.isfinite(loss.detach())
-        recent_losses.append(loss.detach())
+        loss, momentum = train_step(state, views, epoch, it, args)
+        nonfinite |= ~torch.isfinite(loss)
+        recent_losses.append(loss)
 
-        # backward, clip, drop the frozen last layer's grads, step
-        state.optimizer.zero_grad(set_to_none=True)
-        if state.fp16_scaler is None:
-            loss.backward()
-            if args.clip_grad:
-                utils.clip_gradients(state.student_without_ddp, args.clip_grad)
-            utils.cancel_gradients_last_layer(epoch, state.student_without_ddp, args.freeze_last_layer)
-            state.optimizer.step()
-        else:
-            state.fp16_scaler.scale(loss).backward()
-            if args.clip_grad:
-                state.fp16_scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
-                utils.clip_gradients(state.student_without_ddp, args.clip_grad)
-            utils.cancel_gradients_last_layer(epoch, state.student_without_ddp, args.freeze_last_layer)
-            state.fp16_scaler.step(state.optimizer)
-            state.fp16_scaler.update()
-
-        # teacher <- m * teacher + (1 - m) * student
-        momentum = float(state.momentum_schedule[it])
-        ema_update(state.ema_teacher, state.ema_student, momentum)
-
-        metric_logger.update(loss=loss.detach())
+        metric_logger.update(loss=loss)
         metric_logger.update(lr=state.optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=state.optimizer.param_groups[0]["weight_decay"])
         skipped += meta["skipped"].sum()

@@ -31,7 +31,10 @@ class WeightNormLinear(nn.Module):
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        # x @ (g * v / ||v||)^T computed as (x @ v^T) * (g / ||v||)^T: the same product, without
+        # materialising the normalised (out, in) weight (65536 x 256 in SVT) in every forward and backward.
+        scale = (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)).t()
+        return F.linear(x, self.weight_v) * scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

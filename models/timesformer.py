@@ -93,24 +93,27 @@ class Block(nn.Module):
             x = x + self.drop_path(self.attn(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
 
-        b, t, w = batch, frames, width
-        h = (x.shape[1] - 1) // (t * w)
-        cls, patches = x[:, :1], x[:, 1:]
+        b, t = batch, frames
+        n = x.shape[1] - 1  # h * w * t patch tokens
+        # split (not two slices): its backward is one concatenation instead of two zero-filled scatters
+        cls, patches = x.split((1, n), dim=1)
 
         # Temporal attention over the T frames of each patch position; CLS takes no part.
-        xt = rearrange(patches, "b (h w t) d -> (b h w) t d", b=b, h=h, w=w, t=t)
+        xt = rearrange(patches, "b (hw t) d -> (b hw) t d", t=t)
         res_t = self.drop_path(self.temporal_attn(self.temporal_norm1(xt)))
-        res_t = self.temporal_fc(rearrange(res_t, "(b h w) t d -> b (h w t) d", b=b, h=h, w=w, t=t))
+        res_t = self.temporal_fc(rearrange(res_t, "(b hw) t d -> b (hw t) d", b=b))
         xt = patches + res_t
 
-        # Spatial attention within each frame, with the clip's CLS repeated per frame.
-        xs = rearrange(xt, "b (h w t) d -> (b t) (h w) d", b=b, h=h, w=w, t=t)
-        cls_rep = repeat(cls, "b 1 d -> (b t) 1 d", t=t)
-        res_s = self.drop_path(self.attn(self.norm1(torch.cat((cls_rep, xs), dim=1))))
-        cls_s = rearrange(res_s[:, :1], "(b t) 1 d -> b t d", b=b, t=t).mean(dim=1, keepdim=True)
-        res_s = rearrange(res_s[:, 1:], "(b t) (h w) d -> b (h w t) d", b=b, h=h, w=w, t=t)
-
-        x = torch.cat((cls, xt), dim=1) + torch.cat((cls_s, res_s), dim=1)
+        # Spatial attention within each frame, with the clip's CLS repeated per frame: the frame-major
+        # copy and the CLS concatenation are one copy.
+        xs = rearrange(xt, "b (hw t) d -> b t hw d", t=t)
+        xs = torch.cat((repeat(cls, "b 1 d -> b t 1 d", t=t), xs), dim=2).flatten(0, 1)
+        res_s = self.drop_path(self.attn(self.norm1(xs)))
+        cls_s, res_s = res_s.split((1, n // t), dim=1)
+        cls_s = rearrange(cls_s, "(b t) 1 d -> b t d", b=b).mean(dim=1, keepdim=True)
+        # the add reads the frame-major residual through a strided view (no separate permute copy)
+        xt = xt.unflatten(1, (n // t, t)) + rearrange(res_s, "(b t) hw d -> b hw t d", b=b)
+        x = torch.cat((cls + cls_s, xt.flatten(1, 2)), dim=1)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
