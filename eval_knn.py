@@ -58,6 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load_features", default=None,
                         help="Directory with the four files of --dump_features; skips the extraction.")
     parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per GPU.")
+    parser.add_argument("--seed", default=0, type=int,
+                        help="Seed of the random-init backbone (no --pretrained_weights).")
     parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS,
                         help="Evaluation dataset (train split = bank, val split = queries).")
     parser.add_argument("--output_dir", default=".", type=str, help="Where knn_results.json is written.")
@@ -326,6 +328,7 @@ def run_knn(train_features, test_features, train_labels, test_labels, nb_knn: Se
 
 def main(args) -> dict | None:
     utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
     cfg = load_config(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     if torch.cuda.is_available():

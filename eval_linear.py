@@ -53,6 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="Legacy torch.distributed.launch argument; torchrun's LOCAL_RANK is used instead.")
     parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per GPU.")
+    parser.add_argument("--seed", default=0, type=int,
+                        help="Seed of the random-init backbone (no --pretrained_weights) and of the probe training.")
     parser.add_argument("--val_freq", default=1, type=int, help="Validate every N epochs (and after the last).")
     parser.add_argument("--output_dir", default=".", help="Checkpoint, log.txt and results are written here.")
     parser.add_argument("--num_labels", default=None, type=int,
@@ -235,6 +237,7 @@ def final_test(model, classifier, test_set, args, device) -> dict:
 
 def eval_linear(args) -> dict:
     utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
     cfg = load_config(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     if torch.cuda.is_available():

@@ -13,12 +13,17 @@ Kinetics csv and the UCF-101/HMDB-51 split-list layouts, so every dataset class 
 Train is the first 2/3 of each class, val = test = the rest. Deterministic given the seed: the rendered
 frames always; the encoded files too for size >= 64 (single-threaded x264; on smaller frames its output
 was observed to vary slightly between runs).
-CLI: `python -m datasets.synthetic --out DIR --classes K --per_class N --frames T --size S`.
+With colour_drift the colours also change along each video, so that only the motion stays the same between a
+short window and the whole clip. FLIP_DISTINCT lists classes no two of which are left-right mirror images.
+CLI: `python -m datasets.synthetic --out DIR [--motions M ...] --classes K --per_class N --frames T --size S
+[--colour_drift]`.
 """
 import argparse
 import os
 import time
 from pathlib import Path
+
+from typing import Sequence
 
 import av
 import numpy as np
@@ -26,39 +31,48 @@ import numpy as np
 MOTIONS = ("move_left", "move_right", "move_up", "move_down", "rotate_cw", "rotate_ccw",
            "zoom_in", "zoom_out", "move_up_right", "move_down_left")
 
+# No two of these are mirror images of each other: SVT's views are randomly flipped left-right, so
+# self-supervision cannot tell e.g. move_left from a flipped move_right (the demo's default classes).
+FLIP_DISTINCT = ("move_right", "move_up", "move_down", "rotate_cw", "zoom_in", "zoom_out")
+
 _DIRECTIONS = {"move_left": (-1, 0), "move_right": (1, 0), "move_up": (0, -1), "move_down": (0, 1),
                "move_up_right": (0.7071, -0.7071), "move_down_left": (-0.7071, 0.7071)}
 
 
-def _texture(rng: np.random.Generator):
-    """A random two-colour texture (stripes, checker or rings): a function of pixel coordinates u, v that
-    returns (..., 3) float colours."""
+def _texture(rng: np.random.Generator, drift: bool = False):
+    """A random two-colour texture (stripes, checker or rings): a function of pixel coordinates u, v and of
+    the time w in [0, 1] (broadcastable to u) that returns (..., 3) float colours. With drift the two
+    colours move linearly to two other random colours over the video; otherwise w is ignored."""
     c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
+    e0, e1 = (rng.uniform(0, 255, 3).astype(np.float32) for _ in range(2)) if drift else (c0, c1)
     period = rng.uniform(4, 14)
     kind = rng.integers(3)
     angle = rng.uniform(0, np.pi)
 
-    def paint(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    def paint(u: np.ndarray, v: np.ndarray, w: np.ndarray | float = 0.0) -> np.ndarray:
         if kind == 0:
             t = np.sin((u * np.cos(angle) + v * np.sin(angle)) * 2 * np.pi / period) > 0
         elif kind == 1:
             t = (np.floor(u / period) + np.floor(v / period)) % 2 == 0
         else:
             t = np.sin(np.sqrt(u ** 2 + v ** 2) * 2 * np.pi / period) > 0
-        return np.where(t[..., None], c0, c1)
+        w = np.asarray(w, dtype=np.float32)[..., None]
+        return np.where(t[..., None], c0 + (e0 - c0) * w, c1 + (e1 - c1) * w)
     return paint
 
 
 def render_video(motion: str, num_frames: int, size: int, rng: np.random.Generator,
-                 width: int | None = None, chunk: int = 16):
+                 width: int | None = None, chunk: int = 16, colour_drift: bool = False):
     """Frames (T, size, width or size, 3) uint8 of one textured object performing `motion`.
-    Rendered `chunk` frames at a time (memory stays small for long, large videos)."""
+    colour_drift: the object's and the background's colours change over the video (then a short
+    window and the whole clip share the motion but not the colours). Rendered `chunk` frames at a
+    time (memory stays small for long, large videos)."""
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}; known: {MOTIONS}")
     height, width = size, width or size
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    background = _texture(rng)(xs, ys) * np.float32(rng.uniform(0.5, 1.0))
-    foreground = _texture(rng)
+    background, gain = _texture(rng, colour_drift), np.float32(rng.uniform(0.5, 1.0))
+    foreground = _texture(rng, colour_drift)
     radius = rng.uniform(0.12, 0.22) * min(height, width)
     shape = rng.integers(3)
     speed = rng.uniform(0.5, 1.0)
@@ -89,7 +103,8 @@ def render_video(motion: str, num_frames: int, size: int, rng: np.random.Generat
             inside = np.maximum(np.abs(u), np.abs(v)) <= radius * 0.85
         else:
             inside = np.abs(u) + np.abs(v) <= radius * 1.2
-        frames = np.where(inside[..., None], foreground(u, v), background[None])
+        w = t[sl, None, None]
+        frames = np.where(inside[..., None], foreground(u, v, w), background(xs[None], ys[None], w) * gain)
         out[sl] = np.clip(frames, 0, 255).astype(np.uint8)
     return out
 
@@ -125,21 +140,27 @@ def _write_lists(out: Path, items: list[tuple[str, int, bool]], classes: list[st
 
 
 def generate(out_dir: str, num_classes: int = 10, per_class: int = 30, num_frames: int = 64, size: int = 128,
-             fps: int = 30, seed: int = 0, crf: int = 18) -> Path:
-    """Write the synthetic set to out_dir (layout in the module docstring); returns the root Path."""
-    if not 1 <= num_classes <= len(MOTIONS):
-        raise ValueError(f"num_classes must be in 1..{len(MOTIONS)} (one per motion), got {num_classes}")
+             fps: int = 30, seed: int = 0, crf: int = 18, motions: Sequence[str] | None = None,
+             colour_drift: bool = False) -> Path:
+    """Write the synthetic set to out_dir (layout in the module docstring); returns the root Path.
+    The classes are the first num_classes of `motions` (default MOTIONS); colour_drift as render_video."""
+    motions = tuple(motions or MOTIONS)
+    unknown = [m for m in motions if m not in MOTIONS]
+    if unknown:
+        raise ValueError(f"unknown motions {unknown}; known: {MOTIONS}")
+    if not 1 <= num_classes <= len(motions):
+        raise ValueError(f"num_classes must be in 1..{len(motions)} (one per motion), got {num_classes}")
     if per_class < 2:
         raise ValueError(f"per_class must be >= 2 (train and val need one video each), got {per_class}")
     out = Path(out_dir)
-    classes = list(MOTIONS[:num_classes])
+    classes = list(motions[:num_classes])
     n_train = max(1, min(per_class - 1, round(per_class * 2 / 3)))
     items = []
     for label, name in enumerate(classes):
         for i in range(per_class):
             rng = np.random.default_rng([seed, label, i])
             rel = f"{name}/{name}_{i:03d}.mp4"
-            write_video(str(out / "videos" / rel), render_video(name, num_frames, size, rng), fps=fps, crf=crf)
+            write_video(str(out / "videos" / rel), render_video(name, num_frames, size, rng, colour_drift=colour_drift), fps=fps, crf=crf)
             items.append((rel, label, i < n_train))
     _write_lists(out, items, classes)
     return out
@@ -148,16 +169,25 @@ def generate(out_dir: str, num_classes: int = 10, per_class: int = 30, num_frame
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="Output folder.")
-    parser.add_argument("--classes", type=int, default=10, help=f"Number of classes (<= {len(MOTIONS)}).")
+    parser.add_argument("--classes", type=int, default=None,
+                        help="Number of classes, the first of --motions (default: all of them).")
+    parser.add_argument("--motions", nargs="+", default=list(MOTIONS), choices=MOTIONS,
+                        help="Class motions, in label order (default: all; the demo uses the "
+                             f"left-right-flip-distinct set {' '.join(FLIP_DISTINCT)}).")
     parser.add_argument("--per_class", type=int, default=30, help="Videos per class.")
     parser.add_argument("--frames", type=int, default=64, help="Frames per video.")
     parser.add_argument("--size", type=int, default=128, help="Frame height and width.")
     parser.add_argument("--fps", type=int, default=30)
+    parser.add_argument("--colour_drift", action="store_true",
+                        help="Colours of object and background change over each video (only the motion "
+                             "stays the same along it).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.time()
-    out = generate(args.out, args.classes, args.per_class, args.frames, args.size, args.fps, args.seed)
-    print(f"wrote {args.classes * args.per_class} videos to {out} in {time.time() - start:.1f} s; "
+    classes = args.classes or len(args.motions)
+    out = generate(args.out, classes, args.per_class, args.frames, args.size, args.fps, args.seed,
+                   motions=args.motions, colour_drift=args.colour_drift)
+    print(f"wrote {classes * args.per_class} videos to {out} in {time.time() - start:.1f} s; "
           f"use DATA.PATH_TO_DATA_DIR {out / 'annotations'} DATA.PATH_PREFIX {out / 'videos'}")
 
 

@@ -1,0 +1,111 @@
+"""The README's commands must not rot: every script, module, flag, config key and environment variable
+they use exists. (The two main commands run for real: scripts/demo.sh in tests/test_demo.py, and
+scripts/test.sh is what runs this file.)"""
+import re
+import shlex
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+from utils.defaults import get_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _commands() -> list[str]:
+    """Shell commands of the README's ```bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                commands.append(line)
+    return commands
+
+
+COMMANDS = _commands()
+
+
+def _target(tokens: list[str]) -> tuple[str, list[str]]:
+    """(program, its arguments) for `VAR=x ... bash|python|./script ...` commands."""
+    while tokens and re.match(r"^[A-Z_]+=", tokens[0]):
+        tokens = tokens[1:]
+    if tokens[0] in ("bash", "sbatch"):
+        return tokens[1], tokens[2:]
+    if tokens[0] == "python" and tokens[1] == "-m":
+        return tokens[2], tokens[3:]
+    if tokens[0] == "python":
+        return tokens[1], tokens[2:]
+    return tokens[0], tokens[1:]
+
+
+@lru_cache(maxsize=None)
+def _help(program: str) -> str:
+    argv = [sys.executable, "-m", program] if not program.endswith(".py") else [sys.executable, program]
+    out = subprocess.run([*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+# Scripts forward their arguments to these programs.
+FORWARDS = {"scripts/train.sh": "train_ssl.py", "scripts/train_paper.sh": "train_ssl.py",
+            "scripts/slurm_train.sh": "train_ssl.py", "scripts/eval_knn.sh": "eval_knn.py",
+            "scripts/eval_linear.sh": "eval_linear.py"}
+
+
+def test_readme_has_the_two_main_commands():
+    assert "bash scripts/demo.sh" in COMMANDS[0] and "bash scripts/test.sh" in COMMANDS[1]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_is_valid(command):
+    tokens = shlex.split(command)
+    if tokens[0] == "pip":
+        for arg in tokens[2:]:
+            if not arg.startswith("-"):
+                assert (ROOT / arg).is_file(), arg
+        return
+    program, args = _target(tokens)
+    program = program.removeprefix("./")
+    if program.endswith(".sh"):
+        script = ROOT / program
+        assert script.is_file(), program
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+        text = script.read_text()
+        if '"$HERE/train.sh"' in text:  # train_paper.sh hands its environment to train.sh
+            text += (ROOT / "scripts/train.sh").read_text()
+        for var in re.findall(r"(?:^|\s)([A-Z_]+)=", command):
+            assert var in text, f"{program} does not read ${var}"
+        if program not in FORWARDS:  # demo.sh / test.sh: run for real elsewhere
+            return
+        program = FORWARDS[program]
+    help_text = _help(program)
+    keys = set()
+    in_opts = False
+    for arg in args:
+        if arg == "--opts":
+            in_opts = True
+        elif in_opts and re.match(r"^[A-Z_]+\.[A-Z_]+$", arg):
+            keys.add(arg)
+        elif arg.startswith("--"):
+            assert arg in help_text, f"{program} has no {arg}"
+    cfg = get_cfg()
+    for key in keys:
+        node, name = key.split(".")
+        assert name in cfg[node], f"unknown config key {key}"
+
+
+def test_readme_config_keys_exist():
+    cfg = get_cfg()
+    for key in set(re.findall(r"\b(DATA|MODEL|TIMESFORMER|TEST)\.([A-Z_]+)\b", README)):
+        assert key[1] in cfg[key[0]], ".".join(key)
+
+
+def test_readme_links_exist():
+    for target in re.findall(r"\]\(((?!https?:|#)[^)]+)\)", README):
+        assert (ROOT / target).exists(), target
