@@ -40,7 +40,7 @@ ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("SVT", add_help=False)
 
-    # Model parameters
+    # backbone and head
     parser.add_argument("--arch", default="timesformer", type=str, choices=[*ARCHS, *ARCH_ALIASES],
                         help="""Backbone. `timesformer` (= vit_base, TimeSformer-B/16 divided space-time attention)
         is the paper's model; vit_small / vit_tiny are smaller TimeSformers for quick runs.""")
@@ -60,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         the teacher keeps MODEL.DROP_PATH_RATE and stays in train mode, so its forward is stochastic.
         False: DINO-style deterministic teacher (eval mode, no drop path).""")
 
-    # Temperature teacher parameters
+    # teacher sharpening
     parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
                         help="""Teacher temperature at the start of its warm-up. 0.04 is SVT's value;
         if the loss does not go down (collapse), lower it.""")
@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
                         help="Epochs of linear teacher-temperature warm-up (0 in SVT: constant temperature).")
 
-    # Training/Optimization parameters
+    # optimisation
     parser.add_argument("--use_fp16", type=utils.bool_flag, default=True, help="""Mixed precision (the original's
         name; see --amp_dtype for the type). Faster and lighter; turn it off if the loss turns non-finite.""")
     parser.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"], help="""Mixed
@@ -99,7 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", default=False, type=utils.bool_flag,
                         help="torch.compile the student and teacher backbones (first iterations are slow).")
 
-    # Multi-crop parameters
+    # views
     parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.),
                         help="""Area range of the 2 global views' random crops, as a fraction of the frame. With
         --local_crops_number 0 a wider range (e.g. 0.14 1.0) keeps the task hard enough.""")
@@ -108,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4),
                         help="""Area range of the local views' random crops, as a fraction of the frame.""")
 
-    # Misc
+    # data, outputs, launch
     parser.add_argument("--data_path", default=None, type=str, help="""Folder with the Kinetics train.csv
         (copied into DATA.PATH_TO_DATA_DIR; default: the value of that config key). Video paths in the csv are
         joined to DATA.PATH_PREFIX.""")
@@ -121,7 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         x iterations inside an epoch (0: off), so long epochs can resume mid-way.""")
     parser.add_argument("--log_freq", default=10, type=int, help="Print/tensorboard every x iterations.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
-    parser.add_argument("--num_workers", default=10, type=int, help="Number of data loading workers per GPU.")
+    parser.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes per GPU (decoding is CPU-bound: give it cores).")
     parser.add_argument("--dist_url", default="env://", type=str, help="""Rendezvous URL for
         torch.distributed (env:// reads what torchrun or SLURM set).""")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
@@ -137,7 +137,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--knn_path_prefix", default="", type=str,
                         help="Prefix joined to the kNN list paths (the videos folder).")
     parser.add_argument("--eval_batch_size_per_gpu", default=128, type=int,
-                        help="Per-GPU batch-size for the kNN feature extraction.")
+                        help="Clips per GPU when extracting kNN features.")
     parser.add_argument("--nb_knn", default=5, type=int, help="Number of nearest neighbours of the kNN.")
     parser.add_argument("--temperature", default=0.07, type=float, help="Temperature of the kNN vote.")
     add_config_args(parser)
@@ -273,7 +273,7 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader:
         raise ValueError(f"{cfg.DATA.PATH_TO_DATA_DIR}/train.csv has {len(dataset)} videos, fewer than one "
                          f"global batch ({args.batch_size_per_gpu} x {utils.get_world_size()} processes); "
                          "lower --batch_size_per_gpu.")
-    print(f"Data loaded: there are {len(dataset)} videos, {len(loader)} iterations per epoch.")
+    print(f"{len(dataset)} training videos, {len(loader)} steps per epoch.")
     return loader
 
 
@@ -347,14 +347,11 @@ def train_svt(args) -> None:
         (output_dir / "config.txt").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         (output_dir / "config.yaml").write_text(cfg.dump())
 
-    # ============ data ... ============
     data_loader = build_train_loader(args, cfg, device)
     niter = len(data_loader)
 
-    # ============ student and teacher networks ... ============
     student, teacher, student_without_ddp, teacher_without_ddp = build_networks(args, cfg, device)
 
-    # ============ loss, optimizer, schedules ... ============
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(device)
     optimizer = build_optimizer(args, student_without_ddp, device)
@@ -366,9 +363,8 @@ def train_svt(args) -> None:
                                          warmup_epochs=args.warmup_epochs)
     wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter)
-    print("Loss, optimizer and schedulers ready.")
+    print("Loss, optimizer and schedules built.")
 
-    # ============ optionally resume training ... ============
     to_restore = {"epoch": 0, "iteration": 0, "rng": None}
     restart_from_checkpoint(output_dir / "checkpoint.pth", run_variables=to_restore,
                             student=PrefixedState(student_without_ddp), teacher=teacher_without_ddp,
@@ -403,17 +399,15 @@ def train_svt(args) -> None:
                              writer=writer, save_checkpoint=save_checkpoint)
 
     start_time = time.time()
-    print("Starting SVT training !")
+    print(f"SVT pretraining from epoch {start_epoch} to {args.epochs}.")
     for epoch in range(start_epoch, args.epochs):
         data_loader.sampler.set_epoch(epoch)
         data_loader.sampler.skip = start_iter * args.batch_size_per_gpu if epoch == start_epoch else 0
         epoch_start = time.time()
 
-        # ============ training one epoch of SVT ... ============
         train_stats, skipped = train_one_epoch(train_state, data_loader, epoch, niter, args,
                                                start_iter=start_iter if epoch == start_epoch else 0)
 
-        # ============ writing logs ... ============
         last = epoch + 1 == args.epochs
         save_checkpoint(epoch + 1, 0, numbered=bool(args.saveckp_freq) and epoch % args.saveckp_freq == 0)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
@@ -433,7 +427,7 @@ def train_svt(args) -> None:
     if writer is not None:
         writer.close()
     total_time = time.time() - start_time
-    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    print(f"Pretraining took {datetime.timedelta(seconds=int(total_time))}.")
 
 
 def prepare_config(args):
@@ -487,7 +481,7 @@ def build_networks(args, cfg, device: torch.device):
         student_without_ddp.backbone.compile(dynamic=False)
         teacher_without_ddp.backbone.compile(dynamic=False)
     n_params = sum(p.numel() for p in student_without_ddp.parameters())
-    print(f"Student and Teacher are built: they are both {args.arch} network ({n_params / 1e6:.1f}M params).")
+    print(f"Student and teacher: {args.arch} TimeSformer + DINO head, {n_params / 1e6:.1f}M parameters each.")
     return student, teacher, student_without_ddp, teacher_without_ddp
 
 
@@ -636,7 +630,7 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
     if utils.get_world_size() > 1:
         skipped = skipped.to(device)
         dist.all_reduce(skipped)
-    print("Averaged stats:", metric_logger)
+    print("Epoch means:", metric_logger)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, int(skipped.item())
 
 

@@ -294,7 +294,7 @@ ARCHS = tuple(_FACTORIES)
 
 def build_backbone(arch: str, cfg, **overrides) -> VisionTransformer:
     """Backbone from the config: img size DATA.TRAIN_CROP_SIZE, DATA.NUM_FRAMES frames,
-    TIMESFORMER.ATTENTION_TYPE, MODEL.DROP_PATH_RATE; ImageNet init from TIMESFORMER.PRETRAINED_MODEL
+    TIMESFORMER.ATTENTION_TYPE, MODEL.DROP_PATH_RATE, MODEL.DEPTH (when > 0); ImageNet init from TIMESFORMER.PRETRAINED_MODEL
     when that is set. `overrides` go to the factory (e.g. depth=2, num_classes=400)."""
     if arch not in _FACTORIES:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
@@ -303,6 +303,7 @@ def build_backbone(arch: str, cfg, **overrides) -> VisionTransformer:
         "num_frames": cfg.DATA.NUM_FRAMES,
         "attention_type": cfg.TIMESFORMER.ATTENTION_TYPE,
         "drop_path_rate": cfg.MODEL.DROP_PATH_RATE,
+        **({"depth": cfg.MODEL.DEPTH} if cfg.MODEL.DEPTH > 0 else {}),
         **overrides,
     }
     model = _FACTORIES[arch](**kwargs)

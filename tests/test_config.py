@@ -81,3 +81,10 @@ def test_config_is_frozen():
     cfg = load_config_from(DEFAULT_CFG)
     with pytest.raises(AttributeError):
         cfg.DATA.NUM_FRAMES = 4
+
+
+def test_model_depth_key_sets_the_number_of_blocks():
+    from models import build_backbone
+    cfg = load_config_from(DEFAULT_CFG, ["MODEL.DEPTH", "2", "DATA.TRAIN_CROP_SIZE", "32"])
+    assert len(build_backbone("vit_tiny", cfg).blocks) == 2
+    assert len(build_backbone("vit_tiny", load_config_from(DEFAULT_CFG, ["DATA.TRAIN_CROP_SIZE", "32"])).blocks) == 12

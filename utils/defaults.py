@@ -58,6 +58,8 @@ _C.DATA.RAND_CONV = False
 _C.MODEL = CfgNode()
 # Stochastic depth of the backbone (the original hard-codes 0.1, teacher included).
 _C.MODEL.DROP_PATH_RATE = 0.1
+# Number of blocks; 0 keeps the architecture's 12. Fewer blocks make quick CPU runs (the demo) practical.
+_C.MODEL.DEPTH = 0
 # Experimental branches of the original that are not ported; accepted only as False.
 _C.MODEL.TWO_STREAM = False
 _C.MODEL.TWO_TOKEN = False

@@ -83,15 +83,10 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 def get_params_groups(model: nn.Module) -> list[dict]:
     """Two groups: weight-decayed (ndim > 1, not a bias; includes cls/pos/time embeddings as in the original)
     and not decayed (biases and 1-D params such as LayerNorm). Frozen params are skipped."""
-    regularized, not_regularized = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(".bias") or param.ndim == 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for name, p in trainable if name.endswith(".bias") or p.ndim == 1]
+    ids = {id(p) for p in no_decay}
+    return [{"params": [p for _, p in trainable if id(p) not in ids]}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def has_batchnorms(model: nn.Module) -> bool:
@@ -110,34 +105,26 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
+            for param in group["params"]:
+                if param.grad is None:
                     continue
-                dp = p.grad
-                if p.ndim != 1:
-                    dp = dp.add(p, alpha=group["weight_decay"])
-                    param_norm = torch.norm(p)
-                    update_norm = torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0.0,
-                                    torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one),
-                                    one)
-                    dp = dp.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(dp)
-                p.add_(mu, alpha=-group["lr"])
+                update = param.grad
+                if param.ndim > 1:  # weights: decay, then scale by the layer's trust ratio
+                    update = update.add(param, alpha=group["weight_decay"])
+                    w_norm, u_norm = param.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
+                                        torch.ones_like(w_norm))
+                    update = update * trust
+                buf = self.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+                buf.mul_(group["momentum"]).add_(update)
+                param.add_(buf, alpha=-group["lr"])
 
 
 def accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple = (1,)) -> list[torch.Tensor]:
-    """Top-k accuracies in percent."""
-    maxk = max(topk)
-    batch_size = target.size(0)
-    _, pred = output.topk(maxk, 1, True, True)
-    correct = pred.t().eq(target.reshape(1, -1).expand_as(pred.t()))
-    return [correct[:k].reshape(-1).float().sum(0) * 100.0 / batch_size for k in topk]
+    """Top-k accuracies in percent (one 0-d tensor per k)."""
+    ranked = output.topk(max(topk), dim=1).indices  # (N, maxk), best first
+    hits = ranked == target.reshape(-1, 1)
+    return [hits[:, :k].any(dim=1).float().mean() * 100.0 for k in topk]
 
 
 # ---------------------------------------------------------------------------------------------
