@@ -5,7 +5,8 @@ Compares, on synthetic videos with short side 256 (10 s at 30 fps by default):
   `decode_once` (ours: one open, the union of all views' frames in one call),
   `per_view` (naive: open and decode every view separately), and for PyAV
   `full_window` (the original's way: decode every frame of the ~8.5 s window to RGB, then index);
-- the full sample (`dataset[i]`: decode once + the SVT spatial augmentation) per backend.
+- the full sample (`dataset[i]`: decode once + the SVT spatial augmentation) per backend;
+- a DataLoader over that dataset (default backend) for each `--workers` count: what training sees.
 
     python benchmarks/bench_data.py --videos 6 --samples 24 --out bench_data.json
 """
@@ -79,6 +80,17 @@ def timed(fn, items, warmup: int = 2) -> float:
     return len(items) / (time.perf_counter() - start)
 
 
+def loader_rate(dataset, workers: int, batch_size: int = 4) -> float:
+    """Samples per second of a DataLoader (after its first batch, so worker start-up is not counted)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    batches = iter(loader)
+    next(batches)
+    start, count = time.perf_counter(), 0
+    for views, *_ in batches:
+        count += len(views[0])
+    return count / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=6)
@@ -87,6 +99,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=340)
     parser.add_argument("--samples", type=int, default=24, help="Timed samples per measurement.")
     parser.add_argument("--rand_fr", action="store_true", help="Views with DATA.RAND_FR frame counts.")
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2],
+                        help="DataLoader worker counts to time (batches of 4 clips, default backend).")
     parser.add_argument("--out", default=None, help="Also write the JSON here.")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -114,8 +128,13 @@ def main() -> None:
             ds = Kinetics(cfg, "train", ssl_aug=aug)
             torch.manual_seed(0)
             results[f"{backend}_dataset_sample"] = timed(lambda i: ds[i % len(ds)], list(range(args.samples)))
+        cfg.DATA.DECODING_BACKEND = get_cfg().DATA.DECODING_BACKEND
+        ds = Kinetics(cfg, "train", ssl_aug=aug)
+        repeated = torch.utils.data.Subset(ds, [i % len(ds) for i in range(args.samples)])
+        for workers in args.workers:
+            results[f"loader_{workers}_workers"] = loader_rate(repeated, workers)
     report = {
-        "unit": "10-view samples per second, one process, torch threads 1",
+        "unit": "10-view samples per second, torch threads 1 (loader_*: DataLoader with that many workers)",
         "views": {"global_frames": list(g), "local_frames": list(loc), "global_size": 224, "local_size": 96},
         "videos": {"count": args.videos, "frames": args.frames, "fps": 30, "size": [args.height, args.width],
                    "codec": "h264 yuv420p crf 23, default GOP", "generate_s": round(gen_s, 1)},
