@@ -2,6 +2,8 @@
 
 Train and test clips go through the frozen backbone; their L2-normalised CLS features form a bank and
 queries. Each query votes with its k most similar train features, weighted by exp(cos / T).
+A video that cannot be decoded comes back from the dataset with label -1 (see datasets/video_dataset.py):
+it is left out of the bank and of the queries, and counted as "skipped_videos".
 
     torchrun --nproc_per_node=1 eval_knn.py --arch vit_base --pretrained_weights ckpt.pth \
         --nb_knn 5 --dataset ucf101 --opts DATA.PATH_TO_DATA_DIR data/ucf101/knn_splits \
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from datasets import DATASETS, ReturnIndexDataset, build_dataset
+from datasets.video_dataset import SKIPPED_LABEL
 from models import ARCHS, build_backbone
 from utils import utils
 from utils.checkpoint import load_pretrained_weights
@@ -57,14 +60,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "testlabels.pth are saved.")
     parser.add_argument("--load_features", default=None,
                         help="Directory with the four files of --dump_features; skips the extraction.")
-    parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per GPU.")
+    parser.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes per GPU (decoding is CPU-bound).")
     parser.add_argument("--seed", default=0, type=int,
                         help="Seed of the random-init backbone (no --pretrained_weights).")
     parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS,
                         help="Evaluation dataset (train split = bank, val split = queries).")
     parser.add_argument("--output_dir", default=".", type=str, help="Where knn_results.json is written.")
     parser.add_argument("--dist_url", default="env://", type=str,
-                        help="URL used to set up distributed evaluation (torchrun sets the environment).")
+                        help="Rendezvous address for torch.distributed (env:// reads what torchrun sets).")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="Legacy torch.distributed.launch argument; torchrun's LOCAL_RANK is used instead.")
     add_config_args(parser)
@@ -148,6 +151,31 @@ def to_device(frames, device: torch.device):
     return frames.to(device, non_blocking=True)
 
 
+class ReturnIndexLabelDataset(ReturnIndexDataset):
+    """(frames, index, label) of the wrapped dataset: the label is the one the dataset returned, so -1
+    marks a video that could not be decoded."""
+
+    def __getitem__(self, index: int):
+        frames, label, _, _ = self.dataset[index]
+        return frames, index, label
+
+
+def _extract(model: Callable, loader: Iterable, device: torch.device, with_labels: bool) -> torch.Tensor:
+    total = len(loader.dataset)
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    feats, idxs = [], []
+    for batch in metric_logger.log_every(loader, 10, "Extracting features:"):
+        frames, index = batch[0], batch[1]
+        out = model(to_device(frames, device)).float().cpu()
+        if with_labels:  # the label travels as an extra column (exact in float32 for any class id)
+            out = torch.cat([out, torch.as_tensor(batch[2]).float().view(-1, 1)], dim=1)
+        feats.append(out)
+        idxs.append(torch.as_tensor(index).long().cpu())
+    local = torch.cat(feats) if feats else torch.zeros(0, 0)
+    index = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long)
+    return gather_rows(local, index, total)
+
+
 @torch.no_grad()
 def extract_features(model: Callable, loader: Iterable, device: torch.device) -> torch.Tensor:
     """(N, D) float32 CPU outputs of `model` for every sample of `loader.dataset`, rows in index order.
@@ -155,16 +183,23 @@ def extract_features(model: Callable, loader: Iterable, device: torch.device) ->
     `loader` yields (frames, index); with torch.distributed each rank runs its shard and the rows of all
     ranks are gathered on every rank. `frames` may be a list of clips when `model` takes one.
     """
-    total = len(loader.dataset)
-    metric_logger = utils.MetricLogger(delimiter="  ")
-    feats, idxs = [], []
-    for frames, index in metric_logger.log_every(loader, 10, "Extracting features:"):
-        out = model(to_device(frames, device))
-        feats.append(out.float().cpu())
-        idxs.append(torch.as_tensor(index).long().cpu())
-    local = torch.cat(feats) if feats else torch.zeros(0, 0)
-    index = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long)
-    return gather_rows(local, index, total)
+    return _extract(model, loader, device, with_labels=False)
+
+
+@torch.no_grad()
+def extract_features_and_labels(model: Callable, loader: Iterable,
+                                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `extract_features` for a loader yielding (frames, index, label) (a ReturnIndexLabelDataset):
+    ((N, D) features, (N,) labels as returned by the dataset, -1 for a skipped video), both gathered in
+    index order on every rank, so every rank drops the same rows."""
+    rows = _extract(model, loader, device, with_labels=True)
+    return rows[:, :-1].contiguous(), rows[:, -1].round().long()
+
+
+def drop_skipped(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(features, labels, number of rows dropped) without the rows of label -1 (undecodable videos)."""
+    keep = labels != SKIPPED_LABEL
+    return features[keep], labels[keep], int((~keep).sum())
 
 
 @torch.no_grad()
@@ -282,18 +317,17 @@ def build_train_bank_dataset(args, cfg):
 
 def extract_feature_pipeline(args, cfg, device: torch.device):
     cfg = knn_config(cfg)
-    dataset_train = ReturnIndexDataset(build_train_bank_dataset(args, cfg))
-    dataset_val = ReturnIndexDataset(build_dataset(args.dataset, cfg, "val"))
+    dataset_train = ReturnIndexLabelDataset(build_train_bank_dataset(args, cfg))
+    dataset_val = ReturnIndexLabelDataset(build_dataset(args.dataset, cfg, "val"))
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val clips.")
     model = load_backbone(args, cfg, device)
     print("Extracting features for the train set...")
-    train_features = extract_features(model, make_loader(dataset_train, args), device)
+    train_features, train_labels = extract_features_and_labels(model, make_loader(dataset_train, args), device)
     print("Extracting features for the val set...")
-    test_features = extract_features(model, make_loader(dataset_val, args), device)
+    test_features, test_labels = extract_features_and_labels(model, make_loader(dataset_val, args), device)
     train_features = F.normalize(train_features, dim=1, p=2)
     test_features = F.normalize(test_features, dim=1, p=2)
-    train_labels = dataset_labels(dataset_train)
-    test_labels = dataset_labels(dataset_val)
+    # Dumped rows stay aligned with the list lines; skipped videos keep label -1 (dropped in main).
     if args.dump_features and utils.is_main_process():
         os.makedirs(args.dump_features, exist_ok=True)
         for name, tensor in (("trainfeat", train_features), ("testfeat", test_features),
@@ -316,7 +350,7 @@ def load_dumped_features(folder: str):
 def run_knn(train_features, test_features, train_labels, test_labels, nb_knn: Sequence[int], T: float,
             device: torch.device) -> dict:
     """{k: (top1, top5)} for each k; the bank is moved to `device` once."""
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    num_classes = int(max(train_labels.max(), test_labels.max() if test_labels.numel() else 0)) + 1
     train_features = train_features.to(device)
     results = {}
     for k in nb_knn:
@@ -340,6 +374,15 @@ def main(args) -> dict | None:
         train_features, test_features, train_labels, test_labels = load_dumped_features(args.load_features)
     else:
         train_features, test_features, train_labels, test_labels = extract_feature_pipeline(args, cfg, device)
+    # Every rank holds the same gathered labels, so every rank drops the same rows.
+    train_features, train_labels, skipped_train = drop_skipped(train_features, train_labels)
+    test_features, test_labels, skipped_test = drop_skipped(test_features, test_labels)
+    skipped = skipped_train + skipped_test
+    print(f"Skipped videos (unreadable, left out): {skipped} ({skipped_train} of the train bank, "
+          f"{skipped_test} of the val queries).")
+    if train_features.shape[0] == 0:
+        raise RuntimeError(f"no train video of {args.dataset} could be decoded ({skipped_train} skipped); "
+                           "check DATA.PATH_PREFIX and run datasets/preprocessing/check_videos.py.")
     results = None
     if utils.is_main_process():
         knn_device = device if args.use_cuda else torch.device("cpu")
@@ -349,7 +392,8 @@ def main(args) -> dict | None:
             "dataset": args.dataset, "pretrained_weights": args.pretrained_weights,
             "checkpoint_key": args.checkpoint_key, "temperature": args.temperature,
             "train_aug": args.train_aug, "num_train": int(train_features.shape[0]),
-            "num_test": int(test_features.shape[0]),
+            "num_test": int(test_features.shape[0]), "skipped_videos": skipped,
+            "skipped_train_videos": skipped_train, "skipped_val_videos": skipped_test,
             "results": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in acc.items()},
         }
         os.makedirs(args.output_dir, exist_ok=True)

@@ -1,5 +1,8 @@
 """Linear probe on frozen SVT features, with single-view validation and the multi-view / slow-fast test.
 
+A val/test clip that cannot be decoded comes back with label -1: it is left out of the accuracy and of the
+per-video aggregation (a video whose clips all failed is left out) and counted as "skipped_videos".
+
     torchrun --nproc_per_node=1 eval_linear.py --n_last_blocks 1 --arch vit_base \
         --pretrained_weights ckpt.pth --epochs 20 --lr 0.001 --batch_size_per_gpu 16 --num_labels 101 \
         --dataset ucf101 --output_dir checkpoints/eval/le_001 \
@@ -16,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from datasets import DATASETS, ReturnIndexDataset, build_dataset
-from eval_knn import (dataset_labels, extract_features, load_backbone, make_loader, to_device,
-                      top1_top5)
+from datasets import DATASETS, build_dataset
+from datasets.video_dataset import SKIPPED_LABEL
+from eval_knn import (ReturnIndexLabelDataset, dataset_labels, extract_features_and_labels, load_backbone,
+                      make_loader, to_device, top1_top5)
 from models import ARCHS
 from utils import utils
 from utils.checkpoint import atomic_save, safe_torch_load
@@ -49,10 +53,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Learning rate at a global batch of 256 (scaled linearly with the batch size).")
     parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Clips per GPU (original script: 16).")
     parser.add_argument("--dist_url", default="env://", type=str,
-                        help="URL used to set up distributed training (torchrun sets the environment).")
+                        help="Rendezvous address for torch.distributed (env:// reads what torchrun sets).")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="Legacy torch.distributed.launch argument; torchrun's LOCAL_RANK is used instead.")
-    parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per GPU.")
+    parser.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes per GPU (decoding is CPU-bound).")
     parser.add_argument("--seed", default=0, type=int,
                         help="Seed of the random-init backbone (no --pretrained_weights) and of the probe training.")
     parser.add_argument("--val_freq", default=1, type=int, help="Validate every N epochs (and after the last).")
@@ -133,36 +137,48 @@ def accuracy_stats(scores: torch.Tensor, labels: torch.Tensor, num_labels: int, 
     return stats
 
 
-def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args, device: torch.device) -> torch.Tensor:
-    """(N_clips, C) classifier logits of every clip, each rank its shard, gathered in index order."""
+def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N_clips, C) classifier logits and (N_clips,) returned labels (-1: undecodable) of every clip, each
+    rank its shard, gathered in index order on every rank."""
     classifier.eval()
     head = classifier.module if hasattr(classifier, "module") else classifier
 
     def score(frames):
         return head(clip_features(model, frames, args.n_last_blocks, args.avgpool_patchtokens))
 
-    return extract_features(score, make_loader(ReturnIndexDataset(dataset), args), device)
+    return extract_features_and_labels(score, make_loader(ReturnIndexLabelDataset(dataset), args), device)
 
 
 @torch.no_grad()
 def validate_network(model, classifier, dataset, args, device) -> dict:
-    """Single-view accuracy: one clip per video."""
-    logits = clip_logits(model, classifier, dataset, args, device)
-    labels = dataset_labels(dataset)
-    return {**accuracy_stats(logits, labels, args.num_labels), "loss": F.cross_entropy(logits, labels).item()}
+    """Single-view accuracy: one clip per video; undecodable videos (label -1) are left out and counted."""
+    logits, labels = clip_logits(model, classifier, dataset, args, device)
+    keep = labels != SKIPPED_LABEL
+    logits, labels = logits[keep], labels[keep]
+    loss = F.cross_entropy(logits, labels).item() if labels.numel() else float("nan")
+    return {**accuracy_stats(logits, labels, args.num_labels), "loss": loss,
+            "skipped_videos": int((~keep).sum())}
 
 
 @torch.no_grad()
 def validate_network_multi_view(model, classifier, dataset, args, device) -> dict:
-    """Per-video accuracy over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips, aggregated by `args.ensemble`."""
-    logits = clip_logits(model, classifier, dataset, args, device)
+    """Per-video accuracy over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips, aggregated by `args.ensemble`.
+
+    Clips of label -1 (undecodable) are left out of the aggregation; a video without any decoded clip is
+    left out of the accuracy and counted in "multiview_skipped_videos"."""
+    logits, returned = clip_logits(model, classifier, dataset, args, device)
     num_clips = dataset.num_clips_per_video
     num_videos = logits.shape[0] // num_clips
-    video_ids = torch.arange(num_videos * num_clips) // num_clips
-    scores = aggregate_views(logits[:num_videos * num_clips], video_ids, num_videos, args.ensemble)
-    labels = video_labels(dataset_labels(dataset)[:num_videos * num_clips], num_clips)
-    stats = accuracy_stats(scores, labels, args.num_labels, prefix="multiview_")
-    stats.update(num_videos=num_videos, num_clips_per_video=num_clips)
+    n = num_videos * num_clips
+    video_ids = torch.arange(n) // num_clips
+    keep = returned[:n] != SKIPPED_LABEL
+    scores = aggregate_views(logits[:n][keep], video_ids[keep], num_videos, args.ensemble)
+    labels = video_labels(dataset_labels(dataset)[:n], num_clips)
+    scored = torch.bincount(video_ids[keep], minlength=num_videos) > 0
+    stats = accuracy_stats(scores[scored], labels[scored], args.num_labels, prefix="multiview_")
+    stats.update(num_videos=int(scored.sum()), num_clips_per_video=num_clips,
+                 multiview_skipped_videos=int((~scored).sum()), multiview_skipped_clips=int((~keep).sum()))
     return stats
 
 
@@ -231,7 +247,8 @@ def final_test(model, classifier, test_set, args, device) -> dict:
     stats = validate_network_multi_view(model, classifier, test_set, args, device)
     print(f"Multi-view test ({stats['num_clips_per_video']} clips x {stats['num_videos']} videos, "
           f"{args.ensemble}): top-1 {stats['multiview_acc1']:.2f}"
-          + (f", top-5 {stats['multiview_acc5']:.2f}" if "multiview_acc5" in stats else ""))
+          + (f", top-5 {stats['multiview_acc5']:.2f}" if "multiview_acc5" in stats else "")
+          + f"; skipped videos (unreadable, left out): {stats['multiview_skipped_videos']}")
     return stats
 
 
@@ -289,7 +306,8 @@ def eval_linear(args) -> dict:
         load_classifier_state(classifier, trained_state, trained_path)
         stats = {**validate_network(model, classifier, val_set, args, device),
                  **final_test(model, classifier, test_set, args, device)}
-        print(f"Single-view val top-1: {stats['acc1']:.2f}")
+        print(f"Single-view val top-1: {stats['acc1']:.2f}; skipped videos: {stats['skipped_videos']}")
+        stats = with_skipped_total(stats, stats.pop("skipped_videos"))
         _write_results(args, stats)
         return stats
 
@@ -305,7 +323,7 @@ def eval_linear(args) -> dict:
     optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
 
-    start_epoch, best_acc = 0, 0.0
+    start_epoch, best_acc, val_skipped = 0, 0.0, 0
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     if os.path.isfile(ckpt_path):
         ckpt = safe_torch_load(ckpt_path)
@@ -324,8 +342,9 @@ def eval_linear(args) -> dict:
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
             test_stats = validate_network(model, classifier, val_set, args, device)
             best_acc = max(best_acc, test_stats["acc1"])
-            print(f"Accuracy at epoch {epoch} of the network on the {len(val_set)} val clips: "
-                  f"{test_stats['acc1']:.1f}%  (max {best_acc:.2f}%)")
+            val_skipped = test_stats["skipped_videos"]
+            print(f"Accuracy at epoch {epoch} of the network on the {len(val_set) - val_skipped} val clips: "
+                  f"{test_stats['acc1']:.1f}%  (max {best_acc:.2f}%); skipped videos: {val_skipped}")
             log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
         if utils.is_main_process():
             atomic_save({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
@@ -335,11 +354,18 @@ def eval_linear(args) -> dict:
 
     stats = final_test(model, classifier, test_set, args, device)
     stats["best_acc"] = best_acc
+    stats = with_skipped_total(stats, val_skipped)
     print(f"Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy (best single view): {best_acc:.1f}")
     write_log(args, {f"test_{k}": v for k, v in stats.items()})
     _write_results(args, stats)
     return stats
+
+
+def with_skipped_total(stats: dict, val_skipped: int) -> dict:
+    """`stats` with val_skipped_videos and skipped_videos (val + multi-view test videos left out)."""
+    return {**stats, "val_skipped_videos": val_skipped,
+            "skipped_videos": val_skipped + stats.get("multiview_skipped_videos", 0)}
 
 
 def _write_results(args, stats: dict) -> None:

@@ -9,8 +9,11 @@ Modes:
   left/centre/right at short side TEST_CROP_SIZE, 1 crop is the "val" centre crop.
 Evaluation clips use DATA.MEAN/STD; `slowfast=True` gives [NUM_FRAMES x TEST_CROP_SIZE,
 8*NUM_FRAMES x LOCAL_CROP_SIZE] clips of the same window and crop.
-A video that cannot be read is replaced by a random other one in "train" (logged once, counted in
-meta["skipped"]); "val"/"test" raise an error naming it, since a substitute would carry the wrong label.
+A video that cannot be read is skipped and counted, never a crash in the middle of a run: in "train" it
+is replaced by a random other one (logged once, counted in meta["skipped"] and `num_skipped`); in
+"val"/"test" (where a substitute would carry the wrong label) each of its clips is a placeholder of zeros
+of the clip shape with label SKIPPED_LABEL (-1) and meta {"skipped": 1}, logged once and counted in
+`num_skipped` (per process: DataLoader workers count in their own copy). Consumers drop label -1 rows.
 """
 import logging
 import os
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("train", "val", "test")
 _LOGGED_FAILURES: set = set()
+SKIPPED_LABEL = -1
 
 
 def check_paths_resolve(paths: list[str], list_file: str, prefix: str, probes: int = 16) -> None:
@@ -145,6 +149,28 @@ class VideoDataset(Dataset):
         """Another random training video (evaluation modes never substitute)."""
         return int(torch.randint(0, self.num_videos, ()))
 
+    def placeholder_frames(self):
+        """Zeros of the shape of a good evaluation sample: (3, NUM_FRAMES, TEST_CROP_SIZE, TEST_CROP_SIZE),
+        or with `slowfast` that clip and (3, 8 * NUM_FRAMES, LOCAL_CROP_SIZE, LOCAL_CROP_SIZE)."""
+        data = self.cfg.DATA
+        clips = [torch.zeros(3, data.NUM_FRAMES, data.TEST_CROP_SIZE, data.TEST_CROP_SIZE)]
+        if self.slowfast:
+            clips.append(torch.zeros(3, 8 * data.NUM_FRAMES, data.LOCAL_CROP_SIZE, data.LOCAL_CROP_SIZE))
+        return clips if self.slowfast else clips[0]
+
+    def _log_failure(self, path: str, err: Exception, action: str) -> None:
+        """Count the failure (train: every replaced sample; val/test: each video once) and log it once."""
+        if self.mode == "train":
+            self.num_skipped += 1
+        else:
+            failed = self.__dict__.setdefault("_failed_videos", set())
+            if path not in failed:
+                failed.add(path)
+                self.num_skipped += 1
+        if path not in _LOGGED_FAILURES:
+            _LOGGED_FAILURES.add(path)
+            logger.warning("skipping unreadable video %s (%s); %s", path, err, action)
+
     def __getitem__(self, index: int):
         tried = []
         for _ in range(self.num_retries + 1):
@@ -153,17 +179,12 @@ class VideoDataset(Dataset):
             except decoder.DecodeError as err:
                 path = self.video_paths[index // self.num_clips_per_video]
                 if self.mode != "train":
-                    # Evaluation scores every listed video under its own label: a substitute would be
-                    # scored under the wrong label, so stop and name the file instead.
-                    raise RuntimeError(
-                        f"{self.dataset_name} {self.mode}: cannot evaluate {path} ({err}). Evaluation needs every "
-                        f"video of {self.list_file}: fix or re-encode it, or drop it from the list "
-                        f"(datasets/preprocessing/check_videos.py writes a cleaned list).") from err
+                    # A substitute would be scored under the wrong label: return a placeholder that the
+                    # evaluation drops (label -1) and count the video as skipped.
+                    self._log_failure(path, err, f"{self.mode} clip left out of the evaluation (label -1)")
+                    return self.placeholder_frames(), SKIPPED_LABEL, index, {"skipped": 1}
                 tried.append(path)
-                self.num_skipped += 1
-                if path not in _LOGGED_FAILURES:
-                    _LOGGED_FAILURES.add(path)
-                    logger.warning("skipping unreadable video (%s); using another sample", err)
+                self._log_failure(path, err, "using another sample")
                 index = self._replacement(index)
                 continue
             label = self.video_labels[index // self.num_clips_per_video]

@@ -12,8 +12,10 @@ from torch.utils.data import DataLoader, Dataset
 
 import eval_knn
 from eval_knn import ShardSampler, extract_features, gather_rows, knn_classifier, knn_votes, load_backbone, run_knn
+import eval_linear
+from eval_knn import drop_skipped, extract_features_and_labels
 from eval_linear import (LinearClassifier, aggregate_views, clip_features, load_classifier_state,
-                         video_labels)
+                         validate_network_multi_view, video_labels)
 from models import VisionTransformer
 from utils.parser import load_config_from
 
@@ -118,6 +120,15 @@ class TinyClips(Dataset):
         return self.clips[i], i
 
 
+class TinyLabelledClips(TinyClips):
+    """(frames, index, label) like ReturnIndexLabelDataset; samples 2 and 5 are skipped videos (label -1)."""
+
+    LABELS = [0, 1, -1, 3, 0, -1, 2]
+
+    def __getitem__(self, i):
+        return self.clips[i], i, self.LABELS[i]
+
+
 def tiny_vit(**kw) -> VisionTransformer:
     torch.manual_seed(0)
     cfg = dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_frames=2, drop_path_rate=0.0)
@@ -131,6 +142,10 @@ def _extract_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
         loader = DataLoader(dataset, sampler=ShardSampler(len(dataset)), batch_size=2)
         feats = extract_features(tiny_vit(), loader, torch.device("cpu"))
         torch.save(feats, os.path.join(out_dir, f"rank{rank}.pth"))
+        labelled = TinyLabelledClips()
+        loader = DataLoader(labelled, sampler=ShardSampler(len(labelled)), batch_size=2)
+        torch.save(drop_skipped(*extract_features_and_labels(tiny_vit(), loader, torch.device("cpu"))),
+                   os.path.join(out_dir, f"labelled{rank}.pth"))
     finally:
         dist.destroy_process_group()
 
@@ -145,6 +160,12 @@ def test_distributed_extraction_matches_single_process(tmp_path):
     torch.testing.assert_close(single, direct, rtol=1e-4, atol=1e-5)
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pth"), single, rtol=1e-4, atol=1e-5)
+    # Labels travel with the rows: every rank drops the same skipped (-1) rows.
+    keep = [0, 1, 3, 4, 6]
+    for rank in range(2):
+        feats, labels, skipped = torch.load(tmp_path / f"labelled{rank}.pth")
+        assert labels.tolist() == [0, 1, 3, 0, 2] and skipped == 2
+        torch.testing.assert_close(feats, single[keep], rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -184,6 +205,20 @@ def test_multi_view_aggregation_matches_hand_computation():
                                torch.tensor([(0.26894 + 0.95257 + 0.5) / 3, (0.73106 + 0.04743 + 0.5) / 3]),
                                atol=1e-4, rtol=0)
     assert video_labels(torch.tensor([3, 3, 3, 1, 1, 1]), 3).tolist() == [3, 1]
+
+
+def test_multi_view_leaves_out_skipped_clips_and_videos(monkeypatch):
+    """3 videos x 2 clips: video 0 has one unreadable clip (scored on the other), video 1 none decoded
+    (left out), video 2 fine."""
+    logits = torch.tensor([[5.0, 0.0], [-9.0, 9.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [2.0, 0.0]])
+    returned = torch.tensor([0, -1, -1, -1, 1, 1])
+    monkeypatch.setattr(eval_linear, "clip_logits", lambda *a: (logits, returned))
+    dataset = argparse.Namespace(num_clips_per_video=2, labels=[0, 0, 1, 1, 1, 1])
+    args = argparse.Namespace(ensemble="sum", num_labels=2)
+    stats = validate_network_multi_view(None, None, dataset, args, torch.device("cpu"))
+    # video 0: [5, 0] -> class 0 (right); video 2: [2, 1] -> class 0 (wrong, label 1).
+    assert stats["multiview_acc1"] == 50.0 and stats["num_videos"] == 2
+    assert (stats["multiview_skipped_videos"], stats["multiview_skipped_clips"]) == (1, 3)
     with pytest.raises(RuntimeError, match="different labels"):
         video_labels(torch.tensor([3, 3, 1, 1, 1, 1]), 3)
 

@@ -184,3 +184,71 @@ def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
     assert results["num_videos"] == 8 and results["num_clips_per_video"] == 3
     ckpt = torch.load(tmp_path / "linear" / "checkpoint.pth.tar", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.001 * 6 / 256)
+
+
+def _lists_with_corrupt_videos(synthetic_root, tmp_path, list_dir: str, names: list[str]):
+    """Copies of `list_dir`'s lists in tmp_path/with_corrupt, with an unreadable video (absolute path, so
+    DATA.PATH_PREFIX leaves it as is) inserted in the middle of each list of `names`."""
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00not a video" * 64)
+    out = tmp_path / "with_corrupt"
+    out.mkdir()
+    for src in (synthetic_root / list_dir).iterdir():
+        lines = src.read_text().splitlines()
+        if src.name in names:
+            lines.insert(len(lines) // 2, f"{corrupt} 1")
+        (out / src.name).write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_knn_skips_unreadable_train_and_val_videos(synthetic_root, checkpoint, tmp_path):
+    lists = _lists_with_corrupt_videos(synthetic_root, tmp_path, "knn_splits",
+                                       ["ucf101_train_split_1_videos.txt", "ucf101_val_split_1_videos.txt"])
+    common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--nb_knn", "1", "3",
+              "--batch_size_per_gpu", "5", "--num_workers", "0", "--dataset", "ucf101", "--use_cuda", "False"]
+    clean = knn(common + ["--output_dir", str(tmp_path / "clean"), "--opts"] + _data_opts(synthetic_root, "knn_splits"))
+    dist.destroy_process_group()
+    opts = ["DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(synthetic_root / "videos")] + OPTS
+    res = knn(common + ["--output_dir", str(tmp_path / "skip"), "--dump_features", str(tmp_path / "feats"),
+                        "--opts"] + opts)
+    assert clean["skipped_videos"] == 0 and res["skipped_videos"] == 2
+    assert (res["skipped_train_videos"], res["skipped_val_videos"]) == (1, 1)
+    assert (res["num_train"], res["num_test"]) == (clean["num_train"], clean["num_test"]) == (16, 8)
+    assert res["results"] == clean["results"]
+    assert json.loads((tmp_path / "skip" / "knn_results.json").read_text())["skipped_videos"] == 2
+    # The dump keeps one row per list line; the unreadable video's row has label -1 (dropped on reload).
+    assert torch.load(tmp_path / "feats" / "trainlabels.pth").tolist().count(-1) == 1
+    dist.destroy_process_group()
+    reloaded = knn(common + ["--output_dir", str(tmp_path / "reload"), "--load_features", str(tmp_path / "feats"),
+                             "--opts"] + opts)
+    assert reloaded["results"] == clean["results"] and reloaded["skipped_videos"] == 2
+
+
+def test_linear_probe_skips_an_unreadable_val_video(synthetic_root, checkpoint, tmp_path):
+    lists = _lists_with_corrupt_videos(synthetic_root, tmp_path, "splits", ["ucf101_val_split_1_videos.txt"])
+    common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "1",
+              "--batch_size_per_gpu", "8", "--num_workers", "0", "--dataset", "ucf101", "--num_labels", "4"]
+    views = ["TEST.NUM_SPATIAL_CROPS", "1", "TEST.NUM_ENSEMBLE_VIEWS", "2"]  # 2 clips per test video
+    opts = ["--opts", "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(synthetic_root / "videos")] + OPTS + views
+    out = tmp_path / "le"
+    stats = linear(common + ["--epochs", "1", "--output_dir", str(out)] + opts)
+    # The val list serves both the single-view val and the 2-clip test: the video is left out of each.
+    assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 2
+    assert (stats["val_skipped_videos"], stats["multiview_skipped_videos"], stats["multiview_skipped_clips"]) == (1, 1, 2)
+    assert stats["skipped_videos"] == 2
+    assert json.loads((out / "linear_results.json").read_text())["skipped_videos"] == 2
+    lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
+    assert lines[0]["test_skipped_videos"] == 1 and lines[-1]["test_skipped_videos"] == 2
+    # --evaluate scores the same as on the list without the unreadable video.
+    ckpt = ["--lc_pretrained_weights", str(out / "checkpoint.pth.tar")]
+    dist.destroy_process_group()
+    ev = linear(common + ckpt + ["--output_dir", str(tmp_path / "ev")] + opts)
+    dist.destroy_process_group()
+    ref = linear(common + ckpt + ["--output_dir", str(tmp_path / "ref"), "--opts"] + _data_opts(synthetic_root, "splits") + views)
+    assert ev["skipped_videos"] == 2 and ref["skipped_videos"] == 0
+    assert (ev["acc1"], ev["multiview_acc1"], ev["num_videos"]) == (ref["acc1"], ref["multiview_acc1"], 8)
+    assert ev["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    # Slow-fast clips (a list of two clips per sample): the placeholder has both shapes, the run finishes.
+    dist.destroy_process_group()
+    sf = linear(common + ckpt + ["--slowfast_eval", "True", "--output_dir", str(tmp_path / "sf")] + opts)
+    assert sf["skipped_videos"] == 2 and sf["num_videos"] == 8

@@ -1,4 +1,5 @@
 """What a user sees for common set-up mistakes: each error names the file or key and the fix."""
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets import build_dataset
+from datasets import build_dataset, video_dataset
 from models import vit_tiny_patch16_224
 from tests.conftest import build_cfg
 from utils.checkpoint import load_pretrained_weights
@@ -35,13 +36,28 @@ def test_a_missing_training_video_is_replaced_and_counted(synthetic_root, tmp_pa
     assert meta["skipped"] == 1 and index != 0 and label == ds.video_labels[index]
 
 
+@pytest.mark.parametrize("slowfast", [False, True])
 @pytest.mark.parametrize("mode", ["val", "test"])
-def test_a_missing_evaluation_video_is_an_error_naming_it(synthetic_root, tmp_path, mode):
+def test_an_unreadable_evaluation_video_is_a_label_minus_one_placeholder(synthetic_root, tmp_path, mode, slowfast,
+                                                                        caplog):
     cfg, _ = _list_with_a_missing_video(synthetic_root, tmp_path, "test" if mode == "test" else "val")
-    ds = build_dataset("kinetics400", cfg, mode)
-    with pytest.raises(RuntimeError, match=rf"kinetics400 {mode}: cannot evaluate .*gone/absent\.mp4.*check_videos\.py"):
-        ds[0]
-    assert ds[ds.num_clips_per_video][3]["skipped"] == 0
+    ds = build_dataset("kinetics400", cfg, mode, slowfast=slowfast)
+    video_dataset._LOGGED_FAILURES.discard(ds.video_paths[0])
+    good_frames, good_label, _, good_meta = ds[ds.num_clips_per_video]
+    assert good_label >= 0 and good_meta["skipped"] == 0
+    with caplog.at_level(logging.WARNING, logger="datasets.video_dataset"):
+        samples = [ds[i] for i in range(ds.num_clips_per_video)]  # every clip of the unreadable video
+    for i, (frames, label, index, meta) in enumerate(samples):
+        assert label == -1 and index == i and meta == {"skipped": 1}
+        if slowfast:
+            assert isinstance(frames, list) and len(frames) == 2
+            assert [f.shape for f in frames] == [g.shape for g in good_frames]
+            assert frames[1].shape == (3, 32, 16, 16) and all(not f.any() for f in frames)
+        else:
+            assert frames.shape == good_frames.shape == (3, 4, 32, 32) and not frames.any()
+    assert ds.num_skipped == 1  # one video, however many clips
+    logged = [r for r in caplog.records if "gone/absent.mp4" in r.getMessage()]
+    assert len(logged) == 1 and "label -1" in logged[0].getMessage()  # once, with the path
 
 
 def test_linear_probe_checkpoint_is_named_as_such(tmp_path):
