@@ -365,11 +365,7 @@ def main(args) -> dict | None:
     utils.fix_random_seeds(args.seed)
     cfg = load_config(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device("cpu")
+    device = utils.default_device()
     if args.load_features:
         train_features, test_features, train_labels, test_labels = load_dumped_features(args.load_features)
     else:

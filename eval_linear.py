@@ -257,11 +257,7 @@ def eval_linear(args) -> dict:
     utils.fix_random_seeds(args.seed)
     cfg = load_config(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device("cpu")
+    device = utils.default_device()
     os.makedirs(args.output_dir, exist_ok=True)
     evaluate_only = args.evaluate or bool(args.lc_pretrained_weights)
     if utils.is_main_process():

@@ -151,6 +151,14 @@ def resolve_amp_dtype(use_fp16: bool, amp_dtype: str, device: torch.device) -> t
     raise ValueError(f"--amp_dtype {amp_dtype!r}: use auto, bf16 or fp16")
 
 
+def default_device() -> torch.device:
+    """This process's CUDA device (with cudnn autotuning), or the CPU."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def autocast_context(precision: torch.dtype | None, device: torch.device):
     """torch.autocast for `precision` on `device`, or a no-op context for fp32 (None)."""
     if precision is None:
