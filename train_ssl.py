@@ -640,7 +640,7 @@ class OnlineKNN:
 
     def __init__(self, args, cfg, device: torch.device):
         import eval_knn
-        from datasets import ReturnIndexDataset, build_dataset
+        from datasets import build_dataset
         if not args.knn_data_path:
             raise ValueError("--knn_freq needs --knn_data_path (the folder with the kNN train/val lists).")
         knn_cfg = cfg.clone()
@@ -650,12 +650,11 @@ class OnlineKNN:
         knn_cfg = eval_knn.knn_config(knn_cfg)
         knn_args = argparse.Namespace(dataset=args.knn_dataset, train_aug=False, num_workers=args.num_workers,
                                       batch_size_per_gpu=args.eval_batch_size_per_gpu)
-        datasets = (ReturnIndexDataset(eval_knn.build_train_bank_dataset(knn_args, knn_cfg)),
-                    ReturnIndexDataset(build_dataset(args.knn_dataset, knn_cfg, "val")))
+        datasets = (eval_knn.ReturnIndexLabelDataset(eval_knn.build_train_bank_dataset(knn_args, knn_cfg)),
+                    eval_knn.ReturnIndexLabelDataset(build_dataset(args.knn_dataset, knn_cfg, "val")))
         self.eval_knn, self.args, self.device = eval_knn, args, device
         self.loaders = [eval_knn.make_loader(ds, knn_args) for ds in datasets]
-        self.labels = [eval_knn.dataset_labels(ds) for ds in datasets]
-        self.num_classes = int(max(int(lab.max()) for lab in self.labels)) + 1
+        self.num_classes = int(max(int(eval_knn.dataset_labels(ds).max()) for ds in datasets)) + 1
         print(f"Online kNN on {args.knn_dataset}: {len(datasets[0])} train and {len(datasets[1])} val videos.")
 
     @torch.no_grad()
@@ -663,11 +662,13 @@ class OnlineKNN:
         was_training = backbone.training
         backbone.eval()
         with utils.autocast_context(precision, self.device):
-            feats = [F.normalize(self.eval_knn.extract_features(backbone, loader, self.device), dim=1)
-                     for loader in self.loaders]
+            # label -1 marks an unreadable video: left out of the bank and the queries, as in eval_knn.py
+            (bank, bank_labels, _), (queries, query_labels, _) = [
+                self.eval_knn.drop_skipped(*self.eval_knn.extract_features_and_labels(backbone, loader, self.device))
+                for loader in self.loaders]
         backbone.train(was_training)
-        return self.eval_knn.knn_classifier(feats[0], self.labels[0], feats[1], self.labels[1], self.args.nb_knn,
-                                            self.args.temperature, self.num_classes)
+        return self.eval_knn.knn_classifier(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1),
+                                            query_labels, self.args.nb_knn, self.args.temperature, self.num_classes)
 
 
 if __name__ == "__main__":
