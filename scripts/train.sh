@@ -18,6 +18,7 @@ set -euo pipefail
 PROJECT_PATH="${PROJECT_PATH:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 PYTHON="${PYTHON:-python3}"
 cd "$PROJECT_PATH"
+source scripts/common.sh
 PYTHON="$PYTHON" bash scripts/install_deps.sh
 
 DATA_PATH="${DATA_PATH:-$PROJECT_PATH/data/kinetics400/annotations}"
@@ -30,29 +31,9 @@ if [[ -z "${GPUS:-}" ]]; then
     GPUS=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 
-# Split the forwarded arguments: everything after a user `--opts` goes after the script's opts.
-user_args=()
-user_opts=()
-in_opts=0
-for arg in "$@"; do
-    if [[ "$arg" == "--opts" ]]; then in_opts=1; continue; fi
-    if (( in_opts )); then user_opts+=("$arg"); else user_args+=("$arg"); fi
-done
+split_user_args "$@"
 
-# Fail before launching when the train list is not where the run will look (a forwarded --data_path wins).
-data_dir="$DATA_PATH"
-for ((i = 0; i < ${#user_args[@]}; i++)); do
-    case "${user_args[i]}" in
-        --data_path) data_dir="${user_args[i + 1]:-}" ;;
-        --data_path=*) data_dir="${user_args[i]#--data_path=}" ;;
-    esac
-done
-if [[ ! -f "$data_dir/train.csv" ]]; then
-    echo "$(basename "$0"): $data_dir/train.csv not found. Set DATA_PATH (or pass --data_path) to the folder" \
-         "with the Kinetics train.csv ('path label' per line), e.g. DATA_PATH=/data/k400/annotations;" \
-         "video paths in it are joined to DATA.PATH_PREFIX (--opts DATA.PATH_PREFIX /data/k400/videos)." >&2
-    exit 2
-fi
+require_train_csv "$DATA_PATH"
 mkdir -p "checkpoints/$EXP_NAME"
 
 if (( NNODES > 1 )); then
@@ -71,11 +52,4 @@ fi
   --data_path "$DATA_PATH" \
   --output_dir "checkpoints/$EXP_NAME" \
   ${user_args[@]+"${user_args[@]}"} \
-  --opts \
-  MODEL.TWO_STREAM False \
-  MODEL.TWO_TOKEN False \
-  DATA.NO_FLOW_AUG False \
-  DATA.USE_FLOW False \
-  DATA.RAND_CONV False \
-  DATA.NO_SPATIAL False \
-  ${user_opts[@]+"${user_opts[@]}"}
+  --opts "${ORIGINAL_OPTS[@]}" ${user_opts[@]+"${user_opts[@]}"}

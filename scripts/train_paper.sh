@@ -8,16 +8,11 @@
 # Extra arguments and `--opts` are forwarded and win over the preset.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/common.sh"
 export EXP_NAME="${EXP_NAME:-svt_paper}"
 export EPOCHS="${EPOCHS:-20}"
 
-user_args=()
-user_opts=()
-in_opts=0
-for arg in "$@"; do
-    if [[ "$arg" == "--opts" ]]; then in_opts=1; continue; fi
-    if (( in_opts )); then user_opts+=("$arg"); else user_args+=("$arg"); fi
-done
+split_user_args "$@"
 
 paper_opts=(DATA.GLOBAL_NUM_FRAMES "[8, 16]" DATA.LOCAL_NUM_FRAMES "[2, 2, 4, 4, 8, 8, 16, 16]")
 if [[ -n "${PRETRAINED:-}" ]]; then
