@@ -10,7 +10,7 @@ import torch
 
 from datasets import decoder
 from datasets.preprocessing import check_videos, resize_videos
-from datasets.synthetic import MOTIONS, generate, render_video
+from datasets.synthetic import MOTIONS, _particle_paths, generate, render_particles, render_video
 
 
 def test_render_is_deterministic_and_seed_dependent():
@@ -33,6 +33,58 @@ def test_translations_move_the_object_the_right_way(motion, axis, sign):
     assert sign * (end - start) > 5
 
 
+def test_particles_are_deterministic_and_shaped():
+    a = render_particles("zoom_in", 6, 32, np.random.default_rng([0, 1]), width=48)
+    assert a.shape == (6, 32, 48, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, render_particles("zoom_in", 6, 32, np.random.default_rng([0, 1]), width=48))
+    assert not np.array_equal(a, render_particles("zoom_in", 6, 32, np.random.default_rng([1, 1]), width=48))
+    with pytest.raises(ValueError, match="unknown motion"):
+        render_particles("jump", 4, 32, np.random.default_rng(0))
+
+
+def _best_shift(a: np.ndarray, b: np.ndarray, reach: int = 8) -> tuple[int, int]:
+    """(dy, dx) such that rolling frame a by it matches frame b best (the field wraps around the edges)."""
+    errors = {(dy, dx): np.abs(np.roll(a, (dy, dx), axis=(0, 1)) - b).sum()
+              for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)}
+    return min(errors, key=errors.get)
+
+
+@pytest.mark.parametrize("motion, expected", [("move_right", (0, 1)), ("move_left", (0, -1)),
+                                              ("move_down", (1, 0)), ("move_up", (-1, 0))])
+def test_particle_field_translates_as_a_whole(motion, expected):
+    frames = render_particles(motion, 9, 64, np.random.default_rng(3)).astype(np.float32).mean(-1)
+    # 0.6-1.4 px per frame: 8 frames move the whole field by 5-11 px along the motion only.
+    dy, dx = _best_shift(frames[0], frames[8], reach=12)
+    assert np.sign([dy, dx]).tolist() == list(expected) and 4 <= abs(dy + dx) <= 12
+
+
+@pytest.mark.parametrize("motion", ["rotate_cw", "rotate_ccw", "zoom_in", "zoom_out"])
+def test_polar_particle_motions(motion):
+    paths = _particle_paths(motion, 64, 64, 200, 1.0, np.random.default_rng(0))
+    xy0, xy1 = paths(np.array(10.0)) - 32, paths(np.array(11.0)) - 32
+    r0, r1 = np.hypot(*xy0.T), np.hypot(*xy1.T)
+    turn = np.angle(np.exp(1j * (np.arctan2(xy1[:, 1], xy1[:, 0]) - np.arctan2(xy0[:, 1], xy0[:, 0]))))
+    if motion.startswith("rotate"):
+        # Image y points down, so clockwise on screen is a growing angle.
+        assert np.allclose(r0, r1) and np.allclose(turn, 0.04 if motion == "rotate_cw" else -0.04)
+    else:
+        # Radii scale by exp(+-0.035) per frame, except the few that wrap around to the other end.
+        ratio = r1 / r0
+        assert np.mean(np.isclose(ratio, np.exp(0.035 if motion == "zoom_in" else -0.035))) > 0.9
+        assert np.allclose(turn, 0)
+
+
+def test_generate_particles_and_scene_errors(tmp_path):
+    root = generate(str(tmp_path / "p"), num_classes=2, per_class=2, num_frames=4, size=64, scene="particles",
+                    motions=["move_up", "zoom_in"])
+    with decoder.open_video(str(root / "videos" / "zoom_in" / "zoom_in_001.mp4"), "pyav") as reader:
+        assert reader.num_frames == 4 and reader.get_frames(range(4)).shape == (4, 64, 64, 3)
+    with pytest.raises(ValueError, match="unknown scene"):
+        generate(str(tmp_path / "x"), num_classes=1, per_class=2, scene="stars")
+    with pytest.raises(ValueError, match="colour_drift applies to the object scene"):
+        generate(str(tmp_path / "x"), num_classes=1, per_class=2, scene="particles", colour_drift=True)
+
+
 def test_generate_layout_and_determinism(tmp_path):
     # size 64: below that x264 output was observed to vary between runs (see datasets/synthetic.py).
     a = generate(str(tmp_path / "a"), num_classes=2, per_class=3, num_frames=6, size=64, seed=5)
@@ -53,7 +105,8 @@ def test_generate_layout_and_determinism(tmp_path):
 
 def test_generate_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "datasets.synthetic", "--out", str(tmp_path), "--classes", "2",
-                          "--per_class", "2", "--frames", "4", "--size", "32"], capture_output=True, text=True)
+                          "--per_class", "2", "--frames", "4", "--size", "32", "--scene", "particles"],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "wrote 4 videos" in out.stdout and len(list((tmp_path / "videos").rglob("*.mp4"))) == 4
 
