@@ -13,6 +13,7 @@ import contextlib
 import copy
 import datetime
 import json
+import math
 import os
 import random
 import sys
@@ -409,6 +410,9 @@ def train_svt(args) -> None:
                                                start_iter=start_iter if epoch == start_epoch else 0)
 
         last = epoch + 1 == args.epochs
+        warning = "loss" in train_stats and uniform_collapse_warning(train_stats["loss"], args.out_dim)
+        if warning:
+            print(f"Epoch {epoch}: {warning}")
         save_checkpoint(epoch + 1, 0, numbered=bool(args.saveckp_freq) and epoch % args.saveckp_freq == 0)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "skipped_videos": skipped, "epoch_time": round(time.time() - epoch_start, 3)}
@@ -526,6 +530,18 @@ def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Te
     """theta_t <- m * theta_t + (1 - m) * theta_s for every parameter pair."""
     torch._foreach_mul_(teacher_params, m)
     torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+
+
+def uniform_collapse_warning(epoch_loss: float, out_dim: int, tolerance: float = 0.005) -> str | None:
+    """A warning when the epoch's mean loss is within `tolerance` (relative) of ln(out_dim): the value of
+    the cross-entropy when the teacher's centred targets are uniform, i.e. the outputs have collapsed."""
+    uniform = math.log(out_dim)
+    if abs(epoch_loss - uniform) > tolerance * uniform:
+        return None
+    return (f"WARNING: the loss ({epoch_loss:.4f}) sits at ln(out_dim) = {uniform:.4f}: the teacher's targets "
+            "are uniform (collapse) and the features stop improving. Sharpen the teacher (lower "
+            "--teacher_temp / --warmup_teacher_temp), add --use_bn_in_head True, or give the data more "
+            "variety (common with small, uniform-looking data sets and small batches).")
 
 
 def stop_if_nonfinite(nonfinite: torch.Tensor, losses: list[torch.Tensor], epoch: int, it: int, args) -> None:

@@ -301,3 +301,13 @@ def test_bf16_grad_checkpointing_lars_run(synthetic_root, tmp_path, monkeypatch)
     assert np.isfinite(line["train_loss"])
     ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
     assert all(v.dtype == torch.float32 for v in ckpt["student"].values() if v.is_floating_point())
+
+
+def test_uniform_collapse_warning_at_ln_out_dim():
+    # Uniform teacher targets over K prototypes give a cross-entropy of exactly ln K.
+    import math
+    assert train_ssl.uniform_collapse_warning(4.3, 512) is None
+    assert train_ssl.uniform_collapse_warning(math.log(512) * 0.99, 512) is None
+    msg = train_ssl.uniform_collapse_warning(6.2389, 512)
+    assert msg and "ln(out_dim) = 6.2383" in msg and "--teacher_temp" in msg and "--use_bn_in_head" in msg
+    assert train_ssl.uniform_collapse_warning(math.log(65536), 65536)
