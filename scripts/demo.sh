@@ -57,7 +57,7 @@ data_opts=(DATA.PATH_PREFIX "$DATA_PATH/videos" DATA.NUM_FRAMES 4 DATA.SAMPLING_
            DATA.TRAIN_CROP_SIZE 64 DATA.LOCAL_CROP_SIZE 32 DATA.TEST_CROP_SIZE 64
            DATA.TRAIN_JITTER_SCALES "[64, 64]" TEST.NUM_SPATIAL_CROPS 1 MODEL.DROP_PATH_RATE 0.0 MODEL.DEPTH 4)
 
-# SVT's recipe at a CPU budget (about 150 steps of batch 16). Every video looks alike, so a random
+# SVT's recipe at a CPU budget (120 steps of batch 16). Every video looks alike, so a random
 # network's outputs barely differ between videos; BatchNorm in the head (DINO's --use_bn_in_head)
 # and a sharper teacher (0.01) keep the targets apart, where the defaults collapse to a uniform output
 # (the loss sits at ln(out_dim) = 6.24).
