@@ -15,17 +15,15 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from datasets import DATASETS, build_dataset
-from datasets.video_dataset import SKIPPED_LABEL
-from eval_knn import (ReturnIndexLabelDataset, dataset_labels, extract_features_and_labels, load_backbone,
-                      make_loader, to_device, top1_top5)
 from models import ARCHS
 from utils import utils
 from utils.checkpoint import atomic_save, safe_torch_load
+from utils.evaluation import (ReturnIndexLabelDataset, clip_features, dataset_labels, extract_features_and_labels,
+                              load_backbone, make_loader, multi_view_stats, single_view_stats, to_device)
 from utils.parser import add_config_args, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -78,180 +76,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class LinearClassifier(nn.Module):
-    """One linear layer on the flattened features (weight N(0, 0.01), bias 0)."""
-
-    def __init__(self, dim: int, num_labels: int = 1000):
-        super().__init__()
-        self.num_labels = num_labels
-        self.linear = nn.Linear(dim, num_labels)
-        self.linear.weight.data.normal_(mean=0.0, std=0.01)
-        self.linear.bias.data.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.view(x.size(0), -1))
-
-
-def clip_features(model: nn.Module, frames, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
-    """CLS of the last n blocks (+ mean patch token of the last), concatenated: (B, D * (n + avgpool)).
-
-    `frames` may be a list of clips of the same videos (slow-fast): their features are averaged.
-    """
-    if isinstance(frames, (list, tuple)):
-        return torch.stack([clip_features(model, f, n_last_blocks, avgpool) for f in frames]).mean(0)
-    blocks = model.get_intermediate_layers(frames, n_last_blocks)
-    out = [x[:, 0] for x in blocks]
-    if avgpool:
-        out.append(blocks[-1][:, 1:].mean(dim=1))
-    return torch.cat(out, dim=-1).float()
-
-
-def aggregate_views(scores: torch.Tensor, video_ids: torch.Tensor, num_videos: int,
-                    ensemble: str = "sum") -> torch.Tensor:
-    """(num_videos, C) per-video scores from (N_clips, C) clip logits: summed logits or mean softmax."""
-    if ensemble == "softmax":
-        scores = scores.softmax(dim=1)
-    elif ensemble != "sum":
-        raise ValueError(f"ensemble must be 'sum' or 'softmax', got {ensemble!r}")
-    out = torch.zeros(num_videos, scores.shape[1], dtype=scores.dtype).index_add_(0, video_ids, scores)
-    if ensemble == "softmax":
-        out /= torch.bincount(video_ids, minlength=num_videos).clamp(min=1).unsqueeze(1).to(out.dtype)
-    return out
-
-
-def video_labels(clip_labels: torch.Tensor, num_clips: int) -> torch.Tensor:
-    """One label per video from the per-clip labels (clip i belongs to video i // num_clips)."""
-    per_video = clip_labels.view(-1, num_clips)
-    if not bool((per_video == per_video[:, :1]).all()):
-        raise RuntimeError("multi-view test: the clips of one video have different labels; the dataset must "
-                           "list the clips of video v at indices v * num_clips ... (v + 1) * num_clips - 1.")
-    return per_video[:, 0]
-
-
-def accuracy_stats(scores: torch.Tensor, labels: torch.Tensor, num_labels: int, prefix: str = "") -> dict:
-    """Top-1 (and top-5 with at least 5 classes) accuracy in percent."""
-    top1, top5 = top1_top5(scores, labels)
-    stats = {f"{prefix}acc1": top1}
-    if num_labels >= 5:
-        stats[f"{prefix}acc5"] = top5
-    return stats
-
-
-def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N_clips, C) classifier logits and (N_clips,) returned labels (-1: undecodable) of every clip, each
-    rank its shard, gathered in index order on every rank."""
-    classifier.eval()
-    head = classifier.module if hasattr(classifier, "module") else classifier
-
-    def score(frames):
-        return head(clip_features(model, frames, args.n_last_blocks, args.avgpool_patchtokens))
-
-    return extract_features_and_labels(score, make_loader(ReturnIndexLabelDataset(dataset), args), device)
-
-
-@torch.no_grad()
-def validate_network(model, classifier, dataset, args, device) -> dict:
-    """Single-view accuracy: one clip per video; undecodable videos (label -1) are left out and counted."""
-    logits, labels = clip_logits(model, classifier, dataset, args, device)
-    keep = labels != SKIPPED_LABEL
-    logits, labels = logits[keep], labels[keep]
-    loss = F.cross_entropy(logits, labels).item() if labels.numel() else float("nan")
-    return {**accuracy_stats(logits, labels, args.num_labels), "loss": loss,
-            "skipped_videos": int((~keep).sum())}
-
-
-@torch.no_grad()
-def validate_network_multi_view(model, classifier, dataset, args, device) -> dict:
-    """Per-video accuracy over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips, aggregated by `args.ensemble`.
-
-    Clips of label -1 (undecodable) are left out of the aggregation; a video without any decoded clip is
-    left out of the accuracy and counted in "multiview_skipped_videos"."""
-    logits, returned = clip_logits(model, classifier, dataset, args, device)
-    num_clips = dataset.num_clips_per_video
-    num_videos = logits.shape[0] // num_clips
-    n = num_videos * num_clips
-    video_ids = torch.arange(n) // num_clips
-    keep = returned[:n] != SKIPPED_LABEL
-    scores = aggregate_views(logits[:n][keep], video_ids[keep], num_videos, args.ensemble)
-    labels = video_labels(dataset_labels(dataset)[:n], num_clips)
-    scored = torch.bincount(video_ids[keep], minlength=num_videos) > 0
-    stats = accuracy_stats(scores[scored], labels[scored], args.num_labels, prefix="multiview_")
-    stats.update(num_videos=int(scored.sum()), num_clips_per_video=num_clips,
-                 multiview_skipped_videos=int((~scored).sum()), multiview_skipped_clips=int((~keep).sum()))
-    return stats
-
-
-def train_one_epoch(model, classifier, optimizer, loader, epoch: int, args, device) -> dict:
-    classifier.train()
-    metric_logger = utils.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    header = f"Epoch: [{epoch}]"
-    for frames, target, _, _ in metric_logger.log_every(loader, 20, header):
-        frames = to_device(frames, device)
-        target = target.to(device, non_blocking=True)
-        with torch.no_grad():
-            features = clip_features(model, frames, args.n_last_blocks, args.avgpool_patchtokens)
-        loss = nn.functional.cross_entropy(classifier(features), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        metric_logger.update(loss=loss.item())
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-    metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-
-
-def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) -> None:
-    """Load `linear.*` (or DDP's `module.linear.*`) weights; a shape mismatch is an error naming the fix."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = classifier.state_dict()
-    if set(state) != set(expected):
-        raise KeyError(f"{path}: expected the keys {sorted(expected)} of a linear classifier, found "
-                       f"{sorted(state)[:6]}. Pass a checkpoint.pth.tar written by eval_linear.py.")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but this run builds "
-                             f"{tuple(expected[key].shape)} (num_labels x feature dim). Match --num_labels, "
-                             f"--n_last_blocks, --avgpool_patchtokens and --arch to the run that trained it.")
-    classifier.load_state_dict(state)
-
-
-def eval_config(cfg, ensemble_views: int | None = None, spatial_crops: int | None = None, **data):
-    cfg = cfg.clone()
-    cfg.defrost()
-    if ensemble_views is not None:
-        cfg.TEST.NUM_ENSEMBLE_VIEWS = ensemble_views
-    if spatial_crops is not None:
-        cfg.TEST.NUM_SPATIAL_CROPS = spatial_crops
-    for key, value in data.items():
-        cfg.DATA[key] = value
-    cfg.freeze()
-    return cfg
-
-
-def infer_num_labels(datasets: Sequence) -> int:
-    return int(max(int(dataset_labels(d).max()) for d in datasets)) + 1
-
-
-def write_log(args, stats: dict) -> None:
-    if utils.is_main_process():
-        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(stats) + "\n")
-
-
-def final_test(model, classifier, test_set, args, device) -> dict:
-    stats = validate_network_multi_view(model, classifier, test_set, args, device)
-    print(f"Multi-view test ({stats['num_clips_per_video']} clips x {stats['num_videos']} videos, "
-          f"{args.ensemble}): top-1 {stats['multiview_acc1']:.2f}"
-          + (f", top-5 {stats['multiview_acc5']:.2f}" if "multiview_acc5" in stats else "")
-          + f"; skipped videos (unreadable, left out): {stats['multiview_skipped_videos']}")
-    return stats
-
-
 def eval_linear(args) -> dict:
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
@@ -292,7 +116,7 @@ def eval_linear(args) -> dict:
     print(f"Data loaded: {len(train_set) if train_set else 0} train clips, {len(val_set)} val clips, "
           f"{len(test_set)} test clips ({test_set.num_clips_per_video} per video); {args.num_labels} classes.")
 
-    model = load_backbone(args, cfg, device)
+    model = load_backbone(args.arch, cfg, device, args.pretrained_weights, args.checkpoint_key)
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     if not 1 <= args.n_last_blocks <= len(model.blocks):
         raise ValueError(f"--n_last_blocks {args.n_last_blocks}: the backbone has {len(model.blocks)} blocks.")
@@ -356,6 +180,119 @@ def eval_linear(args) -> dict:
     write_log(args, {f"test_{k}": v for k, v in stats.items()})
     _write_results(args, stats)
     return stats
+
+
+def train_one_epoch(model, classifier, optimizer, loader, epoch: int, args, device) -> dict:
+    classifier.train()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+    for frames, target, _, _ in metric_logger.log_every(loader, 20, header):
+        frames = to_device(frames, device)
+        target = target.to(device, non_blocking=True)
+        with torch.no_grad():
+            features = clip_features(model, frames, args.n_last_blocks, args.avgpool_patchtokens)
+        loss = nn.functional.cross_entropy(classifier(features), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        metric_logger.update(loss=loss.item())
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def validate_network(model, classifier, dataset, args, device) -> dict:
+    """Single-view accuracy: one clip per video; undecodable videos (label -1) are left out and counted."""
+    logits, labels = clip_logits(model, classifier, dataset, args, device)
+    return single_view_stats(logits, labels, args.num_labels)
+
+
+@torch.no_grad()
+def validate_network_multi_view(model, classifier, dataset, args, device) -> dict:
+    """Per-video accuracy over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips, aggregated by `args.ensemble`."""
+    logits, returned = clip_logits(model, classifier, dataset, args, device)
+    return multi_view_stats(logits, returned, dataset_labels(dataset), dataset.num_clips_per_video, args.ensemble,
+                            args.num_labels)
+
+
+def final_test(model, classifier, test_set, args, device) -> dict:
+    stats = validate_network_multi_view(model, classifier, test_set, args, device)
+    print(f"Multi-view test ({stats['num_clips_per_video']} clips x {stats['num_videos']} videos, "
+          f"{args.ensemble}): top-1 {stats['multiview_acc1']:.2f}"
+          + (f", top-5 {stats['multiview_acc5']:.2f}" if "multiview_acc5" in stats else "")
+          + f"; skipped videos (unreadable, left out): {stats['multiview_skipped_videos']}")
+    return stats
+
+
+class LinearClassifier(nn.Module):
+    """One linear layer on the flattened features (weight N(0, 0.01), bias 0)."""
+
+    def __init__(self, dim: int, num_labels: int = 1000):
+        super().__init__()
+        self.num_labels = num_labels
+        self.linear = nn.Linear(dim, num_labels)
+        self.linear.weight.data.normal_(mean=0.0, std=0.01)
+        self.linear.bias.data.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.view(x.size(0), -1))
+
+
+def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) -> None:
+    """Load `linear.*` (or DDP's `module.linear.*`) weights; a shape mismatch is an error naming the fix."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = classifier.state_dict()
+    if set(state) != set(expected):
+        raise KeyError(f"{path}: expected the keys {sorted(expected)} of a linear classifier, found "
+                       f"{sorted(state)[:6]}. Pass a checkpoint.pth.tar written by eval_linear.py.")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but this run builds "
+                             f"{tuple(expected[key].shape)} (num_labels x feature dim). Match --num_labels, "
+                             f"--n_last_blocks, --avgpool_patchtokens and --arch to the run that trained it.")
+    classifier.load_state_dict(state)
+
+
+def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N_clips, C) classifier logits and (N_clips,) returned labels (-1: undecodable) of every clip, each
+    rank its shard, gathered in index order on every rank."""
+    classifier.eval()
+    head = classifier.module if hasattr(classifier, "module") else classifier
+
+    def score(frames):
+        return head(clip_features(model, frames, args.n_last_blocks, args.avgpool_patchtokens))
+
+    loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers)
+    return extract_features_and_labels(score, loader, device)
+
+
+def eval_config(cfg, ensemble_views: int | None = None, spatial_crops: int | None = None, **data):
+    cfg = cfg.clone()
+    cfg.defrost()
+    if ensemble_views is not None:
+        cfg.TEST.NUM_ENSEMBLE_VIEWS = ensemble_views
+    if spatial_crops is not None:
+        cfg.TEST.NUM_SPATIAL_CROPS = spatial_crops
+    for key, value in data.items():
+        cfg.DATA[key] = value
+    cfg.freeze()
+    return cfg
+
+
+def infer_num_labels(datasets: Sequence) -> int:
+    return int(max(int(dataset_labels(d).max()) for d in datasets)) + 1
+
+
+def write_log(args, stats: dict) -> None:
+    if utils.is_main_process():
+        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
 
 
 def with_skipped_total(stats: dict, val_skipped: int) -> dict:

@@ -8,31 +8,33 @@ motion correspondence, local/global the cross-view correspondence.
     torchrun --nproc_per_node=4 train_ssl.py --arch timesformer --batch_size_per_gpu 8 \
         --data_path /data/k400/annotations --output_dir checkpoints/svt --opts DATA.PATH_PREFIX /data/k400/videos
 """
+from __future__ import annotations
+
 import argparse
-import contextlib
 import copy
 import datetime
 import json
 import math
-import os
-import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from datasets.kinetics import Kinetics
+from datasets import build_dataset
+from datasets.seeding import SeededDataset, SeededDistributedSampler, preserved_rng_state
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
-from models import ARCHS, DINOHead, MultiCropWrapper, build_backbone
+from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import utils
-from utils.checkpoint import atomic_save, load_pretrained_weights, restart_from_checkpoint
+from utils.checkpoint import (PrefixedState, atomic_save, gather_rng_states, load_imagenet_init,
+                              load_pretrained_weights, restart_from_checkpoint, restore_rng)
+from utils.evaluation import OnlineKNN
 from utils.parser import add_config_args, load_config
 
 ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
@@ -145,193 +147,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class DINOLoss(nn.Module):
-    """Cross-entropy between the centred, sharpened teacher softmax and the student log-softmax, averaged
-    over every (teacher global view, student view) pair with different views: 2 * (ncrops - 1) terms."""
-
-    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
-                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.ncrops = ncrops
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        # The teacher temperature has a linear warm-up, indexed per epoch.
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp,
-        ))
-
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
-        temp = self.teacher_temp_schedule[epoch]
-        teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
-        # All (teacher view i, student view v) cross-entropies at once: ce[b, i, v] = -sum_k q[i,b,k] logp[v,b,k]
-        # as one batched matmul over the K prototypes (instead of 2 * ncrops element-wise passes).
-        batch = teacher_p.shape[0] // 2
-        q = teacher_p.unflatten(0, (2, batch)).transpose(0, 1)  # (B, 2, K)
-        logp = student_logp.unflatten(0, (self.ncrops, batch)).permute(1, 2, 0)  # (B, K, ncrops)
-        with torch.autocast(q.device.type, enabled=False):  # the loss stays fp32 under mixed precision
-            ce = -torch.bmm(q, logp).mean(dim=0)  # (2, ncrops), each the batch mean of one pair
-        same_view = torch.eye(2, self.ncrops, dtype=torch.bool, device=ce.device)
-        n_loss_terms = 2 * self.ncrops - min(2, self.ncrops)
-        self.update_center(teacher_output)
-        return ce.masked_fill(same_view, 0).sum() / n_loss_terms
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        """EMA of the teacher's mean output over the global batch (all ranks)."""
-        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
-        world_size = utils.get_world_size()
-        if world_size > 1:
-            dist.all_reduce(batch_center)
-        batch_center = batch_center / (len(teacher_output) * world_size)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: every sample is drawn under its own seed, so augmentations depend only on (seed, epoch, position
-# in the global shuffled order) - not on the number of workers or ranks - and a resumed run replays them.
-# ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def preserved_rng_state():
-    """Restore the torch (CPU), numpy and python RNG states on exit."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
-
-
-class SeededDistributedSampler(DistributedSampler):
-    """DistributedSampler yielding (index, seed) pairs; `skip` drops the first batches (mid-epoch resume)."""
-
-    def __init__(self, dataset: Dataset, seed: int = 0, **kwargs):
-        super().__init__(dataset, seed=seed, **kwargs)
-        self.skip = 0
-
-    def __iter__(self):
-        for i, index in enumerate(super().__iter__()):
-            if i < self.skip:
-                continue
-            position = self.rank + i * self.num_replicas
-            sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0])
-            yield index, sample_seed
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
-
-
-class SeededDataset(Dataset):
-    """Calls `dataset[index]` with torch/numpy/random seeded by the sampler's per-sample seed."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, seed = item
-        with preserved_rng_state():
-            torch.manual_seed(seed)
-            np.random.seed(seed)
-            random.seed(seed)
-            return self.dataset[index]
-
-
-def build_train_loader(args, cfg, device: torch.device) -> DataLoader:
-    global_frames, local_frames = ssl_view_frames(cfg, args.local_crops_number)
-    transform = VideoDataAugmentationDINO(
-        global_crops_scale=tuple(args.global_crops_scale),
-        local_crops_scale=tuple(args.local_crops_scale),
-        local_crops_number=args.local_crops_number,
-        global_size=cfg.DATA.TRAIN_CROP_SIZE,
-        local_size=cfg.DATA.LOCAL_CROP_SIZE,
-        global_frames=global_frames,
-        local_frames=local_frames,
-        no_spatial=cfg.DATA.NO_SPATIAL,
-    )
-    dataset = Kinetics(cfg, "train", ssl_aug=transform)
-    sampler = SeededDistributedSampler(dataset, seed=args.seed, shuffle=True)
-    cuda = device.type == "cuda"
-    loader = DataLoader(
-        SeededDataset(dataset),
-        sampler=sampler,
-        batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers,
-        pin_memory=cuda,
-        drop_last=True,
-        persistent_workers=cuda and args.num_workers > 0,
-        worker_init_fn=utils.seed_worker,
-        # The loader's own generator: creating an iterator never consumes the global RNG.
-        generator=torch.Generator().manual_seed(args.seed + utils.get_rank()),
-    )
-    if len(loader) == 0:
-        raise ValueError(f"{cfg.DATA.PATH_TO_DATA_DIR}/train.csv has {len(dataset)} videos, fewer than one "
-                         f"global batch ({args.batch_size_per_gpu} x {utils.get_world_size()} processes); "
-                         "lower --batch_size_per_gpu.")
-    print(f"{len(dataset)} training videos, {len(loader)} steps per epoch.")
-    return loader
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint helpers
-# ---------------------------------------------------------------------------------------------
-class PrefixedState:
-    """state_dict / load_state_dict of a module under a key prefix: the student is stored with the original's
-    DDP `module.` prefix whether or not it is DDP-wrapped in this run."""
-
-    def __init__(self, module: nn.Module, prefix: str = "module."):
-        self.module, self.prefix = module, prefix
-
-    def state_dict(self) -> dict:
-        return {self.prefix + k: v for k, v in self.module.state_dict().items()}
-
-    def load_state_dict(self, state: dict, strict: bool = True):
-        return self.module.load_state_dict({k.removeprefix(self.prefix): v for k, v in state.items()},
-                                           strict=strict)
-
-
-def get_rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np_s = state["numpy"]
-    np.random.set_state(("MT19937", np_s["keys"].numpy().astype(np.uint32), np_s["pos"], np_s["has_gauss"],
-                         np_s["cached_gaussian"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gather_rng_states() -> list[dict]:
-    """The RNG states of all ranks (index = rank)."""
-    state = get_rng_state()
-    if utils.get_world_size() == 1:
-        return [state]
-    states = [None] * utils.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
 def train_svt(args) -> None:
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
@@ -341,6 +156,8 @@ def train_svt(args) -> None:
     for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
         if getattr(args, name) > args.epochs:
             raise ValueError(f"--{name} {getattr(args, name)} is larger than --epochs {args.epochs}")
+    if args.knn_freq > 0 and not args.knn_data_path:
+        raise ValueError("--knn_freq needs --knn_data_path (the folder with the kNN train/val lists).")
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     output_dir = Path(args.output_dir)
     if utils.is_main_process():
@@ -348,57 +165,27 @@ def train_svt(args) -> None:
         (output_dir / "config.txt").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         (output_dir / "config.yaml").write_text(cfg.dump())
 
+    # ============ data, networks, loss, optimizer, schedules ... ============
     data_loader = build_train_loader(args, cfg, device)
     niter = len(data_loader)
-
-    student, teacher, student_without_ddp, teacher_without_ddp = build_networks(args, cfg, device)
-
-    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
-    optimizer = build_optimizer(args, student_without_ddp, device)
-    precision = utils.resolve_amp_dtype(args.use_fp16, args.amp_dtype, device)
-    fp16_scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
-    print(f"Mixed precision: {precision or 'off (fp32)'}")
-    global_batch = args.batch_size_per_gpu * utils.get_world_size()
-    lr_schedule = utils.cosine_scheduler(args.lr * global_batch / 256., args.min_lr, args.epochs, niter,
-                                         warmup_epochs=args.warmup_epochs)
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
-    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter)
+    state = build_train_state(args, cfg, device, niter)
     print("Loss, optimizer and schedules built.")
 
+    # ============ optionally resume training ... ============
     to_restore = {"epoch": 0, "iteration": 0, "rng": None}
     restart_from_checkpoint(output_dir / "checkpoint.pth", run_variables=to_restore,
-                            student=PrefixedState(student_without_ddp), teacher=teacher_without_ddp,
-                            optimizer=optimizer, fp16_scaler=fp16_scaler, dino_loss=dino_loss)
+                            student=PrefixedState(state.student_without_ddp), teacher=state.teacher_without_ddp,
+                            optimizer=state.optimizer, fp16_scaler=state.fp16_scaler, dino_loss=state.dino_loss)
     start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
     restore_rng(to_restore["rng"])
 
-    writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
-    knn = OnlineKNN(args, cfg, device) if args.knn_freq > 0 else None
+    state.writer = writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
+    knn = None
+    if args.knn_freq > 0:
+        knn = OnlineKNN(cfg, device, args.knn_dataset, args.knn_data_path, args.knn_path_prefix, args.nb_knn,
+                        args.temperature, args.eval_batch_size_per_gpu, args.num_workers)
 
-    def save_checkpoint(epoch: int, iteration: int, numbered: bool = False) -> None:
-        save_dict = {
-            "student": PrefixedState(student_without_ddp).state_dict(),
-            "teacher": teacher_without_ddp.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "iteration": iteration,
-            "args": args,
-            "dino_loss": dino_loss.state_dict(),
-            "fp16_scaler": fp16_scaler.state_dict() if fp16_scaler is not None else None,
-            "rng": gather_rng_states(),
-        }
-        if utils.is_main_process():
-            atomic_save(save_dict, output_dir / "checkpoint.pth")
-            if numbered:
-                atomic_save(save_dict, output_dir / f"checkpoint{epoch - 1:04}.pth")
-
-    train_state = TrainState(student=student, teacher=teacher, student_without_ddp=student_without_ddp,
-                             teacher_without_ddp=teacher_without_ddp, dino_loss=dino_loss, optimizer=optimizer,
-                             fp16_scaler=fp16_scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-                             momentum_schedule=momentum_schedule, precision=precision, device=device,
-                             writer=writer, save_checkpoint=save_checkpoint)
-
+    # ============ training ... ============
     start_time = time.time()
     print(f"SVT pretraining from epoch {start_epoch} to {args.epochs}.")
     for epoch in range(start_epoch, args.epochs):
@@ -406,19 +193,20 @@ def train_svt(args) -> None:
         data_loader.sampler.skip = start_iter * args.batch_size_per_gpu if epoch == start_epoch else 0
         epoch_start = time.time()
 
-        train_stats, skipped = train_one_epoch(train_state, data_loader, epoch, niter, args,
+        train_stats, skipped = train_one_epoch(state, data_loader, epoch, niter, args,
                                                start_iter=start_iter if epoch == start_epoch else 0)
 
         last = epoch + 1 == args.epochs
         warning = "loss" in train_stats and uniform_collapse_warning(train_stats["loss"], args.out_dim)
         if warning:
             print(f"Epoch {epoch}: {warning}")
-        save_checkpoint(epoch + 1, 0, numbered=bool(args.saveckp_freq) and epoch % args.saveckp_freq == 0)
+        numbered = bool(args.saveckp_freq) and epoch % args.saveckp_freq == 0
+        save_checkpoint(state, args, epoch + 1, 0, numbered=numbered)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "skipped_videos": skipped, "epoch_time": round(time.time() - epoch_start, 3)}
         if knn is not None and (epoch % args.knn_freq == 0 or last):
             with preserved_rng_state():
-                top1, top5 = knn.evaluate(teacher_without_ddp.backbone, precision)
+                top1, top5 = knn.evaluate(state.teacher_without_ddp.backbone, state.precision)
             log_stats.update(knn_top1=top1, knn_top5=top5)
             print(f"Epoch {epoch}: kNN top1 {top1:.2f} top5 {top5:.2f}")
         if utils.is_main_process():
@@ -434,27 +222,152 @@ def train_svt(args) -> None:
     print(f"Pretraining took {datetime.timedelta(seconds=int(total_time))}.")
 
 
-def prepare_config(args):
-    """The fvcore config with --data_path applied; checks that the train list exists."""
-    cfg = load_config(args).clone()
-    cfg.defrost()
-    if args.data_path:
-        cfg.DATA.PATH_TO_DATA_DIR = args.data_path
-    train_csv = Path(cfg.DATA.PATH_TO_DATA_DIR) / "train.csv"
-    if not train_csv.is_file():
-        raise FileNotFoundError(f"{train_csv} not found: --data_path (or DATA.PATH_TO_DATA_DIR) must be the folder "
-                                f"with the Kinetics train.csv ('path label' per line).")
-    if cfg.DATA.NO_RGB_AUG:
-        raise ValueError("DATA.NO_RGB_AUG True makes Kinetics train return one plain clip; self-supervised "
-                         "training needs the multi-view clips, so leave it False.")
-    cfg.freeze()
-    return cfg
+def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, niter: int, args,
+                    start_iter: int = 0) -> tuple[dict, int]:
+    """One epoch (from `start_iter` when resuming mid-epoch). Returns the averaged meters and skipped videos."""
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    device = state.device
+    state.student.train()
+    state.teacher.train(args.teacher_drop_path)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    recent_losses: list[torch.Tensor] = []
+    skipped = torch.zeros((), dtype=torch.long)
+    global_batch = args.batch_size_per_gpu * utils.get_world_size()
+    last_log_time, last_log_it = time.time(), start_iter
+    for it_in_epoch, (views, _, _, meta) in enumerate(
+            metric_logger.log_every(data_loader, args.log_freq, header, total=niter, start=start_iter),
+            start=start_iter):
+        it = niter * epoch + it_in_epoch  # global training iteration
+        views = [v.to(device, non_blocking=True) for v in views]
+        loss, momentum = train_step(state, views, epoch, it, args)
+        nonfinite |= ~torch.isfinite(loss)
+        recent_losses.append(loss)
+
+        metric_logger.update(loss=loss)
+        metric_logger.update(lr=state.optimizer.param_groups[0]["lr"])
+        metric_logger.update(wd=state.optimizer.param_groups[0]["weight_decay"])
+        skipped += meta["skipped"].sum()
+        log_step = (it_in_epoch - start_iter) % args.log_freq == 0 or it_in_epoch == niter - 1
+        save_step = bool(args.saveckp_iters) and (it_in_epoch + 1) % args.saveckp_iters == 0 \
+            and it_in_epoch + 1 < niter
+        if log_step or save_step:
+            stop_if_nonfinite(nonfinite, recent_losses, epoch, it, args)
+            recent_losses.clear()
+        if log_step and state.writer is not None:
+            now = time.time()
+            clips_per_s = global_batch * (it_in_epoch + 1 - last_log_it) / max(now - last_log_time, 1e-9)
+            last_log_time, last_log_it = now, it_in_epoch + 1
+            scalars = {"loss": metric_logger.loss.value, "lr": state.lr_schedule[it], "wd": state.wd_schedule[it],
+                       "momentum": momentum, "teacher_temp": state.dino_loss.teacher_temp_schedule[epoch],
+                       "clips_per_s": clips_per_s}
+            for name, value in scalars.items():
+                state.writer.add_scalar(f"train/{name}", value, it)
+        if save_step:
+            save_checkpoint(state, args, epoch, it_in_epoch + 1)
+
+    # average the meters over ranks
+    metric_logger.synchronize_between_processes()
+    if utils.get_world_size() > 1:
+        skipped = skipped.to(device)
+        dist.all_reduce(skipped)
+    print("Epoch means:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, int(skipped.item())
+
+
+def train_step(state: TrainState, views: list[torch.Tensor], epoch: int, it: int, args) -> tuple[torch.Tensor, float]:
+    """One SVT iteration on a batch of views already on the device: schedules, teacher forward on the 2 global
+    views, student forward on all views, DINO loss, backward, per-parameter clipping, optimizer step and
+    teacher EMA. Returns the detached loss (no host sync) and the EMA momentum used."""
+    for i, param_group in enumerate(state.optimizer.param_groups):
+        param_group["lr"] = float(state.lr_schedule[it])
+        if i == 0:  # group 0 holds the decayed weights
+            param_group["weight_decay"] = float(state.wd_schedule[it])
+
+    with utils.autocast_context(state.precision, state.device):
+        with torch.no_grad():
+            teacher_output = state.teacher(views[:2])  # the teacher sees the 2 global views
+        student_output = state.student(views)
+        loss = state.dino_loss(student_output, teacher_output, epoch)
+
+    # backward, clip, drop the frozen last layer's grads, step
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.fp16_scaler is None:
+        loss.backward()
+        if args.clip_grad:
+            utils.clip_gradients(state.student_without_ddp, args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, state.student_without_ddp, args.freeze_last_layer)
+        state.optimizer.step()
+    else:
+        state.fp16_scaler.scale(loss).backward()
+        if args.clip_grad:
+            state.fp16_scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
+            utils.clip_gradients(state.student_without_ddp, args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, state.student_without_ddp, args.freeze_last_layer)
+        state.fp16_scaler.step(state.optimizer)
+        state.fp16_scaler.update()
+
+    # teacher <- m * teacher + (1 - m) * student
+    momentum = float(state.momentum_schedule[it])
+    ema_update(state.ema_teacher, state.ema_student, momentum)
+    return loss.detach(), momentum
+
+
+@dataclass
+class TrainState:
+    """What one training step needs: the networks (DDP-wrapped and bare), the loss, the optimizer, the
+    per-iteration schedules, the precision and the tensorboard writer (main process only)."""
+
+    student: nn.Module
+    teacher: nn.Module
+    student_without_ddp: MultiCropWrapper
+    teacher_without_ddp: MultiCropWrapper
+    dino_loss: DINOLoss
+    optimizer: torch.optim.Optimizer
+    fp16_scaler: torch.amp.GradScaler | None
+    lr_schedule: np.ndarray
+    wd_schedule: np.ndarray
+    momentum_schedule: np.ndarray
+    precision: torch.dtype | None
+    device: torch.device
+    writer: SummaryWriter | None = None
+    ema_student: list[torch.Tensor] = field(init=False, repr=False)
+    ema_teacher: list[torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # EMA pairs, in the same order in student and teacher.
+        self.ema_student = [p.detach() for p in self.student_without_ddp.parameters()]
+        self.ema_teacher = [p.detach() for p in self.teacher_without_ddp.parameters()]
+
+
+def build_train_state(args, cfg, device: torch.device, niter: int, fused: bool | None = None) -> TrainState:
+    """Student, teacher, DINO loss, optimizer (`fused`: see build_optimizer), precision and the lr / weight
+    decay / teacher momentum schedules of `args.epochs` epochs of `niter` iterations."""
+    student, teacher, student_without_ddp, teacher_without_ddp = build_networks(args, cfg, device)
+    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
+    optimizer = build_optimizer(args, student_without_ddp, device, fused)
+    precision = utils.resolve_amp_dtype(args.use_fp16, args.amp_dtype, device)
+    fp16_scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
+    print(f"Mixed precision: {precision or 'off (fp32)'}")
+    global_batch = args.batch_size_per_gpu * utils.get_world_size()
+    lr_schedule = utils.cosine_scheduler(args.lr * global_batch / 256., args.min_lr, args.epochs, niter,
+                                         warmup_epochs=args.warmup_epochs)
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
+    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter)
+    return TrainState(student=student, teacher=teacher, student_without_ddp=student_without_ddp,
+                      teacher_without_ddp=teacher_without_ddp, dino_loss=dino_loss, optimizer=optimizer,
+                      fp16_scaler=fp16_scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
+                      momentum_schedule=momentum_schedule, precision=precision, device=device)
+
 
 
 def build_networks(args, cfg, device: torch.device):
     """Student = MultiCropWrapper(backbone, DINOHead); teacher = the same, initialised from the student."""
     student_backbone = build_backbone(args.arch, cfg, patch_size=args.patch_size)
     embed_dim = student_backbone.embed_dim
+    if cfg.TIMESFORMER.PRETRAINED_MODEL:
+        load_imagenet_init(student_backbone, cfg.TIMESFORMER.PRETRAINED_MODEL)
     if args.pretrained_rgb:
         load_pretrained_weights(student_backbone, args.pretrained_rgb, checkpoint_key="teacher")
     teacher_backbone = copy.deepcopy(student_backbone)
@@ -504,25 +417,79 @@ def build_optimizer(args, model: nn.Module, device: torch.device, fused: bool | 
     return utils.LARS(params_groups)
 
 
-def restore_rng(states) -> None:
-    if states is None:
-        return
-    rank, world = utils.get_rank(), utils.get_world_size()
-    if len(states) != world:
-        print(f"Checkpoint RNG states are from {len(states)} processes, this run has {world}: "
-              "random streams restart from the seed (training continues, not bit-identically).")
-        return
-    set_rng_state(states[rank])
+def build_train_loader(args, cfg, device: torch.device) -> DataLoader:
+    """Kinetics train list with the SVT views, each sample drawn under its own seed (datasets/seeding.py)."""
+    global_frames, local_frames = ssl_view_frames(cfg, args.local_crops_number)
+    transform = VideoDataAugmentationDINO(
+        global_crops_scale=tuple(args.global_crops_scale),
+        local_crops_scale=tuple(args.local_crops_scale),
+        local_crops_number=args.local_crops_number,
+        global_size=cfg.DATA.TRAIN_CROP_SIZE,
+        local_size=cfg.DATA.LOCAL_CROP_SIZE,
+        global_frames=global_frames,
+        local_frames=local_frames,
+        no_spatial=cfg.DATA.NO_SPATIAL,
+    )
+    dataset = build_dataset("kinetics400", cfg, "train", ssl_aug=transform)
+    sampler = SeededDistributedSampler(dataset, seed=args.seed, shuffle=True)
+    cuda = device.type == "cuda"
+    loader = DataLoader(
+        SeededDataset(dataset),
+        sampler=sampler,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        pin_memory=cuda,
+        drop_last=True,
+        persistent_workers=cuda and args.num_workers > 0,
+        worker_init_fn=utils.seed_worker,
+        # The loader's own generator: creating an iterator never consumes the global RNG.
+        generator=torch.Generator().manual_seed(args.seed + utils.get_rank()),
+    )
+    if len(loader) == 0:
+        raise ValueError(f"{cfg.DATA.PATH_TO_DATA_DIR}/train.csv has {len(dataset)} videos, fewer than one "
+                         f"global batch ({args.batch_size_per_gpu} x {utils.get_world_size()} processes); "
+                         "lower --batch_size_per_gpu.")
+    print(f"{len(dataset)} training videos, {len(loader)} steps per epoch.")
+    return loader
 
 
-class TrainState:
-    """What one training step needs (networks, loss, optimizer, schedules, precision, logging)."""
+def prepare_config(args):
+    """The fvcore config with --data_path applied; checks that the train list exists."""
+    cfg = load_config(args).clone()
+    cfg.defrost()
+    if args.data_path:
+        cfg.DATA.PATH_TO_DATA_DIR = args.data_path
+    train_csv = Path(cfg.DATA.PATH_TO_DATA_DIR) / "train.csv"
+    if not train_csv.is_file():
+        raise FileNotFoundError(f"{train_csv} not found: --data_path (or DATA.PATH_TO_DATA_DIR) must be the folder "
+                                f"with the Kinetics train.csv ('path label' per line).")
+    if cfg.DATA.NO_RGB_AUG:
+        raise ValueError("DATA.NO_RGB_AUG True makes Kinetics train return one plain clip; self-supervised "
+                         "training needs the multi-view clips, so leave it False.")
+    cfg.freeze()
+    return cfg
 
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
-        # EMA pairs, in the same order in student and teacher.
-        self.ema_student = [p.detach() for p in self.student_without_ddp.parameters()]
-        self.ema_teacher = [p.detach() for p in self.teacher_without_ddp.parameters()]
+
+def save_checkpoint(state: TrainState, args, epoch: int, iteration: int, numbered: bool = False) -> None:
+    """checkpoint.pth in the original's layout (+ `iteration` and the RNG states of all ranks, for an exact
+    resume); `numbered` also keeps checkpoint{epoch - 1:04}.pth."""
+    save_dict = {
+        "student": PrefixedState(state.student_without_ddp).state_dict(),
+        "teacher": state.teacher_without_ddp.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "epoch": epoch,
+        "iteration": iteration,
+        "args": args,
+        "dino_loss": state.dino_loss.state_dict(),
+        "fp16_scaler": state.fp16_scaler.state_dict() if state.fp16_scaler is not None else None,
+        "rng": gather_rng_states(),
+    }
+    if utils.is_main_process():
+        output_dir = Path(args.output_dir)
+        atomic_save(save_dict, output_dir / "checkpoint.pth")
+        if numbered:
+            atomic_save(save_dict, output_dir / f"checkpoint{epoch - 1:04}.pth")
+
 
 
 @torch.no_grad()
@@ -558,133 +525,6 @@ def stop_if_nonfinite(nonfinite: torch.Tensor, losses: list[torch.Tensor], epoch
           f"or --amp_dtype bf16, or a larger --freeze_last_layer.", force=True, flush=True)
     sys.exit(1)
 
-
-def train_step(state: TrainState, views: list[torch.Tensor], epoch: int, it: int, args) -> tuple[torch.Tensor, float]:
-    """One SVT iteration on a batch of views already on the device: schedules, teacher forward on the 2 global
-    views, student forward on all views, DINO loss, backward, per-parameter clipping, optimizer step and
-    teacher EMA. Returns the detached loss (no host sync) and the EMA momentum used."""
-    for i, param_group in enumerate(state.optimizer.param_groups):
-        param_group["lr"] = float(state.lr_schedule[it])
-        if i == 0:  # group 0 holds the decayed weights
-            param_group["weight_decay"] = float(state.wd_schedule[it])
-
-    with utils.autocast_context(state.precision, state.device):
-        with torch.no_grad():
-            teacher_output = state.teacher(views[:2])  # the teacher sees the 2 global views
-        student_output = state.student(views)
-        loss = state.dino_loss(student_output, teacher_output, epoch)
-
-    # backward, clip, drop the frozen last layer's grads, step
-    state.optimizer.zero_grad(set_to_none=True)
-    if state.fp16_scaler is None:
-        loss.backward()
-        if args.clip_grad:
-            utils.clip_gradients(state.student_without_ddp, args.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, state.student_without_ddp, args.freeze_last_layer)
-        state.optimizer.step()
-    else:
-        state.fp16_scaler.scale(loss).backward()
-        if args.clip_grad:
-            state.fp16_scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
-            utils.clip_gradients(state.student_without_ddp, args.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, state.student_without_ddp, args.freeze_last_layer)
-        state.fp16_scaler.step(state.optimizer)
-        state.fp16_scaler.update()
-
-    # teacher <- m * teacher + (1 - m) * student
-    momentum = float(state.momentum_schedule[it])
-    ema_update(state.ema_teacher, state.ema_student, momentum)
-    return loss.detach(), momentum
-
-
-def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, niter: int, args,
-                    start_iter: int = 0) -> tuple[dict, int]:
-    """One epoch (from `start_iter` when resuming mid-epoch). Returns the averaged meters and skipped videos."""
-    metric_logger = utils.MetricLogger(delimiter="  ")
-    header = f"Epoch: [{epoch}/{args.epochs}]"
-    device = state.device
-    state.student.train()
-    state.teacher.train(args.teacher_drop_path)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    recent_losses: list[torch.Tensor] = []
-    skipped = torch.zeros((), dtype=torch.long)
-    global_batch = args.batch_size_per_gpu * utils.get_world_size()
-    last_log_time, last_log_it = time.time(), start_iter
-    for it_in_epoch, (views, _, _, meta) in enumerate(
-            metric_logger.log_every(data_loader, args.log_freq, header, total=niter, start=start_iter),
-            start=start_iter):
-        it = niter * epoch + it_in_epoch  # global training iteration
-        views = [v.to(device, non_blocking=True) for v in views]
-        loss, momentum = train_step(state, views, epoch, it, args)
-        nonfinite |= ~torch.isfinite(loss)
-        recent_losses.append(loss)
-
-        metric_logger.update(loss=loss)
-        metric_logger.update(lr=state.optimizer.param_groups[0]["lr"])
-        metric_logger.update(wd=state.optimizer.param_groups[0]["weight_decay"])
-        skipped += meta["skipped"].sum()
-        log_step = (it_in_epoch - start_iter) % args.log_freq == 0 or it_in_epoch == niter - 1
-        save_step = bool(args.saveckp_iters) and (it_in_epoch + 1) % args.saveckp_iters == 0 \
-            and it_in_epoch + 1 < niter
-        if log_step or save_step:
-            stop_if_nonfinite(nonfinite, recent_losses, epoch, it, args)
-            recent_losses.clear()
-        if log_step and state.writer is not None:
-            now = time.time()
-            clips_per_s = global_batch * (it_in_epoch + 1 - last_log_it) / max(now - last_log_time, 1e-9)
-            last_log_time, last_log_it = now, it_in_epoch + 1
-            scalars = {"loss": metric_logger.loss.value, "lr": state.lr_schedule[it], "wd": state.wd_schedule[it],
-                       "momentum": momentum, "teacher_temp": state.dino_loss.teacher_temp_schedule[epoch],
-                       "clips_per_s": clips_per_s}
-            for name, value in scalars.items():
-                state.writer.add_scalar(f"train/{name}", value, it)
-        if save_step:
-            state.save_checkpoint(epoch, it_in_epoch + 1)
-
-    # average the meters over ranks
-    metric_logger.synchronize_between_processes()
-    if utils.get_world_size() > 1:
-        skipped = skipped.to(device)
-        dist.all_reduce(skipped)
-    print("Epoch means:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, int(skipped.item())
-
-
-class OnlineKNN:
-    """Weighted kNN (eval_knn's protocol: one centre clip per video, train split as the bank) of the teacher
-    backbone's CLS features on a held-out train/val list."""
-
-    def __init__(self, args, cfg, device: torch.device):
-        import eval_knn
-        from datasets import build_dataset
-        if not args.knn_data_path:
-            raise ValueError("--knn_freq needs --knn_data_path (the folder with the kNN train/val lists).")
-        knn_cfg = cfg.clone()
-        knn_cfg.defrost()
-        knn_cfg.DATA.PATH_TO_DATA_DIR = args.knn_data_path
-        knn_cfg.DATA.PATH_PREFIX = args.knn_path_prefix
-        knn_cfg = eval_knn.knn_config(knn_cfg)
-        knn_args = argparse.Namespace(dataset=args.knn_dataset, train_aug=False, num_workers=args.num_workers,
-                                      batch_size_per_gpu=args.eval_batch_size_per_gpu)
-        datasets = (eval_knn.ReturnIndexLabelDataset(eval_knn.build_train_bank_dataset(knn_args, knn_cfg)),
-                    eval_knn.ReturnIndexLabelDataset(build_dataset(args.knn_dataset, knn_cfg, "val")))
-        self.eval_knn, self.args, self.device = eval_knn, args, device
-        self.loaders = [eval_knn.make_loader(ds, knn_args) for ds in datasets]
-        self.num_classes = int(max(int(eval_knn.dataset_labels(ds).max()) for ds in datasets)) + 1
-        print(f"Online kNN on {args.knn_dataset}: {len(datasets[0])} train and {len(datasets[1])} val videos.")
-
-    @torch.no_grad()
-    def evaluate(self, backbone: nn.Module, precision: torch.dtype | None = None) -> tuple[float, float]:
-        was_training = backbone.training
-        backbone.eval()
-        with utils.autocast_context(precision, self.device):
-            # label -1 marks an unreadable video: left out of the bank and the queries, as in eval_knn.py
-            (bank, bank_labels, _), (queries, query_labels, _) = [
-                self.eval_knn.drop_skipped(*self.eval_knn.extract_features_and_labels(backbone, loader, self.device))
-                for loader in self.loaders]
-        backbone.train(was_training)
-        return self.eval_knn.knn_classifier(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1),
-                                            query_labels, self.args.nb_knn, self.args.temperature, self.num_classes)
 
 
 if __name__ == "__main__":

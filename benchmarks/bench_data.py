@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import Kinetics, VideoDataAugmentationDINO, ssl_view_frames  # noqa: E402
+from datasets import VideoDataAugmentationDINO, build_dataset, ssl_view_frames  # noqa: E402
 from datasets import decoder  # noqa: E402
 from datasets.synthetic import MOTIONS, render_video, write_video  # noqa: E402
 from utils.defaults import get_cfg  # noqa: E402
@@ -125,11 +125,11 @@ def main() -> None:
         results["pyav_full_window"] = timed(lambda p: full_window(p, cfg, aug), items)
         for backend in decoder.BACKENDS:
             cfg.DATA.DECODING_BACKEND = backend
-            ds = Kinetics(cfg, "train", ssl_aug=aug)
+            ds = build_dataset("kinetics400", cfg, "train", ssl_aug=aug)
             torch.manual_seed(0)
             results[f"{backend}_dataset_sample"] = timed(lambda i: ds[i % len(ds)], list(range(args.samples)))
         cfg.DATA.DECODING_BACKEND = get_cfg().DATA.DECODING_BACKEND
-        ds = Kinetics(cfg, "train", ssl_aug=aug)
+        ds = build_dataset("kinetics400", cfg, "train", ssl_aug=aug)
         repeated = torch.utils.data.Subset(ds, [i % len(ds) for i in range(args.samples)])
         for workers in args.workers:
             results[f"loader_{workers}_workers"] = loader_rate(repeated, workers)

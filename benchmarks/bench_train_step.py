@@ -2,7 +2,7 @@
 
 The step is `train_ssl.train_step` itself (what training runs): teacher forward on the 2 global views,
 student forward + backward on all views, DINO loss, per-parameter clipping, optimizer step, teacher EMA.
-Networks come from `train_ssl.build_networks`, the optimizer from `train_ssl.build_optimizer`.
+Networks, loss, optimizer and precision come from `train_ssl.build_train_state`, as in training.
 
 FLOPs: fvcore's count of the student forward (all views) plus the teacher forward (2 global views),
 fvcore counting one multiply-add as one flop, so multiplied by 2 here. The backward is accounted as 2x the
@@ -22,7 +22,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,7 +38,7 @@ VIEW_PRESETS = {  # (global frames, local frames) as train_ssl's data pipeline m
     "rand_fr": ((4, 8), LOCAL_FRAMES),
     "paper": ((8, 16), LOCAL_FRAMES),
 }
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -118,33 +117,25 @@ def make_views(batch: int, preset: str, crop: int, device: torch.device, channel
 
 
 def build_state(opt, device: torch.device):
-    args = train_ssl.get_args_parser().parse_args([])
-    args.arch = SIZES[opt.size]
-    args.out_dim = opt.out_dim
-    args.grad_checkpointing = opt.grad_checkpointing
-    args.compile = opt.compile
-    args.epochs, args.freeze_last_layer = 10, 0  # the common case: last layer trained
+    """The TrainState of train_ssl.build_train_state (what training builds) for the benchmark's sizes; its
+    schedules are those of a 10-epoch run of 100 iterations per epoch without warm-up."""
+    amp_dtype = {"fp32": "auto", "bf16": "bf16", "fp16": "fp16"}[opt.precision]
+    args = train_ssl.get_args_parser().parse_args([
+        "--arch", SIZES[opt.size], "--out_dim", str(opt.out_dim), "--epochs", "10", "--warmup_epochs", "0",
+        "--freeze_last_layer", "0",  # the common case: last layer trained
+        "--local_crops_number", str(len(VIEW_PRESETS[opt.views][1])), "--grad_checkpointing",
+        str(opt.grad_checkpointing), "--compile", str(opt.compile), "--use_fp16", str(opt.precision != "fp32"),
+        "--amp_dtype", amp_dtype])
     cfg = get_cfg()
     cfg.DATA.TRAIN_CROP_SIZE = opt.crop
     cfg.DATA.NUM_FRAMES = opt.num_frames
     cfg.DATA.LOCAL_CROP_SIZE = local_crop(opt.crop)
-    student, teacher, student_nd, teacher_nd = train_ssl.build_networks(args, cfg, device)
-    for net in (student_nd, teacher_nd):
+    fused = {"auto": None, "on": True, "off": False}[opt.fused_adamw]
+    state = train_ssl.build_train_state(args, cfg, device, niter=100, fused=fused)
+    for net in (state.student_without_ddp, state.teacher_without_ddp):
         net.backbone.set_fused_attention(opt.attn == "sdpa")
         if opt.channels_last:
             net.backbone.patch_embed.proj.to(memory_format=torch.channels_last)
-    ncrops = len(VIEW_PRESETS[opt.views][0]) + len(VIEW_PRESETS[opt.views][1])
-    dino_loss = train_ssl.DINOLoss(opt.out_dim, ncrops, 0.04, 0.04, 0, args.epochs).to(device)
-    fused = {"auto": None, "on": True, "off": False}[opt.fused_adamw]
-    optimizer = train_ssl.build_optimizer(args, student_nd, device, fused=fused)
-    precision = PRECISIONS[opt.precision]
-    scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
-    n = 1000
-    state = train_ssl.TrainState(
-        student=student, teacher=teacher, student_without_ddp=student_nd, teacher_without_ddp=teacher_nd,
-        dino_loss=dino_loss, optimizer=optimizer, fp16_scaler=scaler,
-        lr_schedule=np.full(n, 1e-5), wd_schedule=np.full(n, 0.04), momentum_schedule=np.full(n, 0.996),
-        precision=precision, device=device, writer=None, save_checkpoint=None)
     return state, args
 
 

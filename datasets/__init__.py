@@ -1,21 +1,18 @@
-"""Video datasets of svt: Kinetics-400, UCF-101, HMDB-51, SSv2, and the kNN index wrapper."""
+"""Video datasets of svt: one VideoDataset for Kinetics-400, UCF-101, HMDB-51 and SSv2 (their list layouts in
+DATASET_LISTS), and the index wrapper of feature extraction."""
 from torch.utils.data import Dataset
 
-from datasets.hmdb51 import HMDB51
-from datasets.kinetics import Kinetics
-from datasets.ssv2 import Ssv2
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
-from datasets.ucf101 import UCF101
+from datasets.video_dataset import DATASET_LISTS, VideoDataset
 
-_REGISTRY = {"kinetics400": Kinetics, "kinetics": Kinetics, "ucf101": UCF101, "hmdb51": HMDB51, "ssv2": Ssv2}
-DATASETS = tuple(_REGISTRY)
+DATASETS = tuple(DATASET_LISTS)
 
 
-def build_dataset(name: str, cfg, mode: str, **kwargs) -> Dataset:
-    """Dataset `name` (one of DATASETS) in mode train/val/test; kwargs go to the class."""
-    if name not in _REGISTRY:
+def build_dataset(name: str, cfg, mode: str, **kwargs) -> VideoDataset:
+    """Dataset `name` (one of DATASETS) in mode train/val/test; kwargs go to VideoDataset."""
+    if name not in DATASET_LISTS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
-    return _REGISTRY[name](cfg, mode, **kwargs)
+    return VideoDataset(cfg, mode, name, **kwargs)
 
 
 class ReturnIndexDataset(Dataset):
@@ -38,5 +35,5 @@ class ReturnIndexDataset(Dataset):
         return getattr(self.dataset, name)
 
 
-__all__ = ["DATASETS", "build_dataset", "ReturnIndexDataset", "Kinetics", "UCF101", "HMDB51", "Ssv2",
+__all__ = ["DATASETS", "DATASET_LISTS", "build_dataset", "ReturnIndexDataset", "VideoDataset",
            "VideoDataAugmentationDINO", "ssl_view_frames"]

@@ -1,4 +1,18 @@
-"""Shared list parsing, retry logic and clip sampling of the video datasets (Kinetics, UCF-101, HMDB-51).
+"""The video dataset of svt: list reading, clip sampling and retries for Kinetics-400, UCF-101, HMDB-51
+and Something-Something-v2. What differs between them is data (DATASET_LISTS): the list file of each mode
+and, for SSv2, lists of JPEG frame folders instead of videos.
+
+List layouts in DATA.PATH_TO_DATA_DIR (paths joined to DATA.PATH_PREFIX):
+- Kinetics-400: `{train,val,test}.csv`, lines `path label` (space or comma).
+- UCF-101 / HMDB-51: the MMAction2 split lists `{ucf101,hmdb51}_{train,val}_split_1_videos.txt`
+  (`Class/video.avi label`, 0-based); mode "test" reads the val list (multi-view).
+- SSv2 (TimeSformer's layout): `something-something-v2-labels.json` ({template: "class id"}),
+  `something-something-v2-{train,validation}.json` ([{"id", "template", ...}]; val/test read validation),
+  and the frame lists `{train,val}.csv`: a header line starting `original_vido_id`, then lines
+  `original_vido_id video_id frame_id path labels` (space separated). Frames are matched to the annotation
+  by `original_vido_id` == json "id". A clip is NUM_FRAMES segments of the frame list: a random frame per
+  segment in train, the middle frame otherwise; spatial sampling and normalisation as the videos. SSv2 has
+  no SSL mode.
 
 Modes:
 - "train" with an SSL augmentation: the SVT views (2 globals first), cut from one decode.
@@ -15,10 +29,15 @@ is replaced by a random other one (logged once, counted in meta["skipped"] and `
 of the clip shape with label SKIPPED_LABEL (-1) and meta {"skipped": 1}, logged once and counted in
 `num_skipped` (per process: DataLoader workers count in their own copy). Consumers drop label -1 rows.
 """
+import json
 import logging
 import os
+from collections import defaultdict
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from datasets import decoder, transform
@@ -28,6 +47,34 @@ logger = logging.getLogger(__name__)
 MODES = ("train", "val", "test")
 _LOGGED_FAILURES: set = set()
 SKIPPED_LABEL = -1
+
+
+@dataclass(frozen=True)
+class DatasetLists:
+    """The list file of each mode (in DATA.PATH_TO_DATA_DIR) and whether the lists name videos or folders
+    of JPEG frames (SSv2)."""
+
+    name: str
+    train: str
+    val: str
+    test: str
+    frame_folders: bool = False
+
+
+def _split_lists(prefix: str) -> DatasetLists:
+    """The MMAction2 split-1 lists of UCF-101 / HMDB-51 (mode "test" reads the val list)."""
+    val = f"{prefix}_val_split_1_videos.txt"
+    return DatasetLists(prefix, f"{prefix}_train_split_1_videos.txt", val, val)
+
+
+_KINETICS = DatasetLists("kinetics400", "train.csv", "val.csv", "test.csv")
+DATASET_LISTS = {
+    "kinetics400": _KINETICS,
+    "kinetics": _KINETICS,
+    "ucf101": _split_lists("ucf101"),
+    "hmdb51": _split_lists("hmdb51"),
+    "ssv2": DatasetLists("ssv2", "train.csv", "val.csv", "val.csv", frame_folders=True),
+}
 
 
 def check_paths_resolve(paths: list[str], list_file: str, prefix: str, probes: int = 16) -> None:
@@ -69,14 +116,72 @@ def parse_list_file(list_file: str, separator: str = " ") -> list[tuple[str, int
     return items
 
 
+def load_frame_lists(csv_file: str, prefix: str) -> dict[str, list[str]]:
+    """{video id: [frame paths in file order]} from a frame-list csv."""
+    if not os.path.isfile(csv_file):
+        raise FileNotFoundError(f"SSv2 frame list {csv_file} not found; check DATA.PATH_TO_DATA_DIR.")
+    frames = defaultdict(list)
+    with open(csv_file) as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or (number == 1 and line.startswith("original_vido_id")):
+                continue
+            fields = line.split()
+            if len(fields) != 5:
+                raise ValueError(f"{csv_file}:{number}: malformed line {line!r}; expected 5 space-separated "
+                                 f"columns 'original_vido_id video_id frame_id path labels'.")
+            frames[fields[0]].append(os.path.join(prefix, fields[3]))
+    return frames
+
+
+def load_ssv2_list(root: str, mode: str, frame_list: str, prefix: str) -> list[dict]:
+    """[{"path": video id, "label", "frames": JPEG paths}] of the SSv2 annotation of `mode` (val and test
+    read validation), each video's frames taken from the frame-list csv `frame_list`."""
+    split = "train" if mode == "train" else "validation"
+    label_file = os.path.join(root, "something-something-v2-labels.json")
+    anno_file = os.path.join(root, f"something-something-v2-{split}.json")
+    for f in (label_file, anno_file):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"SSv2 annotation {f} not found; check DATA.PATH_TO_DATA_DIR.")
+    with open(label_file) as f:
+        label_dict = json.load(f)
+    with open(anno_file) as f:
+        annotations = json.load(f)
+    frame_lists = load_frame_lists(frame_list, prefix)
+    records = []
+    for item in annotations:
+        template = item["template"].replace("[", "").replace("]", "")
+        if template not in label_dict:
+            raise ValueError(f"{anno_file}: video {item['id']}: template {template!r} is not in {label_file}")
+        vid = str(item["id"])
+        if vid not in frame_lists:
+            raise ValueError(f"{anno_file}: video {vid} has no frames in {frame_list}")
+        records.append({"path": vid, "label": int(label_dict[template]), "frames": frame_lists[vid]})
+    return records
+
+
+def segment_indices(num_frames: int, num_segments: int, random: bool) -> torch.Tensor:
+    """One index per segment of (num_frames - 1) / num_segments frames: random in train, middle otherwise."""
+    seg = (num_frames - 1) / num_segments
+    out = []
+    for i in range(num_segments):
+        start, end = int(round(seg * i)), int(round(seg * (i + 1)))
+        out.append(int(torch.randint(start, end + 1, ())) if random else (start + end) // 2)
+    return torch.tensor(out)
+
+
 class VideoDataset(Dataset):
-    """Base class: subclasses set `list_name(mode)`. `__getitem__` -> (frames, label, index, meta)."""
+    """Dataset `dataset` (a key of DATASET_LISTS) in mode train/val/test. `__getitem__` -> (frames, label,
+    index, meta). `load_data_list` reads the list; override it for another list format."""
 
-    dataset_name = "video"
-
-    def __init__(self, cfg, mode: str, num_retries: int = 10, ssl_aug=None, slowfast: bool = False):
+    def __init__(self, cfg, mode: str, dataset: str = "kinetics400", num_retries: int = 10, ssl_aug=None,
+                 slowfast: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        self.lists = DATASET_LISTS[dataset]
+        self.dataset_name = self.lists.name
+        if ssl_aug is not None and self.lists.frame_folders:
+            raise ValueError(f"{self.dataset_name} has no SSL mode (SVT pretrains on Kinetics); pass ssl_aug=None.")
         self.cfg, self.mode, self.num_retries = cfg, mode, num_retries
         self.ssl_aug = ssl_aug if (mode == "train" and not cfg.DATA.NO_RGB_AUG) else None
         self.slowfast = slowfast
@@ -84,18 +189,24 @@ class VideoDataset(Dataset):
         self.num_clips_per_video = (cfg.TEST.NUM_ENSEMBLE_VIEWS * cfg.TEST.NUM_SPATIAL_CROPS
                                     if mode == "test" else 1)
         self.num_skipped = 0
-        list_file = os.path.join(cfg.DATA.PATH_TO_DATA_DIR, self.list_name(mode))
-        entries = parse_list_file(list_file, cfg.DATA.PATH_LABEL_SEPARATOR)
-        self.video_paths = [os.path.join(cfg.DATA.PATH_PREFIX, p) for p, _ in entries]
-        self.video_labels = [y for _, y in entries]
-        self.num_videos = len(entries)
+        self.list_file = os.path.join(cfg.DATA.PATH_TO_DATA_DIR, getattr(self.lists, mode))
+        records = self.load_data_list()
+        self.video_paths = [r["path"] for r in records]
+        self.video_labels = [r["label"] for r in records]
+        self.frame_paths = [r["frames"] for r in records] if self.lists.frame_folders else None
+        self.num_videos = len(records)
         self.labels = [y for y in self.video_labels for _ in range(self.num_clips_per_video)]
-        self.list_file = list_file
-        check_paths_resolve(self.video_paths, list_file, cfg.DATA.PATH_PREFIX)
 
-    @staticmethod
-    def list_name(mode: str) -> str:
-        raise NotImplementedError
+    def load_data_list(self) -> list[dict]:
+        """The samples of `self.list_file`: [{"path", "label"}], plus "frames" (the JPEG paths) for frame
+        folders. Video paths are joined to DATA.PATH_PREFIX and checked to resolve."""
+        data = self.cfg.DATA
+        if self.lists.frame_folders:
+            return load_ssv2_list(data.PATH_TO_DATA_DIR, self.mode, self.list_file, data.PATH_PREFIX)
+        records = [{"path": os.path.join(data.PATH_PREFIX, p), "label": y}
+                   for p, y in parse_list_file(self.list_file, data.PATH_LABEL_SEPARATOR)]
+        check_paths_resolve([r["path"] for r in records], self.list_file, data.PATH_PREFIX)
+        return records
 
     def __len__(self) -> int:
         return self.num_videos * self.num_clips_per_video
@@ -112,6 +223,8 @@ class VideoDataset(Dataset):
         return within // crops, self.cfg.TEST.NUM_ENSEMBLE_VIEWS, (within % crops) if crops > 1 else 1
 
     def _load(self, index: int):
+        if self.frame_paths is not None:
+            return self._load_frames(index)
         path = self.video_paths[index // self.num_clips_per_video]
         data = self.cfg.DATA
         clip_idx, num_clips, spatial_idx = self._clip_position(index)
@@ -125,6 +238,27 @@ class VideoDataset(Dataset):
             # The original re-bases the decoded window: linspace(0, clip_size - 1) clamped to the window.
             views = [decoder.temporal_indices(0, clip_size - 1, n, length) for n in counts]
             clips = decoder.decode_views(reader, first, views)
+        return self._eval_spatial(clips, spatial_idx)
+
+    def _load_frames(self, index: int):
+        """A clip of NUM_FRAMES segments (and the 8x slow-fast clip) read from a folder of JPEG frames."""
+        paths = self.frame_paths[index // self.num_clips_per_video]
+        _, _, spatial_idx = self._clip_position(index)
+        counts = [self.cfg.DATA.NUM_FRAMES] + ([8 * self.cfg.DATA.NUM_FRAMES] if self.slowfast else [])
+        views = [segment_indices(len(paths), n, self.mode == "train") for n in counts]
+        union, inverse = torch.unique(torch.cat(views), sorted=True, return_inverse=True)
+        images = []
+        for i in union.tolist():
+            try:
+                with Image.open(paths[i]) as image:
+                    images.append(torch.from_numpy(np.array(image.convert("RGB"))))
+            except OSError as err:
+                raise decoder.DecodeError(f"{paths[i]}: cannot read the frame ({err})") from err
+        frames = torch.stack(images)
+        clips, pos = [], 0
+        for v in views:
+            clips.append(frames[inverse[pos:pos + len(v)]])
+            pos += len(v)
         return self._eval_spatial(clips, spatial_idx)
 
     def _eval_spatial(self, clips: list[torch.Tensor], spatial_idx: int):

@@ -1,9 +1,11 @@
-"""DINO projection head and the multi-view wrapper shared by student and teacher."""
+"""DINO projection head, the multi-view wrapper shared by student and teacher, and the DINO loss."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
@@ -105,3 +107,49 @@ class MultiCropWrapper(nn.Module):
                 outputs.append(self.backbone(torch.cat(views[start:end])))
                 start = end
         return self.head(torch.cat(outputs))
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centred, sharpened teacher softmax and the student log-softmax, averaged
+    over every (teacher global view, student view) pair with different views: 2 * (ncrops - 1) terms."""
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        # The teacher temperature has a linear warm-up, indexed per epoch.
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp,
+        ))
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        # All (teacher view i, student view v) cross-entropies at once: ce[b, i, v] = -sum_k q[i,b,k] logp[v,b,k]
+        # as one batched matmul over the K prototypes (instead of 2 * ncrops element-wise passes).
+        batch = teacher_p.shape[0] // 2
+        q = teacher_p.unflatten(0, (2, batch)).transpose(0, 1)  # (B, 2, K)
+        logp = student_logp.unflatten(0, (self.ncrops, batch)).permute(1, 2, 0)  # (B, K, ncrops)
+        with torch.autocast(q.device.type, enabled=False):  # the loss stays fp32 under mixed precision
+            ce = -torch.bmm(q, logp).mean(dim=0)  # (2, ncrops), each the batch mean of one pair
+        same_view = torch.eye(2, self.ncrops, dtype=torch.bool, device=ce.device)
+        n_loss_terms = 2 * self.ncrops - min(2, self.ncrops)
+        self.update_center(teacher_output)
+        return ce.masked_fill(same_view, 0).sum() / n_loss_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the teacher's mean output over the global batch (all ranks)."""
+        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world_size > 1:
+            dist.all_reduce(batch_center)
+        batch_center = batch_center / (len(teacher_output) * world_size)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+

@@ -10,7 +10,7 @@ time-minor (token 1 + n*T + t is patch n of frame t).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,6 @@ from einops import rearrange, repeat
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from models.helpers import load_pretrained
 
 ATTENTION_TYPES = ("divided_space_time", "space_only", "joint_space_time")
 
@@ -88,7 +86,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, batch: int, frames: int, width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
         if self.attention_type != "divided_space_time":
             x = x + self.drop_path(self.attn(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -196,37 +194,33 @@ class VisionTransformer(nn.Module):
         resized (nearest) to (h, w) with the CLS entry kept. Keyed on the token count, as the original."""
         if num_tokens == self.pos_embed.shape[1]:
             return self.pos_embed
-        gh, gw = self.patch_embed.grid_size
-        grid = rearrange(self.pos_embed[:, 1:], "1 (gh gw) d -> 1 d gh gw", gh=gh, gw=gw)
-        grid = F.interpolate(grid, size=(h, w), mode="nearest")
-        return torch.cat((self.pos_embed[:, :1], rearrange(grid, "1 d h w -> 1 (h w) d")), dim=1)
+        return resample_pos_embed(self.pos_embed, self.patch_embed.grid_size, (h, w))
 
     def interpolate_time_embed(self, t: int) -> torch.Tensor:
         """`time_embed` for t frames: as is, or resized along time (nearest)."""
         if t == self.time_embed.shape[1]:
             return self.time_embed
-        emb = F.interpolate(rearrange(self.time_embed, "1 t d -> 1 d t"), size=t, mode="nearest")
-        return rearrange(emb, "1 d t -> 1 t d")
+        return resample_time_embed(self.time_embed, t)
 
-    def prepare_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-        """Embed a clip batch: returns tokens (B, 1 + hw*T, D) (space_only: (B*T, 1 + hw, D)), B, T, w."""
+    def prepare_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Embed a clip batch: returns tokens (B, 1 + hw*T, D) (space_only: (B*T, 1 + hw, D)), B and T."""
         b = x.shape[0]
         x, t, w = self.patch_embed(x)
         h = x.shape[1] // w
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = self.pos_drop(x + self.interpolate_pos_embed(x.shape[1], h, w))
         if self.attention_type == "space_only":
-            return x, b, t, w
+            return x, b, t
         cls = x[:b, :1]  # every row carries the same CLS value
         x = rearrange(x[:, 1:], "(b t) n d -> (b n) t d", b=b, t=t)
         x = self.time_drop(x + self.interpolate_time_embed(t))
         x = rearrange(x, "(b n) t d -> b (n t) d", b=b, t=t)
-        return torch.cat((cls, x), dim=1), b, t, w
+        return torch.cat((cls, x), dim=1), b, t
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, b: int, t: int, w: int) -> torch.Tensor:
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, b: int, t: int) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, b, t, w, use_reentrant=False)
-        return blk(x, b, t, w)
+            return checkpoint(blk, x, b, t, use_reentrant=False)
+        return blk(x, b, t)
 
     def _finish(self, x: torch.Tensor, b: int, t: int) -> torch.Tensor:
         if self.attention_type == "space_only":  # average the per-frame tokens over time
@@ -235,9 +229,9 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm: (B, 1 + N, D), CLS first."""
-        x, b, t, w = self.prepare_tokens(x)
+        x, b, t = self.prepare_tokens(x)
         for blk in self.blocks:
-            x = self._run_block(blk, x, b, t, w)
+            x = self._run_block(blk, x, b, t)
         return self._finish(x, b, t)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -249,10 +243,10 @@ class VisionTransformer(nn.Module):
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """Tokens (B, 1 + N, D) output by each of the last n blocks, each through the final norm."""
-        x, b, t, w = self.prepare_tokens(x)
+        x, b, t = self.prepare_tokens(x)
         outputs = []
         for i, blk in enumerate(self.blocks):
-            x = self._run_block(blk, x, b, t, w)
+            x = self._run_block(blk, x, b, t)
             if i >= len(self.blocks) - n:
                 outputs.append(self._finish(x, b, t))
         return outputs
@@ -266,6 +260,83 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """(1, 1 + gh*gw, D) -> (1, 1 + h*w, D): the CLS entry kept, the patch grid resized (nearest)."""
+    (gh, gw), (h, w) = grid, new_grid
+    patches = rearrange(pos_embed[:, 1:], "1 (gh gw) d -> 1 d gh gw", gh=gh, gw=gw)
+    patches = F.interpolate(patches, size=(h, w), mode="nearest")
+    return torch.cat((pos_embed[:, :1], rearrange(patches, "1 d h w -> 1 (h w) d")), dim=1)
+
+
+def resample_time_embed(time_embed: torch.Tensor, t: int) -> torch.Tensor:
+    """(1, T, D) -> (1, t, D), nearest along time."""
+    emb = F.interpolate(rearrange(time_embed, "1 t d -> 1 d t"), size=t, mode="nearest")
+    return rearrange(emb, "1 d t -> 1 t d")
+
+
+# Key prefixes of foreign state dicts: DDP, MultiCropWrapper (SVT / DINO), TimeSformer's model wrapper.
+_PREFIXES = ("module.", "backbone.", "model.")
+
+
+def _strip_prefixes(key: str) -> str:
+    while key.startswith(_PREFIXES):
+        key = key[len(next(p for p in _PREFIXES if key.startswith(p))):]
+    return key
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any],
+                         model: VisionTransformer) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map a foreign state dict (SVT, DINO, TimeSformer or an image ViT) onto the keys and shapes of `model`.
+
+    - Tensors only. Of a MultiCropWrapper state (training checkpoint, released teacher file) only the backbone
+      is kept (the DINO head is dropped); the prefixes `module.`, `backbone.` and `model.` are stripped.
+    - An image ViT (no `time_embed`: DINO or timm ImageNet weights): a flattened patch projection is reshaped
+      to the conv, a classifier head that does not fit the model is dropped, and with divided attention each
+      block's `attn` / `norm1` also initialise `temporal_attn` / `temporal_norm1` (TimeSformer's init);
+      `time_embed` and `temporal_fc` keep the model's zero init.
+    - A `pos_embed` of another square grid or a `time_embed` of another length is resized (nearest) as the
+      model resizes its own on the fly, so the loaded model computes what the stored-size one would.
+
+    Returns the mapped dict and the resized entries as "key (old shape)->(new shape)". Keys the model lacks
+    and other shape mismatches are left in for the caller to report.
+    """
+    state = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if any(k.removeprefix("module.").startswith("backbone.") for k in state):
+        state = {k: v for k, v in state.items() if k.removeprefix("module.").startswith("backbone.")}
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+    target = model.state_dict()
+    if "time_embed" not in state:  # an image ViT
+        w = state.get("patch_embed.proj.weight")
+        if w is not None and w.ndim == 2 and "patch_embed.proj.weight" in target:
+            state["patch_embed.proj.weight"] = w.reshape(target["patch_embed.proj.weight"].shape)
+        for k in [k for k in state if k.startswith("head.")]:
+            if k not in target or target[k].shape != state[k].shape:
+                del state[k]
+        if model.attention_type == "divided_space_time":
+            for k in list(state):
+                if k.startswith("blocks.") and ".attn." in k:
+                    state.setdefault(k.replace(".attn.", ".temporal_attn."), state[k])
+                elif k.startswith("blocks.") and ".norm1." in k:
+                    state.setdefault(k.replace(".norm1.", ".temporal_norm1."), state[k])
+    resized = []
+    for key in ("pos_embed", "time_embed"):
+        if key not in state or key not in target:
+            continue
+        v, want = state[key], target[key].shape
+        if v.shape == want or v.shape[0::2] != want[0::2]:
+            continue
+        if key == "time_embed":
+            state[key] = resample_time_embed(v, want[1])
+        else:
+            side = round((v.shape[1] - 1) ** 0.5)
+            if side * side != v.shape[1] - 1:
+                raise ValueError(f"pos_embed with {v.shape[1]} tokens cannot be resized to {want[1]}: only "
+                                 "square patch grids are supported")
+            state[key] = resample_pos_embed(v, (side, side), model.patch_embed.grid_size)
+        resized.append(f"{key} {tuple(v.shape)}->{tuple(want)}")
+    return state, resized
 
 
 def vit_tiny_patch16_224(**kwargs) -> VisionTransformer:
@@ -294,8 +365,9 @@ ARCHS = tuple(_FACTORIES)
 
 def build_backbone(arch: str, cfg, **overrides) -> VisionTransformer:
     """Backbone from the config: img size DATA.TRAIN_CROP_SIZE, DATA.NUM_FRAMES frames,
-    TIMESFORMER.ATTENTION_TYPE, MODEL.DROP_PATH_RATE, MODEL.DEPTH (when > 0); ImageNet init from TIMESFORMER.PRETRAINED_MODEL
-    when that is set. `overrides` go to the factory (e.g. depth=2, num_classes=400)."""
+    TIMESFORMER.ATTENTION_TYPE, MODEL.DROP_PATH_RATE, MODEL.DEPTH (when > 0). `overrides` go to the factory
+    (e.g. depth=2, num_classes=400). Weights (TIMESFORMER.PRETRAINED_MODEL, checkpoints) are loaded by
+    utils/checkpoint.py through `checkpoint_filter_fn`."""
     if arch not in _FACTORIES:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
     kwargs = {
@@ -306,7 +378,4 @@ def build_backbone(arch: str, cfg, **overrides) -> VisionTransformer:
         **({"depth": cfg.MODEL.DEPTH} if cfg.MODEL.DEPTH > 0 else {}),
         **overrides,
     }
-    model = _FACTORIES[arch](**kwargs)
-    if cfg.TIMESFORMER.PRETRAINED_MODEL:
-        load_pretrained(model, cfg.TIMESFORMER.PRETRAINED_MODEL)
-    return model
+    return _FACTORIES[arch](**kwargs)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import hubconf
-from models import DINOHead, MultiCropWrapper, VisionTransformer
-from models.helpers import load_pretrained
-from utils.checkpoint import atomic_save, load_pretrained_weights, restart_from_checkpoint, safe_torch_load
+from models import DINOHead, MultiCropWrapper, VisionTransformer, vit_tiny_patch16_224
+from utils.checkpoint import (atomic_save, load_imagenet_init, load_pretrained_weights, restart_from_checkpoint,
+                              safe_torch_load)
 
 TINY = dict(embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.0, img_size=32)
 
@@ -111,10 +111,6 @@ def test_wrong_files_fail_loudly(tmp_path):
     torch.save({"conv1.weight": torch.zeros(3), "fc.bias": torch.zeros(2)}, unrelated)
     with pytest.raises(ValueError, match="no key of .*resnet.pth"):
         load_pretrained_weights(tiny(0), unrelated)
-    text = tmp_path / "notes.pth"
-    text.write_text("not a checkpoint")
-    with pytest.raises(RuntimeError, match="notes.pth"):
-        load_pretrained_weights(tiny(0), text)
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"obj": NotAllowed()}, unsafe)
     with pytest.raises(RuntimeError, match="weights_only"):
@@ -152,7 +148,7 @@ def test_imagenet_init_mapping(tmp_path, layout):
     path = tmp_path / "vit_b16.pth"
     torch.save(obj, path)
     model = VisionTransformer(**TINY)
-    result = load_pretrained(model, path)
+    result = load_imagenet_init(model, path)
     sd = model.state_dict()
     for k, v in vit.items():
         if not k.startswith("head."):
@@ -164,9 +160,9 @@ def test_imagenet_init_mapping(tmp_path, layout):
             assert torch.equal(sd[f"blocks.{i}.temporal_norm1.{name}"], vit[f"blocks.{i}.norm1.{name}"])
             assert torch.count_nonzero(sd[f"blocks.{i}.temporal_fc.{name}"]) == 0
     assert torch.count_nonzero(model.time_embed) == 0
-    assert sorted(result["missing"]) == sorted(
+    assert sorted(result.missing) == sorted(
         ["time_embed"] + [f"blocks.{i}.temporal_fc.{n}" for i in range(2) for n in ("weight", "bias")])
-    assert result["unexpected"] == []  # the classifier head is dropped
+    assert result.unexpected == []  # the classifier head is dropped
 
 
 def test_imagenet_init_resizes_pos_embed_and_reports_errors(tmp_path):
@@ -174,18 +170,18 @@ def test_imagenet_init_resizes_pos_embed_and_reports_errors(tmp_path):
     path = tmp_path / "vit64.pth"
     torch.save(vit, path)
     model = VisionTransformer(**TINY)  # 2x2 grid
-    load_pretrained(model, path)
+    load_imagenet_init(model, path)
     grid = vit["pos_embed"][0, 1:].reshape(4, 4, 48)
     assert torch.equal(model.pos_embed[0, 0], vit["pos_embed"][0, 0])
     assert torch.equal(model.pos_embed[0, 1:].reshape(2, 2, 48), grid[0::2][:, 0::2])
     with pytest.raises(FileNotFoundError, match="missing.pth.*put them at that path"):
-        load_pretrained(model, tmp_path / "missing.pth")
+        load_imagenet_init(model, tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="local file"):
-        load_pretrained(model, "https://example.com/vit.pth")
+        load_imagenet_init(model, "https://example.com/vit.pth")
     other = tmp_path / "other.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, other)
     with pytest.raises(ValueError, match="no key of .*other.pth"):
-        load_pretrained(model, other)
+        load_imagenet_init(model, other)
 
 
 def test_hub_entry_loads_local_file(tmp_path):
@@ -233,3 +229,28 @@ def test_atomic_save_and_restart_round_trip(tmp_path):
     fresh = {"epoch": 0}
     restart_from_checkpoint(tmp_path / "none.pth", run_variables=fresh, student=model2)
     assert fresh == {"epoch": 0}
+
+
+def test_linear_probe_checkpoint_is_named_as_such(tmp_path):
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"epoch": 1, "state_dict": {"module.linear.weight": torch.zeros(3, 48),
+                                           "module.linear.bias": torch.zeros(3)}}, path)
+    model = vit_tiny_patch16_224(embed_dim=48, depth=1, num_heads=2, img_size=32)
+    with pytest.raises(ValueError, match=r"checkpoint\.pth\.tar.*linear classifier saved by eval_linear\.py"):
+        load_pretrained_weights(model, path)
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_text("<html>404</html>")
+    model = vit_tiny_patch16_224(embed_dim=48, depth=1, num_heads=2, img_size=32)
+    with pytest.raises(RuntimeError, match=r"weights\.pth.*not a complete file written by torch\.save"):
+        load_pretrained_weights(model, path)
+
+
+def test_non_dict_entry_points_to_checkpoint_key(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"teacher": 0, "student": {}}, path)
+    model = vit_tiny_patch16_224(embed_dim=48, depth=1, num_heads=2, img_size=32)
+    with pytest.raises(ValueError, match="'teacher' is a int.*--checkpoint_key"):
+        load_pretrained_weights(model, path)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datasets import DATASETS, Kinetics, decoder, ReturnIndexDataset, Ssv2, build_dataset
+from datasets import DATASETS, ReturnIndexDataset, build_dataset, decoder, video_dataset
 from datasets.synthetic import write_video
 from datasets.transform import IMAGENET_MEAN, IMAGENET_STD, VideoDataAugmentationDINO, ssl_view_frames
 from datasets.video_dataset import parse_list_file
@@ -49,7 +49,7 @@ def test_malformed_line_names_file_number_and_line(tmp_path, content, line):
 def test_missing_list_file_names_key(tmp_path, synthetic_root):
     cfg = build_cfg(tmp_path, synthetic_root / "videos")
     with pytest.raises(FileNotFoundError, match="train.csv.*DATA.PATH_TO_DATA_DIR"):
-        Kinetics(cfg, "train")
+        build_dataset("kinetics400", cfg, "train")
 
 
 def test_every_video_list_layout_is_read(synthetic_cfg):
@@ -88,17 +88,17 @@ def _write_ssv2(root, num_videos=3, frames=12):
 def test_ssv2_layout(tmp_path):
     _write_ssv2(tmp_path)
     cfg = build_cfg(tmp_path, tmp_path / "frames", **{"DATA.MEAN": [0.0] * 3, "DATA.STD": [1.0] * 3})
-    val = Ssv2(cfg, "val")
+    val = build_dataset("ssv2", cfg, "val")
     assert val.num_videos == 3 and val.video_labels == [0, 1, 0]
     frames, label, index, meta = val[1]
     assert frames.shape == (3, 4, 32, 32) and label == 1 and index == 1 and meta == {"skipped": 0}
     # segments of (12 - 1) / 4 = 2.75 frames, middle frame: (0+3)//2, (3+6)//2, (6+8)//2, (8+11)//2
     assert _frame_ids(frames, 0.0, 1.0) == [1, 4, 7, 9]
-    test = Ssv2(cfg, "test", slowfast=True)
+    test = build_dataset("ssv2", cfg, "test", slowfast=True)
     assert len(test) == 9 and [tuple(c.shape) for c in test[0][0]] == [(3, 4, 32, 32), (3, 32, 16, 16)]
     (tmp_path / "val.csv").write_text("original_vido_id video_id frame_id path labels\n100 0 0 a.jpg\n")
     with pytest.raises(ValueError, match="val.csv:2: malformed line"):
-        Ssv2(cfg, "val")
+        build_dataset("ssv2", cfg, "val")
 
 
 # ----------------------------------------------------------------------------------------- failures
@@ -112,7 +112,7 @@ def _mixed_list(tmp_path, synthetic_root, good=2):
 
 def test_missing_and_corrupt_are_skipped_counted_and_logged_once(tmp_path, synthetic_root, caplog):
     cfg = _mixed_list(tmp_path, synthetic_root)
-    ds = Kinetics(cfg, "train", ssl_aug=_ssl(cfg))
+    ds = build_dataset("kinetics400", cfg, "train", ssl_aug=_ssl(cfg))
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="datasets.video_dataset"):
         results = [ds[i] for i in (0, 1, 0, 1)]
@@ -126,7 +126,7 @@ def test_missing_and_corrupt_are_skipped_counted_and_logged_once(tmp_path, synth
 
 def test_all_retries_failing_raises_with_paths(tmp_path, synthetic_root):
     cfg = _mixed_list(tmp_path, synthetic_root, good=0)
-    ds = Kinetics(cfg, "train", num_retries=3)
+    ds = build_dataset("kinetics400", cfg, "train", num_retries=3)
     with pytest.raises(RuntimeError, match=r"4 videos failed.*num_retries=3.*(missing|corrupt)\.mp4"):
         ds[0]
 
@@ -146,12 +146,12 @@ def level_video_cfg(tmp_path):
 def test_eval_clip_indices_and_fps_resampling(level_video_cfg, backend):
     # NUM_FRAMES 4 x SAMPLING_RATE 4 = 16 target frames: 16 frames at 30 fps, 8 frames at 15 fps.
     cfg = level_video_cfg(**{"DATA.SAMPLING_RATE": 4, "DATA.DECODING_BACKEND": backend})
-    val = Kinetics(cfg, "val")
+    val = build_dataset("kinetics400", cfg, "val")
     assert _frame_ids(val[0][0], 0, 1) == [0, 5, 10, 15]      # linspace(0, 15, 4) from frame 0
     assert _frame_ids(val[1][0], 0, 1) == [0, 2, 4, 7]        # linspace(0, 7, 4)
     cfg = level_video_cfg(**{"DATA.SAMPLING_RATE": 4, "DATA.DECODING_BACKEND": backend,
                              "TEST.NUM_ENSEMBLE_VIEWS": 3, "TEST.NUM_SPATIAL_CROPS": 1})
-    test = Kinetics(cfg, "test")
+    test = build_dataset("kinetics400", cfg, "test")
     assert len(test) == 6 and test.labels == [0, 0, 0, 1, 1, 1] and test.num_clips_per_video == 3
     # starts delta * i / 3 with delta = 40 - 16 = 24: 0, 8, 16
     assert [_frame_ids(test[i][0], 0, 1) for i in range(3)] == [[0, 5, 10, 15], [8, 13, 18, 23], [16, 21, 26, 31]]
@@ -160,7 +160,7 @@ def test_eval_clip_indices_and_fps_resampling(level_video_cfg, backend):
 def test_ssl_view_indices_through_the_dataset(level_video_cfg):
     # Window of NUM_FRAMES 4 x SAMPLING_RATE 8 = 32 frames in a 40-frame video at 30 fps (start in [0, 8]).
     cfg = level_video_cfg(**{"DATA.SAMPLING_RATE": 8})
-    ds = Kinetics(cfg, "train", ssl_aug=_ssl(cfg, no_spatial=True))
+    ds = build_dataset("kinetics400", cfg, "train", ssl_aug=_ssl(cfg, no_spatial=True))
     torch.manual_seed(3)
     views, _, _, _ = ds[0]
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
@@ -198,7 +198,7 @@ def test_three_spatial_crops_left_centre_right(tmp_path, make_video, backend):
     make_video(tmp_path / "v.mp4", num_frames=20, size=(48, 64))
     (tmp_path / "test.csv").write_text("v.mp4 0\n")
     cfg = build_cfg(tmp_path, tmp_path, **{"DATA.DECODING_BACKEND": backend})
-    ds = Kinetics(cfg, "test")
+    ds = build_dataset("kinetics400", cfg, "test")
     crops = [ds[i][0] for i in range(3)]
     with decoder.open_video(str(tmp_path / "v.mp4"), backend) as reader:   # linspace(0, 7, 4) from frame 0
         frames = reader.get_frames([0, 2, 4, 7])
@@ -211,9 +211,9 @@ def test_three_spatial_crops_left_centre_right(tmp_path, make_video, backend):
 
 def test_val_is_deterministic_and_kinetics_no_rgb_aug_gives_plain_clip(synthetic_cfg):
     cfg = synthetic_cfg(**{"DATA.NO_RGB_AUG": True})
-    ds = Kinetics(cfg, "train", ssl_aug=_ssl(cfg))
+    ds = build_dataset("kinetics400", cfg, "train", ssl_aug=_ssl(cfg))
     assert ds.ssl_aug is None and ds[0][0].shape == (3, 4, 32, 32)
-    val = Kinetics(synthetic_cfg(), "val")
+    val = build_dataset("kinetics400", synthetic_cfg(), "val")
     assert torch.equal(val[2][0], val[2][0])
 
 
@@ -227,7 +227,7 @@ def test_return_index_dataset(synthetic_cfg):
 @pytest.mark.parametrize("rand_fr", [False, True])
 def test_ssl_dataloader_with_two_workers(synthetic_cfg, rand_fr):
     cfg = synthetic_cfg(**{"DATA.RAND_FR": rand_fr})
-    ds = Kinetics(cfg, "train", ssl_aug=_ssl(cfg))
+    ds = build_dataset("kinetics400", cfg, "train", ssl_aug=_ssl(cfg))
     loader = DataLoader(ds, batch_size=4, num_workers=2, shuffle=True, drop_last=True)
     batches = list(loader)
     assert len(batches) == 4
@@ -240,7 +240,51 @@ def test_ssl_dataloader_with_two_workers(synthetic_cfg, rand_fr):
 
 def test_workers_draw_different_augmentations(synthetic_cfg):
     cfg = synthetic_cfg()
-    ds = Kinetics(cfg, "train", ssl_aug=_ssl(cfg))
+    ds = build_dataset("kinetics400", cfg, "train", ssl_aug=_ssl(cfg))
     loader = DataLoader(ds, batch_size=1, num_workers=2, sampler=[0, 0])   # one sample per worker
     first, second = [batch[0][0] for batch in loader]
     assert not torch.equal(first, second)
+
+
+def test_wrong_path_prefix_fails_at_construction_naming_the_key(synthetic_root, tmp_path):
+    cfg = build_cfg(synthetic_root / "annotations", tmp_path / "not_the_videos")
+    with pytest.raises(FileNotFoundError, match=r"train\.csv: none of \d+ checked videos exists.*DATA\.PATH_PREFIX"):
+        build_dataset("kinetics400", cfg, "train")
+
+
+def _list_with_a_missing_video(synthetic_root, tmp_path, split):
+    lines = (synthetic_root / "annotations" / f"{split}.csv").read_text().splitlines()
+    (tmp_path / f"{split}.csv").write_text("\n".join(["gone/absent.mp4 0"] + lines) + "\n")
+    return build_cfg(tmp_path, synthetic_root / "videos"), len(lines) + 1
+
+
+def test_a_missing_training_video_is_replaced_and_counted(synthetic_root, tmp_path):
+    cfg, n = _list_with_a_missing_video(synthetic_root, tmp_path, "train")
+    ds = build_dataset("kinetics400", cfg, "train")
+    assert len(ds) == n
+    _, label, index, meta = ds[0]
+    assert meta["skipped"] == 1 and index != 0 and label == ds.video_labels[index]
+
+
+@pytest.mark.parametrize("slowfast", [False, True])
+@pytest.mark.parametrize("mode", ["val", "test"])
+def test_an_unreadable_evaluation_video_is_a_label_minus_one_placeholder(synthetic_root, tmp_path, mode, slowfast,
+                                                                        caplog):
+    cfg, _ = _list_with_a_missing_video(synthetic_root, tmp_path, "test" if mode == "test" else "val")
+    ds = build_dataset("kinetics400", cfg, mode, slowfast=slowfast)
+    video_dataset._LOGGED_FAILURES.discard(ds.video_paths[0])
+    good_frames, good_label, _, good_meta = ds[ds.num_clips_per_video]
+    assert good_label >= 0 and good_meta["skipped"] == 0
+    with caplog.at_level(logging.WARNING, logger="datasets.video_dataset"):
+        samples = [ds[i] for i in range(ds.num_clips_per_video)]  # every clip of the unreadable video
+    for i, (frames, label, index, meta) in enumerate(samples):
+        assert label == -1 and index == i and meta == {"skipped": 1}
+        if slowfast:
+            assert isinstance(frames, list) and len(frames) == 2
+            assert [f.shape for f in frames] == [g.shape for g in good_frames]
+            assert frames[1].shape == (3, 32, 16, 16) and all(not f.any() for f in frames)
+        else:
+            assert frames.shape == good_frames.shape == (3, 4, 32, 32) and not frames.any()
+    assert ds.num_skipped == 1  # one video, however many clips
+    logged = [r for r in caplog.records if "gone/absent.mp4" in r.getMessage()]
+    assert len(logged) == 1 and "label -1" in logged[0].getMessage()  # once, with the path

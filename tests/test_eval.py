@@ -11,12 +11,13 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset
 
 import eval_knn
-from eval_knn import ShardSampler, extract_features, gather_rows, knn_classifier, knn_votes, load_backbone, run_knn
 import eval_linear
-from eval_knn import drop_skipped, extract_features_and_labels
-from eval_linear import (LinearClassifier, aggregate_views, clip_features, load_classifier_state,
-                         validate_network_multi_view, video_labels)
-from models import VisionTransformer
+from eval_linear import LinearClassifier, load_classifier_state
+from models import VisionTransformer, build_backbone
+from utils import evaluation
+from utils.evaluation import (ShardSampler, aggregate_views, clip_features, drop_skipped, extract_features_and_labels,
+                              gather_rows, knn_classifier, knn_votes, load_backbone, multi_view_stats, run_knn,
+                              video_labels)
 from utils.parser import load_config_from
 
 E = math.exp
@@ -75,8 +76,8 @@ def test_knn_chunking_equals_brute_force(monkeypatch):
     train = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
     test = torch.nn.functional.normalize(torch.randn(57, 16, generator=g), dim=1)
     labels = torch.randint(0, 7, (300,), generator=g)
-    monkeypatch.setattr(eval_knn, "BANK_CHUNK", 64)   # 5 bank chunks, the last one short
-    monkeypatch.setattr(eval_knn, "SIM_BUDGET", 640)  # 10 queries per chunk
+    monkeypatch.setattr(evaluation, "BANK_CHUNK", 64)   # 5 bank chunks, the last one short
+    monkeypatch.setattr(evaluation, "SIM_BUDGET", 640)  # 10 queries per chunk
     for k in (1, 5, 20, 70):
         sim, idx = (test @ train.T).topk(k, dim=1)
         brute = torch.zeros(57, 7).scatter_add_(1, labels[idx], (sim / 0.07).exp())
@@ -106,24 +107,18 @@ def test_gather_rows_orders_by_index_and_rejects_holes():
         gather_rows(local[:3], torch.tensor([2, 0, 3]), 4)
 
 
-class TinyClips(Dataset):
-    """Deterministic (frames, index) samples: (3, 2, 32, 32) clips."""
+class TinyLabelledClips(Dataset):
+    """Deterministic (frames, index, label) samples like ReturnIndexLabelDataset: (3, 2, 32, 32) clips;
+    samples 2 and 5 are skipped videos (label -1)."""
 
-    def __init__(self, n: int = 7):
+    LABELS = [0, 1, -1, 3, 0, -1, 2]
+
+    def __init__(self):
         g = torch.Generator().manual_seed(1)
-        self.clips = torch.randn(n, 3, 2, 32, 32, generator=g)
+        self.clips = torch.randn(len(self.LABELS), 3, 2, 32, 32, generator=g)
 
     def __len__(self) -> int:
         return len(self.clips)
-
-    def __getitem__(self, i):
-        return self.clips[i], i
-
-
-class TinyLabelledClips(TinyClips):
-    """(frames, index, label) like ReturnIndexLabelDataset; samples 2 and 5 are skipped videos (label -1)."""
-
-    LABELS = [0, 1, -1, 3, 0, -1, 2]
 
     def __getitem__(self, i):
         return self.clips[i], i, self.LABELS[i]
@@ -138,14 +133,10 @@ def tiny_vit(**kw) -> VisionTransformer:
 def _extract_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        dataset = TinyClips()
+        dataset = TinyLabelledClips()
         loader = DataLoader(dataset, sampler=ShardSampler(len(dataset)), batch_size=2)
-        feats = extract_features(tiny_vit(), loader, torch.device("cpu"))
-        torch.save(feats, os.path.join(out_dir, f"rank{rank}.pth"))
-        labelled = TinyLabelledClips()
-        loader = DataLoader(labelled, sampler=ShardSampler(len(labelled)), batch_size=2)
-        torch.save(drop_skipped(*extract_features_and_labels(tiny_vit(), loader, torch.device("cpu"))),
-                   os.path.join(out_dir, f"labelled{rank}.pth"))
+        torch.save(extract_features_and_labels(tiny_vit(), loader, torch.device("cpu")),
+                   os.path.join(out_dir, f"rank{rank}.pth"))
     finally:
         dist.destroy_process_group()
 
@@ -153,17 +144,16 @@ def _extract_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
 def test_distributed_extraction_matches_single_process(tmp_path):
     torch.set_num_threads(1)
     mp.spawn(_extract_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    dataset = TinyClips()
-    single = extract_features(tiny_vit(), DataLoader(dataset, batch_size=3), torch.device("cpu"))
+    dataset = TinyLabelledClips()
+    single, labels = extract_features_and_labels(tiny_vit(), DataLoader(dataset, batch_size=3), torch.device("cpu"))
     with torch.no_grad():
         direct = tiny_vit()(dataset.clips)
     torch.testing.assert_close(single, direct, rtol=1e-4, atol=1e-5)
-    for rank in range(2):
-        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pth"), single, rtol=1e-4, atol=1e-5)
-    # Labels travel with the rows: every rank drops the same skipped (-1) rows.
+    assert labels.tolist() == TinyLabelledClips.LABELS
+    # Labels travel with the rows: every rank holds all rows and drops the same skipped (-1) ones.
     keep = [0, 1, 3, 4, 6]
     for rank in range(2):
-        feats, labels, skipped = torch.load(tmp_path / f"labelled{rank}.pth")
+        feats, labels, skipped = drop_skipped(*torch.load(tmp_path / f"rank{rank}.pth"))
         assert labels.tolist() == [0, 1, 3, 0, 2] and skipped == 2
         torch.testing.assert_close(feats, single[keep], rtol=1e-4, atol=1e-5)
 
@@ -207,15 +197,13 @@ def test_multi_view_aggregation_matches_hand_computation():
     assert video_labels(torch.tensor([3, 3, 3, 1, 1, 1]), 3).tolist() == [3, 1]
 
 
-def test_multi_view_leaves_out_skipped_clips_and_videos(monkeypatch):
+def test_multi_view_leaves_out_skipped_clips_and_videos():
     """3 videos x 2 clips: video 0 has one unreadable clip (scored on the other), video 1 none decoded
     (left out), video 2 fine."""
     logits = torch.tensor([[5.0, 0.0], [-9.0, 9.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [2.0, 0.0]])
     returned = torch.tensor([0, -1, -1, -1, 1, 1])
-    monkeypatch.setattr(eval_linear, "clip_logits", lambda *a: (logits, returned))
-    dataset = argparse.Namespace(num_clips_per_video=2, labels=[0, 0, 1, 1, 1, 1])
-    args = argparse.Namespace(ensemble="sum", num_labels=2)
-    stats = validate_network_multi_view(None, None, dataset, args, torch.device("cpu"))
+    stats = multi_view_stats(logits, returned, torch.tensor([0, 0, 1, 1, 1, 1]), num_clips=2, ensemble="sum",
+                             num_labels=2)
     # video 0: [5, 0] -> class 0 (right); video 2: [2, 1] -> class 0 (wrong, label 1).
     assert stats["multiview_acc1"] == 50.0 and stats["num_videos"] == 2
     assert (stats["multiview_skipped_videos"], stats["multiview_skipped_clips"]) == (1, 3)
@@ -249,46 +237,37 @@ def _cfg():
     return load_config_from(None, ["DATA.TRAIN_CROP_SIZE", "32", "DATA.NUM_FRAMES", "2"])
 
 
-def _args(path: str, arch: str = "vit_tiny", key: str = "teacher") -> argparse.Namespace:
-    return argparse.Namespace(arch=arch, pretrained_weights=path, checkpoint_key=key)
+def _load(path, arch: str = "vit_tiny"):
+    return load_backbone(arch, _cfg(), torch.device("cpu"), str(path), "teacher")
 
 
 def test_load_backbone_reads_a_training_checkpoint(tmp_path):
-    from models import build_backbone
     src = build_backbone("vit_tiny", _cfg())
     teacher = {f"backbone.{k}": v for k, v in src.state_dict().items()}
     teacher["head.last_layer.weight_g"] = torch.ones(8, 1)
     student = {f"module.{k}": torch.zeros_like(v) for k, v in teacher.items()}
     torch.save({"teacher": teacher, "student": student, "epoch": 3, "args": argparse.Namespace(lr=1)},
                tmp_path / "checkpoint.pth")
-    model = load_backbone(_args(str(tmp_path / "checkpoint.pth")), _cfg(), torch.device("cpu"))
+    model = _load(tmp_path / "checkpoint.pth")
     torch.testing.assert_close(model.state_dict(), src.state_dict())
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
 def test_load_backbone_rejects_wrong_architecture_and_foreign_files(tmp_path):
-    from models import build_backbone
     torch.save({"backbone." + k: v for k, v in build_backbone("vit_small", _cfg()).state_dict().items()},
                tmp_path / "small.pth")
     with pytest.raises(ValueError, match="shape"):
-        load_backbone(_args(str(tmp_path / "small.pth")), _cfg(), torch.device("cpu"))
+        _load(tmp_path / "small.pth")
     torch.save({"backbone." + k: v for k, v in build_backbone("vit_tiny", _cfg(), depth=2).state_dict().items()},
                tmp_path / "shallow.pth")
     with pytest.raises(ValueError, match="does not fit --arch vit_tiny"):
-        load_backbone(_args(str(tmp_path / "shallow.pth")), _cfg(), torch.device("cpu"))
+        _load(tmp_path / "shallow.pth")
     torch.save({"state_dict": {"conv1.weight": torch.zeros(3)}}, tmp_path / "resnet.pth")
     with pytest.raises(ValueError, match="no key"):
-        load_backbone(_args(str(tmp_path / "resnet.pth")), _cfg(), torch.device("cpu"))
+        _load(tmp_path / "resnet.pth")
 
 
 def test_parsers_accept_legacy_local_rank():
-    import eval_linear
     for parser in (eval_knn.get_args_parser(), eval_linear.get_args_parser()):
         assert parser.parse_args(["--local-rank=3"]).local_rank == 3
         assert parser.parse_args(["--local_rank", "2"]).local_rank == 2
-    args = eval_knn.get_args_parser().parse_args([])
-    assert (args.nb_knn, args.temperature, args.checkpoint_key, args.train_aug) == ([10, 20, 100, 200], 0.07,
-                                                                                   "teacher", False)
-    args = eval_linear.get_args_parser().parse_args([])
-    assert (args.n_last_blocks, args.avgpool_patchtokens, args.epochs, args.lr, args.ensemble) == (4, False, 100,
-                                                                                                   0.001, "sum")

@@ -1,5 +1,6 @@
-"""train_ssl.py: the DINO loss, EMA, frozen last layer, and end-to-end CPU runs of a tiny TimeSformer
-(2 epochs, resume, non-finite loss, 2-process torchrun)."""
+"""Training: the DINO loss, EMA, frozen last layer, train_step on the speed paths (fused AdamW, bf16, gradient
+checkpointing), and end-to-end CPU runs of a tiny TimeSformer (2 epochs, resume, non-finite loss, 2-process
+torchrun)."""
 import functools
 import json
 import os
@@ -12,10 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 import models
 import train_ssl
+from models import DINOLoss
 from utils import utils
 from utils.checkpoint import safe_torch_load
+from utils.defaults import get_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = dict(depth=2, embed_dim=48, num_heads=2)
@@ -25,22 +30,24 @@ ORIGINAL_KEYS = {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"
 # ---------------------------------------------------------------------------------------------
 # Loss, schedules, EMA
 # ---------------------------------------------------------------------------------------------
-def _reference_loss(student, teacher, center, ncrops, t_temp, s_temp=0.1):
-    """The DINO loss written out with numpy, pair by pair."""
-    def softmax(x):
-        e = np.exp(x - x.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
-    s_views = np.split(student / s_temp, ncrops)
-    t_views = np.split(softmax((teacher - center) / t_temp), 2)
-    pairs = [(iq, v) for iq in range(2) for v in range(ncrops) if v != iq]
-    terms = [np.mean(np.sum(-t_views[iq] * np.log(softmax(s_views[v])), axis=-1)) for iq, v in pairs]
-    return np.mean(terms), len(pairs)
+def reference_dino_loss(student_output, teacher_output, center, ncrops, temp, student_temp=0.1):
+    """The original loop: mean over the 2 * (ncrops - 1) pairs of sum(-q * log p).mean() over the batch.
+    Returns the loss and the number of terms."""
+    logp = F.log_softmax(student_output / student_temp, dim=-1).chunk(ncrops)
+    q = F.softmax((teacher_output - center) / temp, dim=-1).detach().chunk(2)
+    total, n = 0, 0
+    for iq, qi in enumerate(q):
+        for v, lp in enumerate(logp):
+            if v != iq:
+                total = total + torch.sum(-qi * lp, dim=-1).mean()
+                n += 1
+    return total / n, n
 
 
 def test_dino_loss_hand_computed_tiny_logits():
     # 2 globals + 1 local, batch 1, K = 2: every number can be checked by hand.
-    loss_fn = train_ssl.DINOLoss(out_dim=2, ncrops=3, warmup_teacher_temp=0.5, teacher_temp=0.5,
-                                 warmup_teacher_temp_epochs=0, nepochs=1)
+    loss_fn = DINOLoss(out_dim=2, ncrops=3, warmup_teacher_temp=0.5, teacher_temp=0.5,
+                       warmup_teacher_temp_epochs=0, nepochs=1)
     student = torch.tensor([[0.1, 0.0], [0.0, 0.1], [0.0, 0.0]])
     teacher = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     loss = loss_fn(student, teacher, epoch=0)
@@ -53,21 +60,31 @@ def test_dino_loss_hand_computed_tiny_logits():
     assert loss.item() == pytest.approx(np.mean(terms), rel=1e-6)
 
 
-def test_dino_loss_18_terms_matches_reference():
+@pytest.mark.parametrize("ncrops", [2, 3, 10])
+def test_dino_loss_and_grad_match_pairwise_reference(ncrops):
     torch.manual_seed(0)
-    b, k = 3, 16
-    loss_fn = train_ssl.DINOLoss(k, ncrops=10, warmup_teacher_temp=0.04, teacher_temp=0.04,
-                                 warmup_teacher_temp_epochs=0, nepochs=2)
-    loss_fn.center.copy_(torch.randn(1, k) * 0.1)
-    center = loss_fn.center.numpy().copy()
-    student, teacher = torch.randn(10 * b, k), torch.randn(2 * b, k)
-    ref, n_terms = _reference_loss(student.double().numpy(), teacher.double().numpy(), center, 10, 0.04)
-    assert n_terms == 18
-    assert loss_fn(student, teacher, epoch=1).item() == pytest.approx(ref, rel=1e-5)
+    b, k = 3, 64
+    student = torch.randn(ncrops * b, k, requires_grad=True)
+    teacher = torch.randn(2 * b, k)
+    loss_fn = DINOLoss(k, ncrops, 0.04, 0.04, 0, 2)
+    loss_fn.center.normal_()
+    center = loss_fn.center.clone()
+    loss = loss_fn(student, teacher, epoch=1)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref, n_terms = reference_dino_loss(student, teacher, center, ncrops, 0.04)
+    (ref_grad,) = torch.autograd.grad(ref, student)
+    assert n_terms == 2 * (ncrops - 1)  # 18 with SVT's 10 views
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # in float64: the batched loss is the pairwise mean, not an approximation of it
+        ref64, _ = reference_dino_loss(student.double(), teacher.double(), center.double(), ncrops, 0.04)
+    assert loss.item() == pytest.approx(ref64.item(), rel=1e-5)
+    # the centre update is unchanged: 0.9 * c + 0.1 * mean(teacher)
+    torch.testing.assert_close(loss_fn.center, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True))
 
 
 def test_center_update_and_state():
-    loss_fn = train_ssl.DINOLoss(4, ncrops=4, warmup_teacher_temp=0.04, teacher_temp=0.04,
+    loss_fn = DINOLoss(4, ncrops=4, warmup_teacher_temp=0.04, teacher_temp=0.04,
                                  warmup_teacher_temp_epochs=0, nepochs=1)
     t1, t2 = torch.randn(6, 4), torch.randn(6, 4)
     loss_fn(torch.randn(12, 4), t1.half(), 0)  # fp16 logits (autocast) still give an fp32 centre
@@ -80,7 +97,7 @@ def test_center_update_and_state():
 
 
 def test_teacher_temp_schedule_per_epoch():
-    loss_fn = train_ssl.DINOLoss(4, 4, warmup_teacher_temp=0.04, teacher_temp=0.07,
+    loss_fn = DINOLoss(4, 4, warmup_teacher_temp=0.04, teacher_temp=0.07,
                                  warmup_teacher_temp_epochs=3, nepochs=5)
     np.testing.assert_allclose(loss_fn.teacher_temp_schedule, [0.04, 0.055, 0.07, 0.07, 0.07])
 
@@ -92,19 +109,10 @@ def test_ema_update():
     torch.testing.assert_close(teacher[1], torch.full((2, 2), 0.25))
 
 
-def test_parser_defaults_and_legacy_args():
+def test_parser_accepts_legacy_local_rank_and_opts():
     parser = train_ssl.get_args_parser()
     args = parser.parse_args(["--local-rank", "3", "--opts", "DATA.RAND_FR", "True"])
-    expected = dict(arch="timesformer", patch_size=16, out_dim=65536, norm_last_layer=True, momentum_teacher=0.996,
-                    use_bn_in_head=False, warmup_teacher_temp=0.04, teacher_temp=0.04,
-                    warmup_teacher_temp_epochs=0, use_fp16=True, weight_decay=0.04, weight_decay_end=0.4,
-                    clip_grad=3.0, batch_size_per_gpu=64, epochs=100, freeze_last_layer=1, lr=0.0005,
-                    warmup_epochs=10, min_lr=1e-6, optimizer="adamw", local_crops_number=8, saveckp_freq=20,
-                    seed=0, num_workers=10, dist_url="env://", nb_knn=5, temperature=0.07,
-                    eval_batch_size_per_gpu=128, teacher_drop_path=True, opts=["DATA.RAND_FR", "True"])
-    for name, value in expected.items():
-        assert getattr(args, name) == value, name
-    assert tuple(args.global_crops_scale) == (0.4, 1.0) and tuple(args.local_crops_scale) == (0.05, 0.4)
+    assert args.local_rank == 3 and args.opts == ["DATA.RAND_FR", "True"]
     assert parser.parse_args(["--local_rank=1"]).local_rank == 1
 
 
@@ -112,7 +120,7 @@ def test_frozen_last_layer_has_no_grad_in_epoch_0(synthetic_cfg):
     cfg = synthetic_cfg()
     student = models.MultiCropWrapper(models.build_backbone("vit_tiny", cfg, **TINY_BACKBONE),
                                       models.DINOHead(48, 32, hidden_dim=64, bottleneck_dim=16))
-    loss_fn = train_ssl.DINOLoss(32, 3, 0.04, 0.04, 0, 2)
+    loss_fn = DINOLoss(32, 3, 0.04, 0.04, 0, 2)
     views = [torch.randn(2, 3, 4, 32, 32), torch.randn(2, 3, 4, 32, 32), torch.randn(2, 3, 2, 16, 16)]
     for epoch in (0, 1):
         student.zero_grad(set_to_none=True)
@@ -121,6 +129,68 @@ def test_frozen_last_layer_has_no_grad_in_epoch_0(synthetic_cfg):
         grad = student.head.last_layer.weight_v.grad
         assert (grad is None) == (epoch == 0)
         assert student.backbone.blocks[0].attn.qkv.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# train_step on the speed paths (the state comes from train_ssl.build_train_state, as in training)
+# ---------------------------------------------------------------------------------------------
+def step_state(monkeypatch, fused: bool, *extra: str):
+    """A tiny student/teacher (depth 2, width 48, 2 frames of 32 px) with constant lr 1e-3, wd 0.04, momentum
+    0.9 (at the first iteration), 2 local views."""
+    monkeypatch.setattr(train_ssl, "build_backbone", functools.partial(models.build_backbone, **TINY_BACKBONE))
+    args = train_ssl.get_args_parser().parse_args([
+        "--arch", "vit_tiny", "--out_dim", "64", "--local_crops_number", "2", "--epochs", "1", "--warmup_epochs",
+        "0", "--lr", "1e-3", "--min_lr", "1e-3", "--batch_size_per_gpu", "256", "--weight_decay_end", "0.04",
+        "--momentum_teacher", "0.9", "--freeze_last_layer", "0", *extra])
+    cfg = get_cfg()
+    cfg.DATA.TRAIN_CROP_SIZE, cfg.DATA.NUM_FRAMES, cfg.MODEL.DROP_PATH_RATE = 32, 2, 0.0
+    torch.manual_seed(0)
+    return train_ssl.build_train_state(args, cfg, torch.device("cpu"), niter=4, fused=fused), args
+
+
+def step_views(b=2):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(b, 3, 2, 32, 32, generator=g) for _ in range(2)] + \
+           [torch.randn(b, 3, 2, 16, 16, generator=g) for _ in range(2)]
+
+
+def run_steps(state, args, steps=3):
+    losses = [train_ssl.train_step(state, step_views(), 0, it, args)[0] for it in range(steps)]
+    return torch.stack(losses), state.teacher.state_dict()
+
+
+def test_fused_adamw_matches_foreach_on_cpu(monkeypatch):
+    losses_f, teacher_f = run_steps(*step_state(monkeypatch, fused=True))
+    losses_r, teacher_r = run_steps(*step_state(monkeypatch, fused=False))
+    torch.testing.assert_close(losses_f, losses_r, rtol=1e-5, atol=1e-6)
+    for k in teacher_r:
+        torch.testing.assert_close(teacher_f[k], teacher_r[k], rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_bf16_autocast_and_grad_checkpointing_on_cpu(monkeypatch):
+    losses_32, _ = run_steps(*step_state(monkeypatch, False))
+    state, args = step_state(monkeypatch, False, "--amp_dtype", "bf16")
+    assert state.precision == torch.bfloat16
+    losses_bf, _ = run_steps(state, args)
+    assert torch.isfinite(losses_bf).all()
+    torch.testing.assert_close(losses_bf, losses_32, rtol=2e-2, atol=2e-2)
+    state, args = step_state(monkeypatch, False, "--grad_checkpointing", "true")
+    losses_ck, _ = run_steps(state, args)
+    torch.testing.assert_close(losses_ck, losses_32, rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_returns_without_host_sync_value(monkeypatch):
+    state, args = step_state(monkeypatch, fused=False)
+    loss, momentum = train_ssl.train_step(state, step_views(), 0, 0, args)
+    assert isinstance(loss, torch.Tensor) and not loss.requires_grad and momentum == pytest.approx(0.9)
+
+
+def test_imagenet_init_key_is_applied_to_the_student(tmp_path):
+    args = train_ssl.get_args_parser().parse_args(["--arch", "vit_tiny", "--out_dim", "64"])
+    cfg = get_cfg()
+    cfg.TIMESFORMER.PRETRAINED_MODEL = str(tmp_path / "dino_vitbase16_pretrain.pth")
+    with pytest.raises(FileNotFoundError, match="dino_vitbase16_pretrain.pth"):
+        train_ssl.build_networks(args, cfg, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +284,7 @@ def test_kill_after_epoch_then_resume_is_exact(full_run, synthetic_root, tmp_pat
 
 
 def test_mid_epoch_resume_is_exact(full_run, synthetic_root, tmp_path, monkeypatch):
-    real_forward = train_ssl.DINOLoss.forward
+    real_forward = DINOLoss.forward
     calls = []
 
     def dies_at_step_7(self, *a, **kw):  # epoch 1, iteration 2 (4 iterations per epoch)
@@ -223,24 +293,24 @@ def test_mid_epoch_resume_is_exact(full_run, synthetic_root, tmp_path, monkeypat
             raise _Killed
         return real_forward(self, *a, **kw)
 
-    monkeypatch.setattr(train_ssl.DINOLoss, "forward", dies_at_step_7)
+    monkeypatch.setattr(DINOLoss, "forward", dies_at_step_7)
     with pytest.raises(_Killed):
         _train(monkeypatch, _argv(synthetic_root, tmp_path, "--saveckp_iters", "2"))
     ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, 2)
-    monkeypatch.setattr(train_ssl.DINOLoss, "forward", real_forward)
+    monkeypatch.setattr(DINOLoss, "forward", real_forward)
     _train(monkeypatch, _argv(synthetic_root, tmp_path, "--saveckp_iters", "2"))
     _assert_same_state(safe_torch_load(tmp_path / "checkpoint.pth"), safe_torch_load(full_run / "checkpoint.pth"))
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(synthetic_root, tmp_path, monkeypatch, capsys):
-    real_forward = train_ssl.DINOLoss.forward
+    real_forward = DINOLoss.forward
 
     def nan_in_epoch_1(self, student_output, teacher_output, epoch):
         loss = real_forward(self, student_output, teacher_output, epoch)
         return loss * float("nan") if epoch == 1 else loss
 
-    monkeypatch.setattr(train_ssl.DINOLoss, "forward", nan_in_epoch_1)
+    monkeypatch.setattr(DINOLoss, "forward", nan_in_epoch_1)
     with pytest.raises(SystemExit) as exc:
         _train(monkeypatch, _argv(synthetic_root, tmp_path))
     assert exc.value.code == 1

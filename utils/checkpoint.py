@@ -1,22 +1,26 @@
-"""Reading and writing checkpoints: safe loading, backbone weights from any SVT/TimeSformer layout,
-atomic saves, and DINO-style resume."""
+"""Checkpoint files: safe loading, backbone weights from any SVT / TimeSformer / ImageNet ViT file (the
+model's `checkpoint_filter_fn` maps the keys and shapes), atomic saves, DINO-style resume and the RNG
+state that makes a resume exact."""
 from __future__ import annotations
 
 import argparse
 import os
 import pickle
+import random
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange
+import torch.distributed as dist
 from torch import nn
 
-# Prefixes stripped from state-dict keys: DDP, MultiCropWrapper, TimeSformer's model wrapper.
-_PREFIXES = ("module.", "backbone.", "model.")
+from models.timesformer import checkpoint_filter_fn
+from utils import utils
+
+DINO_VITB16_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
@@ -43,21 +47,8 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
                            "file written by torch.save: re-download or re-copy it (compare its size).") from e
 
 
-def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
-
-
-def _select_state_dict(ckpt: Any, checkpoint_key: str | None, path: str) -> tuple[dict[str, Any], str]:
-    """The backbone state dict inside a checkpoint and a word on where it was found."""
+def _select_state_dict(ckpt: Any, checkpoint_key: str | None, path: str) -> tuple[Mapping[str, Any], str]:
+    """The state dict inside a checkpoint file and a word on where it was found."""
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint dict")
     where = "top level"
@@ -71,11 +62,7 @@ def _select_state_dict(ckpt: Any, checkpoint_key: str | None, path: str) -> tupl
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path}: entry {where} is a {type(ckpt).__name__}, not a state dict; pick another "
                          f"entry with the checkpoint key (--checkpoint_key student / teacher).")
-    state = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
-    # Keep the backbone of a MultiCropWrapper state (drops `head.*`, the DINO head).
-    if any(k.removeprefix("module.").startswith("backbone.") for k in state):
-        state = {k: v for k, v in state.items() if k.removeprefix("module.").startswith("backbone.")}
-    return _strip_prefixes(state), where
+    return ckpt, where
 
 
 def _kind_hint(state: Mapping[str, Any]) -> str:
@@ -87,23 +74,6 @@ def _kind_hint(state: Mapping[str, Any]) -> str:
     if not keys:
         return " The selected entry holds no tensors."
     return ""
-
-
-def resize_time_embed(time_embed: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(1, T, D) -> (1, num_frames, D), nearest along time (the resize the model does on the fly)."""
-    emb = F.interpolate(rearrange(time_embed, "1 t d -> 1 d t"), size=num_frames, mode="nearest")
-    return rearrange(emb, "1 d t -> 1 t d")
-
-
-def resize_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(1, 1 + g*g, D) -> (1, num_tokens, D) for square grids: CLS kept, patch grid resized (nearest)."""
-    old, new = round((pos_embed.shape[1] - 1) ** 0.5), round((num_tokens - 1) ** 0.5)
-    if old * old != pos_embed.shape[1] - 1 or new * new != num_tokens - 1:
-        raise ValueError(f"pos_embed with {pos_embed.shape[1]} tokens cannot be resized to {num_tokens}: "
-                         "only square patch grids are supported")
-    grid = rearrange(pos_embed[:, 1:], "1 (h w) d -> 1 d h w", h=old, w=old)
-    grid = F.interpolate(grid, size=(new, new), mode="nearest")
-    return torch.cat((pos_embed[:, :1], rearrange(grid, "1 d h w -> 1 (h w) d")), dim=1)
 
 
 @dataclass
@@ -135,17 +105,18 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
 
     - the released `kinetics400_vitb_ssl.pth` (flat teacher state: `backbone.*` + `head.*`);
     - a training checkpoint (`student` / `teacher` entries, chosen by `checkpoint_key`);
-    - a TimeSformer checkpoint (`model_state`, keys `model.*`), or a bare backbone state dict.
+    - a TimeSformer checkpoint (`model_state`, keys `model.*`), or a bare backbone state dict;
+    - an image ViT (DINO or timm ImageNet weights, possibly under `model` / `state_dict`).
 
-    Prefixes `module.`, `backbone.` and `model.` are stripped and the DINO head is ignored. A
-    `time_embed` of another length (a model built for DATA.NUM_FRAMES != 8) and a `pos_embed` of
-    another square grid are resized nearest, giving exactly what the stored-size model computes on the
-    fly for that input. Raises when no key matches or when any other shape differs.
+    The keys and shapes are mapped by `models.timesformer.checkpoint_filter_fn` (prefixes, DINO head,
+    nearest resize of `pos_embed` / `time_embed`, the image-to-video init). Raises when no key matches or
+    when any other shape differs.
     """
     path = os.fspath(path)
-    state, where = _select_state_dict(safe_torch_load(path), checkpoint_key, path)
+    entry, where = _select_state_dict(safe_torch_load(path), checkpoint_key, path)
+    state, resized = checkpoint_filter_fn(entry, model)
     target = model.state_dict()
-    summary = LoadSummary(path=path, source=where)
+    summary = LoadSummary(path=path, source=where, resized=resized)
     summary.unexpected = [k for k in state if k not in target]
     summary.missing = [k for k in target if k not in state]
     summary.matched = [k for k in state if k in target]
@@ -153,24 +124,31 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
         raise ValueError(
             f"no key of {path} ({where}) matches the model: file keys start with "
             f"{sorted(state)[:5]}, model keys with {list(target)[:5]}.{_kind_hint(state)} Pass an SVT "
-            f"checkpoint (train_ssl.py checkpoint.pth, the released kinetics400_vitb_ssl.pth) or a "
-            f"TimeSformer one (checkpoint_key={checkpoint_key!r}).")
-    to_load = {}
+            f"checkpoint (train_ssl.py checkpoint.pth, the released kinetics400_vitb_ssl.pth), a "
+            f"TimeSformer one or an ImageNet ViT (checkpoint_key={checkpoint_key!r}).")
     for k in summary.matched:
-        v, want = state[k], target[k].shape
-        if v.shape != want:
-            if k == "time_embed" and v.shape[0::2] == want[0::2]:
-                v = resize_time_embed(v, want[1])
-            elif k == "pos_embed" and v.shape[0::2] == want[0::2]:
-                v = resize_pos_embed(v, want[1])
-            else:
-                raise ValueError(f"{path}: shape of '{k}' is {tuple(v.shape)} in the file but "
-                                 f"{tuple(want)} in the model; build the model with the checkpoint's size")
-            summary.resized.append(f"{k} {tuple(state[k].shape)}->{tuple(want)}")
-        to_load[k] = v
-    model.load_state_dict(to_load, strict=False)
+        if state[k].shape != target[k].shape:
+            raise ValueError(f"{path}: shape of '{k}' is {tuple(state[k].shape)} in the file but "
+                             f"{tuple(target[k].shape)} in the model; build the model with the checkpoint's size")
+    model.load_state_dict({k: state[k] for k in summary.matched}, strict=False)
     print(summary)
     return summary
+
+
+def load_imagenet_init(model: nn.Module, path: str | os.PathLike) -> LoadSummary:
+    """TIMESFORMER.PRETRAINED_MODEL: initialise a TimeSformer from a local image ViT file (the paper uses DINO
+    ViT-B/16); spatial weights 1:1, temporal attention from the spatial one (see `load_pretrained_weights`)."""
+    path = os.fspath(path)
+    if path.startswith(("http://", "https://")):
+        raise ValueError(f"TIMESFORMER.PRETRAINED_MODEL must be a local file, got the URL {path}; "
+                         "download it once and pass its path (nothing is downloaded at run time)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"ImageNet init file not found: {path} (TIMESFORMER.PRETRAINED_MODEL). Download the DINO "
+            f"ViT-B/16 weights from {DINO_VITB16_URL} and put them at that path, or set "
+            "TIMESFORMER.PRETRAINED_MODEL to '' for a random init.")
+    print(f"ImageNet init from {path}:")
+    return load_pretrained_weights(model, path)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -224,3 +202,66 @@ def restart_from_checkpoint(ckp_path: str | os.PathLike, run_variables: dict | N
         for name in run_variables:
             if name in ckpt:
                 run_variables[name] = ckpt[name]
+
+
+class PrefixedState:
+    """state_dict / load_state_dict of a module under a key prefix: the student is stored with the original's
+    DDP `module.` prefix whether or not it is DDP-wrapped in this run."""
+
+    def __init__(self, module: nn.Module, prefix: str = "module."):
+        self.module, self.prefix = module, prefix
+
+    def state_dict(self) -> dict:
+        return {self.prefix + k: v for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        return self.module.load_state_dict({k.removeprefix(self.prefix): v for k, v in state.items()},
+                                           strict=strict)
+
+
+def get_rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states, in a form `safe_torch_load` can read back."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore a `get_rng_state` result."""
+    torch.set_rng_state(state["torch"])
+    np_s = state["numpy"]
+    np.random.set_state(("MT19937", np_s["keys"].numpy().astype(np.uint32), np_s["pos"], np_s["has_gauss"],
+                         np_s["cached_gaussian"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    """The RNG states of all ranks (index = rank)."""
+    state = get_rng_state()
+    if utils.get_world_size() == 1:
+        return [state]
+    states = [None] * utils.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(states: list[dict] | None) -> None:
+    """Set this rank's RNG state from `gather_rng_states` output (nothing when None or another world size)."""
+    if states is None:
+        return
+    rank, world = utils.get_rank(), utils.get_world_size()
+    if len(states) != world:
+        print(f"Checkpoint RNG states are from {len(states)} processes, this run has {world}: "
+              "random streams restart from the seed (training continues, not bit-identically).")
+        return
+    set_rng_state(states[rank])
+

@@ -1,0 +1,57 @@
+"""Per-sample seeding: every sample is drawn under its own seed, so augmentations depend only on (seed, epoch,
+position in the global shuffled order) - not on the number of workers or ranks - and a resumed run replays them."""
+import contextlib
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+
+@contextlib.contextmanager
+def preserved_rng_state():
+    """Restore the torch (CPU), numpy and python RNG states on exit."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+class SeededDistributedSampler(DistributedSampler):
+    """DistributedSampler yielding (index, seed) pairs; `skip` drops the first batches (mid-epoch resume)."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0, **kwargs):
+        super().__init__(dataset, seed=seed, **kwargs)
+        self.skip = 0
+
+    def __iter__(self):
+        for i, index in enumerate(super().__iter__()):
+            if i < self.skip:
+                continue
+            position = self.rank + i * self.num_replicas
+            sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0])
+            yield index, sample_seed
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class SeededDataset(Dataset):
+    """Calls `dataset[index]` with torch/numpy/random seeded by the sampler's per-sample seed."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with preserved_rng_state():
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            return self.dataset[index]

@@ -1,0 +1,382 @@
+"""Evaluation of frozen backbones, shared by eval_knn.py, eval_linear.py and train_ssl.py's online kNN:
+backbone loading, sharded feature extraction gathered on every rank, the weighted kNN vote, top-k accuracy
+and the multi-view aggregation of clip scores.
+
+A video that cannot be decoded comes back from the dataset with label -1 (datasets/video_dataset.py): it is
+left out of banks, queries and accuracies, and counted.
+"""
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from datasets import ReturnIndexDataset, build_dataset
+from datasets.video_dataset import SKIPPED_LABEL
+from models import build_backbone
+from utils import utils
+from utils.checkpoint import load_imagenet_init, load_pretrained_weights
+
+
+# Elements of one query-chunk x bank-chunk similarity matrix (64 MiB in fp32).
+SIM_BUDGET = 1 << 24
+# Rows of the train bank compared at once; the running top-k is merged across bank chunks.
+BANK_CHUNK = 1 << 16
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backbone and data
+# ----------------------------------------------------------------------------------------------------
+def load_backbone(arch: str, cfg, device: torch.device, pretrained_weights: str = "",
+                  checkpoint_key: str = "teacher") -> nn.Module:
+    """The frozen backbone of `arch` with `pretrained_weights` (any checkpoint kind) loaded; without them the
+    TIMESFORMER.PRETRAINED_MODEL init (if set) or a random one."""
+    model = build_backbone(arch, cfg)
+    if pretrained_weights:
+        summary = load_pretrained_weights(model, pretrained_weights, checkpoint_key)
+        check_backbone_load(summary, pretrained_weights, arch)
+    elif cfg.TIMESFORMER.PRETRAINED_MODEL:
+        load_imagenet_init(model, cfg.TIMESFORMER.PRETRAINED_MODEL)
+    else:
+        print("WARNING: --pretrained_weights is empty, evaluating a randomly initialised backbone.")
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def check_backbone_load(summary, path: str, arch: str) -> None:
+    """Evaluation needs every backbone weight from the file: missing keys (random weights) or blocks the
+    model does not have (another depth) mean the checkpoint is not of `arch`."""
+    extra_blocks = [k for k in summary.unexpected if k.startswith("blocks.")]
+    if summary.missing or extra_blocks:
+        raise ValueError(
+            f"{path} does not fit --arch {arch}: {len(summary.missing)} backbone "
+            f"weights missing from the file {summary.missing[:4]}, {len(extra_blocks)} block weights the "
+            f"model lacks {extra_blocks[:4]}. Pass the --arch (and DATA.NUM_FRAMES / crop size) the "
+            f"checkpoint was trained with, or --checkpoint_key to pick its teacher/student entry.")
+
+
+def dataset_labels(dataset) -> torch.Tensor:
+    """Per-sample labels of a dataset (or of the dataset a ReturnIndexDataset wraps)."""
+    inner = getattr(dataset, "dataset", dataset)
+    return torch.as_tensor(list(inner.labels), dtype=torch.long)
+
+
+def make_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Sequential loader over this rank's shard (every sample once across ranks)."""
+    return DataLoader(dataset, sampler=ShardSampler(len(dataset)), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=False,
+                      worker_init_fn=utils.seed_worker, persistent_workers=False)
+
+
+def knn_config(cfg):
+    """One clip per video, centre crop after the short-side resize (the original forces 1 spatial crop)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.TEST.NUM_SPATIAL_CROPS = 1
+    cfg.TEST.NUM_ENSEMBLE_VIEWS = 1
+    cfg.freeze()
+    return cfg
+
+
+def build_train_bank_dataset(name: str, cfg, train_aug: bool = False):
+    """The train split; unless `train_aug`, each video gives its val-mode clip (frame-0 window, centre crop)."""
+    dataset = build_dataset(name, cfg, "train")
+    if not train_aug:
+        dataset.mode = "val"  # the list stays the train split; sampling and transform become val's
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded extraction, gathered on every rank
+# ----------------------------------------------------------------------------------------------------
+class ShardSampler(Sampler):
+    """Every `world_size`-th index from `rank`: disjoint shards covering the dataset once, no padding."""
+
+    def __init__(self, num_samples: int, rank: int | None = None, world_size: int | None = None):
+        self.num_samples = num_samples
+        self.rank = utils.get_rank() if rank is None else rank
+        self.world_size = utils.get_world_size() if world_size is None else world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+
+def gather_rows(local: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+    """Place each rank's row `local[i]` at row `index[i]` of a (total, D) float32 CPU tensor, on every rank.
+
+    Rows travel in chunks (bounded device memory); an index produced twice (padding duplicates) is
+    harmless. Raises when some row of the result was produced by no rank.
+    """
+    local = local.float().cpu()
+    index = index.long().cpu()
+    parts = [(local, index)]
+    dim = local.shape[1] if local.dim() == 2 else -1
+    if utils.is_dist_avail_and_initialized():
+        comm = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                else torch.device("cpu"))
+        world = dist.get_world_size()
+        meta = torch.tensor([local.shape[0], dim if local.shape[0] else -1], device=comm)
+        metas = [torch.zeros_like(meta) for _ in range(world)]
+        dist.all_gather(metas, meta)
+        longest = max(int(m[0]) for m in metas)
+        dim = max(int(m[1]) for m in metas)
+        local = local.reshape(-1, max(dim, 0))
+        rows = max(1, SIM_BUDGET // (max(dim, 1) * world))
+        parts = []
+        for start in range(0, longest, rows):
+            n = min(rows, longest - start)
+            feats = torch.zeros(n, dim, device=comm)
+            idx = torch.full((n,), -1, dtype=torch.long, device=comm)
+            mine = local[start:start + n]
+            feats[:mine.shape[0]] = mine.to(comm)
+            idx[:mine.shape[0]] = index[start:start + n].to(comm)
+            all_feats = [torch.empty_like(feats) for _ in range(world)]
+            all_idx = [torch.empty_like(idx) for _ in range(world)]
+            dist.all_gather(all_feats, feats)
+            dist.all_gather(all_idx, idx)
+            for f, i in zip(all_feats, all_idx):
+                i = i.cpu()
+                parts.append((f.cpu()[i >= 0], i[i >= 0]))
+    if dim < 0:
+        raise RuntimeError("gather_rows: no rank produced any row (empty dataset?).")
+    out = torch.zeros(total, dim)
+    filled = torch.zeros(total, dtype=torch.bool)
+    for feats, idx in parts:
+        out.index_copy_(0, idx, feats)
+        filled[idx] = True
+    if not bool(filled.all()):
+        missing = (~filled).nonzero().flatten()[:10].tolist()
+        raise RuntimeError(f"gather_rows: {int((~filled).sum())} of {total} rows were produced by no rank "
+                           f"(first: {missing}); the sampler must cover the whole dataset.")
+    return out
+
+
+def to_device(frames, device: torch.device):
+    if isinstance(frames, (list, tuple)):
+        return [f.to(device, non_blocking=True) for f in frames]
+    return frames.to(device, non_blocking=True)
+
+
+class ReturnIndexLabelDataset(ReturnIndexDataset):
+    """(frames, index, label) of the wrapped dataset: the label is the one the dataset returned, so -1
+    marks a video that could not be decoded."""
+
+    def __getitem__(self, index: int):
+        frames, label, _, _ = self.dataset[index]
+        return frames, index, label
+
+
+@torch.no_grad()
+def extract_features_and_labels(model: Callable, loader: Iterable,
+                                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, D) float32 CPU outputs of `model`, (N,) labels as returned by the dataset, -1 for a skipped video)
+    for every sample of `loader.dataset`, rows in index order.
+
+    `loader` yields (frames, index, label) (a ReturnIndexLabelDataset); with torch.distributed each rank runs
+    its shard and the rows of all ranks are gathered on every rank, so every rank drops the same rows.
+    `frames` may be a list of clips when `model` takes one.
+    """
+    total = len(loader.dataset)
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    feats, idxs = [], []
+    for frames, index, label in metric_logger.log_every(loader, 10, "Extracting features:"):
+        out = model(to_device(frames, device)).float().cpu()
+        # the label travels as an extra column (exact in float32 for any class id)
+        feats.append(torch.cat([out, torch.as_tensor(label).float().view(-1, 1)], dim=1))
+        idxs.append(torch.as_tensor(index).long().cpu())
+    local = torch.cat(feats) if feats else torch.zeros(0, 0)
+    index = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long)
+    rows = gather_rows(local, index, total)
+    return rows[:, :-1].contiguous(), rows[:, -1].round().long()
+
+
+def drop_skipped(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(features, labels, number of rows dropped) without the rows of label -1 (undecodable videos)."""
+    keep = labels != SKIPPED_LABEL
+    return features[keep], labels[keep], int((~keep).sum())
+
+
+def clip_features(model: nn.Module, frames, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
+    """CLS of the last n blocks (+ mean patch token of the last), concatenated: (B, D * (n + avgpool)).
+
+    `frames` may be a list of clips of the same videos (slow-fast): their features are averaged.
+    """
+    if isinstance(frames, (list, tuple)):
+        return torch.stack([clip_features(model, f, n_last_blocks, avgpool) for f in frames]).mean(0)
+    blocks = model.get_intermediate_layers(frames, n_last_blocks)
+    out = [x[:, 0] for x in blocks]
+    if avgpool:
+        out.append(blocks[-1][:, 1:].mean(dim=1))
+    return torch.cat(out, dim=-1).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-NN and accuracy
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def knn_votes(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+              k: int, T: float, num_classes: int, device: torch.device | None = None) -> torch.Tensor:
+    """(N_test, num_classes) sums of exp(sim / T) over each query's k most similar train features.
+
+    Similarities are computed in query x bank chunks (at most SIM_BUDGET elements at a time) with a running
+    top-k, so neither N_test x N_train nor the whole bank on the device is ever needed.
+    """
+    device = train_features.device if device is None else device
+    n_train = train_features.shape[0]
+    k = min(k, n_train)
+    bank_chunk = min(n_train, BANK_CHUNK)
+    query_chunk = max(1, SIM_BUDGET // bank_chunk)
+    train_labels = train_labels.to(device, torch.long)
+    votes = []
+    for q in range(0, test_features.shape[0], query_chunk):
+        query = test_features[q:q + query_chunk].to(device, torch.float32)
+        best_sim = torch.full((query.shape[0], 0), -math.inf, device=device)
+        best_idx = torch.zeros((query.shape[0], 0), dtype=torch.long, device=device)
+        for b in range(0, n_train, bank_chunk):
+            bank = train_features[b:b + bank_chunk].to(device, torch.float32)
+            sim, idx = (query @ bank.T).topk(min(k, bank.shape[0]), dim=1)
+            merged = torch.cat([best_sim, sim], 1)
+            best_sim, pos = merged.topk(min(k, merged.shape[1]), dim=1)
+            best_idx = torch.cat([best_idx, idx + b], 1).gather(1, pos)
+        neighbour_labels = train_labels[best_idx]
+        chunk_votes = torch.zeros(query.shape[0], num_classes, device=device)
+        chunk_votes.scatter_add_(1, neighbour_labels, (best_sim / T).exp())
+        votes.append(chunk_votes.cpu())
+    return torch.cat(votes) if votes else torch.zeros(0, num_classes)
+
+
+def top1_top5(scores: torch.Tensor, labels: torch.Tensor, max_rank: int = 5) -> tuple[float, float]:
+    """Top-1 and top-`max_rank` accuracy in percent; ties between scores go to the lower class index."""
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    correct = order.eq(labels.long().view(-1, 1))
+    n = max(1, scores.shape[0])
+    top1 = correct[:, :1].sum().item() * 100.0 / n
+    top5 = correct[:, :min(max_rank, scores.shape[1])].sum().item() * 100.0 / n
+    return top1, top5
+
+
+def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                   test_labels: torch.Tensor, k: int, T: float, num_classes: int,
+                   device: torch.device | None = None) -> tuple[float, float]:
+    """Weighted k-NN top-1 / top-5 accuracy (%) on L2-normalised features (DINO's classifier).
+
+    As in DINO, top-5 counts only the first min(5, k) ranked classes (no more than k classes get votes).
+    """
+    votes = knn_votes(train_features, train_labels, test_features, k, T, num_classes, device)
+    return top1_top5(votes, test_labels.cpu(), max_rank=min(5, k))
+
+
+def run_knn(train_features, test_features, train_labels, test_labels, nb_knn: Sequence[int], T: float,
+            device: torch.device) -> dict:
+    """{k: (top1, top5)} for each k; the bank is moved to `device` once."""
+    num_classes = int(max(train_labels.max(), test_labels.max() if test_labels.numel() else 0)) + 1
+    train_features = train_features.to(device)
+    results = {}
+    for k in nb_knn:
+        top1, top5 = knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes)
+        print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
+        results[k] = (top1, top5)
+    return results
+
+
+def aggregate_views(scores: torch.Tensor, video_ids: torch.Tensor, num_videos: int,
+                    ensemble: str = "sum") -> torch.Tensor:
+    """(num_videos, C) per-video scores from (N_clips, C) clip logits: summed logits or mean softmax."""
+    if ensemble == "softmax":
+        scores = scores.softmax(dim=1)
+    elif ensemble != "sum":
+        raise ValueError(f"ensemble must be 'sum' or 'softmax', got {ensemble!r}")
+    out = torch.zeros(num_videos, scores.shape[1], dtype=scores.dtype).index_add_(0, video_ids, scores)
+    if ensemble == "softmax":
+        out /= torch.bincount(video_ids, minlength=num_videos).clamp(min=1).unsqueeze(1).to(out.dtype)
+    return out
+
+
+def video_labels(clip_labels: torch.Tensor, num_clips: int) -> torch.Tensor:
+    """One label per video from the per-clip labels (clip i belongs to video i // num_clips)."""
+    per_video = clip_labels.view(-1, num_clips)
+    if not bool((per_video == per_video[:, :1]).all()):
+        raise RuntimeError("multi-view test: the clips of one video have different labels; the dataset must "
+                           "list the clips of video v at indices v * num_clips ... (v + 1) * num_clips - 1.")
+    return per_video[:, 0]
+
+
+def accuracy_stats(scores: torch.Tensor, labels: torch.Tensor, num_labels: int, prefix: str = "") -> dict:
+    """Top-1 (and top-5 with at least 5 classes) accuracy in percent."""
+    top1, top5 = top1_top5(scores, labels)
+    stats = {f"{prefix}acc1": top1}
+    if num_labels >= 5:
+        stats[f"{prefix}acc5"] = top5
+    return stats
+
+
+def single_view_stats(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict:
+    """Accuracy and cross-entropy of one clip per video; clips of label -1 (undecodable) are left out and
+    counted in "skipped_videos"."""
+    keep = labels != SKIPPED_LABEL
+    logits, labels = logits[keep], labels[keep]
+    loss = F.cross_entropy(logits, labels).item() if labels.numel() else float("nan")
+    return {**accuracy_stats(logits, labels, num_labels), "loss": loss, "skipped_videos": int((~keep).sum())}
+
+
+def multi_view_stats(logits: torch.Tensor, returned: torch.Tensor, clip_labels: torch.Tensor, num_clips: int,
+                     ensemble: str, num_labels: int) -> dict:
+    """Per-video accuracy from (N_clips, C) clip logits, `num_clips` consecutive clips per video, aggregated
+    by `ensemble`. `returned` are the labels the dataset returned (-1: undecodable clip), `clip_labels` the
+    list's labels.
+
+    Clips of label -1 are left out of the aggregation; a video without any decoded clip is left out of the
+    accuracy and counted in "multiview_skipped_videos"."""
+    num_videos = logits.shape[0] // num_clips
+    n = num_videos * num_clips
+    video_ids = torch.arange(n) // num_clips
+    keep = returned[:n] != SKIPPED_LABEL
+    scores = aggregate_views(logits[:n][keep], video_ids[keep], num_videos, ensemble)
+    labels = video_labels(clip_labels[:n], num_clips)
+    scored = torch.bincount(video_ids[keep], minlength=num_videos) > 0
+    stats = accuracy_stats(scores[scored], labels[scored], num_labels, prefix="multiview_")
+    stats.update(num_videos=int(scored.sum()), num_clips_per_video=num_clips,
+                 multiview_skipped_videos=int((~scored).sum()), multiview_skipped_clips=int((~keep).sum()))
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Online kNN during training
+# ----------------------------------------------------------------------------------------------------
+class OnlineKNN:
+    """Weighted kNN (eval_knn's protocol: one centre clip per video, train split as the bank) of a backbone's
+    CLS features on a held-out train/val list (the lists of `dataset` in `data_path`)."""
+
+    def __init__(self, cfg, device: torch.device, dataset: str, data_path: str, path_prefix: str, k: int,
+                 temperature: float, batch_size: int, num_workers: int):
+        knn_cfg = cfg.clone()
+        knn_cfg.defrost()
+        knn_cfg.DATA.PATH_TO_DATA_DIR = data_path
+        knn_cfg.DATA.PATH_PREFIX = path_prefix
+        knn_cfg = knn_config(knn_cfg)
+        datasets = (ReturnIndexLabelDataset(build_train_bank_dataset(dataset, knn_cfg)),
+                    ReturnIndexLabelDataset(build_dataset(dataset, knn_cfg, "val")))
+        self.device, self.k, self.temperature = device, k, temperature
+        self.loaders = [make_loader(ds, batch_size, num_workers) for ds in datasets]
+        self.num_classes = int(max(int(dataset_labels(ds).max()) for ds in datasets)) + 1
+        print(f"Online kNN on {dataset}: {len(datasets[0])} train and {len(datasets[1])} val videos.")
+
+    @torch.no_grad()
+    def evaluate(self, backbone: nn.Module, precision: torch.dtype | None = None) -> tuple[float, float]:
+        was_training = backbone.training
+        backbone.eval()
+        with utils.autocast_context(precision, self.device):
+            # label -1 marks an unreadable video: left out of the bank and the queries, as in eval_knn.py
+            (bank, bank_labels, _), (queries, query_labels, _) = [
+                drop_skipped(*extract_features_and_labels(backbone, loader, self.device)) for loader in self.loaders]
+        backbone.train(was_training)
+        return knn_classifier(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1), query_labels,
+                              self.k, self.temperature, self.num_classes)
