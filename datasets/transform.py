@@ -133,10 +133,6 @@ class VideoDataAugmentationDINO:
         self.global_frames, self.local_frames = tuple(global_frames), tuple(local_frames)
         self.no_spatial = no_spatial
 
-    @property
-    def view_frames(self) -> tuple[int, ...]:
-        return self.global_frames + self.local_frames
-
     def augment_view(self, frames: torch.Tensor, size: int, scale: Sequence[float],
                      positions: torch.Tensor | None = None) -> torch.Tensor:
         """One view: uint8 (T, H, W, 3) -> float (3, T, size, size). With `positions`, the view is
@@ -163,10 +159,6 @@ class VideoDataAugmentationDINO:
             raise ValueError(f"expected {2 + self.local_crops_number} views, got {num_views}")
         return [(self.global_size, self.global_crops_scale)] * 2 + \
             [(self.local_size, self.local_crops_scale)] * self.local_crops_number
-
-    def __call__(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Views given as separate uint8 clips (T_v, H, W, 3), globals first."""
-        return [self.augment_view(v, size, scale) for v, (size, scale) in zip(views, self._sizes(len(views)))]
 
     def from_union(self, frames: torch.Tensor, positions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Views given as positions into one decoded array of frames (K, H, W, 3) (decoder.decode_union)."""

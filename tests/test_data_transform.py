@@ -28,16 +28,17 @@ def test_ssl_view_frames_errors_name_the_mismatch():
         ssl_view_frames(_cfg(**{"DATA.GLOBAL_NUM_FRAMES": [8]}), 8)
 
 
-def _static_views(frames_per_view, h=40, w=56):
+def _static_views(aug, h=40, w=56):
+    """One random image and, per view, positions that repeat it for the view's frame count."""
     torch.manual_seed(1)
     image = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
-    return [image.expand(t, h, w, 3).clone() for t in frames_per_view]
+    return image, [torch.zeros(t, dtype=torch.long) for t in aug.global_frames + aug.local_frames]
 
 
 def test_views_shapes_and_one_crop_and_colour_per_view():
     aug = VideoDataAugmentationDINO(global_size=32, local_size=16, global_frames=(4, 8),
                                     local_frames=(2, 2, 4, 4, 8, 8, 16, 16))
-    out = aug(_static_views(aug.view_frames))
+    out = aug.from_union(*_static_views(aug))
     assert [tuple(v.shape) for v in out] == [(3, 4, 32, 32), (3, 8, 32, 32)] + [
         (3, t, 16, 16) for t in (2, 2, 4, 4, 8, 8, 16, 16)]
     for view in out:   # identical input frames -> identical output frames: one box, one jitter per view
@@ -53,7 +54,8 @@ def test_from_union_equals_separate_views():
     torch.manual_seed(4)
     a = aug.from_union(frames, positions)
     torch.manual_seed(4)
-    b = aug([frames[p] for p in positions])
+    sizes = [(32, (0.4, 1.0))] * 2 + [(16, (0.05, 0.4))] * 2
+    b = [aug.augment_view(frames[p], size, scale) for p, (size, scale) in zip(positions, sizes)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -62,7 +64,7 @@ def test_crop_params_drawn_once_per_view(monkeypatch):
     original = transform.random_resized_crop_params
     monkeypatch.setattr(transform, "random_resized_crop_params", lambda *a: calls.append(a[2]) or original(*a))
     aug = VideoDataAugmentationDINO(global_size=32, local_size=16, local_crops_number=2, local_frames=(8, 8))
-    aug(_static_views(aug.view_frames))
+    aug.from_union(*_static_views(aug))
     assert calls == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 2
 
 
@@ -77,8 +79,8 @@ def test_random_resized_crop_params_respect_scale_and_ratio():
 def test_no_spatial_is_full_frame_resize_and_imagenet_normalised():
     aug = VideoDataAugmentationDINO(global_size=8, local_size=4, local_crops_number=1, local_frames=(2,),
                                     no_spatial=True)
-    views = [torch.full((2, 16, 16, 3), 128, dtype=torch.uint8)] * 3
-    out = aug(views)
+    frames = torch.full((2, 16, 16, 3), 128, dtype=torch.uint8)
+    out = aug.from_union(frames, [torch.arange(2)] * 3)
     mean = torch.tensor(transform.IMAGENET_MEAN).view(3, 1, 1, 1)
     std = torch.tensor(transform.IMAGENET_STD).view(3, 1, 1, 1)
     assert out[0].shape == (3, 2, 8, 8) and out[2].shape == (3, 2, 4, 4)

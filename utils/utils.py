@@ -120,13 +120,6 @@ class LARS(torch.optim.Optimizer):
                 param.add_(buf, alpha=-group["lr"])
 
 
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple = (1,)) -> list[torch.Tensor]:
-    """Top-k accuracies in percent (one 0-d tensor per k)."""
-    ranked = output.topk(max(topk), dim=1).indices  # (N, maxk), best first
-    hits = ranked == target.reshape(-1, 1)
-    return [hits[:, :k].any(dim=1).float().mean() * 100.0 for k in topk]
-
-
 # ---------------------------------------------------------------------------------------------
 # Mixed precision
 # ---------------------------------------------------------------------------------------------
@@ -318,11 +311,6 @@ def get_rank() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
-
-
-def save_on_master(*args, **kwargs) -> None:
-    if is_main_process():
-        torch.save(*args, **kwargs)
 
 
 _BUILTIN_PRINT = builtins.print
