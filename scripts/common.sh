@@ -1,8 +1,41 @@
-# Shared by the training launch scripts (sourced, not run).
+# Shared by the launch scripts (sourced, not run).
 
-# The --opts the original's train.sh passes: its experimental branches, all off.
-ORIGINAL_OPTS=(MODEL.TWO_STREAM False MODEL.TWO_TOKEN False DATA.NO_FLOW_AUG False DATA.USE_FLOW False
-               DATA.RAND_CONV False DATA.NO_SPATIAL False)
+# check_deps: stop before launching when a package svt imports is missing from ${PYTHON:-python3} (decord
+# only on x86-64, where it has wheels). Launches never install: scripts/install_deps.sh does, once per
+# environment, so no pip runs on compute nodes at each job start.
+check_deps() {
+    local modules="torch torchvision timm numpy einops fvcore tensorboard av" missing
+    if [[ "$(uname -m)" == "x86_64" ]]; then modules="$modules decord"; fi
+    missing=$("${PYTHON:-python3}" -c 'import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' $modules)
+    if [[ -n "$missing" ]]; then
+        echo "$(basename "$0"): missing Python packages: $missing. Install them once in this environment:" \
+             "bash scripts/install_deps.sh (or pip install -r requirements.txt)." >&2
+        exit 3
+    fi
+}
+
+# recipe_defaults: the original's pretraining recipe (TimeSformer-B, 8 clips per process, 100 epochs, 10
+# workers), each value overridable from the environment; sets train_args for train_ssl.py. Needs PROJECT_PATH.
+recipe_defaults() {
+    DATA_PATH="${DATA_PATH:-$PROJECT_PATH/data/kinetics400/annotations}"
+    EXP_NAME="${EXP_NAME:-svt_test}"
+    BATCH_SIZE="${BATCH_SIZE:-8}"
+    EPOCHS="${EPOCHS:-100}"
+    NUM_WORKERS="${NUM_WORKERS:-10}"
+    train_args=(--arch timesformer --batch_size_per_gpu "$BATCH_SIZE" --epochs "$EPOCHS" --num_workers "$NUM_WORKERS"
+                --data_path "$DATA_PATH" --output_dir "checkpoints/$EXP_NAME")
+}
+
+# eval_defaults EXP_NAME: the evaluation scripts' environment (UCF-101 split 1 under data/ucf101, 1 GPU,
+# outputs named EXP_NAME unless set); CHECKPOINT is required.
+eval_defaults() {
+    DATA_PATH="${DATA_PATH:-data/ucf101}"
+    DATASET="${DATASET:-ucf101}"
+    EXP_NAME="${EXP_NAME:-$1}"
+    GPUS="${GPUS:-1}"
+    : "${CHECKPOINT:?set CHECKPOINT to the checkpoint to evaluate}"
+}
 
 # split_user_args ARGS...: user_args = the arguments before a `--opts`, user_opts = the KEY VALUE pairs
 # after it, so a script can put its own options first and the user's `--opts` last (where argparse needs it).

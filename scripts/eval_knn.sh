@@ -13,11 +13,9 @@
 #   MASTER_PORT rendezvous port                                       (default: 29511)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DATA_PATH="${DATA_PATH:-data/ucf101}"
-DATASET="${DATASET:-ucf101}"
-EXP_NAME="${EXP_NAME:-knn_001}"
-GPUS="${GPUS:-1}"
-: "${CHECKPOINT:?set CHECKPOINT to the checkpoint to evaluate}"
+source "$ROOT/scripts/common.sh"
+check_deps
+eval_defaults knn_001
 
 torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29511}" "$ROOT/eval_knn.py" \
   --arch vit_base \

@@ -15,11 +15,9 @@
 #   MASTER_PORT rendezvous port                              (default: 29512)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DATA_PATH="${DATA_PATH:-data/ucf101}"
-DATASET="${DATASET:-ucf101}"
-EXP_NAME="${EXP_NAME:-le_001}"
-GPUS="${GPUS:-1}"
-: "${CHECKPOINT:?set CHECKPOINT to the checkpoint to evaluate}"
+source "$ROOT/scripts/common.sh"
+check_deps
+eval_defaults le_001
 case "$DATASET" in
   ucf101) DEFAULT_LABELS=101 ;;
   hmdb51) DEFAULT_LABELS=51 ;;

@@ -17,10 +17,8 @@ PROJECT_PATH="${PROJECT_PATH:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
 PYTHON="${PYTHON:-python3}"
 cd "$PROJECT_PATH"
 source scripts/common.sh  # sbatch runs a spooled copy: source from the repo
-PYTHON="$PYTHON" bash scripts/install_deps.sh
-
-DATA_PATH="${DATA_PATH:-$PROJECT_PATH/data/kinetics400/annotations}"
-EXP_NAME="${EXP_NAME:-svt_test}"
+check_deps
+recipe_defaults
 export MASTER_PORT="${MASTER_PORT:-29500}"
 
 split_user_args "$@"
@@ -28,12 +26,5 @@ split_user_args "$@"
 require_train_csv "$DATA_PATH"
 mkdir -p "checkpoints/$EXP_NAME"
 
-srun --kill-on-bad-exit=1 "$PYTHON" train_ssl.py \
-  --arch timesformer \
-  --batch_size_per_gpu "${BATCH_SIZE:-8}" \
-  --epochs "${EPOCHS:-100}" \
-  --num_workers "${NUM_WORKERS:-10}" \
-  --data_path "$DATA_PATH" \
-  --output_dir "checkpoints/$EXP_NAME" \
-  ${user_args[@]+"${user_args[@]}"} \
-  --opts "${ORIGINAL_OPTS[@]}" ${user_opts[@]+"${user_opts[@]}"}
+srun --kill-on-bad-exit=1 "$PYTHON" train_ssl.py "${train_args[@]}" \
+  ${user_args[@]+"${user_args[@]}"} ${user_opts[@]+--opts "${user_opts[@]}"}

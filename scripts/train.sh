@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# SVT self-supervised pretraining on Kinetics (the original's launch: TimeSformer-B, 8 clips per GPU,
-# the original's --opts). Every path and size comes from the environment; extra arguments are forwarded
+# SVT self-supervised pretraining on Kinetics (the original's launch: TimeSformer-B, 8 clips per GPU; the
+# recipe is scripts/common.sh's recipe_defaults). Every path and size comes from the environment; extra arguments are forwarded
 # to train_ssl.py, and any `--opts KEY VALUE ...` of yours is appended after the script's own, e.g.
 #   DATA_PATH=/data/k400/annotations ./scripts/train.sh --epochs 20 --opts DATA.PATH_PREFIX /data/k400/videos
 #
@@ -19,13 +19,8 @@ PROJECT_PATH="${PROJECT_PATH:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 PYTHON="${PYTHON:-python3}"
 cd "$PROJECT_PATH"
 source scripts/common.sh
-PYTHON="$PYTHON" bash scripts/install_deps.sh
-
-DATA_PATH="${DATA_PATH:-$PROJECT_PATH/data/kinetics400/annotations}"
-EXP_NAME="${EXP_NAME:-svt_test}"
-BATCH_SIZE="${BATCH_SIZE:-8}"
-EPOCHS="${EPOCHS:-100}"
-NUM_WORKERS="${NUM_WORKERS:-10}"
+check_deps
+recipe_defaults
 NNODES="${NNODES:-1}"
 if [[ -z "${GPUS:-}" ]]; then
     GPUS=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
@@ -44,12 +39,5 @@ else
     launch=(--standalone --nnodes=1)
 fi
 
-"$PYTHON" -m torch.distributed.run "${launch[@]}" --nproc_per_node="$GPUS" train_ssl.py \
-  --arch timesformer \
-  --batch_size_per_gpu "$BATCH_SIZE" \
-  --epochs "$EPOCHS" \
-  --num_workers "$NUM_WORKERS" \
-  --data_path "$DATA_PATH" \
-  --output_dir "checkpoints/$EXP_NAME" \
-  ${user_args[@]+"${user_args[@]}"} \
-  --opts "${ORIGINAL_OPTS[@]}" ${user_opts[@]+"${user_opts[@]}"}
+"$PYTHON" -m torch.distributed.run "${launch[@]}" --nproc_per_node="$GPUS" train_ssl.py "${train_args[@]}" \
+  ${user_args[@]+"${user_args[@]}"} ${user_opts[@]+--opts "${user_opts[@]}"}

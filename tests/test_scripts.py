@@ -1,6 +1,8 @@
-"""The launch scripts stop before launching on set-up mistakes."""
+"""The launch scripts: they stop before launching on a missing train list and check (not install) the
+dependencies."""
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,3 +20,15 @@ def test_train_script_without_data_path_stops_before_launch(tmp_path, script):
     assert f"{tmp_path / 'nowhere'}/train.csv not found" in run.stderr and "DATA_PATH" in run.stderr
     assert not (ROOT / "checkpoints" / env["EXP_NAME"]).exists()
 
+
+@pytest.mark.parametrize("script", ["train.sh", "slurm_train.sh", "eval_knn.sh", "eval_linear.sh"])
+def test_launch_script_without_the_packages_stops_naming_install_deps(tmp_path, script):
+    python = tmp_path / "python"  # an interpreter without site-packages: no torch, timm, ...
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "GPUS": "1", "PROJECT_PATH": str(ROOT),
+           "CHECKPOINT": str(tmp_path / "c.pth"), "DATA_PATH": str(tmp_path)}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / script)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 3
+    assert "missing Python packages: torch" in run.stderr and "bash scripts/install_deps.sh" in run.stderr
