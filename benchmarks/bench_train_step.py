@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_ssl  # noqa: E402
 from models.timesformer import Attention  # noqa: E402
-from utils import utils  # noqa: E402
 from utils.defaults import get_cfg  # noqa: E402
 
 SIZES = {"tiny": "vit_tiny", "small": "vit_small", "base": "vit_base"}
