@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from datasets import DATASETS, build_dataset
+from datasets.video_dataset import sequential_decodes
 from models import ARCHS
 from utils import utils
 from utils.evaluation import (ReturnIndexLabelDataset, build_train_bank_dataset, drop_skipped,
@@ -74,8 +75,10 @@ def main(args) -> dict | None:
     device = utils.default_device()
     if args.load_features:
         train_features, test_features, train_labels, test_labels = load_dumped_features(args.load_features)
+        sequential = 0
     else:
-        train_features, test_features, train_labels, test_labels = extract_feature_pipeline(args, cfg, device)
+        train_features, test_features, train_labels, test_labels, sequential = \
+            extract_feature_pipeline(args, cfg, device)
     # Every rank holds the same gathered labels, so every rank drops the same rows.
     train_features, train_labels, skipped_train = drop_skipped(train_features, train_labels)
     test_features, test_labels, skipped_test = drop_skipped(test_features, test_labels)
@@ -94,7 +97,7 @@ def main(args) -> dict | None:
             "dataset": args.dataset, "pretrained_weights": args.pretrained_weights,
             "checkpoint_key": args.checkpoint_key, "temperature": args.temperature,
             "train_aug": args.train_aug, "num_train": int(train_features.shape[0]),
-            "num_test": int(test_features.shape[0]), "skipped_videos": skipped,
+            "num_test": int(test_features.shape[0]), "skipped_videos": skipped, "sequential_decodes": sequential,
             "skipped_train_videos": skipped_train, "skipped_val_videos": skipped_test,
             "results": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in acc.items()},
         }
@@ -122,13 +125,15 @@ def extract_feature_pipeline(args, cfg, device: torch.device):
     test_features, test_labels = extract_features_and_labels(model, val_loader, device)
     train_features = F.normalize(train_features, dim=1, p=2)
     test_features = F.normalize(test_features, dim=1, p=2)
+    sequential = sequential_decodes(dataset_train, dataset_val)
+    print(f"Videos decoded sequentially (random access not trusted on them): {sequential}.")
     # Dumped rows stay aligned with the list lines; skipped videos keep label -1 (dropped in main).
     if args.dump_features and utils.is_main_process():
         os.makedirs(args.dump_features, exist_ok=True)
         for name, tensor in (("trainfeat", train_features), ("testfeat", test_features),
                              ("trainlabels", train_labels), ("testlabels", test_labels)):
             torch.save(tensor.cpu(), os.path.join(args.dump_features, f"{name}.pth"))
-    return train_features, test_features, train_labels, test_labels
+    return train_features, test_features, train_labels, test_labels, sequential
 
 
 def load_dumped_features(folder: str):

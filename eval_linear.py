@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from datasets import DATASETS, build_dataset
+from datasets.video_dataset import sequential_decodes
 from models import ARCHS
 from utils import utils
 from utils.checkpoint import atomic_save, safe_torch_load
@@ -128,6 +129,7 @@ def eval_linear(args) -> dict:
                  **final_test(model, classifier, test_set, args, device)}
         print(f"Single-view val top-1: {stats['acc1']:.2f}; skipped videos: {stats['skipped_videos']}")
         stats = with_skipped_total(stats, stats.pop("skipped_videos"))
+        stats["sequential_decodes"] = sequential_decodes(val_set, test_set)
         _write_results(args, stats)
         return stats
 
@@ -175,6 +177,7 @@ def eval_linear(args) -> dict:
     stats = final_test(model, classifier, test_set, args, device)
     stats["best_acc"] = best_acc
     stats = with_skipped_total(stats, val_skipped)
+    stats["sequential_decodes"] = sequential_decodes(*(d for d in (train_set, val_set, test_set) if d is not None))
     print(f"Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy (best single view): {best_acc:.1f}")
     write_log(args, {f"test_{k}": v for k, v in stats.items()})

@@ -30,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from datasets import build_dataset
 from datasets.seeding import SeededDataset, SeededDistributedSampler, preserved_rng_state
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
+from datasets.video_dataset import sequential_decodes
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import utils
 from utils.checkpoint import (PrefixedState, atomic_save, gather_rng_states, load_imagenet_init,
@@ -203,7 +204,8 @@ def train_svt(args) -> None:
         numbered = bool(args.saveckp_freq) and epoch % args.saveckp_freq == 0
         save_checkpoint(state, args, epoch + 1, 0, numbered=numbered)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                     "skipped_videos": skipped, "epoch_time": round(time.time() - epoch_start, 3)}
+                     "skipped_videos": skipped, "sequential_decodes": sequential_decodes(data_loader.dataset),
+                     "epoch_time": round(time.time() - epoch_start, 3)}
         if knn is not None and (epoch % args.knn_freq == 0 or last):
             with preserved_rng_state():
                 top1, top5 = knn.evaluate(state.teacher_without_ddp.backbone, state.precision)

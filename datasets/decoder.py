@@ -1,35 +1,338 @@
-"""Video decoding (decord or PyAV behind one interface) and the frame-index maths of the original.
+"""Frame-exact video decoding (torchcodec, decord or PyAV behind one interface) and the original's index maths.
 
-A sample opens its video once (`open_video`), picks every frame index its views need from the
-video length and fps, and decodes the union of those indices in one call (`VideoReader.get_frames`).
-Both backends return uint8 RGB frames (K, H, W, 3) in presentation order; on H.264 mp4 they are
-bit-identical for the same indices (tests/test_data_decoder.py).
+Frame `i` of a video is its i-th frame in presentation (timestamp) order, counted from 0 over the
+frames the file actually holds; `fps` is the stream's average rate. Every backend returns exactly the
+frames its indices name, upright (the display rotation of the container is applied), as uint8 RGB
+(K, H, W, 3). This is tested on generated files whose frames carry their own index in their pixels
+(tests/frame_code.py, tests/test_data_frame_exact.py): H.264 mp4 with B-frames, MPEG-4 Part 2 AVI with
+and without B-frames, variable frame rate, rotated, truncated, shorter than a clip, VP9 WebM.
+
+`open_video` first probes the file with PyAV: it reads every video packet (no decoding) for the
+presentation timestamps, frame count and damage, and decodes the first frame (rotation, and a file
+that does not decode at all fails here). Random access is then used unless it cannot be trusted:
+- container facts: B-frames in AVI (no presentation timestamps in the container: the order of the
+  frames cannot be known before decoding), packets without or with duplicate timestamps, damaged
+  packets or an index that lists more frames than the file holds (a truncated file);
+- backend facts: the backend counts another number of frames than the probe, or decord on a rotated
+  video (it ignores the display matrix);
+- a decoder error or a missing frame during random access.
+Such a file is decoded sequentially instead, the original's way: from its first packet, in order,
+picking frames by timestamp (a frame without a usable timestamp takes the next position), converting
+only the frames asked for. `VideoReader.sequential` says so, and the datasets count such files
+(`sequential_decodes`).
 """
+import functools
+import io
+import logging
+import math
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
+import av
 import numpy as np
 import torch
 
-BACKENDS = ("decord", "pyav")
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torchcodec", "decord", "pyav")
+_LOGGED_SEQUENTIAL: set = set()
 
 
 class DecodeError(RuntimeError):
     """A video that is missing, cannot be opened, or has no decodable frames."""
 
 
-class VideoReader:
-    """An open video: `num_frames`, `fps`, `get_frames(indices)`. Use as a context manager."""
+class _Untrusted(Exception):
+    """Random access cannot be trusted on this file (the reason is the message)."""
 
+
+# ------------------------------------------------------------------------------------- backend choice
+@functools.lru_cache(maxsize=None)
+def torchcodec_status() -> str:
+    """"" when torchcodec imports, finds FFmpeg and decodes a 2-frame video made in memory; else why not."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+        buffer = io.BytesIO()
+        with av.open(buffer, "w", format="mp4") as out:
+            stream = out.add_stream("mpeg4", rate=30)
+            stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+            for _ in range(2):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8))):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        frames = VideoDecoder(buffer.getvalue(), seek_mode="exact").get_frames_at([0, 1]).data
+        if tuple(frames.shape) != (2, 3, 32, 32):
+            return f"torchcodec returned frames of shape {tuple(frames.shape)} for a 2x32x32 test video"
+        return ""
+    except Exception as err:  # ImportError, missing FFmpeg libraries, an ABI mismatch with this torch, ...
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def decord_status() -> str:
+    """"" when decord imports, else why not."""
+    try:
+        import decord  # noqa: F401
+        return ""
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+
+
+_LOGGED_CHOICE: set = set()
+
+
+def resolve_backend(name: str) -> str:
+    """The backend DATA.DECODING_BACKEND `name` means here. `auto`: torchcodec (exact seek mode) when it
+    works, else decord, else PyAV; the choice is logged once per process. An explicit backend that
+    cannot be used raises ImportError naming the fix."""
+    if name not in BACKENDS:
+        raise ValueError(f"DATA.DECODING_BACKEND {name!r} is not one of {BACKENDS}")
+    if name == "auto":
+        reasons = {"torchcodec": torchcodec_status(), "decord": decord_status()}
+        chosen = next((b for b, why in reasons.items() if not why), "pyav")
+        if name not in _LOGGED_CHOICE:
+            _LOGGED_CHOICE.add(name)
+            passed = [f"{b} unavailable: {why}" for b, why in reasons.items() if why]
+            logger.info("DATA.DECODING_BACKEND auto -> %s%s", chosen, f" ({'; '.join(passed)})" if passed else "")
+        return chosen
+    why = {"torchcodec": torchcodec_status, "decord": decord_status}.get(name, lambda: "")()
+    if why:
+        fix = ("pip install torchcodec (a version matching your torch, see constraints.txt) and FFmpeg's "
+               "shared libraries (scripts/install_deps.sh)" if name == "torchcodec" else
+               "pip install decord (x86-64 wheels only)")
+        raise ImportError(f"DATA.DECODING_BACKEND {name} cannot be used: {why}. Fix: {fix}, or use "
+                          f"DATA.DECODING_BACKEND auto (falls back to what works).")
+    return name
+
+
+# ------------------------------------------------------------------------------------- probe
+@dataclass
+class VideoInfo:
+    """What the probe knows about a file. `pts[i]` is the timestamp (stream time base) of frame i;
+    `rotation` is ffmpeg's display rotation (degrees counter-clockwise); `unsafe` says why random access
+    cannot be trusted ("" when it can)."""
     num_frames: int
     fps: float
+    rotation: int
+    pts: np.ndarray
+    height: int
+    width: int
+    unsafe: str
 
-    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
-        """uint8 (len(indices), H, W, 3) RGB for the given (sorted, unique) frame indices."""
-        raise NotImplementedError
+
+def _probe(container, path: str) -> VideoInfo:
+    try:
+        stream = container.streams.video[0]
+    except IndexError:
+        raise DecodeError(f"{path}: no video stream") from None
+    header_frames = stream.frames
+    pts, missing, damaged, reordered, last = [], 0, 0, False, None
+    first = None
+    first_error = None
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:   # the end: flush the decoder when no frame came out yet
+                if first is None:
+                    first = next(iter(packet.decode()), None)
+                continue
+            if packet.is_corrupt:
+                damaged += 1
+                continue
+            if packet.pts is None:
+                missing += 1
+            else:
+                reordered |= last is not None and packet.pts < last
+                last = packet.pts
+                pts.append(packet.pts)
+            if first is None:
+                try:
+                    first = next(iter(packet.decode()), None)
+                except av.error.FFmpegError as err:
+                    first_error = err
+    except av.error.FFmpegError as err:
+        damaged += 1
+        first_error = first_error or err
+    count = len(pts) + missing
+    if count == 0:
+        raise DecodeError(f"{path}: the video has no frames")
+    if first is None:
+        raise DecodeError(f"{path}: the first frame does not decode ({first_error or 'no frame out of the decoder'})")
+    table = np.sort(np.asarray(pts, dtype=np.int64))
+    reasons = []
+    if missing:
+        reasons.append(f"{missing} packets without timestamps")
+    if len(table) > 1 and (np.diff(table) == 0).any():
+        reasons.append("duplicate timestamps")
+    if damaged or (header_frames and header_frames > count):
+        reasons.append(f"damaged or truncated file (the index lists {header_frames or '?'} frames, "
+                       f"{count} are readable)")
+    if container.format.name == "avi" and (reordered or stream.codec_context.has_b_frames):
+        reasons.append("B-frames in AVI (no presentation timestamps in the container)")
+    rate = stream.average_rate or stream.guessed_rate
+    if rate:
+        fps = float(rate)
+    elif len(table) > 1 and table[-1] > table[0]:
+        fps = (len(table) - 1) / float((table[-1] - table[0]) * stream.time_base)
+    else:
+        fps = 30.0
+    rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
+    height, width = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
+    return VideoInfo(num_frames=count, fps=fps, rotation=rotation, pts=table, height=height, width=width,
+                     unsafe="; ".join(reasons))
+
+
+def probe(path: str) -> VideoInfo:
+    """Probe `path` (see the module docstring); raises DecodeError for missing or undecodable files."""
+    if not os.path.isfile(path):
+        raise DecodeError(f"{path}: no such file")
+    try:
+        container = av.open(path)
+    except Exception as err:
+        raise DecodeError(f"{path}: cannot open the video ({err})") from err
+    with container:
+        return _probe(container, path)
+
+
+def _upright(frames: torch.Tensor, rotation: int) -> torch.Tensor:
+    """Apply ffmpeg's display rotation (counter-clockwise degrees) to (K, H, W, 3) frames."""
+    turns = (rotation // 90) % 4
+    return torch.rot90(frames, k=turns, dims=(1, 2)).contiguous() if turns else frames
+
+
+# ------------------------------------------------------------------------------------- random access
+class _TorchcodecAccess:
+    """torchcodec in exact seek mode (it scans the file; applies the display rotation itself)."""
+
+    def __init__(self, path: str, info: VideoInfo):
+        from torchcodec.decoders import VideoDecoder
+        try:
+            self._decoder = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", num_ffmpeg_threads=1)
+        except Exception as err:
+            raise _Untrusted(f"torchcodec cannot open it ({err})") from err
+        counted = self._decoder.metadata.num_frames
+        if counted != info.num_frames:
+            raise _Untrusted(f"torchcodec counts {counted} frames, the file holds {info.num_frames}")
+
+    def get(self, indices: list[int]) -> torch.Tensor:
+        return self._decoder.get_frames_at(indices).data
 
     def close(self) -> None:
-        pass
+        self._decoder = None
+
+
+class _DecordAccess:
+    """decord's frame-index random access (it does not apply the display rotation)."""
+
+    def __init__(self, path: str, info: VideoInfo):
+        import decord
+        if info.rotation:
+            raise _Untrusted(f"decord ignores the display rotation ({info.rotation} degrees)")
+        try:
+            self._reader = decord.VideoReader(path, num_threads=1)
+        except Exception as err:
+            raise _Untrusted(f"decord cannot open it ({err})") from err
+        if len(self._reader) != info.num_frames:
+            raise _Untrusted(f"decord counts {len(self._reader)} frames, the file holds {info.num_frames}")
+
+    def get(self, indices: list[int]) -> torch.Tensor:
+        return torch.from_numpy(self._reader.get_batch(indices).asnumpy())
+
+    def close(self) -> None:
+        self._reader = None
+
+
+class _PyAVAccess:
+    """Seek to the keyframe before the first wanted frame and decode forward; a frame is identified by its
+    timestamp (the probe's table), so no frame is repeated or shifted, on constant or variable frame rate."""
+
+    def __init__(self, path: str, info: VideoInfo):
+        try:
+            self._container = av.open(path)
+        except Exception as err:
+            raise _Untrusted(f"PyAV cannot open it ({err})") from err
+        self._stream = self._container.streams.video[0]
+        self._info = info
+
+    def get(self, indices: list[int]) -> torch.Tensor:
+        pts = self._info.pts
+        position = {int(pts[i]): k for k, i in enumerate(indices)}
+        out: list = [None] * len(indices)
+        self._container.seek(int(pts[indices[0]]), stream=self._stream, backward=True, any_frame=False)
+        stop = int(pts[indices[-1]])
+        found = 0
+        for frame in self._container.decode(self._stream):
+            if frame.pts is None:
+                raise _Untrusted("a decoded frame has no timestamp")
+            if found == 0 and frame.pts > pts[indices[0]]:
+                raise _Untrusted("the seek landed after the first wanted frame")
+            k = position.get(frame.pts)
+            if k is not None and out[k] is None:
+                out[k] = frame.to_ndarray(format="rgb24")
+                found += 1
+            if frame.pts >= stop:
+                break
+        if found < len(indices):
+            raise _Untrusted(f"{len(indices) - found} wanted frames did not come out of the decoder")
+        return _upright(torch.from_numpy(np.stack(out)), self._info.rotation)
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+
+_ACCESS = {"torchcodec": _TorchcodecAccess, "decord": _DecordAccess, "pyav": _PyAVAccess}
+
+
+# ------------------------------------------------------------------------------------- reader
+class VideoReader:
+    """An open video: `num_frames`, `fps`, `info`, `sequential`, `get_frames(indices)`. A context manager."""
+
+    def __init__(self, path: str, backend: str):
+        self.path, self.backend = path, backend
+        self.info = probe(path)
+        self.num_frames, self.fps = self.info.num_frames, self.info.fps
+        self.sequential_reason = self.info.unsafe
+        self._access = None
+        if not self.sequential_reason:
+            try:
+                self._access = _ACCESS[backend](path, self.info)
+            except _Untrusted as err:
+                self.sequential_reason = str(err)
+
+    @property
+    def sequential(self) -> bool:
+        """True when this file is (or turned out to need to be) decoded sequentially."""
+        return bool(self.sequential_reason)
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """uint8 (len(indices), H, W, 3) upright RGB frames for sorted, unique frame indices."""
+        indices = [int(i) for i in indices]
+        if not indices:
+            raise ValueError("no frame indices")
+        if any(b <= a for a, b in zip(indices, indices[1:])) or indices[0] < 0 or indices[-1] >= self.num_frames:
+            raise ValueError(f"{self.path}: frame indices must be sorted, unique and in [0, {self.num_frames}), "
+                             f"got {indices[:4]}...{indices[-2:]}")
+        if self._access is not None:
+            try:
+                frames = self._access.get(indices)
+                if frames.shape[0] == len(indices):
+                    return frames
+                raise _Untrusted(f"{self.backend} returned {frames.shape[0]} of {len(indices)} frames")
+            except Exception as err:  # a decoder error or an untrusted result: the sequential decode is the truth
+                self._access.close()
+                self._access = None
+                self.sequential_reason = f"{self.backend} random access failed ({err})"
+        if self.path not in _LOGGED_SEQUENTIAL:
+            _LOGGED_SEQUENTIAL.add(self.path)
+            logger.info("%s: decoding sequentially (%s)", self.path, self.sequential_reason)
+        return _upright(decode_sequential(self.path, self.info, indices), self.info.rotation)
+
+    def close(self) -> None:
+        if self._access is not None:
+            self._access.close()
+            self._access = None
 
     def __enter__(self) -> "VideoReader":
         return self
@@ -38,114 +341,49 @@ class VideoReader:
         self.close()
 
 
-class DecordReader(VideoReader):
-    def __init__(self, path: str):
-        try:
-            import decord
-        except ImportError as err:
-            raise ImportError("DATA.DECODING_BACKEND decord needs the decord package (x86-64 wheels only); "
-                              "install it or pass --opts DATA.DECODING_BACKEND pyav.") from err
-        try:
-            self._vr = decord.VideoReader(path, num_threads=1)
-        except Exception as err:  # decord raises DECORDError / RuntimeError for bad files
-            raise DecodeError(f"{path}: decord cannot open the video ({err})") from err
-        self.path = path
-        self.num_frames = len(self._vr)
-        self.fps = float(self._vr.get_avg_fps() or 30.0)
-
-    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
-        try:
-            frames = self._vr.get_batch(list(indices)).asnumpy()
-        except Exception as err:
-            raise DecodeError(f"{self.path}: decord failed to decode frames ({err})") from err
-        return torch.from_numpy(frames)
-
-    def close(self) -> None:
-        self._vr = None
-
-
-class PyAVReader(VideoReader):
-    """Seeks to the first needed frame (previous keyframe) and decodes forward, keeping only the
-    needed frames. Frame index = round((pts - start) * time_base * fps), as a constant-fps stream has."""
-
-    def __init__(self, path: str):
-        import av
-        try:
-            self._container = av.open(path)
-            self._stream = self._container.streams.video[0]
-        except Exception as err:
-            raise DecodeError(f"{path}: PyAV cannot open the video ({err})") from err
-        self.path = path
-        stream = self._stream
-        self.fps = float(stream.average_rate or stream.guessed_rate or 30.0)
-        self._tb = float(stream.time_base)
-        self._start = stream.start_time or 0
-        self._all = None
-        self.num_frames = stream.frames
-        if not self.num_frames and stream.duration:
-            self.num_frames = int(round(stream.duration * self._tb * self.fps))
-        if not self.num_frames:
-            # No frame count or duration in the container: decode everything once, as the original does.
-            self._all = self._decode_range(0, None)
-            self.num_frames = len(self._all)
-        if not self.num_frames:
-            raise DecodeError(f"{path}: the video has no frames")
-
-    def _index(self, pts: int) -> int:
-        return int(round((pts - self._start) * self._tb * self.fps))
-
-    def _decode_range(self, first: int, wanted: set | None) -> dict:
-        """Frames {index: ndarray} for the indices in `wanted` (all frames when None), from `first` on."""
-        out = {}
-        try:
-            target = self._start + int(first / self.fps / self._tb)
-            self._container.seek(target, backward=True, any_frame=False, stream=self._stream)
-            last = max(wanted) if wanted else None
-            for frame in self._container.decode(self._stream):
-                if frame.pts is None:
+def decode_sequential(path: str, info: VideoInfo, indices: Sequence[int]) -> torch.Tensor:
+    """Frames `indices` (sorted, unique) decoded from the first packet on, in order (no seeking): a
+    frame is identified by its timestamp in the probe's table; one without a usable timestamp takes
+    the position after the previous frame. A packet the decoder rejects is skipped. Frames are stored
+    as decoded (not rotated)."""
+    rank = {int(p): i for i, p in enumerate(info.pts)}
+    position = {i: k for k, i in enumerate(indices)}
+    out: list = [None] * len(indices)
+    last, current, found = indices[-1], -1, 0
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
                     continue
-                idx = self._index(frame.pts)
-                if wanted is None or idx in wanted:
-                    out[idx] = frame.to_ndarray(format="rgb24")
-                if last is not None and idx >= last:
+                for frame in frames:
+                    i = rank.get(frame.pts) if frame.pts is not None else None
+                    current = i if i is not None and i > current else current + 1
+                    k = position.get(current)
+                    if k is not None:
+                        out[k] = frame.to_ndarray(format="rgb24")
+                        found += 1
+                    if current >= last:
+                        break
+                if current >= last:
                     break
-        except Exception as err:
-            raise DecodeError(f"{self.path}: PyAV failed to decode ({err})") from err
-        return out if wanted is not None else {i: f for i, f in enumerate(out[k] for k in sorted(out))}
-
-    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
-        indices = list(indices)
-        if self._all is not None:
-            frames = self._all
-        else:
-            frames = self._decode_range(min(indices), set(indices))
-            missing = set(indices) - set(frames)
-            if missing and (not frames or min(missing) < max(frames)):
-                # The seek landed past a needed frame (inexact index): decode those from the start.
-                frames.update(self._decode_range(0, missing))
-        if not frames:
-            raise DecodeError(f"{self.path}: PyAV decoded no frames")
-        # A frame count from the container can overshoot by a frame or two (or a timestamp be skipped):
-        # such an index takes the nearest decoded frame.
-        keys = np.array(sorted(frames))
-        nearest = [i if i in frames else int(keys[np.abs(keys - i).argmin()]) for i in indices]
-        return torch.from_numpy(np.stack([frames[i] for i in nearest]))
-
-    def close(self) -> None:
-        if self._container is not None:
-            self._container.close()
-            self._container = None
+    except av.error.FFmpegError as err:
+        raise DecodeError(f"{path}: PyAV failed while decoding sequentially ({err})") from err
+    if found < len(indices):
+        missing = [i for i, frame in zip(indices, out) if frame is None]
+        raise DecodeError(f"{path}: frames {missing[:6]} of {info.num_frames} do not decode")
+    return torch.from_numpy(np.stack(out))
 
 
-def open_video(path: str, backend: str = "decord") -> VideoReader:
-    """Open `path` with backend "decord" or "pyav"; raises DecodeError for missing or broken files."""
-    if backend not in BACKENDS:
-        raise ValueError(f"DATA.DECODING_BACKEND {backend!r} is not one of {BACKENDS}")
-    if not os.path.isfile(path):
-        raise DecodeError(f"{path}: no such file")
-    return DecordReader(path) if backend == "decord" else PyAVReader(path)
+def open_video(path: str, backend: str = "auto") -> VideoReader:
+    """Open `path` for frame-exact decoding with `backend` (auto/torchcodec/decord/pyav, resolved with
+    `resolve_backend`); raises DecodeError for missing, unopenable or undecodable files."""
+    return VideoReader(path, resolve_backend(backend))
 
 
+# ------------------------------------------------------------------------------------- index maths
 def get_start_end_idx(video_size: int, clip_size: float, clip_idx: int, num_clips: int) -> tuple[float, float]:
     """Start/end frame of a clip of `clip_size` frames: random start when clip_idx == -1, else the
     clip_idx-th of num_clips evenly spaced starts. delta = max(video_size - clip_size, 0)."""
@@ -168,14 +406,16 @@ def clip_size_frames(num_frames: int, sampling_rate: int, target_fps: float, fps
 
 
 def clip_window(num_video_frames: int, clip_size: float, clip_idx: int, num_clips: int) -> tuple[int, int]:
-    """The [first, first+length) frame window a sample works on (the part the original decodes).
+    """The [first, first+length) frame window a sample works on: the frames the original decodes.
 
-    length = min(round(clip_size), frames left after the start); the original's PyAV reader also keeps
-    one trailing frame, which is not reproduced (DATASET.md)."""
-    start, _ = get_start_end_idx(num_video_frames, clip_size, clip_idx, num_clips)
-    first = min(int(start), num_video_frames - 1)
-    length = max(1, min(int(round(clip_size)), num_video_frames - first))
-    return first, length
+    With the real-valued start s and end e = s + clip_size - 1 of `get_start_end_idx`, the original
+    keeps the frames whose timestamps lie in [s, e] plus the next one: first = ceil(s), last =
+    floor(e) + 1. That is clip_size frames for a fractional start (every random training window) and
+    clip_size + 1 for a whole-number one (e.g. the evaluation window from frame 0); all cut to the video."""
+    start, end = get_start_end_idx(num_video_frames, clip_size, clip_idx, num_clips)
+    first = min(math.ceil(start - 1e-9), num_video_frames - 1)
+    last = min(math.floor(end + 1e-9) + 1, num_video_frames - 1)
+    return first, max(1, last - first + 1)
 
 
 def ssl_view_indices(length: int, global_frames: Sequence[int], local_frames: Sequence[int]) -> list[torch.Tensor]:

@@ -28,6 +28,9 @@ is replaced by a random other one (logged once, counted in meta["skipped"] and `
 "val"/"test" (where a substitute would carry the wrong label) each of its clips is a placeholder of zeros
 of the clip shape with label SKIPPED_LABEL (-1) and meta {"skipped": 1}, logged once and counted in
 `num_skipped` (per process: DataLoader workers count in their own copy). Consumers drop label -1 rows.
+A video whose random access cannot be trusted is decoded sequentially (datasets/decoder.py) and flagged in
+`sequential_videos` (shared memory, so DataLoader workers' flags reach the main process);
+`sequential_decodes(*datasets)` counts the flagged videos over all ranks.
 """
 import json
 import logging
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -170,6 +174,21 @@ def segment_indices(num_frames: int, num_segments: int, random: bool) -> torch.T
     return torch.tensor(out)
 
 
+def sequential_decodes(*datasets) -> int:
+    """Videos of these datasets (or of the datasets they wrap) decoded sequentially so far, over all ranks."""
+    flags = []
+    for d in datasets:
+        while not hasattr(d, "sequential_videos") and hasattr(d, "dataset"):
+            d = d.dataset
+        flags.append(getattr(d, "sequential_videos", torch.zeros(0, dtype=torch.int32)))
+    flags = torch.cat(flags)
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flags = flags.to(device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags.sum())
+
+
 class VideoDataset(Dataset):
     """Dataset `dataset` (a key of DATASET_LISTS) in mode train/val/test. `__getitem__` -> (frames, label,
     index, meta). `load_data_list` reads the list; override it for another list format."""
@@ -185,7 +204,7 @@ class VideoDataset(Dataset):
         self.cfg, self.mode, self.num_retries = cfg, mode, num_retries
         self.ssl_aug = ssl_aug if (mode == "train" and not cfg.DATA.NO_RGB_AUG) else None
         self.slowfast = slowfast
-        self.backend = cfg.DATA.DECODING_BACKEND
+        self.backend = decoder.resolve_backend(cfg.DATA.DECODING_BACKEND)
         self.num_clips_per_video = (cfg.TEST.NUM_ENSEMBLE_VIEWS * cfg.TEST.NUM_SPATIAL_CROPS
                                     if mode == "test" else 1)
         self.num_skipped = 0
@@ -195,6 +214,7 @@ class VideoDataset(Dataset):
         self.video_labels = [r["label"] for r in records]
         self.frame_paths = [r["frames"] for r in records] if self.lists.frame_folders else None
         self.num_videos = len(records)
+        self.sequential_videos = torch.zeros(self.num_videos, dtype=torch.int32).share_memory_()
         self.labels = [y for y in self.video_labels for _ in range(self.num_clips_per_video)]
 
     def load_data_list(self) -> list[dict]:
@@ -233,11 +253,16 @@ class VideoDataset(Dataset):
             first, length = decoder.clip_window(reader.num_frames, clip_size, clip_idx, num_clips)
             if self.ssl_aug is not None:
                 views = decoder.ssl_view_indices(length, self.ssl_aug.global_frames, self.ssl_aug.local_frames)
-                return self.ssl_aug.from_union(*decoder.decode_union(reader, first, views))
-            counts = [data.NUM_FRAMES] + ([8 * data.NUM_FRAMES] if self.slowfast else [])
-            # The original re-bases the decoded window: linspace(0, clip_size - 1) clamped to the window.
-            views = [decoder.temporal_indices(0, clip_size - 1, n, length) for n in counts]
-            clips = decoder.decode_views(reader, first, views)
+                union = decoder.decode_union(reader, first, views)
+            else:
+                counts = [data.NUM_FRAMES] + ([8 * data.NUM_FRAMES] if self.slowfast else [])
+                # The original re-bases the decoded window: linspace(0, clip_size - 1) clamped to the window.
+                views = [decoder.temporal_indices(0, clip_size - 1, n, length) for n in counts]
+                clips = decoder.decode_views(reader, first, views)
+            if reader.sequential:
+                self.sequential_videos[index // self.num_clips_per_video] = 1
+        if self.ssl_aug is not None:
+            return self.ssl_aug.from_union(*union)
         return self._eval_spatial(clips, spatial_idx)
 
     def _load_frames(self, index: int):

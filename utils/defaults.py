@@ -35,8 +35,9 @@ _C.DATA.TEST_CROP_SIZE = 224
 _C.DATA.MEAN = [0.45, 0.45, 0.45]
 _C.DATA.STD = [0.225, 0.225, 0.225]
 _C.DATA.RANDOM_FLIP = True
-# "decord" (fast random access) or "pyav" (the original's decoder; the fallback).
-_C.DATA.DECODING_BACKEND = "decord"
+# "auto" (torchcodec in exact seek mode when it works, else decord, else PyAV), "torchcodec", "decord" or
+# "pyav". Every backend returns the frames its indices name; seek-unsafe files are decoded sequentially.
+_C.DATA.DECODING_BACKEND = "auto"
 # The original's variable frame rates: global views 4 and 8 frames, local views 2,2,4,4,8,8,16,16.
 _C.DATA.RAND_FR = False
 # Explicit frame counts per SSL view (override NUM_FRAMES / RAND_FR when non-empty). The paper's

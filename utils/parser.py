@@ -60,8 +60,9 @@ def _check(cfg: CfgNode) -> None:
     if cfg.TIMESFORMER.ATTENTION_TYPE not in ("divided_space_time", "space_only", "joint_space_time"):
         raise ValueError(f"TIMESFORMER.ATTENTION_TYPE {cfg.TIMESFORMER.ATTENTION_TYPE!r} is not one of "
                          "divided_space_time, space_only, joint_space_time.")
-    if cfg.DATA.DECODING_BACKEND not in ("decord", "pyav"):
-        raise ValueError(f"DATA.DECODING_BACKEND {cfg.DATA.DECODING_BACKEND!r} is not one of decord, pyav.")
+    if cfg.DATA.DECODING_BACKEND not in ("auto", "torchcodec", "decord", "pyav"):
+        raise ValueError(f"DATA.DECODING_BACKEND {cfg.DATA.DECODING_BACKEND!r} is not one of auto, torchcodec, "
+                         "decord, pyav.")
 
 
 def load_config_from(cfg_file: str | None = None, opts: Sequence[str] | None = None) -> CfgNode:

@@ -1,6 +1,11 @@
-"""Scan a video list (Kinetics csv or UCF/HMDB split list) with N workers and report every video as
-ok / missing / undecodable / too_short, with fps, frame count and resolution; write a cleaned list with
-the lines of the ok videos only.
+"""Scan a video list (Kinetics csv or UCF/HMDB split list) with N workers, with the backend selection
+training uses (DATA.DECODING_BACKEND, `auto` by default), and report every video as
+- ok: random access is trusted and the first, middle and last frames decode;
+- seek_unsafe: decoded sequentially (B-frames in AVI, damaged or truncated file, a seek error; the reason
+  is in the report): correct, but slower; re-encode with resize_videos.py to make it ok;
+- too_short: fewer than --min_frames frames; undecodable; missing;
+with fps, frame count, resolution (upright) and rotation; write a cleaned list with the lines of the ok
+and seek_unsafe videos (the ones training reads correctly).
 
     python -m datasets.preprocessing.check_videos --list data/k400/train.csv --prefix data/k400/videos \
         --workers 8 --report train_report.csv --out_list data/k400/train_clean.csv
@@ -12,14 +17,18 @@ import sys
 from collections import Counter
 from multiprocessing import Pool
 
-from datasets.decoder import DecodeError, open_video
+from datasets.decoder import BACKENDS, DecodeError, open_video, resolve_backend
 from datasets.video_dataset import parse_list_file
+
+STATUSES = ("ok", "seek_unsafe", "too_short", "undecodable", "missing")
+USABLE = ("ok", "seek_unsafe")
 
 
 def check_video(job: tuple) -> dict:
     """job = (path, backend, min_frames) -> report row."""
     path, backend, min_frames = job
-    row = {"path": path, "status": "ok", "fps": "", "frames": "", "width": "", "height": "", "error": ""}
+    row = {"path": path, "status": "ok", "fps": "", "frames": "", "width": "", "height": "", "rotation": "",
+           "error": ""}
     if not os.path.isfile(path):
         row["status"] = "missing"
         return row
@@ -27,9 +36,10 @@ def check_video(job: tuple) -> dict:
         with open_video(path, backend) as reader:
             n = reader.num_frames
             row["fps"], row["frames"] = f"{reader.fps:.3f}", n
-            probe = sorted({0, n // 2, max(n - 1, 0)})
-            frames = reader.get_frames(probe)
-            row["height"], row["width"] = frames.shape[1], frames.shape[2]
+            frames = reader.get_frames(sorted({0, n // 2, max(n - 1, 0)}))
+            row["height"], row["width"], row["rotation"] = frames.shape[1], frames.shape[2], reader.info.rotation
+            if reader.sequential:
+                row["status"], row["error"] = "seek_unsafe", reader.sequential_reason
     except DecodeError as err:
         row["status"], row["error"] = "undecodable", str(err)
         return row
@@ -44,16 +54,19 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix", default="", help="Folder joined to every path (DATA.PATH_PREFIX).")
     parser.add_argument("--separator", default=" ", help="Path/label separator (DATA.PATH_LABEL_SEPARATOR).")
     parser.add_argument("--workers", type=int, default=4, help="Parallel worker processes.")
-    parser.add_argument("--backend", default="pyav", choices=("decord", "pyav"), help="Decoder used for the check.")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="DATA.DECODING_BACKEND to check with (use the one training uses).")
     parser.add_argument("--min_frames", type=int, default=8, help="Videos with fewer frames are 'too_short'.")
     parser.add_argument("--report", default=None, help="Report csv (default: <list>.report.csv).")
     parser.add_argument("--out_list", default=None, help="Cleaned list (default: <list>.clean<ext>).")
     args = parser.parse_args(argv)
 
+    backend = resolve_backend(args.backend)
+    print(f"Checking with backend {backend}.")
     entries = parse_list_file(args.list, args.separator)
     with open(args.list) as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
-    jobs = [(os.path.join(args.prefix, p), args.backend, args.min_frames) for p, _ in entries]
+    jobs = [(os.path.join(args.prefix, p), backend, args.min_frames) for p, _ in entries]
     if args.workers > 1:
         with Pool(args.workers) as pool:
             rows = pool.map(check_video, jobs, chunksize=max(1, len(jobs) // (args.workers * 8)))
@@ -68,9 +81,9 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     with open(out_list, "w") as f:
-        f.writelines(f"{line}\n" for line, row in zip(lines, rows) if row["status"] == "ok")
+        f.writelines(f"{line}\n" for line, row in zip(lines, rows) if row["status"] in USABLE)
     counts = Counter(r["status"] for r in rows)
-    summary = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("ok", "missing", "undecodable", "too_short"))
+    summary = ", ".join(f"{k} {counts.get(k, 0)}" for k in STATUSES)
     print(f"{len(rows)} videos: {summary}. Report: {report}. Cleaned list: {out_list}")
     return 0
 

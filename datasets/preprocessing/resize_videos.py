@@ -1,8 +1,15 @@
-"""Re-encode every video under a folder to short side 256 (H.264, audio dropped) with PyAV, keeping the
-relative paths and file names, as the original README asks for Kinetics (mmaction2's resize step).
-Frames are renumbered at the average frame rate (constant-fps output).
+"""Re-encode videos to short side 256 as H.264 MP4 (audio dropped) with PyAV, whatever the input container
+(mp4, avi, mkv, webm, mov), keeping the relative paths with the extension changed to .mp4, as the
+original README asks for Kinetics (mmaction2's resize step). The output is what every backend decodes
+by random access: H.264 in MP4, constant frame rate (frame i of the input stays frame i; timestamps are
+renumbered at the average rate), upright (a display rotation is applied to the pixels, so the video looks
+the same as before without needing a display matrix).
 
-    python -m datasets.preprocessing.resize_videos --src data/k400/train --dst data/k400/train_d256 --workers 8
+    python -m datasets.preprocessing.resize_videos --src data/hmdb51/videos --dst data/hmdb51/videos_d256 \
+        --list data/hmdb51/splits/hmdb51_train_split_1_videos.txt --out_list data/hmdb51/splits_d256/hmdb51_train_split_1_videos.txt
+
+With --list only the listed videos (paths relative to --src) are converted, and the list is written again
+with the new file names (same labels and separator); without it, every video under --src.
 """
 import argparse
 import os
@@ -11,6 +18,10 @@ from fractions import Fraction
 from multiprocessing import Pool
 
 import av
+import numpy as np
+
+from datasets.decoder import probe
+from datasets.video_dataset import parse_list_file
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
@@ -24,25 +35,35 @@ def target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return int(round(w / 2)) * 2, int(round(h / 2)) * 2
 
 
+def mp4_name(path: str) -> str:
+    """The output name of a video: same path, extension .mp4."""
+    return os.path.splitext(path)[0] + ".mp4"
+
+
 def resize_video(job: tuple) -> tuple[str, str]:
     """job = (src, dst, short_side, crf) -> (src, "ok" / "skipped" / error message)."""
     src, dst, short_side, crf = job
     if os.path.exists(dst):
         return src, "skipped"
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    tmp = f"{dst}.part{os.path.splitext(dst)[1]}"
+    tmp = f"{dst}.part.mp4"
     try:
+        info = probe(src)
+        turns = (info.rotation // 90) % 4
         with av.open(src) as inp:
             stream = inp.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or 30
-            w, h = target_size(stream.codec_context.width, stream.codec_context.height, short_side)
-            with av.open(tmp, "w") as out:
+            rate = Fraction(info.fps).limit_denominator(1001)
+            w, h = target_size(info.width, info.height, short_side)   # upright size
+            with av.open(tmp, "w", format="mp4") as out:
                 ostream = out.add_stream("libx264", rate=rate)
                 ostream.width, ostream.height, ostream.pix_fmt = w, h, "yuv420p"
                 ostream.options = {"crf": str(crf), "preset": "veryfast"}
                 for index, frame in enumerate(inp.decode(stream)):
+                    if turns:
+                        picture = np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), turns))
+                        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
                     frame = frame.reformat(width=w, height=h, format="yuv420p", interpolation="BICUBIC")
-                    frame.pts, frame.time_base = index, Fraction(1) / rate
+                    frame.pts, frame.time_base = index, 1 / rate
                     for packet in ostream.encode(frame):
                         out.mux(packet)
                 for packet in ostream.encode():
@@ -56,26 +77,39 @@ def resize_video(job: tuple) -> tuple[str, str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Re-encode a folder of videos to a given short side.")
-    parser.add_argument("--src", required=True, help="Input folder (searched recursively).")
-    parser.add_argument("--dst", required=True, help="Output folder (same relative paths).")
+    parser = argparse.ArgumentParser(description="Re-encode videos to H.264 MP4 at a given short side.")
+    parser.add_argument("--src", required=True, help="Input folder (searched recursively unless --list).")
+    parser.add_argument("--dst", required=True, help="Output folder (same relative paths, extension .mp4).")
+    parser.add_argument("--list", default=None, help="Convert only the videos of this list (paths relative to --src).")
+    parser.add_argument("--out_list", default=None,
+                        help="Where the list with the new file names goes (default: --dst/<list file name>).")
+    parser.add_argument("--separator", default=" ", help="Path/label separator of --list (DATA.PATH_LABEL_SEPARATOR).")
     parser.add_argument("--short_side", type=int, default=256)
     parser.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, larger).")
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
-    jobs = []
-    for folder, _, files in os.walk(args.src):
-        for name in sorted(files):
-            if name.lower().endswith(VIDEO_EXTS):
-                src = os.path.join(folder, name)
-                dst = os.path.join(args.dst, os.path.relpath(src, args.src))
-                jobs.append((src, dst, args.short_side, args.crf))
+    if args.list:
+        entries = parse_list_file(args.list, args.separator)
+        relative = [p for p, _ in entries]
+    else:
+        relative = [os.path.relpath(os.path.join(folder, name), args.src)
+                    for folder, _, files in sorted(os.walk(args.src)) for name in sorted(files)
+                    if name.lower().endswith(VIDEO_EXTS)]
+    jobs = [(os.path.join(args.src, p), os.path.join(args.dst, mp4_name(p)), args.short_side, args.crf)
+            for p in dict.fromkeys(relative)]
     if not jobs:
         print(f"no videos ({', '.join(VIDEO_EXTS)}) under {args.src}")
         return 1
     with Pool(args.workers) as pool:
         results = pool.map(resize_video, jobs, chunksize=1)
     failed = [(s, r) for s, r in results if r.startswith("error")]
+    if args.list:
+        out_list = args.out_list or os.path.join(args.dst, os.path.basename(args.list))
+        os.makedirs(os.path.dirname(out_list) or ".", exist_ok=True)
+        sep = args.separator
+        with open(out_list, "w") as f:
+            f.writelines(f"{mp4_name(p)}{sep}{label}\n" for p, label in entries)
+        print(f"List with the new file names: {out_list}")
     for src, msg in failed:
         print(f"{src}: {msg}", file=sys.stderr)
     print(f"{len(jobs)} videos: {len(jobs) - len(failed)} written or already there, {len(failed)} failed.")

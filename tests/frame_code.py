@@ -1,0 +1,144 @@
+"""Test videos whose frames carry their own index, in the containers users have.
+
+Frame k shows its index as a coarse binary code: BANDS bands stacked along the short side of the
+displayed picture, each band spanning the whole long side: a start band (white), 6 index bits (most
+significant first, white = 1) and a stop band (black). Crops of the evaluation modes only cut the long
+side and resizes keep relative positions, so `read_index` recovers k from any clip these tests make;
+a frame that is not the one asked for, or a picture that is not upright, does not read back (the start
+and stop bands catch a reversed or transposed code).
+
+`write_fixtures(root)` writes one file per case of FIXTURES (64x48, 30 fps unless said), all made with
+PyAV at test time:
+- h264_bframes.mp4   H.264 with B-frames (3), keyframe every 10 frames.
+- mpeg4_bframes.avi  MPEG-4 Part 2 with B-frames (2) in AVI (DivX-style packed B-frames).
+- mpeg4_plain.avi    MPEG-4 Part 2 without B-frames in AVI (Xvid-style).
+- vfr.mp4            H.264, variable frame rate (frame durations cycle through 1, 2, 3 and 1 ticks of 1/60 s).
+- rotated.mp4        H.264 stored 64x48 with a 90-degree display matrix: displayed upright as 48x64.
+- truncated.mp4      H.264 mp4 (index first) cut inside the keyframe of frame 30: the index lists 48 frames,
+                     frames 0..29 are there.
+- short.mp4          H.264, 6 frames: shorter than one clip.
+- vp9.webm           VP9 in WebM.
+"""
+import os
+import struct
+from fractions import Fraction
+
+import av
+import numpy as np
+
+BANDS = 8                     # start band, 6 bits, stop band
+BITS = BANDS - 2
+HIGH, LOW = 215, 40
+NUM_FRAMES = 48
+SHORT_FRAMES = 6
+TRUNCATED_AT = 30             # truncated.mp4 holds frames 0..29 (closed GOPs of 10)
+FIXTURES = ("h264_bframes.mp4", "mpeg4_bframes.avi", "mpeg4_plain.avi", "vfr.mp4", "rotated.mp4",
+            "truncated.mp4", "short.mp4", "vp9.webm")
+VFR_TICKS = (1, 2, 3, 1)      # frame durations in 1/60 s, cycled
+
+
+def code_frame(index: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """uint8 RGB (height, width, 3) picture of `index`: bands stacked along the short side."""
+    if not 0 <= index < 2 ** BITS:
+        raise ValueError(f"index {index} does not fit in {BITS} bits")
+    bits = [1] + [(index >> (BITS - 1 - b)) & 1 for b in range(BITS)] + [0]
+    short, long = min(height, width), max(height, width)
+    edges = np.linspace(0, short, BANDS + 1).round().astype(int)
+    profile = np.empty(short, np.uint8)
+    for bit, lo, hi in zip(bits, edges[:-1], edges[1:]):
+        profile[lo:hi] = HIGH if bit else LOW
+    plane = np.broadcast_to(profile[:, None], (short, long))
+    plane = plane if height <= width else plane.T
+    return np.repeat(plane[:, :, None], 3, axis=2).copy()
+
+
+def read_index(picture, portrait: bool | None = None) -> int:
+    """Index shown by one picture: (H, W), (H, W, C) or (C, H, W), any value scale (uint8, or normalised:
+    bits are split at the midrange of the band values). The bands are read along the short side, or
+    along the width when `portrait` (for square outputs of a portrait video). -1 when the picture carries
+    no valid code (another picture, not upright, blank)."""
+    a = np.asarray(picture, dtype=np.float64)
+    if a.ndim == 3:
+        a = a.mean(axis=0) if a.shape[0] in (1, 3) and a.shape[2] not in (1, 3) else a.mean(axis=2)
+    height, width = a.shape
+    portrait = height > width if portrait is None else portrait
+    profile = a.mean(axis=0) if portrait else a.mean(axis=1)
+    short = len(profile)
+    centres = ((np.arange(BANDS) + 0.5) * short / BANDS).astype(int)
+    mid = (profile.max() + profile.min()) / 2
+    if profile.max() - profile.min() < 1e-6:
+        return -1
+    bits = [int(profile[c] > mid) for c in centres]
+    if bits[0] != 1 or bits[-1] != 0:
+        return -1
+    return int("".join(map(str, bits[1:-1])), 2)
+
+
+def read_clip(clip, time_dim: int, portrait: bool | None = None) -> list[int]:
+    """Indices of every frame of a clip; `time_dim` is the axis of time (0 for (T, H, W, C), 1 for (C, T, H, W))."""
+    a = np.moveaxis(np.asarray(clip, dtype=np.float64), time_dim, 0)
+    if time_dim == 1:
+        a = np.moveaxis(a, 1, -1)          # (T, C, H, W) -> (T, H, W, C)
+    return [read_index(frame, portrait) for frame in a]
+
+
+def _encode(path: str, codec: str, frames, options: dict, rate=30, time_base=None, pts=None,
+            codec_tag=None, container_options=None) -> None:
+    with av.open(path, "w", options=container_options or {}) as out:
+        stream = out.add_stream(codec, rate=rate, options=options)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if codec_tag:
+            stream.codec_tag = codec_tag
+        if time_base is not None:
+            stream.time_base = time_base
+            stream.codec_context.time_base = time_base
+        for k, picture in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[k], time_base
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _set_rotation(path: str, degrees: int) -> None:
+    """Write a rotation into the display matrix of the (first) track header of an mp4, in place."""
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"tkhd")
+    version = data[at + 4]
+    matrix_at = at + 4 + 4 + (32 if version == 1 else 20) + 16
+    c, s = {90: (0, 1), 180: (-1, 0), 270: (0, -1)}[degrees]
+    fixed = lambda v: struct.pack(">i", int(v * 65536))
+    data[matrix_at:matrix_at + 8] = fixed(c) + fixed(s)          # a, b (u follows)
+    data[matrix_at + 12:matrix_at + 20] = fixed(-s) + fixed(c)   # c, d
+    open(path, "wb").write(bytes(data))
+
+
+def write_fixtures(root: str) -> dict[str, str]:
+    """Write every FIXTURES file under root; returns {name: path}."""
+    os.makedirs(root, exist_ok=True)
+    frames = [code_frame(k) for k in range(NUM_FRAMES)]
+    x264 = {"preset": "veryfast", "crf": "12", "g": "10", "bf": "3", "threads": "1",
+            "x264-params": "b-adapt=0:scenecut=0"}
+    paths = {name: os.path.join(root, name) for name in FIXTURES}
+    _encode(paths["h264_bframes.mp4"], "libx264", frames, x264)
+    _encode(paths["mpeg4_bframes.avi"], "mpeg4", frames, {"g": "10", "bf": "2", "qscale": "2"}, codec_tag="DX50")
+    _encode(paths["mpeg4_plain.avi"], "mpeg4", frames, {"g": "10", "bf": "0", "qscale": "2"}, codec_tag="XVID")
+    ticks = np.concatenate([[0], np.cumsum([VFR_TICKS[k % len(VFR_TICKS)] for k in range(NUM_FRAMES - 1)])])
+    _encode(paths["vfr.mp4"], "libx264", frames, x264, rate=60, time_base=Fraction(1, 60), pts=ticks.tolist())
+    upright = [code_frame(k, 64, 48) for k in range(NUM_FRAMES)]     # what the viewer sees: 48 wide, 64 tall
+    stored = [np.ascontiguousarray(np.rot90(p, k=1)) for p in upright]  # stored picture before the display turn
+    _encode(paths["rotated.mp4"], "libx264", stored, x264)
+    _set_rotation(paths["rotated.mp4"], 90)
+    _encode(paths["truncated.mp4"], "libx264", frames, x264, container_options={"movflags": "faststart"})
+    with av.open(paths["truncated.mp4"]) as video:   # cut 10 bytes into the keyframe of frame TRUNCATED_AT
+        cut = next(p.pos for p in video.demux(video=0) if p.is_keyframe and p.pts and p.pts > 0 and
+                   round(float(p.pts * p.time_base) * 30) == TRUNCATED_AT) + 10
+    with open(paths["truncated.mp4"], "r+b") as f:
+        f.truncate(cut)
+    _encode(paths["short.mp4"], "libx264", frames[:SHORT_FRAMES], x264)
+    _encode(paths["vp9.webm"], "libvpx-vp9", frames, {"g": "10", "crf": "10", "b": "0", "deadline": "realtime",
+                                                      "cpu-used": "8", "threads": "1"})
+    return paths

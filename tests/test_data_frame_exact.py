@@ -1,0 +1,229 @@
+"""The data path's contract: every backend returns exactly the frames its indices name, on the containers
+users have (tests/frame_code.py writes them; every frame shows its own index), read back through the
+decoder and through the dataset classes (SSL views, val, test, slow-fast)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datasets import UCF101, Kinetics, decoder
+from datasets.transform import VideoDataAugmentationDINO
+from datasets.video_dataset import sequential_decodes
+from tests.conftest import build_cfg
+from tests.frame_code import FIXTURES, NUM_FRAMES, SHORT_FRAMES, TRUNCATED_AT, read_clip, read_index, write_fixtures
+
+CONCRETE = ("torchcodec", "decord", "pyav")
+# Files each backend decodes sequentially (random access not trusted); every other (file, backend) is random access.
+SEQUENTIAL = {("mpeg4_bframes.avi", b) for b in CONCRETE} | {("truncated.mp4", b) for b in CONCRETE} | \
+    {("rotated.mp4", "decord")}
+FRAMES = {name: NUM_FRAMES for name in FIXTURES} | {"short.mp4": SHORT_FRAMES, "truncated.mp4": TRUNCATED_AT}
+PORTRAIT = {"rotated.mp4"}
+# Small clips: 4 frames over 32 source frames at 30 fps; crops only ever cut the long side of a frame.
+OPTS = {"DATA.NUM_FRAMES": 4, "DATA.SAMPLING_RATE": 8, "DATA.TRAIN_CROP_SIZE": 32, "DATA.LOCAL_CROP_SIZE": 16,
+        "DATA.TEST_CROP_SIZE": 32, "DATA.TRAIN_JITTER_SCALES": [32, 32], "DATA.NO_SPATIAL": True}
+
+
+def _need(backend: str) -> None:
+    why = {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}.get(backend, lambda: "")()
+    if why:
+        pytest.skip(f"{backend} unavailable here: {why}")
+
+
+@pytest.fixture(scope="session")
+def frame_videos(tmp_path_factory):
+    """Root folder with every FIXTURES file and lists naming them in FIXTURES order (label = position)."""
+    root = tmp_path_factory.mktemp("frame_exact")
+    write_fixtures(str(root))
+    lines = "".join(f"{name} {i}\n" for i, name in enumerate(FIXTURES))
+    for name in ("train.csv", "val.csv", "test.csv", "ucf101_train_split_1_videos.txt",
+                 "ucf101_val_split_1_videos.txt"):
+        (root / name).write_text(lines)
+    return root
+
+
+def _cfg(root, backend, **opts):
+    return build_cfg(root, root, tiny=False, **{**OPTS, "DATA.DECODING_BACKEND": backend, **opts})
+
+
+@pytest.mark.parametrize("backend", CONCRETE)
+@pytest.mark.parametrize("name", FIXTURES)
+def test_reader_returns_the_frames_asked_for(frame_videos, name, backend):
+    _need(backend)
+    with decoder.open_video(str(frame_videos / name), backend) as reader:
+        n = reader.num_frames
+        assert n == FRAMES[name]
+        requests = [list(range(n)), sorted(range(n - 1, -1, -7)), [n - 1], [0, n // 2, n // 2 + 1],
+                    list(range(n // 3, n, 5))]
+        for indices in requests:
+            frames = reader.get_frames(indices)
+            assert frames.dtype == torch.uint8 and frames.shape[1:] == ((64, 48, 3) if name in PORTRAIT else (48, 64, 3))
+            assert read_clip(frames, 0) == indices, f"{name} via {backend}"
+        assert reader.sequential == ((name, backend) in SEQUENTIAL), reader.sequential_reason
+
+
+def test_variable_frame_rate_rule(frame_videos):
+    # Frame i is the i-th frame by timestamp; fps is the average rate (48 frames over their 41/30 s).
+    with decoder.open_video(str(frame_videos / "vfr.mp4"), "pyav") as reader:
+        assert reader.fps == pytest.approx(NUM_FRAMES / (41 / 30))
+        assert not reader.sequential
+        assert read_clip(reader.get_frames([1, 2, 3, 4]), 0) == [1, 2, 3, 4]   # 1/60 s .. 3/60 s apart
+
+
+@pytest.mark.parametrize("backend", CONCRETE)
+def test_decoder_error_falls_back_to_sequential(frame_videos, backend, monkeypatch):
+    # With the container facts hidden, torchcodec raises on AVI with B-frames; any backend that raises
+    # during random access is caught and the file decoded sequentially, exactly.
+    _need(backend)
+    path = str(frame_videos / "h264_bframes.mp4")
+
+    def broken(self, indices):
+        raise RuntimeError("simulated seek error")
+    monkeypatch.setattr(decoder._ACCESS[backend], "get", broken)
+    with decoder.open_video(path, backend) as reader:
+        assert not reader.sequential
+        assert read_clip(reader.get_frames([5, 17, 40]), 0) == [5, 17, 40]
+        assert reader.sequential and "simulated seek error" in reader.sequential_reason
+
+
+def test_torchcodec_error_on_avi_bframes_is_caught(frame_videos, monkeypatch):
+    _need("torchcodec")
+    real = decoder.probe
+    monkeypatch.setattr(decoder, "probe", lambda path: decoder.VideoInfo(**{**vars(real(path)), "unsafe": ""}))
+    with decoder.open_video(str(frame_videos / "mpeg4_bframes.avi"), "torchcodec") as reader:
+        assert read_clip(reader.get_frames([0, 3, 6, 10, 13, 17, 47]), 0) == [0, 3, 6, 10, 13, 17, 47]
+        assert "torchcodec random access failed" in reader.sequential_reason
+
+
+# ----------------------------------------------------------------------------------------- datasets
+def _spy_windows(monkeypatch) -> list:
+    """Record (first, view indices) of every decode_union call the datasets make."""
+    calls, real = [], decoder.decode_union
+
+    def spy(reader, first, views):
+        calls.append((first, [v.clone() for v in views]))
+        return real(reader, first, views)
+    monkeypatch.setattr(decoder, "decode_union", spy)
+    return calls
+
+
+def _eval_expected(name: str, clip_size: float, clip_idx: int, num_clips: int, count: int) -> list[int]:
+    first, length = decoder.clip_window(FRAMES[name], clip_size, clip_idx, num_clips)
+    return (first + decoder.temporal_indices(0, clip_size - 1, count, length)).tolist()
+
+
+def _clip_size(root, name: str) -> float:
+    with decoder.open_video(str(root / name), "pyav") as reader:
+        return decoder.clip_size_frames(4, 8, 30, reader.fps)
+
+
+@pytest.mark.parametrize("backend", CONCRETE)
+def test_ssl_views_hold_their_frames(frame_videos, backend, monkeypatch):
+    _need(backend)
+    cfg = _cfg(frame_videos, backend)
+    aug = VideoDataAugmentationDINO(global_size=32, local_size=16, global_frames=(4, 8),
+                                    local_frames=(2, 2, 4, 4, 8, 8, 16, 16), no_spatial=True)
+    ds = Kinetics(cfg, "train", ssl_aug=aug)
+    calls = _spy_windows(monkeypatch)
+    torch.manual_seed(0)
+    for i, name in enumerate(FIXTURES):
+        for _ in range(2):
+            views, label, index, meta = ds[i]
+            assert index == i and meta["skipped"] == 0
+            first, planned = calls[-1]
+            for view, idx in zip(views, planned):
+                assert read_clip(view, 1, name in PORTRAIT) == (first + idx).tolist(), f"{name} via {backend}"
+            # The window lies inside the video and (when the video is long enough) spans one clip.
+            assert 0 <= first and first + int(max(v.max() for v in planned)) < FRAMES[name]
+    assert ds.sequential_videos.tolist() == [int((n, backend) in SEQUENTIAL) for n in FIXTURES]
+    assert sequential_decodes(ds) == sum((n, backend) in SEQUENTIAL for n in FIXTURES)
+
+
+@pytest.mark.parametrize("backend", CONCRETE)
+def test_val_test_and_slowfast_clips_hold_their_frames(frame_videos, backend):
+    _need(backend)
+    val = UCF101(_cfg(frame_videos, backend), "val")
+    test = UCF101(_cfg(frame_videos, backend, **{"TEST.NUM_ENSEMBLE_VIEWS": 3, "TEST.NUM_SPATIAL_CROPS": 3}), "test")
+    slowfast = UCF101(_cfg(frame_videos, backend), "val", slowfast=True)
+    for i, name in enumerate(FIXTURES):
+        clip_size, portrait = _clip_size(frame_videos, name), name in PORTRAIT
+        clip, label, _, meta = val[i]
+        assert label == i and read_clip(clip, 1, portrait) == _eval_expected(name, clip_size, 0, 1, 4), \
+            f"{name} via {backend}"
+        for c in range(9):
+            clip, _, _, _ = test[i * 9 + c]
+            assert read_clip(clip, 1, portrait) == _eval_expected(name, clip_size, c // 3, 3, 4), \
+                f"{name} clip {c} via {backend}"
+        slow, fast = slowfast[i][0]
+        assert read_clip(slow, 1, portrait) == _eval_expected(name, clip_size, 0, 1, 4)
+        assert read_clip(fast, 1, portrait) == _eval_expected(name, clip_size, 0, 1, 32)
+    expected = [int((n, backend) in SEQUENTIAL) for n in FIXTURES]
+    assert val.sequential_videos.tolist() == test.sequential_videos.tolist() == expected
+
+
+def test_expected_indices_are_hand_checked():
+    # 48 frames at 30 fps, clips of 32 frames: val from frame 0, test starts 0, 16/3 (-> 6), 32/3 (-> 11).
+    assert _eval_expected("h264_bframes.mp4", 32.0, 0, 1, 4) == [0, 10, 20, 31]
+    assert _eval_expected("h264_bframes.mp4", 32.0, 1, 3, 4) == [6, 16, 26, 37]
+    assert _eval_expected("h264_bframes.mp4", 32.0, 2, 3, 4) == [11, 21, 31, 42]
+    assert _eval_expected("short.mp4", 32.0, 0, 1, 4) == [0, 5, 5, 5]   # clamped to the 6 frames there are
+
+
+def test_sequential_flags_reach_the_main_process_through_workers(frame_videos):
+    ds = UCF101(_cfg(frame_videos, "pyav"), "val")
+    loader = DataLoader(ds, batch_size=4, num_workers=1)
+    labels = torch.cat([batch[1] for batch in loader])
+    assert labels.tolist() == list(range(len(FIXTURES)))
+    assert sequential_decodes(ds) == 2   # mpeg4_bframes.avi and truncated.mp4
+
+
+def test_frame_code_round_trip():
+    from tests.frame_code import code_frame
+    for k in (0, 1, 21, 42, 63):
+        assert read_index(code_frame(k)) == k
+        assert read_index(code_frame(k, 64, 48)) == k
+        upright = code_frame(k, 64, 48)
+        stored = np.rot90(upright, 1)            # as rotated.mp4 stores it
+        assert read_index(stored) == -1           # not turned: no code
+        assert read_index(np.rot90(stored, 1)) == -1 and read_index(np.rot90(stored, -1)) == k   # wrong / right turn
+    with pytest.raises(ValueError):
+        code_frame(64)
+
+
+# ----------------------------------------------------------------------------------------- tools
+def test_check_videos_reports_the_truth(frame_videos, tmp_path):
+    import csv
+    from datasets.preprocessing import check_videos
+    (tmp_path / "bad.mp4").write_bytes(b"\x00not a video" * 100)
+    names = list(FIXTURES) + ["missing.mp4", str(tmp_path / "bad.mp4")]
+    (tmp_path / "list.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
+    assert check_videos.main(["--list", str(tmp_path / "list.txt"), "--prefix", str(frame_videos),
+                              "--workers", "1", "--backend", "pyav"]) == 0
+    with open(tmp_path / "list.report.csv") as f:
+        status = {os.path.basename(r["path"]): r["status"] for r in csv.DictReader(f)}
+    assert status == {**{n: "ok" for n in FIXTURES}, "mpeg4_bframes.avi": "seek_unsafe",
+                      "truncated.mp4": "seek_unsafe", "short.mp4": "too_short", "missing.mp4": "missing",
+                      "bad.mp4": "undecodable"}
+    kept = [line.split()[0] for line in (tmp_path / "list.clean.txt").read_text().splitlines()]
+    assert kept == [n for n in FIXTURES if status[n] in ("ok", "seek_unsafe")]
+
+
+def test_resize_videos_writes_h264_mp4_and_the_list(frame_videos, tmp_path):
+    import av
+    from datasets.preprocessing import resize_videos
+    names = ["mpeg4_bframes.avi", "vp9.webm", "rotated.mp4", "vfr.mp4"]
+    (tmp_path / "train.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
+    out = tmp_path / "out"
+    assert resize_videos.main(["--src", str(frame_videos), "--dst", str(out), "--list", str(tmp_path / "train.txt"),
+                               "--short_side", "32", "--crf", "10", "--workers", "1"]) == 0
+    new = [line.split()[0] for line in (out / "train.txt").read_text().splitlines()]
+    assert new == ["mpeg4_bframes.mp4", "vp9.mp4", "rotated.mp4", "vfr.mp4"]
+    for name in new:
+        with av.open(str(out / name)) as video:
+            assert video.streams.video[0].codec_context.name == "h264"
+        with decoder.open_video(str(out / name), "pyav") as reader:
+            assert not reader.sequential and reader.num_frames == NUM_FRAMES
+            frames = reader.get_frames(list(range(NUM_FRAMES)))
+            assert frames.shape[1:3] == ((42, 32) if name == "rotated.mp4" else (32, 42))   # upright kept
+            assert read_clip(frames, 0) == list(range(NUM_FRAMES))
