@@ -2,11 +2,23 @@
 # Install what svt needs into the active Python environment, but only what is missing.
 # A torch that is already importable is kept (cluster users keep their CUDA build); when torch
 # is missing, constraints.txt pins the versions we test with. Pass "test" to add pytest.
+# torchcodec (the default decoder when it works) needs FFmpeg's shared libraries: installed with apt
+# when we are root and apt-get exists, otherwise one line says how; without them DATA.DECODING_BACKEND
+# auto falls back to decord, then PyAV.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 
-modules="torch torchvision timm numpy einops fvcore tensorboard av"
+if ! ldconfig -p 2>/dev/null | grep -q "libavcodec\.so"; then
+    if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null; then
+        echo "[install_deps] installing FFmpeg's shared libraries for torchcodec (apt-get install -y ffmpeg)" >&2
+        apt-get install -y -qq ffmpeg >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq ffmpeg >/dev/null; }
+    else
+        echo "[install_deps] FFmpeg libraries not found: torchcodec needs them (conda install -c conda-forge 'ffmpeg<8', or your package manager's ffmpeg); until then decoding falls back to decord/PyAV." >&2
+    fi
+fi
+
+modules="torch torchvision timm numpy einops fvcore tensorboard av torchcodec"
 if [[ "$(uname -m)" == "x86_64" ]]; then modules="$modules decord"; fi
 if [[ "${1:-}" == "test" ]]; then modules="$modules pytest"; fi
 

@@ -25,6 +25,9 @@ from fractions import Fraction
 
 import av
 import numpy as np
+import pytest
+
+from datasets import decoder
 
 BANDS = 8                     # start band, 6 bits, stop band
 BITS = BANDS - 2
@@ -35,6 +38,14 @@ TRUNCATED_AT = 30             # truncated.mp4 holds frames 0..29 (closed GOPs of
 FIXTURES = ("h264_bframes.mp4", "mpeg4_bframes.avi", "mpeg4_plain.avi", "vfr.mp4", "rotated.mp4",
             "truncated.mp4", "short.mp4", "vp9.webm")
 VFR_TICKS = (1, 2, 3, 1)      # frame durations in 1/60 s, cycled
+BACKENDS = ("torchcodec", "decord", "pyav")
+
+
+def require_backend(backend: str) -> None:
+    """Skip the calling test when `backend` cannot be used here (saying why)."""
+    why = {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}.get(backend, lambda: "")()
+    if why:
+        pytest.skip(f"{backend} unavailable here: {why}")
 
 
 def code_frame(index: int, height: int = 48, width: int = 64) -> np.ndarray:

@@ -5,14 +5,7 @@ import torch
 
 from datasets import decoder
 from datasets.synthetic import write_video
-
-CONCRETE = ("torchcodec", "decord", "pyav")
-
-
-def _need(backend: str) -> None:
-    why = {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}.get(backend, lambda: "")()
-    if why:
-        pytest.skip(f"{backend} unavailable here: {why}")
+from tests.frame_code import BACKENDS, require_backend
 
 
 @pytest.mark.parametrize("indices", [[0, 1, 2, 3], [3, 7, 11, 17, 22, 23], [17, 18, 23], [5]])
@@ -20,8 +13,8 @@ def test_backends_return_the_same_frames_on_h264_mp4(synthetic_root, indices):
     # Same frames (the contract, tests/test_data_frame_exact.py); the RGB conversion may differ by a level or two.
     path = str(next((synthetic_root / "videos").rglob("*.mp4")))
     frames = []
-    for backend in CONCRETE:
-        _need(backend)
+    for backend in BACKENDS:
+        require_backend(backend)
         with decoder.open_video(path, backend) as reader:
             assert reader.num_frames == 24 and reader.fps == 30.0 and not reader.sequential
             frames.append(reader.get_frames(indices))
@@ -33,7 +26,7 @@ def test_backends_return_the_same_frames_on_h264_mp4(synthetic_root, indices):
 @pytest.mark.parametrize("gop", [None, 4])   # one keyframe, or a keyframe every 4 frames (real seeks)
 @pytest.mark.parametrize("backend", decoder.BACKENDS)
 def test_frames_come_back_in_order(tmp_path, make_video, backend, gop):
-    _need(backend)
+    require_backend(backend)
     levels = [10 + 6 * i for i in range(30)]
     path = make_video(tmp_path / "levels.mp4", levels=levels, gop=gop)
     for indices in ([2, 9, 25, 29], [13, 14, 22], [0, 1]):
@@ -44,7 +37,7 @@ def test_frames_come_back_in_order(tmp_path, make_video, backend, gop):
 
 @pytest.mark.parametrize("backend", decoder.BACKENDS)
 def test_missing_and_corrupt_files_raise_decode_error(tmp_path, backend):
-    _need(backend)
+    require_backend(backend)
     with pytest.raises(decoder.DecodeError, match="no such file"):
         decoder.open_video(str(tmp_path / "none.mp4"), backend)
     bad = tmp_path / "bad.mp4"
@@ -120,7 +113,7 @@ def test_random_window_starts_where_the_original_does(clip_size):
 
 @pytest.mark.parametrize("backend", decoder.BACKENDS)
 def test_decode_views_decodes_union_once(tmp_path, make_video, backend):
-    _need(backend)
+    require_backend(backend)
     path = make_video(tmp_path / "levels.mp4", levels=[10 + 6 * i for i in range(30)])
     calls = []
     with decoder.open_video(str(path), backend) as reader:
@@ -134,7 +127,7 @@ def test_decode_views_decodes_union_once(tmp_path, make_video, backend):
 
 @pytest.mark.parametrize("backend", decoder.BACKENDS)
 def test_container_without_frame_count(tmp_path, backend):
-    _need(backend)
+    require_backend(backend)
     # Matroska stores no frame count or stream duration: PyAV decodes the whole video once (as the original).
     levels = np.asarray([10 + 6 * i for i in range(30)], np.uint8)
     write_video(str(tmp_path / "v.mkv"), np.broadcast_to(levels[:, None, None, None], (30, 48, 64, 3)).copy(), gop=4)

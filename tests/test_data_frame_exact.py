@@ -12,23 +12,17 @@ from datasets import UCF101, Kinetics, decoder
 from datasets.transform import VideoDataAugmentationDINO
 from datasets.video_dataset import sequential_decodes
 from tests.conftest import build_cfg
-from tests.frame_code import FIXTURES, NUM_FRAMES, SHORT_FRAMES, TRUNCATED_AT, read_clip, read_index, write_fixtures
+from tests.frame_code import (BACKENDS, FIXTURES, NUM_FRAMES, SHORT_FRAMES, TRUNCATED_AT, read_clip, read_index,
+                              require_backend, write_fixtures)
 
-CONCRETE = ("torchcodec", "decord", "pyav")
 # Files each backend decodes sequentially (random access not trusted); every other (file, backend) is random access.
-SEQUENTIAL = {("mpeg4_bframes.avi", b) for b in CONCRETE} | {("truncated.mp4", b) for b in CONCRETE} | \
+SEQUENTIAL = {("mpeg4_bframes.avi", b) for b in BACKENDS} | {("truncated.mp4", b) for b in BACKENDS} | \
     {("rotated.mp4", "decord")}
 FRAMES = {name: NUM_FRAMES for name in FIXTURES} | {"short.mp4": SHORT_FRAMES, "truncated.mp4": TRUNCATED_AT}
 PORTRAIT = {"rotated.mp4"}
 # Small clips: 4 frames over 32 source frames at 30 fps; crops only ever cut the long side of a frame.
 OPTS = {"DATA.NUM_FRAMES": 4, "DATA.SAMPLING_RATE": 8, "DATA.TRAIN_CROP_SIZE": 32, "DATA.LOCAL_CROP_SIZE": 16,
         "DATA.TEST_CROP_SIZE": 32, "DATA.TRAIN_JITTER_SCALES": [32, 32], "DATA.NO_SPATIAL": True}
-
-
-def _need(backend: str) -> None:
-    why = {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}.get(backend, lambda: "")()
-    if why:
-        pytest.skip(f"{backend} unavailable here: {why}")
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +41,10 @@ def _cfg(root, backend, **opts):
     return build_cfg(root, root, tiny=False, **{**OPTS, "DATA.DECODING_BACKEND": backend, **opts})
 
 
-@pytest.mark.parametrize("backend", CONCRETE)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", FIXTURES)
 def test_reader_returns_the_frames_asked_for(frame_videos, name, backend):
-    _need(backend)
+    require_backend(backend)
     with decoder.open_video(str(frame_videos / name), backend) as reader:
         n = reader.num_frames
         assert n == FRAMES[name]
@@ -58,7 +52,8 @@ def test_reader_returns_the_frames_asked_for(frame_videos, name, backend):
                     list(range(n // 3, n, 5))]
         for indices in requests:
             frames = reader.get_frames(indices)
-            assert frames.dtype == torch.uint8 and frames.shape[1:] == ((64, 48, 3) if name in PORTRAIT else (48, 64, 3))
+            upright = (64, 48, 3) if name in PORTRAIT else (48, 64, 3)
+            assert frames.dtype == torch.uint8 and frames.shape[1:] == upright
             assert read_clip(frames, 0) == indices, f"{name} via {backend}"
         assert reader.sequential == ((name, backend) in SEQUENTIAL), reader.sequential_reason
 
@@ -71,11 +66,11 @@ def test_variable_frame_rate_rule(frame_videos):
         assert read_clip(reader.get_frames([1, 2, 3, 4]), 0) == [1, 2, 3, 4]   # 1/60 s .. 3/60 s apart
 
 
-@pytest.mark.parametrize("backend", CONCRETE)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_decoder_error_falls_back_to_sequential(frame_videos, backend, monkeypatch):
     # With the container facts hidden, torchcodec raises on AVI with B-frames; any backend that raises
     # during random access is caught and the file decoded sequentially, exactly.
-    _need(backend)
+    require_backend(backend)
     path = str(frame_videos / "h264_bframes.mp4")
 
     def broken(self, indices):
@@ -88,7 +83,7 @@ def test_decoder_error_falls_back_to_sequential(frame_videos, backend, monkeypat
 
 
 def test_torchcodec_error_on_avi_bframes_is_caught(frame_videos, monkeypatch):
-    _need("torchcodec")
+    require_backend("torchcodec")
     real = decoder.probe
     monkeypatch.setattr(decoder, "probe", lambda path: decoder.VideoInfo(**{**vars(real(path)), "unsafe": ""}))
     with decoder.open_video(str(frame_videos / "mpeg4_bframes.avi"), "torchcodec") as reader:
@@ -118,9 +113,9 @@ def _clip_size(root, name: str) -> float:
         return decoder.clip_size_frames(4, 8, 30, reader.fps)
 
 
-@pytest.mark.parametrize("backend", CONCRETE)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ssl_views_hold_their_frames(frame_videos, backend, monkeypatch):
-    _need(backend)
+    require_backend(backend)
     cfg = _cfg(frame_videos, backend)
     aug = VideoDataAugmentationDINO(global_size=32, local_size=16, global_frames=(4, 8),
                                     local_frames=(2, 2, 4, 4, 8, 8, 16, 16), no_spatial=True)
@@ -140,9 +135,9 @@ def test_ssl_views_hold_their_frames(frame_videos, backend, monkeypatch):
     assert sequential_decodes(ds) == sum((n, backend) in SEQUENTIAL for n in FIXTURES)
 
 
-@pytest.mark.parametrize("backend", CONCRETE)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_val_test_and_slowfast_clips_hold_their_frames(frame_videos, backend):
-    _need(backend)
+    require_backend(backend)
     val = UCF101(_cfg(frame_videos, backend), "val")
     test = UCF101(_cfg(frame_videos, backend, **{"TEST.NUM_ENSEMBLE_VIEWS": 3, "TEST.NUM_SPATIAL_CROPS": 3}), "test")
     slowfast = UCF101(_cfg(frame_videos, backend), "val", slowfast=True)

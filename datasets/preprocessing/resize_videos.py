@@ -6,7 +6,8 @@ renumbered at the average rate), upright (a display rotation is applied to the p
 the same as before without needing a display matrix).
 
     python -m datasets.preprocessing.resize_videos --src data/hmdb51/videos --dst data/hmdb51/videos_d256 \
-        --list data/hmdb51/splits/hmdb51_train_split_1_videos.txt --out_list data/hmdb51/splits_d256/hmdb51_train_split_1_videos.txt
+        --list data/hmdb51/splits/hmdb51_train_split_1_videos.txt \
+        --out_list data/hmdb51/splits_d256/hmdb51_train_split_1_videos.txt
 
 With --list only the listed videos (paths relative to --src) are converted, and the list is written again
 with the new file names (same labels and separator); without it, every video under --src.
