@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datasets import UCF101, Kinetics, decoder
+from datasets import build_dataset, decoder
 from datasets.transform import VideoDataAugmentationDINO
 from datasets.video_dataset import sequential_decodes
 from tests.conftest import build_cfg
@@ -119,7 +119,7 @@ def test_ssl_views_hold_their_frames(frame_videos, backend, monkeypatch):
     cfg = _cfg(frame_videos, backend)
     aug = VideoDataAugmentationDINO(global_size=32, local_size=16, global_frames=(4, 8),
                                     local_frames=(2, 2, 4, 4, 8, 8, 16, 16), no_spatial=True)
-    ds = Kinetics(cfg, "train", ssl_aug=aug)
+    ds = build_dataset("kinetics400", cfg, "train", ssl_aug=aug)
     calls = _spy_windows(monkeypatch)
     torch.manual_seed(0)
     for i, name in enumerate(FIXTURES):
@@ -138,9 +138,10 @@ def test_ssl_views_hold_their_frames(frame_videos, backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_val_test_and_slowfast_clips_hold_their_frames(frame_videos, backend):
     require_backend(backend)
-    val = UCF101(_cfg(frame_videos, backend), "val")
-    test = UCF101(_cfg(frame_videos, backend, **{"TEST.NUM_ENSEMBLE_VIEWS": 3, "TEST.NUM_SPATIAL_CROPS": 3}), "test")
-    slowfast = UCF101(_cfg(frame_videos, backend), "val", slowfast=True)
+    val = build_dataset("ucf101", _cfg(frame_videos, backend), "val")
+    crops = {"TEST.NUM_ENSEMBLE_VIEWS": 3, "TEST.NUM_SPATIAL_CROPS": 3}
+    test = build_dataset("ucf101", _cfg(frame_videos, backend, **crops), "test")
+    slowfast = build_dataset("ucf101", _cfg(frame_videos, backend), "val", slowfast=True)
     for i, name in enumerate(FIXTURES):
         clip_size, portrait = _clip_size(frame_videos, name), name in PORTRAIT
         clip, label, _, meta = val[i]
@@ -166,7 +167,7 @@ def test_expected_indices_are_hand_checked():
 
 
 def test_sequential_flags_reach_the_main_process_through_workers(frame_videos):
-    ds = UCF101(_cfg(frame_videos, "pyav"), "val")
+    ds = build_dataset("ucf101", _cfg(frame_videos, "pyav"), "val")
     loader = DataLoader(ds, batch_size=4, num_workers=1)
     labels = torch.cat([batch[1] for batch in loader])
     assert labels.tolist() == list(range(len(FIXTURES)))
