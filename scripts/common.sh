@@ -1,18 +1,9 @@
 # Shared by the launch scripts (sourced, not run).
 
-# check_deps: stop before launching when a package svt imports is missing from ${PYTHON:-python3} (decord
-# only on x86-64, where it has wheels). Launches never install: scripts/install_deps.sh does, once per
-# environment, so no pip runs on compute nodes at each job start.
+# check_deps: stop before launching when a required package is missing (scripts/install_deps.sh --check,
+# which names the fix). Launches never install, so no pip runs on compute nodes at each job start.
 check_deps() {
-    local modules="torch torchvision timm numpy einops fvcore tensorboard av" missing
-    if [[ "$(uname -m)" == "x86_64" ]]; then modules="$modules decord"; fi
-    missing=$("${PYTHON:-python3}" -c 'import importlib.util, sys
-print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' $modules)
-    if [[ -n "$missing" ]]; then
-        echo "$(basename "$0"): missing Python packages: $missing. Install them once in this environment:" \
-             "bash scripts/install_deps.sh (or pip install -r requirements.txt)." >&2
-        exit 3
-    fi
+    PYTHON="${PYTHON:-python3}" bash "$(dirname "${BASH_SOURCE[0]}")/install_deps.sh" --check || exit $?
 }
 
 # recipe_defaults: the original's pretraining recipe (TimeSformer-B, 8 clips per process, 100 epochs, 10

@@ -5,9 +5,31 @@
 # torchcodec (the default decoder when it works) needs FFmpeg's shared libraries: installed with apt
 # when we are root and apt-get exists, otherwise one line says how; without them DATA.DECODING_BACKEND
 # auto falls back to decord, then PyAV.
+# `install_deps.sh --check` installs nothing: it exits 3 naming what is missing of the required packages
+# (the launch scripts call it, so no pip runs on compute nodes at each job start). torchcodec and decord
+# are optional there: DATA.DECODING_BACKEND auto uses whichever decoder imports.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
+
+required="torch torchvision timm numpy einops fvcore tensorboard av"
+optional="torchcodec"
+if [[ "$(uname -m)" == "x86_64" ]]; then optional="$optional decord"; fi
+
+missing_of() {
+    "$PYTHON" -c 'import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' "$@"
+}
+
+if [[ "${1:-}" == "--check" ]]; then
+    missing=$(missing_of $required)
+    if [[ -n "$missing" ]]; then
+        echo "$(basename "${0}"): missing Python packages: $missing. Install them once in this environment:" \
+             "bash scripts/install_deps.sh (or pip install -r requirements.txt)." >&2
+        exit 3
+    fi
+    exit 0
+fi
 
 if ! ldconfig -p 2>/dev/null | grep -q "libavcodec\.so"; then
     if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null; then
@@ -18,15 +40,9 @@ if ! ldconfig -p 2>/dev/null | grep -q "libavcodec\.so"; then
     fi
 fi
 
-modules="torch torchvision timm numpy einops fvcore tensorboard av torchcodec"
-if [[ "$(uname -m)" == "x86_64" ]]; then modules="$modules decord"; fi
+modules="$required $optional"
 if [[ "${1:-}" == "test" ]]; then modules="$modules pytest"; fi
-
-missing=$("$PYTHON" - $modules <<'PY'
-import importlib.util, sys
-print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
-PY
-)
+missing=$(missing_of $modules)
 if [[ -z "$missing" ]]; then
     exit 0
 fi
