@@ -179,6 +179,13 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(blk.temporal_fc.weight)
                 nn.init.zeros_(blk.temporal_fc.bias)
 
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a new linear classifier (trunc-normal 0.02 weight, zero bias, TimeSformer's
+        init) for `num_classes` classes; 0 removes it (forward returns the CLS feature)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_weights)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable

@@ -1,0 +1,436 @@
+"""Fine-tuning of an SVT checkpoint: the whole TimeSformer plus a new linear head, trained on labels.
+
+The paper's fine-tuning numbers come from TimeSformer's recipe (the authors ran it in the TimeSformer
+repository): SGD, momentum 0.9 (Nesterov, TimeSformer's default), weight decay 1e-4 on every parameter,
+lr 0.005 for a batch of 8, x0.1 at epochs 11 and 14, 15 epochs, drop path 0.1, plain cross-entropy (no
+label smoothing, no mixup), 8 frames x stride 32 at 224, random short side 256-320 + crop + flip. Those
+are the defaults here; the lr is scaled with the global batch (lr x batch / 8). The test scores
+TEST.NUM_ENSEMBLE_VIEWS x TEST.NUM_SPATIAL_CROPS clips per video (1 x 3) with summed logits, as
+eval_linear.py; `--slowfast_eval True` uses the paper's slow-fast clips.
+
+An undecodable training video is replaced by another and counted; an undecodable val/test video is left
+out of the accuracy and counted ("skipped_videos"), as in the other evaluation scripts.
+
+    torchrun --nproc_per_node=8 eval_finetune.py --arch vit_base --pretrained_weights kinetics400_vitb_ssl.pth \
+        --batch_size_per_gpu 1 --dataset ucf101 --output_dir checkpoints/finetune/ucf101 \
+        --opts DATA.PATH_TO_DATA_DIR data/ucf101/splits DATA.PATH_PREFIX data/ucf101/videos
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.tensorboard import SummaryWriter
+
+from datasets import DATASETS, build_dataset
+from datasets.video_dataset import SKIPPED_LABEL
+from models import ARCHS, VisionTransformer, build_backbone
+from utils import utils
+from utils.checkpoint import atomic_save, load_pretrained_weights, safe_torch_load
+from utils.multiview import ENSEMBLES, VideoScores, topk_hits
+from utils.parser import add_config_args, load_config_from
+
+CHECKPOINT_NAME = "checkpoint.pth"
+RESULTS_NAME = "finetune_results.json"
+# Where the protocol differs from the default config (applied before --opts, which win): SSv2 labels
+# tell left from right, so TimeSformer's SSv2 recipe trains without horizontal flips.
+DATASET_OPTS = {"ssv2": ["DATA.RANDOM_FLIP", "False"]}
+# The batch the reference lr is given for (TimeSformer: 8 clips over 8 GPUs).
+REFERENCE_BATCH = 8
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Fine-tuning of SVT video features", add_help=False)
+    parser.add_argument("--arch", default="vit_base", type=str, choices=ARCHS,
+                        help="Backbone: timesformer / vit_base (TimeSformer-B, the paper's), vit_small, vit_tiny.")
+    parser.add_argument("--pretrained_weights", default="", type=str,
+                        help="Initialisation: the released kinetics400_vitb_ssl.pth, a train_ssl.py checkpoint.pth "
+                             "(see --checkpoint_key), a TimeSformer `model_state` file or a bare backbone dict; "
+                             "its head, if any, is dropped. Empty: random init, or the ImageNet init of "
+                             "TIMESFORMER.PRETRAINED_MODEL (a baseline).")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='Entry of a full training checkpoint to start from ("teacher", the paper\'s, or '
+                             '"student").')
+    parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS,
+                        help="ucf101, hmdb51 (split 1), kinetics400 or ssv2 (no horizontal flip).")
+    parser.add_argument("--num_labels", default=None, type=int,
+                        help="Classes of the new head (101 UCF-101, 51 HMDB-51, 400 Kinetics-400, 174 SSv2). "
+                             "Default: max label + 1 of the lists.")
+    parser.add_argument("--epochs", default=15, type=int, help="Training epochs (TimeSformer's recipe: 15).")
+    parser.add_argument("--lr", default=0.005, type=float,
+                        help="Learning rate for a global batch of 8 (the recipe's); the run uses "
+                             "lr * batch_size_per_gpu * GPUs * accum_iter / 8.")
+    parser.add_argument("--lr_decay_epochs", default=[11, 14], type=int, nargs="*",
+                        help="Epochs at whose start the learning rate is multiplied by --lr_decay.")
+    parser.add_argument("--lr_decay", default=0.1, type=float, help="Factor of each learning-rate step.")
+    parser.add_argument("--momentum", default=0.9, type=float, help="SGD momentum.")
+    parser.add_argument("--nesterov", default=True, type=utils.bool_flag,
+                        help="Nesterov momentum (TimeSformer's SOLVER.NESTEROV default).")
+    parser.add_argument("--weight_decay", default=1e-4, type=float,
+                        help="L2 weight decay, applied to every parameter as in TimeSformer (which decays "
+                             "only non-BatchNorm parameters, i.e. all of a ViT's).")
+    parser.add_argument("--batch_size_per_gpu", default=8, type=int,
+                        help="Clips per GPU per forward (the recipe: 8 in total, one per GPU on 8 GPUs).")
+    parser.add_argument("--accum_iter", default=1, type=int,
+                        help="Forwards whose gradients are summed before each optimizer step: the effective "
+                             "batch is batch_size_per_gpu * GPUs * accum_iter (for small GPUs).")
+    parser.add_argument("--use_fp16", default=True, type=utils.bool_flag,
+                        help="Mixed precision (type chosen by --amp_dtype); off: fp32.")
+    parser.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"],
+                        help="auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU. "
+                             "bf16 also runs on CPU (fast only on CPUs with native bf16).")
+    parser.add_argument("--grad_checkpointing", default=False, type=utils.bool_flag,
+                        help="Recompute each block in the backward pass: far less activation memory "
+                             "(ViT-B fits 16 GB cards), about 30%% slower.")
+    parser.add_argument("--slowfast_eval", default=False, type=utils.bool_flag,
+                        help="Validate and test each clip as the mean CLS feature of a NUM_FRAMES x "
+                             "TEST_CROP_SIZE and an 8*NUM_FRAMES x LOCAL_CROP_SIZE clip of the same window, then "
+                             "the head (the paper's slow-fast inference). Training is unchanged.")
+    parser.add_argument("--ensemble", default="sum", choices=ENSEMBLES,
+                        help="Multi-view aggregation per video: sum of the clip logits (the original's "
+                             "TestMeter) or the mean of the clip softmax probabilities.")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="Only run the multi-view test of the model in output_dir/checkpoint.pth.")
+    parser.add_argument("--val_freq", default=1, type=int,
+                        help="Single-view validation every N epochs (and after the last).")
+    parser.add_argument("--output_dir", default=".", type=str,
+                        help="checkpoint.pth, log.txt, tensorboard (tb/), config and results are written here; "
+                             "a checkpoint.pth found here is resumed.")
+    parser.add_argument("--log_freq", default=20, type=int, help="Print / tensorboard every N iterations.")
+    parser.add_argument("--seed", default=0, type=int, help="Random seed (head init, data order, augmentation).")
+    parser.add_argument("--num_workers", default=10, type=int,
+                        help="DataLoader worker processes per GPU (decoding is CPU-bound).")
+    parser.add_argument("--dist_url", default="env://", type=str,
+                        help="Rendezvous address for torch.distributed (env:// reads what torchrun sets).")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Legacy torch.distributed.launch argument; torchrun's LOCAL_RANK is used instead.")
+    add_config_args(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, data and model
+# ---------------------------------------------------------------------------------------------
+def finetune_config(args):
+    """Defaults, the YAML, the dataset's protocol differences (DATASET_OPTS), then --opts."""
+    return load_config_from(args.cfg_file, DATASET_OPTS.get(args.dataset, []) + list(args.opts or []))
+
+
+def derived_config(cfg, **keys):
+    """A copy of `cfg` with `NODE__KEY=value` overrides, e.g. derived_config(cfg, TEST__NUM_SPATIAL_CROPS=1)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    for name, value in keys.items():
+        node, key = name.split("__")
+        cfg[node][key] = value
+    cfg.freeze()
+    return cfg
+
+
+def build_model(args, cfg, num_labels: int, initialise: bool = True) -> VisionTransformer:
+    """The backbone of `args.arch` initialised from `args.pretrained_weights` (or TIMESFORMER.PRETRAINED_MODEL),
+    with a new linear head. initialise=False: random weights, to be replaced by a fine-tuning checkpoint."""
+    model = build_backbone(args.arch, cfg if initialise else derived_config(cfg, TIMESFORMER__PRETRAINED_MODEL=""))
+    if initialise and args.pretrained_weights:  # the model has no head: every file key must be a backbone key
+        summary = load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
+        extra_blocks = [k for k in summary.unexpected if k.startswith("blocks.")]
+        if summary.missing or extra_blocks:
+            raise ValueError(
+                f"{args.pretrained_weights} does not initialise --arch {args.arch}: {len(summary.missing)} "
+                f"weights missing from the file {summary.missing[:4]}, {len(extra_blocks)} block weights the "
+                f"model lacks {extra_blocks[:4]}. Pass the --arch the checkpoint was trained with (and "
+                "--checkpoint_key for a training checkpoint); an ImageNet ViT goes to --opts "
+                "TIMESFORMER.PRETRAINED_MODEL instead.")
+    elif initialise and not cfg.TIMESFORMER.PRETRAINED_MODEL:
+        print("WARNING: no --pretrained_weights and no TIMESFORMER.PRETRAINED_MODEL: fine-tuning from a "
+              "random initialisation.")
+    model.reset_classifier(num_labels)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def build_train_loader(train_set, args, device: torch.device) -> DataLoader:
+    """Shuffled per epoch (DistributedSampler), incomplete last batch dropped (as TimeSformer)."""
+    sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed)
+    loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+                        worker_init_fn=utils.seed_worker)
+    if len(loader) < args.accum_iter:
+        raise ValueError(f"{len(train_set)} training videos give {len(loader)} batches per process, fewer than "
+                         f"one optimizer step (--accum_iter {args.accum_iter} x --batch_size_per_gpu "
+                         f"{args.batch_size_per_gpu} x {utils.get_world_size()} processes); lower them.")
+    return loader
+
+
+def infer_num_labels(args, datasets) -> int:
+    """--num_labels, or max label + 1 of the lists; an error when a list has a label the head lacks."""
+    needed = max(max(d.video_labels) for d in datasets) + 1
+    if args.num_labels is None:
+        return needed
+    if needed > args.num_labels:
+        raise ValueError(f"--num_labels {args.num_labels} but the {args.dataset} lists have labels up to {needed - 1}.")
+    return args.num_labels
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's epoch: each epoch's randomness (augmentation, drop path, worker seeds)
+    depends only on it, so a run resumed at an epoch boundary replays the uninterrupted run exactly."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def lr_at_epoch(args, epoch: int) -> float:
+    """The recipe's steps: lr (scaled to the global batch) x lr_decay per decay epoch reached."""
+    global_batch = args.batch_size_per_gpu * utils.get_world_size() * args.accum_iter
+    steps = sum(epoch >= e for e in args.lr_decay_epochs)
+    return args.lr * global_batch / REFERENCE_BATCH * args.lr_decay ** steps
+
+
+def to_device(frames, device: torch.device):
+    if isinstance(frames, (list, tuple)):
+        return [f.to(device, non_blocking=True) for f in frames]
+    return frames.to(device, non_blocking=True)
+
+
+def predict(model: VisionTransformer, frames) -> torch.Tensor:
+    """Class logits; a list of clips of the same videos (slow-fast) is classified from their mean CLS."""
+    if isinstance(frames, (list, tuple)):
+        return model.head(torch.stack([model.forward_features(f)[:, 0] for f in frames]).mean(dim=0))
+    return model(frames)
+
+
+def accuracy_stats(hits: list[int], count: int, num_labels: int, prefix: str = "") -> dict:
+    """{prefix}acc1 (and acc5 with at least 5 classes) in percent from top-1/top-5 hit counts."""
+    stats = {f"{prefix}acc1": 100.0 * hits[0] / max(count, 1)}
+    if num_labels >= 5:
+        stats[f"{prefix}acc5"] = 100.0 * hits[1] / max(count, 1)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------------------------
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epoch: int, args, precision,
+                    device: torch.device, writer=None) -> dict:
+    """One epoch of cross-entropy training; an optimizer step every `accum_iter` batches (a trailing group
+    of fewer batches is dropped). Returns the epoch means (loss, top-1/5 on the training clips, lr) and
+    the number of training videos that could not be decoded (replaced by others)."""
+    model.train()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    num_batches = len(loader) // args.accum_iter * args.accum_iter
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    totals = torch.zeros(3, dtype=torch.long, device=device)  # clips, top-1 hits, top-5 hits
+    skipped = torch.zeros((), dtype=torch.long)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    optimizer.zero_grad(set_to_none=True)
+    for it, (frames, target, _, meta) in enumerate(metric_logger.log_every(loader, args.log_freq, header,
+                                                                           total=num_batches)):
+        if it == num_batches:
+            break
+        frames, target = to_device(frames, device), target.to(device, non_blocking=True)
+        step = (it + 1) % args.accum_iter == 0
+        with model.no_sync() if ddp and not step else contextlib.nullcontext():
+            with utils.autocast_context(precision, device):
+                logits = model(frames)
+            loss = F.cross_entropy(logits.float(), target)
+            scaled = loss / args.accum_iter
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if step:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        totals[0] += target.numel()
+        totals[1:] += topk_hits(logits.detach(), target, (1, min(5, logits.shape[1])))
+        skipped += meta["skipped"].sum()
+        metric_logger.update(loss=loss.detach())
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        if writer is not None and it % args.log_freq == 0:
+            writer.add_scalar("train/loss", loss.item(), epoch * num_batches + it)
+    metric_logger.synchronize_between_processes()
+    totals = torch.cat([totals, skipped.to(device).view(1)])
+    if utils.get_world_size() > 1:
+        dist.all_reduce(totals)
+    clips, top1, top5, skipped = totals.tolist()
+    print("Averaged stats:", metric_logger)
+    loss = metric_logger.meters["loss"].global_avg
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}. The last good checkpoint is "
+                                 f"{Path(args.output_dir) / CHECKPOINT_NAME} (if any); try a lower --lr, "
+                                 "--amp_dtype bf16 or --use_fp16 False.")
+    return {"loss": loss, "lr": metric_logger.meters["lr"].global_avg,
+            **accuracy_stats([top1, top5], clips, args.num_labels), "skipped_videos": skipped}
+
+
+@torch.no_grad()
+def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.device) -> dict:
+    """Per-video accuracy over the dataset's clips (1 per video in val, NUM_ENSEMBLE_VIEWS x
+    NUM_SPATIAL_CROPS in test) aggregated by `args.ensemble`, each rank running every world_size-th clip.
+    Clips of undecodable videos (label -1) are left out; a video without a decoded clip is left out of
+    the accuracy and counted in skipped_videos. `loss` is the mean cross-entropy of the decoded clips."""
+    model.eval()
+    rank, world = utils.get_rank(), utils.get_world_size()
+    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=args.batch_size_per_gpu,
+                        shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=utils.seed_worker)
+    scores = VideoScores(dataset.num_videos, args.num_labels, args.ensemble, device)
+    loss = torch.zeros(2, dtype=torch.float64, device=device)  # summed clip cross-entropy, clips
+    for frames, labels, index, _ in utils.MetricLogger().log_every(loader, args.log_freq, "Test:"):
+        with utils.autocast_context(precision, device):
+            logits = predict(model, to_device(frames, device)).float()
+        keep = (labels != SKIPPED_LABEL).to(device)
+        labels = labels.to(device)
+        scores.add(logits[keep], index.to(device)[keep] // dataset.num_clips_per_video)
+        loss += torch.stack([F.cross_entropy(logits[keep], labels[keep], reduction="sum").double(),
+                             keep.sum().double()])
+    scores.all_reduce()
+    if world > 1:
+        dist.all_reduce(loss)
+    video_scores, scored = scores.result()
+    labels = torch.as_tensor(dataset.video_labels)[scored]
+    hits = topk_hits(video_scores[scored], labels, (1, min(5, args.num_labels))).tolist()
+    num_clips, skipped_clips = int(loss[1]), len(dataset) - int(loss[1])
+    return {**accuracy_stats(hits, len(labels), args.num_labels),
+            "loss": float(loss[0] / loss[1]) if num_clips else float("nan"),
+            "num_videos": int(scored.sum()), "num_clips_per_video": dataset.num_clips_per_video,
+            "skipped_videos": int((~scored).sum()), "skipped_clips": skipped_clips}
+
+
+def write_log(output_dir: Path, stats: dict) -> None:
+    if utils.is_main_process():
+        with (output_dir / "log.txt").open("a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+def final_test(model, test_set, args, precision, device, output_dir: Path, extra: dict) -> dict:
+    """The multi-view test, printed and written to finetune_results.json (rank 0)."""
+    stats = evaluate(model, test_set, args, precision, device)
+    print(f"Multi-view test ({stats['num_clips_per_video']} clips x {stats['num_videos']} videos, {args.ensemble}"
+          f"{', slow-fast' if args.slowfast_eval else ''}): top-1 {stats['acc1']:.2f}"
+          + (f", top-5 {stats['acc5']:.2f}" if "acc5" in stats else "")
+          + f"; skipped videos (unreadable, left out): {stats['skipped_videos']}")
+    results = {"dataset": args.dataset, "pretrained_weights": args.pretrained_weights,
+               "checkpoint_key": args.checkpoint_key, "ensemble": args.ensemble,
+               "slowfast_eval": args.slowfast_eval, **{f"test_{k}": v for k, v in stats.items()}, **extra}
+    if utils.is_main_process():
+        with (output_dir / RESULTS_NAME).open("w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def eval_finetune(args) -> dict:
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
+    if args.accum_iter < 1:
+        raise ValueError(f"--accum_iter must be at least 1, got {args.accum_iter}")
+    cfg = finetune_config(args)
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    device = utils.default_device()
+    output_dir = Path(args.output_dir)
+    ckpt_path = output_dir / CHECKPOINT_NAME
+    if utils.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        (output_dir / "config.yaml").write_text(cfg.dump())
+
+    # Data: training clips (Kinetics: the plain clip, not the SSL views), single-view val, multi-view test.
+    val_set = build_dataset(args.dataset, derived_config(cfg, TEST__NUM_ENSEMBLE_VIEWS=1, TEST__NUM_SPATIAL_CROPS=1),
+                            "val", slowfast=args.slowfast_eval)
+    test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval)
+    train_set = None if args.evaluate else build_dataset(args.dataset, derived_config(cfg, DATA__NO_RGB_AUG=True),
+                                                         "train")
+    ckpt = safe_torch_load(ckpt_path) if ckpt_path.is_file() else None
+    if args.evaluate and ckpt is None:
+        raise FileNotFoundError(f"--evaluate: no fine-tuned model at {ckpt_path}; train one first (same --output_dir).")
+    labelled = [d for d in (train_set, val_set) if d is not None]
+    if ckpt is not None and args.num_labels is None:
+        args.num_labels = int(ckpt["model_state"]["head.bias"].shape[0])
+    args.num_labels = infer_num_labels(args, labelled)
+    print(f"Data: {len(train_set) if train_set else 0} train videos, {len(val_set)} val videos, "
+          f"{test_set.num_videos} test videos x {test_set.num_clips_per_video} clips; {args.num_labels} classes.")
+
+    precision = utils.resolve_amp_dtype(args.use_fp16, args.amp_dtype, device)
+    print(f"Mixed precision: {precision or 'off (fp32)'}")
+    if ckpt is not None:  # resume or --evaluate: the saved weights replace the initialisation
+        model = build_model(args, cfg, args.num_labels, initialise=False)
+        if ckpt["model_state"]["head.bias"].shape[0] != args.num_labels:
+            raise ValueError(f"{ckpt_path} has a {ckpt['model_state']['head.bias'].shape[0]}-class head but this "
+                             f"run has {args.num_labels} classes; use another --output_dir or --num_labels.")
+        model.load_state_dict(ckpt["model_state"])
+    else:
+        model = build_model(args, cfg, args.num_labels)
+    model.to(device)
+
+    if args.evaluate:
+        return final_test(model, test_set, args, precision, device, output_dir, {"epoch": ckpt["epoch"]})
+
+    model_ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_at_epoch(args, 0), momentum=args.momentum,
+                                weight_decay=args.weight_decay, nesterov=args.nesterov,
+                                fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
+    train_loader = build_train_loader(train_set, args, device)
+    start_epoch, best_acc1 = 0, 0.0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        if scaler is not None and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best_acc1 = ckpt["epoch"], ckpt["best_acc1"]
+        print(f"Resumed from {ckpt_path}: next epoch {start_epoch}, best val top-1 {best_acc1:.2f}")
+    del ckpt
+    writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
+
+    print(f"Fine-tuning from epoch {start_epoch} to {args.epochs}: {len(train_loader) // args.accum_iter} steps "
+          f"per epoch, global batch {args.batch_size_per_gpu * utils.get_world_size() * args.accum_iter}.")
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        utils.fix_random_seeds(epoch_seed(args.seed, epoch, utils.get_rank()))
+        train_loader.sampler.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at_epoch(args, epoch)
+        train_stats = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, args, precision, device,
+                                      writer)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
+            val_stats = evaluate(model, val_set, args, precision, device)
+            best_acc1 = max(best_acc1, val_stats["acc1"])
+            print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}) on "
+                  f"{val_stats['num_videos']} videos; skipped videos: {val_stats['skipped_videos']}")
+            log_stats.update({f"val_{k}": v for k, v in val_stats.items()})
+        if utils.is_main_process():
+            atomic_save({"epoch": epoch + 1, "model_state": model.state_dict(),
+                         "optimizer_state": optimizer.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         "best_acc1": best_acc1, "args": args, "cfg": cfg.dump()}, ckpt_path)
+            for k, v in log_stats.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    writer.add_scalar(f"epoch/{k}", v, epoch)
+            writer.flush()
+        write_log(output_dir, log_stats)
+    print(f"Fine-tuning took {datetime.timedelta(seconds=int(time.time() - start_time))}.")
+    if writer is not None:
+        writer.close()
+
+    results = final_test(model, test_set, args, precision, device, output_dir,
+                         {"epoch": args.epochs, "best_val_acc1": best_acc1})
+    write_log(output_dir, {k: v for k, v in results.items() if k.startswith("test_")})
+    if utils.is_dist_avail_and_initialized():
+        dist.barrier()
+    return results
+
+
+if __name__ == "__main__":
+    eval_finetune(argparse.ArgumentParser("Fine-tuning of SVT video features",
+                                          parents=[get_args_parser()]).parse_args())

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Fine-tune an SVT checkpoint end to end with the paper's recipe (TimeSformer's: SGD, lr 0.005 for a batch
+# of 8, x0.1 at epochs 11 and 14, 15 epochs, 8x32 clips at 224, 1 x 3 test views). Every path comes from
+# the environment; extra arguments are forwarded to eval_finetune.py (before --opts), e.g.
+# `./scripts/finetune.sh --slowfast_eval True` or `./scripts/finetune.sh --evaluate`.
+#   DATA_PATH   dataset root with splits/ and videos/ (SSv2: annotations/ and frames/)  (default: data/ucf101)
+#   CHECKPOINT  initialisation (the released file or a train_ssl.py checkpoint.pth)     [required]
+#   DATASET     ucf101 | hmdb51 | kinetics400 | ssv2          (default: ucf101)
+#   NUM_LABELS  classes (101 UCF, 51 HMDB, 400 K400, 174 SSv2; default: from DATASET)
+#   GPUS        processes (GPUs) to use                        (default: 8, the paper's)
+#   BATCH_SIZE  clips per GPU                                  (default: 8 / GPUS, i.e. the paper's batch 8)
+#   ACCUM_ITER  batches per optimizer step (effective batch = BATCH_SIZE x GPUS x ACCUM_ITER)  (default: 1)
+#   EXP_NAME    run name                                       (default: ft_$DATASET)
+#   OUTPUT_DIR  checkpoints, logs, results   (default: <repo>/checkpoints/finetune/$EXP_NAME); rerun to resume
+#   LIST_DIR    folder of the list files     (default: $DATA_PATH/splits; K400: $DATA_PATH/annotations)
+#   VIDEO_DIR   prefix of the list paths     (default: $DATA_PATH/videos; SSv2: $DATA_PATH/frames)
+#   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "TEST.NUM_ENSEMBLE_VIEWS 3"
+#   MASTER_PORT rendezvous port                                (default: 29513)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DATA_PATH="${DATA_PATH:-data/ucf101}"
+DATASET="${DATASET:-ucf101}"
+GPUS="${GPUS:-8}"
+: "${CHECKPOINT:?set CHECKPOINT to the checkpoint to fine-tune (e.g. checkpoints/kinetics400_vitb_ssl.pth)}"
+LISTS=splits
+VIDEOS=videos
+case "$DATASET" in
+  ucf101) DEFAULT_LABELS=101 ;;
+  hmdb51) DEFAULT_LABELS=51 ;;
+  kinetics400|kinetics) DEFAULT_LABELS=400; LISTS=annotations ;;
+  ssv2) DEFAULT_LABELS=174; LISTS=annotations; VIDEOS=frames ;;
+  *) echo "unknown DATASET=$DATASET (ucf101, hmdb51, kinetics400, ssv2)" >&2; exit 2 ;;
+esac
+if (( GPUS > 8 || 8 % GPUS )); then DEFAULT_BATCH=1; else DEFAULT_BATCH=$(( 8 / GPUS )); fi
+
+torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29513}" "$ROOT/eval_finetune.py" \
+  --arch vit_base \
+  --pretrained_weights "$CHECKPOINT" \
+  --dataset "$DATASET" \
+  --num_labels "${NUM_LABELS:-$DEFAULT_LABELS}" \
+  --batch_size_per_gpu "${BATCH_SIZE:-$DEFAULT_BATCH}" \
+  --accum_iter "${ACCUM_ITER:-1}" \
+  --num_workers 8 \
+  --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/finetune/${EXP_NAME:-ft_$DATASET}}" \
+  "$@" \
+  --opts DATA.PATH_TO_DATA_DIR "${LIST_DIR:-${DATA_PATH}/${LISTS}}" DATA.PATH_PREFIX "${VIDEO_DIR:-${DATA_PATH}/${VIDEOS}}" \
+  ${EXTRA_OPTS:-}

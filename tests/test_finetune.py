@@ -1,0 +1,225 @@
+"""eval_finetune.py: initialisation from every checkpoint layout (backbone unchanged, head new), the
+multi-view aggregation, an end-to-end run that resumes bit-identically, and a short run that fits a small
+training set while every weight moves."""
+import argparse
+import builtins
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import eval_finetune
+from models import build_backbone
+from utils import utils
+from utils.multiview import VideoScores, topk_hits
+from utils.parser import load_config_from
+
+# Tiny clips (tests/conftest.py videos): 4 frames, 32 px, a 2-block vit_tiny.
+OPTS = ["DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16", "DATA.TEST_CROP_SIZE", "32",
+        "DATA.TRAIN_JITTER_SCALES", "[36,40]", "DATA.NUM_FRAMES", "4", "DATA.SAMPLING_RATE", "2", "MODEL.DEPTH", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_process_one_thread():
+    """The script creates a one-process group and redirects print: undo both. One intra-op thread: the
+    tiny model gains nothing from more, and on a busy 2-core machine OpenMP spinning makes steps 10x slower."""
+    print_, threads = builtins.print, torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    builtins.print = print_
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """A tiny teacher backbone's state (what the released file holds under `backbone.`). As in a trained
+    teacher, `temporal_fc` and `time_embed` are not the zeros of a fresh init."""
+    torch.manual_seed(1)
+    state = build_backbone("vit_tiny", load_config_from(None, OPTS)).state_dict()
+    for key in [k for k in state if "temporal_fc" in k or k == "time_embed"]:
+        state[key] = torch.randn_like(state[key]) * 0.02
+    return state
+
+
+@pytest.fixture(scope="module")
+def released(teacher, tmp_path_factory):
+    """The released kinetics400_vitb_ssl.pth layout: a flat teacher dict, `backbone.*` + the DINO head."""
+    state = {f"backbone.{k}": v for k, v in teacher.items()}
+    state.update({"head.mlp.0.weight": torch.randn(16, 192), "head.mlp.0.bias": torch.zeros(16),
+                  "head.last_layer.weight_g": torch.ones(64, 1), "head.last_layer.weight_v": torch.randn(64, 16)})
+    path = tmp_path_factory.mktemp("released") / "kinetics400_vitb_ssl.pth"
+    torch.save(state, path)
+    return str(path)
+
+
+def _args(weights: str, key: str = "teacher", grad_checkpointing: bool = False) -> argparse.Namespace:
+    return argparse.Namespace(arch="vit_tiny", pretrained_weights=weights, checkpoint_key=key,
+                              grad_checkpointing=grad_checkpointing)
+
+
+def _assert_backbone_then_new_head(model, backbone: dict, num_labels: int = 5) -> None:
+    state = model.state_dict()
+    assert set(state) == set(backbone) | {"head.weight", "head.bias"}
+    for key, value in backbone.items():
+        assert torch.equal(state[key], value), key
+    assert state["head.weight"].shape == (num_labels, 192) and torch.equal(state["head.bias"], torch.zeros(num_labels))
+    assert 0.01 < float(state["head.weight"].std()) < 0.03  # TimeSformer's trunc-normal(0.02) init
+
+
+def test_every_checkpoint_layout_initialises_the_backbone_unchanged_with_a_new_head(teacher, released, tmp_path):
+    cfg = load_config_from(None, OPTS)
+    _assert_backbone_then_new_head(eval_finetune.build_model(_args(released), cfg, 5), teacher)
+
+    # A full training checkpoint: teacher by default, the student (DDP `module.` keys) on request.
+    student = {k: v + 1 for k, v in teacher.items()}
+    full = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in teacher.items()},
+                "student": {f"module.backbone.{k}": v for k, v in student.items()}, "epoch": 3,
+                "args": argparse.Namespace(arch="vit_tiny")}, full)
+    _assert_backbone_then_new_head(eval_finetune.build_model(_args(str(full)), cfg, 5), teacher)
+    _assert_backbone_then_new_head(eval_finetune.build_model(_args(str(full), "student"), cfg, 5), student)
+
+    # A supervised TimeSformer checkpoint (`model_state`, `model.` prefix): its 400-class head is dropped.
+    timesformer = tmp_path / "TimeSformer_divST_8x32_224_K400.pyth"
+    torch.save({"model_state": {**{f"model.{k}": v for k, v in teacher.items()},
+                                "model.head.weight": torch.ones(400, 192), "model.head.bias": torch.ones(400)}},
+               timesformer)
+    model = eval_finetune.build_model(_args(str(timesformer), grad_checkpointing=True), cfg, 5)
+    _assert_backbone_then_new_head(model, teacher)
+    assert model.grad_checkpointing and model(torch.zeros(2, 3, 4, 32, 32)).shape == (2, 5)
+
+    # A backbone of another depth is an error, not a partly random model.
+    deeper = tmp_path / "deeper.pth"
+    torch.save({f"backbone.{k}": v for k, v in build_backbone("vit_tiny", cfg, depth=3).state_dict().items()}, deeper)
+    with pytest.raises(ValueError, match="does not initialise --arch vit_tiny"):
+        eval_finetune.build_model(_args(str(deeper)), cfg, 5)
+
+
+def test_video_scores_sum_or_average_the_clips_of_each_video_across_ranks():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    videos = torch.tensor([0, 0, 1, 1])
+    # Two "ranks" adding disjoint clips, summed by hand (what all_reduce does).
+    parts = [VideoScores(3, 3, "sum"), VideoScores(3, 3, "sum")]
+    parts[0].add(logits[::2], videos[::2])
+    parts[1].add(logits[1::2], videos[1::2])
+    total = VideoScores(3, 3, "sum")
+    total.sums, total.counts = parts[0].sums + parts[1].sums, parts[0].counts + parts[1].counts
+    scores, scored = total.result()
+    torch.testing.assert_close(scores[:2], torch.tensor([[2.0, 3.0, 1.0], [1.0, 1.0, 5.0]]))
+    assert scored.tolist() == [True, True, False]  # video 2: no decoded clip
+    soft = VideoScores(3, 3, "softmax")
+    soft.add(logits, videos)
+    mean = soft.result()[0]
+    torch.testing.assert_close(mean[0], (logits[0].softmax(0) + logits[1].softmax(0)) / 2)
+    # Ties rank the lower class first; top-2 of [[1, 3, 3], [0, 0, 1]] is [1, 2] and [2, 0].
+    hits = topk_hits(torch.tensor([[1.0, 3.0, 3.0], [0.0, 0.0, 1.0]]), torch.tensor([2, 0]), (1, 2))
+    assert hits.tolist() == [0, 2]
+
+
+def finetune(args: list[str]) -> dict:
+    parser = argparse.ArgumentParser(parents=[eval_finetune.get_args_parser()])
+    results = eval_finetune.eval_finetune(parser.parse_args(args))
+    dist.destroy_process_group()
+    return results
+
+
+def _lists(synthetic_root, tmp_path, corrupt: bool = False, per_class: int | None = None, val_is_train=False):
+    """UCF-101 lists from the synthetic set: optionally the first `per_class` train videos of each class,
+    val = train, and an unreadable video (absolute path) in the middle of both lists."""
+    out = tmp_path / "lists"
+    out.mkdir()
+    bad = tmp_path / "corrupt.mp4"
+    bad.write_bytes(b"\x00not a video" * 64)
+    train = (synthetic_root / "splits" / "ucf101_train_split_1_videos.txt").read_text().splitlines()
+    val = (synthetic_root / "splits" / "ucf101_val_split_1_videos.txt").read_text().splitlines()
+    if per_class:
+        train = [l for l in train if int(l.split("_")[-1][:3]) < per_class]
+    if val_is_train:
+        val = list(train)
+    for name, lines in (("train", train), ("val", val)):
+        if corrupt:
+            lines.insert(len(lines) // 2, f"{bad} 1")
+        (out / f"ucf101_{name}_split_1_videos.txt").write_text("\n".join(lines) + "\n")
+    return ["DATA.PATH_TO_DATA_DIR", str(out), "DATA.PATH_PREFIX", str(synthetic_root / "videos")]
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, tmp_path):
+    """2 epochs in one go vs 1 epoch + resume: identical weights and optimizer state. The lists hold an
+    unreadable video: replaced (and counted) in training, left out (and counted) in val and test."""
+    data = _lists(synthetic_root, tmp_path, corrupt=True)
+    common = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "4",
+              "--accum_iter", "2", "--num_workers", "0", "--lr", "0.01", "--log_freq", "2"]
+    once, resumed = tmp_path / "once", tmp_path / "resumed"
+    res = finetune(common + ["--epochs", "2", "--output_dir", str(once), "--opts"] + data + OPTS)
+    finetune(common + ["--epochs", "1", "--output_dir", str(resumed), "--opts"] + data + OPTS)
+    assert torch.load(resumed / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    res_resumed = finetune(common + ["--epochs", "2", "--output_dir", str(resumed), "--opts"] + data + OPTS)
+
+    a = torch.load(once / "checkpoint.pth", weights_only=False)
+    b = torch.load(resumed / "checkpoint.pth", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["model_state"].keys() == b["model_state"].keys()
+    for key in a["model_state"]:
+        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+    for pa, pb in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    # lr 0.01 x global batch (4 x 1 process x 2 accumulated) / 8; the recipe's SGD settings.
+    group = a["optimizer_state"]["param_groups"][0]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.01, 0.9, 1e-4, True)
+    assert res_resumed == res
+
+    # log.txt: one line per epoch (train + val), then the test; the resumed run appends to its log.
+    once_log, resumed_log = _log(once), _log(resumed)
+    assert [l.get("epoch") for l in once_log] == [0, 1, None]
+    assert [l.get("epoch") for l in resumed_log] == [0, None, 1, None]
+    assert once_log[1] == resumed_log[2]
+    epoch = once_log[0]
+    assert {"train_loss", "train_acc1", "train_lr", "val_acc1", "val_loss"} <= set(epoch)
+    assert "val_acc5" not in epoch  # top-5 only with at least 5 classes
+    assert epoch["train_skipped_videos"] >= 1 and epoch["val_skipped_videos"] == 1 and epoch["val_num_videos"] == 8
+    # The multi-view test: 1 x 3 clips of the 8 readable val videos; the unreadable one is counted.
+    results = json.loads((once / "finetune_results.json").read_text())
+    assert results == res
+    assert (res["test_num_videos"], res["test_num_clips_per_video"]) == (8, 3)
+    assert (res["test_skipped_videos"], res["test_skipped_clips"]) == (1, 3)
+    assert 0 <= res["test_acc1"] <= 100 and res["epoch"] == 2
+    assert any(p.name.startswith("events.out.tfevents") for p in (once / "tb").iterdir())
+
+    # --evaluate with slow-fast clips: the saved model, nothing trained.
+    ev = finetune(common + ["--evaluate", "--slowfast_eval", "True", "--output_dir", str(once), "--opts"]
+                  + data + OPTS)
+    assert ev["slowfast_eval"] and ev["test_num_videos"] == 8 and ev["epoch"] == 2
+    assert torch.equal(torch.load(once / "checkpoint.pth", weights_only=False)["model_state"]["head.weight"],
+                       a["model_state"]["head.weight"])
+
+
+def test_short_finetune_fits_a_small_training_set_and_moves_every_weight(synthetic_root, released, teacher, tmp_path):
+    """8 videos (2 per class), val = train, no weight decay (so a weight that moves had a gradient), no
+    flip or scale jitter: the recipe's schedule over 14 epochs reaches 100 % on the training videos."""
+    data = _lists(synthetic_root, tmp_path, per_class=2, val_is_train=True)
+    easy = ["DATA.TRAIN_JITTER_SCALES", "[32,32]", "DATA.RANDOM_FLIP", "False", "TEST.NUM_SPATIAL_CROPS", "1"]
+    out = tmp_path / "fit"
+    args = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "4", "--num_workers",
+            "0", "--lr", "0.02", "--weight_decay", "0", "--epochs", "14", "--val_freq", "100",
+            "--output_dir", str(out), "--opts"] + data + OPTS + easy
+    res = finetune(args)
+    log = _log(out)
+    assert log[-2]["epoch"] == 13 and log[-2]["train_acc1"] == 100.0 and log[-2]["train_loss"] < 0.1
+    assert log[0]["train_acc1"] < 100.0 and log[-2]["val_acc1"] == 100.0 and res["test_acc1"] == 100.0
+
+    # Every tensor moved away from its initialisation: the backbone from the released weights, the head
+    # from its random init (rebuilt with the run's seed).
+    final = torch.load(out / "checkpoint.pth", weights_only=False)["model_state"]
+    utils.fix_random_seeds(0)
+    cfg = load_config_from(None, data + OPTS + easy)
+    init = eval_finetune.build_model(_args(released), cfg, 4).state_dict()
+    assert all(torch.equal(init[k], v) for k, v in teacher.items())
+    still = [k for k in final if (final[k] - init[k]).abs().max() < 1e-6]
+    assert not still, still
