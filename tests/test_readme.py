@@ -55,7 +55,7 @@ def _help(program: str) -> str:
 # Scripts forward their arguments to these programs.
 FORWARDS = {"scripts/train.sh": "train_ssl.py", "scripts/train_paper.sh": "train_ssl.py",
             "scripts/slurm_train.sh": "train_ssl.py", "scripts/eval_knn.sh": "eval_knn.py",
-            "scripts/eval_linear.sh": "eval_linear.py"}
+            "scripts/eval_linear.sh": "eval_linear.py", "scripts/finetune.sh": "eval_finetune.py"}
 
 
 def test_readme_has_the_two_main_commands():
