@@ -28,15 +28,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets import DATASETS, build_dataset
-from datasets.video_dataset import SKIPPED_LABEL
 from models import ARCHS, VisionTransformer, build_backbone
 from utils import utils
-from utils.checkpoint import atomic_save, load_pretrained_weights, safe_torch_load
-from utils.multiview import ENSEMBLES, VideoScores, topk_hits
+from utils.checkpoint import atomic_save, load_imagenet_init, load_pretrained_weights, safe_torch_load
+from utils.evaluation import (ReturnIndexLabelDataset, check_backbone_load, dataset_labels,
+                              extract_features_and_labels, make_loader, multi_view_stats, single_view_stats,
+                              to_device, top1_top5)
 from utils.parser import add_config_args, load_config_from
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -95,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Validate and test each clip as the mean CLS feature of a NUM_FRAMES x "
                              "TEST_CROP_SIZE and an 8*NUM_FRAMES x LOCAL_CROP_SIZE clip of the same window, then "
                              "the head (the paper's slow-fast inference). Training is unchanged.")
-    parser.add_argument("--ensemble", default="sum", choices=ENSEMBLES,
+    parser.add_argument("--ensemble", default="sum", choices=("sum", "softmax"),
                         help="Multi-view aggregation per video: sum of the clip logits (the original's "
                              "TestMeter) or the mean of the clip softmax probabilities.")
     parser.add_argument("--evaluate", action="store_true",
@@ -139,18 +140,13 @@ def derived_config(cfg, **keys):
 def build_model(args, cfg, num_labels: int, initialise: bool = True) -> VisionTransformer:
     """The backbone of `args.arch` initialised from `args.pretrained_weights` (or TIMESFORMER.PRETRAINED_MODEL),
     with a new linear head. initialise=False: random weights, to be replaced by a fine-tuning checkpoint."""
-    model = build_backbone(args.arch, cfg if initialise else derived_config(cfg, TIMESFORMER__PRETRAINED_MODEL=""))
-    if initialise and args.pretrained_weights:  # the model has no head: every file key must be a backbone key
+    model = build_backbone(args.arch, cfg)
+    if initialise and args.pretrained_weights:  # the model has no head yet: a file's head is left out
         summary = load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
-        extra_blocks = [k for k in summary.unexpected if k.startswith("blocks.")]
-        if summary.missing or extra_blocks:
-            raise ValueError(
-                f"{args.pretrained_weights} does not initialise --arch {args.arch}: {len(summary.missing)} "
-                f"weights missing from the file {summary.missing[:4]}, {len(extra_blocks)} block weights the "
-                f"model lacks {extra_blocks[:4]}. Pass the --arch the checkpoint was trained with (and "
-                "--checkpoint_key for a training checkpoint); an ImageNet ViT goes to --opts "
-                "TIMESFORMER.PRETRAINED_MODEL instead.")
-    elif initialise and not cfg.TIMESFORMER.PRETRAINED_MODEL:
+        check_backbone_load(summary, args.pretrained_weights, args.arch)
+    elif initialise and cfg.TIMESFORMER.PRETRAINED_MODEL:
+        load_imagenet_init(model, cfg.TIMESFORMER.PRETRAINED_MODEL)
+    elif initialise:
         print("WARNING: no --pretrained_weights and no TIMESFORMER.PRETRAINED_MODEL: fine-tuning from a "
               "random initialisation.")
     model.reset_classifier(num_labels)
@@ -195,25 +191,11 @@ def lr_at_epoch(args, epoch: int) -> float:
     return args.lr * global_batch / REFERENCE_BATCH * args.lr_decay ** steps
 
 
-def to_device(frames, device: torch.device):
-    if isinstance(frames, (list, tuple)):
-        return [f.to(device, non_blocking=True) for f in frames]
-    return frames.to(device, non_blocking=True)
-
-
 def predict(model: VisionTransformer, frames) -> torch.Tensor:
     """Class logits; a list of clips of the same videos (slow-fast) is classified from their mean CLS."""
     if isinstance(frames, (list, tuple)):
         return model.head(torch.stack([model.forward_features(f)[:, 0] for f in frames]).mean(dim=0))
     return model(frames)
-
-
-def accuracy_stats(hits: list[int], count: int, num_labels: int, prefix: str = "") -> dict:
-    """{prefix}acc1 (and acc5 with at least 5 classes) in percent from top-1/top-5 hit counts."""
-    stats = {f"{prefix}acc1": 100.0 * hits[0] / max(count, 1)}
-    if num_labels >= 5:
-        stats[f"{prefix}acc5"] = 100.0 * hits[1] / max(count, 1)
-    return stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +210,6 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
     metric_logger = utils.MetricLogger(delimiter="  ")
     num_batches = len(loader) // args.accum_iter * args.accum_iter
     header = f"Epoch: [{epoch}/{args.epochs}]"
-    totals = torch.zeros(3, dtype=torch.long, device=device)  # clips, top-1 hits, top-5 hits
     skipped = torch.zeros((), dtype=torch.long)
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     optimizer.zero_grad(set_to_none=True)
@@ -251,60 +232,45 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        totals[0] += target.numel()
-        totals[1:] += topk_hits(logits.detach(), target, (1, min(5, logits.shape[1])))
+        top1, top5 = top1_top5(logits.detach().float(), target)
+        metric_logger.meters["acc1"].update(top1, n=target.numel())
+        if args.num_labels >= 5:
+            metric_logger.meters["acc5"].update(top5, n=target.numel())
         skipped += meta["skipped"].sum()
         metric_logger.update(loss=loss.detach())
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if writer is not None and it % args.log_freq == 0:
             writer.add_scalar("train/loss", loss.item(), epoch * num_batches + it)
     metric_logger.synchronize_between_processes()
-    totals = torch.cat([totals, skipped.to(device).view(1)])
     if utils.get_world_size() > 1:
-        dist.all_reduce(totals)
-    clips, top1, top5, skipped = totals.tolist()
+        skipped = skipped.to(device)
+        dist.all_reduce(skipped)
     print("Averaged stats:", metric_logger)
     loss = metric_logger.meters["loss"].global_avg
     if not np.isfinite(loss):
         raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}. The last good checkpoint is "
                                  f"{Path(args.output_dir) / CHECKPOINT_NAME} (if any); try a lower --lr, "
                                  "--amp_dtype bf16 or --use_fp16 False.")
-    return {"loss": loss, "lr": metric_logger.meters["lr"].global_avg,
-            **accuracy_stats([top1, top5], clips, args.num_labels), "skipped_videos": skipped}
+    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped)}
 
 
 @torch.no_grad()
 def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.device) -> dict:
-    """Per-video accuracy over the dataset's clips (1 per video in val, NUM_ENSEMBLE_VIEWS x
-    NUM_SPATIAL_CROPS in test) aggregated by `args.ensemble`, each rank running every world_size-th clip.
-    Clips of undecodable videos (label -1) are left out; a video without a decoded clip is left out of
-    the accuracy and counted in skipped_videos. `loss` is the mean cross-entropy of the decoded clips."""
+    """Accuracy on the dataset's clips, each rank running its shard: single-view stats in val mode (one clip
+    per video), per-video stats over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips aggregated by
+    `args.ensemble` in test mode (keys multiview_*). Undecodable videos are left out and counted."""
     model.eval()
-    rank, world = utils.get_rank(), utils.get_world_size()
-    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=args.batch_size_per_gpu,
-                        shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=utils.seed_worker)
-    scores = VideoScores(dataset.num_videos, args.num_labels, args.ensemble, device)
-    loss = torch.zeros(2, dtype=torch.float64, device=device)  # summed clip cross-entropy, clips
-    for frames, labels, index, _ in utils.MetricLogger().log_every(loader, args.log_freq, "Test:"):
+
+    def score(frames):
         with utils.autocast_context(precision, device):
-            logits = predict(model, to_device(frames, device)).float()
-        keep = (labels != SKIPPED_LABEL).to(device)
-        labels = labels.to(device)
-        scores.add(logits[keep], index.to(device)[keep] // dataset.num_clips_per_video)
-        loss += torch.stack([F.cross_entropy(logits[keep], labels[keep], reduction="sum").double(),
-                             keep.sum().double()])
-    scores.all_reduce()
-    if world > 1:
-        dist.all_reduce(loss)
-    video_scores, scored = scores.result()
-    labels = torch.as_tensor(dataset.video_labels)[scored]
-    hits = topk_hits(video_scores[scored], labels, (1, min(5, args.num_labels))).tolist()
-    num_clips, skipped_clips = int(loss[1]), len(dataset) - int(loss[1])
-    return {**accuracy_stats(hits, len(labels), args.num_labels),
-            "loss": float(loss[0] / loss[1]) if num_clips else float("nan"),
-            "num_videos": int(scored.sum()), "num_clips_per_video": dataset.num_clips_per_video,
-            "skipped_videos": int((~scored).sum()), "skipped_clips": skipped_clips}
+            return predict(model, frames).float()
+
+    loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers)
+    logits, returned = extract_features_and_labels(score, loader, device)
+    if dataset.mode != "test":
+        return single_view_stats(logits, returned, args.num_labels)
+    return multi_view_stats(logits, returned, dataset_labels(dataset), dataset.num_clips_per_video, args.ensemble,
+                            args.num_labels)
 
 
 def write_log(output_dir: Path, stats: dict) -> None:
@@ -317,9 +283,9 @@ def final_test(model, test_set, args, precision, device, output_dir: Path, extra
     """The multi-view test, printed and written to finetune_results.json (rank 0)."""
     stats = evaluate(model, test_set, args, precision, device)
     print(f"Multi-view test ({stats['num_clips_per_video']} clips x {stats['num_videos']} videos, {args.ensemble}"
-          f"{', slow-fast' if args.slowfast_eval else ''}): top-1 {stats['acc1']:.2f}"
-          + (f", top-5 {stats['acc5']:.2f}" if "acc5" in stats else "")
-          + f"; skipped videos (unreadable, left out): {stats['skipped_videos']}")
+          f"{', slow-fast' if args.slowfast_eval else ''}): top-1 {stats['multiview_acc1']:.2f}"
+          + (f", top-5 {stats['multiview_acc5']:.2f}" if "multiview_acc5" in stats else "")
+          + f"; skipped videos (unreadable, left out): {stats['multiview_skipped_videos']}")
     results = {"dataset": args.dataset, "pretrained_weights": args.pretrained_weights,
                "checkpoint_key": args.checkpoint_key, "ensemble": args.ensemble,
                "slowfast_eval": args.slowfast_eval, **{f"test_{k}": v for k, v in stats.items()}, **extra}
@@ -406,8 +372,8 @@ def eval_finetune(args) -> dict:
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
             val_stats = evaluate(model, val_set, args, precision, device)
             best_acc1 = max(best_acc1, val_stats["acc1"])
-            print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}) on "
-                  f"{val_stats['num_videos']} videos; skipped videos: {val_stats['skipped_videos']}")
+            print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}); skipped videos: "
+                  f"{val_stats['skipped_videos']}")
             log_stats.update({f"val_{k}": v for k, v in val_stats.items()})
         if utils.is_main_process():
             atomic_save({"epoch": epoch + 1, "model_state": model.state_dict(),

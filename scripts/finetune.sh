@@ -18,6 +18,8 @@
 #   MASTER_PORT rendezvous port                                (default: 29513)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/common.sh"
+check_deps
 DATA_PATH="${DATA_PATH:-data/ucf101}"
 DATASET="${DATASET:-ucf101}"
 GPUS="${GPUS:-8}"
