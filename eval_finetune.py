@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,9 +34,9 @@ from datasets import DATASETS, build_dataset
 from models import ARCHS, VisionTransformer, build_backbone
 from utils import utils
 from utils.checkpoint import atomic_save, load_imagenet_init, load_pretrained_weights, safe_torch_load
-from utils.evaluation import (ReturnIndexLabelDataset, check_backbone_load, dataset_labels,
-                              extract_features_and_labels, make_loader, multi_view_stats, single_view_stats,
-                              to_device, top1_top5)
+from utils.evaluation import (ReturnIndexLabelDataset, check_backbone_load, dataset_labels, derived_config,
+                              extract_features_and_labels, make_loader, multi_view_stats, resolve_num_labels,
+                              single_clip_config, single_view_stats, to_device, top1_top5)
 from utils.parser import add_config_args, load_config_from
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -126,17 +125,6 @@ def finetune_config(args):
     return load_config_from(args.cfg_file, DATASET_OPTS.get(args.dataset, []) + list(args.opts or []))
 
 
-def derived_config(cfg, **keys):
-    """A copy of `cfg` with `NODE__KEY=value` overrides, e.g. derived_config(cfg, TEST__NUM_SPATIAL_CROPS=1)."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    for name, value in keys.items():
-        node, key = name.split("__")
-        cfg[node][key] = value
-    cfg.freeze()
-    return cfg
-
-
 def build_model(args, cfg, num_labels: int, initialise: bool = True) -> VisionTransformer:
     """The backbone of `args.arch` initialised from `args.pretrained_weights` (or TIMESFORMER.PRETRAINED_MODEL),
     with a new linear head. initialise=False: random weights, to be replaced by a fine-tuning checkpoint."""
@@ -166,16 +154,6 @@ def build_train_loader(train_set, args, device: torch.device) -> DataLoader:
                          f"one optimizer step (--accum_iter {args.accum_iter} x --batch_size_per_gpu "
                          f"{args.batch_size_per_gpu} x {utils.get_world_size()} processes); lower them.")
     return loader
-
-
-def infer_num_labels(args, datasets) -> int:
-    """--num_labels, or max label + 1 of the lists; an error when a list has a label the head lacks."""
-    needed = max(max(d.video_labels) for d in datasets) + 1
-    if args.num_labels is None:
-        return needed
-    if needed > args.num_labels:
-        raise ValueError(f"--num_labels {args.num_labels} but the {args.dataset} lists have labels up to {needed - 1}.")
-    return args.num_labels
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -311,7 +289,7 @@ def eval_finetune(args) -> dict:
         (output_dir / "config.yaml").write_text(cfg.dump())
 
     # Data: training clips (Kinetics: the plain clip, not the SSL views), single-view val, multi-view test.
-    val_set = build_dataset(args.dataset, derived_config(cfg, TEST__NUM_ENSEMBLE_VIEWS=1, TEST__NUM_SPATIAL_CROPS=1),
+    val_set = build_dataset(args.dataset, single_clip_config(cfg),
                             "val", slowfast=args.slowfast_eval)
     test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval)
     train_set = None if args.evaluate else build_dataset(args.dataset, derived_config(cfg, DATA__NO_RGB_AUG=True),
@@ -322,7 +300,7 @@ def eval_finetune(args) -> dict:
     labelled = [d for d in (train_set, val_set) if d is not None]
     if ckpt is not None and args.num_labels is None:
         args.num_labels = int(ckpt["model_state"]["head.bias"].shape[0])
-    args.num_labels = infer_num_labels(args, labelled)
+    args.num_labels = resolve_num_labels(args.num_labels, labelled, args.dataset)
     print(f"Data: {len(train_set) if train_set else 0} train videos, {len(val_set)} val videos, "
           f"{test_set.num_videos} test videos x {test_set.num_clips_per_video} clips; {args.num_labels} classes.")
 

@@ -22,7 +22,8 @@ from datasets.video_dataset import sequential_decodes
 from models import ARCHS
 from utils import utils
 from utils.evaluation import (ReturnIndexLabelDataset, build_train_bank_dataset, drop_skipped,
-                              extract_features_and_labels, knn_config, load_backbone, make_loader, run_knn)
+                              extract_features_and_labels, load_backbone, make_loader, run_knn,
+                              single_clip_config)
 from utils.parser import add_config_args, load_config
 
 
@@ -112,7 +113,7 @@ def main(args) -> dict | None:
 def extract_feature_pipeline(args, cfg, device: torch.device):
     """L2-normalised CLS features and returned labels of the train bank and the val queries (rows in list
     order; label -1 marks an unreadable video), dumped to --dump_features when set."""
-    cfg = knn_config(cfg)
+    cfg = single_clip_config(cfg)
     dataset_train = ReturnIndexLabelDataset(build_train_bank_dataset(args.dataset, cfg, args.train_aug))
     dataset_val = ReturnIndexLabelDataset(build_dataset(args.dataset, cfg, "val"))
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val clips.")

@@ -11,7 +11,6 @@ per-video aggregation (a video whose clips all failed is left out) and counted a
 import argparse
 import json
 import os
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,8 +22,9 @@ from datasets.video_dataset import sequential_decodes
 from models import ARCHS
 from utils import utils
 from utils.checkpoint import atomic_save, safe_torch_load
-from utils.evaluation import (ReturnIndexLabelDataset, clip_features, dataset_labels, extract_features_and_labels,
-                              load_backbone, make_loader, multi_view_stats, single_view_stats, to_device)
+from utils.evaluation import (ReturnIndexLabelDataset, clip_features, dataset_labels, derived_config,
+                              extract_features_and_labels, load_backbone, make_loader, multi_view_stats,
+                              resolve_num_labels, single_clip_config, single_view_stats, to_device)
 from utils.parser import add_config_args, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -91,11 +91,11 @@ def eval_linear(args) -> dict:
 
     # Data: linear-probe training clips (Kinetics: the plain clip, not the SSL views), single-view val,
     # multi-view test (NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips per video).
-    val_set = build_dataset(args.dataset, eval_config(cfg, 1, 1), "val", slowfast=args.slowfast_eval)
+    val_set = build_dataset(args.dataset, single_clip_config(cfg), "val", slowfast=args.slowfast_eval)
     test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval)
     train_set = None
     if not evaluate_only:
-        train_set = build_dataset(args.dataset, eval_config(cfg, NO_RGB_AUG=True), "train")
+        train_set = build_dataset(args.dataset, derived_config(cfg, DATA__NO_RGB_AUG=True), "train")
     labelled = [d for d in (train_set, val_set) if d is not None]
     trained_state, trained_path = None, args.lc_pretrained_weights or os.path.join(args.output_dir, CHECKPOINT_NAME)
     if evaluate_only:
@@ -109,11 +109,7 @@ def eval_linear(args) -> dict:
         bias = trained_state.get("module.linear.bias", trained_state.get("linear.bias"))
         if args.num_labels is None and bias is not None:
             args.num_labels = int(bias.shape[0])
-    if args.num_labels is None:
-        args.num_labels = infer_num_labels(labelled)
-    elif infer_num_labels(labelled) > args.num_labels:
-        raise ValueError(f"--num_labels {args.num_labels} but the {args.dataset} lists have labels up to "
-                         f"{infer_num_labels(labelled) - 1}.")
+    args.num_labels = resolve_num_labels(args.num_labels, labelled, args.dataset)
     print(f"Data loaded: {len(train_set) if train_set else 0} train clips, {len(val_set)} val clips, "
           f"{len(test_set)} test clips ({test_set.num_clips_per_video} per video); {args.num_labels} classes.")
 
@@ -273,23 +269,6 @@ def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args,
 
     loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers)
     return extract_features_and_labels(score, loader, device)
-
-
-def eval_config(cfg, ensemble_views: int | None = None, spatial_crops: int | None = None, **data):
-    cfg = cfg.clone()
-    cfg.defrost()
-    if ensemble_views is not None:
-        cfg.TEST.NUM_ENSEMBLE_VIEWS = ensemble_views
-    if spatial_crops is not None:
-        cfg.TEST.NUM_SPATIAL_CROPS = spatial_crops
-    for key, value in data.items():
-        cfg.DATA[key] = value
-    cfg.freeze()
-    return cfg
-
-
-def infer_num_labels(datasets: Sequence) -> int:
-    return int(max(int(dataset_labels(d).max()) for d in datasets)) + 1
 
 
 def write_log(args, stats: dict) -> None:

@@ -73,14 +73,30 @@ def make_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
                       worker_init_fn=utils.seed_worker, persistent_workers=False)
 
 
-def knn_config(cfg):
-    """One clip per video, centre crop after the short-side resize (the original forces 1 spatial crop)."""
+def derived_config(cfg, **overrides):
+    """A frozen copy of `cfg` with `NODE__KEY=value` overrides, e.g. derived_config(cfg, TEST__NUM_SPATIAL_CROPS=1)."""
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.TEST.NUM_SPATIAL_CROPS = 1
-    cfg.TEST.NUM_ENSEMBLE_VIEWS = 1
+    for name, value in overrides.items():
+        node, key = name.split("__")
+        cfg[node][key] = value
     cfg.freeze()
     return cfg
+
+
+def single_clip_config(cfg):
+    """One clip per video, centre crop after the short-side resize (the original forces 1 spatial crop)."""
+    return derived_config(cfg, TEST__NUM_ENSEMBLE_VIEWS=1, TEST__NUM_SPATIAL_CROPS=1)
+
+
+def resolve_num_labels(num_labels: int | None, datasets: Sequence, name: str) -> int:
+    """`num_labels`, or max label + 1 of the lists when None; an error when a list has a label the head lacks."""
+    needed = max(int(dataset_labels(d).max()) for d in datasets) + 1
+    if num_labels is None:
+        return needed
+    if needed > num_labels:
+        raise ValueError(f"--num_labels {num_labels} but the {name} lists have labels up to {needed - 1}.")
+    return num_labels
 
 
 def build_train_bank_dataset(name: str, cfg, train_aug: bool = False):
@@ -361,7 +377,7 @@ class OnlineKNN:
         knn_cfg.defrost()
         knn_cfg.DATA.PATH_TO_DATA_DIR = data_path
         knn_cfg.DATA.PATH_PREFIX = path_prefix
-        knn_cfg = knn_config(knn_cfg)
+        knn_cfg = single_clip_config(knn_cfg)
         datasets = (ReturnIndexLabelDataset(build_train_bank_dataset(dataset, knn_cfg)),
                     ReturnIndexLabelDataset(build_dataset(dataset, knn_cfg, "val")))
         self.device, self.k, self.temperature = device, k, temperature
