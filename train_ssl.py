@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets import build_dataset
+from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans
 from datasets.seeding import SeededDataset, SeededDistributedSampler, preserved_rng_state
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
 from datasets.video_dataset import sequential_decodes
@@ -125,7 +126,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         x iterations inside an epoch (0: off), so long epochs can resume mid-way.""")
     parser.add_argument("--log_freq", default=10, type=int, help="Print/tensorboard every x iterations.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
-    parser.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes per GPU (decoding is CPU-bound: give it cores).")
+    parser.add_argument("--num_workers", default=10, type=int, help="""DataLoader worker processes per GPU (decoding is CPU-bound: give
+        it cores; with DATA.DECODE_DEVICE cuda the workers only read bytes and draw parameters).""")
     parser.add_argument("--dist_url", default="env://", type=str, help="""Rendezvous URL for
         torch.distributed (env:// reads what torchrun or SLURM set).""")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
@@ -419,8 +421,13 @@ def build_optimizer(args, model: nn.Module, device: torch.device, fused: bool | 
     return utils.LARS(params_groups)
 
 
-def build_train_loader(args, cfg, device: torch.device) -> DataLoader:
-    """Kinetics train list with the SVT views, each sample drawn under its own seed (datasets/seeding.py)."""
+def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceViewLoader:
+    """Kinetics train list with the SVT views, each sample drawn under its own seed (datasets/seeding.py);
+    with DATA.DECODE_DEVICE cuda the views are made on the GPU in this process (datasets/device_views.py)."""
+    on_device = cfg.DATA.DECODE_DEVICE == "cuda"
+    if on_device and device.type != "cuda":
+        raise ValueError("DATA.DECODE_DEVICE cuda decodes and augments the views on the GPU, but this run has "
+                         "no CUDA device; leave DATA.DECODE_DEVICE at cpu.")
     global_frames, local_frames = ssl_view_frames(cfg, args.local_crops_number)
     transform = VideoDataAugmentationDINO(
         global_crops_scale=tuple(args.global_crops_scale),
@@ -440,6 +447,7 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader:
         sampler=sampler,
         batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers,
+        collate_fn=collate_plans if on_device else None,
         pin_memory=cuda,
         drop_last=True,
         persistent_workers=cuda and args.num_workers > 0,
@@ -452,6 +460,9 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader:
                          f"global batch ({args.batch_size_per_gpu} x {utils.get_world_size()} processes); "
                          "lower --batch_size_per_gpu.")
     print(f"{len(dataset)} training videos, {len(loader)} steps per epoch.")
+    if on_device:
+        # The workers hand over bytes + drawn parameters; this process decodes (NVDEC) and augments on the GPU.
+        return DeviceViewLoader(loader, DeviceViews(transform.sizes, device))
     return loader
 
 

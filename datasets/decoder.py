@@ -383,6 +383,41 @@ def open_video(path: str, backend: str = "auto") -> VideoReader:
     return VideoReader(path, resolve_backend(backend))
 
 
+def read_video_bytes(path: str) -> torch.Tensor:
+    """The bytes of a video file as a uint8 tensor (what a DataLoader worker hands to a device decoder)."""
+    try:
+        return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    except OSError as err:
+        raise DecodeError(f"{path}: cannot read the file ({err})") from err
+
+
+def decode_on_device(data: torch.Tensor, indices: Sequence[int], num_frames: int, device: torch.device | str,
+                     path: str) -> tuple[torch.Tensor, str]:
+    """Frames `indices` (sorted, unique) of the video whose bytes are `data`, decoded by torchcodec in exact
+    seek mode on `device` (NVDEC on a CUDA device; it applies the display rotation): upright uint8
+    (K, H, W, 3) on `device`, and why torchcodec decoded on the CPU instead of NVDEC ("" when it did not).
+    `num_frames` is the probe's count (a file where torchcodec counts otherwise is a DecodeError)."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except ImportError as err:
+        raise ImportError("DATA.DECODE_DEVICE cuda decodes with torchcodec: " + torchcodec_status() + ". Fix: "
+                          "pip install torchcodec (see constraints.txt) and FFmpeg's shared libraries.") from err
+    device = torch.device(device)
+    try:
+        video = VideoDecoder(data, device=str(device), seek_mode="exact", dimension_order="NHWC",
+                             num_ffmpeg_threads=1)
+        counted = video.metadata.num_frames
+        if counted != num_frames:
+            raise DecodeError(f"{path}: torchcodec on {device} counts {counted} frames, the file holds {num_frames}")
+        frames = video.get_frames_at([int(i) for i in indices]).data
+        fallback = str(video.cpu_fallback) if device.type == "cuda" and video.cpu_fallback else ""
+    except DecodeError:
+        raise
+    except Exception as err:  # torchcodec raises RuntimeError / ValueError for streams it cannot decode
+        raise DecodeError(f"{path}: torchcodec cannot decode it on {device} ({err})") from err
+    return frames.to(device, non_blocking=True), fallback
+
+
 # ------------------------------------------------------------------------------------- index maths
 def get_start_end_idx(video_size: int, clip_size: float, clip_idx: int, num_clips: int) -> tuple[float, float]:
     """Start/end frame of a clip of `clip_size` frames: random start when clip_idx == -1, else the
@@ -434,14 +469,19 @@ def ssl_view_indices(length: int, global_frames: Sequence[int], local_frames: Se
     return views
 
 
+def union_positions(first: int, view_indices: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(sorted unique absolute frame indices of all views, per-view positions into them)."""
+    absolute = [first + idx for idx in view_indices]
+    union, inverse = torch.unique(torch.cat(absolute), sorted=True, return_inverse=True)
+    return union, list(torch.split(inverse, [len(idx) for idx in absolute]))
+
+
 def decode_union(reader: VideoReader, first: int, view_indices: Sequence[torch.Tensor]
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Decode the union of all views' frames once: (uint8 frames (K, H, W, 3), per-view positions into
     them). Consumers crop before gathering, so full frames are never copied per view."""
-    absolute = [first + idx for idx in view_indices]
-    union, inverse = torch.unique(torch.cat(absolute), sorted=True, return_inverse=True)
-    frames = reader.get_frames(union.tolist())
-    return frames, list(torch.split(inverse, [len(idx) for idx in absolute]))
+    union, positions = union_positions(first, view_indices)
+    return reader.get_frames(union.tolist()), positions
 
 
 def decode_views(reader: VideoReader, first: int, view_indices: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,10 +1,11 @@
 """Spatial transforms on whole clips: the SVT multi-view augmentation and the evaluation sampling.
 
 Every function works on a clip tensor (T, C, H, W) at once, so one crop box and one set of colour
-parameters is shared by all frames of a view. Randomness comes from torch's RNG (seeded per
-DataLoader worker by torch).
+parameters is shared by all frames of a view. Randomness comes from torch's RNG (seeded per sample by
+datasets/seeding.py).
 """
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -98,15 +99,65 @@ def random_resized_crop_params(height: int, width: int, scale: Sequence[float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def color_jitter(clip: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4,
-                 saturation: float = 0.2) -> torch.Tensor:
-    """Brightness, contrast and saturation (no hue) with one factor each for the whole clip, in random
-    order. Contrast blends every frame with the mean of its own grayscale image."""
-    factors = [float(torch.empty(()).uniform_(1 - m, 1 + m)) for m in (brightness, contrast, saturation)]
+def color_jitter(clip: torch.Tensor, factors: Sequence[float], order: Sequence[int]) -> torch.Tensor:
+    """Brightness, contrast and saturation (no hue) with one factor each for the whole clip, applied in
+    `order` (indices into (brightness, contrast, saturation)). Contrast blends every frame with the mean
+    of its own grayscale image."""
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-    for k in torch.randperm(3).tolist():
+    for k in order:
         clip = ops[k](clip, factors[k])
     return clip
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """The random draws of one SSL view: crop box (top, left, h, w), flip, colour-jitter factors
+    (brightness, contrast, saturation; None when the view is not jittered) and their order, grayscale."""
+
+    box: tuple[int, int, int, int]
+    flip: bool = False
+    jitter: tuple[float, float, float] | None = None
+    order: tuple[int, int, int] = (0, 1, 2)
+    gray: bool = False
+
+    def as_row(self) -> list[float]:
+        """[top, left, h, w, flip, brightness, contrast, saturation, order x 3, gray]; factors 1 when the
+        view is not jittered (the identity). The layout the device path receives (PARAM_COLUMNS)."""
+        return [*self.box, float(self.flip), *(self.jitter or (1.0, 1.0, 1.0)), *self.order, float(self.gray)]
+
+
+PARAM_COLUMNS = 12
+
+
+def draw_view_params(height: int, width: int, scale: Sequence[float], no_spatial: bool = False) -> ViewParams:
+    """Draw one view's parameters from torch's RNG: the crop box, then flip p=0.5, colour jitter p=0.8
+    (factors U(1 - m, 1 + m) for m = 0.4, 0.4, 0.2, then a random order), grayscale p=0.2. With
+    `no_spatial`, the full frame and nothing else (no draws)."""
+    if no_spatial:
+        return ViewParams((0, 0, height, width))
+    box = random_resized_crop_params(height, width, scale)
+    flip = bool(torch.rand(()) < 0.5)
+    jitter, order = None, (0, 1, 2)
+    if torch.rand(()) < 0.8:
+        jitter = tuple(float(torch.empty(()).uniform_(1 - m, 1 + m)) for m in (0.4, 0.4, 0.2))
+        order = tuple(torch.randperm(3).tolist())
+    gray = bool(torch.rand(()) < 0.2)
+    return ViewParams(box, flip, jitter, order, gray)
+
+
+def apply_view_params(frames: torch.Tensor, params: ViewParams, size: int,
+                      positions: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """One view on the CPU: uint8 (T, H, W, 3) -> float (3, T, size, size). The view is frames[positions],
+    cropped before the gather (only the crop is copied), resized in uint8 (bicubic, antialiased)."""
+    top, left, h, w = params.box
+    clip = resize_uint8(frames[:, top:top + h, left:left + w][positions], size).float().div_(255.0)
+    if params.flip:
+        clip = clip.flip(-1)
+    if params.jitter is not None:
+        clip = color_jitter(clip, params.jitter, params.order)
+    if params.gray:
+        clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
+    return normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
 
 
 class VideoDataAugmentationDINO:
@@ -115,7 +166,9 @@ class VideoDataAugmentationDINO:
 
     Per view: RandomResizedCrop (global scale (0.4, 1) to global_size, local (0.05, 0.4) to local_size,
     bicubic with antialiasing, values kept in [0, 1]); flip p=0.5; colour jitter p=0.8 (0.4, 0.4, 0.2,
-    no hue, random order); grayscale p=0.2. Blur and solarisation are off (no-ops in the original)."""
+    no hue, random order); grayscale p=0.2. Blur and solarisation are off (no-ops in the original).
+    The parameters of every view are drawn first (`draw_params`, what the device path receives), then
+    applied (`apply_view_params`; datasets/device_views.py applies them batched on a device)."""
 
     def __init__(self, global_crops_scale: Sequence[float] = (0.4, 1.0),
                  local_crops_scale: Sequence[float] = (0.05, 0.4), local_crops_number: int = 8,
@@ -133,37 +186,29 @@ class VideoDataAugmentationDINO:
         self.global_frames, self.local_frames = tuple(global_frames), tuple(local_frames)
         self.no_spatial = no_spatial
 
+    @property
+    def sizes(self) -> list[int]:
+        """Output side of every view, the globals first."""
+        return [self.global_size] * 2 + [self.local_size] * self.local_crops_number
+
     def augment_view(self, frames: torch.Tensor, size: int, scale: Sequence[float],
                      positions: torch.Tensor | None = None) -> torch.Tensor:
         """One view: uint8 (T, H, W, 3) -> float (3, T, size, size). With `positions`, the view is
         frames[positions] (cropped before the gather, so only the crop is copied)."""
-        if positions is None:
-            positions = slice(None)
-        top, left, h, w = 0, 0, frames.shape[1], frames.shape[2]
-        if not self.no_spatial:
-            top, left, h, w = random_resized_crop_params(frames.shape[1], frames.shape[2], scale)
-        frames = frames[:, top:top + h, left:left + w][positions]
-        clip = resize_uint8(frames, size).float().div_(255.0)
-        if self.no_spatial:
-            return normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
-        if torch.rand(()) < 0.5:
-            clip = clip.flip(-1)
-        if torch.rand(()) < 0.8:
-            clip = color_jitter(clip)
-        if torch.rand(()) < 0.2:
-            clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
-        return normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
+        params = draw_view_params(frames.shape[1], frames.shape[2], scale, self.no_spatial)
+        return apply_view_params(frames, params, size, slice(None) if positions is None else positions)
 
-    def _sizes(self, num_views: int) -> list[tuple[int, tuple[float, float]]]:
-        if num_views != 2 + self.local_crops_number:
-            raise ValueError(f"expected {2 + self.local_crops_number} views, got {num_views}")
-        return [(self.global_size, self.global_crops_scale)] * 2 + \
-            [(self.local_size, self.local_crops_scale)] * self.local_crops_number
+    def draw_params(self, height: int, width: int) -> list[ViewParams]:
+        """The parameters of every view of one sample (globals first) for frames of height x width."""
+        scales = [self.global_crops_scale] * 2 + [self.local_crops_scale] * self.local_crops_number
+        return [draw_view_params(height, width, scale, self.no_spatial) for scale in scales]
 
     def from_union(self, frames: torch.Tensor, positions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Views given as positions into one decoded array of frames (K, H, W, 3) (decoder.decode_union)."""
-        return [self.augment_view(frames, size, scale, pos)
-                for pos, (size, scale) in zip(positions, self._sizes(len(positions)))]
+        if len(positions) != 2 + self.local_crops_number:
+            raise ValueError(f"expected {2 + self.local_crops_number} views, got {len(positions)}")
+        params = self.draw_params(frames.shape[1], frames.shape[2])
+        return [apply_view_params(frames, p, size, pos) for p, size, pos in zip(params, self.sizes, positions)]
 
 
 def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:

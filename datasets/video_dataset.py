@@ -15,7 +15,8 @@ List layouts in DATA.PATH_TO_DATA_DIR (paths joined to DATA.PATH_PREFIX):
   no SSL mode.
 
 Modes:
-- "train" with an SSL augmentation: the SVT views (2 globals first), cut from one decode.
+- "train" with an SSL augmentation: the SVT views (2 globals first), cut from one decode; with
+  DATA.DECODE_DEVICE cuda a plan of them instead (bytes + parameters; datasets/device_views.py).
 - "train" without: one linear-probe clip (random window, short side U(TRAIN_JITTER_SCALES), random
   crop TRAIN_CROP_SIZE, flip).
 - "val": one clip per video from frame 0, short side TRAIN_JITTER_SCALES[0], centre crop.
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 MODES = ("train", "val", "test")
 _LOGGED_FAILURES: set = set()
 SKIPPED_LABEL = -1
+DECODE_DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,10 @@ class VideoDataset(Dataset):
         self.cfg, self.mode, self.num_retries = cfg, mode, num_retries
         self.ssl_aug = ssl_aug if (mode == "train" and not cfg.DATA.NO_RGB_AUG) else None
         self.slowfast = slowfast
+        if cfg.DATA.DECODE_DEVICE not in DECODE_DEVICES:
+            raise ValueError(f"DATA.DECODE_DEVICE {cfg.DATA.DECODE_DEVICE!r} is not one of {DECODE_DEVICES}")
+        # DECODE_DEVICE cuda: training samples are plans that the main process decodes and augments on the GPU.
+        self.ssl_plans = self.ssl_aug is not None and cfg.DATA.DECODE_DEVICE == "cuda"
         self.backend = decoder.resolve_backend(cfg.DATA.DECODING_BACKEND)
         self.num_clips_per_video = (cfg.TEST.NUM_ENSEMBLE_VIEWS * cfg.TEST.NUM_SPATIAL_CROPS
                                     if mode == "test" else 1)
@@ -248,6 +254,8 @@ class VideoDataset(Dataset):
         path = self.video_paths[index // self.num_clips_per_video]
         data = self.cfg.DATA
         clip_idx, num_clips, spatial_idx = self._clip_position(index)
+        if self.ssl_plans:
+            return self._ssl_plan(index // self.num_clips_per_video)
         with decoder.open_video(path, self.backend) as reader:
             clip_size = decoder.clip_size_frames(data.NUM_FRAMES, data.SAMPLING_RATE, data.TARGET_FPS, reader.fps)
             first, length = decoder.clip_window(reader.num_frames, clip_size, clip_idx, num_clips)
@@ -264,6 +272,29 @@ class VideoDataset(Dataset):
         if self.ssl_aug is not None:
             return self.ssl_aug.from_union(*union)
         return self._eval_spatial(clips, spatial_idx)
+
+    def _ssl_plan(self, video: int) -> dict:
+        """The SSL views of a video as a plan for the device (datasets/device_views.py): its bytes (or, for a
+        file whose random access cannot be trusted, its union of frames decoded here), the union of the views'
+        frame indices, the positions of each view in it and the views' parameters, drawn in the CPU path's
+        order (window, frame indices, then per view the spatial parameters)."""
+        data, path = self.cfg.DATA, self.video_paths[video]
+        info = decoder.probe(path)  # reads the packets, decodes the first frame: counts, fps, upright size
+        clip_size = decoder.clip_size_frames(data.NUM_FRAMES, data.SAMPLING_RATE, data.TARGET_FPS, info.fps)
+        first, length = decoder.clip_window(info.num_frames, clip_size, -1, 1)
+        views = decoder.ssl_view_indices(length, self.ssl_aug.global_frames, self.ssl_aug.local_frames)
+        frames, positions = decoder.union_positions(first, views)
+        params = self.ssl_aug.draw_params(info.height, info.width)
+        plan = {"path": path, "frames": frames, "positions": positions, "num_frames": info.num_frames,
+                "params": torch.tensor([p.as_row() for p in params], dtype=torch.float64),
+                "video": None, "decoded": None}
+        if info.unsafe:  # random access cannot be trusted: decoded here, sequentially, as on the CPU path
+            with decoder.open_video(path, self.backend) as reader:
+                plan["decoded"] = reader.get_frames(frames.tolist())
+            self.sequential_videos[video] = 1
+        else:
+            plan["video"] = decoder.read_video_bytes(path)
+        return plan
 
     def _load_frames(self, index: int):
         """A clip of NUM_FRAMES segments (and the 8x slow-fast clip) read from a folder of JPEG frames."""

@@ -7,11 +7,16 @@
   sampling rate 2) for fast tests; opts are "DATA.KEY"-style overrides, e.g. {"DATA.RAND_FR": True}.
 - `make_video(path, frames=None, num_frames=16, size=(48, 64), fps=30, levels=None)`: write an mp4;
   `levels` makes frame i a flat grey image of that level (frame identity readable after decoding).
+- `device`: the device of the cuda-capable tests: cpu, or cuda with SVT_TEST_DEVICE=cuda
+  (benchmarks/device_check.sh runs them so: `SVT_TEST_DEVICE=cuda pytest -m cuda_capable`). Tests that
+  take it are marked `cuda_capable`; tests marked `gpu` skip without CUDA.
 """
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from datasets.synthetic import generate, write_video
 from utils.defaults import get_cfg
@@ -57,3 +62,24 @@ def _make_video(path, frames=None, num_frames: int = 16, size=(48, 64), fps: int
 @pytest.fixture
 def make_video():
     return _make_video
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/device_check.sh on a GPU machine)")
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda_capable)
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    name = os.environ.get("SVT_TEST_DEVICE", "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("SVT_TEST_DEVICE=cuda but torch sees no CUDA device")
+        # true fp32 so that the CPU tolerances hold (cuDNN convolutions default to TF32)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return torch.device(name)

@@ -118,10 +118,11 @@ def reference_forward(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 32, 48), (1, 3, 4, 96, 96), (1, 3, 16, 32, 32)])
-def test_divided_forward_matches_reference(shape):
+def test_divided_forward_matches_reference(shape, device):
     model = tiny()
     randomise_temporal(model)
-    x = torch.randn(shape)
+    model.to(device)
+    x = torch.randn(shape).to(device)
     with torch.no_grad():
         assert torch.allclose(model.forward_features(x), reference_forward(model, x), atol=1e-5)
 
@@ -146,10 +147,11 @@ def test_divided_block_forward_and_backward_match_reference(t, side):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
-def test_sdpa_equals_explicit_attention():
+def test_sdpa_equals_explicit_attention(device):
     model = tiny()
     randomise_temporal(model)
-    x = torch.randn(2, 3, 4, 64, 64)
+    model.to(device)
+    x = torch.randn(2, 3, 4, 64, 64).to(device)
     with torch.no_grad():
         fused = model.forward_features(x)
         model.set_fused_attention(False)

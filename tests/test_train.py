@@ -134,7 +134,7 @@ def test_frozen_last_layer_has_no_grad_in_epoch_0(synthetic_cfg):
 # ---------------------------------------------------------------------------------------------
 # train_step on the speed paths (the state comes from train_ssl.build_train_state, as in training)
 # ---------------------------------------------------------------------------------------------
-def step_state(monkeypatch, fused: bool, *extra: str):
+def step_state(monkeypatch, fused: bool, *extra: str, device: torch.device = torch.device("cpu")):
     """A tiny student/teacher (depth 2, width 48, 2 frames of 32 px) with constant lr 1e-3, wd 0.04, momentum
     0.9 (at the first iteration), 2 local views."""
     monkeypatch.setattr(train_ssl, "build_backbone", functools.partial(models.build_backbone, **TINY_BACKBONE))
@@ -145,44 +145,47 @@ def step_state(monkeypatch, fused: bool, *extra: str):
     cfg = get_cfg()
     cfg.DATA.TRAIN_CROP_SIZE, cfg.DATA.NUM_FRAMES, cfg.MODEL.DROP_PATH_RATE = 32, 2, 0.0
     torch.manual_seed(0)
-    return train_ssl.build_train_state(args, cfg, torch.device("cpu"), niter=4, fused=fused), args
+    return train_ssl.build_train_state(args, cfg, device, niter=4, fused=fused), args
 
 
-def step_views(b=2):
+def step_views(b=2, device=torch.device("cpu")):
     g = torch.Generator().manual_seed(3)
-    return [torch.randn(b, 3, 2, 32, 32, generator=g) for _ in range(2)] + \
-           [torch.randn(b, 3, 2, 16, 16, generator=g) for _ in range(2)]
+    return [torch.randn(b, 3, 2, 32, 32, generator=g).to(device) for _ in range(2)] + \
+           [torch.randn(b, 3, 2, 16, 16, generator=g).to(device) for _ in range(2)]
 
 
 def run_steps(state, args, steps=3):
-    losses = [train_ssl.train_step(state, step_views(), 0, it, args)[0] for it in range(steps)]
-    return torch.stack(losses), state.teacher.state_dict()
+    views = step_views(device=state.device)
+    losses = [train_ssl.train_step(state, views, 0, it, args)[0] for it in range(steps)]
+    return torch.stack(losses).cpu(), {k: v.cpu() for k, v in state.teacher.state_dict().items()}
 
 
-def test_fused_adamw_matches_foreach_on_cpu(monkeypatch):
-    losses_f, teacher_f = run_steps(*step_state(monkeypatch, fused=True))
-    losses_r, teacher_r = run_steps(*step_state(monkeypatch, fused=False))
+def test_fused_adamw_matches_foreach(monkeypatch, device):
+    losses_f, teacher_f = run_steps(*step_state(monkeypatch, fused=True, device=device))
+    losses_r, teacher_r = run_steps(*step_state(monkeypatch, fused=False, device=device))
     torch.testing.assert_close(losses_f, losses_r, rtol=1e-5, atol=1e-6)
     for k in teacher_r:
         torch.testing.assert_close(teacher_f[k], teacher_r[k], rtol=1e-5, atol=1e-6)
 
 
-def test_train_step_bf16_autocast_and_grad_checkpointing_on_cpu(monkeypatch):
-    losses_32, _ = run_steps(*step_state(monkeypatch, False))
-    state, args = step_state(monkeypatch, False, "--amp_dtype", "bf16")
+def test_train_step_bf16_autocast_and_grad_checkpointing(monkeypatch, device):
+    losses_32, _ = run_steps(*step_state(monkeypatch, False, "--use_fp16", "false", device=device))
+    state, args = step_state(monkeypatch, False, "--amp_dtype", "bf16", device=device)
     assert state.precision == torch.bfloat16
     losses_bf, _ = run_steps(state, args)
     assert torch.isfinite(losses_bf).all()
     torch.testing.assert_close(losses_bf, losses_32, rtol=2e-2, atol=2e-2)
-    state, args = step_state(monkeypatch, False, "--grad_checkpointing", "true")
+    state, args = step_state(monkeypatch, False, "--grad_checkpointing", "true", "--use_fp16", "false",
+                             device=device)
     losses_ck, _ = run_steps(state, args)
     torch.testing.assert_close(losses_ck, losses_32, rtol=1e-5, atol=1e-6)
 
 
-def test_train_step_returns_without_host_sync_value(monkeypatch):
-    state, args = step_state(monkeypatch, fused=False)
-    loss, momentum = train_ssl.train_step(state, step_views(), 0, 0, args)
+def test_train_step_returns_without_host_sync_value(monkeypatch, device):
+    state, args = step_state(monkeypatch, fused=False, device=device)
+    loss, momentum = train_ssl.train_step(state, step_views(device=device), 0, 0, args)
     assert isinstance(loss, torch.Tensor) and not loss.requires_grad and momentum == pytest.approx(0.9)
+    assert loss.device.type == device.type
 
 
 def test_imagenet_init_key_is_applied_to_the_student(tmp_path):

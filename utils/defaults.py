@@ -38,6 +38,10 @@ _C.DATA.RANDOM_FLIP = True
 # "auto" (torchcodec in exact seek mode when it works, else decord, else PyAV), "torchcodec", "decord" or
 # "pyav". Every backend returns the frames its indices name; seek-unsafe files are decoded sequentially.
 _C.DATA.DECODING_BACKEND = "auto"
+# Where the SSL training views are decoded and augmented. cpu: in the DataLoader workers (DECODING_BACKEND).
+# cuda: the workers only read the bytes and draw the views' parameters; the main process decodes with
+# torchcodec's NVDEC decoder and augments on the GPU (datasets/device_views.py). Same views per seed.
+_C.DATA.DECODE_DEVICE = "cpu"
 # The original's variable frame rates: global views 4 and 8 frames, local views 2,2,4,4,8,8,16,16.
 _C.DATA.RAND_FR = False
 # Explicit frame counts per SSL view (override NUM_FRAMES / RAND_FR when non-empty). The paper's

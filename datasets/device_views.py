@@ -1,0 +1,182 @@
+"""SVT views decoded and augmented on the training device (DATA.DECODE_DEVICE cuda).
+
+Where each part runs:
+- DataLoader workers (CPU, no CUDA): probe the video (decoder.probe: its packets for the frame count, fps,
+  upright size and whether random access can be trusted), read its bytes, and draw everything random under
+  the sample's seed exactly as the CPU path does (temporal window, view frame indices, then per view crop
+  box, flip, jitter factors and order, grayscale: `VideoDataset` in "plan" mode). A sample is a plan:
+  {"path", "video" (the file's bytes), "decoded" (None; the union's frames, decoded sequentially on the
+  CPU, for the rare file whose random access cannot be trusted), "frames" (the union of the views' frame
+  indices), "positions" (per view, into the union), "num_frames", "params" (V, 12)}.
+- The main process (`DeviceViewLoader`, after the loader hands over a batch of plans): torchcodec decodes
+  each video's union of frames on the device (NVDEC on CUDA), then `render_views` makes every view of the
+  whole batch with tensor ops there: per sample and view a crop and an antialiased bicubic resize (two
+  passes rounded to uint8 levels, as the CPU path's uint8 resize), then flip, colour jitter, grayscale and the ImageNet
+  normalisation batched over the samples. No RNG is drawn here, so the views depend on the sample's seed
+  only, as on the CPU path.
+On a CPU device the same code runs (torchcodec's CPU decoder): tests/test_device_views.py checks it gives
+the CPU path's views within interpolation tolerance for the same seed.
+"""
+import logging
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, default_collate
+
+from datasets import decoder
+from datasets.transform import IMAGENET_MEAN, IMAGENET_STD, PARAM_COLUMNS
+
+logger = logging.getLogger(__name__)
+_LOGGED: set = set()
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+def collate_plans(batch: list) -> tuple:
+    """DataLoader collate of (plan, label, index, meta) samples: the plans as lists (videos differ in
+    size), their parameters stacked (B, V, 12); label, index and meta collated as usual."""
+    plans = [sample[0] for sample in batch]
+    collated = {key: [p[key] for p in plans] for key in ("path", "video", "decoded", "frames", "positions",
+                                                         "num_frames")}
+    collated["params"] = torch.stack([p["params"] for p in plans])
+    return (collated, *default_collate([sample[1:] for sample in batch]))
+
+
+def _grayscale(clip: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) -> (..., 1, H, W) with torchvision's RGB weights."""
+    r, g, b = clip.unbind(dim=-3)
+    return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(-3)
+
+
+def _blend(clip: torch.Tensor, other: torch.Tensor | float, ratio: torch.Tensor) -> torch.Tensor:
+    """ratio * clip + (1 - ratio) * other, clamped to [0, 1] (torchvision's blend); ratio 1 is the identity."""
+    return (clip * ratio + other * (1 - ratio)).clamp_(0, 1)
+
+
+def _jitter_op(clip: torch.Tensor, op: int, factor: torch.Tensor) -> torch.Tensor:
+    """Brightness (0), contrast (1, against each frame's grayscale mean) or saturation (2) on (B, T, 3, H, W)."""
+    if op == 0:
+        return _blend(clip, 0.0, factor)
+    gray = _grayscale(clip)
+    return _blend(clip, gray.mean(dim=(-3, -2, -1), keepdim=True) if op == 1 else gray, factor)
+
+
+def resize_as_uint8(clip: torch.Tensor, size: int) -> torch.Tensor:
+    """Float (T, 3, h, w) with uint8 values -> (T, 3, size, size), bicubic with antialiasing, as torchvision
+    resizes uint8 images on the CPU (the CPU path): the horizontal pass, rounded to uint8 levels, then the
+    vertical pass, rounded (within 1-2 levels of it; one pass without the rounding differs by up to ~15)."""
+    for out in ((clip.shape[-2], size), (size, size)):
+        if tuple(clip.shape[-2:]) != out:
+            clip = F.interpolate(clip, size=out, mode="bicubic", align_corners=False, antialias=True)
+            clip = clip.round_().clamp_(0, 255)
+    return clip
+
+
+def render_views(frames: Sequence[torch.Tensor], positions: Sequence[Sequence[torch.Tensor]],
+                 params: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Every view of a batch: frames[b] uint8 (K_b, H_b, W_b, 3) on the device, positions[b][v] (T_v,) into
+    them, params (B, V, 12) rows of transform.ViewParams.as_row on the CPU -> per view float (B, 3, T_v, S_v, S_v)."""
+    device = frames[0].device
+    rows = params.tolist()
+    num = len(frames)
+    # Positions go to the device in one copy per sample.
+    pos_device = [torch.cat(list(p)).to(device, non_blocking=True).split([len(x) for x in p]) for p in positions]
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1, 1)
+    views = []
+    for v, size in enumerate(sizes):
+        steps = len(positions[0][v])
+        clip = torch.empty(num, steps, 3, size, size, device=device)
+        for b in range(num):
+            top, left, h, w = (int(x) for x in rows[b][v][:4])
+            crop = frames[b][:, top:top + h, left:left + w].index_select(0, pos_device[b][v])
+            clip[b] = resize_as_uint8(crop.permute(0, 3, 1, 2).float(), size)
+        clip = clip.div_(255)
+        p = params[:, v].to(torch.float32)
+        flip = p[:, 4].bool()
+        if flip.any():
+            clip = torch.where(flip.to(device, non_blocking=True).view(-1, 1, 1, 1, 1), clip.flip(-1), clip)
+        order = p[:, 8:11].long()
+        for slot in range(3):
+            for op in range(3):
+                chosen = order[:, slot] == op
+                factor = torch.where(chosen, p[:, 5 + op], torch.ones(num))
+                if (factor != 1).any():  # samples that skip this op in this slot keep factor 1: the identity
+                    clip = _jitter_op(clip, op, factor.to(device, non_blocking=True).view(-1, 1, 1, 1, 1))
+        gray = p[:, 11].bool()
+        if gray.any():
+            clip = torch.where(gray.to(device, non_blocking=True).view(-1, 1, 1, 1, 1),
+                               _grayscale(clip).expand_as(clip), clip)
+        views.append(((clip.permute(0, 2, 1, 3, 4) - mean) / std).contiguous())
+    return views
+
+
+class DeviceViews:
+    """The main-process stage: decode a batch of plans on `device` and render their views. Counts videos
+    torchcodec could not decode on the GPU (`cpu_fallbacks`, logged) and videos that failed to decode here
+    (`failed`): such a sample takes another sample's views of the same batch and counts as skipped."""
+
+    def __init__(self, sizes: Sequence[int], device: torch.device | str):
+        self.sizes, self.device = list(sizes), torch.device(device)
+        self.cpu_fallbacks = 0
+        self.failed = 0
+
+    def decode(self, plans: dict, b: int) -> torch.Tensor:
+        """Sample b's union of frames on the device: decoded there from its bytes, or copied when the worker
+        decoded it (a file whose random access cannot be trusted)."""
+        if plans["decoded"][b] is not None:
+            return plans["decoded"][b].to(self.device, non_blocking=True)
+        path = plans["path"][b]
+        frames, fallback = decoder.decode_on_device(plans["video"][b], plans["frames"][b].tolist(),
+                                                    plans["num_frames"][b], self.device, path)
+        if fallback:
+            self.cpu_fallbacks += 1
+            self._log(path, f"torchcodec decodes it on the CPU, not with NVDEC ({fallback})")
+        return frames
+
+    def _log(self, path: str, message: str) -> None:
+        if path not in _LOGGED:
+            _LOGGED.add(path)
+            logger.warning("%s: %s", path, message)
+
+    def __call__(self, plans: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(views, per-sample count of replaced samples) of a collated batch of plans."""
+        num = len(plans["video"])
+        frames, good = [None] * num, []
+        for b in range(num):
+            try:
+                frames[b] = self.decode(plans, b)
+                good.append(b)
+            except decoder.DecodeError as err:
+                self.failed += 1
+                self._log(plans["path"][b], f"cannot be decoded on {self.device} ({err}); the sample takes "
+                                            "another sample's views of the batch")
+        if not good:
+            raise RuntimeError(f"no video of the batch decoded on {self.device}: {plans['path'][:4]}")
+        source = [b if frames[b] is not None else good[b % len(good)] for b in range(num)]
+        skipped = torch.tensor([int(s != b) for b, s in enumerate(source)])
+        params = plans["params"][source]
+        if params.shape[-1] != PARAM_COLUMNS:
+            raise ValueError(f"plans carry {params.shape[-1]} parameter columns, expected {PARAM_COLUMNS}")
+        views = render_views([frames[s] for s in source], [plans["positions"][s] for s in source], params,
+                             self.sizes)
+        return views, skipped
+
+
+class DeviceViewLoader:
+    """A DataLoader of plans (VideoDataset in plan mode, `collate_plans`) that yields what the CPU path's
+    loader yields, (views, label, index, meta), with the views already on the device. `sampler`, `dataset`
+    and len() are the wrapped loader's."""
+
+    def __init__(self, loader: DataLoader, stage: DeviceViews):
+        self.loader, self.stage = loader, stage
+        self.sampler, self.dataset = loader.sampler, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        for plans, label, index, meta in self.loader:
+            views, skipped = self.stage(plans)
+            meta["skipped"] = meta["skipped"] + skipped
+            yield views, label, index, meta

@@ -1,0 +1,166 @@
+"""DATA.DECODE_DEVICE cuda: plans drawn in the workers, views decoded and rendered on a device. On the CPU the
+same code path must give the CPU path's views for the same per-sample seed (within the resize's rounding)."""
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import train_ssl
+from datasets import VideoDataAugmentationDINO, build_dataset, decoder, transform
+from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans, render_views, resize_as_uint8
+from datasets.seeding import SeededDataset
+
+# One uint8 level after normalisation is 1 / 255 / std ~ 0.0175; the device resize is within 1-2 levels of
+# torchvision's uint8 kernel, and jitter factors up to 1.4 scale that.
+LEVEL = 1 / 255 / min(transform.IMAGENET_STD)
+
+
+def _aug(**kw):
+    return VideoDataAugmentationDINO(global_size=32, local_size=16, global_frames=(4, 8),
+                                     local_frames=(2, 2, 4, 4, 8, 8, 16, 16), **kw)
+
+
+def _datasets(synthetic_cfg, aug):
+    cpu = build_dataset("kinetics400", synthetic_cfg(), "train", ssl_aug=aug)
+    plans = build_dataset("kinetics400", synthetic_cfg(**{"DATA.DECODE_DEVICE": "cuda"}), "train", ssl_aug=aug)
+    return SeededDataset(cpu), SeededDataset(plans)
+
+
+def _assert_views_close(device_views, cpu_views):
+    assert [tuple(v.shape) for v in device_views] == [tuple(v.shape) for v in cpu_views]
+    for d, c in zip(device_views, cpu_views):
+        diff = (d.cpu() - c).abs()
+        assert diff.max() < 3 * LEVEL and diff.mean() < 0.02 * LEVEL
+
+
+@pytest.mark.parametrize("no_spatial", [False, True])
+def test_device_path_on_cpu_gives_the_cpu_views_for_the_same_seed(synthetic_cfg, device, no_spatial):
+    aug = _aug(no_spatial=no_spatial)
+    cpu, plans = _datasets(synthetic_cfg, aug)
+    items = [(i % len(cpu), 1000 + i) for i in range(5)]
+    expected = [torch.stack(views) for views in zip(*(cpu[item][0] for item in items))]
+    batch = collate_plans([plans[item] for item in items])
+    stage = DeviceViews(aug.sizes, device)
+    views, skipped = stage(batch[0])
+    assert all(v.device.type == device.type for v in views)
+    assert skipped.tolist() == [0] * 5 and stage.failed == 0 and stage.cpu_fallbacks == 0
+    if device.type == "cuda":  # NVDEC's colour conversion is not FFmpeg's swscale: compare on average
+        for d, c in zip(views, expected):
+            assert (d.cpu() - c).abs().mean() < 2 * LEVEL
+    else:
+        _assert_views_close(views, expected)
+
+
+def test_plan_holds_bytes_frames_and_the_cpu_path_draws(synthetic_cfg):
+    aug = _aug()
+    cpu, plans = _datasets(synthetic_cfg, aug)
+    plan, label, index, meta = plans[(2, 7)]
+    assert label == cpu[(2, 7)][1] and index == 2 and meta == {"skipped": 0}
+    assert plan["video"].dtype == torch.uint8 and plan["video"].numel() > 1000 and plan["decoded"] is None
+    assert [len(p) for p in plan["positions"]] == [4, 8, 2, 2, 4, 4, 8, 8, 16, 16]
+    assert torch.equal(plan["frames"], plan["frames"].unique())  # sorted, unique: one decode of the union
+    rows = plan["params"]
+    assert rows.shape == (10, transform.PARAM_COLUMNS)
+    # the CPU path's draws, replayed under the sample's seed (the synthetic videos are 64 x 64)
+    data = synthetic_cfg().DATA
+    torch.manual_seed(7)
+    with decoder.open_video(plans.dataset.video_paths[2]) as reader:
+        clip = decoder.clip_size_frames(data.NUM_FRAMES, data.SAMPLING_RATE, data.TARGET_FPS, reader.fps)
+        first, length = decoder.clip_window(reader.num_frames, clip, -1, 1)
+    assert plan["num_frames"] == reader.num_frames
+    views = decoder.ssl_view_indices(length, aug.global_frames, aug.local_frames)
+    union, _ = decoder.union_positions(first, views)
+    expected = torch.tensor([p.as_row() for p in aug.draw_params(64, 64)], dtype=torch.float64)
+    assert torch.equal(plan["frames"], union) and torch.equal(rows, expected)
+
+
+def test_render_matches_cpu_apply_for_each_operation(device):
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (6, 40, 56, 3), dtype=torch.uint8)
+    cases = [transform.ViewParams((3, 5, 30, 40)),  # upscale
+             transform.ViewParams((0, 0, 40, 56), flip=True),  # downscale, flip
+             transform.ViewParams((4, 2, 20, 24), jitter=(1.3, 0.7, 1.15), order=(2, 0, 1)),
+             transform.ViewParams((4, 2, 36, 24), jitter=(0.65, 1.35, 0.85), order=(1, 2, 0), gray=True)]
+    positions = torch.tensor([0, 2, 2, 5])
+    for size in (16, 48):
+        expected = torch.stack([transform.apply_view_params(frames, p, size, positions) for p in cases])
+        params = torch.tensor([[p.as_row()] for p in cases], dtype=torch.float64)
+        (views,) = render_views([frames.to(device)] * len(cases), [[positions]] * len(cases), params, [size])
+        _assert_views_close([views], [expected])
+
+
+def test_resize_as_uint8_is_torchvisions_uint8_resize_within_a_level():
+    torch.manual_seed(1)
+    for h, w, size in ((20, 30, 32), (90, 80, 32), (64, 40, 32)):
+        x = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
+        ours = resize_as_uint8(x.permute(0, 3, 1, 2).float(), size)
+        assert (ours - transform.resize_uint8(x, size).float()).abs().max() <= 2
+
+
+def test_undecodable_sample_takes_another_samples_views(synthetic_cfg):
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    batch = collate_plans([plans[(i, i)] for i in range(3)])[0]
+    batch["video"][1] = torch.zeros(5000, dtype=torch.uint8)  # not a video any more
+    stage = DeviceViews(aug.sizes, "cpu")
+    views, skipped = stage(batch)
+    assert skipped.tolist() == [0, 1, 0] and stage.failed == 1
+    assert all(torch.equal(v[1], v[2]) for v in views)  # sample 1 took sample 2's views
+    for b in range(3):
+        batch["video"][b] = torch.zeros(10, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="no video of the batch decoded on cpu"):
+        stage(batch)
+
+
+def test_device_view_loader_yields_what_the_cpu_loader_yields(synthetic_cfg):
+    aug = _aug()
+    cpu, plans = _datasets(synthetic_cfg, aug)
+    order = [(i, 50 + i) for i in range(4)]
+    cpu_loader = DataLoader(cpu, sampler=order, batch_size=2)
+    device_loader = DeviceViewLoader(DataLoader(plans, sampler=order, batch_size=2, num_workers=1,
+                                                collate_fn=collate_plans), DeviceViews(aug.sizes, "cpu"))
+    assert len(device_loader) == 2 and device_loader.sampler is order
+    for (views_c, label_c, index_c, meta_c), (views_d, label_d, index_d, meta_d) in zip(cpu_loader, device_loader):
+        _assert_views_close(views_d, views_c)
+        assert torch.equal(label_c, label_d) and torch.equal(index_c, index_d)
+        assert torch.equal(meta_c["skipped"], meta_d["skipped"])
+
+
+def test_decode_device_errors(synthetic_cfg, monkeypatch):
+    with pytest.raises(ValueError, match="DATA.DECODE_DEVICE 'gpu' is not one of"):
+        build_dataset("kinetics400", synthetic_cfg(**{"DATA.DECODE_DEVICE": "gpu"}), "train", ssl_aug=_aug())
+    args = train_ssl.get_args_parser().parse_args(["--local_crops_number", "8", "--batch_size_per_gpu", "2",
+                                                   "--num_workers", "0"])
+    with pytest.raises(ValueError, match="DECODE_DEVICE cuda .* no CUDA device"):
+        train_ssl.build_train_loader(args, synthetic_cfg(**{"DATA.DECODE_DEVICE": "cuda"}), torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_nvdec_decodes_the_union_on_the_gpu_without_cpu_fallback(synthetic_cfg):
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    batch = collate_plans([plans[(i, i)] for i in range(4)])[0]
+    stage = DeviceViews(aug.sizes, "cuda")
+    frames = stage.decode(batch, 0)
+    assert frames.device.type == "cuda" and frames.dtype == torch.uint8 and frames.shape[-1] == 3
+    cpu_frames = DeviceViews(aug.sizes, "cpu").decode(batch, 0)
+    assert frames.shape == cpu_frames.shape
+    assert (frames.cpu().float() - cpu_frames.float()).abs().mean() < 3  # NVDEC's YUV->RGB differs slightly
+    views, skipped = stage(batch)
+    assert stage.cpu_fallbacks == 0, "torchcodec fell back to CPU decoding (see the log for why)"
+    assert all(v.is_cuda for v in views) and skipped.sum() == 0
+
+
+@pytest.mark.gpu
+def test_render_views_on_cuda_has_no_host_sync():
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (6, 40, 56, 3), dtype=torch.uint8, device="cuda")
+    params = torch.tensor([[transform.ViewParams((4, 2, 20, 24), True, (1.3, 0.7, 1.15), (2, 0, 1), True).as_row()]]
+                          * 2, dtype=torch.float64)
+    positions = [[torch.tensor([0, 2, 2, 5]).pin_memory()]] * 2
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (views,) = render_views([frames, frames], positions, params, [16])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert views.shape == (2, 3, 4, 16, 16) and views.is_cuda
