@@ -1,4 +1,4 @@
-"""Data-loading throughput: decoded 10-view SVT samples per second, single process.
+"""Data-loading throughput: decoded 10-view SVT samples per second.
 
 Compares, on synthetic videos with short side 256 (10 s at 30 fps by default), for every backend that
 works here (torchcodec, decord, pyav), side by side in one run (`--rounds` interleaved rounds, the best
@@ -9,9 +9,17 @@ rate of each kept, so a busy machine slows all of them alike):
   `sequential` (what a seek-unsafe file costs: the union decoded from the first frame on), and
   `full_window` (the original's loader: PyAV decodes every frame of the ~8.5 s window to RGB, then indexes);
 - the full sample (`dataset[i]`: decode once + the SVT spatial augmentation) per backend;
-- a DataLoader over that dataset (default backend) for each `--workers` count: what training sees.
+- `plan_sample`: what a worker does with DATA.DECODE_DEVICE cuda (probe, read the bytes, draw the views'
+  parameters): its rate is the CPU cost per sample of the GPU decode path;
+- a DataLoader for each `--workers` count, per backend (`loader_<backend>_<n>_workers`) and, with
+  `--device_decode cpu|cuda`, the GPU decode path (`loader_device_<device>_<n>_workers`: plans from the
+  workers, decoded and rendered by the main process on that device): what training sees;
+- with `--feed_step tiny|small|base` (a GPU run): `train_ssl.train_step` timed on a fixed batch and fed by
+  the `--device_decode` loader with `--feed_workers` workers; `wait_fraction` = 1 - fixed / fed step time
+  is the share of the step spent waiting on data.
 
     python benchmarks/bench_data.py --videos 6 --samples 24 --out bench_data.json
+    python benchmarks/bench_data.py --loader_only --workers 1 4 16 --device_decode cuda --feed_step base
 """
 import argparse
 import json
@@ -20,25 +28,34 @@ import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import train_ssl  # noqa: E402
 from datasets import VideoDataAugmentationDINO, build_dataset, ssl_view_frames  # noqa: E402
 from datasets import decoder  # noqa: E402
+from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans  # noqa: E402
 from datasets.synthetic import MOTIONS, render_video, write_video  # noqa: E402
 from utils.defaults import get_cfg  # noqa: E402
 
 
+def _write_one(job) -> None:
+    path, motion, frames, height, width, seed = job
+    write_video(path, render_video(motion, frames, height, np.random.default_rng(seed), width=width), crf=23)
+
+
 def make_videos(root: str, count: int, frames: int, height: int, width: int) -> list[str]:
-    paths = []
-    for i in range(count):
-        path = os.path.join(root, f"v{i:03d}.mp4")
-        motion = MOTIONS[i % len(MOTIONS)]
-        write_video(path, render_video(motion, frames, height, np.random.default_rng(i), width=width), crf=23)
-        paths.append(path)
+    """`count` H.264 mp4s of moving dots (written in parallel) and their train.csv."""
+    paths = [os.path.join(root, f"v{i:03d}.mp4") for i in range(count)]
+    jobs = [(p, MOTIONS[i % len(MOTIONS)], frames, height, width, i) for i, p in enumerate(paths)]
+    with ProcessPoolExecutor(max(1, min(count, os.cpu_count() or 1))) as pool:
+        list(pool.map(_write_one, jobs))
     with open(os.path.join(root, "train.csv"), "w") as f:
         f.writelines(f"{os.path.basename(p)} {i % len(MOTIONS)}\n" for i, p in enumerate(paths))
     return paths
@@ -98,15 +115,52 @@ def timed(fn, items, warmup: int = 2) -> float:
     return len(items) / (time.perf_counter() - start)
 
 
-def loader_rate(dataset, workers: int, batch_size: int = 4) -> float:
-    """Samples per second of a DataLoader (after its first batch, so worker start-up is not counted)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    batches = iter(loader)
+def loader_rate(dataset, workers: int, batch_size: int = 4, stage: DeviceViews | None = None) -> float:
+    """Samples per second of a DataLoader (after its first batch, so worker start-up is not counted); with
+    `stage`, the dataset yields plans and the stage decodes and renders them (timed to the device's end)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_plans if stage else None)
+    batches = iter(DeviceViewLoader(loader, stage) if stage else loader)
     next(batches)
     start, count = time.perf_counter(), 0
     for views, *_ in batches:
         count += len(views[0])
+    if stage is not None and stage.device.type == "cuda":
+        torch.cuda.synchronize(stage.device)
     return count / (time.perf_counter() - start)
+
+
+def fed_step(dataset, stage: DeviceViews, size: str, batch: int, workers: int, steps: int, crop: int,
+             num_frames: int) -> dict:
+    """train_step on a fixed batch vs fed by the loader: step times and the share spent waiting on data."""
+    from bench_train_step import build_state, get_parser
+    device = stage.device
+    opt = get_parser().parse_args(["--size", size, "--precision", "bf16" if device.type == "cuda" else "fp32",
+                                   "--crop", str(crop), "--num_frames", str(num_frames),
+                                   "--fused_adamw", "on"])
+    state, args = build_state(opt, device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate_plans,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         sampler=torch.utils.data.RandomSampler(dataset, replacement=True,
+                                                                                num_samples=batch * (steps + 2)))
+    batches = iter(DeviceViewLoader(loader, stage))
+    fixed = next(batches)[0]
+
+    def timed_steps(source) -> float:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for it in range(steps):
+            train_ssl.train_step(state, source(), 0, it, args)
+        sync()
+        return (time.perf_counter() - start) / steps
+
+    train_ssl.train_step(state, fixed, 0, 0, args)  # warm-up
+    fixed_s = timed_steps(lambda: fixed)
+    next(batches)
+    fed_s = timed_steps(lambda: next(batches)[0])
+    return {"size": size, "batch": batch, "workers": workers, "device": str(device), "steps": steps,
+            "fixed_batch_step_s": fixed_s, "fed_step_s": fed_s, "wait_fraction": max(0.0, 1 - fixed_s / fed_s)}
 
 
 def main() -> None:
@@ -117,9 +171,21 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=340)
     parser.add_argument("--samples", type=int, default=24, help="Timed samples per measurement.")
     parser.add_argument("--rand_fr", action="store_true", help="Views with DATA.RAND_FR frame counts.")
+    parser.add_argument("--crop", type=int, nargs=2, default=(224, 96), help="Global and local view sides.")
+    parser.add_argument("--backends", nargs="*", default=["torchcodec", "decord", "pyav"],
+                        choices=["torchcodec", "decord", "pyav"], help="Decoders to compare (those that work here).")
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2],
-                        help="DataLoader worker counts to time (batches of 4 clips, default backend).")
+                        help="DataLoader worker counts to time (batches of 4 clips), for every backend.")
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; the best rate of each is kept.")
+    parser.add_argument("--device_decode", default="none", choices=["none", "cpu", "cuda"],
+                        help="Also time the DATA.DECODE_DEVICE cuda path with its stage on this device.")
+    parser.add_argument("--loader_only", action="store_true",
+                        help="Only the DataLoader rates and plan_sample (skip the one-process strategies).")
+    parser.add_argument("--feed_step", default=None, choices=["tiny", "small", "base"],
+                        help="Also time train_step fed by the --device_decode loader (needs --device_decode).")
+    parser.add_argument("--feed_batch", type=int, default=16)
+    parser.add_argument("--feed_workers", type=int, default=8)
+    parser.add_argument("--feed_steps", type=int, default=10)
     parser.add_argument("--out", default=None, help="Also write the JSON here.")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -132,45 +198,69 @@ def main() -> None:
         cfg.DATA.PATH_TO_DATA_DIR = cfg.DATA.PATH_PREFIX = root
         cfg.DATA.RAND_FR = args.rand_fr
         g, loc = ssl_view_frames(cfg, 8)
-        aug = VideoDataAugmentationDINO(global_frames=g, local_frames=loc)
+        aug = VideoDataAugmentationDINO(global_frames=g, local_frames=loc, global_size=args.crop[0],
+                                        local_size=args.crop[1])
         items = [paths[i % len(paths)] for i in range(args.samples)]
-        backends = [b for b in ("torchcodec", "decord", "pyav")
+        repeat = [i % len(paths) for i in range(args.samples)]
+        backends = [b for b in args.backends
                     if not {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}.get(b, str)()]
         datasets = {}
         for backend in backends:
             cfg.DATA.DECODING_BACKEND = backend
             datasets[backend] = build_dataset("kinetics400", cfg, "train", ssl_aug=aug)
-        runs = {"pyav_full_window": lambda: timed(lambda p: full_window(p, cfg, aug), items),
-                "sequential": lambda: timed(lambda p: sequential(p, cfg, aug), items)}
-        for backend in backends:
-            runs[f"{backend}_decode_once"] = lambda b=backend: timed(lambda p: decode_once(p, b, cfg, aug), items)
-            runs[f"{backend}_per_view"] = lambda b=backend: timed(lambda p: per_view(p, b, cfg, aug), items)
-            runs[f"{backend}_dataset_sample"] = lambda b=backend: timed(lambda i: datasets[b][i % len(paths)],
-                                                                         list(range(args.samples)))
+        runs = {}
+        if not args.loader_only:
+            runs = {"pyav_full_window": lambda: timed(lambda p: full_window(p, cfg, aug), items),
+                    "sequential": lambda: timed(lambda p: sequential(p, cfg, aug), items)}
+            for backend in backends:
+                runs[f"{backend}_decode_once"] = lambda b=backend: timed(lambda p: decode_once(p, b, cfg, aug), items)
+                runs[f"{backend}_per_view"] = lambda b=backend: timed(lambda p: per_view(p, b, cfg, aug), items)
+                runs[f"{backend}_dataset_sample"] = lambda b=backend: timed(lambda i: datasets[b][i % len(paths)],
+                                                                             list(range(args.samples)))
+        cfg.DATA.DECODE_DEVICE = "cuda"
+        plans = build_dataset("kinetics400", cfg, "train", ssl_aug=aug)
+        runs["plan_sample"] = lambda: timed(lambda i: plans[i % len(paths)], list(range(args.samples)))
         results = {}
         for _ in range(args.rounds):
             for name, run in runs.items():
                 torch.manual_seed(0)
                 results[name] = max(results.get(name, 0.0), run())
-        cfg.DATA.DECODING_BACKEND = get_cfg().DATA.DECODING_BACKEND
-        ds = build_dataset("kinetics400", cfg, "train", ssl_aug=aug)
-        repeated = torch.utils.data.Subset(ds, [i % len(ds) for i in range(args.samples)])
-        for workers in args.workers:
-            results[f"loader_{workers}_workers"] = loader_rate(repeated, workers)
+        for backend in backends:
+            for workers in args.workers:
+                results[f"loader_{backend}_{workers}_workers"] = loader_rate(Subset(datasets[backend], repeat), workers)
+        feed = None
+        if args.device_decode != "none":
+            stage = DeviceViews(aug.sizes, args.device_decode)
+            for workers in args.workers:
+                results[f"loader_device_{args.device_decode}_{workers}_workers"] = loader_rate(
+                    Subset(plans, repeat), workers, stage=stage)
+            if args.feed_step:
+                feed = fed_step(plans, stage, args.feed_step, args.feed_batch, args.feed_workers, args.feed_steps,
+                                args.crop[0], cfg.DATA.NUM_FRAMES)
+            fallbacks, failed = stage.cpu_fallbacks, stage.failed
     report = {
         "unit": "10-view samples per second, torch threads 1 (loader_*: DataLoader with that many workers)",
-        "views": {"global_frames": list(g), "local_frames": list(loc), "global_size": 224, "local_size": 96},
+        "views": {"global_frames": list(g), "local_frames": list(loc), "global_size": args.crop[0],
+                  "local_size": args.crop[1]},
         "videos": {"count": args.videos, "frames": args.frames, "fps": 30, "size": [args.height, args.width],
                    "codec": "h264 yuv420p crf 23, default GOP", "generate_s": round(gen_s, 1)},
         "samples_per_s": {k: round(v, 2) for k, v in results.items()},
-        "speedup_decode_once_vs_per_view": {b: round(results[f"{b}_decode_once"] / results[f"{b}_per_view"], 2)
-                                            for b in backends},
-        "speedup_decode_once_vs_original_loader": {
-            b: round(results[f"{b}_decode_once"] / results["pyav_full_window"], 2) for b in backends},
+        "plan_cpu_ms_per_sample": round(1000 / results["plan_sample"], 2),
         "default_backend": decoder.resolve_backend(get_cfg().DATA.DECODING_BACKEND),
         "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
     }
+    if not args.loader_only:
+        report["speedup_decode_once_vs_per_view"] = {
+            b: round(results[f"{b}_decode_once"] / results[f"{b}_per_view"], 2) for b in backends}
+        report["speedup_decode_once_vs_original_loader"] = {
+            b: round(results[f"{b}_decode_once"] / results["pyav_full_window"], 2) for b in backends}
+    if args.device_decode != "none":
+        report["device_decode"] = {"device": args.device_decode, "nvdec_cpu_fallbacks": fallbacks,
+                                   "failed_videos": failed}
+    if feed:
+        report["feed_step"] = feed
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
