@@ -127,6 +127,8 @@ def loader_rate(dataset, workers: int, batch_size: int = 4, stage: DeviceViews |
         count += len(views[0])
     if stage is not None and stage.device.type == "cuda":
         torch.cuda.synchronize(stage.device)
+    if not count:
+        raise ValueError(f"--samples {len(dataset)} gives one batch of {batch_size}: nothing left to time")
     return count / (time.perf_counter() - start)
 
 

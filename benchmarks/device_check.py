@@ -110,7 +110,8 @@ def step_cmd(opt, out: Path, batch: int, compile_: bool) -> list[str]:
 def data_cmd(opt, out: Path) -> list[str]:
     cores = os.cpu_count() or 1
     if opt.dry_run:
-        shape = ["--videos", "2", "--frames", "40", "--height", "64", "--width", "80", "--samples", "4",
+        shape = ["--videos", "2", "--frames", "40", "--height", "64", "--width", "80", "--samples", "12",
+                 "--rounds", "1",
                  "--crop", "32", "16", "--workers", "0", "1", "--device_decode", "cpu", "--feed_step", "tiny",
                  "--feed_batch", "2", "--feed_workers", "1", "--feed_steps", "1"]
     else:
@@ -153,8 +154,7 @@ def check_train_knn(out: Path, stage: dict) -> dict:
     failed = len(re.findall(r"cannot be decoded on", text))
     knn = [e.get("knn_top1") for e in epochs if "knn_top1" in e]
     checks = {"losses": losses, "loss_falls": len(losses) >= 2 and losses[-1] < losses[0],
-              "knn_top1": knn[-1] if knn else None, "nvdec_cpu_fallbacks": fallbacks, "failed_gpu_decodes": failed,
-              "steps": sum(1 for _ in re.finditer(r"Epoch: \[\d+/\d+\]\s+\[\s*\d+/", text)) or None}
+              "knn_top1": knn[-1] if knn else None, "nvdec_cpu_fallbacks": fallbacks, "failed_gpu_decodes": failed}
     ok = stage["status"] == "ok" and checks["loss_falls"] and checks["knn_top1"] is not None and not fallbacks \
         and not failed
     if stage["status"] == "ok" and not ok:
@@ -203,7 +203,7 @@ def verdicts(results: dict) -> dict:
     data = (results.get("data", {}).get("result") or {}).get("samples_per_s", {})
     if not clips or not data:
         return {}
-    out = {"step_clips_per_s_b16": round(clips, 2)}
+    out = {"step_clips_per_s_b16": round(clips, 2), "step_size": steps[0].get("size") or steps[1].get("size")}
     by_path: dict[str, dict[int, float]] = {}
     for key, rate in data.items():
         m = re.fullmatch(r"loader_(.+)_(\d+)_workers", key)
@@ -226,8 +226,8 @@ def table(report: dict) -> str:
         res = r.get("result") or {}
         if name.startswith("step_") and res:
             frac = res.get("fraction_of_peak", {}).get(res.get("fraction_reference", "bf16"), 0)
-            detail = (f"{res['step_s_median'] * 1000:.0f} ms/step, {res['clips_per_s']:.1f} clips/s, "
-                      f"{res['achieved_flop_per_s'] / 1e12:.1f} TFLOP/s, {frac:.1%} of the "
+            detail = (f"{res['size']}: {res['step_s_median'] * 1000:.0f} ms/step, {res['clips_per_s']:.1f} clips/s, "
+                      f"{res['achieved_flop_per_s'] / 1e12:.3g} TFLOP/s, {frac:.1%} of the "
                       f"{res.get('fraction_reference')} peak, {res['peak_memory_bytes'] / 2 ** 30:.1f} GiB")
         elif name.endswith("tests") and res:
             detail = ", ".join(f"{k} {v}" for k, v in res.items())
@@ -248,7 +248,7 @@ def table(report: dict) -> str:
     v = report.get("verdict") or {}
     if v:
         rows.append("")
-        rows.append(f"ViT-B step at batch 16: {v['step_clips_per_s_b16']} clips/s")
+        rows.append(f"{v['step_size']} step at batch 16: {v['step_clips_per_s_b16']} clips/s")
         for path, d in v.items():
             if isinstance(d, dict) and "verdict" in d:
                 extra = f", {d['cores_per_gpu_needed']} worker cores per GPU needed" if "cores_per_gpu_needed" in d \

@@ -12,12 +12,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 install_rc=0
+# torchcodec (with FFmpeg's libraries) is what decodes on the GPU: install_deps.sh installs both
 PYTHON="$PYTHON" timeout 600 bash scripts/install_deps.sh test || install_rc=$?
-if ! "$PYTHON" -c "import torchcodec" 2>/dev/null; then
-    # torchcodec is what decodes on the GPU; pinned next to torch (constraints.txt when torch is pinned there)
-    timeout 300 "$PYTHON" -m pip install --quiet --disable-pip-version-check torchcodec -c constraints.txt \
-        || install_rc=$?
-fi
 export HF_HUB_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" benchmarks/device_check.py --install_rc "$install_rc" "$@"

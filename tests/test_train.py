@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 import train_ssl
@@ -186,6 +187,41 @@ def test_train_step_returns_without_host_sync_value(monkeypatch, device):
     loss, momentum = train_ssl.train_step(state, step_views(device=device), 0, 0, args)
     assert isinstance(loss, torch.Tensor) and not loss.requires_grad and momentum == pytest.approx(0.9)
     assert loss.device.type == device.type
+
+
+class CPUOpAudit(TorchDispatchMode):
+    """Records every aten op that touches a CPU tensor of more than one element (0-dim CPU tensors are
+    scalars that PyTorch passes to CUDA kernels by value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu_ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" and t.numel() > 1 for t in tensors):
+            self.cpu_ops.append(str(func))
+        return out
+
+
+@pytest.mark.gpu
+def test_cuda_train_step_keeps_every_tensor_on_the_gpu_and_never_syncs(monkeypatch):
+    cuda = torch.device("cuda")
+    state, args = step_state(monkeypatch, True, "--amp_dtype", "bf16", device=cuda)
+    views = step_views(device=cuda)
+    train_ssl.train_step(state, views, 0, 0, args)  # first step: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    audit = CPUOpAudit()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the step raises
+    try:
+        with audit:
+            loss, _ = train_ssl.train_step(state, views, 0, 1, args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert audit.cpu_ops == [], f"ops on CPU tensors in the CUDA step: {sorted(set(audit.cpu_ops))}"
+    assert loss.is_cuda and all(p.is_cuda for p in state.student.parameters())
+    assert all(t.is_cuda for st in state.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor))
 
 
 def test_imagenet_init_key_is_applied_to_the_student(tmp_path):

@@ -1,0 +1,89 @@
+"""benchmarks/device_check.py without a GPU: stages are time-boxed and a failure is recorded, not fatal; the
+verdict and table come from the stage results; a --dry-run of a few stages runs end to end on the CPU."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import device_check  # noqa: E402
+
+
+def test_run_stage_records_ok_failure_and_timeout_and_kills_the_process_group(tmp_path):
+    ok = device_check.run_stage("ok", [sys.executable, "-c", "print('hi')"], 20, tmp_path)
+    assert ok["status"] == "ok" and ok["rc"] == 0 and "hi" in Path(ok["log"]).read_text()
+    bad = device_check.run_stage("bad", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 20, tmp_path)
+    assert bad["status"] == "failed" and bad["rc"] == 3 and bad["tail"][-1] == "boom"
+    # a hang: the child and its own child (a loader worker, say) are both killed at the limit
+    pid_file = tmp_path / "child.pid"
+    script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    hung = device_check.run_stage("hang", [sys.executable, "-c", script], 3, tmp_path)
+    assert hung["status"] == "timeout" and hung["seconds"] < 20
+    child = int(pid_file.read_text())
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+def _step(size, clips):
+    return {"status": "ok", "result": {"size": size, "clips_per_s": clips}}
+
+
+def test_verdicts_per_data_path_and_fed_step():
+    stages = {"step_b16": _step("base", 60.0), "step_b16_compile": _step("base", 80.0),
+              "data": {"status": "ok", "result": {
+                  "samples_per_s": {"loader_decord_1_workers": 10.0, "loader_decord_16_workers": 70.0,
+                                    "loader_device_cuda_1_workers": 100.0, "loader_device_cuda_16_workers": 300.0,
+                                    "plan_sample": 150.0},
+                  "feed_step": {"wait_fraction": 0.02}}}}
+    v = device_check.verdicts(stages)
+    assert v["step_clips_per_s_b16"] == 80.0  # the best of eager and compiled
+    assert v["decord"]["verdict"] == "data-bound" and v["decord"]["cores_per_gpu_needed"] == 8.0
+    assert v["device_cuda"]["verdict"] == "compute-bound"
+    assert v["fed_step"]["verdict"] == "compute-bound"
+    stages["data"]["result"]["feed_step"]["wait_fraction"] = 0.3
+    assert device_check.verdicts(stages)["fed_step"]["verdict"] == "data-bound"
+    assert device_check.verdicts({"step_b16": {"status": "timeout"}}) == {}
+
+
+def test_train_knn_check_needs_a_falling_loss_knn_and_no_cpu_fallback(tmp_path):
+    run = tmp_path / "train_knn"
+    run.mkdir()
+    log = tmp_path / "stage.log"
+    log.write_text("training...\n")
+    (run / "log.txt").write_text("\n".join(json.dumps(e) for e in (
+        {"epoch": 0, "train_loss": 6.2}, {"epoch": 1, "train_loss": 5.9, "knn_top1": 40.0})) + "\n")
+    assert device_check.check_train_knn(tmp_path, {"status": "ok", "log": str(log)})["status"] == "ok"
+    log.write_text("WARNING x.mp4: torchcodec decodes it on the CPU, not with NVDEC (no nvcuvid)\n")
+    checked = device_check.check_train_knn(tmp_path, {"status": "ok", "log": str(log)})
+    assert checked["status"] == "failed" and checked["checks"]["nvdec_cpu_fallbacks"] == 1
+    log.write_text("")
+    (run / "log.txt").write_text(json.dumps({"epoch": 0, "train_loss": 6.2}) + "\n" +
+                                 json.dumps({"epoch": 1, "train_loss": 6.3, "knn_top1": 20.0}) + "\n")
+    assert device_check.check_train_knn(tmp_path, {"status": "ok", "log": str(log)})["status"] == "failed"
+
+
+def test_out_of_budget_stages_are_skipped_not_run(tmp_path):
+    report = device_check.main(["--dry-run", "--out", str(tmp_path), "--budget_s", "1", "--only", "env", "step_b8",
+                                "demo_gpu"])
+    stages = report["stages"]
+    assert stages["env"]["status"] == "ok" and stages["env"]["result"]["cpu_count"] >= 1
+    assert stages["step_b8"]["status"] == "skipped" and "out of budget" in stages["step_b8"]["reason"]
+    assert stages["demo_gpu"]["status"] == "skipped"
+    assert json.loads((tmp_path / "device_check.json").read_text())["stages"].keys() == stages.keys()
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_step_and_data_stages(tmp_path):
+    report = device_check.main(["--dry-run", "--out", str(tmp_path), "--only", "env", "step_b16", "data"])
+    stages = report["stages"]
+    assert stages["step_b16"]["status"] == "ok", stages["step_b16"]
+    assert stages["step_b16"]["result"]["size"] == "tiny" and stages["step_b16"]["result"]["clips_per_s"] > 0
+    assert stages["data"]["status"] == "ok", stages["data"]
+    rates = stages["data"]["result"]["samples_per_s"]
+    assert rates["plan_sample"] > 0 and rates["loader_device_cpu_1_workers"] > 0
+    assert stages["data"]["result"]["device_decode"] == {"device": "cpu", "nvdec_cpu_fallbacks": 0, "failed_videos": 0}
+    assert "device_cpu" in report["verdict"]
+    table = (tmp_path / "device_check.md").read_text()
+    assert "| step_b16 | ok |" in table and "step at batch 16" in table
