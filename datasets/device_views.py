@@ -81,8 +81,9 @@ def render_views(frames: Sequence[torch.Tensor], positions: Sequence[Sequence[to
     num = len(frames)
     # Positions go to the device in one copy per sample.
     pos_device = [torch.cat(list(p)).to(device, non_blocking=True).split([len(x) for x in p]) for p in positions]
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1, 1)
+    # small CPU tensors go over with non_blocking copies: a blocking one would synchronise the host
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1).to(device, non_blocking=True)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1).to(device, non_blocking=True)
     views = []
     for v, size in enumerate(sizes):
         steps = len(positions[0][v])
