@@ -34,8 +34,9 @@ from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
 from datasets.video_dataset import sequential_decodes
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import utils
-from utils.checkpoint import (PrefixedState, atomic_save, gather_rng_states, load_imagenet_init,
-                              load_pretrained_weights, restart_from_checkpoint, restore_rng)
+from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_objects, gather_rng_states,
+                              load_imagenet_init, load_pretrained_weights, remove_stale_temp_files,
+                              restart_from_checkpoint, restore_rng, safe_torch_load)
 from utils.evaluation import OnlineKNN
 from utils.parser import add_config_args, load_config
 
@@ -120,6 +121,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained_rgb", default=None, type=str, help="""An SVT training checkpoint (or the
         released teacher file) whose teacher backbone initialises both student and teacher backbones.
         For the paper's ImageNet init use --opts TIMESFORMER.PRETRAINED_MODEL /path/to/dino_vitbase16_pretrain.pth.""")
+    parser.add_argument("--resume_from", default=None, type=str, help="""A training checkpoint (e.g. an earlier
+        checkpointNNNN.pth of a run that diverged) to continue from when --output_dir has no checkpoint.pth yet:
+        weights, optimizer, loss centre, epoch and RNG, with this run's flags (e.g. a lower --lr). A
+        checkpoint.pth in --output_dir always wins (a rerun resumes its own run).""")
     parser.add_argument("--output_dir", default=".", type=str, help="Folder for checkpoints, log.txt, config and tensorboard.")
     parser.add_argument("--saveckp_freq", default=20, type=int, help="Keep a numbered checkpointNNNN.pth every x epochs.")
     parser.add_argument("--saveckp_iters", default=0, type=int, help="""Also rewrite checkpoint.pth every
@@ -128,10 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int, help="""DataLoader worker processes per GPU (decoding is CPU-bound: give
         it cores; with DATA.DECODE_DEVICE cuda the workers only read bytes and draw parameters).""")
-    parser.add_argument("--dist_url", default="env://", type=str, help="""Rendezvous URL for
-        torch.distributed (env:// reads what torchrun or SLURM set).""")
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="Ignored (torch.distributed.launch passes it; torchrun sets LOCAL_RANK instead).")
+    utils.add_distributed_args(parser)
 
     # Online kNN on a held-out list
     parser.add_argument("--knn_freq", default=0, type=int, help="""Run a kNN evaluation of the teacher backbone
@@ -165,6 +167,7 @@ def train_svt(args) -> None:
     output_dir = Path(args.output_dir)
     if utils.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(output_dir)
         (output_dir / "config.txt").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         (output_dir / "config.yaml").write_text(cfg.dump())
 
@@ -175,14 +178,15 @@ def train_svt(args) -> None:
     print("Loss, optimizer and schedules built.")
 
     # ============ optionally resume training ... ============
-    to_restore = {"epoch": 0, "iteration": 0, "rng": None}
-    restart_from_checkpoint(output_dir / "checkpoint.pth", run_variables=to_restore,
-                            student=PrefixedState(state.student_without_ddp), teacher=state.teacher_without_ddp,
-                            optimizer=state.optimizer, fp16_scaler=state.fp16_scaler, dino_loss=state.dino_loss)
+    to_restore = {"epoch": 0, "iteration": 0, "rng": None, "epoch_meters": None, "epoch_log": None}
+    own_checkpoint = (output_dir / "checkpoint.pth").is_file()
+    resume_checkpoint(state, output_dir / "checkpoint.pth" if own_checkpoint else args.resume_from, to_restore, args)
     start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
     restore_rng(to_restore["rng"])
 
     state.writer = writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
+    if own_checkpoint and to_restore["epoch_log"] is not None:
+        finish_epoch_end(output_dir, to_restore["epoch_log"], args, writer)
     knn = None
     if args.knn_freq > 0:
         knn = OnlineKNN(cfg, device, args.knn_dataset, args.knn_data_path, args.knn_path_prefix, args.nb_knn,
@@ -196,30 +200,27 @@ def train_svt(args) -> None:
         data_loader.sampler.skip = start_iter * args.batch_size_per_gpu if epoch == start_epoch else 0
         epoch_start = time.time()
 
+        resumed = epoch == start_epoch and start_iter > 0
         train_stats, skipped = train_one_epoch(state, data_loader, epoch, niter, args,
-                                               start_iter=start_iter if epoch == start_epoch else 0)
+                                               start_iter=start_iter if resumed else 0,
+                                               epoch_meters=to_restore["epoch_meters"] if resumed else None)
 
         last = epoch + 1 == args.epochs
         warning = "loss" in train_stats and uniform_collapse_warning(train_stats["loss"], args.out_dim)
         if warning:
             print(f"Epoch {epoch}: {warning}")
-        numbered = bool(args.saveckp_freq) and epoch % args.saveckp_freq == 0
-        save_checkpoint(state, args, epoch + 1, 0, numbered=numbered)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                     "skipped_videos": skipped, "sequential_decodes": sequential_decodes(data_loader.dataset),
-                     "epoch_time": round(time.time() - epoch_start, 3)}
+                     "skipped_videos": skipped, "sequential_decodes": sequential_decodes(data_loader.dataset)}
         if knn is not None and (epoch % args.knn_freq == 0 or last):
             with preserved_rng_state():
                 top1, top5 = knn.evaluate(state.teacher_without_ddp.backbone, state.precision)
             log_stats.update(knn_top1=top1, knn_top5=top5)
             print(f"Epoch {epoch}: kNN top1 {top1:.2f} top5 {top5:.2f}")
-        if utils.is_main_process():
-            with (output_dir / "log.txt").open("a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            for k, v in log_stats.items():
-                if k != "epoch":
-                    writer.add_scalar(f"epoch/{k}", v, epoch)
-            writer.flush()
+        log_stats["epoch_time"] = round(time.time() - epoch_start, 3)
+        # The epoch-end checkpoint carries the epoch's log record: if the job dies before log.txt or the
+        # numbered checkpoint is written, the resumed run writes them (finish_epoch_end).
+        save_checkpoint(state, args, epoch + 1, 0, numbered=is_numbered(epoch, args), epoch_log=log_stats)
+        write_epoch_log(output_dir, log_stats, writer)
     if writer is not None:
         writer.close()
     total_time = time.time() - start_time
@@ -227,8 +228,9 @@ def train_svt(args) -> None:
 
 
 def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, niter: int, args,
-                    start_iter: int = 0) -> tuple[dict, int]:
-    """One epoch (from `start_iter` when resuming mid-epoch). Returns the averaged meters and skipped videos."""
+                    start_iter: int = 0, epoch_meters: list[dict] | None = None) -> tuple[dict, int]:
+    """One epoch (from `start_iter` when resuming mid-epoch, with the `epoch_meters` of the interrupted part,
+    so the means cover the whole epoch). Returns the averaged meters and skipped videos."""
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
     device = state.device
@@ -237,6 +239,10 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     recent_losses: list[torch.Tensor] = []
     skipped = torch.zeros((), dtype=torch.long)
+    if epoch_meters is not None:
+        mine = rank_share(epoch_meters)
+        metric_logger.add_totals(mine["meters"])
+        skipped += mine["skipped"]
     global_batch = args.batch_size_per_gpu * utils.get_world_size()
     last_log_time, last_log_it = time.time(), start_iter
     for it_in_epoch, (views, _, _, meta) in enumerate(
@@ -268,7 +274,8 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
             for name, value in scalars.items():
                 state.writer.add_scalar(f"train/{name}", value, it)
         if save_step:
-            save_checkpoint(state, args, epoch, it_in_epoch + 1)
+            save_checkpoint(state, args, epoch, it_in_epoch + 1,
+                            epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})
 
     # average the meters over ranks
     metric_logger.synchronize_between_processes()
@@ -483,9 +490,13 @@ def prepare_config(args):
     return cfg
 
 
-def save_checkpoint(state: TrainState, args, epoch: int, iteration: int, numbered: bool = False) -> None:
+def save_checkpoint(state: TrainState, args, epoch: int, iteration: int, numbered: bool = False,
+                    epoch_meters: dict | None = None, epoch_log: dict | None = None) -> None:
     """checkpoint.pth in the original's layout (+ `iteration` and the RNG states of all ranks, for an exact
-    resume); `numbered` also keeps checkpoint{epoch - 1:04}.pth."""
+    resume); `numbered` also keeps checkpoint{epoch - 1:04}.pth. A mid-epoch save keeps every rank's
+    `epoch_meters` (the running means), an epoch-end save the epoch's `epoch_log` record (written to log.txt
+    on resume if the job died before). Stops the run instead of saving non-finite weights."""
+    stop_if_nonfinite_weights(state, epoch, iteration, args)
     save_dict = {
         "student": PrefixedState(state.student_without_ddp).state_dict(),
         "teacher": state.teacher_without_ddp.state_dict(),
@@ -496,13 +507,92 @@ def save_checkpoint(state: TrainState, args, epoch: int, iteration: int, numbere
         "dino_loss": state.dino_loss.state_dict(),
         "fp16_scaler": state.fp16_scaler.state_dict() if state.fp16_scaler is not None else None,
         "rng": gather_rng_states(),
+        "epoch_meters": gather_objects(epoch_meters) if epoch_meters is not None else None,
+        "epoch_log": epoch_log,
     }
     if utils.is_main_process():
         output_dir = Path(args.output_dir)
         atomic_save(save_dict, output_dir / "checkpoint.pth")
         if numbered:
-            atomic_save(save_dict, output_dir / f"checkpoint{epoch - 1:04}.pth")
+            atomic_copy(output_dir / "checkpoint.pth", output_dir / f"checkpoint{epoch - 1:04}.pth")
 
+
+def is_numbered(epoch: int, args) -> bool:
+    """Whether the end of `epoch` keeps a checkpointNNNN.pth (--saveckp_freq)."""
+    return bool(args.saveckp_freq) and epoch % args.saveckp_freq == 0
+
+
+def write_epoch_log(output_dir: Path, log_stats: dict, writer: SummaryWriter | None) -> None:
+    """Append the epoch's record to log.txt (one JSON line) and its scalars to tensorboard (main process)."""
+    if not utils.is_main_process():
+        return
+    with (output_dir / "log.txt").open("a") as f:
+        f.write(json.dumps(log_stats) + "\n")
+    for k, v in log_stats.items():
+        if k != "epoch":
+            writer.add_scalar(f"epoch/{k}", v, log_stats["epoch"])
+    writer.flush()
+
+
+def finish_epoch_end(output_dir: Path, epoch_log: dict, args, writer: SummaryWriter | None) -> None:
+    """On resume from an epoch-end checkpoint: write what a kill after its save left undone, the numbered
+    copy and the log.txt line (a partial last line is replaced), so the run ends as an uninterrupted one."""
+    if not utils.is_main_process():
+        return
+    epoch = epoch_log["epoch"]
+    numbered = output_dir / f"checkpoint{epoch:04}.pth"
+    if is_numbered(epoch, args) and not numbered.is_file():
+        atomic_copy(output_dir / "checkpoint.pth", numbered)
+        print(f"Wrote {numbered}, missing after an interrupted end of epoch {epoch}.")
+    log = output_dir / "log.txt"
+    text = log.read_text() if log.is_file() else ""
+    if text and not text.endswith("\n"):  # killed while appending: drop the partial line
+        text = text[:text.rfind("\n") + 1]
+        log.write_text(text)
+    logged = {json.loads(line).get("epoch") for line in text.splitlines() if line.strip()}
+    if epoch not in logged:
+        write_epoch_log(output_dir, epoch_log, writer)
+        print(f"Wrote the log.txt line of epoch {epoch}, missing after an interrupted end of epoch.")
+
+
+def resume_checkpoint(state: TrainState, path: str | Path | None, to_restore: dict, args) -> None:
+    """Load `path` (if any) into the state and `to_restore`; a checkpoint of another model is an error that
+    names the flags that differ."""
+    if not path:
+        return
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--resume_from {path}: no such file.")
+    try:
+        restart_from_checkpoint(path, run_variables=to_restore, student=PrefixedState(state.student_without_ddp),
+                                teacher=state.teacher_without_ddp, optimizer=state.optimizer,
+                                fp16_scaler=state.fp16_scaler, dino_loss=state.dino_loss)
+    except ValueError as err:
+        saved = vars(safe_torch_load(path).get("args") or argparse.Namespace())
+        flags = [f"--{k} {saved[k]} (this run: {getattr(args, k)})" for k in MODEL_FLAGS
+                 if k in saved and saved[k] != getattr(args, k)]
+        opts = " Also compare MODEL.* / DATA.* in its config.yaml." if not flags else ""
+        raise ValueError(f"{err}\nThat checkpoint was written by another model: {', '.join(flags) or 'see above'}."
+                         f"{opts} Resume with the same flags, or use a new --output_dir for a new model "
+                         f"(--pretrained_rgb {path} starts it from that checkpoint's teacher backbone).") from err
+
+
+MODEL_FLAGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "optimizer")
+
+
+def rank_share(per_rank: list[dict]) -> dict:
+    """This rank's entry of a per-rank `epoch_meters` list; with another world size, rank 0 takes the sum of
+    all (the epoch means stay whole) and the others start from zero."""
+    rank, world = utils.get_rank(), utils.get_world_size()
+    if len(per_rank) == world:
+        return per_rank[rank]
+    merged = {"meters": {}, "skipped": 0}
+    if rank == 0:
+        for entry in per_rank:
+            merged["skipped"] += entry["skipped"]
+            for name, (count, total) in entry["meters"].items():
+                c, t = merged["meters"].get(name, (0, 0.0))
+                merged["meters"][name] = [c + count, t + total]
+    return merged
 
 
 @torch.no_grad()
@@ -525,23 +615,58 @@ def uniform_collapse_warning(epoch_loss: float, out_dim: int, tolerance: float =
 
 
 def stop_if_nonfinite(nonfinite: torch.Tensor, losses: list[torch.Tensor], epoch: int, it: int, args) -> None:
-    """On log steps: if any rank saw a non-finite loss since the last check, every rank prints and exits 1."""
-    flag = nonfinite.to(torch.int32)
-    if utils.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if not flag.item():
+    """On log and save steps: if any rank saw a non-finite loss since the last check, every rank stops."""
+    if not any_rank(nonfinite):
         return
     values = torch.stack(losses).tolist() if losses else []
-    print(f"Loss is {values}, stopping training (rank {utils.get_rank()}, epoch {epoch}, iteration {it}): "
-          f"non-finite loss on at least one process. No checkpoint is written; the last good one is "
-          f"{Path(args.output_dir) / 'checkpoint.pth'} (if any). Try a lower --lr, --clip_grad, --use_fp16 false "
-          f"or --amp_dtype bf16, or a larger --freeze_last_layer.", force=True, flush=True)
+    stop_training(f"Loss is {values}, stopping training (rank {utils.get_rank()}, epoch {epoch}, iteration {it}): "
+                  "non-finite loss on at least one process.", args)
+
+
+def stop_if_nonfinite_weights(state: TrainState, epoch: int, iteration: int, args) -> None:
+    """Before every save: a non-finite weight or loss centre on any rank stops the run, so a checkpoint never
+    holds one."""
+    tensors = {f"student.{k}": v for k, v in state.student_without_ddp.state_dict().items()}
+    tensors.update({f"teacher.{k}": v for k, v in state.teacher_without_ddp.state_dict().items()})
+    tensors.update({f"dino_loss.{k}": v for k, v in state.dino_loss.state_dict().items()})
+    floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    finite = torch.stack([v.isfinite().all() for v in floats.values()])
+    if not any_rank(~finite.all()):
+        return
+    bad = [k for k, ok in zip(floats, finite.tolist()) if not ok]
+    stop_training(f"Non-finite weights before saving epoch {epoch} iteration {iteration} "
+                  f"(rank {utils.get_rank()}: {bad[:3]}{' ...' if len(bad) > 3 else ''}), stopping training.", args)
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """True when `flag` (a boolean scalar) is set on any rank."""
+    flag = flag.to(torch.int32)
+    if utils.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def stop_training(reason: str, args) -> None:
+    """Every rank prints `reason` and how to continue from a checkpoint before the divergence, then exits 1."""
+    output_dir = Path(args.output_dir)
+    numbered = sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"))
+    last = output_dir / "checkpoint.pth"
+    saved = (f"The last checkpoint, {last}, has finite weights (nothing non-finite is ever saved) but may "
+             f"already be diverging" if last.is_file() else "No checkpoint was saved yet")
+    if numbered:
+        saved += f"; earlier ones: {', '.join(p.name for p in numbered[-3:])}"
+    print(f"{reason} No checkpoint is written. {saved}. Do not rerun in this --output_dir (it would resume the "
+          f"same state): continue in a fresh one from a checkpoint before the divergence, e.g. --output_dir "
+          f"{output_dir}_restart --resume_from {numbered[-1] if numbered else last} with a lower --lr, "
+          "--clip_grad 3, --use_fp16 false or --amp_dtype bf16, or a larger --freeze_last_layer.",
+          force=True, flush=True)
     sys.exit(1)
 
 
-
 if __name__ == "__main__":
+    utils.line_buffered_output()
     parser = argparse.ArgumentParser("SVT", parents=[get_args_parser()])
     args = parser.parse_args()
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    train_svt(args)
+    with utils.named_rank_failures(args.dist_timeout):
+        train_svt(args)

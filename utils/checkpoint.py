@@ -4,10 +4,12 @@ state that makes a resume exact."""
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import pickle
 import random
-import tempfile
+import secrets
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -151,16 +153,31 @@ def load_imagenet_init(model: nn.Module, path: str | os.PathLike) -> LoadSummary
     return load_pretrained_weights(model, path)
 
 
+TEMP_PATTERN = ".checkpoint*.tmp"
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save` to a temporary file in the same folder, fsync, then rename over `path`, so a
-    crash never leaves a truncated checkpoint behind."""
+    crash never leaves a truncated checkpoint behind (a kill leaves at most a `.NAME.*.tmp` file, which
+    `remove_stale_temp_files` deletes). The file's mode follows the umask, as any file the user writes."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy `src` to `path` with `atomic_save`'s guarantees."""
+    with open(src, "rb") as source:
+        _atomic_write(path, lambda f: shutil.copyfileobj(source, f, 1 << 24))
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, unlike mkstemp's 0o600
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -175,14 +192,27 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Delete the `.checkpoint*.tmp` files a killed save left in `folder` (call it before this run saves
+    anything there); returns their names."""
+    removed = []
+    for tmp in sorted(glob.glob(os.path.join(glob.escape(os.fspath(folder)), TEMP_PATTERN))):
+        os.remove(tmp)
+        removed.append(os.path.basename(tmp))
+    if removed:
+        print(f"Removed {len(removed)} temporary file(s) of an interrupted save: {removed}")
+    return removed
+
+
 def restart_from_checkpoint(ckp_path: str | os.PathLike, run_variables: dict | None = None,
-                            **objects: Any) -> None:
+                            **objects: Any) -> dict | None:
     """Resume: each keyword object (module, optimizer, GradScaler, DINOLoss, ...) loads the entry of
-    the same name; `run_variables` entries (e.g. `epoch`) are filled from the checkpoint. A missing
-    file does nothing (a fresh run)."""
+    the same name (modules strictly: every key, every shape); `run_variables` entries (e.g. `epoch`) are
+    filled from the checkpoint. An entry that does not fit raises ValueError naming it. A missing file does
+    nothing (a fresh run). Returns the loaded checkpoint or None."""
     ckp_path = os.fspath(ckp_path)
     if not os.path.isfile(ckp_path):
-        return
+        return None
     print(f"Resuming from {ckp_path}")
     ckpt = safe_torch_load(ckp_path)
     for key, obj in objects.items():
@@ -191,17 +221,18 @@ def restart_from_checkpoint(ckp_path: str | os.PathLike, run_variables: dict | N
         if key not in ckpt or ckpt[key] is None:
             print(f"  {key}: not in the checkpoint, left as built")
             continue
-        if isinstance(obj, nn.Module):
-            result = obj.load_state_dict(ckpt[key], strict=False)
-            print(f"  {key}: restored; missing keys {result.missing_keys}, unexpected keys "
-                  f"{result.unexpected_keys}")
-        else:
+        try:
             obj.load_state_dict(ckpt[key])
-            print(f"  {key}: restored")
+        except (RuntimeError, ValueError, KeyError) as err:
+            detail = str(err).strip().splitlines()
+            raise ValueError(f"{ckp_path}: its '{key}' does not fit this run "
+                             f"({' '.join(detail[:3])[:400]}).") from err
+        print(f"  {key}: restored")
     if run_variables is not None:
         for name in run_variables:
             if name in ckpt:
                 run_variables[name] = ckpt[name]
+    return ckpt
 
 
 class PrefixedState:
@@ -246,12 +277,16 @@ def set_rng_state(state: dict) -> None:
 
 def gather_rng_states() -> list[dict]:
     """The RNG states of all ranks (index = rank)."""
-    state = get_rng_state()
+    return gather_objects(get_rng_state())
+
+
+def gather_objects(obj: Any) -> list:
+    """`obj` of every rank (index = rank), on every rank."""
     if utils.get_world_size() == 1:
-        return [state]
-    states = [None] * utils.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+        return [obj]
+    objects = [None] * utils.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
 def restore_rng(states: list[dict] | None) -> None:

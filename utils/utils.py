@@ -6,6 +6,8 @@ import datetime
 import os
 import random
 import re
+import sys
+import tempfile
 import time
 from collections import defaultdict, deque
 from typing import Iterable, Iterator
@@ -260,6 +262,21 @@ class MetricLogger:
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
 
+    def totals(self) -> dict[str, list[float]]:
+        """{name: [count, total]} of every meter (what the global averages are made of), for a checkpoint."""
+        out = {}
+        for name, meter in self.meters.items():
+            meter.flush()
+            out[name] = [meter.count, meter.total]
+        return out
+
+    def add_totals(self, totals: dict[str, list[float]]) -> None:
+        """Start the global averages from `totals()` of an interrupted epoch (mid-epoch resume)."""
+        for name, (count, total) in totals.items():
+            meter = self.meters[name]
+            meter.flush()
+            meter.count, meter.total = meter.count + int(count), meter.total + float(total)
+
     def log_every(self, iterable: Iterable, print_freq: int, header: str = "", total: int | None = None,
                   start: int = 0) -> Iterator:
         """Yield from `iterable`, printing the progress line every `print_freq` iterations and at the last.
@@ -338,15 +355,38 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + re.split(r"[-,]", ranges)[0]
 
 
+DEFAULT_DIST_TIMEOUT_MIN = 30.0
+# NCCL: a collective that fails or outlives the timeout aborts the communicator and ends the process (with
+# a "[Rank N] Watchdog caught collective operation timeout" line), instead of hanging. The older name is
+# read by torch < 2.2.
+NCCL_ERROR_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """--dist_url, --dist_timeout and the legacy --local_rank, shared by every entry point."""
+    parser.add_argument("--dist_url", default="env://", type=str, help="""Rendezvous URL for
+        torch.distributed (env:// reads what torchrun or SLURM set).""")
+    parser.add_argument("--dist_timeout", default=DEFAULT_DIST_TIMEOUT_MIN, type=float, help="""Minutes a
+        collective (all-reduce, barrier, ...) may wait for the other processes before the job ends with an
+        error naming the process that stopped answering (a stalled or dead rank would otherwise hang the job).
+        Raise it if one rank legitimately works alone for longer (e.g. a very large kNN on rank 0).""")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Ignored (torch.distributed.launch passes it; torchrun sets LOCAL_RANK instead).")
+
+
 def init_distributed_mode(args) -> None:
     """Set args.rank / args.world_size / args.gpu and create the process group.
 
     Order: torchrun / torch.distributed.launch env (RANK, WORLD_SIZE, LOCAL_RANK); SLURM (SLURM_PROCID,
     SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR from the env or the first host of SLURM_NODELIST, MASTER_PORT
     from the env or 29500); else one process. A group is always created (nccl on CUDA, gloo on CPU), so
-    collectives work the same everywhere.
+    collectives work the same everywhere. Collectives time out after `args.dist_timeout` minutes (default
+    DEFAULT_DIST_TIMEOUT_MIN); NCCL's asynchronous error handling is on unless the environment says otherwise.
     """
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", DEFAULT_DIST_TIMEOUT_MIN))
+    for name, value in NCCL_ERROR_ENV.items():
+        os.environ.setdefault(name, value)
     if is_dist_avail_and_initialized():
         args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
         args.gpu = int(os.environ.get("LOCAL_RANK", 0))
@@ -355,7 +395,8 @@ def init_distributed_mode(args) -> None:
         args.world_size = int(os.environ["WORLD_SIZE"])
         args.gpu = int(os.environ.get("LOCAL_RANK", 0))
         _set_device(args.gpu)
-        dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+        dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+                                timeout=timeout)
     elif "SLURM_PROCID" in os.environ:
         args.rank = int(os.environ["SLURM_PROCID"])
         args.world_size = int(os.environ.get("SLURM_NTASKS", 1))
@@ -364,17 +405,85 @@ def init_distributed_mode(args) -> None:
             os.environ["MASTER_ADDR"] = first_slurm_host(os.environ.get("SLURM_NODELIST", "127.0.0.1"))
         os.environ.setdefault("MASTER_PORT", "29500")
         _set_device(args.gpu)
-        dist.init_process_group(backend, init_method="env://", world_size=args.world_size, rank=args.rank)
+        dist.init_process_group(backend, init_method="env://", world_size=args.world_size, rank=args.rank,
+                                timeout=timeout)
     else:
         args.rank, args.world_size, args.gpu = 0, 1, 0
         _set_device(args.gpu)
         # A one-process group needs no rendezvous: an in-memory store avoids port clashes.
-        dist.init_process_group(backend, store=dist.HashStore(), world_size=1, rank=0)
+        dist.init_process_group(backend, store=dist.HashStore(), world_size=1, rank=0, timeout=timeout)
     print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {backend}, local device "
-          f"{args.gpu})", flush=True)
+          f"{args.gpu}, collective timeout {timeout})", flush=True)
     if args.world_size > 1:
         dist.barrier()
     setup_for_distributed(args.rank == 0)
+
+
+# Messages of a collective that timed out or lost a peer (gloo, NCCL, the c10d store).
+_COLLECTIVE_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset)|pair closure|broken pipe|"
+                                 r"NCCL", re.IGNORECASE)
+
+
+def unresponsive_ranks(wait_s: float) -> list[int] | None:
+    """Ranks that do not check in on the process group's store within `wait_s` seconds, each surviving rank
+    having checked in itself; None when the store cannot tell (e.g. it lived in the process that died)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"svt_alive/{get_rank()}", "1")
+        keys = [f"svt_alive/{r}" for r in range(get_world_size())]
+        deadline = time.time() + wait_s
+        while True:
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
+            if not missing or time.time() > deadline:
+                return missing
+            time.sleep(0.2)
+    except Exception:  # the store itself is gone or stuck: nothing more to learn
+        return None
+
+
+@contextlib.contextmanager
+def named_rank_failures(timeout_min: float = DEFAULT_DIST_TIMEOUT_MIN):
+    """Around an entry point's main: when a collective times out or loses its peer (a stalled, stopped or
+    dead process), print which rank saw it and which ranks stopped answering, then end this process with
+    exit code 1 (the launcher then stops the others) instead of a bare backend traceback or a hang."""
+    try:
+        yield
+    except RuntimeError as err:
+        if get_world_size() < 2 or not _COLLECTIVE_FAILURE.search(str(err)):
+            raise
+        rank, world = get_rank(), get_world_size()
+        silent = unresponsive_ranks(min(30.0, timeout_min * 60))
+        who = (f"rank(s) {silent} did not answer (stalled, stopped or dead)" if silent else
+               "the other ranks could not be reached" if silent is None else
+               "every rank answered afterwards (a slow rank, or a network error)")
+        _BUILTIN_PRINT(f"rank {rank}/{world}: a collective operation failed: {str(err).strip()[:300]}\n"
+                       f"rank {rank}/{world}: {who}. Collectives wait at most --dist_timeout {timeout_min:g} "
+                       "min; check the log of the rank(s) named above (out of memory, a stuck data loader, a "
+                       "preempted node), then resume: the last checkpoint.pth is intact.", file=sys.stderr,
+                       flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # the process group cannot be torn down cleanly once a peer is gone
+
+
+def line_buffered_output() -> None:
+    """Flush stdout and stderr at every newline, also when redirected to a file (a killed job keeps its last
+    lines; no `python -u` needed)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Create `path` if needed and make sure a file can be written in it, before any long work; raises
+    PermissionError naming `flag` otherwise."""
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{flag} {path} is not writable ({err.strerror or err}); pass a folder you can "
+                              "write to (results are written there at the end of the run).") from err
 
 
 def _set_device(local_rank: int) -> None:

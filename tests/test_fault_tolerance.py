@@ -1,0 +1,235 @@
+"""Fault tolerance: kill -9 at the fragile points of a tiny training run and resume; a stalled rank ends a
+2-process job with a message naming it; temporary files, file modes, non-finite states and mismatched resumes.
+
+The kills happen in subprocesses. KILL_LAUNCHER (test code, not a hook in train_ssl.py) wraps one function of the
+run so that its N-th call sends SIGKILL to its own process: DINOLoss.forward (mid-step), torch.save (mid-save:
+the temporary file is complete, the rename never happens), train_ssl.write_epoch_log (between the epoch-end
+checkpoint and its log.txt line) or train_ssl.atomic_copy (between checkpoint.pth and checkpointNNNN.pth).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_ssl
+from utils import utils
+from utils.checkpoint import atomic_save, remove_stale_temp_files, safe_torch_load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+KILL_RUNNER = textwrap.dedent("""
+    # Runs train_ssl.train_svt once per job, each in a forked child (torch is imported once, here, and the
+    # parent runs no torch op), the child killed by SIGKILL at the N-th call of one function. argv[1]: a JSON
+    # list of [kill_at, log_file, train_ssl argv]; prints the children's exit statuses as JSON.
+    import functools, json, os, signal, sys, traceback
+    sys.path.insert(0, {root!r})
+    import torch
+    import models, train_ssl
+    from models import DINOLoss
+
+    OWNERS = {{"step": (DINOLoss, "forward"), "save": (torch, "save"), "log": (train_ssl, "write_epoch_log"),
+               "numbered": (train_ssl, "atomic_copy")}}
+
+    def die_at(target, nth):
+        owner, name = OWNERS[target]
+        real, calls = getattr(owner, name), []
+
+        def dying(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == nth:
+                if target == "save":  # the whole temporary file is written, the rename never happens
+                    real(*args, **kwargs)
+                    args[1].flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        setattr(owner, name, dying)
+
+    def child(kill_at, log_file, argv):
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.umask(0o022)
+        train_ssl.build_backbone = functools.partial(models.build_backbone, embed_dim=48, num_heads=2)
+        if kill_at:
+            target, nth = kill_at.split(":")
+            die_at(target, int(nth))
+        try:
+            train_ssl.train_svt(train_ssl.get_args_parser().parse_args(argv))
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        sys.stdout.flush()
+        os._exit(0)
+
+    statuses = []
+    for kill_at, log_file, argv in json.loads(sys.argv[1]):
+        pid = os.fork()
+        if pid == 0:
+            child(kill_at, log_file, argv)
+        _, status = os.waitpid(pid, 0)
+        statuses.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    print(json.dumps(statuses))
+""")
+
+
+def _tiny_argv(root: Path, out: Path) -> list[str]:
+    """2 epochs of 4 steps (16 videos, batch 4), a depth-1 width-48 TimeSformer on 2 frames of 32 px and
+    2 local views; checkpoint.pth after every 2nd step and every epoch, numbered every epoch."""
+    return ["--arch", "vit_tiny", "--out_dim", "64", "--batch_size_per_gpu", "4", "--epochs", "2",
+            "--warmup_epochs", "1", "--local_crops_number", "2", "--num_workers", "0", "--log_freq", "1",
+            "--lr", "0.05", "--saveckp_iters", "2", "--saveckp_freq", "1",
+            "--data_path", str(root / "annotations"), "--output_dir", str(out),
+            "--opts", "DATA.PATH_PREFIX", str(root / "videos"), "MODEL.DEPTH", "1", "DATA.NUM_FRAMES", "2",
+            "DATA.SAMPLING_RATE", "2", "DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16",
+            "DATA.LOCAL_NUM_FRAMES", "[2, 2]"]
+
+
+def _run_jobs(tmp_path: Path, jobs: list[tuple[str, Path, list[str]]]) -> list[int]:
+    """Exit statuses (-9: killed) of the (kill_at, log file, argv) jobs, run one after the other."""
+    runner = tmp_path / "kill_runner.py"
+    runner.write_text(KILL_RUNNER.format(root=str(ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    jobs = [(kill_at, str(log), argv) for kill_at, log, argv in jobs]
+    proc = subprocess.run([sys.executable, str(runner), json.dumps(jobs)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _log_records(out: Path) -> list[dict]:
+    """log.txt records without the wall-clock epoch_time."""
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "epoch_time"} for r in records]
+
+
+def test_kill_9_at_every_fragile_point_then_resume_ends_as_an_uninterrupted_run(synthetic_root, tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    argv = _tiny_argv(synthetic_root, out)
+    # One chain of runs, each killed at the N-th call (counted in that run) of a function, each resuming from
+    # what the previous one left. Epoch e has steps 4e+1..4e+4; checkpoint.pth after steps 2 and 4.
+    chain = [
+        ("step:3", "mid-step (epoch 0, step 3): resumes mid-epoch from the step-2 checkpoint"),
+        ("save:1", "mid-save of the epoch-0 checkpoint: a complete .tmp, no rename"),
+        ("log:1", "after the epoch-0 checkpoint, before its log.txt line"),
+        ("step:3", "mid-step (epoch 1, step 3): the epoch's means must include steps 1-2"),
+        ("numbered:1", "after the last checkpoint.pth, before checkpoint0001.pth and its log line"),
+        ("", "the resume that finishes the run"),
+    ]
+    logs = [tmp_path / f"run{i}.log" for i in range(len(chain) + 1)]
+    statuses = _run_jobs(tmp_path, [("", logs[-1], _tiny_argv(synthetic_root, reference))] +
+                         [(kill_at, log, argv) for (kill_at, _), log in zip(chain, logs)])
+    assert statuses[0] == 0, logs[-1].read_text()[-3000:]
+    for status, (kill_at, where), log in zip(statuses[1:], chain, logs):
+        assert status == (-signal.SIGKILL if kill_at else 0), f"{where}: {log.read_text()[-3000:]}"
+    assert "Removed 1 temporary file(s)" in logs[2].read_text()  # left by the mid-save kill
+    assert "Wrote the log.txt line of epoch 0" in logs[3].read_text()
+    assert "Wrote the log.txt line of epoch 1" in logs[5].read_text()
+
+    assert _log_records(out) == _log_records(reference)
+    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == \
+        ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth"]
+    for name in ("checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth"):
+        got, want = safe_torch_load(out / name), safe_torch_load(reference / name)
+        assert (got["epoch"], got["iteration"]) == (want["epoch"], want["iteration"])
+        for key in ("student", "teacher", "dino_loss"):
+            for param, value in want[key].items():
+                assert torch.equal(got[key][param], value), f"{name}: {key}.{param}"
+        assert got["epoch_log"] == {**want["epoch_log"], "epoch_time": got["epoch_log"]["epoch_time"]}
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert (out / "checkpoint.pth").stat().st_mode & 0o777 == 0o644  # the launcher's umask 022
+
+
+def test_atomic_save_follows_the_umask_and_stale_temp_files_are_removed(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_save({"x": torch.ones(1)}, tmp_path / "checkpoint.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "checkpoint.pth").stat().st_mode & 0o777 == 0o640
+    (tmp_path / ".checkpoint.pth.123.abcd.tmp").write_bytes(b"partial")
+    (tmp_path / ".other.tmp").write_bytes(b"not ours")
+    assert remove_stale_temp_files(tmp_path) == [".checkpoint.pth.123.abcd.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp", "checkpoint.pth"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A stalled rank: 2 gloo processes, rank 1 stops itself (SIGSTOP), --dist_timeout 0.05 min (3 s)
+# ---------------------------------------------------------------------------------------------
+STALL_LAUNCHER = textwrap.dedent("""
+    import argparse, os, signal, sys
+    sys.path.insert(0, {root!r})
+    import torch, torch.distributed as dist
+    from utils import utils
+
+    parser = argparse.ArgumentParser()
+    utils.add_distributed_args(parser)
+    args = parser.parse_args()
+    with utils.named_rank_failures(args.dist_timeout):
+        utils.init_distributed_mode(args)
+        dist.all_reduce(torch.ones(1))
+        if args.rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        dist.all_reduce(torch.ones(1))
+    print("not reached", flush=True)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_stopped_rank_ends_the_job_with_a_message_naming_it(tmp_path):
+    launcher = tmp_path / "stall.py"
+    launcher.write_text(STALL_LAUNCHER.format(root=str(ROOT)))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(launcher), "--dist_timeout", "0.05"], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        start = time.time()
+        out, err = procs[0].communicate(timeout=120)
+        elapsed = time.time() - start
+    finally:
+        procs[1].kill()  # SIGKILL also ends a stopped process
+        procs[1].wait()
+        procs[0].kill()
+    assert procs[0].returncode == 1, out + err
+    assert "rank 0/2: a collective operation failed" in err
+    assert "rank(s) [1] did not answer" in err and "--dist_timeout 0.05" in err
+    assert "not reached" not in out
+    assert elapsed < 60
+
+
+def test_dist_timeout_reaches_the_process_group_and_nccl_error_handling_is_on(monkeypatch):
+    seen = {}
+
+    def fake_init(backend, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    class _Stop(Exception):
+        pass
+
+    monkeypatch.setattr(utils, "is_dist_avail_and_initialized", lambda: False)
+    monkeypatch.setattr(utils.dist, "init_process_group", fake_init)
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "")  # restored after the test
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    args = train_ssl.get_args_parser().parse_args(["--dist_timeout", "7.5"])
+    with pytest.raises(_Stop):
+        utils.init_distributed_mode(args)
+    assert seen["timeout"].total_seconds() == 450
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert train_ssl.get_args_parser().parse_args([]).dist_timeout == 30
