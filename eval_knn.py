@@ -60,10 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS,
                         help="Evaluation dataset (train split = bank, val split = queries).")
     parser.add_argument("--output_dir", default=".", type=str, help="Where knn_results.json is written.")
-    parser.add_argument("--dist_url", default="env://", type=str,
-                        help="Rendezvous address for torch.distributed (env:// reads what torchrun sets).")
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="Legacy torch.distributed.launch argument; torchrun's LOCAL_RANK is used instead.")
+    utils.add_distributed_args(parser)
     add_config_args(parser)
     return parser
 
@@ -74,6 +71,9 @@ def main(args) -> dict | None:
     cfg = load_config(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     device = utils.default_device()
+    utils.check_writable_dir(args.output_dir)
+    if args.dump_features:
+        utils.check_writable_dir(args.dump_features, "--dump_features")
     if args.load_features:
         train_features, test_features, train_labels, test_labels = load_dumped_features(args.load_features)
         sequential = 0
@@ -86,9 +86,10 @@ def main(args) -> dict | None:
     skipped = skipped_train + skipped_test
     print(f"Skipped videos (unreadable, left out): {skipped} ({skipped_train} of the train bank, "
           f"{skipped_test} of the val queries).")
-    if train_features.shape[0] == 0:
-        raise RuntimeError(f"no train video of {args.dataset} could be decoded ({skipped_train} skipped); "
-                           "check DATA.PATH_PREFIX and run datasets/preprocessing/check_videos.py.")
+    for split, features, n_skipped in (("train", train_features, skipped_train), ("val", test_features, skipped_test)):
+        if features.shape[0] == 0:
+            raise RuntimeError(f"no {split} video of {args.dataset} could be decoded ({n_skipped} skipped); check "
+                               "DATA.PATH_PREFIX and run python -m datasets.preprocessing.check_videos on the list.")
     results = None
     if utils.is_main_process():
         knn_device = device if args.use_cuda else torch.device("cpu")
@@ -102,7 +103,6 @@ def main(args) -> dict | None:
             "skipped_train_videos": skipped_train, "skipped_val_videos": skipped_test,
             "results": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in acc.items()},
         }
-        os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "knn_results.json"), "w") as f:
             json.dump(results, f, indent=2)
     if utils.is_dist_avail_and_initialized():
@@ -150,5 +150,8 @@ def load_dumped_features(folder: str):
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser("Evaluation with weighted k-NN on video features",
-                                 parents=[get_args_parser()]).parse_args())
+    utils.line_buffered_output()
+    args = argparse.ArgumentParser("Evaluation with weighted k-NN on video features",
+                                   parents=[get_args_parser()]).parse_args()
+    with utils.named_rank_failures(args.dist_timeout):
+        main(args)

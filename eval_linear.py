@@ -1,7 +1,9 @@
 """Linear probe on frozen SVT features, with single-view validation and the multi-view / slow-fast test.
 
 A val/test clip that cannot be decoded comes back with label -1: it is left out of the accuracy and of the
-per-video aggregation (a video whose clips all failed is left out) and counted as "skipped_videos".
+per-video aggregation (a video whose clips all failed is left out). An unreadable train video is replaced by
+another. "skipped_videos" counts each unreadable video once per split (train, and val, whose list the
+multi-view test reads too unless it has its own); a split without any readable video is an error.
 
     torchrun --nproc_per_node=1 eval_linear.py --n_last_blocks 1 --arch vit_base \
         --pretrained_weights ckpt.pth --epochs 20 --lr 0.001 --batch_size_per_gpu 16 --num_labels 101 \
@@ -24,7 +26,8 @@ from utils import utils
 from utils.checkpoint import atomic_save, safe_torch_load
 from utils.evaluation import (ReturnIndexLabelDataset, clip_features, dataset_labels, derived_config,
                               extract_features_and_labels, load_backbone, make_loader, multi_view_stats,
-                              resolve_num_labels, single_clip_config, single_view_stats, to_device)
+                              require_readable, resolve_num_labels, single_clip_config, single_view_stats,
+                              skipped_video_ids, to_device)
 from utils.parser import add_config_args, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -51,10 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", default=0.001, type=float,
                         help="Learning rate at a global batch of 256 (scaled linearly with the batch size).")
     parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Clips per GPU (original script: 16).")
-    parser.add_argument("--dist_url", default="env://", type=str,
-                        help="Rendezvous address for torch.distributed (env:// reads what torchrun sets).")
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="Legacy torch.distributed.launch argument; torchrun's LOCAL_RANK is used instead.")
+    utils.add_distributed_args(parser)
     parser.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes per GPU (decoding is CPU-bound).")
     parser.add_argument("--seed", default=0, type=int,
                         help="Seed of the random-init backbone (no --pretrained_weights) and of the probe training.")
@@ -83,7 +83,7 @@ def eval_linear(args) -> dict:
     cfg = load_config(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     device = utils.default_device()
-    os.makedirs(args.output_dir, exist_ok=True)
+    utils.check_writable_dir(args.output_dir)
     evaluate_only = args.evaluate or bool(args.lc_pretrained_weights)
     if utils.is_main_process():
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
@@ -121,10 +121,10 @@ def eval_linear(args) -> dict:
 
     if evaluate_only:
         load_classifier_state(classifier, trained_state, trained_path)
-        stats = {**validate_network(model, classifier, val_set, args, device),
-                 **final_test(model, classifier, test_set, args, device)}
-        print(f"Single-view val top-1: {stats['acc1']:.2f}; skipped videos: {stats['skipped_videos']}")
-        stats = with_skipped_total(stats, stats.pop("skipped_videos"))
+        val_stats, val_ids = validate_network(model, classifier, val_set, args, device)
+        test_stats, test_ids = final_test(model, classifier, test_set, args, device)
+        print(f"Single-view val top-1: {val_stats['acc1']:.2f}; skipped videos: {len(val_ids)}")
+        stats = with_skipped_total({**val_stats, **test_stats}, 0, val_ids, test_ids, val_set, test_set)
         stats["sequential_decodes"] = sequential_decodes(val_set, test_set)
         _write_results(args, stats)
         return stats
@@ -141,7 +141,7 @@ def eval_linear(args) -> dict:
     optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
 
-    start_epoch, best_acc, val_skipped = 0, 0.0, 0
+    start_epoch, best_acc, val_ids, train_skipped = 0, 0.0, set(), 0
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     if os.path.isfile(ckpt_path):
         ckpt = safe_torch_load(ckpt_path)
@@ -155,14 +155,14 @@ def eval_linear(args) -> dict:
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, classifier, optimizer, train_loader, epoch, args, device)
+        train_skipped = train_stats["skipped_videos"]
         scheduler.step()
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-            test_stats = validate_network(model, classifier, val_set, args, device)
+            test_stats, val_ids = validate_network(model, classifier, val_set, args, device)
             best_acc = max(best_acc, test_stats["acc1"])
-            val_skipped = test_stats["skipped_videos"]
-            print(f"Accuracy at epoch {epoch} of the network on the {len(val_set) - val_skipped} val clips: "
-                  f"{test_stats['acc1']:.1f}%  (max {best_acc:.2f}%); skipped videos: {val_skipped}")
+            print(f"Accuracy at epoch {epoch} of the network on the {len(val_set) - len(val_ids)} val clips: "
+                  f"{test_stats['acc1']:.1f}%  (max {best_acc:.2f}%); skipped videos: {len(val_ids)}")
             log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
         if utils.is_main_process():
             atomic_save({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
@@ -170,9 +170,9 @@ def eval_linear(args) -> dict:
                          "best_acc": best_acc}, ckpt_path)
         write_log(args, log_stats)
 
-    stats = final_test(model, classifier, test_set, args, device)
+    stats, test_ids = final_test(model, classifier, test_set, args, device)
     stats["best_acc"] = best_acc
-    stats = with_skipped_total(stats, val_skipped)
+    stats = with_skipped_total(stats, train_skipped, val_ids, test_ids, val_set, test_set)
     stats["sequential_decodes"] = sequential_decodes(*(d for d in (train_set, val_set, test_set) if d is not None))
     print(f"Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy (best single view): {best_acc:.1f}")
@@ -186,7 +186,9 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, args, devi
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
-    for frames, target, _, _ in metric_logger.log_every(loader, 20, header):
+    skipped = torch.zeros((), dtype=torch.long)
+    for frames, target, _, meta in metric_logger.log_every(loader, 20, header):
+        skipped += meta["skipped"].sum()
         frames = to_device(frames, device)
         target = target.to(device, non_blocking=True)
         with torch.no_grad():
@@ -200,32 +202,39 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, args, devi
         metric_logger.update(loss=loss.item())
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
     metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    if utils.get_world_size() > 1:
+        dist.all_reduce(skipped)
+    print("Averaged stats:", metric_logger, f" skipped (replaced) videos: {int(skipped)}")
+    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped)}
 
 
 @torch.no_grad()
-def validate_network(model, classifier, dataset, args, device) -> dict:
-    """Single-view accuracy: one clip per video; undecodable videos (label -1) are left out and counted."""
+def validate_network(model, classifier, dataset, args, device) -> tuple[dict, set[int]]:
+    """Single-view accuracy: one clip per video; undecodable videos (label -1) are left out and returned."""
     logits, labels = clip_logits(model, classifier, dataset, args, device)
-    return single_view_stats(logits, labels, args.num_labels)
+    skipped = skipped_video_ids(labels, 1)
+    require_readable(dataset, len(skipped))
+    return single_view_stats(logits, labels, args.num_labels), skipped
 
 
 @torch.no_grad()
-def validate_network_multi_view(model, classifier, dataset, args, device) -> dict:
-    """Per-video accuracy over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips, aggregated by `args.ensemble`."""
+def validate_network_multi_view(model, classifier, dataset, args, device) -> tuple[dict, set[int]]:
+    """Per-video accuracy over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips, aggregated by `args.ensemble`;
+    also the videos without any decoded clip."""
     logits, returned = clip_logits(model, classifier, dataset, args, device)
+    skipped = skipped_video_ids(returned, dataset.num_clips_per_video)
+    require_readable(dataset, len(skipped))
     return multi_view_stats(logits, returned, dataset_labels(dataset), dataset.num_clips_per_video, args.ensemble,
-                            args.num_labels)
+                            args.num_labels), skipped
 
 
-def final_test(model, classifier, test_set, args, device) -> dict:
-    stats = validate_network_multi_view(model, classifier, test_set, args, device)
+def final_test(model, classifier, test_set, args, device) -> tuple[dict, set[int]]:
+    stats, skipped = validate_network_multi_view(model, classifier, test_set, args, device)
     print(f"Multi-view test ({stats['num_clips_per_video']} clips x {stats['num_videos']} videos, "
           f"{args.ensemble}): top-1 {stats['multiview_acc1']:.2f}"
           + (f", top-5 {stats['multiview_acc5']:.2f}" if "multiview_acc5" in stats else "")
           + f"; skipped videos (unreadable, left out): {stats['multiview_skipped_videos']}")
-    return stats
+    return stats, skipped
 
 
 class LinearClassifier(nn.Module):
@@ -277,10 +286,14 @@ def write_log(args, stats: dict) -> None:
             f.write(json.dumps(stats) + "\n")
 
 
-def with_skipped_total(stats: dict, val_skipped: int) -> dict:
-    """`stats` with val_skipped_videos and skipped_videos (val + multi-view test videos left out)."""
-    return {**stats, "val_skipped_videos": val_skipped,
-            "skipped_videos": val_skipped + stats.get("multiview_skipped_videos", 0)}
+def with_skipped_total(stats: dict, train_skipped: int, val_ids: set[int], test_ids: set[int], val_set,
+                       test_set) -> dict:
+    """`stats` with train_/val_skipped_videos and skipped_videos: each unreadable video once per split (the
+    multi-view test of UCF-101/HMDB-51 reads the val list: a video left out of both counts once)."""
+    same_list = val_set.list_file == test_set.list_file
+    evaluated = len(val_ids | test_ids) if same_list else len(val_ids) + len(test_ids)
+    return {**stats, "train_skipped_videos": train_skipped, "val_skipped_videos": len(val_ids),
+            "skipped_videos": train_skipped + evaluated}
 
 
 def _write_results(args, stats: dict) -> None:
@@ -293,5 +306,7 @@ def _write_results(args, stats: dict) -> None:
 
 
 if __name__ == "__main__":
-    eval_linear(argparse.ArgumentParser("Linear evaluation of video features",
-                                        parents=[get_args_parser()]).parse_args())
+    utils.line_buffered_output()
+    args = argparse.ArgumentParser("Linear evaluation of video features", parents=[get_args_parser()]).parse_args()
+    with utils.named_rank_failures(args.dist_timeout):
+        eval_linear(args)

@@ -178,11 +178,16 @@ def train_svt(args) -> None:
     print("Loss, optimizer and schedules built.")
 
     # ============ optionally resume training ... ============
-    to_restore = {"epoch": 0, "iteration": 0, "rng": None, "epoch_meters": None, "epoch_log": None}
+    to_restore = {"epoch": 0, "iteration": 0, "rng": None, "epoch_meters": None, "epoch_log": None,
+                  "num_threads": None}
     own_checkpoint = (output_dir / "checkpoint.pth").is_file()
     resume_checkpoint(state, output_dir / "checkpoint.pth" if own_checkpoint else args.resume_from, to_restore, args)
     start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
     restore_rng(to_restore["rng"])
+    if to_restore["num_threads"] not in (None, torch.get_num_threads()):
+        print(f"Note: the checkpoint was written with {to_restore['num_threads']} CPU threads per process, this run "
+              f"has {torch.get_num_threads()}: CPU float reductions are summed in another order, so the resumed run "
+              "matches an uninterrupted one to ~1e-6, not bit for bit (set OMP_NUM_THREADS to match).")
 
     state.writer = writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
     if own_checkpoint and to_restore["epoch_log"] is not None:
@@ -509,6 +514,7 @@ def save_checkpoint(state: TrainState, args, epoch: int, iteration: int, numbere
         "rng": gather_rng_states(),
         "epoch_meters": gather_objects(epoch_meters) if epoch_meters is not None else None,
         "epoch_log": epoch_log,
+        "num_threads": torch.get_num_threads(),
     }
     if utils.is_main_process():
         output_dir = Path(args.output_dir)

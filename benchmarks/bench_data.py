@@ -271,4 +271,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # a killed run keeps its last lines
     main()

@@ -27,6 +27,7 @@ CLI: `python -m datasets.synthetic --out DIR [--scene object|particles] [--motio
 """
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -279,4 +280,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # a killed run keeps its last lines
     main()

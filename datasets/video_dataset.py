@@ -97,12 +97,13 @@ def check_paths_resolve(paths: list[str], list_file: str, prefix: str, probes: i
 
 
 def parse_list_file(list_file: str, separator: str = " ") -> list[tuple[str, int]]:
-    """Lines `path<sep>label` (the separator, a comma or whitespace); empty lines are skipped.
-    A malformed line raises ValueError naming the file, the line number and the line."""
+    """Lines `path<sep>label` (the separator, a comma or whitespace); empty lines and a UTF-8 byte-order mark
+    are skipped. Labels are class indices (integers >= 0). A malformed line or a negative label raises
+    ValueError naming the file, the line number and the line."""
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"list file {list_file} not found; check DATA.PATH_TO_DATA_DIR.")
     items = []
-    with open(list_file) as f:
+    with open(list_file, encoding="utf-8-sig") as f:
         for number, raw in enumerate(f, start=1):
             line = raw.strip()
             if not line:
@@ -116,7 +117,11 @@ def parse_list_file(list_file: str, separator: str = " ") -> list[tuple[str, int
             if parts is None:
                 raise ValueError(f"{list_file}:{number}: malformed line {line!r}; expected "
                                  f"'<path><separator><integer label>' (separator {separator!r} or ',').")
-            items.append((parts[0].strip(), int(parts[1])))
+            label = int(parts[1])
+            if label < 0:
+                raise ValueError(f"{list_file}:{number}: label {label} in {line!r} is negative; labels are class "
+                                 "indices 0, 1, ... (the first class is 0).")
+            items.append((parts[0].strip(), label))
     if not items:
         raise ValueError(f"list file {list_file} has no entries.")
     return items
@@ -127,7 +132,7 @@ def load_frame_lists(csv_file: str, prefix: str) -> dict[str, list[str]]:
     if not os.path.isfile(csv_file):
         raise FileNotFoundError(f"SSv2 frame list {csv_file} not found; check DATA.PATH_TO_DATA_DIR.")
     frames = defaultdict(list)
-    with open(csv_file) as f:
+    with open(csv_file, encoding="utf-8-sig") as f:
         for number, raw in enumerate(f, start=1):
             line = raw.strip()
             if not line or (number == 1 and line.startswith("original_vido_id")):
@@ -149,9 +154,9 @@ def load_ssv2_list(root: str, mode: str, frame_list: str, prefix: str) -> list[d
     for f in (label_file, anno_file):
         if not os.path.isfile(f):
             raise FileNotFoundError(f"SSv2 annotation {f} not found; check DATA.PATH_TO_DATA_DIR.")
-    with open(label_file) as f:
+    with open(label_file, encoding="utf-8-sig") as f:
         label_dict = json.load(f)
-    with open(anno_file) as f:
+    with open(anno_file, encoding="utf-8-sig") as f:
         annotations = json.load(f)
     frame_lists = load_frame_lists(frame_list, prefix)
     records = []
@@ -162,7 +167,10 @@ def load_ssv2_list(root: str, mode: str, frame_list: str, prefix: str) -> list[d
         vid = str(item["id"])
         if vid not in frame_lists:
             raise ValueError(f"{anno_file}: video {vid} has no frames in {frame_list}")
-        records.append({"path": vid, "label": int(label_dict[template]), "frames": frame_lists[vid]})
+        label = int(label_dict[template])
+        if label < 0:
+            raise ValueError(f"{label_file}: class {template!r} has the negative id {label}; ids are 0, 1, ...")
+        records.append({"path": vid, "label": label, "frames": frame_lists[vid]})
     return records
 
 

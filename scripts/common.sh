@@ -1,5 +1,8 @@
 # Shared by the launch scripts (sourced, not run).
 
+# Python output reaches log files line by line (a killed job keeps its last lines).
+export PYTHONUNBUFFERED=1
+
 # check_deps: stop before launching when a required package is missing (scripts/install_deps.sh --check,
 # which names the fix). Launches never install, so no pip runs on compute nodes at each job start.
 check_deps() {

@@ -46,6 +46,21 @@ def test_malformed_line_names_file_number_and_line(tmp_path, content, line):
         parse_list_file(str(path))
 
 
+@pytest.mark.parametrize("label", ["-1", "-2"])
+def test_negative_label_names_file_and_line(tmp_path, label):
+    # -1 is the internal "unreadable video" marker of evaluation: a list must never produce it.
+    path = tmp_path / "val.csv"
+    path.write_text(f"a.mp4 0\nb.mp4,{label}\n")
+    with pytest.raises(ValueError, match=f"val.csv:2: label {label} in 'b.mp4,{label}' is negative"):
+        parse_list_file(str(path))
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_first_path(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes("\ufeffx/a.mp4 3\ny/b.mp4 0\n".encode("utf-8"))
+    assert parse_list_file(str(path)) == [("x/a.mp4", 3), ("y/b.mp4", 0)]
+
+
 def test_missing_list_file_names_key(tmp_path, synthetic_root):
     cfg = build_cfg(tmp_path, synthetic_root / "videos")
     with pytest.raises(FileNotFoundError, match="train.csv.*DATA.PATH_TO_DATA_DIR"):

@@ -260,8 +260,12 @@ def test_load_backbone_rejects_wrong_architecture_and_foreign_files(tmp_path):
         _load(tmp_path / "small.pth")
     torch.save({"backbone." + k: v for k, v in build_backbone("vit_tiny", _cfg(), depth=2).state_dict().items()},
                tmp_path / "shallow.pth")
-    with pytest.raises(ValueError, match="does not fit --arch vit_tiny"):
+    with pytest.raises(ValueError, match=r"has 2 blocks but --arch vit_tiny builds 12 .*--opts MODEL.DEPTH 2"):
         _load(tmp_path / "shallow.pth")
+    torch.save({"backbone." + k: v for k, v in build_backbone("vit_tiny", _cfg(), depth=2).state_dict().items()
+                if k.startswith("blocks.")}, tmp_path / "blocks_only.pth")
+    with pytest.raises(ValueError, match="does not fit --arch vit_tiny"):  # non-block weights missing too
+        _load(tmp_path / "blocks_only.pth")
     torch.save({"state_dict": {"conv1.weight": torch.zeros(3)}}, tmp_path / "resnet.pth")
     with pytest.raises(ValueError, match="no key"):
         _load(tmp_path / "resnet.pth")

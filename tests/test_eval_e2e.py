@@ -224,31 +224,65 @@ def test_knn_skips_unreadable_train_and_val_videos(synthetic_root, checkpoint, t
     assert reloaded["results"] == clean["results"] and reloaded["skipped_videos"] == 2
 
 
-def test_linear_probe_skips_an_unreadable_val_video(synthetic_root, checkpoint, tmp_path):
-    lists = _lists_with_corrupt_videos(synthetic_root, tmp_path, "splits", ["ucf101_val_split_1_videos.txt"])
+def test_linear_probe_skips_unreadable_videos_once_per_split(synthetic_root, checkpoint, tmp_path):
+    lists = _lists_with_corrupt_videos(synthetic_root, tmp_path, "splits",
+                                       ["ucf101_train_split_1_videos.txt", "ucf101_val_split_1_videos.txt"])
     common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "1",
               "--batch_size_per_gpu", "8", "--num_workers", "0", "--dataset", "ucf101", "--num_labels", "4"]
     views = ["TEST.NUM_SPATIAL_CROPS", "1", "TEST.NUM_ENSEMBLE_VIEWS", "2"]  # 2 clips per test video
     opts = ["--opts", "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(synthetic_root / "videos")] + OPTS + views
     out = tmp_path / "le"
     stats = linear(common + ["--epochs", "1", "--output_dir", str(out)] + opts)
-    # The val list serves both the single-view val and the 2-clip test: the video is left out of each.
+    # The val list serves both the single-view val and the 2-clip test: the video is left out of each and
+    # counted once; the unreadable train video is replaced, and counted once too.
     assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 2
     assert (stats["val_skipped_videos"], stats["multiview_skipped_videos"], stats["multiview_skipped_clips"]) == (1, 1, 2)
-    assert stats["skipped_videos"] == 2
+    assert (stats["train_skipped_videos"], stats["skipped_videos"]) == (1, 2)
     assert json.loads((out / "linear_results.json").read_text())["skipped_videos"] == 2
     lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
-    assert lines[0]["test_skipped_videos"] == 1 and lines[-1]["test_skipped_videos"] == 2
+    assert (lines[0]["train_skipped_videos"], lines[0]["test_skipped_videos"]) == (1, 1)
+    assert lines[-1]["test_skipped_videos"] == 2
     # --evaluate scores the same as on the list without the unreadable video.
     ckpt = ["--lc_pretrained_weights", str(out / "checkpoint.pth.tar")]
     dist.destroy_process_group()
     ev = linear(common + ckpt + ["--output_dir", str(tmp_path / "ev")] + opts)
     dist.destroy_process_group()
     ref = linear(common + ckpt + ["--output_dir", str(tmp_path / "ref"), "--opts"] + _data_opts(synthetic_root, "splits") + views)
-    assert ev["skipped_videos"] == 2 and ref["skipped_videos"] == 0
+    assert ev["skipped_videos"] == 1 and ref["skipped_videos"] == 0
     assert (ev["acc1"], ev["multiview_acc1"], ev["num_videos"]) == (ref["acc1"], ref["multiview_acc1"], 8)
     assert ev["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     # Slow-fast clips (a list of two clips per sample): the placeholder has both shapes, the run finishes.
     dist.destroy_process_group()
     sf = linear(common + ckpt + ["--slowfast_eval", "True", "--output_dir", str(tmp_path / "sf")] + opts)
-    assert sf["skipped_videos"] == 2 and sf["num_videos"] == 8
+    assert sf["skipped_videos"] == 1 and sf["num_videos"] == 8
+
+
+def test_unwritable_output_dir_fails_before_any_work(synthetic_root, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    missing = str(tmp_path / "no_such_checkpoint.pth")  # would fail later, at loading
+    common = ["--arch", "vit_tiny", "--pretrained_weights", missing, "--num_workers", "0", "--output_dir",
+              str(blocker / "out"), "--opts"] + _data_opts(synthetic_root, "splits")
+    with pytest.raises(PermissionError, match=r"--output_dir .*a_file/out is not writable"):
+        linear(common)
+    dist.destroy_process_group()
+    with pytest.raises(PermissionError, match=r"--output_dir .*a_file/out is not writable"):
+        knn(common)
+
+
+def test_no_readable_val_video_is_an_error(synthetic_root, checkpoint, tmp_path):
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00not a video" * 64)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for src in (synthetic_root / "splits").iterdir():
+        text = src.read_text() if "train" in src.name else f"{corrupt} 0\n{corrupt} 1\n"
+        (lists / src.name).write_text(text)
+    opts = ["--opts", "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(synthetic_root / "videos")] + OPTS
+    common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--num_workers", "0", "--dataset", "ucf101",
+              "--batch_size_per_gpu", "8", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(RuntimeError, match=r"none of the 2 videos of .*ucf101_val_split_1_videos.txt could be read"):
+        linear(common + ["--epochs", "1", "--num_labels", "4"] + opts)
+    dist.destroy_process_group()
+    with pytest.raises(RuntimeError, match="no val video of ucf101 could be decoded"):
+        knn(common + ["--nb_knn", "1", "--use_cuda", "False"] + opts)

@@ -1,11 +1,12 @@
 """Fault tolerance: kill -9 at the fragile points of a tiny training run and resume; a stalled rank ends a
 2-process job with a message naming it; temporary files, file modes, non-finite states and mismatched resumes.
 
-The kills happen in subprocesses. KILL_LAUNCHER (test code, not a hook in train_ssl.py) wraps one function of the
+The kills happen in forked children of one subprocess. KILL_RUNNER (test code, no hook in train_ssl.py) wraps one function of the
 run so that its N-th call sends SIGKILL to its own process: DINOLoss.forward (mid-step), torch.save (mid-save:
 the temporary file is complete, the rename never happens), train_ssl.write_epoch_log (between the epoch-end
 checkpoint and its log.txt line) or train_ssl.atomic_copy (between checkpoint.pth and checkpointNNNN.pth).
 """
+import functools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import models
 import train_ssl
 from utils import utils
 from utils.checkpoint import atomic_save, remove_stale_temp_files, safe_torch_load
@@ -233,3 +235,57 @@ def test_dist_timeout_reaches_the_process_group_and_nccl_error_handling_is_on(mo
     assert seen["timeout"].total_seconds() == 450
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     assert train_ssl.get_args_parser().parse_args([]).dist_timeout == 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergence and resume guards (in-process tiny runs)
+# ---------------------------------------------------------------------------------------------
+def _train_here(monkeypatch, argv: list[str]) -> None:
+    monkeypatch.setattr(train_ssl, "build_backbone", functools.partial(models.build_backbone, embed_dim=48,
+                                                                       num_heads=2))
+    train_ssl.train_svt(train_ssl.get_args_parser().parse_args(argv))
+
+
+def _set_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def test_nonfinite_weights_are_never_saved_and_the_run_continues_in_a_fresh_dir(synthetic_root, tmp_path,
+                                                                                  monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = _tiny_argv(synthetic_root, out)
+    real_ema, calls = train_ssl.ema_update, []
+
+    def nan_teacher_at_step_4(teacher_params, student_params, m):  # the loss of step 4 is still finite
+        real_ema(teacher_params, student_params, m)
+        calls.append(1)
+        if len(calls) == 4:
+            teacher_params[0].fill_(float("nan"))
+
+    monkeypatch.setattr(train_ssl, "ema_update", nan_teacher_at_step_4)
+    with pytest.raises(SystemExit) as exc:
+        _train_here(monkeypatch, argv)
+    assert exc.value.code == 1
+    msg = capsys.readouterr().out
+    assert "Non-finite weights before saving epoch 1 iteration 0" in msg and "teacher.backbone.cls_token" in msg
+    assert f"--resume_from {out / 'checkpoint.pth'}" in msg and "Do not rerun in this --output_dir" in msg
+    ckpt = safe_torch_load(out / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 2)  # the mid-epoch one, untouched
+    assert all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
+    assert not (out / "log.txt").exists() and not list(out.glob("*.tmp"))
+    monkeypatch.setattr(train_ssl, "ema_update", real_ema)
+
+    # Another model in the same --output_dir: an error naming the flag, not a raw state_dict error.
+    with pytest.raises(ValueError, match=r"--out_dim 64 \(this run: 32\).*use a new --output_dir"):
+        _train_here(monkeypatch, _set_flag(argv, "--out_dim", "32"))
+
+    # A fresh --output_dir continues from it (weights, optimizer, epoch and iteration).
+    fresh = tmp_path / "fresh"
+    fresh_argv = _set_flag(_set_flag(argv, "--output_dir", str(fresh)), "--epochs", "1")
+    opts = fresh_argv.index("--opts")
+    _train_here(monkeypatch, fresh_argv[:opts] + ["--resume_from", str(out / "checkpoint.pth")] + fresh_argv[opts:])
+    resumed = safe_torch_load(fresh / "checkpoint.pth")
+    assert (resumed["epoch"], resumed["iteration"]) == (1, 0)
+    assert [json.loads(line)["epoch"] for line in (fresh / "log.txt").read_text().splitlines()] == [0]

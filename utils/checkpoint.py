@@ -131,7 +131,8 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
     for k in summary.matched:
         if state[k].shape != target[k].shape:
             raise ValueError(f"{path}: shape of '{k}' is {tuple(state[k].shape)} in the file but "
-                             f"{tuple(target[k].shape)} in the model; build the model with the checkpoint's size")
+                             f"{tuple(target[k].shape)} in the model: the checkpoint is of another model size; "
+                             "pass the --arch (width), --patch_size and MODEL.DEPTH it was trained with")
     model.load_state_dict({k: state[k] for k in summary.matched}, strict=False)
     print(summary)
     return summary

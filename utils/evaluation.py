@@ -50,14 +50,27 @@ def load_backbone(arch: str, cfg, device: torch.device, pretrained_weights: str 
 
 def check_backbone_load(summary, path: str, arch: str) -> None:
     """Evaluation needs every backbone weight from the file: missing keys (random weights) or blocks the
-    model does not have (another depth) mean the checkpoint is not of `arch`."""
+    model does not have mean the checkpoint is of another depth (MODEL.DEPTH) or architecture (--arch)."""
     extra_blocks = [k for k in summary.unexpected if k.startswith("blocks.")]
-    if summary.missing or extra_blocks:
+    if not summary.missing and not extra_blocks:
+        return
+    file_depth = _num_blocks(summary.matched + summary.unexpected)
+    model_depth = _num_blocks(summary.matched + summary.missing)
+    if file_depth != model_depth and all(k.startswith("blocks.") for k in summary.missing):
         raise ValueError(
-            f"{path} does not fit --arch {arch}: {len(summary.missing)} backbone "
-            f"weights missing from the file {summary.missing[:4]}, {len(extra_blocks)} block weights the "
-            f"model lacks {extra_blocks[:4]}. Pass the --arch (and DATA.NUM_FRAMES / crop size) the "
-            f"checkpoint was trained with, or --checkpoint_key to pick its teacher/student entry.")
+            f"{path} has {file_depth} blocks but --arch {arch} builds {model_depth} here: the checkpoint was "
+            f"trained with another depth. Pass --opts MODEL.DEPTH {file_depth} (with the same --arch).")
+    raise ValueError(
+        f"{path} does not fit --arch {arch}: {len(summary.missing)} backbone "
+        f"weights missing from the file {summary.missing[:4]}, {len(extra_blocks)} block weights the "
+        f"model lacks {extra_blocks[:4]}. Pass the --arch (and DATA.NUM_FRAMES / crop size) the "
+        f"checkpoint was trained with, or --checkpoint_key to pick its teacher/student entry.")
+
+
+def _num_blocks(keys) -> int:
+    """Number of transformer blocks named in backbone state-dict keys (`blocks.<i>.`)."""
+    indices = {int(k.split(".")[1]) for k in keys if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    return max(indices) + 1 if indices else 0
 
 
 def dataset_labels(dataset) -> torch.Tensor:
@@ -332,6 +345,20 @@ def accuracy_stats(scores: torch.Tensor, labels: torch.Tensor, num_labels: int, 
     if num_labels >= 5:
         stats[f"{prefix}acc5"] = top5
     return stats
+
+
+def skipped_video_ids(returned: torch.Tensor, num_clips: int) -> set[int]:
+    """Videos none of whose `num_clips` consecutive clips was decoded (returned label -1)."""
+    failed = (returned[:returned.numel() // num_clips * num_clips] == SKIPPED_LABEL).view(-1, num_clips)
+    return set(failed.all(dim=1).nonzero().flatten().tolist())
+
+
+def require_readable(dataset, num_skipped: int) -> None:
+    """An evaluation split in which no video could be read is an error, not an accuracy of 0 over 0 videos."""
+    if num_skipped >= dataset.num_videos:
+        raise RuntimeError(f"none of the {dataset.num_videos} videos of {dataset.list_file} could be read "
+                           f"(DATA.PATH_PREFIX={dataset.cfg.DATA.PATH_PREFIX!r}); check the prefix and run "
+                           "python -m datasets.preprocessing.check_videos on the list.")
 
 
 def single_view_stats(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict:

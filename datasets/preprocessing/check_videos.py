@@ -89,4 +89,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # a killed run keeps its last lines
     sys.exit(main())
