@@ -1,10 +1,12 @@
 """Fault tolerance: kill -9 at the fragile points of a tiny training run and resume; a stalled rank ends a
-2-process job with a message naming it; temporary files, file modes, non-finite states and mismatched resumes.
+2-process job with a message naming it; temporary files, file modes, non-finite states, mismatched resumes,
+line-buffered output.
 
-The kills happen in forked children of one subprocess. KILL_RUNNER (test code, no hook in train_ssl.py) wraps one function of the
-run so that its N-th call sends SIGKILL to its own process: DINOLoss.forward (mid-step), torch.save (mid-save:
-the temporary file is complete, the rename never happens), train_ssl.write_epoch_log (between the epoch-end
-checkpoint and its log.txt line) or train_ssl.atomic_copy (between checkpoint.pth and checkpointNNNN.pth).
+The kills happen in forked children of one subprocess. KILL_RUNNER (test code, no hook in train_ssl.py)
+wraps one function of the run so that its N-th call sends SIGKILL to its own process: DINOLoss.forward
+(mid-step), torch.save (mid-save: the temporary file is complete, the rename never happens),
+train_ssl.write_epoch_log (between the epoch-end checkpoint and its log.txt line) or train_ssl.atomic_copy
+(between checkpoint.pth and checkpointNNNN.pth).
 """
 import functools
 import json
@@ -289,3 +291,31 @@ def test_nonfinite_weights_are_never_saved_and_the_run_continues_in_a_fresh_dir(
     resumed = safe_torch_load(fresh / "checkpoint.pth")
     assert (resumed["epoch"], resumed["iteration"]) == (1, 0)
     assert [json.loads(line)["epoch"] for line in (fresh / "log.txt").read_text().splitlines()] == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output reaches a pipe or file line by line: what an entry point printed survives a kill -9
+# ---------------------------------------------------------------------------------------------
+PRINT_THEN_DIE = textwrap.dedent("""
+    import os, runpy, signal, sys
+    sys.path.insert(0, {root!r})
+    from utils import utils
+
+    def dies_after_init(args):
+        print("printed before the kill")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    utils.init_distributed_mode = dies_after_init
+    sys.argv = [sys.argv[1], "--output_dir", sys.argv[2]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+@pytest.mark.parametrize("script", ["train_ssl.py", "eval_knn.py", "eval_linear.py"])
+def test_entry_points_flush_each_line_before_a_kill(script, tmp_path):
+    runner = tmp_path / "print_then_die.py"
+    runner.write_text(PRINT_THEN_DIE.format(root=str(ROOT)))
+    proc = subprocess.run([sys.executable, str(runner), str(ROOT / script), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": ""})
+    assert proc.returncode == -signal.SIGKILL
+    assert "printed before the kill" in proc.stdout
