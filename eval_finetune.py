@@ -109,10 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="Random seed (head init, data order, augmentation).")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="DataLoader worker processes per GPU (decoding is CPU-bound).")
-    parser.add_argument("--dist_url", default="env://", type=str,
-                        help="Rendezvous address for torch.distributed (env:// reads what torchrun sets).")
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="Legacy torch.distributed.launch argument; torchrun's LOCAL_RANK is used instead.")
+    utils.add_distributed_args(parser)
     add_config_args(parser)
     return parser
 
@@ -376,5 +373,7 @@ def eval_finetune(args) -> dict:
 
 
 if __name__ == "__main__":
-    eval_finetune(argparse.ArgumentParser("Fine-tuning of SVT video features",
-                                          parents=[get_args_parser()]).parse_args())
+    utils.line_buffered_output()
+    args = argparse.ArgumentParser("Fine-tuning of SVT video features", parents=[get_args_parser()]).parse_args()
+    with utils.named_rank_failures(args.dist_timeout):
+        eval_finetune(args)

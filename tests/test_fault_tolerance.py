@@ -311,7 +311,7 @@ PRINT_THEN_DIE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("script", ["train_ssl.py", "eval_knn.py", "eval_linear.py"])
+@pytest.mark.parametrize("script", ["train_ssl.py", "eval_knn.py", "eval_linear.py", "eval_finetune.py"])
 def test_entry_points_flush_each_line_before_a_kill(script, tmp_path):
     runner = tmp_path / "print_then_die.py"
     runner.write_text(PRINT_THEN_DIE.format(root=str(ROOT)))
