@@ -93,7 +93,7 @@ def test_every_checkpoint_layout_initialises_the_backbone_unchanged_with_a_new_h
     # A backbone of another depth is an error, not a partly random model.
     deeper = tmp_path / "deeper.pth"
     torch.save({f"backbone.{k}": v for k, v in build_backbone("vit_tiny", cfg, depth=3).state_dict().items()}, deeper)
-    with pytest.raises(ValueError, match="does not fit --arch vit_tiny"):
+    with pytest.raises(ValueError, match="has 3 blocks but --arch vit_tiny builds 2 .*--opts MODEL.DEPTH 3"):
         eval_finetune.build_model(_args(str(deeper)), cfg, 5)
 
 
