@@ -1,5 +1,6 @@
 """utils/utils.py: flags, schedules, gradient helpers, param groups, meters, distributed setup."""
 import argparse
+import datetime
 import math
 
 import numpy as np
@@ -138,7 +139,8 @@ def test_init_distributed_torchrun_env(fake_dist, monkeypatch):
     utils.init_distributed_mode(args)
     assert (args.rank, args.world_size, args.gpu) == (3, 8, 1)
     (a, kw), = fake_dist
-    assert kw == {"init_method": "env://", "world_size": 8, "rank": 3}
+    # without --dist_timeout (a script that lacks it): the 30-minute default
+    assert kw == {"init_method": "env://", "world_size": 8, "rank": 3, "timeout": datetime.timedelta(minutes=30)}
 
 
 def test_init_distributed_slurm_env(fake_dist, monkeypatch):
