@@ -321,4 +321,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # a killed run keeps its last lines
     main()
