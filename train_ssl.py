@@ -80,7 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         name; see --amp_dtype for the type). Faster and lighter; turn it off if the loss turns non-finite.""")
     parser.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"], help="""Mixed
         precision type when --use_fp16 is on. auto: bf16 on GPUs that support it (no loss scaling needed),
-        else fp16 with a GradScaler; fp32 on CPU. bf16 also works on CPU.""")
+        else fp16 with a GradScaler; on CPU bf16 only where the CPU has native bf16 (AVX-512 BF16 / AMX),
+        else fp32 (emulated bf16, e.g. on AVX2-only CPUs, is ~60x slower). The run prints its choice.""")
     parser.add_argument("--weight_decay", type=float, default=0.04, help="""Weight decay at the start of
         its cosine schedule (biases and norm parameters are never decayed).""")
     parser.add_argument("--weight_decay_end", type=float, default=0.4, help="""Weight decay at the end of
@@ -363,9 +364,9 @@ def build_train_state(args, cfg, device: torch.device, niter: int, fused: bool |
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(device)
     optimizer = build_optimizer(args, student_without_ddp, device, fused)
-    precision = utils.resolve_amp_dtype(args.use_fp16, args.amp_dtype, device)
+    precision, why = utils.choose_precision(args.use_fp16, args.amp_dtype, device)
     fp16_scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
-    print(f"Mixed precision: {precision or 'off (fp32)'}")
+    print(f"Mixed precision: {precision or 'off (fp32)'} ({why})")
     global_batch = args.batch_size_per_gpu * utils.get_world_size()
     lr_schedule = utils.cosine_scheduler(args.lr * global_batch / 256., args.min_lr, args.epochs, niter,
                                          warmup_epochs=args.warmup_epochs)

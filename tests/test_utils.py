@@ -93,14 +93,43 @@ def test_smoothed_value_and_metric_logger(capsys):
 def test_resolve_amp_dtype_and_autocast():
     cpu = torch.device("cpu")
     assert utils.resolve_amp_dtype(False, "bf16", cpu) is None
-    assert utils.resolve_amp_dtype(True, "auto", cpu) is None
     assert utils.resolve_amp_dtype(True, "bf16", cpu) is torch.bfloat16
     with pytest.raises(ValueError, match="--amp_dtype fp16 needs a CUDA device"):
         utils.resolve_amp_dtype(True, "fp16", cpu)
+    with pytest.raises(ValueError, match="use auto, bf16 or fp16"):
+        utils.resolve_amp_dtype(True, "fp8", cpu)
     with utils.autocast_context(torch.bfloat16, cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with utils.autocast_context(None, cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native):
+    # AVX-512 BF16 / AMX CPUs get bf16; AVX2-only CPUs (emulated bf16, ~60x slower) get fp32, and say why.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert utils.cpu_has_native_bf16() is native
+    dtype, why = utils.choose_precision(True, "auto", torch.device("cpu"))
+    assert dtype is (torch.bfloat16 if native else None)
+    assert why == ("auto: this CPU has native bf16 (AVX-512 BF16 / AMX)" if native else
+                   "auto: no native bf16 on this CPU (bf16 would be emulated, many times slower than fp32)")
+    assert utils.choose_precision(False, "auto", torch.device("cpu")) == (None, "--use_fp16 false")
+
+
+@pytest.mark.parametrize("bf16_ok", [True, False])
+def test_auto_precision_on_cuda(monkeypatch, bf16_ok):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # the CPU plays no part
+    dtype, why = utils.choose_precision(True, "auto", torch.device("cuda", 0))
+    assert dtype is (torch.bfloat16 if bf16_ok else torch.float16)
+    assert ("supports bf16" in why) is bf16_ok and ("loss scaling" in why) is not bf16_ok
+
+
+def test_cpu_has_native_bf16_without_onednn(monkeypatch):
+    def missing():
+        raise RuntimeError("mkldnn not built")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing)
+    assert utils.cpu_has_native_bf16() is False
 
 
 def test_lars_step_matches_formula():

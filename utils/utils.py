@@ -125,25 +125,45 @@ class LARS(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------
 # Mixed precision
 # ---------------------------------------------------------------------------------------------
-def resolve_amp_dtype(use_fp16: bool, amp_dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `--use_fp16` / `--amp_dtype` on a device; None means fp32.
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 matmuls natively (AVX-512 BF16 or AMX). Elsewhere (e.g. AVX2-only CPUs)
+    bf16 is emulated and a bf16 matmul is ~60x slower than an fp32 one."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
 
-    auto: bf16 on CUDA devices that support it, else fp16 on CUDA, fp32 on CPU.
+
+def choose_precision(use_fp16: bool, amp_dtype: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype for `--use_fp16` / `--amp_dtype` on a device (None means fp32), and why.
+
+    auto: on CUDA bf16 where supported, else fp16 (with a GradScaler); on CPU bf16 only where the CPU has
+    native bf16 (`cpu_has_native_bf16`), else fp32.
     """
     if not use_fp16:
-        return None
+        return None, "--use_fp16 false"
     if amp_dtype == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "auto: this GPU supports bf16"
+            return torch.float16, "auto: this GPU has no bf16, fp16 with loss scaling"
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16, "auto: this CPU has native bf16 (AVX-512 BF16 / AMX)"
+        return None, (f"auto: no native bf16 on this {device.type.upper()} (bf16 would be emulated, "
+                      "many times slower than fp32)")
     if amp_dtype == "bf16":
-        return torch.bfloat16
+        return torch.bfloat16, "--amp_dtype bf16"
     if amp_dtype == "fp16":
         if device.type != "cuda":
-            raise ValueError("--amp_dtype fp16 needs a CUDA device; on CPU use --amp_dtype bf16 or "
-                             "--use_fp16 false.")
-        return torch.float16
+            raise ValueError("--amp_dtype fp16 needs a CUDA device; on CPU use --amp_dtype auto (bf16 where "
+                             "the CPU supports it natively) or --use_fp16 false.")
+        return torch.float16, "--amp_dtype fp16"
     raise ValueError(f"--amp_dtype {amp_dtype!r}: use auto, bf16 or fp16")
+
+
+def resolve_amp_dtype(use_fp16: bool, amp_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `choose_precision` alone; None means fp32."""
+    return choose_precision(use_fp16, amp_dtype, device)[0]
 
 
 def default_device() -> torch.device:
