@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 
-required="torch torchvision timm numpy einops fvcore tensorboard av"
+required="torch torchvision timm numpy einops fvcore tensorboard av matplotlib"
 optional="torchcodec"
 if [[ "$(uname -m)" == "x86_64" ]]; then optional="$optional decord"; fi
 
