@@ -366,7 +366,7 @@ def build_train_state(args, cfg, device: torch.device, niter: int, fused: bool |
     optimizer = build_optimizer(args, student_without_ddp, device, fused)
     precision, why = utils.choose_precision(args.use_fp16, args.amp_dtype, device)
     fp16_scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
-    print(f"Mixed precision: {precision or 'off (fp32)'} ({why})")
+    print(f"Mixed precision: {utils.PRECISION_NAMES[precision]} ({why})")
     global_batch = args.batch_size_per_gpu * utils.get_world_size()
     lr_schedule = utils.cosine_scheduler(args.lr * global_batch / 256., args.min_lr, args.epochs, niter,
                                          warmup_epochs=args.warmup_epochs)

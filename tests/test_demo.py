@@ -1,12 +1,18 @@
 """scripts/demo.sh end to end in its reduced mode (REDUCED=1: 3 classes x 6 videos, 2 SSL epochs, 2 probe
-epochs; the same commands as the full demo): the files it writes and the table it prints."""
+epochs; the same commands as the full demo): the files it writes, the pictures and the table it prints; and
+the GPU scale's commands, checked against the scripts' own argument parsers."""
+import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from utils import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +39,10 @@ def test_demo_reduced_end_to_end(tmp_path):
     epochs = [json.loads(line) for line in (ssl / "log.txt").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1] and all("train_loss" in e for e in epochs)
     assert list((ssl / "tb").glob("events.out.tfevents.*"))
-    assert "Mixed precision: torch.bfloat16" in log and "Epoch: [1/2]" in log
+    # auto precision: bf16 only on a CPU with native bf16, fp32 elsewhere, and the run says which
+    expected = "bf16 (auto: this CPU has native bf16" if utils.cpu_has_native_bf16() else "off, fp32 (auto: no native"
+    assert f"Mixed precision: {expected}" in log and "Epoch: [1/2]" in log
+    assert [e["epoch"] for e in epochs if "knn_top1" in e] == [0, 1]  # online kNN every epoch
 
     # Both baselines were evaluated: the SSL teacher loaded, the random one said so.
     assert "WARNING: --pretrained_weights is empty" in log
@@ -42,7 +51,12 @@ def test_demo_reduced_end_to_end(tmp_path):
         assert (out / f"linear_{model}" / "linear_results.json").is_file()
 
     results = json.loads((out / "results.json").read_text())
-    assert results["seed"] == 1 and results["wall_seconds"] > 0
+    assert results["seed"] == 1 and results["wall_seconds"] > 0 and results["cpu"]
+    assert results["classes"] == ["move_right", "move_up", "move_down"] and results["chance"] == pytest.approx(100 / 3)
+    assert (results["linear_lr"], results["linear_epochs"], results["epochs"]) == (2.0, 2, 2)
+    curve = results["pretraining"]
+    assert curve["epoch"] == [0, 1] and curve["loss"] == [e["train_loss"] for e in epochs]
+    assert curve["knn_top1"] == [e["knn_top1"] for e in epochs]
     for model in ("ssl", "random"):
         assert set(results[model]["knn_top1"]) == {"5", "10"}
         for acc in [*results[model]["knn_top1"].values(), results[model]["linear_top1"]]:
@@ -56,4 +70,49 @@ def test_demo_reduced_end_to_end(tmp_path):
         r = results[model]
         expected = [r["knn_top1"]["5"], r["knn_top1"]["10"], r["linear_top1"]]
         assert [float(v) for v in row.groups()] == pytest.approx(expected, abs=0.051)
-    assert "kNN top-1 (k=5)" in log and "linear top-1" in log
+    assert "kNN top-1 (k=5)" in log and "linear top-1" in log and "(chance 33.3 %; 3 classes)" in log
+
+    # report.png: the curves, the bars and the attention maps, drawn at 90 dpi on a 13 x 7.5 inch figure
+    report = Image.open(out / "report.png")
+    assert report.format == "PNG" and report.size == (1170, 675)
+    pixels = report.convert("L").getextrema()
+    assert pixels[0] < 64 and pixels[1] > 200  # not a blank canvas
+
+
+def test_demo_gpu_scale_commands_parse(tmp_path):
+    """DEMO_SCALE=gpu DRY_RUN=1 prints the commands; each must parse with its script's own parser and config."""
+    import eval_knn
+    import eval_linear
+    import train_ssl
+    from scripts import demo_report
+    from utils.parser import load_config
+
+    env = {**os.environ, "DEMO_SCALE": "gpu", "DRY_RUN": "1", "DEMO_OUT": str(tmp_path / "out"),
+           "DATA_PATH": str(tmp_path / "data"), "PYTHON": "python3"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--saveckp_freq", "5"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()  # nothing was run
+    commands = [shlex.split(line) for line in proc.stdout.splitlines() if line.startswith("python3 ")]
+    by_script = {}
+    for cmd in commands:
+        by_script.setdefault(cmd[1], []).append(cmd[2:])
+    assert len(by_script["eval_knn.py"]) == len(by_script["eval_linear.py"]) == 2
+
+    gen = by_script["-m"][0]
+    assert gen[0] == "datasets.synthetic" and gen[gen.index("--per_class") + 1] == "150"
+    parsers = {"train_ssl.py": train_ssl.get_args_parser(), "eval_knn.py": eval_knn.get_args_parser(),
+               "eval_linear.py": eval_linear.get_args_parser(), "scripts/demo_report.py": demo_report.get_args_parser()}
+    parsed = {name: [argparse.ArgumentParser(parents=[parser]).parse_args(argv) for argv in by_script[name]]
+              for name, parser in parsers.items()}
+    train = parsed["train_ssl.py"][0]
+    assert (train.arch, train.epochs, train.batch_size_per_gpu, train.amp_dtype) == ("vit_small", 60, 64, "auto")
+    assert train.saveckp_freq == 5 and train.knn_freq == 1  # extra arguments reach train_ssl.py
+    cfg = load_config(train)
+    assert (cfg.DATA.NUM_FRAMES, cfg.DATA.SAMPLING_RATE, cfg.MODEL.DEPTH) == (8, 8, 12)
+    for args in parsed["eval_knn.py"] + parsed["eval_linear.py"]:
+        assert args.arch == "vit_small" and load_config(args).MODEL.DEPTH == 12
+    assert [bool(a.pretrained_weights) for a in parsed["eval_linear.py"]] == [True, False]
+    assert load_config(parsed["eval_linear.py"][0]).DATA.RANDOM_FLIP is False
+    report = parsed["scripts/demo_report.py"][0]
+    assert (report.num_frames, report.sampling_rate) == (8, 8) and json.loads(report.notes)["scale"] == "gpu"

@@ -134,6 +134,9 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+PRECISION_NAMES = {None: "off, fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def choose_precision(use_fp16: bool, amp_dtype: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     """The autocast dtype for `--use_fp16` / `--amp_dtype` on a device (None means fp32), and why.
 
