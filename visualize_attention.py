@@ -57,7 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def sized_like(path: str, checkpoint_key: str = "teacher") -> VisionTransformer:
     """A randomly initialised TimeSformer of the size of the weights in `path`: width (tiny/small/base),
     blocks, patch size, frames and image size are read from them."""
-    state, _ = _select_state_dict(safe_torch_load(path), checkpoint_key, path)
+    entry, _ = _select_state_dict(safe_torch_load(path), checkpoint_key, path)
+    # backbone keys without their DDP / MultiCropWrapper / TimeSformer prefixes (the DINO head is left out)
+    state = {re.sub(r"^(module\.)?(backbone\.|model\.)?", "", k): v for k, v in entry.items()
+             if isinstance(v, torch.Tensor) and not re.match(r"^(module\.)?head\.", k)}
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         raise ValueError(f"{path}: no backbone weights (pos_embed, patch_embed.proj.weight) found; pass an SVT, "
                          f"TimeSformer or backbone checkpoint (--checkpoint_key teacher/student for training ones).")

@@ -96,7 +96,7 @@ def draw(results: dict, out: Path, data: Path, args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig = plt.figure(figsize=(13, 7.5))
-    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.1])
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.1], hspace=0.45)
     curve = results["pretraining"]
     ax = fig.add_subplot(grid[0, 0])
     ax.plot(curve["epoch"], curve["loss"], "o-", color="tab:blue")
@@ -139,8 +139,8 @@ def draw(results: dict, out: Path, data: Path, args, path: Path) -> None:
             if t == 0:
                 ax.set_ylabel(label, fontsize=8)
             if r == 0:
-                ax.set_title(f"frame {t}" + (f" of {video}: last-block CLS attention, mean of heads"
-                                             if t == 0 else ""), fontsize=8, loc="left")
+                ax.set_title(f"frame {t}", fontsize=8)
+    fig.text(0.5, 0.47, f"Last-block CLS attention (mean of heads) on held-out {video}", ha="center", fontsize=9)
     fig.suptitle(f"SVT demo: {len(results['classes'])} motion classes, seed {results['seed']}, "
                  f"{results['wall_seconds']} s on {results['cpu']}", fontsize=10)
     fig.savefig(path, dpi=90)
