@@ -301,8 +301,8 @@ def eval_finetune(args) -> dict:
     print(f"Data: {len(train_set) if train_set else 0} train videos, {len(val_set)} val videos, "
           f"{test_set.num_videos} test videos x {test_set.num_clips_per_video} clips; {args.num_labels} classes.")
 
-    precision = utils.resolve_amp_dtype(args.use_fp16, args.amp_dtype, device)
-    print(f"Mixed precision: {precision or 'off (fp32)'}")
+    precision, why = utils.choose_precision(args.use_fp16, args.amp_dtype, device)
+    print(f"Mixed precision: {utils.PRECISION_NAMES[precision]} ({why})")
     if ckpt is not None:  # resume or --evaluate: the saved weights replace the initialisation
         model = build_model(args, cfg, args.num_labels, initialise=False)
         if ckpt["model_state"]["head.bias"].shape[0] != args.num_labels:

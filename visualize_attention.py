@@ -48,7 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "frames evenly over the whole video.")
     parser.add_argument("--image_size", default=224, type=int,
                         help="Short side resize and centre crop size (a multiple of the patch size).")
-    parser.add_argument("--backend", default="decord", choices=BACKENDS, help="Video decoder (pyav off x86-64).")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="Video decoder (auto: the first of torchcodec, decord, PyAV that loads).")
     parser.add_argument("--output_dir", default=".", type=str, help="attention.png and attention.gif go here.")
     parser.add_argument("--seed", default=0, type=int, help="Seed of the random backbone (no weights).")
     return parser
@@ -92,7 +93,7 @@ def backbone_from_checkpoint(path: str, checkpoint_key: str = "teacher", seed: i
 
 
 def read_clip(path: str, num_frames: int, size: int, sampling_rate: int = 0,
-              backend: str = "decord") -> tuple[np.ndarray, torch.Tensor]:
+              backend: str = "auto") -> tuple[np.ndarray, torch.Tensor]:
     """uint8 frames (T, size, size, 3) (short side resized to `size`, centre crop) and the normalised clip
     (1, 3, T, size, size) the model takes."""
     with open_video(path, backend) as reader:
