@@ -53,6 +53,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", default=100, type=int, help="Training epochs (the original script: 20).")
     parser.add_argument("--lr", default=0.001, type=float,
                         help="Learning rate at a global batch of 256 (scaled linearly with the batch size).")
+    parser.add_argument("--feature_bn", default=False, type=utils.bool_flag,
+                        help="Standardise the frozen features with a BatchNorm1d(affine=False, eps=1e-6) before the "
+                             "linear layer, as MAE's linear probing does (batch statistics in training, running "
+                             "ones at evaluation). Use it when SGD on raw features barely moves or diverges: "
+                             "features dominated by a direction shared by every video, or probes of backbones "
+                             "without a final norm. Default False: SVT's protocol (raw features). A classifier "
+                             "trained with it needs it again under --evaluate.")
     parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Clips per GPU (original script: 16).")
     utils.add_distributed_args(parser)
     parser.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes per GPU (decoding is CPU-bound).")
@@ -117,7 +124,7 @@ def eval_linear(args) -> dict:
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     if not 1 <= args.n_last_blocks <= len(model.blocks):
         raise ValueError(f"--n_last_blocks {args.n_last_blocks}: the backbone has {len(model.blocks)} blocks.")
-    classifier = LinearClassifier(dim, args.num_labels).to(device)
+    classifier = LinearClassifier(dim, args.num_labels, args.feature_bn).to(device)
 
     if evaluate_only:
         load_classifier_state(classifier, trained_state, trained_path)
@@ -134,9 +141,11 @@ def eval_linear(args) -> dict:
         classifier = nn.parallel.DistributedDataParallel(
             classifier, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = DistributedSampler(train_set) if distributed else RandomSampler(train_set)
+    # BatchNorm in training needs two clips per batch: a last batch of one is dropped.
+    drop_last = args.feature_bn and len(sampler) % args.batch_size_per_gpu == 1
     train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
                               num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                              drop_last=False, worker_init_fn=utils.seed_worker)
+                              drop_last=drop_last, worker_init_fn=utils.seed_worker)
     lr = args.lr * (args.batch_size_per_gpu * utils.get_world_size()) / 256.0
     optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
@@ -238,17 +247,22 @@ def final_test(model, classifier, test_set, args, device) -> tuple[dict, set[int
 
 
 class LinearClassifier(nn.Module):
-    """One linear layer on the flattened features (weight N(0, 0.01), bias 0)."""
+    """One linear layer on the flattened features (weight N(0, 0.01), bias 0), optionally after a parameter-free
+    BatchNorm (`feature_bn`, MAE's linear probe; its running statistics are saved as `feature_bn.*`)."""
 
-    def __init__(self, dim: int, num_labels: int = 1000):
+    def __init__(self, dim: int, num_labels: int = 1000, feature_bn: bool = False):
         super().__init__()
         self.num_labels = num_labels
+        self.feature_bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if feature_bn else None
         self.linear = nn.Linear(dim, num_labels)
         self.linear.weight.data.normal_(mean=0.0, std=0.01)
         self.linear.bias.data.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.view(x.size(0), -1))
+        x = x.view(x.size(0), -1)
+        if self.feature_bn is not None:
+            x = self.feature_bn(x)
+        return self.linear(x)
 
 
 def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) -> None:
@@ -256,6 +270,10 @@ def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) 
     state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = classifier.state_dict()
     if set(state) != set(expected):
+        if all(k.startswith("feature_bn.") for k in set(state) ^ set(expected)):
+            has = any(k.startswith("feature_bn.") for k in state)
+            raise KeyError(f"{path} was trained {'with' if has else 'without'} --feature_bn: pass "
+                           f"--feature_bn {has} to evaluate it.")
         raise KeyError(f"{path}: expected the keys {sorted(expected)} of a linear classifier, found "
                        f"{sorted(state)[:6]}. Pass a checkpoint.pth.tar written by eval_linear.py.")
     for key, value in state.items():

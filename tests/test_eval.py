@@ -171,6 +171,27 @@ def test_linear_classifier_init_keys_and_forward():
     torch.testing.assert_close(clf(x), x @ clf.linear.weight.T + clf.linear.bias)
 
 
+def test_linear_classifier_feature_bn_standardises_features():
+    """--feature_bn (MAE's probe): training standardises with the batch mean and biased variance (eps 1e-6) and
+    updates running statistics (momentum 0.1, unbiased variance); evaluation uses the running ones."""
+    torch.manual_seed(0)
+    clf = LinearClassifier(3, 2, feature_bn=True)
+    assert list(clf.state_dict()) == ["feature_bn.running_mean", "feature_bn.running_var",
+                                      "feature_bn.num_batches_tracked", "linear.weight", "linear.bias"]
+    assert not any(n.startswith("feature_bn") for n, _ in clf.named_parameters())  # affine=False
+    x = torch.tensor([[1.0, 10.0, 100.0], [3.0, 10.0, 104.0], [5.0, 10.0, 90.0], [7.0, 10.0, 94.0]])
+    mean = torch.tensor([4.0, 10.0, 97.0])
+    var = torch.tensor([5.0, 0.0, 29.0])  # biased: ((-3)^2 + (-1)^2 + 1 + 3^2) / 4 = 5; (9 + 49 + 49 + 9) / 4
+    standardised = (x - mean) / torch.sqrt(var + 1e-6)
+    w, b = clf.linear.weight, clf.linear.bias
+    torch.testing.assert_close(clf(x), standardised @ w.T + b)
+    torch.testing.assert_close(clf.feature_bn.running_mean, 0.1 * mean)
+    torch.testing.assert_close(clf.feature_bn.running_var, 0.9 + 0.1 * var * 4 / 3)
+    clf.eval()
+    run_mean, run_var = 0.1 * mean, 0.9 + 0.1 * var * 4 / 3
+    torch.testing.assert_close(clf(x), (x - run_mean) / torch.sqrt(run_var + 1e-6) @ w.T + b)
+
+
 def test_load_classifier_state_strips_ddp_prefix_and_checks_shape():
     src = LinearClassifier(10, 4)
     dst = LinearClassifier(10, 4)
@@ -180,6 +201,11 @@ def test_load_classifier_state_strips_ddp_prefix_and_checks_shape():
         load_classifier_state(LinearClassifier(10, 5), src.state_dict(), "ckpt")
     with pytest.raises(KeyError, match="linear classifier"):
         load_classifier_state(dst, {"fc.weight": src.linear.weight}, "ckpt")
+    # A classifier trained with --feature_bn and one without: the error names the flag to pass.
+    with pytest.raises(KeyError, match="--feature_bn True"):
+        load_classifier_state(dst, LinearClassifier(10, 4, feature_bn=True).state_dict(), "ckpt")
+    with pytest.raises(KeyError, match="--feature_bn False"):
+        load_classifier_state(LinearClassifier(10, 4, feature_bn=True), src.state_dict(), "ckpt")
 
 
 def test_multi_view_aggregation_matches_hand_computation():

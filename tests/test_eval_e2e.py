@@ -127,6 +127,25 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
     assert sf["num_videos"] == 8 and 0 <= sf["multiview_acc1"] <= 100
 
 
+def test_linear_probe_with_feature_bn_trains_and_evaluates_again(synthetic_root, checkpoint, tmp_path):
+    out = tmp_path / "bn"
+    common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "1", "--lr", "0.5",
+              "--batch_size_per_gpu", "5", "--num_workers", "0", "--dataset", "ucf101", "--output_dir", str(out)]
+    opts = ["--opts"] + _data_opts(synthetic_root, "splits") + ["TEST.NUM_ENSEMBLE_VIEWS", "1"]
+    stats = linear(common + ["--epochs", "1", "--feature_bn", "True"] + opts)
+    state = torch.load(out / "checkpoint.pth.tar", weights_only=False)["state_dict"]
+    assert list(state) == ["module.feature_bn.running_mean", "module.feature_bn.running_var",
+                           "module.feature_bn.num_batches_tracked", "module.linear.weight", "module.linear.bias"]
+    # 16 train clips in batches of 5: the last batch of one clip (no batch statistics) is dropped.
+    assert state["module.feature_bn.num_batches_tracked"].item() == 3
+    dist.destroy_process_group()
+    ev = linear(common + ["--evaluate", "--feature_bn", "True"] + opts)
+    assert ev["multiview_acc1"] == stats["multiview_acc1"] and ev["acc1"] == stats["best_acc"]
+    dist.destroy_process_group()
+    with pytest.raises(KeyError, match="--feature_bn True"):
+        linear(common + ["--evaluate"] + opts)
+
+
 def test_linear_probe_on_kinetics_lists_and_missing_classifier(synthetic_root, checkpoint, tmp_path):
     common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "1",
               "--batch_size_per_gpu", "8", "--num_workers", "0", "--dataset", "kinetics400"]
