@@ -74,6 +74,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         Sharper (lower) targets avoid collapse; values above about 0.07 tend to be unstable.""")
     parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
                         help="Epochs of linear teacher-temperature warm-up (0 in SVT: constant temperature).")
+    parser.add_argument("--center_momentum", default=0.9, type=float,
+                        help="""EMA momentum of the centre subtracted from the teacher's outputs (0.9 in SVT and
+        DINO, which have no flag for it). The centre then averages about the last 10 batches; with small batches
+        and a sharp teacher its noise can move the targets: the CPU demo (batch 16, teacher temp 0.01) uses 0.99,
+        which stops its loss from climbing back (docs/demo_notes.md).""")
 
     # optimisation
     parser.add_argument("--use_fp16", type=utils.bool_flag, default=True, help="""Mixed precision (the original's
@@ -362,7 +367,8 @@ def build_train_state(args, cfg, device: torch.device, niter: int, fused: bool |
     decay / teacher momentum schedules of `args.epochs` epochs of `niter` iterations."""
     student, teacher, student_without_ddp, teacher_without_ddp = build_networks(args, cfg, device)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
+                         args.warmup_teacher_temp_epochs, args.epochs,
+                         center_momentum=args.center_momentum).to(device)
     optimizer = build_optimizer(args, student_without_ddp, device, fused)
     precision, why = utils.choose_precision(args.use_fp16, args.amp_dtype, device)
     fp16_scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None

@@ -169,6 +169,17 @@ def test_fused_adamw_matches_foreach(monkeypatch, device):
         torch.testing.assert_close(teacher_f[k], teacher_r[k], rtol=1e-5, atol=1e-6)
 
 
+def test_center_momentum_flag_reaches_the_loss(monkeypatch):
+    # The centre starts at zero: after one step it is (1 - m) x the same batch mean of the teacher outputs.
+    centers = {}
+    for m in ("0.9", "0.99"):
+        state, args = step_state(monkeypatch, False, "--use_fp16", "false", "--center_momentum", m)
+        run_steps(state, args, steps=1)
+        centers[m] = state.dino_loss.center.clone()
+    assert centers["0.9"].abs().sum() > 0
+    torch.testing.assert_close(centers["0.99"], centers["0.9"] * 0.1, rtol=1e-4, atol=1e-7)
+
+
 def test_train_step_auto_precision_and_grad_checkpointing(monkeypatch, device):
     # auto: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs (then the first check is exact)
     losses_32, _ = run_steps(*step_state(monkeypatch, False, "--use_fp16", "false", device=device))
