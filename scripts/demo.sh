@@ -84,21 +84,23 @@ data_opts=(DATA.PATH_PREFIX "$DATA_PATH/videos" "${model_opts[@]}" DATA.TRAIN_CR
 # SVT's recipe at a CPU budget (120 steps of batch 16). Every video looks alike, so a random network's
 # outputs barely differ between videos; BatchNorm in the head (DINO's --use_bn_in_head) and a sharper
 # teacher (0.01) keep the targets apart, where the defaults collapse to a uniform output (the loss sits at
-# ln(out_dim)). Teacher momentum 0.99: its EMA time constant (100 steps) is close to the whole run;
-# docs/demo_notes.md has what lower values did.
+# ln(out_dim)). Teacher momentum 0.99: its EMA time constant (100 steps) is close to the whole run. Centre
+# momentum 0.99 (SVT: 0.9): a centre averaged over ~10 batches of 16 is noisy enough to move the sharp targets,
+# and the loss then climbs back after epoch ~5; docs/demo_notes.md has the measurements.
 stamp "3/5 SVT pretraining ($ARCH, $EPOCHS epochs, batch $BATCH_SIZE, online kNN every epoch) -> $DEMO_OUT/ssl"
 run "$PYTHON" train_ssl.py --arch "$ARCH" --out_dim "$OUT_DIM" --seed "$SEED" --epochs "$EPOCHS" \
     --batch_size_per_gpu "$BATCH_SIZE" --lr 0.01 --warmup_epochs 2 --min_lr 1e-5 \
-    --momentum_teacher 0.99 --use_bn_in_head True --teacher_temp 0.01 --warmup_teacher_temp 0.01 \
+    --momentum_teacher 0.99 --center_momentum 0.99 --use_bn_in_head True --teacher_temp 0.01 --warmup_teacher_temp 0.01 \
     --freeze_last_layer 1 --local_crops_number "$LOCAL_CROPS" --use_fp16 True --amp_dtype auto \
     --num_workers "$NUM_WORKERS" --log_freq 5 \
     --knn_freq 1 --nb_knn "${KNN_K[0]}" --knn_data_path "$DATA_PATH/knn_splits" --knn_path_prefix "$DATA_PATH/videos" \
     --eval_batch_size_per_gpu 64 \
     --data_path "$DATA_PATH/annotations" --output_dir "$DEMO_OUT/ssl" "$@" --opts "${data_opts[@]}"
 
-# The probe's own recipe (eval_linear.py's default stays the paper's lr 0.001): lr 0.064 at batch 256 for
-# 10 epochs, the largest step that keeps its loss bounded on these features (docs/demo_notes.md), and no
-# random flip (a flipped rotate_cw is a rotate_ccw, which no class is).
+# The probe's own recipe (eval_linear.py's default stays the paper's raw features at lr 0.001): the features
+# standardised first (--feature_bn, MAE's linear probe; raw, they are dominated by a direction every video
+# shares and SGD stays at chance), lr 0.064 at batch 256 for 10 epochs (docs/demo_notes.md), and no random
+# flip (a flipped rotate_cw is a rotate_ccw, which no class is).
 stamp "4/5 evaluation: kNN and linear probe ($LINEAR_EPOCHS epochs), SSL teacher vs random init"
 for model in ssl random; do
     weights=()
@@ -107,14 +109,14 @@ for model in ssl random; do
         --batch_size_per_gpu 64 --num_workers "$NUM_WORKERS" --output_dir "$DEMO_OUT/knn_$model" \
         --opts "${data_opts[@]}" DATA.PATH_TO_DATA_DIR "$DATA_PATH/knn_splits"
     run "$PYTHON" eval_linear.py --arch "$ARCH" "${weights[@]}" --seed "$SEED" --epochs "$LINEAR_EPOCHS" --lr "$LINEAR_LR" \
-        --batch_size_per_gpu 16 --val_freq "$LINEAR_EPOCHS" --dataset ucf101 --num_workers "$NUM_WORKERS" \
+        --feature_bn True --batch_size_per_gpu 16 --val_freq "$LINEAR_EPOCHS" --dataset ucf101 --num_workers "$NUM_WORKERS" \
         --output_dir "$DEMO_OUT/linear_$model" \
         --opts "${data_opts[@]}" DATA.PATH_TO_DATA_DIR "$DATA_PATH/splits" DATA.RANDOM_FLIP False
 done
 
 stamp "5/5 report"
 notes="{\"scale\": \"$DEMO_SCALE\", \"reduced\": $REDUCED, \"arch\": \"$ARCH\", \"out_dim\": $OUT_DIM, \"epochs\": $EPOCHS,"
-notes+=" \"batch_size\": $BATCH_SIZE, \"linear_lr\": $LINEAR_LR, \"linear_epochs\": $LINEAR_EPOCHS, \"online_knn_k\": ${KNN_K[0]}}"
+notes+=" \"batch_size\": $BATCH_SIZE, \"linear_lr\": $LINEAR_LR, \"linear_feature_bn\": true, \"linear_epochs\": $LINEAR_EPOCHS, \"online_knn_k\": ${KNN_K[0]}}"
 run "$PYTHON" scripts/demo_report.py --demo_out "$DEMO_OUT" --data_path "$DATA_PATH" --seed "$SEED" \
     --seconds "$(( $(date +%s) - start ))" --num_frames "${model_opts[1]}" --sampling_rate "${model_opts[3]}" \
     --image_size 64 --notes "$notes"
