@@ -54,6 +54,7 @@ def test_demo_reduced_end_to_end(tmp_path):
     assert results["seed"] == 1 and results["wall_seconds"] > 0 and results["cpu"]
     assert results["classes"] == ["move_right", "move_up", "move_down"] and results["chance"] == pytest.approx(100 / 3)
     assert (results["linear_lr"], results["linear_epochs"], results["epochs"]) == (0.064, 2, 2)
+    assert results["linear_feature_bn"] is True and "feature_bn: True" in log
     curve = results["pretraining"]
     assert curve["epoch"] == [0, 1] and curve["loss"] == [e["train_loss"] for e in epochs]
     assert curve["knn_top1"] == [e["knn_top1"] for e in epochs]
