@@ -221,7 +221,8 @@ def train_svt(args) -> None:
         if warning:
             print(f"Epoch {epoch}: {warning}")
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                     "skipped_videos": skipped, "sequential_decodes": sequential_decodes(data_loader.dataset)}
+                     "skipped_videos": skipped, "sequential_decodes": sequential_decodes(data_loader.dataset),
+                     "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(state.precision, "fp32")}
         if knn is not None and (epoch % args.knn_freq == 0 or last):
             with preserved_rng_state():
                 top1, top5 = knn.evaluate(state.teacher_without_ddp.backbone, state.precision)
@@ -542,7 +543,7 @@ def write_epoch_log(output_dir: Path, log_stats: dict, writer: SummaryWriter | N
     with (output_dir / "log.txt").open("a") as f:
         f.write(json.dumps(log_stats) + "\n")
     for k, v in log_stats.items():
-        if k != "epoch":
+        if k != "epoch" and isinstance(v, (int, float)):
             writer.add_scalar(f"epoch/{k}", v, log_stats["epoch"])
     writer.flush()
 

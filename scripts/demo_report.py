@@ -57,6 +57,7 @@ def collect(out: Path, data: Path, seed: int, seconds: int, notes: dict) -> dict
     first_k = next(iter(rows["ssl"]["knn_top1"]))
     return {
         "seed": seed, "wall_seconds": seconds, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+        "precision": epochs[-1].get("precision") if epochs else None,
         "classes": classes, "chance": 100.0 / len(classes), **rows,
         "knn_gain": rows["ssl"]["knn_top1"][first_k] - rows["random"]["knn_top1"][first_k],
         "pretraining": {"epoch": [e["epoch"] for e in epochs], "loss": [e.get("train_loss") for e in epochs],
@@ -142,7 +143,7 @@ def draw(results: dict, out: Path, data: Path, args, path: Path) -> None:
                 ax.set_title(f"frame {t}", fontsize=8)
     fig.text(0.5, 0.47, f"Last-block CLS attention (mean of heads) on held-out {video}", ha="center", fontsize=9)
     fig.suptitle(f"SVT demo: {len(results['classes'])} motion classes, seed {results['seed']}, "
-                 f"{results['wall_seconds']} s on {results['cpu']}", fontsize=10)
+                 f"{results['wall_seconds']} s on {results['cpu']} ({results['precision']})", fontsize=10)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -153,7 +154,7 @@ def main(args) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     draw(results, out, data, args, out / "report.png")
     print("\n" + table(results))
-    print(f"\nseed {args.seed}, {args.seconds} s before the report; results in {out / 'results.json'}, "
+    print(f"\nseed {args.seed}, {results['precision']}, {args.seconds} s before the report; results in {out / 'results.json'}, "
           f"pictures in {out / 'report.png'}")
     return results
 

@@ -52,6 +52,8 @@ def test_demo_reduced_end_to_end(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     assert results["seed"] == 1 and results["wall_seconds"] > 0 and results["cpu"]
+    assert results["precision"] == ("bf16" if utils.cpu_has_native_bf16() else "fp32")
+    assert all(e["precision"] == results["precision"] for e in epochs)
     assert results["classes"] == ["move_right", "move_up", "move_down"] and results["chance"] == pytest.approx(100 / 3)
     assert (results["linear_lr"], results["linear_epochs"], results["epochs"]) == (0.064, 2, 2)
     assert results["linear_feature_bn"] is True and "feature_bn: True" in log
