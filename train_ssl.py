@@ -217,7 +217,8 @@ def train_svt(args) -> None:
                                                epoch_meters=to_restore["epoch_meters"] if resumed else None)
 
         last = epoch + 1 == args.epochs
-        warning = "loss" in train_stats and uniform_collapse_warning(train_stats["loss"], args.out_dim)
+        warning = "loss" in train_stats and collapse_warning(train_stats["loss"],
+                                                             train_stats["target_mean_entropy"], args.out_dim)
         if warning:
             print(f"Epoch {epoch}: {warning}")
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
@@ -267,6 +268,8 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
         recent_losses.append(loss)
 
         metric_logger.update(loss=loss)
+        target_entropy = state.dino_loss.target_entropy
+        metric_logger.update(target_entropy=target_entropy[0], target_mean_entropy=target_entropy[1])
         metric_logger.update(lr=state.optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=state.optimizer.param_groups[0]["weight_decay"])
         skipped += meta["skipped"].sum()
@@ -616,16 +619,22 @@ def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Te
     torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
 
 
-def uniform_collapse_warning(epoch_loss: float, out_dim: int, tolerance: float = 0.005) -> str | None:
-    """A warning when the epoch's mean loss is within `tolerance` (relative) of ln(out_dim): the value of
-    the cross-entropy when the teacher's centred targets are uniform, i.e. the outputs have collapsed."""
+def collapse_warning(epoch_loss: float, mean_target_entropy: float, out_dim: int,
+                     tolerance: float = 0.005, one_prototype: float = 0.1) -> str | None:
+    """A warning when the epoch shows one of DINO's two collapses: the mean loss within `tolerance`
+    (relative) of ln(out_dim), the cross-entropy of uniform targets; or the entropy of the batch-mean
+    teacher target below `one_prototype` x ln(out_dim), i.e. every clip gets (almost) the same prototype."""
     uniform = math.log(out_dim)
-    if abs(epoch_loss - uniform) > tolerance * uniform:
-        return None
-    return (f"WARNING: the loss ({epoch_loss:.4f}) sits at ln(out_dim) = {uniform:.4f}: the teacher's targets "
-            "are uniform (collapse) and the features stop improving. Sharpen the teacher (lower "
-            "--teacher_temp / --warmup_teacher_temp), add --use_bn_in_head True, or give the data more "
-            "variety (common with small, uniform-looking data sets and small batches).")
+    if abs(epoch_loss - uniform) <= tolerance * uniform:
+        return (f"WARNING: the loss ({epoch_loss:.4f}) sits at ln(out_dim) = {uniform:.4f}: the teacher's targets "
+                "are uniform (collapse) and the features stop improving. Sharpen the teacher (lower "
+                "--teacher_temp / --warmup_teacher_temp), add --use_bn_in_head True, or give the data more "
+                "variety (common with small, uniform-looking data sets and small batches).")
+    if mean_target_entropy < one_prototype * uniform:
+        return (f"WARNING: the batch-mean teacher target has an entropy of {mean_target_entropy:.3f} nats "
+                f"(ln(out_dim) = {uniform:.2f}): nearly every clip gets the same prototype (collapse), however low "
+                "the loss. Centre more (lower --center_momentum) or sharpen less (raise --teacher_temp).")
+    return None
 
 
 def stop_if_nonfinite(nonfinite: torch.Tensor, losses: list[torch.Tensor], epoch: int, it: int, args) -> None:

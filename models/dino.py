@@ -111,7 +111,11 @@ class MultiCropWrapper(nn.Module):
 
 class DINOLoss(nn.Module):
     """Cross-entropy between the centred, sharpened teacher softmax and the student log-softmax, averaged
-    over every (teacher global view, student view) pair with different views: 2 * (ncrops - 1) terms."""
+    over every (teacher global view, student view) pair with different views: 2 * (ncrops - 1) terms.
+
+    After each forward, `target_entropy` holds (mean entropy of a target, entropy of the batch-mean target) in
+    nats: both near ln(out_dim) is uniform collapse, both near 0 is collapse onto one prototype; healthy
+    training has sharp targets (low first) spread over many prototypes (high second)."""
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
@@ -121,6 +125,7 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.target_entropy = torch.zeros(2)
         # The teacher temperature has a linear warm-up, indexed per epoch.
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
@@ -138,6 +143,10 @@ class DINOLoss(nn.Module):
         logp = student_logp.unflatten(0, (self.ncrops, batch)).permute(1, 2, 0)  # (B, K, ncrops)
         with torch.autocast(q.device.type, enabled=False):  # the loss stays fp32 under mixed precision
             ce = -torch.bmm(q, logp).mean(dim=0)  # (2, ncrops), each the batch mean of one pair
+        with torch.no_grad():  # collapse diagnostics of the targets (DINO paper, Fig. 7), no host sync
+            per_sample = -(teacher_p * teacher_p.clamp_min(1e-12).log()).sum(dim=-1).mean()
+            mean_p = teacher_p.mean(dim=0)
+            self.target_entropy = torch.stack((per_sample, -(mean_p * mean_p.clamp_min(1e-12).log()).sum()))
         same_view = torch.eye(2, self.ncrops, dtype=torch.bool, device=ce.device)
         n_loss_terms = 2 * self.ncrops - min(2, self.ncrops)
         self.update_center(teacher_output)

@@ -3,6 +3,7 @@ checkpointing), and end-to-end CPU runs of a tiny TimeSformer (2 epochs, resume,
 torchrun)."""
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -426,11 +427,30 @@ def test_auto_precision_grad_checkpointing_lars_run(synthetic_root, tmp_path, mo
     assert all(v.dtype == torch.float32 for v in ckpt["student"].values() if v.is_floating_point())
 
 
-def test_uniform_collapse_warning_at_ln_out_dim():
+def test_collapse_warning_uniform_targets_and_one_prototype():
     # Uniform teacher targets over K prototypes give a cross-entropy of exactly ln K.
     import math
-    assert train_ssl.uniform_collapse_warning(4.3, 512) is None
-    assert train_ssl.uniform_collapse_warning(math.log(512) * 0.99, 512) is None
-    msg = train_ssl.uniform_collapse_warning(6.2389, 512)
+    healthy = math.log(512) * 0.8  # the batch-mean target spread over many prototypes
+    assert train_ssl.collapse_warning(4.3, healthy, 512) is None
+    assert train_ssl.collapse_warning(math.log(512) * 0.99, healthy, 512) is None
+    msg = train_ssl.collapse_warning(6.2389, math.log(512), 512)
     assert msg and "ln(out_dim) = 6.2383" in msg and "--teacher_temp" in msg and "--use_bn_in_head" in msg
-    assert train_ssl.uniform_collapse_warning(math.log(65536), 65536)
+    assert train_ssl.collapse_warning(math.log(65536), math.log(65536), 65536)
+    # One prototype for every clip: a low loss, but the batch-mean target has (almost) no entropy.
+    msg = train_ssl.collapse_warning(0.03, 0.005, 512)
+    assert msg and "same prototype" in msg and "--center_momentum" in msg
+    assert train_ssl.collapse_warning(0.03, 0.1 * math.log(512) + 1e-3, 512) is None
+
+
+def test_dino_loss_target_entropy_hand_computed():
+    # Teacher logits chosen so the centred softmax at temperature 1 is known: one-hot-like vs uniform rows.
+    loss = DINOLoss(out_dim=4, ncrops=2, warmup_teacher_temp=1.0, teacher_temp=1.0, warmup_teacher_temp_epochs=0,
+                    nepochs=1)
+    student = torch.zeros(2, 4)  # 2 views x batch 1
+    uniform = torch.zeros(2, 4)
+    loss(student, uniform, 0)
+    assert torch.allclose(loss.target_entropy, torch.tensor([math.log(4), math.log(4)]))
+    loss.center.zero_()
+    peaked = torch.tensor([[50.0, 0, 0, 0], [0, 50.0, 0, 0]])  # each row one prototype, two different ones
+    loss(student, peaked, 0)
+    assert loss.target_entropy[0] < 1e-6 and torch.isclose(loss.target_entropy[1], torch.tensor(math.log(2)))
