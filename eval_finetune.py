@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets import DATASETS, build_dataset
+from datasets.video_dataset import sequential_decodes
 from models import ARCHS, VisionTransformer, build_backbone
 from utils import utils
 from utils.checkpoint import atomic_save, load_imagenet_init, load_pretrained_weights, safe_torch_load
@@ -343,7 +344,8 @@ def eval_finetune(args) -> dict:
             group["lr"] = lr_at_epoch(args, epoch)
         train_stats = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, args, precision, device,
                                       writer)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                     "sequential_decodes": sequential_decodes(train_set, val_set)}
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
             val_stats = evaluate(model, val_set, args, precision, device)
             best_acc1 = max(best_acc1, val_stats["acc1"])
@@ -365,7 +367,9 @@ def eval_finetune(args) -> dict:
         writer.close()
 
     results = final_test(model, test_set, args, precision, device, output_dir,
-                         {"epoch": args.epochs, "best_val_acc1": best_acc1})
+                         {"epoch": args.epochs, "best_val_acc1": best_acc1,
+                          "sequential_decodes": sequential_decodes(*(d for d in (train_set, val_set, test_set)
+                                                                     if d is not None))})
     write_log(output_dir, {k: v for k, v in results.items() if k.startswith("test_")})
     if utils.is_dist_avail_and_initialized():
         dist.barrier()

@@ -162,12 +162,13 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
     assert {"train_loss", "train_acc1", "train_lr", "val_acc1", "val_loss"} <= set(epoch)
     assert "val_acc5" not in epoch  # top-5 only with at least 5 classes
     assert epoch["train_skipped_videos"] >= 1 and epoch["val_skipped_videos"] == 1
+    assert epoch["sequential_decodes"] == 0  # generated H.264 mp4s are decoded by random access
     # The multi-view test: 1 x 3 clips of the 8 readable val videos; the unreadable one is counted.
     results = json.loads((once / "finetune_results.json").read_text())
     assert results == res
     assert (res["test_num_videos"], res["test_num_clips_per_video"]) == (8, 3)
     assert (res["test_multiview_skipped_videos"], res["test_multiview_skipped_clips"]) == (1, 3)
-    assert 0 <= res["test_multiview_acc1"] <= 100 and res["epoch"] == 2
+    assert 0 <= res["test_multiview_acc1"] <= 100 and res["epoch"] == 2 and res["sequential_decodes"] == 0
     assert any(p.name.startswith("events.out.tfevents") for p in (once / "tb").iterdir())
 
     # --evaluate with slow-fast clips: the saved model, nothing trained.
