@@ -90,14 +90,14 @@ def test_smoothed_value_and_metric_logger(capsys):
     assert "eta: " in out and "loss: 0.500000" in out and "time: " in out and "data: " in out
 
 
-def test_resolve_amp_dtype_and_autocast():
+def test_choose_precision_explicit_dtypes_and_autocast():
     cpu = torch.device("cpu")
-    assert utils.resolve_amp_dtype(False, "bf16", cpu) is None
-    assert utils.resolve_amp_dtype(True, "bf16", cpu) is torch.bfloat16
+    assert utils.choose_precision(False, "bf16", cpu)[0] is None
+    assert utils.choose_precision(True, "bf16", cpu)[0] is torch.bfloat16
     with pytest.raises(ValueError, match="--amp_dtype fp16 needs a CUDA device"):
-        utils.resolve_amp_dtype(True, "fp16", cpu)
+        utils.choose_precision(True, "fp16", cpu)
     with pytest.raises(ValueError, match="use auto, bf16 or fp16"):
-        utils.resolve_amp_dtype(True, "fp8", cpu)
+        utils.choose_precision(True, "fp8", cpu)
     with utils.autocast_context(torch.bfloat16, cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with utils.autocast_context(None, cpu):

@@ -164,11 +164,6 @@ def choose_precision(use_fp16: bool, amp_dtype: str, device: torch.device) -> tu
     raise ValueError(f"--amp_dtype {amp_dtype!r}: use auto, bf16 or fp16")
 
 
-def resolve_amp_dtype(use_fp16: bool, amp_dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `choose_precision` alone; None means fp32."""
-    return choose_precision(use_fp16, amp_dtype, device)[0]
-
-
 def default_device() -> torch.device:
     """This process's CUDA device (with cudnn autotuning), or the CPU."""
     if torch.cuda.is_available():
