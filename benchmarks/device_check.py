@@ -52,6 +52,35 @@ LIMITS = {"env": 30, "gpu_tests": 90, "step_b16": 90, "step_b8": 75, "data": 150
 MIN_STAGE_S = 15  # a stage is not started with less than this left of the budget
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` is still running (zombies, which hold no GPU memory, do not count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def wait_group_gone(pgid: int, timeout: float = 10.0) -> bool:
+    """Wait up to `timeout` s for every process of a SIGKILLed group to exit (a kill is delivered, not instant)."""
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def run_stage(name: str, cmd: list[str], limit: float, out: Path, env: dict | None = None) -> dict:
     """Run `cmd` in its own process group with a time limit; its output goes to out/logs/<name>.log.
     Never raises: the result says ok / failed (with the exit code) / timeout, the seconds and the log's tail."""
@@ -72,6 +101,7 @@ def run_stage(name: str, cmd: list[str], limit: float, out: Path, env: dict | No
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the stage and everything it started (loader workers)
             proc.wait()
+            wait_group_gone(proc.pid)  # so that the next stage does not share the GPU with a dying one
             rc, status = None, "timeout"
     lines = log.read_text(errors="replace").splitlines()
     result = {"status": status, "rc": rc, "seconds": round(time.perf_counter() - start, 1), "limit_s": round(limit),

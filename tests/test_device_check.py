@@ -23,7 +23,27 @@ def test_run_stage_records_ok_failure_and_timeout_and_kills_the_process_group(tm
     hung = device_check.run_stage("hang", [sys.executable, "-c", script], 3, tmp_path)
     assert hung["status"] == "timeout" and hung["seconds"] < 20
     child = int(pid_file.read_text())
-    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    try:  # run_stage returns only once the whole group has exited: the child is gone or a zombie
+        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X")
+
+
+def test_wait_group_gone_waits_for_a_killed_group_and_gives_up_on_a_live_one():
+    import os, signal, subprocess, time
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        assert device_check.group_alive(proc.pid)
+        start = time.monotonic()
+        assert device_check.wait_group_gone(proc.pid, timeout=0.3) is False  # still running: gives up
+        assert time.monotonic() - start >= 0.3
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert device_check.wait_group_gone(proc.pid, timeout=10)  # a zombie until reaped: does not count
+        assert not device_check.group_alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _step(size, clips):
