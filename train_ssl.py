@@ -31,7 +31,7 @@ from datasets import build_dataset
 from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans
 from datasets.seeding import SeededDataset, SeededDistributedSampler, preserved_rng_state
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
-from datasets.video_dataset import sequential_decodes
+from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import utils
 from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_objects, gather_rng_states,
@@ -185,11 +185,12 @@ def train_svt(args) -> None:
 
     # ============ optionally resume training ... ============
     to_restore = {"epoch": 0, "iteration": 0, "rng": None, "epoch_meters": None, "epoch_log": None,
-                  "num_threads": None}
+                  "num_threads": None, "sequential_videos": None}
     own_checkpoint = (output_dir / "checkpoint.pth").is_file()
     resume_checkpoint(state, output_dir / "checkpoint.pth" if own_checkpoint else args.resume_from, to_restore, args)
     start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
     restore_rng(to_restore["rng"])
+    restore_sequential_videos(data_loader.dataset, to_restore["sequential_videos"])
     if to_restore["num_threads"] not in (None, torch.get_num_threads()):
         print(f"Note: the checkpoint was written with {to_restore['num_threads']} CPU threads per process, this run "
               f"has {torch.get_num_threads()}: CPU float reductions are summed in another order, so the resumed run "
@@ -232,7 +233,8 @@ def train_svt(args) -> None:
         log_stats["epoch_time"] = round(time.time() - epoch_start, 3)
         # The epoch-end checkpoint carries the epoch's log record: if the job dies before log.txt or the
         # numbered checkpoint is written, the resumed run writes them (finish_epoch_end).
-        save_checkpoint(state, args, epoch + 1, 0, numbered=is_numbered(epoch, args), epoch_log=log_stats)
+        save_checkpoint(state, args, epoch + 1, 0, data_loader.dataset, numbered=is_numbered(epoch, args),
+                        epoch_log=log_stats)
         write_epoch_log(output_dir, log_stats, writer)
     if writer is not None:
         writer.close()
@@ -289,7 +291,7 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
             for name, value in scalars.items():
                 state.writer.add_scalar(f"train/{name}", value, it)
         if save_step:
-            save_checkpoint(state, args, epoch, it_in_epoch + 1,
+            save_checkpoint(state, args, epoch, it_in_epoch + 1, data_loader.dataset,
                             epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})
 
     # average the meters over ranks
@@ -506,12 +508,13 @@ def prepare_config(args):
     return cfg
 
 
-def save_checkpoint(state: TrainState, args, epoch: int, iteration: int, numbered: bool = False,
+def save_checkpoint(state: TrainState, args, epoch: int, iteration: int, dataset, numbered: bool = False,
                     epoch_meters: dict | None = None, epoch_log: dict | None = None) -> None:
-    """checkpoint.pth in the original's layout (+ `iteration` and the RNG states of all ranks, for an exact
-    resume); `numbered` also keeps checkpoint{epoch - 1:04}.pth. A mid-epoch save keeps every rank's
-    `epoch_meters` (the running means), an epoch-end save the epoch's `epoch_log` record (written to log.txt
-    on resume if the job died before). Stops the run instead of saving non-finite weights."""
+    """checkpoint.pth in the original's layout (+ `iteration`, the RNG states of all ranks and the training
+    `dataset`'s sequentially decoded videos, for an exact resume); `numbered` also keeps
+    checkpoint{epoch - 1:04}.pth. A mid-epoch save keeps every rank's `epoch_meters` (the running means), an
+    epoch-end save the epoch's `epoch_log` record (written to log.txt on resume if the job died before).
+    Stops the run instead of saving non-finite weights."""
     stop_if_nonfinite_weights(state, epoch, iteration, args)
     save_dict = {
         "student": PrefixedState(state.student_without_ddp).state_dict(),
@@ -525,6 +528,7 @@ def save_checkpoint(state: TrainState, args, epoch: int, iteration: int, numbere
         "rng": gather_rng_states(),
         "epoch_meters": gather_objects(epoch_meters) if epoch_meters is not None else None,
         "epoch_log": epoch_log,
+        "sequential_videos": checkpoint_sequential_videos(dataset),
         "num_threads": torch.get_num_threads(),
     }
     if utils.is_main_process():

@@ -31,7 +31,8 @@ of the clip shape with label SKIPPED_LABEL (-1) and meta {"skipped": 1}, logged 
 `num_skipped` (per process: DataLoader workers count in their own copy). Consumers drop label -1 rows.
 A video whose random access cannot be trusted is decoded sequentially (datasets/decoder.py) and flagged in
 `sequential_videos` (shared memory, so DataLoader workers' flags reach the main process);
-`sequential_decodes(*datasets)` counts the flagged videos over all ranks.
+`sequential_decodes(*datasets)` counts the flagged videos over all ranks; a training checkpoint keeps them
+(`checkpoint_sequential_videos` / `restore_sequential_videos`).
 """
 import json
 import logging
@@ -184,19 +185,44 @@ def segment_indices(num_frames: int, num_segments: int, random: bool) -> torch.T
     return torch.tensor(out)
 
 
-def sequential_decodes(*datasets) -> int:
-    """Videos of these datasets (or of the datasets they wrap) decoded sequentially so far, over all ranks."""
-    flags = []
-    for d in datasets:
-        while not hasattr(d, "sequential_videos") and hasattr(d, "dataset"):
-            d = d.dataset
-        flags.append(getattr(d, "sequential_videos", torch.zeros(0, dtype=torch.int32)))
-    flags = torch.cat(flags)
+def _flags(dataset) -> torch.Tensor:
+    """The `sequential_videos` flags of a dataset, or of the dataset it wraps (empty if it has none)."""
+    while not hasattr(dataset, "sequential_videos") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return getattr(dataset, "sequential_videos", torch.zeros(0, dtype=torch.int32))
+
+
+def sequential_video_flags(*datasets) -> torch.Tensor:
+    """One int32 flag per video of these datasets (concatenated): 1 when some rank decoded it sequentially.
+    A collective when distributed: every rank calls it."""
+    flags = torch.cat([_flags(d) for d in datasets])
     if dist.is_available() and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         flags = flags.to(device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return int(flags.sum())
+    return flags.cpu()
+
+
+def sequential_decodes(*datasets) -> int:
+    """Videos of these datasets (or of the datasets they wrap) decoded sequentially so far, over all ranks."""
+    return int(sequential_video_flags(*datasets).sum())
+
+
+def checkpoint_sequential_videos(dataset) -> dict:
+    """What a training checkpoint keeps of the flags (so that a resumed epoch still counts the videos decoded
+    sequentially before the interruption): the list length and the flagged indices. A collective."""
+    flags = sequential_video_flags(dataset)
+    return {"num_videos": len(flags), "indices": flags.nonzero().flatten().tolist()}
+
+
+def restore_sequential_videos(dataset, saved: dict | None) -> bool:
+    """Set the flags saved by `checkpoint_sequential_videos`; False (nothing set) when the list has another
+    length (the run was resumed on another list)."""
+    flags = _flags(dataset)
+    if not saved or saved["num_videos"] != len(flags):
+        return False
+    flags[saved["indices"]] = 1
+    return True
 
 
 class VideoDataset(Dataset):

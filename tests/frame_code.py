@@ -93,7 +93,7 @@ def read_clip(clip, time_dim: int, portrait: bool | None = None) -> list[int]:
     return [read_index(frame, portrait) for frame in a]
 
 
-def _encode(path: str, codec: str, frames, options: dict, rate=30, time_base=None, pts=None,
+def encode_frames(path: str, codec: str, frames, options: dict, rate=30, time_base=None, pts=None,
             codec_tag=None, container_options=None) -> None:
     with av.open(path, "w", options=container_options or {}) as out:
         stream = out.add_stream(codec, rate=rate, options=options)
@@ -134,22 +134,22 @@ def write_fixtures(root: str) -> dict[str, str]:
     x264 = {"preset": "veryfast", "crf": "12", "g": "10", "bf": "3", "threads": "1",
             "x264-params": "b-adapt=0:scenecut=0"}
     paths = {name: os.path.join(root, name) for name in FIXTURES}
-    _encode(paths["h264_bframes.mp4"], "libx264", frames, x264)
-    _encode(paths["mpeg4_bframes.avi"], "mpeg4", frames, {"g": "10", "bf": "2", "qscale": "2"}, codec_tag="DX50")
-    _encode(paths["mpeg4_plain.avi"], "mpeg4", frames, {"g": "10", "bf": "0", "qscale": "2"}, codec_tag="XVID")
+    encode_frames(paths["h264_bframes.mp4"], "libx264", frames, x264)
+    encode_frames(paths["mpeg4_bframes.avi"], "mpeg4", frames, {"g": "10", "bf": "2", "qscale": "2"}, codec_tag="DX50")
+    encode_frames(paths["mpeg4_plain.avi"], "mpeg4", frames, {"g": "10", "bf": "0", "qscale": "2"}, codec_tag="XVID")
     ticks = np.concatenate([[0], np.cumsum([VFR_TICKS[k % len(VFR_TICKS)] for k in range(NUM_FRAMES - 1)])])
-    _encode(paths["vfr.mp4"], "libx264", frames, x264, rate=60, time_base=Fraction(1, 60), pts=ticks.tolist())
+    encode_frames(paths["vfr.mp4"], "libx264", frames, x264, rate=60, time_base=Fraction(1, 60), pts=ticks.tolist())
     upright = [code_frame(k, 64, 48) for k in range(NUM_FRAMES)]     # what the viewer sees: 48 wide, 64 tall
     stored = [np.ascontiguousarray(np.rot90(p, k=1)) for p in upright]  # stored picture before the display turn
-    _encode(paths["rotated.mp4"], "libx264", stored, x264)
+    encode_frames(paths["rotated.mp4"], "libx264", stored, x264)
     _set_rotation(paths["rotated.mp4"], 90)
-    _encode(paths["truncated.mp4"], "libx264", frames, x264, container_options={"movflags": "faststart"})
+    encode_frames(paths["truncated.mp4"], "libx264", frames, x264, container_options={"movflags": "faststart"})
     with av.open(paths["truncated.mp4"]) as video:   # cut 10 bytes into the keyframe of frame TRUNCATED_AT
         cut = next(p.pos for p in video.demux(video=0) if p.is_keyframe and p.pts and p.pts > 0 and
                    round(float(p.pts * p.time_base) * 30) == TRUNCATED_AT) + 10
     with open(paths["truncated.mp4"], "r+b") as f:
         f.truncate(cut)
-    _encode(paths["short.mp4"], "libx264", frames[:SHORT_FRAMES], x264)
-    _encode(paths["vp9.webm"], "libvpx-vp9", frames, {"g": "10", "crf": "10", "b": "0", "deadline": "realtime",
+    encode_frames(paths["short.mp4"], "libx264", frames[:SHORT_FRAMES], x264)
+    encode_frames(paths["vp9.webm"], "libvpx-vp9", frames, {"g": "10", "crf": "10", "b": "0", "deadline": "realtime",
                                                       "cpu-used": "8", "threads": "1"})
     return paths

@@ -117,7 +117,29 @@ def _log_records(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "epoch_time"} for r in records]
 
 
-def test_kill_9_at_every_fragile_point_then_resume_ends_as_an_uninterrupted_run(synthetic_root, tmp_path):
+@pytest.fixture(scope="module")
+def seek_unsafe_root(synthetic_root, tmp_path_factory) -> Path:
+    """The synthetic training list with every video re-encoded as MPEG-4 AVI with B-frames: every one is
+    decoded sequentially and counted in `sequential_decodes`, which a resume must not forget."""
+    import av
+    from tests.frame_code import encode_frames
+    root = tmp_path_factory.mktemp("seek_unsafe")
+    (root / "annotations").mkdir()
+    lines = []
+    for line in (synthetic_root / "annotations" / "train.csv").read_text().splitlines():
+        rel, label = line.split()
+        with av.open(str(synthetic_root / "videos" / rel)) as video:
+            frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+        dst = root / "videos" / rel.replace(".mp4", ".avi")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        encode_frames(str(dst), "mpeg4", frames, {"g": "6", "bf": "2", "qscale": "3"}, codec_tag="DX50")
+        lines.append(f"{rel.replace('.mp4', '.avi')} {label}")
+    (root / "annotations" / "train.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_kill_9_at_every_fragile_point_then_resume_ends_as_an_uninterrupted_run(seek_unsafe_root, tmp_path):
+    synthetic_root = seek_unsafe_root
     reference, out = tmp_path / "reference", tmp_path / "killed"
     argv = _tiny_argv(synthetic_root, out)
     # One chain of runs, each killed at the N-th call (counted in that run) of a function, each resuming from
@@ -140,12 +162,15 @@ def test_kill_9_at_every_fragile_point_then_resume_ends_as_an_uninterrupted_run(
     assert "Wrote the log.txt line of epoch 0" in logs[3].read_text()
     assert "Wrote the log.txt line of epoch 1" in logs[5].read_text()
 
-    assert _log_records(out) == _log_records(reference)
+    records = _log_records(out)
+    assert [r["sequential_decodes"] for r in records] == [16, 16]  # every video, in every epoch's line
+    assert records == _log_records(reference)
     assert sorted(p.name for p in out.glob("checkpoint*.pth")) == \
         ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth"]
     for name in ("checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth"):
         got, want = safe_torch_load(out / name), safe_torch_load(reference / name)
         assert (got["epoch"], got["iteration"]) == (want["epoch"], want["iteration"])
+        assert got["sequential_videos"] == want["sequential_videos"] == {"num_videos": 16, "indices": list(range(16))}
         for key in ("student", "teacher", "dino_loss"):
             for param, value in want[key].items():
                 assert torch.equal(got[key][param], value), f"{name}: {key}.{param}"
@@ -319,3 +344,16 @@ def test_entry_points_flush_each_line_before_a_kill(script, tmp_path):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": ""})
     assert proc.returncode == -signal.SIGKILL
     assert "printed before the kill" in proc.stdout
+
+
+def test_sequential_video_flags_round_trip_through_a_checkpoint_and_ignore_another_list():
+    from types import SimpleNamespace
+    from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos
+    saved_from = SimpleNamespace(sequential_videos=torch.tensor([0, 1, 0, 1, 1], dtype=torch.int32))
+    saved = checkpoint_sequential_videos(SimpleNamespace(dataset=saved_from))  # a wrapper (DeviceViewLoader) too
+    assert saved == {"num_videos": 5, "indices": [1, 3, 4]}
+    resumed = SimpleNamespace(sequential_videos=torch.zeros(5, dtype=torch.int32))
+    assert restore_sequential_videos(resumed, saved) and resumed.sequential_videos.tolist() == [0, 1, 0, 1, 1]
+    other_list = SimpleNamespace(sequential_videos=torch.zeros(4, dtype=torch.int32))
+    assert not restore_sequential_videos(other_list, saved) and other_list.sequential_videos.sum() == 0
+    assert not restore_sequential_videos(resumed, None)  # a checkpoint written before the flags were kept
