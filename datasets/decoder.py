@@ -110,14 +110,19 @@ def resolve_backend(name: str) -> str:
 @dataclass
 class VideoInfo:
     """What the probe knows about a file. `pts[i]` is the timestamp (stream time base) of frame i;
-    `rotation` is ffmpeg's display rotation (degrees counter-clockwise); `unsafe` says why random access
-    cannot be trusted ("" when it can)."""
+    `seek_pts[i]` the timestamp to seek to (backward) for decoding to reach frame i: the earlier of the
+    presentation and decoding timestamps of the last keyframe shown at or before it, or pts[i] when none is;
+    `rotation` is ffmpeg's display rotation (degrees counter-clockwise); `open_gop`: some frame is shown
+    before the keyframe it is decoded after (open GOPs: x265's default, x264 --open-gop); `unsafe` says why
+    random access cannot be trusted ("" when it can)."""
     num_frames: int
     fps: float
     rotation: int
     pts: np.ndarray
+    seek_pts: np.ndarray
     height: int
     width: int
+    open_gop: bool
     unsafe: str
 
 
@@ -127,7 +132,8 @@ def _probe(container, path: str) -> VideoInfo:
     except IndexError:
         raise DecodeError(f"{path}: no video stream") from None
     header_frames = stream.frames
-    pts, missing, damaged, reordered, last = [], 0, 0, False, None
+    pts, missing, damaged, discarded, reordered, last = [], 0, 0, 0, False, None
+    key_pts, open_gop, keys = None, False, []
     first = None
     first_error = None
     try:
@@ -138,6 +144,17 @@ def _probe(container, path: str) -> VideoInfo:
                 continue
             if packet.is_corrupt:
                 damaged += 1
+                continue
+            if packet.pts is not None:   # a frame shown before the keyframe it is decoded after: an open GOP
+                if packet.is_keyframe:
+                    key_pts = packet.pts
+                    keys.append((packet.pts, min(packet.pts, packet.pts if packet.dts is None else packet.dts)))
+                else:
+                    open_gop |= key_pts is not None and packet.pts < key_pts
+            if packet.is_discard:   # before the start of an edit list: decoded for reference, never shown
+                discarded += 1
+                if first is None:
+                    packet.decode()
                 continue
             if packet.pts is None:
                 missing += 1
@@ -159,14 +176,17 @@ def _probe(container, path: str) -> VideoInfo:
     if first is None:
         raise DecodeError(f"{path}: the first frame does not decode ({first_error or 'no frame out of the decoder'})")
     table = np.sort(np.asarray(pts, dtype=np.int64))
+    keys = np.asarray(sorted(keys) or [(0, 0)], dtype=np.int64).reshape(-1, 2)
+    last_key = np.searchsorted(keys[:, 0], table, side="right") - 1
+    seek_table = np.where(last_key >= 0, keys[np.maximum(last_key, 0), 1], table)
     reasons = []
     if missing:
         reasons.append(f"{missing} packets without timestamps")
     if len(table) > 1 and (np.diff(table) == 0).any():
         reasons.append("duplicate timestamps")
-    if damaged or (header_frames and header_frames > count):
+    if damaged or (header_frames and header_frames > count + discarded):
         reasons.append(f"damaged or truncated file (the index lists {header_frames or '?'} frames, "
-                       f"{count} are readable)")
+                       f"{count + discarded} are readable)")
     if container.format.name == "avi" and (reordered or stream.codec_context.has_b_frames):
         reasons.append("B-frames in AVI (no presentation timestamps in the container)")
     rate = stream.average_rate or stream.guessed_rate
@@ -178,8 +198,8 @@ def _probe(container, path: str) -> VideoInfo:
         fps = 30.0
     rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
     height, width = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
-    return VideoInfo(num_frames=count, fps=fps, rotation=rotation, pts=table, height=height, width=width,
-                     unsafe="; ".join(reasons))
+    return VideoInfo(num_frames=count, fps=fps, rotation=rotation, pts=table, seek_pts=seek_table, height=height, width=width,
+                     open_gop=open_gop, unsafe="; ".join(reasons))
 
 
 def probe(path: str) -> VideoInfo:
@@ -228,6 +248,8 @@ class _DecordAccess:
         import decord
         if info.rotation:
             raise _Untrusted(f"decord ignores the display rotation ({info.rotation} degrees)")
+        if info.open_gop:   # it returns a frame 2-3 later for frames shown before a keyframe, silently
+            raise _Untrusted("decord returns wrong frames around the keyframes of open GOPs")
         try:
             self._reader = decord.VideoReader(path, num_threads=1)
         except Exception as err:
@@ -243,8 +265,10 @@ class _DecordAccess:
 
 
 class _PyAVAccess:
-    """Seek to the keyframe before the first wanted frame and decode forward; a frame is identified by its
-    timestamp (the probe's table), so no frame is repeated or shifted, on constant or variable frame rate."""
+    """Seek to the last keyframe shown at or before the first wanted frame (by the probe's table: a seek to the
+    frame's own timestamp can land on a later keyframe, as mp4 seeks by decoding timestamp, or on one whose
+    open GOP shows that frame without decoding it) and decode forward; a frame is identified by its timestamp
+    (the probe's table), so no frame is repeated or shifted, on constant or variable frame rate."""
 
     def __init__(self, path: str, info: VideoInfo):
         try:
@@ -258,7 +282,8 @@ class _PyAVAccess:
         pts = self._info.pts
         position = {int(pts[i]): k for k, i in enumerate(indices)}
         out: list = [None] * len(indices)
-        self._container.seek(int(pts[indices[0]]), stream=self._stream, backward=True, any_frame=False)
+        self._container.seek(int(self._info.seek_pts[indices[0]]), stream=self._stream, backward=True,
+                             any_frame=False)
         stop = int(pts[indices[-1]])
         found = 0
         for frame in self._container.decode(self._stream):

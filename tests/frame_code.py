@@ -18,6 +18,19 @@ PyAV at test time:
                      frames 0..29 are there.
 - short.mp4          H.264, 6 frames: shorter than one clip.
 - vp9.webm           VP9 in WebM.
+- h264.mkv           H.264 with B-frames in Matroska (millisecond timestamps: 0, 33, 67, ...).
+- offset_10s.mp4     H.264 whose first frame is at 10 s (a clip cut from a longer video and re-encoded).
+- cut_editlist.mp4   A stream-copied cut (as `ffmpeg -ss 7/30 -i src.mp4 -c copy` writes it): the packets start
+                     at the keyframe before the cut point, and an edit list drops the CUT_PREROLL frames before
+                     it (the demuxer marks them discard; they are decoded for reference and never shown).
+- open_gop_60fps.mp4 H.264 at 60 fps with open GOPs (x264 --open-gop, keyframe every 12 frames, 3 B-frames):
+                     frames shown before a keyframe are decoded after it.
+- hevc.mp4           HEVC (libx265 defaults: open GOPs, B-frames), keyframe every 10 frames; not written when
+                     this FFmpeg has no libx265 (`missing_encoder`).
+- noindex.avi        MPEG-4 Part 2 AVI at 25 fps (UCF-101's format) whose idx1 index is cut off and whose
+                     has-index flag is cleared: a damaged download.
+- audio_first.mp4    AAC audio as stream 0, H.264 video as stream 1 at 30000/1001 fps (NTSC, like most
+                     YouTube clips).
 """
 import os
 import struct
@@ -35,8 +48,11 @@ HIGH, LOW = 215, 40
 NUM_FRAMES = 48
 SHORT_FRAMES = 6
 TRUNCATED_AT = 30             # truncated.mp4 holds frames 0..29 (closed GOPs of 10)
+CUT_PREROLL = 7               # cut_editlist.mp4: frames decoded before the cut point, dropped by the edit list
 FIXTURES = ("h264_bframes.mp4", "mpeg4_bframes.avi", "mpeg4_plain.avi", "vfr.mp4", "rotated.mp4",
-            "truncated.mp4", "short.mp4", "vp9.webm")
+            "truncated.mp4", "short.mp4", "vp9.webm", "h264.mkv", "offset_10s.mp4", "cut_editlist.mp4",
+            "open_gop_60fps.mp4", "hevc.mp4", "noindex.avi", "audio_first.mp4")
+ENCODERS = {"hevc.mp4": "libx265"}   # fixtures made with an encoder FFmpeg builds may lack
 VFR_TICKS = (1, 2, 3, 1)      # frame durations in 1/60 s, cycled
 BACKENDS = ("torchcodec", "decord", "pyav")
 
@@ -46,6 +62,15 @@ def require_backend(backend: str) -> None:
     why = {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}.get(backend, lambda: "")()
     if why:
         pytest.skip(f"{backend} unavailable here: {why}")
+
+
+def missing_encoder(name: str) -> str:
+    """Why fixture `name` cannot be made here ("" when it can)."""
+    codec = ENCODERS.get(name)
+    return f"this FFmpeg has no {codec} encoder" if codec and codec not in av.codecs_available else ""
+
+
+MADE = tuple(name for name in FIXTURES if not missing_encoder(name))   # the fixtures write_fixtures makes here
 
 
 def code_frame(index: int, height: int = 48, width: int = 64) -> np.ndarray:
@@ -94,8 +119,9 @@ def read_clip(clip, time_dim: int, portrait: bool | None = None) -> list[int]:
 
 
 def encode_frames(path: str, codec: str, frames, options: dict, rate=30, time_base=None, pts=None,
-            codec_tag=None, container_options=None) -> None:
+            codec_tag=None, container_options=None, audio_first: bool = False) -> None:
     with av.open(path, "w", options=container_options or {}) as out:
+        audio = out.add_stream("aac", rate=16000, layout="mono") if audio_first else None   # stream 0
         stream = out.add_stream(codec, rate=rate, options=options)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
@@ -104,6 +130,8 @@ def encode_frames(path: str, codec: str, frames, options: dict, rate=30, time_ba
         if time_base is not None:
             stream.time_base = time_base
             stream.codec_context.time_base = time_base
+        if audio is not None:
+            _mux_tone(out, audio, float(len(frames) / rate))
         for k, picture in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             if pts is not None:
@@ -112,6 +140,39 @@ def encode_frames(path: str, codec: str, frames, options: dict, rate=30, time_ba
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+def _mux_tone(out, audio, seconds: float) -> None:
+    """A quiet tone of `seconds` on the (mono) audio stream `audio` of `out`."""
+    tone = (0.1 * np.sin(np.arange(int(seconds * audio.rate)) * 0.1)).astype(np.float32)[None]
+    frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+    frame.sample_rate, frame.pts = audio.rate, 0
+    for packet in [*audio.encode(frame), *audio.encode()]:
+        out.mux(packet)
+
+
+def _cut_by_stream_copy(src: str, dst: str, cut: int) -> None:
+    """What `ffmpeg -ss` + `-c copy` does to an mp4 at frame `cut`: copy the packets from the keyframe before
+    it, shifted so that the cut frame is at 0; the frames before it get negative timestamps, which the mp4
+    muxer hides behind an edit list."""
+    with av.open(src) as video, av.open(dst, "w") as out:
+        stream = video.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        shift = int(cut / (stream.average_rate * stream.time_base))
+        packets = [p for p in video.demux(stream) if p.size]
+        start = max(i for i, p in enumerate(packets) if p.is_keyframe and p.pts <= shift)
+        for packet in packets[start:]:
+            packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, copy
+            out.mux(packet)
+
+
+def _strip_avi_index(path: str) -> None:
+    """Cut the idx1 chunk off the end of an AVI and clear the avih has-index flag, in place."""
+    data = bytearray(open(path, "rb").read())
+    flags_at = data.find(b"avih") + 8 + 12          # dwMicroSecPerFrame, dwMaxBytesPerSec, dwPaddingGranularity
+    flags = struct.unpack_from("<I", data, flags_at)[0]
+    struct.pack_into("<I", data, flags_at, flags & ~0x10)   # AVIF_HASINDEX
+    open(path, "wb").write(bytes(data[:data.find(b"idx1")]))
 
 
 def _set_rotation(path: str, degrees: int) -> None:
@@ -128,7 +189,7 @@ def _set_rotation(path: str, degrees: int) -> None:
 
 
 def write_fixtures(root: str) -> dict[str, str]:
-    """Write every FIXTURES file under root; returns {name: path}."""
+    """Write every FIXTURES file this FFmpeg can make (MADE) under root; returns {name: path}."""
     os.makedirs(root, exist_ok=True)
     frames = [code_frame(k) for k in range(NUM_FRAMES)]
     x264 = {"preset": "veryfast", "crf": "12", "g": "10", "bf": "3", "threads": "1",
@@ -152,4 +213,20 @@ def write_fixtures(root: str) -> dict[str, str]:
     encode_frames(paths["short.mp4"], "libx264", frames[:SHORT_FRAMES], x264)
     encode_frames(paths["vp9.webm"], "libvpx-vp9", frames, {"g": "10", "crf": "10", "b": "0", "deadline": "realtime",
                                                       "cpu-used": "8", "threads": "1"})
-    return paths
+    encode_frames(paths["h264.mkv"], "libx264", frames, x264)
+    encode_frames(paths["offset_10s.mp4"], "libx264", frames, x264, time_base=Fraction(1, 30),
+                  pts=list(range(300, 300 + NUM_FRAMES)))
+    source = os.path.join(root, "cut_source.mp4")   # grey pre-roll (no code) then the coded frames
+    encode_frames(source, "libx264", [np.full_like(frames[0], 128)] * CUT_PREROLL + frames, x264)
+    _cut_by_stream_copy(source, paths["cut_editlist.mp4"], CUT_PREROLL)
+    os.remove(source)
+    encode_frames(paths["open_gop_60fps.mp4"], "libx264", frames,
+                  {**x264, "g": "12", "x264-params": "b-adapt=0:scenecut=0:open-gop=1"}, rate=60)
+    if not missing_encoder("hevc.mp4"):
+        encode_frames(paths["hevc.mp4"], "libx265", frames, {"preset": "ultrafast", "crf": "12", "x265-params":
+                      "log-level=error:keyint=10:min-keyint=10:bframes=3:scenecut=0:pools=1:frame-threads=1"})
+    encode_frames(paths["noindex.avi"], "mpeg4", frames, {"g": "10", "bf": "0", "qscale": "2"}, rate=25,
+                  codec_tag="XVID")
+    _strip_avi_index(paths["noindex.avi"])
+    encode_frames(paths["audio_first.mp4"], "libx264", frames, x264, rate=Fraction(30000, 1001), audio_first=True)
+    return {name: path for name, path in paths.items() if name in MADE}
