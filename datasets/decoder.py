@@ -5,16 +5,21 @@ frames the file actually holds; `fps` is the stream's average rate. Every backen
 frames its indices name, upright (the display rotation of the container is applied), as uint8 RGB
 (K, H, W, 3). This is tested on generated files whose frames carry their own index in their pixels
 (tests/frame_code.py, tests/test_data_frame_exact.py): H.264 mp4 with B-frames, MPEG-4 Part 2 AVI with
-and without B-frames, variable frame rate, rotated, truncated, shorter than a clip, VP9 WebM.
+and without B-frames, variable frame rate, rotated, truncated, shorter than a clip, VP9 WebM, H.264 in
+Matroska, mp4 starting at 10 s, a stream-copied cut (edit list), open GOPs at 60 fps, HEVC, AVI without
+its index, audio as stream 0.
 
 `open_video` first probes the file with PyAV: it reads every video packet (no decoding) for the
 presentation timestamps, frame count and damage, and decodes the first frame (rotation, and a file
-that does not decode at all fails here). Random access is then used unless it cannot be trusted:
+that does not decode at all fails here). Packets the demuxer marks discard (before the start of an edit
+list: decoded for reference, never shown) are not frames. Random access is then used unless it cannot be
+trusted:
 - container facts: B-frames in AVI (no presentation timestamps in the container: the order of the
   frames cannot be known before decoding), packets without or with duplicate timestamps, damaged
   packets or an index that lists more frames than the file holds (a truncated file);
-- backend facts: the backend counts another number of frames than the probe, or decord on a rotated
-  video (it ignores the display matrix);
+- backend facts: the backend counts another number of frames than the probe (decord counts the frames
+  an edit list hides), or decord on a rotated video (it ignores the display matrix) or on open GOPs (it
+  returns wrong frames for those shown before a keyframe they are decoded after);
 - a decoder error or a missing frame during random access.
 Such a file is decoded sequentially instead, the original's way: from its first packet, in order,
 picking frames by timestamp (a frame without a usable timestamp takes the next position), converting
@@ -176,9 +181,11 @@ def _probe(container, path: str) -> VideoInfo:
     if first is None:
         raise DecodeError(f"{path}: the first frame does not decode ({first_error or 'no frame out of the decoder'})")
     table = np.sort(np.asarray(pts, dtype=np.int64))
-    keys = np.asarray(sorted(keys) or [(0, 0)], dtype=np.int64).reshape(-1, 2)
-    last_key = np.searchsorted(keys[:, 0], table, side="right") - 1
-    seek_table = np.where(last_key >= 0, keys[np.maximum(last_key, 0), 1], table)
+    seek_table = table
+    if keys:
+        keys = np.asarray(sorted(keys), dtype=np.int64)
+        last_key = np.searchsorted(keys[:, 0], table, side="right") - 1
+        seek_table = np.where(last_key >= 0, keys[np.maximum(last_key, 0), 1], table)
     reasons = []
     if missing:
         reasons.append(f"{missing} packets without timestamps")
@@ -198,8 +205,8 @@ def _probe(container, path: str) -> VideoInfo:
         fps = 30.0
     rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
     height, width = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
-    return VideoInfo(num_frames=count, fps=fps, rotation=rotation, pts=table, seek_pts=seek_table, height=height, width=width,
-                     open_gop=open_gop, unsafe="; ".join(reasons))
+    return VideoInfo(num_frames=count, fps=fps, rotation=rotation, pts=table, seek_pts=seek_table, height=height,
+                     width=width, open_gop=open_gop, unsafe="; ".join(reasons))
 
 
 def probe(path: str) -> VideoInfo:
