@@ -150,6 +150,20 @@ def test_open_gop_frames_shown_before_a_keyframe(frame_videos, name):
         assert got != leading
 
 
+def test_device_decoder_returns_the_frames_asked_for(frame_videos, device):
+    # DATA.DECODE_DEVICE's decoder (torchcodec on `device`: NVDEC with SVT_TEST_DEVICE=cuda) on every file the
+    # probe trusts for random access (the others are decoded sequentially on the CPU, as the CPU path does).
+    require_backend("torchcodec")
+    for name in MADE:
+        path = str(frame_videos / name)
+        info = decoder.probe(path)
+        if info.unsafe:
+            continue
+        indices = sorted({0, 5, info.num_frames // 2, info.num_frames - 1})
+        frames, _ = decoder.decode_on_device(decoder.read_video_bytes(path), indices, info.num_frames, device, path)
+        assert read_clip(frames.cpu(), 0, name in PORTRAIT) == indices, name
+
+
 # ----------------------------------------------------------------------------------------- datasets
 def _spy_windows(monkeypatch) -> list:
     """Record (first, view indices) of every decode_union call the datasets make."""
