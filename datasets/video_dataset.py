@@ -97,6 +97,17 @@ def check_paths_resolve(paths: list[str], list_file: str, prefix: str, probes: i
         f"list's paths are relative to (e.g. --opts DATA.PATH_PREFIX /data/k400/videos), or fix the list.")
 
 
+def _malformed_hint(line: str, number: int) -> str:
+    """The likely cause of a malformed list line, and the fix."""
+    if "youtube_id" in line:
+        return ("This is the Kinetics annotation csv (label,youtube_id,time_start,time_end,split): it names "
+                "YouTube clips, not files. Write one line per downloaded video, '<class>/<file>.mp4 <label>', "
+                "labels indexing the sorted class names (datasets/DATASET.md).")
+    if number == 1:
+        return "Lists have no header line: if this is one, delete it (e.g. sed -i 1d <list>)."
+    return ""
+
+
 def parse_list_file(list_file: str, separator: str = " ") -> list[tuple[str, int]]:
     """Lines `path<sep>label` (the separator, a comma or whitespace); empty lines and a UTF-8 byte-order mark
     are skipped. Labels are class indices (integers >= 0). A malformed line or a negative label raises
@@ -117,7 +128,8 @@ def parse_list_file(list_file: str, separator: str = " ") -> list[tuple[str, int
                     break
             if parts is None:
                 raise ValueError(f"{list_file}:{number}: malformed line {line!r}; expected "
-                                 f"'<path><separator><integer label>' (separator {separator!r} or ',').")
+                                 f"'<path><separator><integer label>' (separator {separator!r} or ','). "
+                                 + _malformed_hint(line, number))
             label = int(parts[1])
             if label < 0:
                 raise ValueError(f"{list_file}:{number}: label {label} in {line!r} is negative; labels are class "

@@ -46,6 +46,31 @@ def test_malformed_line_names_file_number_and_line(tmp_path, content, line):
         parse_list_file(str(path))
 
 
+@pytest.mark.parametrize("header", ["path,label", "video label", "filename,label"])
+def test_header_line_is_named_as_one_with_the_fix(tmp_path, header):
+    path = tmp_path / "train.csv"
+    path.write_text(f"{header}\nx/a.mp4,3\n")
+    with pytest.raises(ValueError, match=f"train.csv:1: malformed line '{header}'.*no header line: if this is one, "
+                                         "delete it"):
+        parse_list_file(str(path))
+
+
+def test_kinetics_annotation_csv_is_named_with_the_list_to_write(tmp_path):
+    # The official Kinetics-400 csv lists YouTube ids; TimeSformer's / mmaction2's lists are 'path label'.
+    path = tmp_path / "train.csv"
+    path.write_text("label,youtube_id,time_start,time_end,split\nabseiling,0347ZoDXyP0,95,105,train\n")
+    with pytest.raises(ValueError, match=r"train.csv:1: .*Kinetics annotation csv .* '<class>/<file>.mp4 <label>'"):
+        parse_list_file(str(path))
+
+
+def test_a_malformed_line_past_the_first_is_not_called_a_header(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("x/a.mp4 3\ny/b.mp4 z\n")
+    with pytest.raises(ValueError) as err:
+        parse_list_file(str(path))
+    assert "header" not in str(err.value)
+
+
 @pytest.mark.parametrize("label", ["-1", "-2"])
 def test_negative_label_names_file_and_line(tmp_path, label):
     # -1 is the internal "unreadable video" marker of evaluation: a list must never produce it.
