@@ -31,7 +31,8 @@ from datasets import build_dataset
 from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans
 from datasets.seeding import SeededDataset, SeededDistributedSampler, preserved_rng_state
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
-from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
+from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_hint, restore_sequential_videos,
+                                     sequential_decodes)
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import utils
 from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_objects, gather_rng_states,
@@ -500,7 +501,8 @@ def prepare_config(args):
     train_csv = Path(cfg.DATA.PATH_TO_DATA_DIR) / "train.csv"
     if not train_csv.is_file():
         raise FileNotFoundError(f"{train_csv} not found: --data_path (or DATA.PATH_TO_DATA_DIR) must be the folder "
-                                f"with the Kinetics train.csv ('path label' per line).")
+                                f"with the Kinetics train.csv ('path label' per line). "
+                                + missing_list_hint(str(train_csv)))
     if cfg.DATA.NO_RGB_AUG:
         raise ValueError("DATA.NO_RGB_AUG True makes Kinetics train return one plain clip; self-supervised "
                          "training needs the multi-view clips, so leave it False.")

@@ -108,12 +108,29 @@ def _malformed_hint(line: str, number: int) -> str:
     return ""
 
 
+def missing_list_hint(list_file: str) -> str:
+    """Why `list_file` is not a file: a folder given for the list, a list given for its folder, or a folder
+    holding other lists (another --dataset)."""
+    folder = os.path.dirname(list_file) or "."
+    if os.path.isdir(list_file):
+        return f"{list_file} is a folder: pass the list file in it, not the folder."
+    if os.path.isfile(folder):
+        return (f"{folder} is a file, and the setting names the folder that holds the lists: "
+                f"use {os.path.dirname(folder) or '.'}")
+    if not os.path.isdir(folder):
+        return f"The folder {folder} does not exist."
+    lists = sorted(f for f in os.listdir(folder) if f.endswith((".csv", ".txt", ".json")))
+    return (f"{folder} holds {', '.join(lists)} (lists of another --dataset?)." if lists
+            else f"{folder} holds no list files (.csv/.txt).")
+
+
 def parse_list_file(list_file: str, separator: str = " ") -> list[tuple[str, int]]:
     """Lines `path<sep>label` (the separator, a comma or whitespace); empty lines and a UTF-8 byte-order mark
     are skipped. Labels are class indices (integers >= 0). A malformed line or a negative label raises
     ValueError naming the file, the line number and the line."""
     if not os.path.isfile(list_file):
-        raise FileNotFoundError(f"list file {list_file} not found; check DATA.PATH_TO_DATA_DIR.")
+        raise FileNotFoundError(f"list file {list_file} not found; check DATA.PATH_TO_DATA_DIR. "
+                                + missing_list_hint(list_file))
     items = []
     with open(list_file, encoding="utf-8-sig") as f:
         for number, raw in enumerate(f, start=1):

@@ -92,6 +92,30 @@ def test_missing_list_file_names_key(tmp_path, synthetic_root):
         build_dataset("kinetics400", cfg, "train")
 
 
+def test_list_file_given_for_its_folder_names_the_folder(tmp_path):
+    # LIST_DIR=/data/ucf101/splits/ucf101_train_split_1_videos.txt: the folder setting names a file.
+    listed = tmp_path / "ucf101_train_split_1_videos.txt"
+    listed.write_text("a.mp4 0\n")
+    with pytest.raises(FileNotFoundError, match=f"{listed} is a file, and the setting names the folder that holds "
+                                                f"the lists: use {tmp_path}$"):
+        parse_list_file(str(listed / "ucf101_train_split_1_videos.txt"))
+
+
+def test_folder_given_for_a_list_file_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a folder: pass the list file in it"):
+        parse_list_file(str(tmp_path))
+
+
+def test_missing_list_names_the_lists_the_folder_holds(tmp_path, synthetic_root):
+    # --dataset kinetics400 pointed at UCF-style split lists.
+    cfg = build_cfg(synthetic_root / "splits", synthetic_root / "videos")
+    with pytest.raises(FileNotFoundError, match=r"splits holds hmdb51_train_split_1_videos.txt, .*"
+                                                r"ucf101_val_split_1_videos.txt \(lists of another --dataset\?\)"):
+        build_dataset("kinetics400", cfg, "train")
+    with pytest.raises(FileNotFoundError, match=f"The folder {tmp_path / 'nope'} does not exist"):
+        parse_list_file(str(tmp_path / "nope" / "train.csv"))
+
+
 def test_every_video_list_layout_is_read(synthetic_cfg):
     kin = {m: build_dataset("kinetics400", synthetic_cfg("annotations"), m) for m in ("train", "val", "test")}
     assert [kin[m].num_videos for m in ("train", "val", "test")] == [16, 8, 8]

@@ -380,6 +380,14 @@ def test_missing_train_csv_names_the_path(tmp_path, monkeypatch):
         _train(monkeypatch, ["--data_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])
 
 
+def test_train_csv_given_as_data_path_names_its_folder(tmp_path, monkeypatch):
+    # The README's DATA_PATH is the annotations folder; users often pass the csv itself.
+    (tmp_path / "train.csv").write_text("a.mp4 0\n")
+    with pytest.raises(FileNotFoundError, match=f"is a file, and the setting names the folder that holds the lists: "
+                                                f"use {tmp_path}$"):
+        _train(monkeypatch, ["--data_path", str(tmp_path / "train.csv"), "--output_dir", str(tmp_path / "o")])
+
+
 # ---------------------------------------------------------------------------------------------
 # 2 processes (torchrun, gloo) vs 1 process with the same global batch
 # ---------------------------------------------------------------------------------------------
