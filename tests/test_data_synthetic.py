@@ -135,4 +135,23 @@ def test_resize_videos_short_side(tmp_path, make_video):
         s = c.streams.video[0]
         assert (s.width, s.height, s.frames, float(s.average_rate)) == (42, 32, 5, 30.0)
     assert resize_videos.target_size(340, 256, 256) == (340, 256)
+
+
+def test_resize_videos_absolute_list_paths_are_resized_into_dst(tmp_path, make_video):
+    # An absolute path used to be joined to --dst as itself: the input was "already there" and kept unresized.
+    src = tmp_path / "src"
+    make_video(src / "a b" / "v.avi", num_frames=5, size=(48, 64))
+    make_video(src / "w.mp4", num_frames=5, size=(48, 64))
+    (tmp_path / "list.txt").write_text(f"{src / 'a b' / 'v.avi'} 1\nw.mp4 0\n")
+    assert resize_videos.main(["--src", str(src), "--dst", str(tmp_path / "dst"), "--list", str(tmp_path / "list.txt"),
+                               "--short_side", "32", "--workers", "1"]) == 0
+    assert (tmp_path / "dst" / "list.txt").read_text() == "a b/v.mp4 1\nw.mp4 0\n"
+    for name in ("a b/v.mp4", "w.mp4"):
+        with av.open(str(tmp_path / "dst" / name)) as c:
+            assert (c.streams.video[0].width, c.streams.video[0].height) == (42, 32)
+    assert not (src / "a b" / "v.mp4").exists()
+    (tmp_path / "other.txt").write_text(f"{tmp_path / 'elsewhere.mp4'} 0\n")
+    with pytest.raises(ValueError, match=f"other.txt: the absolute path {tmp_path / 'elsewhere.mp4'} is not under "
+                                         f"--src {src}; set --src to the folder that holds the videos"):
+        resize_videos.main(["--src", str(src), "--dst", str(tmp_path / "dst"), "--list", str(tmp_path / "other.txt")])
     assert resize_videos.target_size(480, 640, 256) == (256, 342)

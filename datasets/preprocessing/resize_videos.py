@@ -9,8 +9,9 @@ the same as before without needing a display matrix).
         --list data/hmdb51/splits/hmdb51_train_split_1_videos.txt \
         --out_list data/hmdb51/splits_d256/hmdb51_train_split_1_videos.txt
 
-With --list only the listed videos (paths relative to --src) are converted, and the list is written again
-with the new file names (same labels and separator); without it, every video under --src.
+With --list only the listed videos (paths relative to --src, or absolute under it) are converted, and the list
+is written again with the new file names relative to --dst (same labels and separator); without it, every
+video under --src.
 """
 import argparse
 import os
@@ -39,6 +40,18 @@ def target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 def mp4_name(path: str) -> str:
     """The output name of a video: same path, extension .mp4."""
     return os.path.splitext(path)[0] + ".mp4"
+
+
+def relative_to_src(path: str, src: str, list_file: str) -> str:
+    """A list path relative to --src; an absolute one under --src is made relative (it would otherwise name
+    the input itself as the output). An absolute path outside --src is an error."""
+    if not os.path.isabs(path):
+        return path
+    relative = os.path.relpath(path, os.path.abspath(src))
+    if relative.startswith(os.pardir):
+        raise ValueError(f"{list_file}: the absolute path {path} is not under --src {src}; set --src to the folder "
+                         "that holds the videos (or make the list's paths relative to it).")
+    return relative
 
 
 def resize_video(job: tuple) -> tuple[str, str]:
@@ -90,7 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
     if args.list:
-        entries = parse_list_file(args.list, args.separator)
+        entries = [(relative_to_src(p, args.src, args.list), label)
+                   for p, label in parse_list_file(args.list, args.separator)]
         relative = [p for p, _ in entries]
     else:
         relative = [os.path.relpath(os.path.join(folder, name), args.src)
