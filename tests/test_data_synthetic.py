@@ -127,6 +127,16 @@ def test_check_videos_report_and_clean_list(tmp_path, make_video):
     assert (tmp_path / "list.clean.csv").read_text() == "ok.mp4 0\n"
 
 
+def test_check_videos_with_a_wrong_prefix_names_the_flag(tmp_path, make_video, capsys):
+    make_video(tmp_path / "videos" / "a" / "v.mp4", num_frames=5)
+    (tmp_path / "list.csv").write_text("a/v.mp4 0\n")
+    assert check_videos.main(["--list", str(tmp_path / "list.csv"), "--prefix", str(tmp_path), "--workers", "1"]) == 1
+    assert (f"None of the videos exists, e.g. '{tmp_path / 'a' / 'v.mp4'}' (--prefix '{tmp_path}' joined to the list "
+            "path): set --prefix to the folder the list's paths are relative to") in capsys.readouterr().err
+    assert check_videos.main(["--list", str(tmp_path / "list.csv"), "--prefix", str(tmp_path / "videos"),
+                              "--workers", "1"]) == 0
+
+
 def test_resize_videos_short_side(tmp_path, make_video):
     make_video(tmp_path / "src" / "a" / "v.mp4", num_frames=5, size=(48, 64))
     assert resize_videos.main(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"),

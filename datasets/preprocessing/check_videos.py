@@ -85,6 +85,10 @@ def main(argv=None) -> int:
     counts = Counter(r["status"] for r in rows)
     summary = ", ".join(f"{k} {counts.get(k, 0)}" for k in STATUSES)
     print(f"{len(rows)} videos: {summary}. Report: {report}. Cleaned list: {out_list}")
+    if counts["missing"] == len(rows):
+        print(f"None of the videos exists, e.g. {rows[0]['path']!r} (--prefix {args.prefix!r} joined to the list "
+              "path): set --prefix to the folder the list's paths are relative to (DATA.PATH_PREFIX).", file=sys.stderr)
+        return 1
     return 0
 
 
