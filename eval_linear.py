@@ -123,7 +123,8 @@ def eval_linear(args) -> dict:
     model = load_backbone(args.arch, cfg, device, args.pretrained_weights, args.checkpoint_key)
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     if not 1 <= args.n_last_blocks <= len(model.blocks):
-        raise ValueError(f"--n_last_blocks {args.n_last_blocks}: the backbone has {len(model.blocks)} blocks.")
+        raise ValueError(f"--n_last_blocks {args.n_last_blocks}: the backbone has {len(model.blocks)} blocks; pass "
+                         f"--n_last_blocks {len(model.blocks)} or less (SVT's scripts pass 1).")
     classifier = LinearClassifier(dim, args.num_labels, args.feature_bn).to(device)
 
     if evaluate_only:

@@ -167,7 +167,8 @@ def train_svt(args) -> None:
     cfg = prepare_config(args)
     for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
         if getattr(args, name) > args.epochs:
-            raise ValueError(f"--{name} {getattr(args, name)} is larger than --epochs {args.epochs}")
+            raise ValueError(f"--{name} {getattr(args, name)} is larger than --epochs {args.epochs}: pass "
+                             f"--{name} {args.epochs} or less (the ramps are laid out over the run's epochs).")
     if args.knn_freq > 0 and not args.knn_data_path:
         raise ValueError("--knn_freq needs --knn_data_path (the folder with the kNN train/val lists).")
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))

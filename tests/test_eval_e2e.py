@@ -165,6 +165,13 @@ def test_linear_probe_on_kinetics_lists_and_missing_classifier(synthetic_root, c
 
 
 @pytest.mark.slow
+def test_more_last_blocks_than_the_backbone_has_names_the_value_to_pass(synthetic_root, checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r"--n_last_blocks 13: the backbone has 12 blocks; pass --n_last_blocks 12 "
+                                         r"or less \(SVT's scripts pass 1\)"):
+        linear(["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "13", "--num_workers",
+                "0", "--output_dir", str(tmp_path), "--opts"] + _data_opts(synthetic_root, "splits"))
+
+
 def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
     """scripts/eval_{knn,linear}.sh under torchrun with 2 gloo ranks: same kNN features as one process,
     and a DDP linear probe that trains and tests."""

@@ -388,6 +388,14 @@ def test_train_csv_given_as_data_path_names_its_folder(tmp_path, monkeypatch):
         _train(monkeypatch, ["--data_path", str(tmp_path / "train.csv"), "--output_dir", str(tmp_path / "o")])
 
 
+def test_warmup_longer_than_the_run_names_the_value_to_pass(tmp_path, monkeypatch):
+    (tmp_path / "train.csv").write_text("a.mp4 0\n")
+    with pytest.raises(ValueError, match=r"--warmup_epochs 10 is larger than --epochs 2: pass --warmup_epochs 2 or "
+                                         r"less"):
+        _train(monkeypatch, ["--epochs", "2", "--warmup_epochs", "10", "--data_path", str(tmp_path),
+                             "--output_dir", str(tmp_path / "o")])
+
+
 # ---------------------------------------------------------------------------------------------
 # 2 processes (torchrun, gloo) vs 1 process with the same global batch
 # ---------------------------------------------------------------------------------------------
