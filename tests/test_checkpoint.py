@@ -195,6 +195,9 @@ def test_hub_entry_loads_local_file(tmp_path):
     repo = os.path.dirname(os.path.abspath(hubconf.__file__))
     hub_model = torch.hub.load(repo, "svt_vitb_k400", source="local", pretrained_path=str(path), **kw)
     assert_same_backbone(hub_model, teacher.backbone)
+    with pytest.raises(ValueError, match="another model size.*through torch.hub, pass the model size as keyword "
+                                         "arguments: embed_dim, depth, num_heads"):
+        hubconf.svt_vitb_k400(pretrained_path=str(path), embed_dim=64, depth=2, num_heads=4)  # another width
 
 
 def test_atomic_save_and_restart_round_trip(tmp_path):
