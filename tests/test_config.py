@@ -59,12 +59,6 @@ def test_odd_opts_is_an_error():
         load_config_from(DEFAULT_CFG, ["DATA.NUM_FRAMES"])
 
 
-@pytest.mark.parametrize("key", ["DATA.USE_FLOW", "MODEL.TWO_STREAM", "MODEL.TWO_TOKEN", "DATA.RAND_CONV"])
-def test_unported_experimental_branches_fail_clearly(key):
-    with pytest.raises(ValueError, match="not supported in this reimplementation"):
-        load_config_from(DEFAULT_CFG, [key, "True"])
-
-
 def test_yaml_with_unknown_key_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("SOLVER:\n  BASE_LR: 0.1\n")
@@ -92,3 +86,108 @@ def test_opts_typo_in_case_suggests_the_real_key():
 def test_opts_key_that_became_a_flag_names_the_flag():
     with pytest.raises(KeyError, match=r"TRAIN\.BATCH_SIZE.*--batch_size_per_gpu"):
         load_config_from(DEFAULT_CFG, ["TRAIN.BATCH_SIZE", "8"])
+
+
+# The original's launch lines (its scripts/train.sh, eval_linear.sh, eval_knn.sh; spec section 8), data paths
+# aside: parsed here they must give the original's run (its argparse defaults plus what the scripts pass).
+ORIGINAL_TRAIN_ARGV = ["--arch", "timesformer", "--batch_size_per_gpu", "8", "--data_path", "/data/k400",
+                       "--output_dir", "checkpoints/svt_test", "--opts", *ORIGINAL_TRAIN_OPTS]
+ORIGINAL_LINEAR_ARGV = ["--n_last_blocks", "1", "--arch", "vit_base", "--pretrained_weights", "ckpt.pth",
+                        "--epochs", "20", "--lr", "0.001", "--batch_size_per_gpu", "16", "--num_workers", "4",
+                        "--num_labels", "101", "--dataset", "ucf101", "--output_dir", "checkpoints/eval/le_001",
+                        "--opts", "DATA.PATH_TO_DATA_DIR", "/data/ucf101/splits", "DATA.PATH_PREFIX",
+                        "/data/ucf101/videos", "DATA.USE_FLOW", "False"]
+ORIGINAL_KNN_ARGV = ["--arch", "vit_base", "--pretrained_weights", "ckpt.pth", "--batch_size_per_gpu", "128",
+                     "--nb_knn", "5", "--temperature", "0.07", "--num_workers", "4", "--dataset", "ucf101",
+                     "--opts", "DATA.PATH_TO_DATA_DIR", "/data/ucf101/knn_splits", "DATA.PATH_PREFIX",
+                     "/data/ucf101/videos"]
+
+
+def test_original_train_command_gives_the_original_recipe():
+    import train_ssl
+    from datasets.transform import ssl_view_frames
+    args = train_ssl.get_args_parser().parse_args(ORIGINAL_TRAIN_ARGV)
+    # DINO's main_dino.py defaults, unchanged by SVT, + train.sh's batch of 8 per GPU
+    assert (args.epochs, args.warmup_epochs, args.lr, args.min_lr) == (100, 10, 5e-4, 1e-6)
+    assert (args.weight_decay, args.weight_decay_end, args.clip_grad, args.optimizer) == (0.04, 0.4, 3.0, "adamw")
+    assert (args.momentum_teacher, args.teacher_temp, args.warmup_teacher_temp, args.warmup_teacher_temp_epochs) \
+        == (0.996, 0.04, 0.04, 0)
+    assert (args.out_dim, args.norm_last_layer, args.use_bn_in_head, args.freeze_last_layer) == (65536, True, False, 1)
+    assert (args.batch_size_per_gpu, args.use_fp16, args.seed, args.saveckp_freq, args.num_workers) \
+        == (8, True, 0, 20, 10)
+    assert (tuple(args.global_crops_scale), tuple(args.local_crops_scale), args.local_crops_number) \
+        == ((0.4, 1.0), (0.05, 0.4), 8)
+    assert (args.patch_size, args.center_momentum, args.teacher_drop_path) == (16, 0.9, True)
+    cfg = load_config(args)
+    # views: 8 frames x stride 32 at 30 fps, 2 x 224 + 8 x 96, all 8 frames (RAND_FR off); random init;
+    # drop path 0.1 in student and teacher
+    assert (cfg.DATA.NUM_FRAMES, cfg.DATA.SAMPLING_RATE, cfg.DATA.TARGET_FPS) == (8, 32, 30)
+    assert (cfg.DATA.TRAIN_CROP_SIZE, cfg.DATA.LOCAL_CROP_SIZE) == (224, 96)
+    assert ssl_view_frames(cfg, args.local_crops_number) == ((8, 8), (8,) * 8)
+    assert cfg.TIMESFORMER.PRETRAINED_MODEL == "" and cfg.MODEL.DROP_PATH_RATE == 0.1
+    assert cfg.TIMESFORMER.ATTENTION_TYPE == "divided_space_time"
+
+
+def test_original_rand_fr_gives_its_frame_counts():
+    from datasets.transform import ssl_view_frames
+    cfg = load_config_from(DEFAULT_CFG, ["DATA.RAND_FR", "True"])
+    assert ssl_view_frames(cfg, 8) == ((4, 8), (2, 2, 4, 4, 8, 8, 16, 16))
+
+
+def test_original_linear_command_gives_the_original_protocol():
+    import eval_linear
+    args = eval_linear.get_args_parser().parse_args(ORIGINAL_LINEAR_ARGV)
+    assert (args.n_last_blocks, args.avgpool_patchtokens, args.epochs, args.lr) == (1, False, 20, 0.001)
+    assert (args.batch_size_per_gpu, args.num_labels, args.val_freq, args.checkpoint_key) == (16, 101, 1, "teacher")
+    assert (args.ensemble, args.slowfast_eval, args.feature_bn) == ("sum", False, False)
+    cfg = load_config(args)
+    assert cfg.DATA.PATH_TO_DATA_DIR == "/data/ucf101/splits" and cfg.DATA.PATH_PREFIX == "/data/ucf101/videos"
+    # evaluation normalisation 0.45/0.225, train jitter 256-320 + 224 crop, test 1 clip x 3 crops at 224
+    assert cfg.DATA.MEAN == [0.45] * 3 and cfg.DATA.STD == [0.225] * 3 and cfg.DATA.RANDOM_FLIP
+    assert (cfg.DATA.TRAIN_JITTER_SCALES, cfg.DATA.TRAIN_CROP_SIZE, cfg.DATA.TEST_CROP_SIZE) == ([256, 320], 224, 224)
+    assert (cfg.TEST.NUM_ENSEMBLE_VIEWS, cfg.TEST.NUM_SPATIAL_CROPS) == (1, 3)
+
+
+def test_original_knn_command_gives_the_original_protocol():
+    import eval_knn
+    args = eval_knn.get_args_parser().parse_args(ORIGINAL_KNN_ARGV)
+    assert (args.nb_knn, args.temperature, args.batch_size_per_gpu, args.use_cuda) == ([5], 0.07, 128, True)
+    assert eval_knn.get_args_parser().parse_args([]).nb_knn == [10, 20, 100, 200]  # DINO's parser default
+    assert load_config(args).DATA.PATH_TO_DATA_DIR == "/data/ucf101/knn_splits"
+
+
+@pytest.mark.parametrize("key", ["DATA.USE_FLOW", "DATA.NO_FLOW_AUG", "DATA.RAND_CONV", "MODEL.TWO_STREAM",
+                                 "MODEL.TWO_TOKEN", "MODEL.CNN_DISTILL"])
+def test_every_unported_key_set_true_is_an_error_naming_it(key, tmp_path):
+    escaped = key.replace(".", r"\.")
+    with pytest.raises(ValueError, match=rf"^{escaped} True .*not supported.*leave it False"):
+        load_config_from(DEFAULT_CFG, [key, "True"])
+    node, name = key.split(".")
+    yaml = tmp_path / "exp.yaml"
+    yaml.write_text(f"{node}:\n  {name}: True\n")
+    with pytest.raises(ValueError, match=rf"^{escaped} True"):
+        load_config_from(str(yaml))
+    assert load_config_from(DEFAULT_CFG, [key, "False"])[node][name] is False
+
+
+def test_dist_url_is_the_rendezvous_under_slurm_too(monkeypatch):
+    """--dist_url is used wherever several processes meet (torchrun env and SLURM), as DINO does; a SLURM
+    launcher can pass a shared file:// URL instead of MASTER_ADDR/MASTER_PORT."""
+    from utils import utils
+    calls = []
+    monkeypatch.setattr(utils.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(utils.dist, "init_process_group", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(utils.dist, "barrier", lambda: None)
+    monkeypatch.setattr(utils, "setup_for_distributed", lambda is_master: None)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_NODELIST", "node7")
+    args = argparse.Namespace(dist_url="file:///shared/svt_init", dist_timeout=30)
+    utils.init_distributed_mode(args)
+    assert calls[-1]["init_method"] == "file:///shared/svt_init"
+    assert (calls[-1]["rank"], calls[-1]["world_size"]) == (1, 2)
+    args.dist_url = "env://"
+    utils.init_distributed_mode(args)
+    assert calls[-1]["init_method"] == "env://"

@@ -382,8 +382,10 @@ NCCL_ERROR_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_ASYNC_ERROR_HAND
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     """--dist_url, --dist_timeout and the legacy --local_rank, shared by every entry point."""
-    parser.add_argument("--dist_url", default="env://", type=str, help="""Rendezvous URL for
-        torch.distributed (env:// reads what torchrun or SLURM set).""")
+    parser.add_argument("--dist_url", default="env://", type=str, help="""Rendezvous URL of a run with
+        several processes (torchrun or SLURM): env:// (MASTER_ADDR/MASTER_PORT, set by torchrun; under SLURM
+        the first host of SLURM_NODELIST and port 29500 unless set), or e.g. file:///shared/dir/init or
+        tcp://host:port. A one-process run needs none.""")
     parser.add_argument("--dist_timeout", default=DEFAULT_DIST_TIMEOUT_MIN, type=float, help="""Minutes a
         collective (all-reduce, barrier, ...) may wait for the other processes before the job ends with an
         error naming the process that stopped answering (a stalled or dead rank would otherwise hang the job).
@@ -396,8 +398,9 @@ def init_distributed_mode(args) -> None:
     """Set args.rank / args.world_size / args.gpu and create the process group.
 
     Order: torchrun / torch.distributed.launch env (RANK, WORLD_SIZE, LOCAL_RANK); SLURM (SLURM_PROCID,
-    SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR from the env or the first host of SLURM_NODELIST, MASTER_PORT
-    from the env or 29500); else one process. A group is always created (nccl on CUDA, gloo on CPU), so
+    SLURM_NTASKS, SLURM_LOCALID; for env:// MASTER_ADDR from the env or the first host of SLURM_NODELIST,
+    MASTER_PORT from the env or 29500); else one process. Both multi-process cases rendezvous at
+    `args.dist_url`. A group is always created (nccl on CUDA, gloo on CPU), so
     collectives work the same everywhere. Collectives time out after `args.dist_timeout` minutes (default
     DEFAULT_DIST_TIMEOUT_MIN); NCCL's asynchronous error handling is on unless the environment says otherwise.
     """
@@ -423,8 +426,8 @@ def init_distributed_mode(args) -> None:
             os.environ["MASTER_ADDR"] = first_slurm_host(os.environ.get("SLURM_NODELIST", "127.0.0.1"))
         os.environ.setdefault("MASTER_PORT", "29500")
         _set_device(args.gpu)
-        dist.init_process_group(backend, init_method="env://", world_size=args.world_size, rank=args.rank,
-                                timeout=timeout)
+        dist.init_process_group(backend, init_method=getattr(args, "dist_url", "env://"), world_size=args.world_size,
+                                rank=args.rank, timeout=timeout)
     else:
         args.rank, args.world_size, args.gpu = 0, 1, 0
         _set_device(args.gpu)
