@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Weighted k-NN evaluation of an SVT checkpoint (the original's settings: UCF-101 split 1, k 5, T 0.07,
 # batch 128). Every path comes from the environment; extra arguments are forwarded to eval_knn.py
-# (before --opts), e.g. `./scripts/eval_knn.sh --nb_knn 10 20 --train_aug True`.
+# (a `--opts KEY VALUE ...` of yours goes after the script's own), e.g.
+# `./scripts/eval_knn.sh --nb_knn 10 20 --train_aug True --opts DATA.NUM_FRAMES 16`.
 #   DATA_PATH   dataset root with splits/, knn_splits/ and videos/  (default: data/ucf101)
 #   CHECKPOINT  checkpoint to evaluate (train_ssl.py checkpoint.pth or the released file)  [required]
 #   DATASET     ucf101 | hmdb51 | kinetics400 | ssv2                 (default: ucf101)
@@ -15,6 +16,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/common.sh"
 check_deps
+split_user_args "$@"
 eval_defaults knn_001
 
 torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29511}" "$ROOT/eval_knn.py" \
@@ -26,6 +28,6 @@ torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29511}" "$ROOT/e
   --num_workers 4 \
   --dataset "$DATASET" \
   --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/eval/$EXP_NAME}" \
-  "$@" \
+  ${user_args[@]+"${user_args[@]}"} \
   --opts DATA.PATH_TO_DATA_DIR "${LIST_DIR:-${DATA_PATH}/knn_splits}" DATA.PATH_PREFIX "${DATA_PATH}/videos" \
-  ${EXTRA_OPTS:-}
+  ${EXTRA_OPTS:-} ${user_opts[@]+"${user_opts[@]}"}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Linear probe of an SVT checkpoint (the original's settings: UCF-101 split 1, 20 epochs, lr 0.001,
 # batch 16, CLS of the last block). Every path comes from the environment; extra arguments are
-# forwarded to eval_linear.py (before --opts), e.g. `./scripts/eval_linear.sh --slowfast_eval True`
-# or `./scripts/eval_linear.sh --evaluate`.
+# forwarded to eval_linear.py (a `--opts KEY VALUE ...` of yours goes after the script's own), e.g.
+# `./scripts/eval_linear.sh --slowfast_eval True` or `./scripts/eval_linear.sh --evaluate`.
 #   DATA_PATH   dataset root with splits/ and videos/        (default: data/ucf101)
 #   CHECKPOINT  checkpoint to evaluate (train_ssl.py checkpoint.pth or the released file)  [required]
 #   DATASET     ucf101 | hmdb51 | kinetics400 | ssv2        (default: ucf101)
@@ -17,6 +17,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/common.sh"
 check_deps
+split_user_args "$@"
 eval_defaults le_001
 case "$DATASET" in
   ucf101) DEFAULT_LABELS=101 ;;
@@ -38,6 +39,6 @@ torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29512}" "$ROOT/e
   --num_labels "$NUM_LABELS" \
   --dataset "$DATASET" \
   --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/eval/$EXP_NAME}" \
-  "$@" \
+  ${user_args[@]+"${user_args[@]}"} \
   --opts DATA.PATH_TO_DATA_DIR "${LIST_DIR:-${DATA_PATH}/splits}" DATA.PATH_PREFIX "${DATA_PATH}/videos" \
-  ${EXTRA_OPTS:-}
+  ${EXTRA_OPTS:-} ${user_opts[@]+"${user_opts[@]}"}

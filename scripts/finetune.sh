@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fine-tune an SVT checkpoint end to end with the paper's recipe (TimeSformer's: SGD, lr 0.005 for a batch
 # of 8, x0.1 at epochs 11 and 14, 15 epochs, 8x32 clips at 224, 1 x 3 test views). Every path comes from
-# the environment; extra arguments are forwarded to eval_finetune.py (before --opts), e.g.
-# `./scripts/finetune.sh --slowfast_eval True` or `./scripts/finetune.sh --evaluate`.
+# the environment; extra arguments are forwarded to eval_finetune.py (a `--opts KEY VALUE ...` of yours goes
+# after the script's own), e.g. `./scripts/finetune.sh --slowfast_eval True` or `./scripts/finetune.sh --evaluate`.
 #   DATA_PATH   dataset root with splits/ and videos/ (SSv2: annotations/ and frames/)  (default: data/ucf101)
 #   CHECKPOINT  initialisation (the released file or a train_ssl.py checkpoint.pth)     [required]
 #   DATASET     ucf101 | hmdb51 | kinetics400 | ssv2          (default: ucf101)
@@ -20,6 +20,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/common.sh"
 check_deps
+split_user_args "$@"
 DATA_PATH="${DATA_PATH:-data/ucf101}"
 DATASET="${DATASET:-ucf101}"
 GPUS="${GPUS:-8}"
@@ -44,6 +45,6 @@ torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29513}" "$ROOT/e
   --accum_iter "${ACCUM_ITER:-1}" \
   --num_workers 8 \
   --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/finetune/${EXP_NAME:-ft_$DATASET}}" \
-  "$@" \
+  ${user_args[@]+"${user_args[@]}"} \
   --opts DATA.PATH_TO_DATA_DIR "${LIST_DIR:-${DATA_PATH}/${LISTS}}" DATA.PATH_PREFIX "${VIDEO_DIR:-${DATA_PATH}/${VIDEOS}}" \
-  ${EXTRA_OPTS:-}
+  ${EXTRA_OPTS:-} ${user_opts[@]+"${user_opts[@]}"}
