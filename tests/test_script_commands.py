@@ -1,0 +1,98 @@
+"""What the launch scripts pass: the command each one builds (recorded by a stand-in launcher, nothing is
+trained) parsed by the real argparse parser and config loader, i.e. the run the script would start."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils.parser import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = 'printf "%s\\n" "$@" > "$ARGV_OUT"'
+
+
+def _launch(tmp_path, script, args=(), **env_vars):
+    """Run scripts/`script` with torchrun (eval scripts) or `$PYTHON -m torch.distributed.run` (train scripts)
+    replaced by a recorder; returns (argv after the .py program, the program name, stderr)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "torchrun").write_text(f"#!/bin/sh\n{RECORD}\n")
+    python = bin_dir / "python"
+    python.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ] && [ "$2" = "torch.distributed.run" ]; then shift 2; {RECORD}; '
+                      f'exit 0; fi\nexec {sys.executable} "$@"\n')
+    for tool in (bin_dir / "torchrun", python):
+        tool.chmod(0o755)
+    project = tmp_path / "project"  # train.sh makes checkpoints/$EXP_NAME under PROJECT_PATH: not in the repo
+    project.mkdir(exist_ok=True)
+    if not (project / "scripts").exists():
+        (project / "scripts").symlink_to(ROOT / "scripts")
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "train.csv").write_text("a.mp4 0\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(python), "GPUS": "1",
+           "PROJECT_PATH": str(project), "DATA_PATH": str(data), "CHECKPOINT": str(tmp_path / "c.pth"),
+           "ARGV_OUT": str(tmp_path / "argv.txt"), **env_vars}
+    for name in ("BATCH_SIZE", "EPOCHS", "NNODES", "EXTRA_OPTS", "LIST_DIR", "OUTPUT_DIR"):
+        if name not in env_vars:
+            env.pop(name, None)
+    run = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    argv = (tmp_path / "argv.txt").read_text().splitlines()
+    program = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    return argv[program + 1:], Path(argv[program]).name, run.stderr
+
+
+def _parse(program: str, argv: list[str]):
+    module = __import__(program.removesuffix(".py"))
+    args = module.get_args_parser().parse_args(argv)
+    return args, load_config(args)
+
+
+@pytest.mark.parametrize("script, list_dir", [("eval_knn.sh", "knn_splits"), ("eval_linear.sh", "splits"),
+                                              ("finetune.sh", "splits")])
+def test_eval_script_takes_the_users_opts_after_its_own(tmp_path, script, list_dir):
+    argv, program, _ = _launch(tmp_path, script, ["--num_workers", "2", "--opts", "DATA.NUM_FRAMES", "16"],
+                               EXTRA_OPTS="TEST.NUM_SPATIAL_CROPS 1")
+    assert argv.count("--opts") == 1
+    args, cfg = _parse(program, argv)
+    assert args.num_workers == 2 and cfg.DATA.NUM_FRAMES == 16 and cfg.TEST.NUM_SPATIAL_CROPS == 1
+    assert cfg.DATA.PATH_TO_DATA_DIR == str(tmp_path / "data" / list_dir)
+    assert cfg.DATA.PATH_PREFIX == str(tmp_path / "data" / "videos")
+
+
+def test_eval_scripts_pass_the_originals_settings(tmp_path):
+    argv, program, _ = _launch(tmp_path, "eval_linear.sh")
+    args, _ = _parse(program, argv)
+    assert (args.n_last_blocks, args.arch, args.epochs, args.lr, args.batch_size_per_gpu, args.num_workers,
+            args.num_labels) == (1, "vit_base", 20, 0.001, 16, 4, 101)
+    argv, program, _ = _launch(tmp_path, "eval_knn.sh")
+    args, _ = _parse(program, argv)
+    assert (args.arch, args.nb_knn, args.temperature, args.batch_size_per_gpu, args.num_workers) \
+        == ("vit_base", [5], 0.07, 128, 4)
+
+
+def test_train_script_runs_the_originals_recipe(tmp_path):
+    argv, program, _ = _launch(tmp_path, "train.sh", ["--opts", "DATA.PATH_PREFIX", "/videos"])
+    args, cfg = _parse(program, argv)
+    assert (args.arch, args.batch_size_per_gpu, args.epochs, args.warmup_epochs, args.weight_decay_end) \
+        == ("timesformer", 8, 100, 10, 0.4)
+    assert args.data_path == str(tmp_path / "data") and cfg.DATA.PATH_PREFIX == "/videos"
+    assert not cfg.DATA.RAND_FR and list(cfg.DATA.LOCAL_NUM_FRAMES) == []
+
+
+@pytest.mark.parametrize("gpus, nnodes, batch", [("4", "1", 8), ("8", "1", 4), ("4", "2", 4), ("2", "1", 8)])
+def test_paper_script_keeps_the_papers_global_batch(tmp_path, gpus, nnodes, batch):
+    extra = {"NNODES": nnodes, "NODE_RANK": "0", "MASTER_ADDR": "node0"} if nnodes != "1" else {}
+    argv, program, stderr = _launch(tmp_path, "train_paper.sh", ["--opts", "DATA.PATH_PREFIX", "/videos"],
+                                    GPUS=gpus, **extra)
+    args, cfg = _parse(program, argv)
+    assert args.batch_size_per_gpu == batch
+    assert ("not the paper's 32" in stderr) == (batch * int(gpus) * int(nnodes) != 32)
+    assert (args.epochs, args.warmup_epochs, args.weight_decay, args.weight_decay_end) == (20, 5, 0.04, 0.1)
+    assert list(cfg.DATA.GLOBAL_NUM_FRAMES) == [8, 16] and list(cfg.DATA.LOCAL_NUM_FRAMES) == [2, 2, 4, 4, 8, 8, 16, 16]
+    assert cfg.DATA.PATH_PREFIX == "/videos"
+    argv, program, _ = _launch(tmp_path, "train_paper.sh", GPUS=gpus, BATCH_SIZE="2", **extra)
+    assert _parse(program, argv)[0].batch_size_per_gpu == 2  # an explicit BATCH_SIZE wins
