@@ -191,3 +191,20 @@ def test_dist_url_is_the_rendezvous_under_slurm_too(monkeypatch):
     args.dist_url = "env://"
     utils.init_distributed_mode(args)
     assert calls[-1]["init_method"] == "env://"
+
+
+def test_original_timesformer_yaml_lists_every_key_svt_does_not_read(tmp_path):
+    """The original's default YAML (TimeSformer's, spec section 2.4) carries TimeSformer's own TRAIN/SOLVER/...
+    keys: --cfg with it names all of them at once and the flags that replace some, instead of the first only."""
+    yaml = tmp_path / "TimeSformer_divST_8x32_224.yaml"
+    yaml.write_text("TRAIN:\n  ENABLE: True\n  BATCH_SIZE: 8\nDATA:\n  NUM_FRAMES: 8\n  SAMPLING_RATE: 32\n"
+                    "SOLVER:\n  BASE_LR: 0.005\n  MAX_EPOCH: 15\nMODEL:\n  NUM_CLASSES: 400\nNUM_GPUS: 8\n")
+    with pytest.raises(KeyError) as err:
+        load_config_from(str(yaml))
+    message = err.value.args[0]
+    assert message.startswith(f"{yaml}: keys svt does not read: TRAIN.ENABLE, TRAIN.BATCH_SIZE, SOLVER.BASE_LR, "
+                              "SOLVER.MAX_EPOCH, MODEL.NUM_CLASSES, NUM_GPUS.")
+    for replaced in ("TRAIN.BATCH_SIZE -> --batch_size_per_gpu", "SOLVER.BASE_LR -> --lr",
+                     "SOLVER.MAX_EPOCH -> --epochs", "MODEL.NUM_CLASSES -> --num_labels"):
+        assert replaced in message
+    assert "TRAIN.ENABLE ->" not in message

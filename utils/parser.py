@@ -51,6 +51,22 @@ def _require_key(cfg: CfgNode, key: str) -> None:
                        f"utils/defaults.py.")
 
 
+def _unknown_yaml_keys_message(cfg: CfgNode, cfg_file: str, err: KeyError) -> str:
+    """Every key of `cfg_file` that svt does not read, with the flag that replaces it where there is one
+    (an original TimeSformer YAML carries TRAIN.* / SOLVER.* / ... keys of TimeSformer's own recipe)."""
+    known = set(_all_keys(cfg))
+    try:
+        unknown = [k for k in _all_keys(CfgNode(CfgNode.load_yaml_with_base(cfg_file))) if k not in known]
+    except Exception:  # e.g. a _BASE_ that is missing: fvcore's own message says it
+        unknown = []
+    if not unknown:
+        return f"{cfg_file}: {err.args[0]}. The keys svt reads are listed in utils/defaults.py."
+    flags = [f"{k} -> {_FLAG_INSTEAD[k]}" for k in unknown if k in _FLAG_INSTEAD]
+    return (f"{cfg_file}: keys svt does not read: {', '.join(unknown)}. Delete them (the keys svt reads are listed "
+            f"in utils/defaults.py; an original TimeSformer YAML's TRAIN/SOLVER/... keys are TimeSformer's own "
+            f"recipe)." + (f" Command-line options replace some: {'; '.join(flags)}." if flags else ""))
+
+
 def _check(cfg: CfgNode) -> None:
     for key in UNSUPPORTED_TRUE_KEYS:
         node, name = key.split(".")
@@ -74,7 +90,7 @@ def load_config_from(cfg_file: str | None = None, opts: Sequence[str] | None = N
         try:
             cfg.merge_from_file(cfg_file)
         except KeyError as err:
-            raise KeyError(f"{cfg_file}: {err.args[0]}. The keys svt reads are listed in utils/defaults.py.") from None
+            raise KeyError(_unknown_yaml_keys_message(cfg, cfg_file, err)) from None
     if opts:
         if len(opts) % 2:
             raise ValueError(f"--opts takes KEY VALUE pairs, got an odd number of items: {list(opts)}")
