@@ -80,7 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="L2 weight decay, applied to every parameter as in TimeSformer (which decays "
                              "only non-BatchNorm parameters, i.e. all of a ViT's).")
     parser.add_argument("--batch_size_per_gpu", default=8, type=int,
-                        help="Clips per GPU per forward (the recipe: 8 in total, one per GPU on 8 GPUs).")
+                        help="Clips per GPU per forward. The recipe's global batch is 8 (one per GPU on 8 GPUs; "
+                             "scripts/finetune.sh passes 8 / GPUS); the lr scales with the global batch.")
     parser.add_argument("--accum_iter", default=1, type=int,
                         help="Forwards whose gradients are summed before each optimizer step: the effective "
                              "batch is batch_size_per_gpu * GPUs * accum_iter (for small GPUs).")

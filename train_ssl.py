@@ -59,8 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="""Keep the gain of the head's weight-normalised last layer fixed at 1
         (True, SVT's setting for ViT-B). False lets it learn: sometimes better, but less stable.""")
     parser.add_argument("--momentum_teacher", default=0.996, type=float, help="""Teacher EMA momentum at the
-        start; a cosine schedule raises it to 1. If the loss stays flat with small batches, a lower value
-        (e.g. 0.99) lets the teacher follow the student faster.""")
+        start; a cosine schedule raises it to 1. DINO's advice: higher with small batches (e.g. 0.9995 at batch
+        256). Very short runs (a few hundred steps, like the CPU demo) need a lower one (0.99), or the teacher
+        barely leaves its initialisation (docs/demo_notes.md).""")
     parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
                         help="BatchNorm after the hidden layers of the DINO head (off in SVT).")
     parser.add_argument("--teacher_drop_path", default=True, type=utils.bool_flag, help="""True (the original):

@@ -98,9 +98,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out_list", default=None,
                         help="Where the list with the new file names goes (default: --dst/<list file name>).")
     parser.add_argument("--separator", default=" ", help="Path/label separator of --list (DATA.PATH_LABEL_SEPARATOR).")
-    parser.add_argument("--short_side", type=int, default=256)
+    parser.add_argument("--short_side", type=int, default=256,
+                        help="Short side of the output in pixels, aspect kept (256: the original's Kinetics size).")
     parser.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, larger).")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=4, help="Parallel encoding processes.")
     args = parser.parse_args(argv)
     if args.list:
         entries = [(relative_to_src(p, args.src, args.list), label)
