@@ -53,6 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Fine-tuning of SVT video features", add_help=False)
     parser.add_argument("--arch", default="vit_base", type=str, choices=ARCHS,
                         help="Backbone: timesformer / vit_base (TimeSformer-B, the paper's), vit_small, vit_tiny.")
+    parser.add_argument("--patch_size", default=16, type=int,
+                        help="Patch side of the backbone in pixels: the train_ssl.py --patch_size it was "
+                             "pretrained with (16 for the released checkpoint).")
     parser.add_argument("--pretrained_weights", default="", type=str,
                         help="Initialisation: the released kinetics400_vitb_ssl.pth, a train_ssl.py checkpoint.pth "
                              "(see --checkpoint_key), a TimeSformer `model_state` file or a bare backbone dict; "
@@ -127,7 +130,7 @@ def finetune_config(args):
 def build_model(args, cfg, num_labels: int, initialise: bool = True) -> VisionTransformer:
     """The backbone of `args.arch` initialised from `args.pretrained_weights` (or TIMESFORMER.PRETRAINED_MODEL),
     with a new linear head. initialise=False: random weights, to be replaced by a fine-tuning checkpoint."""
-    model = build_backbone(args.arch, cfg)
+    model = build_backbone(args.arch, cfg, patch_size=args.patch_size)
     if initialise and args.pretrained_weights:  # the model has no head yet: a file's head is left out
         summary = load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
         check_backbone_load(summary, args.pretrained_weights, args.arch)

@@ -42,6 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default="vit_base", type=str, choices=ARCHS,
                         help="Backbone: timesformer / vit_base (TimeSformer-B, the paper's), vit_small, "
                              "vit_tiny. The original always built TimeSformer-B whatever this said.")
+    parser.add_argument("--patch_size", default=16, type=int,
+                        help="Patch side of the backbone in pixels: the train_ssl.py --patch_size it was "
+                             "pretrained with (16 for the released checkpoint).")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help='Entry of a full training checkpoint to evaluate ("teacher" or "student").')
     parser.add_argument("--train_aug", default=False, type=utils.bool_flag,
@@ -117,7 +120,7 @@ def extract_feature_pipeline(args, cfg, device: torch.device):
     dataset_train = ReturnIndexLabelDataset(build_train_bank_dataset(args.dataset, cfg, args.train_aug))
     dataset_val = ReturnIndexLabelDataset(build_dataset(args.dataset, cfg, "val"))
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val clips.")
-    model = load_backbone(args.arch, cfg, device, args.pretrained_weights, args.checkpoint_key)
+    model = load_backbone(args.arch, cfg, device, args.pretrained_weights, args.checkpoint_key, args.patch_size)
     train_loader, val_loader = (make_loader(d, args.batch_size_per_gpu, args.num_workers)
                                 for d in (dataset_train, dataset_val))
     print("Extracting features for the train set...")

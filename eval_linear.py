@@ -42,6 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Also concatenate the average of the last block's patch tokens.")
     parser.add_argument("--arch", default="vit_base", type=str, choices=ARCHS,
                         help="Backbone: timesformer / vit_base (TimeSformer-B, the paper's), vit_small, vit_tiny.")
+    parser.add_argument("--patch_size", default=16, type=int,
+                        help="Patch side of the backbone in pixels: the train_ssl.py --patch_size it was "
+                             "pretrained with (16 for the released checkpoint).")
     parser.add_argument("--pretrained_weights", default="", type=str,
                         help="Checkpoint to evaluate (full train_ssl.py checkpoint, released flat file, "
                              "TimeSformer `model_state` file or bare backbone dict). Empty: random backbone.")
@@ -120,7 +123,7 @@ def eval_linear(args) -> dict:
     print(f"Data loaded: {len(train_set) if train_set else 0} train clips, {len(val_set)} val clips, "
           f"{len(test_set)} test clips ({test_set.num_clips_per_video} per video); {args.num_labels} classes.")
 
-    model = load_backbone(args.arch, cfg, device, args.pretrained_weights, args.checkpoint_key)
+    model = load_backbone(args.arch, cfg, device, args.pretrained_weights, args.checkpoint_key, args.patch_size)
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     if not 1 <= args.n_last_blocks <= len(model.blocks):
         raise ValueError(f"--n_last_blocks {args.n_last_blocks}: the backbone has {len(model.blocks)} blocks; pass "

@@ -86,6 +86,28 @@ def test_knn_end_to_end_with_dump_and_load(synthetic_root, checkpoint, tmp_path)
                                torch.load(tmp_path / "feats" / "testfeat.pth"))
 
 
+def test_a_backbone_pretrained_with_another_patch_size_is_evaluated_with_patch_size(synthetic_root, tmp_path):
+    from utils.evaluation import load_backbone
+    import eval_finetune
+    cfg = load_config_from(None, OPTS + ["MODEL.DEPTH", "2"])
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny", cfg, patch_size=8)  # train_ssl.py --patch_size 8
+    path = tmp_path / "p8.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, path)
+    loaded = load_backbone("vit_tiny", cfg, torch.device("cpu"), str(path), patch_size=8)
+    assert loaded.patch_size == 8
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with pytest.raises(ValueError, match=r"another model size; pass the --arch \(width\), --patch_size"):
+        load_backbone("vit_tiny", cfg, torch.device("cpu"), str(path))  # built with 16
+    res = knn(["--arch", "vit_tiny", "--patch_size", "8", "--pretrained_weights", str(path), "--nb_knn", "1",
+               "--batch_size_per_gpu", "8", "--num_workers", "0", "--dataset", "ucf101", "--output_dir",
+               str(tmp_path), "--opts"] + _data_opts(synthetic_root, "knn_splits") + ["MODEL.DEPTH", "2"])
+    assert (res["num_train"], res["num_test"]) == (16, 8)
+    for script in (eval_linear, eval_finetune):  # the same flag, passed to the same loader
+        assert script.get_args_parser().parse_args(["--patch_size", "8"]).patch_size == 8
+
+
 def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, checkpoint, tmp_path):
     out = tmp_path / "le"
     common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "2",

@@ -55,7 +55,7 @@ def released(teacher, tmp_path_factory):
 
 
 def _args(weights: str, key: str = "teacher", grad_checkpointing: bool = False) -> argparse.Namespace:
-    return argparse.Namespace(arch="vit_tiny", pretrained_weights=weights, checkpoint_key=key,
+    return argparse.Namespace(arch="vit_tiny", patch_size=16, pretrained_weights=weights, checkpoint_key=key,
                               grad_checkpointing=grad_checkpointing)
 
 

@@ -31,10 +31,10 @@ BANK_CHUNK = 1 << 16
 # Backbone and data
 # ----------------------------------------------------------------------------------------------------
 def load_backbone(arch: str, cfg, device: torch.device, pretrained_weights: str = "",
-                  checkpoint_key: str = "teacher") -> nn.Module:
-    """The frozen backbone of `arch` with `pretrained_weights` (any checkpoint kind) loaded; without them the
-    TIMESFORMER.PRETRAINED_MODEL init (if set) or a random one."""
-    model = build_backbone(arch, cfg)
+                  checkpoint_key: str = "teacher", patch_size: int = 16) -> nn.Module:
+    """The frozen backbone of `arch` / `patch_size` with `pretrained_weights` (any checkpoint kind) loaded;
+    without them the TIMESFORMER.PRETRAINED_MODEL init (if set) or a random one."""
+    model = build_backbone(arch, cfg, patch_size=patch_size)
     if pretrained_weights:
         summary = load_pretrained_weights(model, pretrained_weights, checkpoint_key)
         check_backbone_load(summary, pretrained_weights, arch)
