@@ -87,11 +87,24 @@ def test_no_spatial_is_full_frame_resize_and_imagenet_normalised():
     assert torch.allclose(out[0], ((128 / 255 - mean) / std).expand(3, 2, 8, 8), atol=1e-5)
 
 
-def test_grayscale_uses_rgb_weights():
-    red = torch.zeros(1, 3, 2, 2)
-    red[:, 0] = 1.0
-    grey = transform.TF.rgb_to_grayscale(red, num_output_channels=3)
-    assert torch.allclose(grey, torch.full_like(grey, 0.2989), atol=1e-3)
+def test_apply_view_params_crop_positions_flip_jitter_gray_hand_computed():
+    # Two 6x6 frames, white outside the box (1, 1, 4, 4); inside, columns 1-2 are one colour per frame and
+    # columns 3-4 black. The view (size 4: no resize) is frames [1, 0, 1], flipped, brightness x0.5, grey.
+    frames = torch.full((2, 6, 6, 3), 255, dtype=torch.uint8)
+    frames[:, 1:5, 3:5] = 0
+    frames[0, 1:5, 1:3] = torch.tensor([200, 100, 50], dtype=torch.uint8)
+    frames[1, 1:5, 1:3] = torch.tensor([100, 200, 0], dtype=torch.uint8)
+    params = transform.ViewParams((1, 1, 4, 4), flip=True, jitter=(0.5, 1.0, 1.0), order=(0, 1, 2), gray=True)
+    out = transform.apply_view_params(frames, params, 4, torch.tensor([1, 0, 1]))
+    assert out.shape == (3, 3, 4, 4)
+    mean = torch.tensor(transform.IMAGENET_MEAN).view(3, 1)
+    std = torch.tensor(transform.IMAGENET_STD).view(3, 1)
+    grey = [0.5 * (0.2989 * r + 0.587 * g + 0.114 * b) / 255 for r, g, b in ((200, 100, 50), (100, 200, 0))]
+    for t, frame in enumerate((1, 0, 1)):
+        # after the flip: black columns 0-1, the grey of the frame's colour in columns 2-3, the same in every channel
+        row = torch.tensor([0.0, 0.0, grey[frame], grey[frame]])
+        expected = ((row - mean) / std)[:, None].expand(3, 4, 4)
+        torch.testing.assert_close(out[:, t], expected, rtol=0, atol=1e-5)
 
 
 def test_short_side_and_uniform_crop_offsets():
