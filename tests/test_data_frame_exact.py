@@ -256,7 +256,7 @@ def test_frame_code_round_trip():
         stored = np.rot90(upright, 1)            # as rotated.mp4 stores it
         assert read_index(stored) == -1           # not turned: no code
         assert read_index(np.rot90(stored, 1)) == -1 and read_index(np.rot90(stored, -1)) == k   # wrong / right turn
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="index 64 does not fit in 6 bits"):
         code_frame(64)
 
 

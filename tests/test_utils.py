@@ -11,7 +11,7 @@ from torch import nn
 from utils import utils
 
 
-def test_bool_flag():
+def test_bool_flag(capsys):
     for value in ("on", "TRUE", "1", "yes", "True"):
         assert utils.bool_flag(value) is True
     for value in ("off", "False", "0", "no", "FALSE"):
@@ -23,6 +23,7 @@ def test_bool_flag():
     assert parser.parse_args(["--flag", "false"]).flag is False
     with pytest.raises(SystemExit):  # a clean argparse error, not a NameError
         parser.parse_args(["--flag", "nope"])
+    assert "argument --flag: invalid boolean 'nope'" in capsys.readouterr().err
 
 
 def test_cosine_scheduler_warmup_first_last():
