@@ -1,10 +1,8 @@
 """Decoding backends and the frame-index maths of the original."""
-import numpy as np
 import pytest
 import torch
 
 from datasets import decoder
-from datasets.synthetic import write_video
 from tests.frame_code import BACKENDS, require_backend
 
 
@@ -123,18 +121,6 @@ def test_decode_views_decodes_union_once(tmp_path, make_video, backend):
     assert calls == [[4, 9, 10, 14]]
     got = [((v.float().mean(dim=(1, 2, 3)) - 10) / 6).round().long().tolist() for v in views]
     assert got == [[4, 9, 14], [9, 10, 10]]
-
-
-@pytest.mark.parametrize("backend", decoder.BACKENDS)
-def test_container_without_frame_count(tmp_path, backend):
-    require_backend(backend)
-    # Matroska stores no frame count or stream duration: PyAV decodes the whole video once (as the original).
-    levels = np.asarray([10 + 6 * i for i in range(30)], np.uint8)
-    write_video(str(tmp_path / "v.mkv"), np.broadcast_to(levels[:, None, None, None], (30, 48, 64, 3)).copy(), gop=4)
-    with decoder.open_video(str(tmp_path / "v.mkv"), backend) as reader:
-        assert reader.num_frames == 30 and reader.fps == 30.0
-        frames = reader.get_frames([0, 5, 17, 29])
-    assert ((frames.float().mean(dim=(1, 2, 3)) - 10) / 6).round().long().tolist() == [0, 5, 17, 29]
 
 
 def test_auto_prefers_torchcodec_and_falls_back(monkeypatch, caplog):
