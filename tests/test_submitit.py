@@ -54,9 +54,15 @@ def fake_submitit(monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", module)
     monkeypatch.setitem(sys.modules, "submitit.helpers", helpers)
     monkeypatch.setattr(FakeExecutor, "created", [])
-    for name in DIST_ENV:  # restored after the test
-        monkeypatch.delenv(name, raising=False)
+    _unset(monkeypatch, DIST_ENV)
     return module
+
+
+def _unset(monkeypatch, names) -> None:
+    """Unset these variables for the test only (delenv alone would not remove what the test sets later)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -228,10 +234,8 @@ def test_real_local_job_trains_and_its_requeue_resumes(synthetic_root, tmp_path,
             "--opts", "DATA.PATH_PREFIX", str(synthetic_root / "videos"), "MODEL.DEPTH", "1", "DATA.NUM_FRAMES",
             "2", "DATA.SAMPLING_RATE", "2", "DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16",
             "DATA.LOCAL_NUM_FRAMES", "[2, 2]"]
-    monkeypatch.delenv("PYTHONPATH", raising=False)
+    _unset(monkeypatch, ("PYTHONPATH", *DIST_ENV))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for name in DIST_ENV:
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     job = run_with_submitit.main(argv, cluster="local")
     assert job.results() == [None, None], job.task(0).stderr()
