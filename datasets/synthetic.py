@@ -19,8 +19,8 @@ script runs on it:
     out/classes.txt
 
 Train is the first 2/3 of each class, val = test = the rest. Deterministic given the seed: the rendered
-frames always; the encoded files too for size >= 64 (single-threaded x264; on smaller frames its output
-was observed to vary slightly between runs).
+frames always; the encoded files only with `--crf 0` (lossless): libx264's lossy output (single-threaded)
+was seen to differ between processes for 30-50 % of the demo's videos, by a few levels.
 FLIP_DISTINCT lists classes no two of which are left-right mirror images.
 CLI: `python -m datasets.synthetic --out DIR [--scene object|particles] [--motions M ...] --classes K
 --per_class N --frames T --size S [--colour_drift]`.
@@ -270,10 +270,14 @@ def main() -> None:
                         help="Colours of object and background change over each video (only the motion "
                              "stays the same along it).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crf", type=int, default=18,
+                        help="libx264 quality (lower is better). 0 is lossless: the only setting whose files are "
+                             "the same from one generation to the next (libx264's lossy output varies between "
+                             "processes), about 4x larger.")
     args = parser.parse_args()
     start = time.time()
     classes = args.classes or len(args.motions)
-    out = generate(args.out, classes, args.per_class, args.frames, args.size, args.fps, args.seed,
+    out = generate(args.out, classes, args.per_class, args.frames, args.size, args.fps, args.seed, args.crf,
                    motions=args.motions, colour_drift=args.colour_drift, scene=args.scene)
     print(f"wrote {classes * args.per_class} videos to {out} in {time.time() - start:.1f} s; "
           f"use DATA.PATH_TO_DATA_DIR {out / 'annotations'} DATA.PATH_PREFIX {out / 'videos'}")

@@ -103,6 +103,20 @@ def test_generate_layout_and_determinism(tmp_path):
             assert ra.num_frames == 6 and torch.equal(ra.get_frames(range(6)), rb.get_frames(range(6)))
 
 
+def test_crf_0_is_lossless_so_every_generation_decodes_to_the_same_frames(tmp_path):
+    # libx264's lossy output varies between processes; lossless (--crf 0) cannot: the decoded
+    # yuv420p planes are exactly the encoder's input, whatever bitstream it chose.
+    from datasets.synthetic import write_video
+    frames = render_particles("rotate_cw", 8, 64, np.random.default_rng(3))
+    write_video(str(tmp_path / "v.mp4"), frames, crf=0)
+    want = [av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p") for f in frames]
+    with av.open(str(tmp_path / "v.mp4")) as video:
+        got = list(video.decode(video=0))
+    assert len(got) == 8
+    for g, w in zip(got, want):
+        assert g.format.name == "yuv420p" and np.array_equal(g.to_ndarray(), w.to_ndarray())
+
+
 def test_generate_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "datasets.synthetic", "--out", str(tmp_path), "--classes", "2",
                           "--per_class", "2", "--frames", "4", "--size", "32", "--scene", "particles"],
