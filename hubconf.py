@@ -19,11 +19,5 @@ def svt_vitb_k400(pretrained_path: str | None = None, checkpoint_key: str = "tea
     `kwargs` go to the model (num_frames, img_size, attention_type, ...)."""
     model = vit_base_patch16_224(**kwargs)
     if pretrained_path:
-        try:
-            load_pretrained_weights(model, pretrained_path, checkpoint_key=checkpoint_key)
-        except ValueError as err:
-            if "another model size" not in str(err):
-                raise
-            raise ValueError(f"{err}; through torch.hub, pass the model size as keyword arguments: embed_dim, "
-                             "depth, num_heads, patch_size (ViT-B/16: 768, 12, 12, 16)") from err
+        load_pretrained_weights(model, pretrained_path, checkpoint_key=checkpoint_key)
     return model.eval()

@@ -132,7 +132,9 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
         if state[k].shape != target[k].shape:
             raise ValueError(f"{path}: shape of '{k}' is {tuple(state[k].shape)} in the file but "
                              f"{tuple(target[k].shape)} in the model: the checkpoint is of another model size; "
-                             "pass the --arch (width), --patch_size and MODEL.DEPTH it was trained with")
+                             "pass the --arch (width), --patch_size and MODEL.DEPTH it was trained with (through "
+                             "torch.hub, pass the model size as keyword arguments: embed_dim, depth, num_heads, "
+                             "patch_size; ViT-B/16: 768, 12, 12, 16)")
     model.load_state_dict({k: state[k] for k in summary.matched}, strict=False)
     print(summary)
     return summary

@@ -426,8 +426,8 @@ def init_distributed_mode(args) -> None:
             os.environ["MASTER_ADDR"] = first_slurm_host(os.environ.get("SLURM_NODELIST", "127.0.0.1"))
         os.environ.setdefault("MASTER_PORT", "29500")
         _set_device(args.gpu)
-        dist.init_process_group(backend, init_method=getattr(args, "dist_url", "env://"), world_size=args.world_size,
-                                rank=args.rank, timeout=timeout)
+        dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+                                timeout=timeout)
     else:
         args.rank, args.world_size, args.gpu = 0, 1, 0
         _set_device(args.gpu)
