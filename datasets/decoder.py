@@ -104,7 +104,8 @@ def resolve_backend(name: str) -> str:
     why = {"torchcodec": torchcodec_status, "decord": decord_status}.get(name, lambda: "")()
     if why:
         fix = ("pip install torchcodec (a version matching your torch, see constraints.txt) and FFmpeg's "
-               "shared libraries (scripts/install_deps.sh)" if name == "torchcodec" else
+               "shared libraries (scripts/install_deps.sh; without root, lend it PyAV's: export LD_LIBRARY_PATH="
+               "$(python datasets/pyav_ffmpeg.py --always):$LD_LIBRARY_PATH)" if name == "torchcodec" else
                "pip install decord (x86-64 wheels only)")
         raise ImportError(f"DATA.DECODING_BACKEND {name} cannot be used: {why}. Fix: {fix}, or use "
                           f"DATA.DECODING_BACKEND auto (falls back to what works).")

@@ -4,9 +4,24 @@
 export PYTHONUNBUFFERED=1
 
 # check_deps: stop before launching when a required package is missing (scripts/install_deps.sh --check,
-# which names the fix). Launches never install, so no pip runs on compute nodes at each job start.
+# which names the fix). Launches never install, so no pip runs on compute nodes at each job start. Then
+# lend_ffmpeg.
 check_deps() {
     PYTHON="${PYTHON:-python3}" bash "$(dirname "${BASH_SOURCE[0]}")/install_deps.sh" --check || exit $?
+    lend_ffmpeg
+}
+
+# lend_ffmpeg: with no system FFmpeg, torchcodec (the default decoder, and the only one for DATA.DECODE_DEVICE
+# cuda) loads none; PyAV's wheel carries one (8.x, with NVDEC). datasets/pyav_ffmpeg.py links it under FFmpeg's
+# usual names and prints the LD_LIBRARY_PATH entries, which this launch (and its workers) then uses.
+lend_ffmpeg() {
+    if ldconfig -p 2>/dev/null | grep -q "libavcodec\.so"; then return 0; fi
+    local entries
+    entries=$("${PYTHON:-python3}" "$(dirname "${BASH_SOURCE[0]}")/../datasets/pyav_ffmpeg.py" 2>/dev/null) || return 0
+    if [[ -n "$entries" ]]; then
+        export LD_LIBRARY_PATH="$entries${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "[svt] no system FFmpeg: torchcodec uses PyAV's bundled FFmpeg (LD_LIBRARY_PATH += $entries)" >&2
+    fi
 }
 
 # recipe_defaults: the original's pretraining recipe (TimeSformer-B, 8 clips per process, 100 epochs, 10

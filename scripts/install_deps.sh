@@ -36,7 +36,7 @@ if ! ldconfig -p 2>/dev/null | grep -q "libavcodec\.so"; then
         echo "[install_deps] installing FFmpeg's shared libraries for torchcodec (apt-get install -y ffmpeg)" >&2
         apt-get install -y -qq ffmpeg >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq ffmpeg >/dev/null; }
     else
-        echo "[install_deps] FFmpeg libraries not found: torchcodec needs them (conda install -c conda-forge 'ffmpeg<8', or your package manager's ffmpeg); until then decoding falls back to decord/PyAV." >&2
+        echo "[install_deps] FFmpeg libraries not found: torchcodec needs them (conda install -c conda-forge ffmpeg, or your package manager's ffmpeg). Until then the launch scripts lend torchcodec PyAV's bundled FFmpeg (scripts/common.sh lend_ffmpeg); a plain python run falls back to decord/PyAV." >&2
     fi
 fi
 
