@@ -35,9 +35,11 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -212,12 +214,37 @@ def env_info(opt) -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
                     gpu_count=torch.cuda.device_count())
+    info.update(decoder_versions())
+    info["ld_library_path"] = os.environ.get("LD_LIBRARY_PATH", "")
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        info["driver"] = smi.stdout.strip() or smi.stderr.strip()[-200:]
+    except (OSError, subprocess.TimeoutExpired) as err:
+        info["driver"] = f"nvidia-smi: {err}"
+    return info
+
+
+def decoder_versions() -> dict:
+    """Versions of the decoders and of the FFmpeg each one uses ("missing (why)" for one that fails)."""
+    found = {}
+    try:
+        import av
+        found["av"] = f"{av.__version__} (FFmpeg {av.ffmpeg_version_info})"
+    except ImportError as err:
+        found["av"] = f"missing ({err})"
     try:
         import torchcodec
-        info["torchcodec"] = torchcodec.__version__
-    except ImportError as err:
-        info["torchcodec"] = f"missing ({err})"
-    return info
+        from torchcodec._core import get_ffmpeg_library_versions
+        found["torchcodec"] = f"{torchcodec.__version__} (FFmpeg {get_ffmpeg_library_versions()['ffmpeg_version']})"
+    except Exception as err:  # ImportError, or no FFmpeg it can load
+        found["torchcodec"] = f"missing ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    try:
+        import decord
+        found["decord"] = decord.__version__
+    except Exception as err:
+        found["decord"] = f"missing ({err})"
+    return found
 
 
 def demo_supports_scale() -> bool:
@@ -251,7 +278,8 @@ def verdicts(results: dict) -> dict:
 
 
 def table(report: dict) -> str:
-    rows = ["| stage | status | s | result |", "|---|---|---|---|"]
+    rows = [f"Installed: {report.get('install')} (rc {report.get('install_rc')})", "",
+            "| stage | status | s | result |", "|---|---|---|---|"]
     for name, r in report["stages"].items():
         res = r.get("result") or {}
         if name.startswith("step_") and res:
@@ -271,7 +299,9 @@ def table(report: dict) -> str:
             detail = (f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, " if losses else "no loss, ") + \
                 f"kNN top-1 {c['knn_top1']}, NVDEC CPU fallbacks {c['nvdec_cpu_fallbacks']}"
         elif name == "env":
-            detail = f"{res.get('gpu', 'no GPU')}, {res.get('cpu')}, {res.get('cpu_count')} cores, torch {res.get('torch')}"
+            detail = (f"{res.get('gpu', 'no GPU')} (driver {res.get('driver')}), {res.get('cpu')}, "
+                      f"{res.get('cpu_count')} cores, torch {res.get('torch')}, torchcodec {res.get('torchcodec')}, "
+                      f"decord {res.get('decord')}, PyAV {res.get('av')}")
         else:
             detail = r.get("reason", "") or (r.get("tail", [""])[-1] if r.get("tail") else "")
         rows.append(f"| {name} | {r['status']} | {r.get('seconds', '')} | {detail} |")
@@ -294,7 +324,11 @@ def main(argv=None) -> dict:
     p.add_argument("--only", nargs="*", choices=STAGES, default=None, help="Run only these stages.")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="Every stage tiny on the CPU (tests the script without a GPU).")
-    p.add_argument("--install_rc", type=int, default=0, help="Exit code of scripts/install_deps.sh (from the .sh).")
+    p.add_argument("--install", default="not recorded", help="What the .sh installed, and how (from the .sh).")
+    p.add_argument("--install_rc", type=int, default=0, help="Exit code of that install (from the .sh).")
+    p.add_argument("--export", default=None,
+                   help="Also write device_check.json, device_check.md and logs.tar.gz (stage logs, junit xml, "
+                        "stage json, the run's log.txt) to this folder: three files, as a device's $OUT takes.")
     opt = p.parse_args(argv)
     out = Path(opt.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -314,7 +348,7 @@ def main(argv=None) -> dict:
     stage_env = {"SVT_TEST_DEVICE": test_device, "HF_HUB_OFFLINE": "1",
                  "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor_cache"),
                  "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    report = {"install_deps_rc": opt.install_rc, "stages": {}}
+    report = {"install": opt.install, "install_rc": opt.install_rc, "stages": {}}
     for name in STAGES:
         if opt.only is not None and name not in opt.only:
             continue
@@ -347,7 +381,22 @@ def main(argv=None) -> dict:
     text = table(report)
     (out / "device_check.md").write_text(text)
     print(text)
+    if opt.export:
+        export(out, Path(opt.export))
     return report
+
+
+def export(out: Path, dest: Path) -> None:
+    """device_check.json and .md, and one logs.tar.gz of the small text files the stages wrote (no videos,
+    checkpoints or compiler caches), to `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("device_check.json", "device_check.md"):
+        shutil.copyfile(out / name, dest / name)
+    keep = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".log", ".xml", ".json", ".txt", ".md")
+            and "inductor_cache" not in p.parts and p.stat().st_size < 4 * 2 ** 20]
+    with tarfile.open(dest / "logs.tar.gz", "w:gz") as tar:
+        for path in sorted(keep):
+            tar.add(path, arcname=str(path.relative_to(out)))
 
 
 if __name__ == "__main__":

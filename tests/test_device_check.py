@@ -107,3 +107,52 @@ def test_dry_run_of_the_step_and_data_stages(tmp_path):
     assert "device_cpu" in report["verdict"]
     table = (tmp_path / "device_check.md").read_text()
     assert "| step_b16 | ok |" in table and "step at batch 16" in table
+
+
+def _tiny_wheel(folder: Path) -> Path:
+    """A one-module wheel (what benchmarks/device_wheels.sh would carry), written by hand."""
+    import zipfile
+    wheel = folder / "svt_probe_pkg-1.0-py3-none-any.whl"
+    files = {"svt_probe_pkg/__init__.py": "VALUE = 7\n",
+             "svt_probe_pkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: svt-probe-pkg\nVersion: 1.0\n",
+             "svt_probe_pkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  "Tag: py3-none-any\n"}
+    record = "".join(f"{name},,\n" for name in files) + "svt_probe_pkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in {**files, "svt_probe_pkg-1.0.dist-info/RECORD": record}.items():
+            z.writestr(name, text)
+    return wheel
+
+
+def _run_sh(tmp_path: Path, extra: list[str], env: dict) -> dict:
+    import os, subprocess
+    out, exported = tmp_path / "out", tmp_path / "exported"
+    run = subprocess.run(["bash", "benchmarks/device_check.sh", *extra, "--dry-run", "--budget_s", "1", "--only",
+                          "env", "step_b8", "--out", str(out), "--export", str(exported)],
+                         cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path), **env}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return {"report": json.loads((exported / "device_check.json").read_text()), "exported": exported}
+
+
+def test_sh_installs_carried_wheels_offline_and_exports_three_files(tmp_path):
+    import tarfile
+    (tmp_path / "whl").mkdir()
+    _tiny_wheel(tmp_path / "whl")
+    got = _run_sh(tmp_path, ["--wheels", str(tmp_path / "whl")], {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null"})
+    report = got["report"]
+    assert report["install"].startswith(f"wheels from {tmp_path / 'whl'} (1 files)") and report["install_rc"] == 0
+    assert (tmp_path / "svt_device_site" / "svt_probe_pkg" / "__init__.py").read_text() == "VALUE = 7\n"
+    assert report["stages"]["env"]["result"]["torchcodec"]          # decoder versions recorded
+    # what a device's $OUT takes back: at most 8 plain files, simple names, one folder down at most
+    assert sorted(p.name for p in got["exported"].iterdir()) == ["device_check.json", "device_check.md",
+                                                                  "logs.tar.gz"]
+    with tarfile.open(got["exported"] / "logs.tar.gz") as tar:
+        assert "device_check.json" in tar.getnames()
+    assert (got["exported"] / "device_check.md").read_text().startswith("Installed: wheels from")
+
+
+def test_sh_installs_nothing_and_says_why_when_no_index_is_reachable(tmp_path):
+    got = _run_sh(tmp_path, [], {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_FIND_LINKS": ""})
+    assert got["report"]["install"].startswith("nothing: pip reaches no index here and no --wheels was given")
+    assert got["report"]["stages"]["step_b8"]["status"] == "skipped"
