@@ -31,6 +31,7 @@ demo stages skipped: minutes on a CPU), so that the script itself is tested with
     python benchmarks/device_check.py --dry-run --out /tmp/dc --only env step_b16 data
 """
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -216,6 +217,11 @@ def env_info(opt) -> dict:
                     gpu_count=torch.cuda.device_count())
     info.update(decoder_versions())
     info["ld_library_path"] = os.environ.get("LD_LIBRARY_PATH", "")
+    try:  # NVDEC's user-space library comes with the driver (a container needs the 'video' capability)
+        ctypes.CDLL("libnvcuvid.so.1")
+        info["nvcuvid"] = "loads"
+    except OSError as err:
+        info["nvcuvid"] = f"missing ({err})"
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)
@@ -299,7 +305,8 @@ def table(report: dict) -> str:
             detail = (f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, " if losses else "no loss, ") + \
                 f"kNN top-1 {c['knn_top1']}, NVDEC CPU fallbacks {c['nvdec_cpu_fallbacks']}"
         elif name == "env":
-            detail = (f"{res.get('gpu', 'no GPU')} (driver {res.get('driver')}), {res.get('cpu')}, "
+            detail = (f"{res.get('gpu', 'no GPU')} (driver {res.get('driver')}, NVDEC library "
+                      f"{res.get('nvcuvid')}), {res.get('cpu')}, "
                       f"{res.get('cpu_count')} cores, torch {res.get('torch')}, torchcodec {res.get('torchcodec')}, "
                       f"decord {res.get('decord')}, PyAV {res.get('av')}")
         else:
