@@ -7,7 +7,17 @@ frames its indices name, upright (the display rotation of the container is appli
 (tests/frame_code.py, tests/test_data_frame_exact.py): H.264 mp4 with B-frames, MPEG-4 Part 2 AVI with
 and without B-frames, variable frame rate, rotated, truncated, shorter than a clip, VP9 WebM, H.264 in
 Matroska, mp4 starting at 10 s, a stream-copied cut (edit list), open GOPs at 60 fps, HEVC, AVI without
-its index, audio as stream 0.
+its index, audio as stream 0, an mp4 cut off inside a GOP with B-frames, cover art as the first video stream,
+two video streams.
+
+The video is the first video stream that is not an attached picture (cover art), on every backend
+(`_video_stream`). The original reads `streams.video[0]`, the first video stream (so a cover picture stored
+first made it read one still image). FFmpeg's "best stream", the default of torchcodec and decord, is not
+that: it prefers a stream flagged default, then one with more frames seen while the file was probed, then a
+higher bit rate, and the rules and what is seen differ between FFmpeg versions (decord bundles FFmpeg 4.1,
+torchcodec uses the system's, PyAV its own); on two video streams it picks the second when that one has
+B-frames and the first has none, or (decord) when it has the higher bit rate. torchcodec is told the stream;
+decord cannot be, so it is not used on a file with two or more video streams.
 
 `open_video` first probes the file with PyAV: it reads every video packet (no decoding) for the
 presentation timestamps, frame count and damage, and decodes the first frame (rotation, and a file
@@ -18,8 +28,10 @@ trusted:
   frames cannot be known before decoding), packets without or with duplicate timestamps, damaged
   packets or an index that lists more frames than the file holds (a truncated file);
 - backend facts: the backend counts another number of frames than the probe (decord counts the frames
-  an edit list hides), or decord on a rotated video (it ignores the display matrix) or on open GOPs (it
-  returns wrong frames for those shown before a keyframe they are decoded after);
+  an edit list hides) or cannot open the file (torchcodec's exact mode on an mp4 whose stream 0 is cover
+  art: its file scan fails), or decord on a file with more than one video stream, on a rotated video (it
+  ignores the display matrix) or on open GOPs (it returns wrong frames for those shown before a keyframe
+  they are decoded after);
 - a decoder error or a missing frame during random access.
 Such a file is decoded sequentially instead, the original's way: from its first packet, in order,
 picking frames by timestamp (a frame without a usable timestamp takes the next position), converting
@@ -120,7 +132,8 @@ class VideoInfo:
     presentation and decoding timestamps of the last keyframe shown at or before it, or pts[i] when none is;
     `rotation` is ffmpeg's display rotation (degrees counter-clockwise); `open_gop`: some frame is shown
     before the keyframe it is decoded after (open GOPs: x265's default, x264 --open-gop); `unsafe` says why
-    random access cannot be trusted ("" when it can)."""
+    random access cannot be trusted ("" when it can); `stream_index` is the container index of the video
+    stream read (`_video_stream`), `video_streams` how many video streams are not attached pictures."""
     num_frames: int
     fps: float
     rotation: int
@@ -130,13 +143,21 @@ class VideoInfo:
     width: int
     open_gop: bool
     unsafe: str
+    stream_index: int
+    video_streams: int
+
+
+def _video_stream(container, path: str):
+    """(the video stream every backend reads, the number of video streams that are not attached pictures):
+    the first video stream that is not an attached picture (cover art); see the module docstring."""
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
+        raise DecodeError(f"{path}: no video stream")
+    return streams[0], len(streams)
 
 
 def _probe(container, path: str) -> VideoInfo:
-    try:
-        stream = container.streams.video[0]
-    except IndexError:
-        raise DecodeError(f"{path}: no video stream") from None
+    stream, video_streams = _video_stream(container, path)
     header_frames = stream.frames
     pts, missing, damaged, discarded, reordered, last = [], 0, 0, 0, False, None
     key_pts, open_gop, keys = None, False, []
@@ -207,7 +228,8 @@ def _probe(container, path: str) -> VideoInfo:
     rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
     height, width = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
     return VideoInfo(num_frames=count, fps=fps, rotation=rotation, pts=table, seek_pts=seek_table, height=height,
-                     width=width, open_gop=open_gop, unsafe="; ".join(reasons))
+                     width=width, open_gop=open_gop, unsafe="; ".join(reasons), stream_index=stream.index,
+                     video_streams=video_streams)
 
 
 def probe(path: str) -> VideoInfo:
@@ -230,12 +252,14 @@ def _upright(frames: torch.Tensor, rotation: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- random access
 class _TorchcodecAccess:
-    """torchcodec in exact seek mode (it scans the file; applies the display rotation itself)."""
+    """torchcodec in exact seek mode on the probe's stream (it scans the file; applies the display rotation
+    itself)."""
 
     def __init__(self, path: str, info: VideoInfo):
         from torchcodec.decoders import VideoDecoder
         try:
-            self._decoder = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", num_ffmpeg_threads=1)
+            self._decoder = VideoDecoder(path, stream_index=info.stream_index, seek_mode="exact",
+                                         dimension_order="NHWC", num_ffmpeg_threads=1)
         except Exception as err:
             raise _Untrusted(f"torchcodec cannot open it ({err})") from err
         counted = self._decoder.metadata.num_frames
@@ -250,10 +274,13 @@ class _TorchcodecAccess:
 
 
 class _DecordAccess:
-    """decord's frame-index random access (it does not apply the display rotation)."""
+    """decord's frame-index random access (it does not apply the display rotation, and reads FFmpeg's best
+    video stream: it cannot be told which)."""
 
     def __init__(self, path: str, info: VideoInfo):
         import decord
+        if info.video_streams > 1:
+            raise _Untrusted(f"decord cannot be told which of the {info.video_streams} video streams to read")
         if info.rotation:
             raise _Untrusted(f"decord ignores the display rotation ({info.rotation} degrees)")
         if info.open_gop:   # it returns a frame 2-3 later for frames shown before a keyframe, silently
@@ -283,7 +310,7 @@ class _PyAVAccess:
             self._container = av.open(path)
         except Exception as err:
             raise _Untrusted(f"PyAV cannot open it ({err})") from err
-        self._stream = self._container.streams.video[0]
+        self._stream = self._container.streams[info.stream_index]
         self._info = info
 
     def get(self, indices: list[int]) -> torch.Tensor:
@@ -385,7 +412,7 @@ def decode_sequential(path: str, info: VideoInfo, indices: Sequence[int]) -> tor
     last, current, found = indices[-1], -1, 0
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0]
+            stream = container.streams[info.stream_index]
             for packet in container.demux(stream):
                 try:
                     frames = packet.decode()
@@ -424,12 +451,13 @@ def read_video_bytes(path: str) -> torch.Tensor:
         raise DecodeError(f"{path}: cannot read the file ({err})") from err
 
 
-def decode_on_device(data: torch.Tensor, indices: Sequence[int], num_frames: int, device: torch.device | str,
-                     path: str) -> tuple[torch.Tensor, str]:
-    """Frames `indices` (sorted, unique) of the video whose bytes are `data`, decoded by torchcodec in exact
-    seek mode on `device` (NVDEC on a CUDA device; it applies the display rotation): upright uint8
-    (K, H, W, 3) on `device`, and why torchcodec decoded on the CPU instead of NVDEC ("" when it did not).
-    `num_frames` is the probe's count (a file where torchcodec counts otherwise is a DecodeError)."""
+def decode_on_device(data: torch.Tensor, indices: Sequence[int], num_frames: int, stream_index: int,
+                     device: torch.device | str, path: str) -> tuple[torch.Tensor, str]:
+    """Frames `indices` (sorted, unique) of stream `stream_index` (the probe's) of the video whose bytes are
+    `data`, decoded by torchcodec in exact seek mode on `device` (NVDEC on a CUDA device; it applies the display
+    rotation): upright uint8 (K, H, W, 3) on `device`, and why torchcodec decoded on the CPU instead of NVDEC
+    ("" when it did not). `num_frames` is the probe's count (a file where torchcodec counts otherwise is a
+    DecodeError)."""
     try:
         from torchcodec.decoders import VideoDecoder
     except ImportError as err:
@@ -437,8 +465,8 @@ def decode_on_device(data: torch.Tensor, indices: Sequence[int], num_frames: int
                           "pip install torchcodec (see constraints.txt) and FFmpeg's shared libraries.") from err
     device = torch.device(device)
     try:
-        video = VideoDecoder(data, device=str(device), seek_mode="exact", dimension_order="NHWC",
-                             num_ffmpeg_threads=1)
+        video = VideoDecoder(data, stream_index=stream_index, device=str(device), seek_mode="exact",
+                             dimension_order="NHWC", num_ffmpeg_threads=1)
         counted = video.metadata.num_frames
         if counted != num_frames:
             raise DecodeError(f"{path}: torchcodec on {device} counts {counted} frames, the file holds {num_frames}")

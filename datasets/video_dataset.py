@@ -349,6 +349,7 @@ class VideoDataset(Dataset):
         frames, positions = decoder.union_positions(first, views)
         params = self.ssl_aug.draw_params(info.height, info.width)
         plan = {"path": path, "frames": frames, "positions": positions, "num_frames": info.num_frames,
+                "stream": info.stream_index,
                 "params": torch.tensor([p.as_row() for p in params], dtype=torch.float64),
                 "video": None, "decoded": None}
         if info.unsafe:  # random access cannot be trusted: decoded here, sequentially, as on the CPU path

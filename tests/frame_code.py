@@ -31,6 +31,16 @@ PyAV at test time:
                      has-index flag is cleared: a damaged download.
 - audio_first.mp4    AAC audio as stream 0, H.264 video as stream 1 at 30000/1001 fps (NTSC, like most
                      YouTube clips).
+- truncated_bframes.mp4 h264_bframes.mp4 (index first) cut half-way into the packet of frame BFRAMES_CUT_AT = 38,
+                     inside a GOP with B-frames (decoding order 30 34 32 31 33 38 ...): the frames before it in
+                     decoding order, 0..34, are there; the last of them, 31..33, are B-frames shown before 34.
+- cover_art.mp4      A cover picture (PNG, 32x32, disposition attached_pic, showing code 63) as stream 0, the
+                     H.264 video as stream 1: the cover's iTunes `covr` tag is moved before the video track in
+                     the moov box (FFmpeg numbers streams in the order it reads them; its own muxer writes the
+                     tag last).
+- two_video_streams.mkv Stream 0: H.264 without B-frames, frame k shows k; stream 1: H.264 with B-frames at
+                     96x72, frame k shows 47 - k. FFmpeg's "best stream" is stream 1 here (more frames seen while
+                     probing); the original reads stream 0 (`streams.video[0]`).
 """
 import os
 import struct
@@ -48,10 +58,14 @@ HIGH, LOW = 215, 40
 NUM_FRAMES = 48
 SHORT_FRAMES = 6
 TRUNCATED_AT = 30             # truncated.mp4 holds frames 0..29 (closed GOPs of 10)
+BFRAMES_CUT_AT = 38           # truncated_bframes.mp4 is cut inside this frame's packet ...
+BFRAMES_HELD = 35             # ... and holds frames 0..34
+COVER_CODE = 63               # what the cover picture of cover_art.mp4 shows
 CUT_PREROLL = 7               # cut_editlist.mp4: frames decoded before the cut point, dropped by the edit list
 FIXTURES = ("h264_bframes.mp4", "mpeg4_bframes.avi", "mpeg4_plain.avi", "vfr.mp4", "rotated.mp4",
             "truncated.mp4", "short.mp4", "vp9.webm", "h264.mkv", "offset_10s.mp4", "cut_editlist.mp4",
-            "open_gop_60fps.mp4", "hevc.mp4", "noindex.avi", "audio_first.mp4")
+            "open_gop_60fps.mp4", "hevc.mp4", "noindex.avi", "audio_first.mp4", "truncated_bframes.mp4",
+            "cover_art.mp4", "two_video_streams.mkv")
 ENCODERS = {"hevc.mp4": "libx265"}   # fixtures made with an encoder FFmpeg builds may lack
 VFR_TICKS = (1, 2, 3, 1)      # frame durations in 1/60 s, cycled
 BACKENDS = ("torchcodec", "decord", "pyav")
@@ -166,6 +180,65 @@ def _cut_by_stream_copy(src: str, dst: str, cut: int) -> None:
             out.mux(packet)
 
 
+def truncate_inside(path: str, index: int) -> None:
+    """Cut an mp4 whose index comes first half-way into the packet of frame `index` (30 fps), in place: a
+    download that stopped."""
+    with av.open(path) as video:
+        cut = next(p.pos + p.size // 2 for p in video.demux(video=0) if p.size and
+                   round(float(p.pts * p.time_base) * 30) == index)
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+
+
+def _encode_two_streams(path: str, first: list, second: list, first_options: dict, second_options: dict) -> None:
+    """Two H.264 video streams of frames `first` and `second` (each with its options), interleaved, in `path`."""
+    with av.open(path, "w") as out:
+        streams = []
+        for frames, options in ((first, first_options), (second, second_options)):
+            stream = out.add_stream("libx264", rate=30, options=options)
+            stream.height, stream.width = frames[0].shape[:2]
+            stream.pix_fmt = "yuv420p"
+            streams.append(stream)
+        for pictures in zip(first, second):
+            for stream, picture in zip(streams, pictures):
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        for stream in streams:
+            out.mux(stream.encode())
+
+
+def _with_cover_first(src: str, dst: str) -> None:
+    """Copy the video of mp4 `src` to `dst` with a PNG cover picture (attached_pic) that becomes stream 0."""
+    with av.open(src) as video, av.open(dst, "w") as out:
+        cover = out.add_stream("png")
+        cover.width, cover.height, cover.pix_fmt = 32, 32, "rgb24"
+        cover.disposition = av.stream.Disposition.attached_pic
+        stream = video.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        out.mux(cover.encode(av.VideoFrame.from_ndarray(code_frame(COVER_CODE, 32, 32), format="rgb24")))
+        out.mux(cover.encode())
+        for packet in video.demux(stream):
+            if packet.size:
+                packet.stream = copy
+                out.mux(packet)
+    _move_udta_first(dst)
+
+
+def _move_udta_first(path: str) -> None:
+    """Move the udta box (where the mp4 muxer puts the cover) to the front of the moov box, in place. The moov
+    box comes after the media data (no faststart), so no media offset changes."""
+    data = bytearray(open(path, "rb").read())
+    moov = data.find(b"moov") - 4
+    end = moov + struct.unpack_from(">I", data, moov)[0]
+    boxes, at = [], moov + 8
+    while at < end:
+        size = struct.unpack_from(">I", data, at)[0]
+        boxes.append(bytes(data[at:at + size]))
+        at += size
+    boxes.sort(key=lambda box: box[4:8] != b"udta")   # stable: the other boxes keep their order
+    data[moov + 8:end] = b"".join(boxes)
+    open(path, "wb").write(bytes(data))
+
+
 def _strip_avi_index(path: str) -> None:
     """Cut the idx1 chunk off the end of an AVI and clear the avih has-index flag, in place."""
     data = bytearray(open(path, "rb").read())
@@ -229,4 +302,9 @@ def write_fixtures(root: str) -> dict[str, str]:
                   codec_tag="XVID")
     _strip_avi_index(paths["noindex.avi"])
     encode_frames(paths["audio_first.mp4"], "libx264", frames, x264, rate=Fraction(30000, 1001), audio_first=True)
+    encode_frames(paths["truncated_bframes.mp4"], "libx264", frames, x264, container_options={"movflags": "faststart"})
+    truncate_inside(paths["truncated_bframes.mp4"], BFRAMES_CUT_AT)
+    _with_cover_first(paths["h264_bframes.mp4"], paths["cover_art.mp4"])
+    reversed_large = [code_frame(NUM_FRAMES - 1 - k, 72, 96) for k in range(NUM_FRAMES)]
+    _encode_two_streams(paths["two_video_streams.mkv"], frames, reversed_large, {**x264, "bf": "0"}, x264)
     return {name: path for name, path in paths.items() if name in MADE}

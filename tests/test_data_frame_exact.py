@@ -12,16 +12,21 @@ from datasets import build_dataset, decoder
 from datasets.transform import VideoDataAugmentationDINO
 from datasets.video_dataset import sequential_decodes
 from tests.conftest import build_cfg
-from tests.frame_code import (BACKENDS, CUT_PREROLL, FIXTURES, MADE, NUM_FRAMES, SHORT_FRAMES, TRUNCATED_AT,
-                              missing_encoder, read_clip, read_index, require_backend, write_fixtures)
+from tests.frame_code import (BACKENDS, BFRAMES_HELD, COVER_CODE, CUT_PREROLL, FIXTURES, MADE, NUM_FRAMES,
+                              SHORT_FRAMES, TRUNCATED_AT, code_frame, encode_frames, missing_encoder, read_clip,
+                              read_index, require_backend, truncate_inside, write_fixtures)
 
 # Files each backend decodes sequentially (random access not trusted); every other (file, backend) is random access.
-# decord: it ignores the display matrix, returns wrong frames around open-GOP keyframes and counts the frames an
-# edit list hides.
-SEQUENTIAL = {("mpeg4_bframes.avi", b) for b in BACKENDS} | {("truncated.mp4", b) for b in BACKENDS} | \
-    {(name, "decord") for name in ("rotated.mp4", "open_gop_60fps.mp4", "hevc.mp4", "cut_editlist.mp4")}
+# decord: it ignores the display matrix, returns wrong frames around open-GOP keyframes, counts the frames an
+# edit list hides and cannot be told which of two video streams to read. torchcodec's exact mode cannot open an mp4
+# whose stream 0 is a cover picture.
+SEQUENTIAL = {(name, b) for name in ("mpeg4_bframes.avi", "truncated.mp4", "truncated_bframes.mp4")
+              for b in BACKENDS} | {("cover_art.mp4", "torchcodec")} | \
+    {(name, "decord") for name in ("rotated.mp4", "open_gop_60fps.mp4", "hevc.mp4", "cut_editlist.mp4",
+                                   "two_video_streams.mkv")}
 OPEN_GOP = ("open_gop_60fps.mp4", "hevc.mp4")
-FRAMES = {name: NUM_FRAMES for name in FIXTURES} | {"short.mp4": SHORT_FRAMES, "truncated.mp4": TRUNCATED_AT}
+FRAMES = {name: NUM_FRAMES for name in FIXTURES} | {"short.mp4": SHORT_FRAMES, "truncated.mp4": TRUNCATED_AT,
+                                                    "truncated_bframes.mp4": BFRAMES_HELD}
 PORTRAIT = {"rotated.mp4"}
 # Small clips: 4 frames over 32 source frames at 30 fps; crops only ever cut the long side of a frame.
 OPTS = {"DATA.NUM_FRAMES": 4, "DATA.SAMPLING_RATE": 8, "DATA.TRAIN_CROP_SIZE": 32, "DATA.LOCAL_CROP_SIZE": 16,
@@ -153,6 +158,8 @@ def test_open_gop_frames_shown_before_a_keyframe(frame_videos, name):
 def test_device_decoder_returns_the_frames_asked_for(frame_videos, device):
     # DATA.DECODE_DEVICE's decoder (torchcodec on `device`: NVDEC with SVT_TEST_DEVICE=cuda) on every file the
     # probe trusts for random access (the others are decoded sequentially on the CPU, as the CPU path does).
+    # torchcodec's exact mode cannot open cover_art.mp4 (its scan seeks the cover stream): a DecodeError, which
+    # the device loader counts and replaces.
     require_backend("torchcodec")
     for name in MADE:
         path = str(frame_videos / name)
@@ -160,8 +167,55 @@ def test_device_decoder_returns_the_frames_asked_for(frame_videos, device):
         if info.unsafe:
             continue
         indices = sorted({0, 5, info.num_frames // 2, info.num_frames - 1})
-        frames, _ = decoder.decode_on_device(decoder.read_video_bytes(path), indices, info.num_frames, device, path)
+        data = decoder.read_video_bytes(path)
+        if name == "cover_art.mp4":
+            with pytest.raises(decoder.DecodeError, match="cover_art.mp4: torchcodec cannot decode it"):
+                decoder.decode_on_device(data, indices, info.num_frames, info.stream_index, device, path)
+            continue
+        frames, _ = decoder.decode_on_device(data, indices, info.num_frames, info.stream_index, device, path)
         assert read_clip(frames.cpu(), 0, name in PORTRAIT) == indices, name
+
+
+def test_truncated_inside_a_bframe_keeps_the_frames_that_decode(tmp_path):
+    # Cut inside B-frame 31 (decoding order 30 34 32 31 33 ...): 32 and 34 decode, 31 is damaged and 33 is
+    # gone. The file holds frames 0..30, 32, 34 (frame i is the i-th of them by timestamp), every backend
+    # returns them once each, in order.
+    path = str(tmp_path / "cut.mp4")
+    encode_frames(path, "libx264", [code_frame(k) for k in range(NUM_FRAMES)],
+                  {"preset": "veryfast", "crf": "12", "g": "10", "bf": "3", "threads": "1",
+                   "x264-params": "b-adapt=0:scenecut=0"}, container_options={"movflags": "faststart"})
+    truncate_inside(path, 31)
+    held = list(range(31)) + [32, 34]
+    for backend in BACKENDS:
+        if backend != "pyav" and {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}[backend]():
+            continue
+        with decoder.open_video(path, backend) as reader:
+            assert reader.num_frames == len(held)
+            assert read_clip(reader.get_frames(list(range(len(held)))), 0) == held, backend
+            assert read_clip(reader.get_frames([29, 31, 32]), 0) == [29, 32, 34], backend
+            assert "damaged or truncated" in reader.sequential_reason
+
+
+def test_the_video_stream_is_the_first_that_is_not_a_cover(frame_videos):
+    # The probe, and so every backend, reads the first video stream that is not an attached picture: stream 1
+    # of cover_art.mp4 (stream 0 is the cover: the probe read it as a 1-frame video), stream 0 of
+    # two_video_streams.mkv (the original's streams.video[0]).
+    import av
+    for name, index, count in (("cover_art.mp4", 1, 1), ("two_video_streams.mkv", 0, 2), ("h264_bframes.mp4", 0, 1)):
+        info = decoder.probe(str(frame_videos / name))
+        assert (info.stream_index, info.video_streams, info.num_frames) == (index, count, NUM_FRAMES), name
+    with av.open(str(frame_videos / "cover_art.mp4")) as video:
+        cover = video.streams[0]
+        assert cover.disposition & av.stream.Disposition.attached_pic
+        assert read_index(next(video.decode(cover)).to_ndarray(format="rgb24")) == COVER_CODE
+    # Why torchcodec is told the stream and decord is not used: FFmpeg's best stream is stream 1 here.
+    path = str(frame_videos / "two_video_streams.mkv")
+    if not decoder.torchcodec_status():
+        from torchcodec.decoders import VideoDecoder
+        assert VideoDecoder(path, seek_mode="approximate").stream_index == 1
+    if not decoder.decord_status():
+        import decord
+        assert read_index(decord.VideoReader(path, num_threads=1)[0].asnumpy()) == NUM_FRAMES - 1
 
 
 # ----------------------------------------------------------------------------------------- datasets
@@ -244,7 +298,7 @@ def test_sequential_flags_reach_the_main_process_through_workers(frame_videos):
     loader = DataLoader(ds, batch_size=4, num_workers=1)
     labels = torch.cat([batch[1] for batch in loader])
     assert labels.tolist() == list(range(len(MADE)))
-    assert sequential_decodes(ds) == 2   # mpeg4_bframes.avi and truncated.mp4
+    assert sequential_decodes(ds) == 3   # mpeg4_bframes.avi, truncated.mp4 and truncated_bframes.mp4
 
 
 def test_frame_code_round_trip():
@@ -272,7 +326,8 @@ def test_check_videos_reports_the_truth(frame_videos, tmp_path):
     with open(tmp_path / "list.report.csv") as f:
         status = {os.path.basename(r["path"]): r["status"] for r in csv.DictReader(f)}
     assert status == {**{n: "ok" for n in MADE}, "mpeg4_bframes.avi": "seek_unsafe",
-                      "truncated.mp4": "seek_unsafe", "short.mp4": "too_short", "missing.mp4": "missing",
+                      "truncated.mp4": "seek_unsafe", "truncated_bframes.mp4": "seek_unsafe",
+                      "short.mp4": "too_short", "missing.mp4": "missing",
                       "bad.mp4": "undecodable"}
     kept = [line.split()[0] for line in (tmp_path / "list.clean.txt").read_text().splitlines()]
     assert kept == [n for n in MADE if status[n] in ("ok", "seek_unsafe")]
@@ -281,13 +336,14 @@ def test_check_videos_reports_the_truth(frame_videos, tmp_path):
 def test_resize_videos_writes_h264_mp4_and_the_list(frame_videos, tmp_path):
     import av
     from datasets.preprocessing import resize_videos
-    names = ["mpeg4_bframes.avi", "vp9.webm", "rotated.mp4", "vfr.mp4"]
+    names = ["mpeg4_bframes.avi", "vp9.webm", "rotated.mp4", "vfr.mp4", "cover_art.mp4"]
     (tmp_path / "train.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
     out = tmp_path / "out"
     assert resize_videos.main(["--src", str(frame_videos), "--dst", str(out), "--list", str(tmp_path / "train.txt"),
                                "--short_side", "32", "--crf", "10", "--workers", "1"]) == 0
     new = [line.split()[0] for line in (out / "train.txt").read_text().splitlines()]
-    assert new == ["mpeg4_bframes.mp4", "vp9.mp4", "rotated.mp4", "vfr.mp4"]
+    assert new == ["mpeg4_bframes.mp4", "vp9.mp4", "rotated.mp4", "vfr.mp4", "cover_art.mp4"]   # the video, not
+    # the cover (it re-encoded streams.video[0], the cover: one frame)
     for name in new:
         with av.open(str(out / name)) as video:
             assert video.streams.video[0].codec_context.name == "h264"

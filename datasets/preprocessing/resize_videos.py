@@ -65,7 +65,7 @@ def resize_video(job: tuple) -> tuple[str, str]:
         info = probe(src)
         turns = (info.rotation // 90) % 4
         with av.open(src) as inp:
-            stream = inp.streams.video[0]
+            stream = inp.streams[info.stream_index]   # the probe's: not a cover picture
             rate = Fraction(info.fps).limit_denominator(1001)
             w, h = target_size(info.width, info.height, short_side)   # upright size
             with av.open(tmp, "w", format="mp4") as out:
