@@ -151,6 +151,14 @@ def test_check_videos_with_a_wrong_prefix_names_the_flag(tmp_path, make_video, c
                               "--workers", "1"]) == 0
 
 
+def test_check_videos_with_an_empty_list_names_it(tmp_path, capsys):
+    # It raised ValueError out of main (a traceback) and wrote nothing; now one line on stderr and exit 1.
+    (tmp_path / "list.csv").write_text("\n  \n")
+    assert check_videos.main(["--list", str(tmp_path / "list.csv"), "--workers", "1"]) == 1
+    assert f"list file {tmp_path / 'list.csv'} has no entries" in capsys.readouterr().err
+    assert not (tmp_path / "list.report.csv").exists()
+
+
 def test_resize_videos_short_side(tmp_path, make_video):
     make_video(tmp_path / "src" / "a" / "v.mp4", num_frames=5, size=(48, 64))
     assert resize_videos.main(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"),

@@ -63,7 +63,11 @@ def main(argv=None) -> int:
 
     backend = resolve_backend(args.backend)
     print(f"Checking with backend {backend}.")
-    entries = parse_list_file(args.list, args.separator)
+    try:
+        entries = parse_list_file(args.list, args.separator)
+    except (OSError, ValueError) as err:   # missing, empty or malformed list: the message names the file
+        print(err, file=sys.stderr)
+        return 1
     with open(args.list) as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
     jobs = [(os.path.join(args.prefix, p), backend, args.min_frames) for p, _ in entries]
