@@ -126,6 +126,21 @@ def test_auto_precision_on_cuda(monkeypatch, bf16_ok):
     assert ("supports bf16" in why) is bf16_ok and ("loss scaling" in why) is not bf16_ok
 
 
+@pytest.mark.parametrize("major, expected", [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)])
+def test_auto_precision_uses_fp16_on_gpus_that_only_emulate_bf16(monkeypatch, major, expected):
+    # torch.cuda.is_bf16_supported() itself (not replaced): on a V100 (7.0) / T4 (7.5) a bf16 tensor can be made,
+    # which torch's default including_emulation=True counts as support; bf16 is emulated there (no bf16 tensor
+    # cores), so auto must pick the original's fp16 + loss scaling. A100 (8.x) and H100 (9.x) have native bf16.
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: argparse.Namespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    dtype, why = utils.choose_precision(True, "auto", torch.device("cuda", 0))
+    assert dtype is expected
+    assert ("loss scaling" in why) is (expected is torch.float16)
+
+
 def test_cpu_has_native_bf16_without_onednn(monkeypatch):
     def missing():
         raise RuntimeError("mkldnn not built")

@@ -140,16 +140,17 @@ PRECISION_NAMES = {None: "off, fp32", torch.bfloat16: "bf16", torch.float16: "fp
 def choose_precision(use_fp16: bool, amp_dtype: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     """The autocast dtype for `--use_fp16` / `--amp_dtype` on a device (None means fp32), and why.
 
-    auto: on CUDA bf16 where supported, else fp16 (with a GradScaler); on CPU bf16 only where the CPU has
-    native bf16 (`cpu_has_native_bf16`), else fp32.
+    auto: on CUDA bf16 where the GPU has it natively (Ampere and later), else fp16 (with a GradScaler); on CPU
+    bf16 only where the CPU has native bf16 (`cpu_has_native_bf16`), else fp32.
     """
     if not use_fp16:
         return None, "--use_fp16 false"
     if amp_dtype == "auto":
         if device.type == "cuda":
-            if torch.cuda.is_bf16_supported():
+            # Not torch's default including_emulation=True: it says yes on V100 / T4, which only emulate bf16.
+            if torch.cuda.is_bf16_supported(including_emulation=False):
                 return torch.bfloat16, "auto: this GPU supports bf16"
-            return torch.float16, "auto: this GPU has no bf16, fp16 with loss scaling"
+            return torch.float16, "auto: this GPU has no native bf16, fp16 with loss scaling"
         if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16, "auto: this CPU has native bf16 (AVX-512 BF16 / AMX)"
         return None, (f"auto: no native bf16 on this {device.type.upper()} (bf16 would be emulated, "
