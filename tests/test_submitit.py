@@ -161,7 +161,7 @@ def test_task_environment_is_what_init_distributed_mode_reads(fake_submitit, mon
     monkeypatch.setattr(utils.dist, "init_process_group", lambda backend, **kw: groups.append(kw))
     monkeypatch.setattr(utils.dist, "barrier", lambda: None)
     monkeypatch.setattr(utils, "is_dist_avail_and_initialized", lambda: False)
-    monkeypatch.setattr(utils, "_set_device", lambda local_rank: None)
+    monkeypatch.setattr(utils, "_set_device", lambda local_rank: {})
     monkeypatch.setattr(builtins, "print", builtins.print)  # setup_for_distributed silences rank 3's prints
     seen = []
 

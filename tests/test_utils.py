@@ -205,6 +205,28 @@ def test_init_distributed_slurm_env(fake_dist, monkeypatch):
     assert os.environ["MASTER_ADDR"] == "head"
 
 
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm", "single"])
+def test_init_distributed_binds_the_nccl_group_to_the_local_gpu(fake_dist, monkeypatch, launcher):
+    # On CUDA the group is bound to this process's GPU (device_id): NCCL's first barrier, which comes before
+    # any collective, otherwise runs on GPU global_rank % device_count (here GPU 1 for rank 5 of a node with
+    # 4 GPUs, while this process works on GPU 2) and warns that it may hang. The device is current before the
+    # group is made.
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    monkeypatch.setattr(utils.dist, "init_process_group",
+                        lambda *a, **kw: fake_dist.append((a, kw, list(current))))
+    env = {"torchrun": {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "2"},
+           "slurm": {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "6"}, "single": {}}[launcher]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    utils.init_distributed_mode(argparse.Namespace(dist_url="env://"))
+    gpu = torch.device("cuda", 0 if launcher == "single" else 2)  # SLURM_LOCALID 6 % 4 GPUs
+    (a, kw, current_at_init), = fake_dist
+    assert a == ("nccl",) and kw["device_id"] == gpu and current_at_init == [gpu]
+
+
 def test_init_distributed_single_process(fake_dist):
     args = argparse.Namespace(dist_url="env://")
     utils.init_distributed_mode(args)

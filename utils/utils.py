@@ -416,9 +416,8 @@ def init_distributed_mode(args) -> None:
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
         args.gpu = int(os.environ.get("LOCAL_RANK", 0))
-        _set_device(args.gpu)
         dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
-                                timeout=timeout)
+                                timeout=timeout, **_set_device(args.gpu))
     elif "SLURM_PROCID" in os.environ:
         args.rank = int(os.environ["SLURM_PROCID"])
         args.world_size = int(os.environ.get("SLURM_NTASKS", 1))
@@ -426,14 +425,13 @@ def init_distributed_mode(args) -> None:
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = first_slurm_host(os.environ.get("SLURM_NODELIST", "127.0.0.1"))
         os.environ.setdefault("MASTER_PORT", "29500")
-        _set_device(args.gpu)
         dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
-                                timeout=timeout)
+                                timeout=timeout, **_set_device(args.gpu))
     else:
         args.rank, args.world_size, args.gpu = 0, 1, 0
-        _set_device(args.gpu)
         # A one-process group needs no rendezvous: an in-memory store avoids port clashes.
-        dist.init_process_group(backend, store=dist.HashStore(), world_size=1, rank=0, timeout=timeout)
+        dist.init_process_group(backend, store=dist.HashStore(), world_size=1, rank=0, timeout=timeout,
+                                **_set_device(args.gpu))
     print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {backend}, local device "
           f"{args.gpu}, collective timeout {timeout})", flush=True)
     if args.world_size > 1:
@@ -508,6 +506,12 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> N
                               "write to (results are written there at the end of the run).") from err
 
 
-def _set_device(local_rank: int) -> None:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+def _set_device(local_rank: int) -> dict:
+    """Make this process's GPU the current device; returns the init_process_group keyword that binds the
+    NCCL group to it ({} on CPU). Unbound, NCCL's first barrier (before any collective) runs on GPU
+    rank % device_count, not on this process's GPU, and warns that this may hang."""
+    if not torch.cuda.is_available():
+        return {}
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return {"device_id": device}
