@@ -216,6 +216,7 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, args, devi
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
     metric_logger.synchronize_between_processes()
     if utils.get_world_size() > 1:
+        skipped = skipped.to(device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(skipped)
     print("Averaged stats:", metric_logger, f" skipped (replaced) videos: {int(skipped)}")
     return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped)}

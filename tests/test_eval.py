@@ -192,6 +192,30 @@ def test_linear_classifier_feature_bn_standardises_features():
     torch.testing.assert_close(clf(x), (x - run_mean) / torch.sqrt(run_var + 1e-6) @ w.T + b)
 
 
+@pytest.mark.gpu
+def test_linear_probe_epoch_reduces_only_cuda_tensors_over_nccl(monkeypatch):
+    # Two NCCL ranks cannot share the device check's one GPU: the world of 2 is faked, and the all-reduce
+    # enforces NCCL's rule (CUDA tensors only; gloo takes CPU ones, so the CPU tests cannot see this).
+    reduced = []
+
+    def nccl_all_reduce(tensor, *args, **kwargs):
+        assert tensor.is_cuda, f"NCCL all_reduce of a {tensor.device} tensor"
+        reduced.append(tensor)
+
+    monkeypatch.setattr(evaluation.utils, "get_world_size", lambda: 2)
+    monkeypatch.setattr(evaluation.utils, "is_dist_avail_and_initialized", lambda: False)  # meters stay local
+    monkeypatch.setattr(dist, "all_reduce", nccl_all_reduce)
+    cuda = torch.device("cuda")
+    model = VisionTransformer(img_size=32, embed_dim=48, depth=2, num_heads=2, num_frames=4).to(cuda).eval()
+    classifier = LinearClassifier(48, 3).to(cuda)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1)
+    batch = (torch.randn(2, 3, 4, 32, 32).pin_memory(), torch.tensor([0, 2]), torch.tensor([0, 1]),
+             {"skipped": torch.tensor([0, 1])})
+    args = argparse.Namespace(n_last_blocks=1, avgpool_patchtokens=False)
+    stats = eval_linear.train_one_epoch(model, classifier, optimizer, [batch], 0, args, cuda)
+    assert stats["skipped_videos"] == 1 and len(reduced) == 1
+
+
 def test_load_classifier_state_strips_ddp_prefix_and_checks_shape():
     src = LinearClassifier(10, 4)
     dst = LinearClassifier(10, 4)
