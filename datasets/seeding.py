@@ -10,9 +10,13 @@ from torch.utils.data import Dataset, DistributedSampler
 
 @contextlib.contextmanager
 def preserved_rng_state():
-    """Restore the torch (CPU), numpy and python RNG states on exit."""
+    """Restore the torch (CPU, and this process's GPU once CUDA is initialised here), numpy and python RNG
+    states on exit. torch.manual_seed also reseeds the GPU: without the GPU's state, samples drawn in the
+    training process (--num_workers 0) would reseed the drop-path stream on every clip."""
     np_state, py_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=[]):
+    # never in a DataLoader worker: CUDA is not initialised there (and must not be)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:

@@ -237,6 +237,25 @@ def test_cuda_train_step_keeps_every_tensor_on_the_gpu_and_never_syncs(monkeypat
     assert all(t.is_cuda for st in state.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor))
 
 
+@pytest.mark.gpu
+def test_a_sample_drawn_in_the_training_process_leaves_the_cuda_rng_alone():
+    # --num_workers 0: SeededDataset seeds torch for each sample in this process, and torch.manual_seed also
+    # reseeds the GPU; the GPU's stream (drop path, dropout) must continue as if no sample had been drawn.
+    from datasets.seeding import SeededDataset
+
+    class DrawsOnTheGPU(torch.utils.data.Dataset):
+        def __getitem__(self, index):
+            return torch.rand(1, device="cuda")
+
+    torch.cuda.init()
+    torch.cuda.manual_seed(5)
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(5)
+    draws = [SeededDataset(DrawsOnTheGPU())[(0, seed)] for seed in (123, 123, 7)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # the sample's seed rules
+    torch.testing.assert_close(torch.rand(4, device="cuda"), expected, rtol=0, atol=0)
+
+
 def test_imagenet_init_key_is_applied_to_the_student(tmp_path):
     args = train_ssl.get_args_parser().parse_args(["--arch", "vit_tiny", "--out_dim", "64"])
     cfg = get_cfg()
