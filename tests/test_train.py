@@ -170,6 +170,34 @@ def test_fused_adamw_matches_foreach(monkeypatch, device):
         torch.testing.assert_close(teacher_f[k], teacher_r[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_loss_scaled_step_clips_the_true_gradients_and_skips_overflows(monkeypatch, fused):
+    # The fp16 path (V100 / T4, --amp_dtype fp16) on the CPU: a GradScaler in fp32 isolates the scaler's part.
+    # The gradients are unscaled before the per-parameter clipping (clip 0.01: every tensor is clipped, so
+    # clipping the scaled ones would give other weights), the frozen last layer stays put, and a step whose
+    # scaled gradients overflow changes no student weight and halves the scale.
+    extra = ("--use_fp16", "false", "--clip_grad", "0.01", "--freeze_last_layer", "1")
+    losses_ref, teacher_ref = run_steps(*step_state(monkeypatch, fused, *extra))
+    state, args = step_state(monkeypatch, fused, *extra)
+    state.fp16_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    last_layer = state.student_without_ddp.head.last_layer.weight_v.detach().clone()
+    losses, teacher = run_steps(state, args)
+    torch.testing.assert_close(losses, losses_ref, rtol=1e-5, atol=1e-6)
+    for k in teacher_ref:
+        torch.testing.assert_close(teacher[k], teacher_ref[k], rtol=1e-5, atol=1e-6)
+    assert torch.equal(state.student_without_ddp.head.last_layer.weight_v, last_layer)
+    assert state.fp16_scaler.get_scale() == 2.0 ** 12
+    # an overflow in one scaled gradient (as fp16 gets when the scale is too high)
+    hook = state.student_without_ddp.backbone.cls_token.register_hook(lambda g: torch.full_like(g, math.inf))
+    before = {k: v.clone() for k, v in state.student_without_ddp.state_dict().items()}
+    loss, _ = train_ssl.train_step(state, step_views(), 0, 3, args)
+    hook.remove()
+    assert torch.isfinite(loss)
+    for k, v in state.student_without_ddp.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert state.fp16_scaler.get_scale() == 2.0 ** 11
+
+
 def test_center_momentum_flag_reaches_the_loss(monkeypatch):
     # The centre starts at zero: after one step it is (1 - m) x the same batch mean of the teacher outputs.
     centers = {}
