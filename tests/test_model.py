@@ -331,3 +331,27 @@ def test_multicrop_wrapper_groups_and_matches_per_view_calls():
     assert torch.allclose(out, expected, atol=1e-5)
     keys = wrapper.state_dict().keys()
     assert all(k.startswith(("backbone.", "head.")) for k in keys) and "head.last_layer.weight_g" in keys
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_on_cuda_beyond_65535_sequences(dtype):
+    # Temporal attention runs views x clips x h*w sequences of T tokens: ViT-B at 224 px gives 196 per clip,
+    # so an extraction batch of 335+ clips passes 2^16 sequences. SDPA's flash / memory-efficient kernels put
+    # the batch on a CUDA grid axis limited to 65535 (pytorch/pytorch#142228, #146704: "invalid configuration
+    # argument"); this says whether this torch handles it (else the attention must be chunked).
+    from models.timesformer import Attention
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=1).cuda()
+    x = torch.randn(70_000, 8, 64, device="cuda", requires_grad=True)
+    outputs, grads = [], []
+    for fused in (True, False):
+        attn.fused = fused
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = attn(x)
+        (grad,) = torch.autograd.grad(out.float().square().mean(), x)
+        outputs.append(out.float())
+        grads.append(grad)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=tol, atol=tol)
+    torch.testing.assert_close(grads[0], grads[1], rtol=tol, atol=tol * grads[1].abs().max().item())
