@@ -40,10 +40,13 @@ class Attention(nn.Module):
     """Multi-head self-attention with packed qkv (rows [q; k; v], each heads x head_dim).
 
     `fused` selects `F.scaled_dot_product_attention` (default) or the explicit
-    softmax(q k^T * scale) v; both compute the same function.
+    softmax(q k^T * scale) v; both compute the same function. The fused call takes at most
+    `sdpa_max_batch` sequences at once: CUDA's flash / memory-efficient kernels put the batch on a grid axis
+    limited to 65535 (pytorch#142228), which temporal attention passes at 335+ clips of 196 patches.
     """
 
     fused: bool = True
+    sdpa_max_batch: int = 65535
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
@@ -60,8 +63,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         if self.fused:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
+            drop = self.attn_drop.p if self.training else 0.0
+            outs = [F.scaled_dot_product_attention(q[i:i + self.sdpa_max_batch], k[i:i + self.sdpa_max_batch],
+                                                   v[i:i + self.sdpa_max_batch], dropout_p=drop, scale=self.scale)
+                    for i in range(0, q.shape[0], self.sdpa_max_batch)]
+            x = outs[0] if len(outs) == 1 else torch.cat(outs)
         else:
             attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
             x = self.attn_drop(attn) @ v

@@ -160,6 +160,27 @@ def test_sdpa_equals_explicit_attention(device):
     assert (fused - explicit).abs().max() < 1e-5
 
 
+def test_fused_attention_in_batch_chunks_equals_one_call(device, monkeypatch):
+    # The fused call takes at most sdpa_max_batch sequences (CUDA's grid limit); chunked output and gradients
+    # must equal one call's. 7 sequences in chunks of 3: 3 + 3 + 1.
+    from models.timesformer import Attention
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=2).to(device)
+    x = torch.randn(7, 5, 32, device=device, requires_grad=True)
+    whole = attn(x)
+    (grad_whole,) = torch.autograd.grad(whole.square().sum(), x)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
+    monkeypatch.setattr(Attention, "sdpa_max_batch", 3)
+    chunked = attn(x)
+    (grad_chunked,) = torch.autograd.grad(chunked.square().sum(), x)
+    assert calls == [3, 3, 1]
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_chunked, grad_whole, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("attention_type", ["divided_space_time", "space_only"])
 def test_static_clip_with_inert_temporal_path_equals_image_vit(attention_type):
     """At init temporal_fc = 0 and time_embed = 0, so on a clip of one repeated frame the TimeSformer
@@ -339,7 +360,7 @@ def test_sdpa_on_cuda_beyond_65535_sequences(dtype):
     # Temporal attention runs views x clips x h*w sequences of T tokens: ViT-B at 224 px gives 196 per clip,
     # so an extraction batch of 335+ clips passes 2^16 sequences. SDPA's flash / memory-efficient kernels put
     # the batch on a CUDA grid axis limited to 65535 (pytorch/pytorch#142228, #146704: "invalid configuration
-    # argument"); this says whether this torch handles it (else the attention must be chunked).
+    # argument"); Attention calls it in chunks of at most Attention.sdpa_max_batch, which this checks on CUDA.
     from models.timesformer import Attention
     torch.manual_seed(0)
     attn = Attention(64, num_heads=1).cuda()
