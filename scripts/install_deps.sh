@@ -21,6 +21,28 @@ missing_of() {
 print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' "$@"
 }
 
+# old_torch: the installed torch's version when it is older than requirements.txt's minimum, else nothing
+# (read from the package metadata: no torch import).
+old_torch() {
+    "$PYTHON" -c 'import re, sys
+from importlib import metadata
+need = re.search(r"^torch>=([\d.]+)", open(sys.argv[1]).read(), re.M).group(1)
+try:
+    have = metadata.version("torch")
+except metadata.PackageNotFoundError:
+    sys.exit()
+key = lambda v: tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:2])
+if key(have) < key(need):
+    print(f"torch {have} is older than {need}, the oldest svt runs on (requirements.txt)")' "$ROOT/requirements.txt"
+}
+
+too_old=$(old_torch)
+if [[ -n "$too_old" ]]; then
+    echo "$(basename "${0}"): $too_old. Install a newer CUDA build of torch and torchvision in this environment" \
+         "(https://pytorch.org/get-started/locally/); this script never replaces a torch you have." >&2
+    exit 3
+fi
+
 if [[ "${1:-}" == "--check" ]]; then
     missing=$(missing_of $required)
     if [[ -n "$missing" ]]; then

@@ -21,6 +21,20 @@ def test_train_script_without_data_path_stops_before_launch(tmp_path, script):
     assert not (ROOT / "checkpoints" / env["EXP_NAME"]).exists()
 
 
+@pytest.mark.parametrize("mode", ["--check", "test"])
+def test_install_deps_refuses_a_torch_older_than_requirements_and_never_replaces_it(tmp_path, mode):
+    # a torch 2.4.1 found first on the path (its metadata is all the check reads)
+    dist = tmp_path / "torch-2.4.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.4.1\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "install_deps.sh"), mode], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 3
+    assert "torch 2.4.1 is older than 2.5, the oldest svt runs on (requirements.txt)" in run.stderr
+    assert "never replaces a torch you have" in run.stderr
+
+
 @pytest.mark.parametrize("script", ["train.sh", "slurm_train.sh", "eval_knn.sh", "eval_linear.sh"])
 def test_launch_script_without_the_packages_stops_naming_install_deps(tmp_path, script):
     python = tmp_path / "python"  # an interpreter without site-packages: no torch, timm, ...
