@@ -13,7 +13,9 @@ rate of each kept, so a busy machine slows all of them alike):
   parameters): its rate is the CPU cost per sample of the GPU decode path;
 - a DataLoader for each `--workers` count, per backend (`loader_<backend>_<n>_workers`) and, with
   `--device_decode cpu|cuda`, the GPU decode path (`loader_device_<device>_<n>_workers`: plans from the
-  workers, decoded and rendered by the main process on that device): what training sees;
+  workers, decoded and rendered by the main process on that device): what training sees; each timed on
+  min(--samples, max(32, 16 x workers)) samples, the GPU decode path first, most workers first, the JSON
+  rewritten after each (a run stopped at a time limit keeps what it measured);
 - with `--feed_step tiny|small|base` (a GPU run): `train_ssl.train_step` timed on a fixed batch and fed by
   the `--device_decode` loader with `--feed_workers` workers; `wait_fraction` = 1 - fixed / fed step time
   is the share of the step spent waiting on data.
@@ -222,24 +224,48 @@ def main() -> None:
         cfg.DATA.DECODE_DEVICE = "cuda"
         plans = build_dataset("kinetics400", cfg, "train", ssl_aug=aug)
         runs["plan_sample"] = lambda: timed(lambda i: plans[i % len(paths)], list(range(args.samples)))
-        results = {}
+        results, extra = {}, {}
+
+        def report() -> dict:
+            return build_report(args, results, extra, backends, (g, loc), gen_s)
+
         for _ in range(args.rounds):
             for name, run in runs.items():
                 torch.manual_seed(0)
                 results[name] = max(results.get(name, 0.0), run())
-        for backend in backends:
-            for workers in args.workers:
-                results[f"loader_{backend}_{workers}_workers"] = loader_rate(Subset(datasets[backend], repeat), workers)
-        feed = None
+        write_json(args.out, report())
+        # Loaders, the GPU decode path first (what the device check must not lose to its time limit), most
+        # workers first; the JSON is rewritten after each, so a run stopped at a time limit keeps its numbers.
         if args.device_decode != "none":
             stage = DeviceViews(aug.sizes, args.device_decode)
-            for workers in args.workers:
+            for workers in sorted(args.workers, reverse=True):
                 results[f"loader_device_{args.device_decode}_{workers}_workers"] = loader_rate(
-                    Subset(plans, repeat), workers, stage=stage)
+                    Subset(plans, repeat[:loader_samples(args.samples, workers)]), workers, stage=stage)
+                extra["device_decode"] = {"device": args.device_decode, "nvdec_cpu_fallbacks": stage.cpu_fallbacks,
+                                          "failed_videos": stage.failed}
+                write_json(args.out, report())
             if args.feed_step:
-                feed = fed_step(plans, stage, args.feed_step, args.feed_batch, args.feed_workers, args.feed_steps,
-                                args.crop[0], cfg.DATA.NUM_FRAMES)
-            fallbacks, failed = stage.cpu_fallbacks, stage.failed
+                extra["feed_step"] = fed_step(plans, stage, args.feed_step, args.feed_batch, args.feed_workers,
+                                              args.feed_steps, args.crop[0], cfg.DATA.NUM_FRAMES)
+                extra["device_decode"] = {"device": args.device_decode, "nvdec_cpu_fallbacks": stage.cpu_fallbacks,
+                                          "failed_videos": stage.failed}
+                write_json(args.out, report())
+        for workers in sorted(args.workers, reverse=True):
+            for backend in backends:
+                results[f"loader_{backend}_{workers}_workers"] = loader_rate(
+                    Subset(datasets[backend], repeat[:loader_samples(args.samples, workers)]), workers)
+                write_json(args.out, report())
+    print(json.dumps(report(), indent=2))
+
+
+def loader_samples(samples: int, workers: int) -> int:
+    """Samples timed for a loader with `workers` workers: --samples, but no more than 16 per worker (at
+    least 32), so the one-worker runs of a many-core machine do not eat the time limit."""
+    return min(samples, max(32, 16 * max(1, workers)))
+
+
+def build_report(args, results: dict, extra: dict, backends: list, frames: tuple, gen_s: float) -> dict:
+    g, loc = frames
     report = {
         "unit": "10-view samples per second, torch threads 1 (loader_*: DataLoader with that many workers)",
         "views": {"global_frames": list(g), "local_frames": list(loc), "global_size": args.crop[0],
@@ -258,16 +284,16 @@ def main() -> None:
             b: round(results[f"{b}_decode_once"] / results[f"{b}_per_view"], 2) for b in backends}
         report["speedup_decode_once_vs_original_loader"] = {
             b: round(results[f"{b}_decode_once"] / results["pyav_full_window"], 2) for b in backends}
-    if args.device_decode != "none":
-        report["device_decode"] = {"device": args.device_decode, "nvdec_cpu_fallbacks": fallbacks,
-                                   "failed_videos": failed}
-    if feed:
-        report["feed_step"] = feed
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    return {**report, **extra}
+
+
+def write_json(path: str | None, report: dict) -> None:
+    """Write `report` to `path` (when given) through a temporary file, so a reader never sees half of it."""
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,26 @@ def test_sh_installs_nothing_and_says_why_when_no_index_is_reachable(tmp_path):
     got = _run_sh(tmp_path, [], {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_FIND_LINKS": ""})
     assert got["report"]["install"].startswith("nothing: pip reaches no index here and no --wheels was given")
     assert got["report"]["stages"]["step_b8"]["status"] == "skipped"
+
+
+def test_data_stage_keeps_the_numbers_measured_before_its_time_limit(tmp_path):
+    # bench_data.py rewrites its JSON after each loader, the GPU decode path first and most workers first:
+    # killed at the stage's limit, the numbers measured so far stay readable.
+    import subprocess, time
+    out = tmp_path / "data.json"
+    proc = subprocess.Popen([sys.executable, "benchmarks/bench_data.py", "--loader_only", "--videos", "2",
+                             "--frames", "40", "--height", "64", "--width", "80", "--samples", "8", "--rounds", "1",
+                             "--crop", "32", "16", "--workers", "0", "1", "--device_decode", "cpu",
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.is_file() and "loader_device_cpu_1_workers" in out.read_text():
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    rates = json.loads(out.read_text())["samples_per_s"]
+    assert rates["plan_sample"] > 0 and rates["loader_device_cpu_1_workers"] > 0
+    assert list(rates)[:2] == ["plan_sample", "loader_device_cpu_1_workers"]   # the GPU decode path, 1 worker first
