@@ -26,14 +26,18 @@ print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))'
 old_torch() {
     "$PYTHON" -c 'import re, sys
 from importlib import metadata
-need = re.search(r"^torch>=([\d.]+)", open(sys.argv[1]).read(), re.M).group(1)
+try:
+    need = re.search(r"^torch>=([\d.]+)", open(sys.argv[1]).read(), re.M).group(1)
+except (OSError, AttributeError):  # no requirements.txt beside this script, or no torch line in it
+    sys.exit()
 try:
     have = metadata.version("torch")
 except metadata.PackageNotFoundError:
     sys.exit()
 key = lambda v: tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:2])
 if key(have) < key(need):
-    print(f"torch {have} is older than {need}, the oldest svt runs on (requirements.txt)")' "$ROOT/requirements.txt"
+    print(f"torch {have} is older than {need}, the oldest svt runs on (requirements.txt)")' \
+        "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../requirements.txt"
 }
 
 too_old=$(old_torch)
