@@ -40,10 +40,12 @@ only the frames asked for. `VideoReader.sequential` says so, and the datasets co
 """
 import functools
 import io
+import json
 import logging
 import math
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Sequence
 
 import av
@@ -133,12 +135,15 @@ class VideoInfo:
     `rotation` is ffmpeg's display rotation (degrees counter-clockwise); `open_gop`: some frame is shown
     before the keyframe it is decoded after (open GOPs: x265's default, x264 --open-gop); `unsafe` says why
     random access cannot be trusted ("" when it can); `stream_index` is the container index of the video
-    stream read (`_video_stream`), `video_streams` how many video streams are not attached pictures."""
+    stream read (`_video_stream`), `video_streams` how many video streams are not attached pictures;
+    `key_frames[i]`: frame i's packet is a keyframe; `time_base`: the stream's (seconds per pts unit)."""
     num_frames: int
     fps: float
     rotation: int
     pts: np.ndarray
     seek_pts: np.ndarray
+    key_frames: np.ndarray
+    time_base: Fraction
     height: int
     width: int
     open_gop: bool
@@ -204,6 +209,7 @@ def _probe(container, path: str) -> VideoInfo:
         raise DecodeError(f"{path}: the first frame does not decode ({first_error or 'no frame out of the decoder'})")
     table = np.sort(np.asarray(pts, dtype=np.int64))
     seek_table = table
+    key_frames = np.isin(table, [key for key, _ in keys])
     if keys:
         keys = np.asarray(sorted(keys), dtype=np.int64)
         last_key = np.searchsorted(keys[:, 0], table, side="right") - 1
@@ -227,8 +233,9 @@ def _probe(container, path: str) -> VideoInfo:
         fps = 30.0
     rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
     height, width = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
-    return VideoInfo(num_frames=count, fps=fps, rotation=rotation, pts=table, seek_pts=seek_table, height=height,
-                     width=width, open_gop=open_gop, unsafe="; ".join(reasons), stream_index=stream.index,
+    return VideoInfo(num_frames=count, fps=fps, rotation=rotation, pts=table, seek_pts=seek_table,
+                     key_frames=key_frames, time_base=Fraction(stream.time_base), height=height, width=width,
+                     open_gop=open_gop, unsafe="; ".join(reasons), stream_index=stream.index,
                      video_streams=video_streams)
 
 
@@ -251,23 +258,44 @@ def _upright(frames: torch.Tensor, rotation: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- random access
+def frame_mappings(info: VideoInfo) -> str:
+    """The probe's frame table as torchcodec's `custom_frame_mappings` (ffprobe -show_frames JSON: per frame
+    pts, duration, key_frame): torchcodec then seeks exactly as in its exact mode without scanning the file
+    again, and its frame i is the probe's frame i by construction. A frame lasts until the next one; the
+    last as long as the one before it."""
+    durations = np.diff(info.pts, append=info.pts[-1] + (info.pts[-1] - info.pts[-2] if len(info.pts) > 1 else 1))
+    return json.dumps({"frames": [{"pts": p, "duration": d, "key_frame": k} for p, d, k in
+                                  zip(info.pts.tolist(), durations.tolist(), info.key_frames.astype(int).tolist())]})
+
+
+def _wrong_frames(pts_seconds: torch.Tensor, info: VideoInfo, indices: list[int]) -> str:
+    """"" when torchcodec's frames have the probe's timestamps for `indices`, else which do not (the seek found
+    another frame: a file torchcodec reads otherwise than PyAV)."""
+    got = np.round(pts_seconds.cpu().double().numpy() / float(info.time_base)).astype(np.int64)
+    wrong = np.flatnonzero(got != info.pts[indices])
+    return ", ".join(f"frame {indices[k]}: pts {got[k]}, not {info.pts[indices[k]]}" for k in wrong[:3])
+
+
 class _TorchcodecAccess:
-    """torchcodec in exact seek mode on the probe's stream (it scans the file; applies the display rotation
-    itself)."""
+    """torchcodec on the probe's stream, given the probe's frame table (`frame_mappings`: it does not scan the
+    file, and opens files its exact mode's scan cannot, such as an mp4 whose stream 0 is cover art); applies
+    the display rotation itself. Frames whose timestamps are not the probe's are not trusted."""
 
     def __init__(self, path: str, info: VideoInfo):
         from torchcodec.decoders import VideoDecoder
+        self._info = info
         try:
-            self._decoder = VideoDecoder(path, stream_index=info.stream_index, seek_mode="exact",
-                                         dimension_order="NHWC", num_ffmpeg_threads=1)
+            self._decoder = VideoDecoder(path, stream_index=info.stream_index, dimension_order="NHWC",
+                                         custom_frame_mappings=frame_mappings(info), num_ffmpeg_threads=1)
         except Exception as err:
             raise _Untrusted(f"torchcodec cannot open it ({err})") from err
-        counted = self._decoder.metadata.num_frames
-        if counted != info.num_frames:
-            raise _Untrusted(f"torchcodec counts {counted} frames, the file holds {info.num_frames}")
 
     def get(self, indices: list[int]) -> torch.Tensor:
-        return self._decoder.get_frames_at(indices).data
+        batch = self._decoder.get_frames_at(indices)
+        wrong = _wrong_frames(batch.pts_seconds, self._info, indices)
+        if wrong:
+            raise _Untrusted(f"torchcodec returned other frames than the probe's ({wrong})")
+        return batch.data
 
     def close(self) -> None:
         self._decoder = None
@@ -451,32 +479,29 @@ def read_video_bytes(path: str) -> torch.Tensor:
         raise DecodeError(f"{path}: cannot read the file ({err})") from err
 
 
-def decode_on_device(data: torch.Tensor, indices: Sequence[int], num_frames: int, stream_index: int,
-                     device: torch.device | str, path: str) -> tuple[torch.Tensor, str]:
-    """Frames `indices` (sorted, unique) of stream `stream_index` (the probe's) of the video whose bytes are
-    `data`, decoded by torchcodec in exact seek mode on `device` (NVDEC on a CUDA device; it applies the display
-    rotation): upright uint8 (K, H, W, 3) on `device`, and why torchcodec decoded on the CPU instead of NVDEC
-    ("" when it did not). `num_frames` is the probe's count (a file where torchcodec counts otherwise is a
-    DecodeError)."""
+def decode_on_device(data: torch.Tensor, indices: Sequence[int], info: VideoInfo, device: torch.device | str,
+                     path: str) -> tuple[torch.Tensor, str]:
+    """Frames `indices` (sorted, unique) of the video whose bytes are `data` and whose probe is `info`, decoded by
+    torchcodec on `device` (NVDEC on a CUDA device; it applies the display rotation) on the probe's stream and
+    frame table (`frame_mappings`): upright uint8 (K, H, W, 3) on `device`, and why torchcodec decoded on the
+    CPU instead of NVDEC ("" when it did not). Frames whose timestamps are not the probe's are a DecodeError."""
     try:
         from torchcodec.decoders import VideoDecoder
     except ImportError as err:
         raise ImportError("DATA.DECODE_DEVICE cuda decodes with torchcodec: " + torchcodec_status() + ". Fix: "
                           "pip install torchcodec (see constraints.txt) and FFmpeg's shared libraries.") from err
-    device = torch.device(device)
+    device, indices = torch.device(device), [int(i) for i in indices]
     try:
-        video = VideoDecoder(data, stream_index=stream_index, device=str(device), seek_mode="exact",
-                             dimension_order="NHWC", num_ffmpeg_threads=1)
-        counted = video.metadata.num_frames
-        if counted != num_frames:
-            raise DecodeError(f"{path}: torchcodec on {device} counts {counted} frames, the file holds {num_frames}")
-        frames = video.get_frames_at([int(i) for i in indices]).data
+        video = VideoDecoder(data, stream_index=info.stream_index, device=str(device),
+                             custom_frame_mappings=frame_mappings(info), dimension_order="NHWC", num_ffmpeg_threads=1)
+        batch = video.get_frames_at(indices)
         fallback = str(video.cpu_fallback) if device.type == "cuda" and video.cpu_fallback else ""
-    except DecodeError:
-        raise
     except Exception as err:  # torchcodec raises RuntimeError / ValueError for streams it cannot decode
         raise DecodeError(f"{path}: torchcodec cannot decode it on {device} ({err})") from err
-    return frames.to(device, non_blocking=True), fallback
+    wrong = _wrong_frames(batch.pts_seconds, info, indices)
+    if wrong:
+        raise DecodeError(f"{path}: torchcodec on {device} returned other frames than the probe's ({wrong})")
+    return batch.data.to(device, non_blocking=True), fallback
 
 
 # ------------------------------------------------------------------------------------- index maths

@@ -7,8 +7,8 @@ Where each part runs:
   box, flip, jitter factors and order, grayscale: `VideoDataset` in "plan" mode). A sample is a plan:
   {"path", "video" (the file's bytes), "decoded" (None; the union's frames, decoded sequentially on the
   CPU, for the rare file whose random access cannot be trusted), "frames" (the union of the views' frame
-  indices), "positions" (per view, into the union), "num_frames", "stream" (the video stream's index),
-  "params" (V, 12)}.
+  indices), "positions" (per view, into the union), "info" (the probe's VideoInfo: the stream and frame table
+  torchcodec is given), "params" (V, 12)}.
 - The main process (`DeviceViewLoader`, after the loader hands over a batch of plans): torchcodec decodes
   each video's union of frames on the device (NVDEC on CUDA), then `render_views` makes every view of the
   whole batch with tensor ops there: per sample and view a crop and an antialiased bicubic resize (two
@@ -37,8 +37,7 @@ def collate_plans(batch: list) -> tuple:
     """DataLoader collate of (plan, label, index, meta) samples: the plans as lists (videos differ in
     size), their parameters stacked (B, V, 12); label, index and meta collated as usual."""
     plans = [sample[0] for sample in batch]
-    collated = {key: [p[key] for p in plans] for key in ("path", "video", "decoded", "frames", "positions",
-                                                         "num_frames", "stream")}
+    collated = {key: [p[key] for p in plans] for key in ("path", "video", "decoded", "frames", "positions", "info")}
     collated["params"] = torch.stack([p["params"] for p in plans])
     return (collated, *default_collate([sample[1:] for sample in batch]))
 
@@ -130,8 +129,7 @@ class DeviceViews:
             return plans["decoded"][b].to(self.device, non_blocking=True)
         path = plans["path"][b]
         frames, fallback = decoder.decode_on_device(plans["video"][b], plans["frames"][b].tolist(),
-                                                    plans["num_frames"][b], plans["stream"][b], self.device,
-                                                    path)
+                                                    plans["info"][b], self.device, path)
         if fallback:
             self.cpu_fallbacks += 1
             self._log(path, f"torchcodec decodes it on the CPU, not with NVDEC ({fallback})")

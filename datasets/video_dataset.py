@@ -348,8 +348,7 @@ class VideoDataset(Dataset):
         views = decoder.ssl_view_indices(length, self.ssl_aug.global_frames, self.ssl_aug.local_frames)
         frames, positions = decoder.union_positions(first, views)
         params = self.ssl_aug.draw_params(info.height, info.width)
-        plan = {"path": path, "frames": frames, "positions": positions, "num_frames": info.num_frames,
-                "stream": info.stream_index,
+        plan = {"path": path, "frames": frames, "positions": positions, "info": info,
                 "params": torch.tensor([p.as_row() for p in params], dtype=torch.float64),
                 "video": None, "decoded": None}
         if info.unsafe:  # random access cannot be trusted: decoded here, sequentially, as on the CPU path

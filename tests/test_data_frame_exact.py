@@ -18,10 +18,9 @@ from tests.frame_code import (BACKENDS, BFRAMES_HELD, COVER_CODE, CUT_PREROLL, F
 
 # Files each backend decodes sequentially (random access not trusted); every other (file, backend) is random access.
 # decord: it ignores the display matrix, returns wrong frames around open-GOP keyframes, counts the frames an
-# edit list hides and cannot be told which of two video streams to read. torchcodec's exact mode cannot open an mp4
-# whose stream 0 is a cover picture.
+# edit list hides and cannot be told which of two video streams to read.
 SEQUENTIAL = {(name, b) for name in ("mpeg4_bframes.avi", "truncated.mp4", "truncated_bframes.mp4")
-              for b in BACKENDS} | {("cover_art.mp4", "torchcodec")} | \
+              for b in BACKENDS} | \
     {(name, "decord") for name in ("rotated.mp4", "open_gop_60fps.mp4", "hevc.mp4", "cut_editlist.mp4",
                                    "two_video_streams.mkv")}
 OPEN_GOP = ("open_gop_60fps.mp4", "hevc.mp4")
@@ -102,6 +101,49 @@ def test_torchcodec_error_on_avi_bframes_is_caught(frame_videos, monkeypatch):
         assert "torchcodec random access failed" in reader.sequential_reason
 
 
+def _shifted_table(info: decoder.VideoInfo, k: int) -> decoder.VideoInfo:
+    """`info` with frame k's timestamp moved halfway to frame k + 1's: a table torchcodec's frames disagree with
+    (its seek to frame k finds frame k + 1)."""
+    pts = info.pts.copy()
+    pts[k] = (pts[k] + pts[k + 1]) // 2
+    return decoder.VideoInfo(**{**vars(info), "pts": pts})
+
+
+def test_frame_mappings_are_the_probes_table(frame_videos):
+    # What torchcodec is given instead of its own scan: the probe's timestamps in order, the keyframe packets
+    # PyAV reads, each frame lasting until the next (the last as long as the one before).
+    import json
+
+    import av
+    path = str(frame_videos / "h264_bframes.mp4")
+    info = decoder.probe(path)
+    frames = json.loads(decoder.frame_mappings(info))["frames"]
+    with av.open(path) as video:
+        keys = sorted(p.pts for p in video.demux(video=0) if p.size and p.is_keyframe)
+    pts = [f["pts"] for f in frames]
+    assert pts == info.pts.tolist() and len(pts) == NUM_FRAMES and len(keys) >= 3
+    assert [f["pts"] for f in frames if f["key_frame"]] == keys
+    steps = np.diff(pts).tolist()
+    assert [f["duration"] for f in frames] == steps + steps[-1:]
+
+
+def test_torchcodec_frames_that_are_not_the_probes_are_not_trusted(frame_videos, monkeypatch):
+    # torchcodec is given the probe's frame table, so it counts the probe's frames by construction; a frame it
+    # returns with another timestamp than the table's (a file it reads otherwise than PyAV) ends random access.
+    require_backend("torchcodec")
+    path = str(frame_videos / "h264_bframes.mp4")
+    access = decoder._TorchcodecAccess(path, _shifted_table(decoder.probe(path), 20))
+    assert read_clip(access.get([3, 19, 21]), 0) == [3, 19, 21]
+    with pytest.raises(decoder._Untrusted, match=r"other frames than the probe's \(frame 20: pts \d+, not \d+\)"):
+        access.get([19, 20])
+    real = decoder.probe
+    monkeypatch.setattr(decoder, "probe", lambda p: _shifted_table(real(p), 20))
+    with decoder.open_video(path, "torchcodec") as reader:
+        assert not reader.sequential
+        assert read_clip(reader.get_frames([19, 20]), 0) == [19, 20]   # the sequential decode
+        assert "torchcodec random access failed (torchcodec returned other frames" in reader.sequential_reason
+
+
 def test_frames_hidden_by_an_edit_list_are_not_frames(frame_videos):
     # The cut holds CUT_PREROLL more packets than frames: the demuxer marks them discard (the decoder needs
     # them as references and shows none). The probe counted them as frames 0..6 (55 frames, none of
@@ -157,9 +199,9 @@ def test_open_gop_frames_shown_before_a_keyframe(frame_videos, name):
 
 def test_device_decoder_returns_the_frames_asked_for(frame_videos, device):
     # DATA.DECODE_DEVICE's decoder (torchcodec on `device`: NVDEC with SVT_TEST_DEVICE=cuda) on every file the
-    # probe trusts for random access (the others are decoded sequentially on the CPU, as the CPU path does).
-    # torchcodec's exact mode cannot open cover_art.mp4 (its scan seeks the cover stream): a DecodeError, which
-    # the device loader counts and replaces.
+    # probe trusts for random access (the others are decoded sequentially on the CPU, as the CPU path does),
+    # cover_art.mp4 included: given the probe's frame table, torchcodec does not scan the file (its exact mode's
+    # scan seeks the cover stream and fails).
     require_backend("torchcodec")
     for name in MADE:
         path = str(frame_videos / name)
@@ -168,12 +210,12 @@ def test_device_decoder_returns_the_frames_asked_for(frame_videos, device):
             continue
         indices = sorted({0, 5, info.num_frames // 2, info.num_frames - 1})
         data = decoder.read_video_bytes(path)
-        if name == "cover_art.mp4":
-            with pytest.raises(decoder.DecodeError, match="cover_art.mp4: torchcodec cannot decode it"):
-                decoder.decode_on_device(data, indices, info.num_frames, info.stream_index, device, path)
-            continue
-        frames, _ = decoder.decode_on_device(data, indices, info.num_frames, info.stream_index, device, path)
+        frames, _ = decoder.decode_on_device(data, indices, info, device, path)
         assert read_clip(frames.cpu(), 0, name in PORTRAIT) == indices, name
+    path = str(frame_videos / "h264_bframes.mp4")
+    data, shifted = decoder.read_video_bytes(path), _shifted_table(decoder.probe(path), 20)
+    with pytest.raises(decoder.DecodeError, match=r"h264_bframes.mp4: torchcodec on .* other frames than the probe"):
+        decoder.decode_on_device(data, [19, 20], shifted, device, path)
 
 
 def test_truncated_inside_a_bframe_keeps_the_frames_that_decode(tmp_path):
@@ -213,6 +255,10 @@ def test_the_video_stream_is_the_first_that_is_not_a_cover(frame_videos):
     if not decoder.torchcodec_status():
         from torchcodec.decoders import VideoDecoder
         assert VideoDecoder(path, seek_mode="approximate").stream_index == 1
+        # Why torchcodec is given the probe's frame table: its exact mode's scan of cover_art.mp4 fails (it seeks
+        # stream 0, the cover); with the table it does not scan (random access, test_reader_returns_...).
+        with pytest.raises(RuntimeError, match="Could not seek"):
+            VideoDecoder(str(frame_videos / "cover_art.mp4"), stream_index=1, seek_mode="exact")
     if not decoder.decord_status():
         import decord
         assert read_index(decord.VideoReader(path, num_threads=1)[0].asnumpy()) == NUM_FRAMES - 1

@@ -1,5 +1,6 @@
 """DATA.DECODE_DEVICE cuda: plans drawn in the workers, views decoded and rendered on a device. On the CPU the
 same code path must give the CPU path's views for the same per-sample seed (within the resize's rounding)."""
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -66,7 +67,7 @@ def test_plan_holds_bytes_frames_and_the_cpu_path_draws(synthetic_cfg):
     with decoder.open_video(plans.dataset.video_paths[2]) as reader:
         clip = decoder.clip_size_frames(data.NUM_FRAMES, data.SAMPLING_RATE, data.TARGET_FPS, reader.fps)
         first, length = decoder.clip_window(reader.num_frames, clip, -1, 1)
-    assert plan["num_frames"] == reader.num_frames
+    assert plan["info"].num_frames == reader.num_frames and np.array_equal(plan["info"].pts, reader.info.pts)
     views = decoder.ssl_view_indices(length, aug.global_frames, aug.local_frames)
     union, _ = decoder.union_positions(first, views)
     expected = torch.tensor([p.as_row() for p in aug.draw_params(64, 64)], dtype=torch.float64)
