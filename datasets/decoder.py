@@ -27,12 +27,13 @@ trusted:
 - container facts: B-frames in AVI (no presentation timestamps in the container: the order of the
   frames cannot be known before decoding), packets without or with duplicate timestamps, damaged
   packets or an index that lists more frames than the file holds (a truncated file);
-- backend facts: the backend counts another number of frames than the probe (decord counts the frames
-  an edit list hides) or cannot open the file (torchcodec's exact mode on an mp4 whose stream 0 is cover
-  art: its file scan fails), or decord on a file with more than one video stream, on a rotated video (it
-  ignores the display matrix) or on open GOPs (it returns wrong frames for those shown before a keyframe
-  they are decoded after);
-- a decoder error or a missing frame during random access.
+- backend facts: the backend counts another number of frames than the probe (decord counts the frames an
+  edit list hides) or cannot open the file, or decord on a file with more than one video stream, on a
+  rotated video (it ignores the display matrix) or on open GOPs (it returns wrong frames for those shown
+  before a keyframe they are decoded after). Where torchcodec's exact mode cannot open a file (an mp4
+  whose stream 0 is cover art: its scan fails), it is given the probe's frame table instead (`frame_mappings`);
+- a decoder error, a missing frame or (torchcodec) a frame with another timestamp than the probe's during
+  random access.
 Such a file is decoded sequentially instead, the original's way: from its first packet, in order,
 picking frames by timestamp (a frame without a usable timestamp takes the next position), converting
 only the frames asked for. `VideoReader.sequential` says so, and the datasets count such files
@@ -40,7 +41,6 @@ only the frames asked for. `VideoReader.sequential` says so, and the datasets co
 """
 import functools
 import io
-import json
 import logging
 import math
 import os
@@ -136,13 +136,13 @@ class VideoInfo:
     before the keyframe it is decoded after (open GOPs: x265's default, x264 --open-gop); `unsafe` says why
     random access cannot be trusted ("" when it can); `stream_index` is the container index of the video
     stream read (`_video_stream`), `video_streams` how many video streams are not attached pictures;
-    `key_frames[i]`: frame i's packet is a keyframe; `time_base`: the stream's (seconds per pts unit)."""
+    `key_pts`: the timestamps of the keyframe packets; `time_base`: the stream's (seconds per pts unit)."""
     num_frames: int
     fps: float
     rotation: int
     pts: np.ndarray
     seek_pts: np.ndarray
-    key_frames: np.ndarray
+    key_pts: np.ndarray
     time_base: Fraction
     height: int
     width: int
@@ -209,9 +209,8 @@ def _probe(container, path: str) -> VideoInfo:
         raise DecodeError(f"{path}: the first frame does not decode ({first_error or 'no frame out of the decoder'})")
     table = np.sort(np.asarray(pts, dtype=np.int64))
     seek_table = table
-    key_frames = np.isin(table, [key for key, _ in keys])
-    if keys:
-        keys = np.asarray(sorted(keys), dtype=np.int64)
+    keys = np.asarray(sorted(keys), dtype=np.int64).reshape(-1, 2)
+    if len(keys):
         last_key = np.searchsorted(keys[:, 0], table, side="right") - 1
         seek_table = np.where(last_key >= 0, keys[np.maximum(last_key, 0), 1], table)
     reasons = []
@@ -234,7 +233,7 @@ def _probe(container, path: str) -> VideoInfo:
     rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
     height, width = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
     return VideoInfo(num_frames=count, fps=fps, rotation=rotation, pts=table, seek_pts=seek_table,
-                     key_frames=key_frames, time_base=Fraction(stream.time_base), height=height, width=width,
+                     key_pts=keys[:, 0], time_base=Fraction(stream.time_base), height=height, width=width,
                      open_gop=open_gop, unsafe="; ".join(reasons), stream_index=stream.index,
                      video_streams=video_streams)
 
@@ -260,12 +259,28 @@ def _upright(frames: torch.Tensor, rotation: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- random access
 def frame_mappings(info: VideoInfo) -> str:
     """The probe's frame table as torchcodec's `custom_frame_mappings` (ffprobe -show_frames JSON: per frame
-    pts, duration, key_frame): torchcodec then seeks exactly as in its exact mode without scanning the file
-    again, and its frame i is the probe's frame i by construction. A frame lasts until the next one; the
-    last as long as the one before it."""
+    pts, duration, key_frame): torchcodec then seeks as in its exact mode without scanning the file, and its
+    frame i is the probe's frame i by construction. A frame lasts until the next one; the last as long as the
+    one before it."""
     durations = np.diff(info.pts, append=info.pts[-1] + (info.pts[-1] - info.pts[-2] if len(info.pts) > 1 else 1))
-    return json.dumps({"frames": [{"pts": p, "duration": d, "key_frame": k} for p, d, k in
-                                  zip(info.pts.tolist(), durations.tolist(), info.key_frames.astype(int).tolist())]})
+    rows = zip(info.pts.tolist(), durations.tolist(), np.isin(info.pts, info.key_pts).astype(int).tolist())
+    return '{"frames": [' + ", ".join(f'{{"pts": {p}, "duration": {d}, "key_frame": {k}}}' for p, d, k in rows) + "]}"
+
+
+def _open_torchcodec(source, info: VideoInfo, device: str = "cpu"):
+    """torchcodec's VideoDecoder on the probe's stream. Exact mode (it scans the file's packets itself: cheaper
+    than parsing the probe's table, benchmarks/bench_open.py) where that scan works; where it fails (an mp4
+    whose stream 0 is cover art: it seeks stream 0), given the probe's frame table (`frame_mappings`). A decoder
+    that counts other frames than the probe raises _Untrusted."""
+    from torchcodec.decoders import VideoDecoder
+    opts = {"stream_index": info.stream_index, "device": device, "dimension_order": "NHWC", "num_ffmpeg_threads": 1}
+    try:
+        video = VideoDecoder(source, seek_mode="exact", **opts)
+    except RuntimeError:
+        video = VideoDecoder(source, custom_frame_mappings=frame_mappings(info), **opts)
+    if video.metadata.num_frames != info.num_frames:
+        raise _Untrusted(f"torchcodec counts {video.metadata.num_frames} frames, the file holds {info.num_frames}")
+    return video
 
 
 def _wrong_frames(pts_seconds: torch.Tensor, info: VideoInfo, indices: list[int]) -> str:
@@ -277,16 +292,15 @@ def _wrong_frames(pts_seconds: torch.Tensor, info: VideoInfo, indices: list[int]
 
 
 class _TorchcodecAccess:
-    """torchcodec on the probe's stream, given the probe's frame table (`frame_mappings`: it does not scan the
-    file, and opens files its exact mode's scan cannot, such as an mp4 whose stream 0 is cover art); applies
-    the display rotation itself. Frames whose timestamps are not the probe's are not trusted."""
+    """torchcodec on the probe's stream (`_open_torchcodec`; it applies the display rotation itself). Frames
+    whose timestamps are not the probe's are not trusted."""
 
     def __init__(self, path: str, info: VideoInfo):
-        from torchcodec.decoders import VideoDecoder
         self._info = info
         try:
-            self._decoder = VideoDecoder(path, stream_index=info.stream_index, dimension_order="NHWC",
-                                         custom_frame_mappings=frame_mappings(info), num_ffmpeg_threads=1)
+            self._decoder = _open_torchcodec(path, info)
+        except _Untrusted:
+            raise
         except Exception as err:
             raise _Untrusted(f"torchcodec cannot open it ({err})") from err
 
@@ -482,20 +496,22 @@ def read_video_bytes(path: str) -> torch.Tensor:
 def decode_on_device(data: torch.Tensor, indices: Sequence[int], info: VideoInfo, device: torch.device | str,
                      path: str) -> tuple[torch.Tensor, str]:
     """Frames `indices` (sorted, unique) of the video whose bytes are `data` and whose probe is `info`, decoded by
-    torchcodec on `device` (NVDEC on a CUDA device; it applies the display rotation) on the probe's stream and
-    frame table (`frame_mappings`): upright uint8 (K, H, W, 3) on `device`, and why torchcodec decoded on the
-    CPU instead of NVDEC ("" when it did not). Frames whose timestamps are not the probe's are a DecodeError."""
+    torchcodec on `device` (NVDEC on a CUDA device; it applies the display rotation) on the probe's stream
+    (`_open_torchcodec`): upright uint8 (K, H, W, 3) on `device`, and why torchcodec decoded on the CPU instead
+    of NVDEC ("" when it did not). Another frame count or frames whose timestamps are not the probe's are a
+    DecodeError."""
     try:
-        from torchcodec.decoders import VideoDecoder
+        from torchcodec.decoders import VideoDecoder  # noqa: F401  (the import error names the fix)
     except ImportError as err:
         raise ImportError("DATA.DECODE_DEVICE cuda decodes with torchcodec: " + torchcodec_status() + ". Fix: "
                           "pip install torchcodec (see constraints.txt) and FFmpeg's shared libraries.") from err
     device, indices = torch.device(device), [int(i) for i in indices]
     try:
-        video = VideoDecoder(data, stream_index=info.stream_index, device=str(device),
-                             custom_frame_mappings=frame_mappings(info), dimension_order="NHWC", num_ffmpeg_threads=1)
+        video = _open_torchcodec(data, info, str(device))
         batch = video.get_frames_at(indices)
         fallback = str(video.cpu_fallback) if device.type == "cuda" and video.cpu_fallback else ""
+    except _Untrusted as err:
+        raise DecodeError(f"{path}: on {device}, {err}") from err
     except Exception as err:  # torchcodec raises RuntimeError / ValueError for streams it cannot decode
         raise DecodeError(f"{path}: torchcodec cannot decode it on {device} ({err})") from err
     wrong = _wrong_frames(batch.pts_seconds, info, indices)

@@ -110,8 +110,8 @@ def _shifted_table(info: decoder.VideoInfo, k: int) -> decoder.VideoInfo:
 
 
 def test_frame_mappings_are_the_probes_table(frame_videos):
-    # What torchcodec is given instead of its own scan: the probe's timestamps in order, the keyframe packets
-    # PyAV reads, each frame lasting until the next (the last as long as the one before).
+    # What torchcodec is given where its exact mode's scan fails: the probe's timestamps in order, the keyframe
+    # packets PyAV reads, each frame lasting until the next (the last as long as the one before).
     import json
 
     import av
@@ -128,10 +128,13 @@ def test_frame_mappings_are_the_probes_table(frame_videos):
 
 
 def test_torchcodec_frames_that_are_not_the_probes_are_not_trusted(frame_videos, monkeypatch):
-    # torchcodec is given the probe's frame table, so it counts the probe's frames by construction; a frame it
-    # returns with another timestamp than the table's (a file it reads otherwise than PyAV) ends random access.
+    # torchcodec counting other frames than the probe, or returning a frame with another timestamp than the
+    # probe's (a file it reads otherwise than PyAV), ends random access.
     require_backend("torchcodec")
     path = str(frame_videos / "h264_bframes.mp4")
+    fewer = decoder.VideoInfo(**{**vars(decoder.probe(path)), "num_frames": NUM_FRAMES - 1})
+    with pytest.raises(decoder._Untrusted, match=f"counts {NUM_FRAMES} frames, the file holds {NUM_FRAMES - 1}"):
+        decoder._TorchcodecAccess(path, fewer)
     access = decoder._TorchcodecAccess(path, _shifted_table(decoder.probe(path), 20))
     assert read_clip(access.get([3, 19, 21]), 0) == [3, 19, 21]
     with pytest.raises(decoder._Untrusted, match=r"other frames than the probe's \(frame 20: pts \d+, not \d+\)"):
@@ -200,8 +203,8 @@ def test_open_gop_frames_shown_before_a_keyframe(frame_videos, name):
 def test_device_decoder_returns_the_frames_asked_for(frame_videos, device):
     # DATA.DECODE_DEVICE's decoder (torchcodec on `device`: NVDEC with SVT_TEST_DEVICE=cuda) on every file the
     # probe trusts for random access (the others are decoded sequentially on the CPU, as the CPU path does),
-    # cover_art.mp4 included: given the probe's frame table, torchcodec does not scan the file (its exact mode's
-    # scan seeks the cover stream and fails).
+    # cover_art.mp4 included (its exact mode's scan seeks the cover stream and fails: it is given the probe's
+    # frame table instead).
     require_backend("torchcodec")
     for name in MADE:
         path = str(frame_videos / name)
@@ -255,8 +258,8 @@ def test_the_video_stream_is_the_first_that_is_not_a_cover(frame_videos):
     if not decoder.torchcodec_status():
         from torchcodec.decoders import VideoDecoder
         assert VideoDecoder(path, seek_mode="approximate").stream_index == 1
-        # Why torchcodec is given the probe's frame table: its exact mode's scan of cover_art.mp4 fails (it seeks
-        # stream 0, the cover); with the table it does not scan (random access, test_reader_returns_...).
+        # Why torchcodec is given the probe's frame table here: its exact mode's scan of cover_art.mp4 fails (it
+        # seeks stream 0, the cover); with the table it does not scan (random access, test_reader_returns_...).
         with pytest.raises(RuntimeError, match="Could not seek"):
             VideoDecoder(str(frame_videos / "cover_art.mp4"), stream_index=1, seek_mode="exact")
     if not decoder.decord_status():
