@@ -241,14 +241,12 @@ def main() -> None:
             for workers in sorted(args.workers, reverse=True):
                 results[f"loader_device_{args.device_decode}_{workers}_workers"] = loader_rate(
                     Subset(plans, repeat[:loader_samples(args.samples, workers)]), workers, stage=stage)
-                extra["device_decode"] = {"device": args.device_decode, "nvdec_cpu_fallbacks": stage.cpu_fallbacks,
-                                          "failed_videos": stage.failed}
+                extra["device_decode"] = device_record(stage)
                 write_json(args.out, report())
             if args.feed_step:
                 extra["feed_step"] = fed_step(plans, stage, args.feed_step, args.feed_batch, args.feed_workers,
                                               args.feed_steps, args.crop[0], cfg.DATA.NUM_FRAMES)
-                extra["device_decode"] = {"device": args.device_decode, "nvdec_cpu_fallbacks": stage.cpu_fallbacks,
-                                          "failed_videos": stage.failed}
+                extra["device_decode"] = device_record(stage)
                 write_json(args.out, report())
         for workers in sorted(args.workers, reverse=True):
             for backend in backends:
@@ -256,6 +254,13 @@ def main() -> None:
                     Subset(datasets[backend], repeat[:loader_samples(args.samples, workers)]), workers)
                 write_json(args.out, report())
     print(json.dumps(report(), indent=2))
+
+
+def device_record(stage: DeviceViews) -> dict:
+    """What the GPU decode path did other than decode on the device: NVDEC's CPU fallbacks, videos decoded
+    sequentially on the CPU (torchcodec failed or disagreed with the probe), videos that did not decode."""
+    return {"device": str(stage.device), "nvdec_cpu_fallbacks": stage.cpu_fallbacks,
+            "sequential_cpu_decodes": stage.sequential_total, "failed_videos": stage.failed}
 
 
 def loader_samples(samples: int, workers: int) -> int:

@@ -186,11 +186,13 @@ def check_train_knn(out: Path, stage: dict) -> dict:
     text = Path(stage["log"]).read_text(errors="replace") if "log" in stage else ""
     fallbacks = len(re.findall(r"not with NVDEC", text))
     failed = len(re.findall(r"cannot be decoded on", text))
+    sequential = len(re.findall(r"decoded sequentially on the CPU instead", text))
     knn = [e.get("knn_top1") for e in epochs if "knn_top1" in e]
     checks = {"losses": losses, "loss_falls": len(losses) >= 2 and losses[-1] < losses[0],
-              "knn_top1": knn[-1] if knn else None, "nvdec_cpu_fallbacks": fallbacks, "failed_gpu_decodes": failed}
+              "knn_top1": knn[-1] if knn else None, "nvdec_cpu_fallbacks": fallbacks, "failed_gpu_decodes": failed,
+              "sequential_cpu_decodes": sequential}
     ok = stage["status"] == "ok" and checks["loss_falls"] and checks["knn_top1"] is not None and not fallbacks \
-        and not failed
+        and not failed and not sequential
     if stage["status"] == "ok" and not ok:
         stage["status"] = "failed"
     stage["checks"] = checks

@@ -443,17 +443,17 @@ class VideoReader:
         self.close()
 
 
-def decode_sequential(path: str, info: VideoInfo, indices: Sequence[int]) -> torch.Tensor:
+def decode_sequential(path: str, info: VideoInfo, indices: Sequence[int], source=None) -> torch.Tensor:
     """Frames `indices` (sorted, unique) decoded from the first packet on, in order (no seeking): a
     frame is identified by its timestamp in the probe's table; one without a usable timestamp takes
     the position after the previous frame. A packet the decoder rejects is skipped. Frames are stored
-    as decoded (not rotated)."""
+    as decoded (not rotated). `source` (a file object) is read instead of `path`, which errors still name."""
     rank = {int(p): i for i, p in enumerate(info.pts)}
     position = {i: k for k, i in enumerate(indices)}
     out: list = [None] * len(indices)
     last, current, found = indices[-1], -1, 0
     try:
-        with av.open(path) as container:
+        with av.open(path if source is None else source) as container:
             stream = container.streams[info.stream_index]
             for packet in container.demux(stream):
                 try:
@@ -477,6 +477,13 @@ def decode_sequential(path: str, info: VideoInfo, indices: Sequence[int]) -> tor
         missing = [i for i, frame in zip(indices, out) if frame is None]
         raise DecodeError(f"{path}: frames {missing[:6]} of {info.num_frames} do not decode")
     return torch.from_numpy(np.stack(out))
+
+
+def decode_bytes_sequentially(data: torch.Tensor, indices: Sequence[int], info: VideoInfo, path: str) -> torch.Tensor:
+    """`decode_sequential` on the bytes of the video at `path` (what a loader worker read), upright, on the CPU:
+    the device path's fallback for a file torchcodec cannot decode or be trusted on."""
+    frames = decode_sequential(path, info, [int(i) for i in indices], source=io.BytesIO(data.numpy().tobytes()))
+    return _upright(frames, info.rotation)
 
 
 def open_video(path: str, backend: str = "auto") -> VideoReader:

@@ -10,7 +10,9 @@ Where each part runs:
   indices), "positions" (per view, into the union), "info" (the probe's VideoInfo: the stream and frame table
   torchcodec is given), "params" (V, 12)}.
 - The main process (`DeviceViewLoader`, after the loader hands over a batch of plans): torchcodec decodes
-  each video's union of frames on the device (NVDEC on CUDA), then `render_views` makes every view of the
+  each video's union of frames on the device (NVDEC on CUDA; a video it cannot decode, or whose frames'
+  timestamps are not the probe's, is decoded sequentially on the CPU from the same bytes and flagged in the
+  dataset's `sequential_videos`, as a worker flags the files it decodes so), then `render_views` makes every view of the
   whole batch with tensor ops there: per sample and view a crop and an antialiased bicubic resize (two
   passes rounded to uint8 levels, as the CPU path's uint8 resize), then flip, colour jitter, grayscale and the ImageNet
   normalisation batched over the samples. No RNG is drawn here, so the views depend on the sample's seed
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from datasets import decoder
 from datasets.transform import IMAGENET_MEAN, IMAGENET_STD, PARAM_COLUMNS
+from datasets.video_dataset import mark_sequential
 
 logger = logging.getLogger(__name__)
 _LOGGED: set = set()
@@ -114,22 +117,34 @@ def render_views(frames: Sequence[torch.Tensor], positions: Sequence[Sequence[to
 
 class DeviceViews:
     """The main-process stage: decode a batch of plans on `device` and render their views. Counts videos
-    torchcodec could not decode on the GPU (`cpu_fallbacks`, logged) and videos that failed to decode here
-    (`failed`): such a sample takes another sample's views of the same batch and counts as skipped."""
+    torchcodec decoded on the CPU instead of NVDEC (`cpu_fallbacks`, logged); a video torchcodec cannot
+    decode or be trusted on is decoded sequentially on the CPU from the same bytes (`sequential`: the batch
+    positions of the last call; `sequential_total`; logged); one that does not decode at all (`failed`) takes another sample's
+    views of the same batch and counts as skipped."""
 
     def __init__(self, sizes: Sequence[int], device: torch.device | str):
         self.sizes, self.device = list(sizes), torch.device(device)
         self.cpu_fallbacks = 0
         self.failed = 0
+        self.sequential: list[int] = []
+        self.sequential_total = 0
 
     def decode(self, plans: dict, b: int) -> torch.Tensor:
         """Sample b's union of frames on the device: decoded there from its bytes, or copied when the worker
-        decoded it (a file whose random access cannot be trusted)."""
+        decoded it (a file whose random access cannot be trusted), or decoded sequentially here on the CPU
+        when torchcodec fails on it."""
         if plans["decoded"][b] is not None:
             return plans["decoded"][b].to(self.device, non_blocking=True)
-        path = plans["path"][b]
-        frames, fallback = decoder.decode_on_device(plans["video"][b], plans["frames"][b].tolist(),
-                                                    plans["info"][b], self.device, path)
+        path, indices = plans["path"][b], plans["frames"][b].tolist()
+        try:
+            frames, fallback = decoder.decode_on_device(plans["video"][b], indices, plans["info"][b], self.device,
+                                                        path)
+        except decoder.DecodeError as err:
+            frames = decoder.decode_bytes_sequentially(plans["video"][b], indices, plans["info"][b], path)
+            self.sequential.append(b)
+            self.sequential_total += 1
+            self._log(path, f"decoded sequentially on the CPU instead ({err})")
+            return frames.to(self.device, non_blocking=True)
         if fallback:
             self.cpu_fallbacks += 1
             self._log(path, f"torchcodec decodes it on the CPU, not with NVDEC ({fallback})")
@@ -144,6 +159,7 @@ class DeviceViews:
         """(views, per-sample count of replaced samples) of a collated batch of plans."""
         num = len(plans["video"])
         frames, good = [None] * num, []
+        self.sequential = []
         for b in range(num):
             try:
                 frames[b] = self.decode(plans, b)
@@ -179,5 +195,7 @@ class DeviceViewLoader:
     def __iter__(self) -> Iterator:
         for plans, label, index, meta in self.loader:
             views, skipped = self.stage(plans)
+            for b in self.stage.sequential:
+                mark_sequential(self.dataset, int(index[b]))
             meta["skipped"] = meta["skipped"] + skipped
             yield views, label, index, meta

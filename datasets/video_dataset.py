@@ -214,11 +214,25 @@ def segment_indices(num_frames: int, num_segments: int, random: bool) -> torch.T
     return torch.tensor(out)
 
 
-def _flags(dataset) -> torch.Tensor:
-    """The `sequential_videos` flags of a dataset, or of the dataset it wraps (empty if it has none)."""
+def _flagged(dataset):
+    """The dataset holding the `sequential_videos` flags: `dataset` or the one it wraps (None if none has)."""
     while not hasattr(dataset, "sequential_videos") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
-    return getattr(dataset, "sequential_videos", torch.zeros(0, dtype=torch.int32))
+    return dataset if hasattr(dataset, "sequential_videos") else None
+
+
+def _flags(dataset) -> torch.Tensor:
+    """The `sequential_videos` flags of a dataset, or of the dataset it wraps (empty if it has none)."""
+    flagged = _flagged(dataset)
+    return torch.zeros(0, dtype=torch.int32) if flagged is None else flagged.sequential_videos
+
+
+def mark_sequential(dataset, index: int) -> None:
+    """Flag the video of sample `index` of `dataset` (or of the dataset it wraps) as decoded sequentially (the
+    device path's main process does so for the files it falls back on)."""
+    flagged = _flagged(dataset)
+    if flagged is not None:
+        flagged.sequential_videos[index // flagged.num_clips_per_video] = 1
 
 
 def sequential_video_flags(*datasets) -> torch.Tensor:

@@ -103,7 +103,8 @@ def test_dry_run_of_the_step_and_data_stages(tmp_path):
     assert stages["data"]["status"] == "ok", stages["data"]
     rates = stages["data"]["result"]["samples_per_s"]
     assert rates["plan_sample"] > 0 and rates["loader_device_cpu_1_workers"] > 0
-    assert stages["data"]["result"]["device_decode"] == {"device": "cpu", "nvdec_cpu_fallbacks": 0, "failed_videos": 0}
+    assert stages["data"]["result"]["device_decode"] == {"device": "cpu", "nvdec_cpu_fallbacks": 0,
+                                                         "sequential_cpu_decodes": 0, "failed_videos": 0}
     assert "device_cpu" in report["verdict"]
     table = (tmp_path / "device_check.md").read_text()
     assert "| step_b16 | ok |" in table and "step at batch 16" in table

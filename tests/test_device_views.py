@@ -112,6 +112,33 @@ def test_undecodable_sample_takes_another_samples_views(synthetic_cfg):
         stage(batch)
 
 
+def test_a_video_torchcodec_fails_on_is_decoded_sequentially_not_skipped(synthetic_cfg, monkeypatch):
+    # torchcodec raises on sample 1 (a file it cannot open, or frames whose timestamps are not the probe's):
+    # the stage decodes that video sequentially on the CPU from the same bytes, its views are the ones a
+    # working torchcodec gives, and the loader flags the video as decoded sequentially.
+    from datasets.video_dataset import sequential_decodes
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    order = [(i, 70 + i) for i in range(3)]
+    batches = DataLoader(plans, sampler=order, batch_size=3, collate_fn=collate_plans)
+    (expected, *_), = list(DeviceViewLoader(batches, DeviceViews(aug.sizes, "cpu")))
+    real, failing = decoder.decode_on_device, plans.dataset.video_paths[1]
+
+    def flaky(data, indices, info, device, path):
+        if path == failing:
+            raise decoder.DecodeError(f"{path}: torchcodec on cpu returned other frames than the probe's (test)")
+        return real(data, indices, info, device, path)
+
+    monkeypatch.setattr(decoder, "decode_on_device", flaky)
+    stage = DeviceViews(aug.sizes, "cpu")
+    (views, _, _, meta), = list(DeviceViewLoader(batches, stage))
+    assert stage.sequential == [1] and stage.sequential_total == 1 and stage.failed == 0
+    assert meta["skipped"].tolist() == [0, 0, 0]
+    for got, want in zip(views, expected):
+        assert (got - want).abs().max() < 3 * LEVEL                # the same frames, whichever decoder
+    assert sequential_decodes(plans) == 1
+
+
 def test_device_view_loader_yields_what_the_cpu_loader_yields(synthetic_cfg):
     aug = _aug()
     cpu, plans = _datasets(synthetic_cfg, aug)
