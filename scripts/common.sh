@@ -15,7 +15,8 @@ check_deps() {
 # cuda) loads none; PyAV's wheel carries one (8.x, with NVDEC). datasets/pyav_ffmpeg.py links it under FFmpeg's
 # usual names and prints the LD_LIBRARY_PATH entries, which this launch (and its workers) then uses.
 lend_ffmpeg() {
-    if ldconfig -p 2>/dev/null | grep -q "libavcodec\.so"; then return 0; fi
+    # a system FFmpeg 4-9 (libavcodec 58-63) is one torchcodec loads: nothing to lend
+    if ldconfig -p 2>/dev/null | grep -qE "libavcodec\.so\.(5[89]|6[0-3])( |$)"; then return 0; fi
     local entries
     entries=$("${PYTHON:-python3}" "$(dirname "${BASH_SOURCE[0]}")/../datasets/pyav_ffmpeg.py" 2>/dev/null) || return 0
     if [[ -n "$entries" ]]; then

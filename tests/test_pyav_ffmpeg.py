@@ -94,3 +94,7 @@ def test_launch_scripts_lend_ffmpeg_only_without_a_system_one(tmp_path):
     system = subprocess.run(["bash", "-c", "ldconfig() { echo 'libavcodec.so.59 (libc6) => /usr/lib/x'; }; " + lend],
                             env=env, capture_output=True, text=True, cwd=ROOT)
     assert system.stdout.strip() == "LD=/opt/cuda/lib64" and system.stderr == ""
+    # FFmpeg 3 (libavcodec 57) is too old for torchcodec: datasets/pyav_ffmpeg.py decides
+    too_old = subprocess.run(["bash", "-c", "ldconfig() { echo 'libavcodec.so.57 (libc6) => /usr/lib/x'; }; " + lend],
+                             env=env, capture_output=True, text=True, cwd=ROOT)
+    assert too_old.stdout.strip() == "LD=/links:/av.libs:/opt/cuda/lib64"
