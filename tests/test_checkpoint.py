@@ -257,3 +257,23 @@ def test_non_dict_entry_points_to_checkpoint_key(tmp_path):
     model = vit_tiny_patch16_224(embed_dim=48, depth=1, num_heads=2, img_size=32)
     with pytest.raises(ValueError, match="'teacher' is a int.*--checkpoint_key"):
         load_pretrained_weights(model, path)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_to_go_on(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    atomic_save({"epoch": 3}, path)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")  # torch's ENOSPC
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"checkpoint.pth: could not be written \(.*unexpected pos.*\); the previous "
+                                      r"checkpoint.pth is intact\. If the disk is full, free space in .*df -h"):
+        atomic_save({"epoch": 4}, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]                     # no temporary file left behind
+    assert torch.load(path, weights_only=True) == {"epoch": 3}
+    with pytest.raises(OSError, match="nothing was written"):
+        monkeypatch.setattr(torch, "save", disk_full)
+        atomic_save({"epoch": 1}, tmp_path / "new.pth")

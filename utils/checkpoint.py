@@ -184,9 +184,14 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
+            raise OSError(f"{path}: could not be written ({err}); {kept}. If the disk is full, free space in "
+                          f"{folder} (df -h {folder}) and run the same command again: it resumes from the last "
+                          f"checkpoint.") from err
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
