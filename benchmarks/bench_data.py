@@ -44,6 +44,7 @@ from datasets import VideoDataAugmentationDINO, build_dataset, ssl_view_frames  
 from datasets import decoder  # noqa: E402
 from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans  # noqa: E402
 from datasets.synthetic import MOTIONS, render_video, write_video  # noqa: E402
+from utils.collect_env import cpu_name  # noqa: E402
 from utils.defaults import get_cfg  # noqa: E402
 
 
@@ -98,14 +99,6 @@ def full_window(path, cfg, aug):
         first, length, views = sample_plan(reader, cfg, aug)
         window = reader.get_frames(range(first, first + length))
     return [window[idx] for idx in views]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def timed(fn, items, warmup: int = 2) -> float:

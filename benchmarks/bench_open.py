@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_data import cpu_name  # noqa: E402
 from datasets import decoder  # noqa: E402
 from datasets.synthetic import MOTIONS, render_video, write_video  # noqa: E402
+from utils.collect_env import cpu_name  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

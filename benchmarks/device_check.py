@@ -32,10 +32,8 @@ demo stages skipped: minutes on a CPU), so that the script itself is tested with
     python benchmarks/device_check.py --dry-run --out /tmp/dc --only env step_b16 data
 """
 import argparse
-import ctypes
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -47,6 +45,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # utils.collect_env, when run as a script
 WAIT_OK = 0.05  # a fed step waiting less than this share on data is compute-bound
 STAGES = ("env", "gpu_tests", "step_b16", "step_b8", "data", "train_knn", "cuda_capable_tests",
           "step_b16_compile", "step_b8_compile", "demo_gpu")
@@ -205,55 +204,9 @@ def pytest_cmd(out: Path, name: str, marker: str) -> list[str]:
 
 
 def env_info(opt) -> dict:
-    import torch
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available(), "cpu_count": os.cpu_count(), "dry_run": opt.dry_run,
-            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                           if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    gpu_count=torch.cuda.device_count())
-    info.update(decoder_versions())
-    info["ld_library_path"] = os.environ.get("LD_LIBRARY_PATH", "")
-    try:  # NVDEC's user-space library comes with the driver (a container needs the 'video' capability)
-        ctypes.CDLL("libnvcuvid.so.1")
-        info["nvcuvid"] = "loads"
-    except OSError as err:
-        info["nvcuvid"] = f"missing ({err})"
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        info["driver"] = smi.stdout.strip() or smi.stderr.strip()[-200:]
-    except (OSError, subprocess.TimeoutExpired) as err:
-        info["driver"] = f"nvidia-smi: {err}"
-    return info
-
-
-def decoder_versions() -> dict:
-    """Versions of the decoders and of the FFmpeg each one uses ("missing (why)" for one that fails)."""
-    found = {}
-    try:
-        import av
-        found["av"] = f"{av.__version__} (FFmpeg {av.ffmpeg_version_info})"
-    except ImportError as err:
-        found["av"] = f"missing ({err})"
-    try:
-        import torchcodec
-        from torchcodec._core import get_ffmpeg_library_versions
-        found["torchcodec"] = f"{torchcodec.__version__} (FFmpeg {get_ffmpeg_library_versions()['ffmpeg_version']})"
-    except Exception as err:  # ImportError, or no FFmpeg it can load
-        found["torchcodec"] = f"missing ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-    try:
-        import decord
-        found["decord"] = decord.__version__
-    except Exception as err:
-        found["decord"] = f"missing ({err})"
-    return found
+    """utils/collect_env.py's record of the machine, with the run's date."""
+    from utils.collect_env import collect_env
+    return {**collect_env(), "dry_run": opt.dry_run, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 def demo_supports_scale() -> bool:
@@ -308,10 +261,12 @@ def table(report: dict) -> str:
             detail = (f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, " if losses else "no loss, ") + \
                 f"kNN top-1 {c['knn_top1']}, NVDEC CPU fallbacks {c['nvdec_cpu_fallbacks']}"
         elif name == "env":
-            detail = (f"{res.get('gpu', 'no GPU')} (driver {res.get('driver')}, NVDEC library "
-                      f"{res.get('nvcuvid')}), {res.get('cpu')}, "
-                      f"{res.get('cpu_count')} cores, torch {res.get('torch')}, torchcodec {res.get('torchcodec')}, "
-                      f"decord {res.get('decord')}, PyAV {res.get('av')}")
+            gpu = res.get("gpu", "")
+            if "driver" in res:
+                gpu += f" (driver {res['driver']}, NCCL {res.get('nccl')}, NVDEC library {res.get('nvcuvid')})"
+            detail = (f"{gpu}; {res.get('cpu')}, {res.get('cpu_count')} cores; torch {res.get('torch')}, "
+                      f"{res.get('amp_dtype_auto')}; torchcodec {res.get('torchcodec')}, decord {res.get('decord')}, "
+                      f"PyAV {res.get('av')}, auto decoder {res.get('decoding_backend_auto')}")
         else:
             detail = r.get("reason", "") or (r.get("tail", [""])[-1] if r.get("tail") else "")
         rows.append(f"| {name} | {r['status']} | {r.get('seconds', '')} | {detail} |")

@@ -234,3 +234,21 @@ def test_init_distributed_single_process(fake_dist):
     (a, kw), = fake_dist
     assert a == ("nccl" if torch.cuda.is_available() else "gloo",) and kw["world_size"] == 1
     assert isinstance(kw["store"], utils.dist.HashStore)
+
+
+def test_collect_env_reports_versions_precision_and_the_decoder_auto_picks(monkeypatch):
+    import importlib.metadata
+    import torch
+    from datasets import decoder
+    from utils import collect_env
+    env = collect_env.collect_env()
+    assert env["torch"] == torch.__version__ and env["torchvision"] == importlib.metadata.version("torchvision")
+    assert env["cuda_available"] == torch.cuda.is_available()
+    assert env["decoding_backend_auto"].split(";")[0] == decoder.resolve_backend("auto")
+    assert env["amp_dtype_auto"].startswith(("torch.bfloat16 (auto", "None (auto", "torch.float16 (auto"))
+    # torchcodec without an FFmpeg: the report says why and how to lend it PyAV's
+    monkeypatch.setattr(decoder, "torchcodec_status", lambda: "RuntimeError: Could not load libtorchcodec")
+    env = collect_env.collect_env()
+    assert "torchcodec unavailable: RuntimeError: Could not load libtorchcodec" in env["decoding_backend_auto"]
+    if collect_env.pyav_ffmpeg.pyav_libs_dir() is not None:
+        assert "datasets/pyav_ffmpeg.py --always" in env["torchcodec_hint"]
