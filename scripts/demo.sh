@@ -67,6 +67,8 @@ LINEAR_LR=0.064
 
 stamp "1/5 dependencies"
 run env PYTHON="$PYTHON" bash scripts/install_deps.sh
+source scripts/common.sh
+lend_ffmpeg   # no system FFmpeg (no root for apt): torchcodec gets PyAV's
 
 if [[ ! -f "$DATA_PATH/annotations/train.csv" ]]; then
     stamp "2/5 generating the synthetic motion videos in $DATA_PATH"

@@ -5,6 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/install_deps.sh test
+source scripts/common.sh
+lend_ffmpeg   # no system FFmpeg (no root for apt): torchcodec's tests run on PyAV's
 export HF_HUB_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python3}" -m pytest "$@"
