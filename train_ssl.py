@@ -37,7 +37,7 @@ from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import utils
 from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_objects, gather_rng_states,
                               load_imagenet_init, load_pretrained_weights, remove_stale_temp_files,
-                              restart_from_checkpoint, restore_rng, safe_torch_load)
+                              restart_from_checkpoint, restore_epoch_meters, restore_rng, safe_torch_load)
 from utils.evaluation import OnlineKNN
 from utils.parser import add_config_args, load_config
 
@@ -258,9 +258,7 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
     recent_losses: list[torch.Tensor] = []
     skipped = torch.zeros((), dtype=torch.long)
     if epoch_meters is not None:
-        mine = rank_share(epoch_meters)
-        metric_logger.add_totals(mine["meters"])
-        skipped += mine["skipped"]
+        skipped += restore_epoch_meters(metric_logger, epoch_meters)
     global_batch = args.batch_size_per_gpu * utils.get_world_size()
     last_log_time, last_log_it = time.time(), start_iter
     for it_in_epoch, (views, _, _, meta) in enumerate(
@@ -602,22 +600,6 @@ def resume_checkpoint(state: TrainState, path: str | Path | None, to_restore: di
 
 
 MODEL_FLAGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "optimizer")
-
-
-def rank_share(per_rank: list[dict]) -> dict:
-    """This rank's entry of a per-rank `epoch_meters` list; with another world size, rank 0 takes the sum of
-    all (the epoch means stay whole) and the others start from zero."""
-    rank, world = utils.get_rank(), utils.get_world_size()
-    if len(per_rank) == world:
-        return per_rank[rank]
-    merged = {"meters": {}, "skipped": 0}
-    if rank == 0:
-        for entry in per_rank:
-            merged["skipped"] += entry["skipped"]
-            for name, (count, total) in entry["meters"].items():
-                c, t = merged["meters"].get(name, (0, 0.0))
-                merged["meters"][name] = [c + count, t + total]
-    return merged
 
 
 @torch.no_grad()

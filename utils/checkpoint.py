@@ -308,3 +308,23 @@ def restore_rng(states: list[dict] | None) -> None:
         return
     set_rng_state(states[rank])
 
+
+
+def restore_epoch_meters(metric_logger: utils.MetricLogger, per_rank: list[dict]) -> int:
+    """Start `metric_logger` from this rank's share of a mid-epoch checkpoint's `epoch_meters` (one
+    {"meters": MetricLogger.totals(), "skipped": n} per rank), so the resumed epoch's means cover the whole
+    epoch; returns this rank's skipped-video count. With another world size, rank 0 takes the sum of all (the
+    epoch means stay whole) and the others start from zero."""
+    rank, world = utils.get_rank(), utils.get_world_size()
+    if len(per_rank) == world:
+        mine = per_rank[rank]
+    else:
+        mine = {"meters": {}, "skipped": 0}
+        if rank == 0:
+            for entry in per_rank:
+                mine["skipped"] += entry["skipped"]
+                for name, (count, total) in entry["meters"].items():
+                    c, t = mine["meters"].get(name, (0, 0.0))
+                    mine["meters"][name] = [c + count, t + total]
+    metric_logger.add_totals(mine["meters"])
+    return int(mine["skipped"])
