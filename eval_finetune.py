@@ -18,6 +18,7 @@ out of the accuracy and counted ("skipped_videos"), as in the other evaluation s
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import time
 from pathlib import Path
@@ -27,14 +28,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets import DATASETS, build_dataset
-from datasets.video_dataset import sequential_decodes
+from datasets.seeding import SeededDataset, SeededDistributedSampler
+from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
 from models import ARCHS, VisionTransformer, build_backbone
 from utils import utils
-from utils.checkpoint import atomic_save, load_imagenet_init, load_pretrained_weights, safe_torch_load
+from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, load_imagenet_init,
+                              load_pretrained_weights, restore_epoch_meters, restore_rng, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, check_backbone_load, dataset_labels, derived_config,
                               extract_features_and_labels, make_loader, multi_view_stats, resolve_num_labels,
                               single_clip_config, single_view_stats, to_device, top1_top5)
@@ -110,6 +113,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=".", type=str,
                         help="checkpoint.pth, log.txt, tensorboard (tb/), config and results are written here; "
                              "a checkpoint.pth found here is resumed.")
+    parser.add_argument("--saveckp_iters", default=0, type=int, help="""Also rewrite checkpoint.pth every
+        x iterations inside an epoch (0: off), so long epochs can resume mid-way. With --accum_iter the save
+        waits for the optimizer step that ends the x-th iteration's accumulation group.""")
     parser.add_argument("--log_freq", default=20, type=int, help="Print / tensorboard every N iterations.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed (head init, data order, augmentation).")
     parser.add_argument("--num_workers", default=10, type=int,
@@ -146,11 +152,14 @@ def build_model(args, cfg, num_labels: int, initialise: bool = True) -> VisionTr
 
 
 def build_train_loader(train_set, args, device: torch.device) -> DataLoader:
-    """Shuffled per epoch (DistributedSampler), incomplete last batch dropped (as TimeSformer)."""
-    sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed)
-    loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
+    """Shuffled per epoch, incomplete last batch dropped (as TimeSformer). Each clip is drawn under its own
+    seed (datasets/seeding.py), so a mid-epoch resume that skips the consumed batches (`sampler.skip`) draws
+    the same clips; the loader's own generator keeps its worker-seed draw off the global stream (drop path),
+    which a mid-epoch resume restores."""
+    sampler = SeededDistributedSampler(train_set, shuffle=True, seed=args.seed)
+    loader = DataLoader(SeededDataset(train_set), sampler=sampler, batch_size=args.batch_size_per_gpu,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                        worker_init_fn=utils.seed_worker)
+                        worker_init_fn=utils.seed_worker, generator=torch.Generator().manual_seed(args.seed))
     if len(loader) < args.accum_iter:
         raise ValueError(f"{len(train_set)} training videos give {len(loader)} batches per process, fewer than "
                          f"one optimizer step (--accum_iter {args.accum_iter} x --batch_size_per_gpu "
@@ -181,20 +190,27 @@ def predict(model: VisionTransformer, frames) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Training and evaluation
 # ---------------------------------------------------------------------------------------------
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epoch: int, args, precision,
-                    device: torch.device, writer=None) -> dict:
-    """One epoch of cross-entropy training; an optimizer step every `accum_iter` batches (a trailing group
-    of fewer batches is dropped). Returns the epoch means (loss, top-1/5 on the training clips, lr) and
-    the number of training videos that could not be decoded (replaced by others)."""
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epoch: int, niter: int, args,
+                    precision, device: torch.device, writer=None, start_iter: int = 0,
+                    epoch_meters: list[dict] | None = None, save_mid_epoch=None) -> dict:
+    """One epoch of cross-entropy training over the loader's `niter` batches; an optimizer step every
+    `accum_iter` batches (a trailing group of fewer batches is dropped). A mid-epoch resume starts at
+    `start_iter` (the loader skips the consumed batches) with the `epoch_meters` of the interrupted part;
+    `save_mid_epoch(iteration=, epoch_meters=)` is called every --saveckp_iters iterations, at an optimizer step.
+    Returns the epoch means (loss, top-1/5 on the training clips, lr) and the number of training videos that
+    could not be decoded (replaced by others)."""
     model.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
-    num_batches = len(loader) // args.accum_iter * args.accum_iter
+    num_batches = niter // args.accum_iter * args.accum_iter
     header = f"Epoch: [{epoch}/{args.epochs}]"
     skipped = torch.zeros((), dtype=torch.long)
+    if epoch_meters is not None:
+        skipped += restore_epoch_meters(metric_logger, epoch_meters)
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     optimizer.zero_grad(set_to_none=True)
-    for it, (frames, target, _, meta) in enumerate(metric_logger.log_every(loader, args.log_freq, header,
-                                                                           total=num_batches)):
+    for it, (frames, target, _, meta) in enumerate(
+            metric_logger.log_every(loader, args.log_freq, header, total=num_batches, start=start_iter),
+            start=start_iter):
         if it == num_batches:
             break
         frames, target = to_device(frames, device), target.to(device, non_blocking=True)
@@ -221,17 +237,52 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if writer is not None and it % args.log_freq == 0:
             writer.add_scalar("train/loss", loss.item(), epoch * num_batches + it)
+        if step and is_save_step(it + 1, num_batches, args):
+            save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})
     metric_logger.synchronize_between_processes()
     if utils.get_world_size() > 1:
         skipped = skipped.to(device)
         dist.all_reduce(skipped)
     print("Averaged stats:", metric_logger)
-    loss = metric_logger.meters["loss"].global_avg
+    check_finite_loss(metric_logger.meters["loss"].global_avg, epoch, args)
+    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped)}
+
+
+def is_save_step(done: int, num_batches: int, args) -> bool:
+    """Whether the optimizer step after `done` batches of the epoch writes a mid-epoch checkpoint: the
+    accumulation group it ends reached a multiple of --saveckp_iters (saves happen only at optimizer steps, so
+    no half-accumulated gradient is lost), and the epoch is not over (the epoch-end save follows)."""
+    every = args.saveckp_iters
+    return every > 0 and done < num_batches and done // every > (done - args.accum_iter) // every
+
+
+def check_finite_loss(loss: float, epoch: int, args) -> None:
+    """Stop (before any save) when the training loss is not finite."""
     if not np.isfinite(loss):
         raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}. The last good checkpoint is "
                                  f"{Path(args.output_dir) / CHECKPOINT_NAME} (if any); try a lower --lr, "
                                  "--amp_dtype bf16 or --use_fp16 False.")
-    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped)}
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, best_acc1: float, args, cfg,
+                    iteration: int = 0, epoch_meters: dict | None = None, train_set=None) -> None:
+    """checkpoint.pth, written atomically by rank 0. At an epoch end `epoch` is the next epoch to run; a
+    mid-epoch save (`iteration` batches of `epoch` done, this rank's `epoch_meters`) adds what an exact resume
+    needs: `iteration`, every rank's RNG states and running meters, and the `train_set` videos decoded
+    sequentially. Every rank calls it (the mid-epoch part is gathered from all ranks); a non-finite running loss
+    on any rank stops every rank instead."""
+    state = {"epoch": epoch, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None,
+             "best_acc1": best_acc1, "args": args, "cfg": cfg.dump()}
+    if iteration:
+        per_rank = gather_objects(epoch_meters)
+        for entry in per_rank:
+            count, total = entry["meters"]["loss"]
+            check_finite_loss(total / count, epoch, args)
+        state.update(iteration=iteration, rng=gather_rng_states(), epoch_meters=per_rank,
+                     sequential_videos=checkpoint_sequential_videos(train_set))
+    if utils.is_main_process():
+        atomic_save(state, path)
 
 
 @torch.no_grad()
@@ -328,13 +379,18 @@ def eval_finetune(args) -> dict:
                                 fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
     train_loader = build_train_loader(train_set, args, device)
-    start_epoch, best_acc1 = 0, 0.0
+    niter = len(train_loader)  # before any skip
+    start_epoch, start_iter, best_acc1, rng, epoch_meters = 0, 0, 0.0, None, None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer_state"])
         if scaler is not None and ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best_acc1 = ckpt["epoch"], ckpt["best_acc1"]
-        print(f"Resumed from {ckpt_path}: next epoch {start_epoch}, best val top-1 {best_acc1:.2f}")
+        # a mid-epoch checkpoint (--saveckp_iters): `iteration` batches of `epoch` done
+        start_iter, rng, epoch_meters = ckpt.get("iteration", 0), ckpt.get("rng"), ckpt.get("epoch_meters")
+        restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
+        print(f"Resumed from {ckpt_path}: epoch {start_epoch} from iteration {start_iter}, best val top-1 "
+              f"{best_acc1:.2f}")
     del ckpt
     writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
 
@@ -343,11 +399,18 @@ def eval_finetune(args) -> dict:
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         utils.fix_random_seeds(epoch_seed(args.seed, epoch, utils.get_rank()))
+        resumed = epoch == start_epoch and start_iter > 0
+        if resumed:  # continue the interrupted epoch's random streams (drop path)
+            restore_rng(rng)
         train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.skip = start_iter * args.batch_size_per_gpu if resumed else 0
         for group in optimizer.param_groups:
             group["lr"] = lr_at_epoch(args, epoch)
-        train_stats = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, args, precision, device,
-                                      writer)
+        save_mid_epoch = functools.partial(save_checkpoint, ckpt_path, model, optimizer, scaler, epoch, best_acc1,
+                                           args, cfg, train_set=train_set)
+        train_stats = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, niter, args, precision,
+                                      device, writer, start_iter=start_iter if resumed else 0,
+                                      epoch_meters=epoch_meters if resumed else None, save_mid_epoch=save_mid_epoch)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "sequential_decodes": sequential_decodes(train_set, val_set)}
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
@@ -356,11 +419,8 @@ def eval_finetune(args) -> dict:
             print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}); skipped videos: "
                   f"{val_stats['skipped_videos']}")
             log_stats.update({f"val_{k}": v for k, v in val_stats.items()})
+        save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, best_acc1, args, cfg)
         if utils.is_main_process():
-            atomic_save({"epoch": epoch + 1, "model_state": model.state_dict(),
-                         "optimizer_state": optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else None,
-                         "best_acc1": best_acc1, "args": args, "cfg": cfg.dump()}, ckpt_path)
             for k, v in log_stats.items():
                 if k != "epoch" and isinstance(v, (int, float)):
                     writer.add_scalar(f"epoch/{k}", v, epoch)

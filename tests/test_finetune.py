@@ -202,3 +202,53 @@ def test_short_finetune_fits_a_small_training_set_and_moves_every_weight(synthet
     assert all(torch.equal(init[k], v) for k, v in teacher.items())
     still = [k for k in final if (final[k] - init[k]).abs().max() < 1e-6]
     assert not still, still
+
+
+class Preempted(Exception):
+    """Stands for the job's end right after a mid-epoch checkpoint (the file on disk is all a resume sees)."""
+
+
+@pytest.mark.parametrize("accum_iter, stop_at", [(1, 3), (2, 4)])
+def test_mid_epoch_checkpoint_resumes_as_an_uninterrupted_run(synthetic_root, released, tmp_path, monkeypatch,
+                                                              accum_iter, stop_at):
+    """--saveckp_iters 3: 2 epochs in one go vs a run stopped right after its first mid-epoch save of epoch 1
+    and resumed with the same command: the same clips, augmentation and drop-path draws, hence identical weights,
+    optimizer state and log.txt (whole-epoch means, skipped videos). With --accum_iter 2 the save waits for the
+    optimizer step: after batch 4, not 3. Drop path 0.1 and an unreadable training video are on."""
+    data = _lists(synthetic_root, tmp_path, corrupt=True)
+    common = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "2",
+              "--accum_iter", str(accum_iter), "--saveckp_iters", "3", "--num_workers", "0", "--lr", "0.01",
+              "--epochs", "2", "--opts"] + data + OPTS
+    once, stopped = tmp_path / "once", tmp_path / "stopped"
+    finetune(["--output_dir", str(once)] + common)
+
+    real_save, mid_saves = eval_finetune.atomic_save, []
+
+    def save_then_stop(state, path):
+        real_save(state, path)
+        if "iteration" in state:
+            mid_saves.append((state["epoch"], state["iteration"]))
+            if state["epoch"] == 1:
+                raise Preempted
+
+    monkeypatch.setattr(eval_finetune, "atomic_save", save_then_stop)
+    with pytest.raises(Preempted):
+        finetune(["--output_dir", str(stopped)] + common)
+    dist.destroy_process_group()
+    monkeypatch.undo()
+    assert mid_saves == [(0, stop_at), (0, 6), (1, stop_at)]
+    ckpt = torch.load(stopped / "checkpoint.pth", weights_only=False)
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, stop_at) and len(_log(stopped)) == 1
+    finetune(["--output_dir", str(stopped)] + common)
+
+    a = torch.load(once / "checkpoint.pth", weights_only=False)
+    b = torch.load(stopped / "checkpoint.pth", weights_only=False)
+    assert set(a) == set(b) == {"epoch", "model_state", "optimizer_state", "scaler", "best_acc1", "args", "cfg"}
+    for key in a["model_state"]:
+        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+    for pa, pb in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    once_log, stopped_log = _log(once), _log(stopped)
+    assert [l.get("epoch") for l in once_log] == [0, 1, None]
+    assert once_log == stopped_log  # no timing fields in these lines
+    assert once_log[1]["train_skipped_videos"] >= 1
