@@ -12,8 +12,8 @@ Where each part runs:
 - The main process (`DeviceViewLoader`, after the loader hands over a batch of plans): torchcodec decodes
   each video's union of frames on the device (NVDEC on CUDA; a video it cannot decode, or whose frames'
   timestamps are not the probe's, is decoded sequentially on the CPU from the same bytes and flagged in the
-  dataset's `sequential_videos`, as a worker flags the files it decodes so), then `render_views` makes every view of the
-  whole batch with tensor ops there: per sample and view a crop and an antialiased bicubic resize (two
+  dataset's `sequential_videos`, as a worker flags the files it decodes so), then `render_views` makes every
+  view of the whole batch with tensor ops there: per sample and view a crop and an antialiased bicubic resize (two
   passes rounded to uint8 levels, as the CPU path's uint8 resize), then flip, colour jitter, grayscale and the ImageNet
   normalisation batched over the samples. No RNG is drawn here, so the views depend on the sample's seed
   only, as on the CPU path.
@@ -119,8 +119,8 @@ class DeviceViews:
     """The main-process stage: decode a batch of plans on `device` and render their views. Counts videos
     torchcodec decoded on the CPU instead of NVDEC (`cpu_fallbacks`, logged); a video torchcodec cannot
     decode or be trusted on is decoded sequentially on the CPU from the same bytes (`sequential`: the batch
-    positions of the last call; `sequential_total`; logged); one that does not decode at all (`failed`) takes another sample's
-    views of the same batch and counts as skipped."""
+    positions of the last call; `sequential_total`; logged); one that does not decode at all (`failed`) takes
+    another sample's views of the same batch and counts as skipped."""
 
     def __init__(self, sizes: Sequence[int], device: torch.device | str):
         self.sizes, self.device = list(sizes), torch.device(device)

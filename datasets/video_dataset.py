@@ -345,7 +345,7 @@ class VideoDataset(Dataset):
                 views = [decoder.temporal_indices(0, clip_size - 1, n, length) for n in counts]
                 clips = decoder.decode_views(reader, first, views)
             if reader.sequential:
-                self.sequential_videos[index // self.num_clips_per_video] = 1
+                mark_sequential(self, index)
         if self.ssl_aug is not None:
             return self.ssl_aug.from_union(*union)
         return self._eval_spatial(clips, spatial_idx)

@@ -309,7 +309,6 @@ def restore_rng(states: list[dict] | None) -> None:
     set_rng_state(states[rank])
 
 
-
 def restore_epoch_meters(metric_logger: utils.MetricLogger, per_rank: list[dict]) -> int:
     """Start `metric_logger` from this rank's share of a mid-epoch checkpoint's `epoch_meters` (one
     {"meters": MetricLogger.totals(), "skipped": n} per rank), so the resumed epoch's means cover the whole
