@@ -209,6 +209,46 @@ def test_center_momentum_flag_reaches_the_loss(monkeypatch):
     torch.testing.assert_close(centers["0.99"], centers["0.9"] * 0.1, rtol=1e-4, atol=1e-7)
 
 
+def test_recipe_schedules_param_groups_and_teacher_match_the_original(monkeypatch):
+    # DINO's recipe as train_ssl builds it (spec 4.3): batch 8 x 1 process, 3 epochs of 4 iterations, 1 warm-up.
+    state, args = step_state(monkeypatch, False, "--use_fp16", "false", "--lr", "5e-4", "--min_lr", "1e-6",
+                             "--batch_size_per_gpu", "8", "--epochs", "3", "--warmup_epochs", "1",
+                             "--weight_decay_end", "0.4", "--momentum_teacher", "0.996", "--norm_last_layer", "false")
+    peak = 5e-4 * 8 / 256  # lr x global batch / 256
+    cos = lambda base, final, i, n: final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n))
+    lr, wd, mom = state.lr_schedule, state.wd_schedule, state.momentum_schedule
+    assert len(lr) == len(wd) == len(mom) == 12
+    np.testing.assert_allclose(lr[:4], [0, peak / 3, 2 * peak / 3, peak])  # linear warm-up from 0, inclusive
+    np.testing.assert_allclose(lr[4:], [cos(peak, 1e-6, i, 8) for i in range(8)])
+    np.testing.assert_allclose(wd, [cos(0.04, 0.4, i, 12) for i in range(12)])  # no warm-up
+    np.testing.assert_allclose(mom, [cos(0.996, 1.0, i, 12) for i in range(12)])
+
+    # AdamW with torch's defaults; decay on every >1-D weight (cls/pos/time embeddings included, and the head's
+    # gain when it is trainable), none on biases and norms; the teacher's frozen gain is in no group.
+    opt = state.optimizer
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+    names = {id(p): n for n, p in state.student_without_ddp.named_parameters()}
+    decayed, plain = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert {"backbone.cls_token", "backbone.pos_embed", "backbone.time_embed", "backbone.patch_embed.proj.weight",
+            "head.last_layer.weight_g", "head.last_layer.weight_v", "head.mlp.0.weight"} <= decayed
+    assert all(n.endswith(".bias") or "norm" in n for n in plain)
+    assert {"backbone.norm.weight", "backbone.blocks.0.temporal_norm1.weight", "head.mlp.0.bias"} <= plain
+    assert decayed | plain == set(names.values()) and not decayed & plain
+
+    # The teacher starts as the student, gets no gradients, and its head's gain stays frozen at 1.
+    teacher = state.teacher_without_ddp
+    for (name, t), s in zip(teacher.state_dict().items(), state.student_without_ddp.state_dict().values()):
+        assert torch.equal(t, s), name
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert state.student_without_ddp.head.last_layer.weight_g.requires_grad
+
+    # A step at iteration 5 writes lr[5] to both groups and wd[5] to the decayed group only.
+    views = step_views()
+    train_ssl.train_step(state, views, 1, 5, args)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(lr[5])] * 2
+    assert (opt.param_groups[0]["weight_decay"], opt.param_groups[1]["weight_decay"]) == (pytest.approx(wd[5]), 0)
+
+
 def test_train_step_auto_precision_and_grad_checkpointing(monkeypatch, device):
     # auto: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs (then the first check is exact)
     losses_32, _ = run_steps(*step_state(monkeypatch, False, "--use_fp16", "false", device=device))
