@@ -246,6 +246,25 @@ def test_init():
         assert torch.equal(blk.norm1.weight, torch.ones(48)) and blk.norm1.eps == 1e-6
         assert 0.015 < blk.mlp.fc1.weight.std() < 0.025  # trunc-normal std .02 (cut-offs +-2, absolute)
     assert model.pos_embed.abs().max() <= 2.0 and 0.015 < model.pos_embed.std() < 0.025
+    assert 0.012 < model.cls_token.std() < 0.028  # trunc-normal .02 too (48 values)
+
+
+def test_patch_embed_and_dino_head_init():
+    # The patch-embed conv keeps PyTorch's default init, uniform within 1/sqrt(fan_in) (weight and bias); a
+    # trunc-normal(.02) would put many of its 36864 weights beyond 1/sqrt(768) = 0.036.
+    proj = tiny().patch_embed.proj
+    bound = 1 / math.sqrt(3 * 16 * 16)
+    assert 0.99 * bound < proj.weight.abs().max() <= bound
+    assert torch.count_nonzero(proj.bias) == 48 and proj.bias.abs().max() <= bound
+    # DINO head: MLP Linears trunc-normal(.02) with zero bias; the last layer's direction v keeps nn.Linear's
+    # uniform init (bound 1/sqrt(bottleneck)), its gain is 1.
+    torch.manual_seed(0)
+    head = DINOHead(48, 4000, hidden_dim=512, bottleneck_dim=16)
+    for layer in (head.mlp[0], head.mlp[2], head.mlp[4]):
+        assert 0.018 < layer.weight.std() < 0.022 and torch.count_nonzero(layer.bias) == 0
+    v = head.last_layer.weight_v
+    assert 0.99 * 0.25 < v.abs().max() <= 0.25 and v.std().item() == pytest.approx(0.25 / math.sqrt(3), rel=0.03)
+    assert torch.equal(head.last_layer.weight_g, torch.ones(4000, 1))
 
 
 def test_intermediate_layers_and_grad_checkpointing():
