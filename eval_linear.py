@@ -150,9 +150,7 @@ def eval_linear(args) -> dict:
     train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
                               num_workers=args.num_workers, pin_memory=device.type == "cuda",
                               drop_last=drop_last, worker_init_fn=utils.seed_worker)
-    lr = args.lr * (args.batch_size_per_gpu * utils.get_world_size()) / 256.0
-    optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+    optimizer, scheduler = build_probe_optimizer(classifier, args)
 
     start_epoch, best_acc, val_ids, train_skipped = 0, 0.0, set(), 0
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
@@ -192,6 +190,14 @@ def eval_linear(args) -> dict:
     write_log(args, {f"test_{k}": v for k, v in stats.items()})
     _write_results(args, stats)
     return stats
+
+
+def build_probe_optimizer(classifier: nn.Module, args):
+    """The original's probe optimisation: SGD (momentum 0.9, no weight decay) at lr x global batch / 256,
+    cosine-annealed to 0 over the epochs (the scheduler is stepped once per epoch)."""
+    lr = args.lr * (args.batch_size_per_gpu * utils.get_world_size()) / 256.0
+    optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=0)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
 
 
 def train_one_epoch(model, classifier, optimizer, loader, epoch: int, args, device) -> dict:

@@ -171,6 +171,25 @@ def test_linear_classifier_init_keys_and_forward():
     torch.testing.assert_close(clf(x), x @ clf.linear.weight.T + clf.linear.bias)
 
 
+def test_probe_optimizer_is_sgd_with_scaled_lr_and_per_epoch_cosine(monkeypatch):
+    # The original script's settings: lr 0.001 at batch 16 per GPU; here 2 processes -> 0.001 * 32 / 256.
+    monkeypatch.setattr(eval_linear.utils, "get_world_size", lambda: 2)
+    args = eval_linear.get_args_parser().parse_args(["--lr", "0.001", "--batch_size_per_gpu", "16", "--epochs", "4"])
+    optimizer, scheduler = eval_linear.build_probe_optimizer(LinearClassifier(8, 3), args)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["weight_decay"], group["nesterov"], group["dampening"]) == (0.9, 0, False, 0)
+    base = 0.001 * 32 / 256
+    lrs = []
+    for _ in range(4):
+        lrs.append(group["lr"])
+        optimizer.step()  # no gradients: a no-op, in the order the scheduler expects
+        scheduler.step()
+    lrs.append(group["lr"])
+    assert lrs == pytest.approx([base * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(5)], abs=1e-12)
+    assert lrs[-1] == pytest.approx(0, abs=1e-12)
+
+
 def test_linear_classifier_feature_bn_standardises_features():
     """--feature_bn (MAE's probe): training standardises with the batch mean and biased variance (eps 1e-6) and
     updates running statistics (momentum 0.1, unbiased variance); evaluation uses the running ones."""
