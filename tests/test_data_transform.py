@@ -1,4 +1,7 @@
 """SSL view augmentation and evaluation spatial sampling."""
+import itertools
+
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +77,22 @@ def test_random_resized_crop_params_respect_scale_and_ratio():
         top, left, h, w = transform.random_resized_crop_params(256, 340, (0.05, 0.4))
         assert 0 <= top and top + h <= 256 and 0 <= left and left + w <= 340
         assert 0.04 < h * w / (256 * 340) < 0.42 and 0.70 < w / h < 1.40
+
+
+def test_view_params_probabilities_and_jitter_ranges():
+    # The original's view recipe (spec 4.1): flip p 0.5, colour jitter p 0.8 with brightness/contrast 0.4 and
+    # saturation 0.2 (no hue) in a random order, grayscale p 0.2, ImageNet normalisation. 4000 draws: each
+    # frequency is within 4 standard errors (<= 0.03) of its probability.
+    torch.manual_seed(0)
+    draws = [transform.draw_view_params(64, 80, (0.4, 1.0)) for _ in range(4000)]
+    assert np.mean([d.flip for d in draws]) == pytest.approx(0.5, abs=0.03)
+    assert np.mean([d.jitter is not None for d in draws]) == pytest.approx(0.8, abs=0.03)
+    assert np.mean([d.gray for d in draws]) == pytest.approx(0.2, abs=0.03)
+    factors = np.array([d.jitter for d in draws if d.jitter is not None])
+    np.testing.assert_allclose(factors.min(0), [0.6, 0.6, 0.8], atol=0.01)
+    np.testing.assert_allclose(factors.max(0), [1.4, 1.4, 1.2], atol=0.01)
+    assert {d.order for d in draws if d.jitter is not None} == set(itertools.permutations(range(3)))
+    assert (transform.IMAGENET_MEAN, transform.IMAGENET_STD) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_no_spatial_is_full_frame_resize_and_imagenet_normalised():
