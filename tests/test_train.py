@@ -242,9 +242,13 @@ def test_recipe_schedules_param_groups_and_teacher_match_the_original(monkeypatc
     assert not any(p.requires_grad for p in teacher.parameters())
     assert state.student_without_ddp.head.last_layer.weight_g.requires_grad
 
-    # A step at iteration 5 writes lr[5] to both groups and wd[5] to the decayed group only.
-    views = step_views()
-    train_ssl.train_step(state, views, 1, 5, args)
+    # A step at iteration 5 writes lr[5] to both groups and wd[5] to the decayed group only. The teacher sees
+    # the 2 global views (one pass), the student all 4 (one pass per view shape).
+    calls = {"teacher": [], "student": []}
+    for name, net in (("teacher", teacher), ("student", state.student_without_ddp)):
+        net.backbone.register_forward_hook(lambda m, inp, out, name=name: calls[name].append(tuple(inp[0].shape)))
+    train_ssl.train_step(state, step_views(), 1, 5, args)
+    assert calls == {"teacher": [(4, 3, 2, 32, 32)], "student": [(4, 3, 2, 32, 32), (4, 3, 2, 16, 16)]}
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(lr[5])] * 2
     assert (opt.param_groups[0]["weight_decay"], opt.param_groups[1]["weight_decay"]) == (pytest.approx(wd[5]), 0)
 
