@@ -127,8 +127,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         (copied into DATA.PATH_TO_DATA_DIR; default: the value of that config key). Video paths in the csv are
         joined to DATA.PATH_PREFIX.""")
     parser.add_argument("--pretrained_rgb", default=None, type=str, help="""An SVT training checkpoint (or the
-        released teacher file) whose teacher backbone initialises both student and teacher backbones.
-        For the paper's ImageNet init use --opts TIMESFORMER.PRETRAINED_MODEL /path/to/dino_vitbase16_pretrain.pth.""")
+        released teacher file) whose teacher backbone initialises both student and teacher backbones; it must hold
+        every backbone weight (a strict load, as the original's). For the paper's ImageNet init use --opts TIMESFORMER.PRETRAINED_MODEL /path/to/dino_vitbase16_pretrain.pth.""")
     parser.add_argument("--resume_from", default=None, type=str, help="""A training checkpoint (e.g. an earlier
         checkpointNNNN.pth of a run that diverged) to continue from when --output_dir has no checkpoint.pth yet:
         weights, optimizer, loss centre, epoch and RNG, with this run's flags (e.g. a lower --lr). A
@@ -399,7 +399,7 @@ def build_networks(args, cfg, device: torch.device):
     if cfg.TIMESFORMER.PRETRAINED_MODEL:
         load_imagenet_init(student_backbone, cfg.TIMESFORMER.PRETRAINED_MODEL)
     if args.pretrained_rgb:
-        load_pretrained_weights(student_backbone, args.pretrained_rgb, checkpoint_key="teacher")
+        load_pretrained_rgb(student_backbone, args.pretrained_rgb)
     teacher_backbone = copy.deepcopy(student_backbone)
     student = MultiCropWrapper(student_backbone, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
                                                           norm_last_layer=args.norm_last_layer))
@@ -430,6 +430,18 @@ def build_networks(args, cfg, device: torch.device):
     n_params = sum(p.numel() for p in student_without_ddp.parameters())
     print(f"Student and teacher: {args.arch} TimeSformer + DINO head, {n_params / 1e6:.1f}M parameters each.")
     return student, teacher, student_without_ddp, teacher_without_ddp
+
+
+def load_pretrained_rgb(backbone: nn.Module, path: str) -> None:
+    """--pretrained_rgb: the backbone of the checkpoint's teacher (or the released flat file), every weight, as
+    the original's strict load; a file that lacks some (an image ViT, another depth) or has extra ones is an error."""
+    summary = load_pretrained_weights(backbone, path, checkpoint_key="teacher")
+    if summary.missing or summary.unexpected:
+        raise ValueError(
+            f"--pretrained_rgb {path}: its teacher backbone does not fit --arch with this config: "
+            f"{len(summary.missing)} weights missing from the file {summary.missing[:4]}, {len(summary.unexpected)} "
+            f"the model lacks {summary.unexpected[:4]}. Pass an SVT checkpoint of the same --arch, --patch_size and "
+            "MODEL.DEPTH; for ImageNet ViT weights use --opts TIMESFORMER.PRETRAINED_MODEL instead.")
 
 
 def build_optimizer(args, model: nn.Module, device: torch.device, fused: bool | None = None) -> torch.optim.Optimizer:

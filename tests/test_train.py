@@ -328,6 +328,32 @@ def test_a_sample_drawn_in_the_training_process_leaves_the_cuda_rng_alone():
     torch.testing.assert_close(torch.rand(4, device="cuda"), expected, rtol=0, atol=0)
 
 
+def test_pretrained_rgb_loads_the_teacher_backbone_into_both_and_every_key(monkeypatch, tmp_path):
+    # --pretrained_rgb (spec 2.1 / 3.6): the `teacher` entry of an SVT checkpoint, backbone only, strictly into
+    # the student and (through it) the teacher; the head stays freshly initialised.
+    monkeypatch.setattr(train_ssl, "build_backbone", functools.partial(models.build_backbone, **TINY_BACKBONE))
+    cfg = get_cfg()
+    cfg.DATA.TRAIN_CROP_SIZE, cfg.DATA.NUM_FRAMES = 32, 2
+    torch.manual_seed(1)
+    source = models.MultiCropWrapper(models.build_backbone("vit_tiny", cfg, **TINY_BACKBONE),
+                                     models.DINOHead(48, 64, hidden_dim=32, bottleneck_dim=16))
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": source.state_dict(), "student": {}}, path)
+    args = train_ssl.get_args_parser().parse_args(["--arch", "vit_tiny", "--out_dim", "64", "--pretrained_rgb", str(path)])
+    torch.manual_seed(2)
+    _, _, student, teacher = train_ssl.build_networks(args, cfg, torch.device("cpu"))
+    for net in (student, teacher):
+        for k, v in source.backbone.state_dict().items():
+            assert torch.equal(net.backbone.state_dict()[k], v), k
+    assert not torch.equal(student.head.mlp[0].weight, source.head.mlp[0].weight)
+    # The original loads strictly: a file without every backbone weight (here an image ViT: no time_embed or
+    # temporal_fc) is an error, not a half-random start.
+    image_vit = {k: v for k, v in source.backbone.state_dict().items() if "temporal" not in k and k != "time_embed"}
+    torch.save(image_vit, path)
+    with pytest.raises(ValueError, match="time_embed"):
+        train_ssl.build_networks(args, cfg, torch.device("cpu"))
+
+
 def test_imagenet_init_key_is_applied_to_the_student(tmp_path):
     args = train_ssl.get_args_parser().parse_args(["--arch", "vit_tiny", "--out_dim", "64"])
     cfg = get_cfg()
