@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets import DATASETS, build_dataset
-from datasets.seeding import SeededDataset, SeededDistributedSampler
+from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_start_iteration
 from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
 from models import ARCHS, VisionTransformer, build_backbone
 from utils import utils
@@ -387,7 +387,9 @@ def eval_finetune(args) -> dict:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best_acc1 = ckpt["epoch"], ckpt["best_acc1"]
         # a mid-epoch checkpoint (--saveckp_iters): `iteration` batches of `epoch` done
-        start_iter, rng, epoch_meters = ckpt.get("iteration", 0), ckpt.get("rng"), ckpt.get("epoch_meters")
+        rng, epoch_meters = ckpt.get("rng"), ckpt.get("epoch_meters")
+        start_iter = resume_start_iteration(ckpt.get("iteration", 0), ckpt.get("args"), args.batch_size_per_gpu,
+                                            utils.get_world_size(), args.accum_iter, f"epoch {start_epoch}")
         restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
         print(f"Resumed from {ckpt_path}: epoch {start_epoch} from iteration {start_iter}, best val top-1 "
               f"{best_acc1:.2f}")

@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from datasets import build_dataset
 from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans
-from datasets.seeding import SeededDataset, SeededDistributedSampler, preserved_rng_state
+from datasets.seeding import SeededDataset, SeededDistributedSampler, preserved_rng_state, resume_start_iteration
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
 from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_hint, restore_sequential_videos,
                                      sequential_decodes)
@@ -188,10 +188,12 @@ def train_svt(args) -> None:
 
     # ============ optionally resume training ... ============
     to_restore = {"epoch": 0, "iteration": 0, "rng": None, "epoch_meters": None, "epoch_log": None,
-                  "num_threads": None, "sequential_videos": None}
+                  "num_threads": None, "sequential_videos": None, "args": None}
     own_checkpoint = (output_dir / "checkpoint.pth").is_file()
     resume_checkpoint(state, output_dir / "checkpoint.pth" if own_checkpoint else args.resume_from, to_restore, args)
-    start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
+    start_epoch = to_restore["epoch"]
+    start_iter = resume_start_iteration(to_restore["iteration"], to_restore["args"], args.batch_size_per_gpu,
+                                        utils.get_world_size(), what=f"epoch {start_epoch}")
     restore_rng(to_restore["rng"])
     restore_sequential_videos(data_loader.dataset, to_restore["sequential_videos"])
     if to_restore["num_threads"] not in (None, torch.get_num_threads()):

@@ -59,3 +59,28 @@ class SeededDataset(Dataset):
             np.random.seed(seed)
             random.seed(seed)
             return self.dataset[index]
+
+
+def resume_start_iteration(iteration: int, saved_args, batch_size_per_gpu: int, world_size: int,
+                           multiple: int = 1, what: str = "") -> int:
+    """The iteration of the interrupted epoch at which this run continues from a mid-epoch checkpoint written
+    after `iteration` iterations by a run with `saved_args` (its --batch_size_per_gpu and world size).
+
+    The sampler's order of the epoch does not depend on the batch size or the number of processes, so the
+    videos already done are the first `iteration` x (its global batch) of that order. With the same global
+    batch that is `iteration`; with another one (fewer or more processes, another --batch_size_per_gpu) it is
+    the iterations of this run those videos fill, rounded down to a multiple of `multiple` (e.g. --accum_iter):
+    fewer than one of this run's optimizer steps of videos is seen twice, none is left out. `what` names the
+    epoch in the note printed then."""
+    saved_batch = getattr(saved_args, "batch_size_per_gpu", batch_size_per_gpu)
+    saved_world = getattr(saved_args, "world_size", world_size)
+    saved_global, global_batch = saved_batch * saved_world, batch_size_per_gpu * world_size
+    done = iteration * saved_global
+    start = done // (global_batch * multiple) * multiple
+    if start * global_batch == done and saved_global == global_batch:
+        return start
+    print(f"Note: the mid-epoch checkpoint was written with a global batch of {saved_global} videos ({saved_world} "
+          f"process{'es' if saved_world > 1 else ''} x {saved_batch}), this run {global_batch}: {done} videos of "
+          f"{what or 'the epoch'} were done; continuing at iteration {start}"
+          + (f" ({done - start * global_batch} videos are seen again)." if done > start * global_batch else "."))
+    return start

@@ -252,3 +252,32 @@ def test_mid_epoch_checkpoint_resumes_as_an_uninterrupted_run(synthetic_root, re
     assert [l.get("epoch") for l in once_log] == [0, 1, None]
     assert once_log == stopped_log  # no timing fields in these lines
     assert once_log[1]["train_skipped_videos"] >= 1
+
+
+def test_mid_epoch_resume_with_another_global_batch_continues_after_the_videos_done(synthetic_root, released,
+                                                                                   tmp_path, monkeypatch):
+    """Stopped after 3 batches of 2 (6 of the 16 training videos), resumed with batches of 4: the epoch goes on
+    at batch 1 of 4 (videos 4-5 of the epoch's order seen again, none left out), not at batch 3."""
+    common = ["--arch", "vit_tiny", "--pretrained_weights", released, "--saveckp_iters", "3", "--num_workers", "0",
+              "--epochs", "1", "--output_dir", str(tmp_path / "out"), "--opts"] + _lists(synthetic_root, tmp_path) + OPTS
+    seen, real_getitem = [], eval_finetune.SeededDataset.__getitem__
+
+    def recording(self, item):
+        seen.append(item[0])
+        return real_getitem(self, item)
+
+    def save_then_stop(state, path):
+        real_save(state, path)
+        if "iteration" in state:
+            raise Preempted
+
+    real_save = eval_finetune.atomic_save
+    monkeypatch.setattr(eval_finetune.SeededDataset, "__getitem__", recording)
+    monkeypatch.setattr(eval_finetune, "atomic_save", save_then_stop)
+    with pytest.raises(Preempted):
+        finetune(["--batch_size_per_gpu", "2"] + common)
+    dist.destroy_process_group()
+    done, seen[:] = seen[:6], []
+    monkeypatch.setattr(eval_finetune, "atomic_save", real_save)
+    finetune(["--batch_size_per_gpu", "4"] + common)
+    assert len(seen) == 12 and set(done) | set(seen) == set(range(16)) and len(set(done) & set(seen)) == 2

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 import train_ssl
+from datasets.seeding import SeededDataset
 from models import DINOLoss
 from utils import utils
 from utils.checkpoint import safe_torch_load
@@ -470,6 +471,40 @@ def test_mid_epoch_resume_is_exact(full_run, synthetic_root, tmp_path, monkeypat
     monkeypatch.setattr(DINOLoss, "forward", real_forward)
     _train(monkeypatch, _argv(synthetic_root, tmp_path, "--saveckp_iters", "2"))
     _assert_same_state(safe_torch_load(tmp_path / "checkpoint.pth"), safe_torch_load(full_run / "checkpoint.pth"))
+
+
+def test_mid_epoch_resume_with_another_global_batch_trains_each_video_once(synthetic_root, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A mid-epoch checkpoint resumed with another global batch (--batch_size_per_gpu or the number of
+    processes changed, e.g. after losing a node) continues after the videos already done, counted in videos,
+    not in iterations of the new batch size."""
+    seen, real_getitem = [], SeededDataset.__getitem__
+
+    def recording(self, item):
+        seen.append(item[0])
+        return real_getitem(self, item)
+
+    real_forward, calls = DINOLoss.forward, []
+
+    def dies_at_step_5(self, *a, **kw):  # after the save at iteration 4 of 8 (batch 2): 8 videos done
+        calls.append(1)
+        if len(calls) == 5:
+            raise _Killed
+        return real_forward(self, *a, **kw)
+
+    monkeypatch.setattr(SeededDataset, "__getitem__", recording)
+    monkeypatch.setattr(DINOLoss, "forward", dies_at_step_5)
+    one_epoch = ("--epochs", "1", "--warmup_epochs", "0", "--saveckp_iters", "4")
+    with pytest.raises(_Killed):
+        _train(monkeypatch, _argv(synthetic_root, tmp_path, *one_epoch, "--batch_size_per_gpu", "2"))
+    assert safe_torch_load(tmp_path / "checkpoint.pth")["iteration"] == 4
+    done, seen[:] = seen[:8], []
+    monkeypatch.setattr(DINOLoss, "forward", real_forward)
+    capsys.readouterr()
+    _train(monkeypatch, _argv(synthetic_root, tmp_path, *one_epoch, "--batch_size_per_gpu", "4"))
+    assert sorted(done + seen) == list(range(16))  # the 8 videos left, in 2 iterations of 4
+    assert "global batch of 2 videos (1 process x 2), this run 4: 8 videos of epoch 0 were done" in \
+        capsys.readouterr().out
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(synthetic_root, tmp_path, monkeypatch, capsys):
