@@ -143,22 +143,22 @@ class DINOLoss(nn.Module):
         logp = student_logp.unflatten(0, (self.ncrops, batch)).permute(1, 2, 0)  # (B, K, ncrops)
         with torch.autocast(q.device.type, enabled=False):  # the loss stays fp32 under mixed precision
             ce = -torch.bmm(q, logp).mean(dim=0)  # (2, ncrops), each the batch mean of one pair
-        with torch.no_grad():  # collapse diagnostics of the targets (DINO paper, Fig. 7), no host sync
-            per_sample = -(teacher_p * teacher_p.clamp_min(1e-12).log()).sum(dim=-1).mean()
-            mean_p = teacher_p.mean(dim=0)
-            self.target_entropy = torch.stack((per_sample, -(mean_p * mean_p.clamp_min(1e-12).log()).sum()))
         same_view = torch.eye(2, self.ncrops, dtype=torch.bool, device=ce.device)
         n_loss_terms = 2 * self.ncrops - min(2, self.ncrops)
-        self.update_center(teacher_output)
+        self.update_center(teacher_output, teacher_p)
         return ce.masked_fill(same_view, 0).sum() / n_loss_terms
 
     @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        """EMA of the teacher's mean output over the global batch (all ranks)."""
-        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+    def update_center(self, teacher_output: torch.Tensor, teacher_p: torch.Tensor) -> None:
+        """EMA of the teacher's mean output over the global batch (all ranks), and the collapse diagnostics
+        of the targets `teacher_p` (DINO paper, Fig. 7) in `target_entropy`: the mean entropy of a target and
+        the entropy of the global batch's mean target. One all-reduce for both, no host sync."""
+        per_sample = -(teacher_p * teacher_p.clamp_min(1e-12).log()).sum(dim=-1).mean()
+        sums = torch.stack((teacher_output.float().sum(dim=0), teacher_p.sum(dim=0)))
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world_size > 1:
-            dist.all_reduce(batch_center)
-        batch_center = batch_center / (len(teacher_output) * world_size)
+            dist.all_reduce(sums)
+        batch_center, mean_p = sums / (len(teacher_output) * world_size)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        self.target_entropy = torch.stack((per_sample, -(mean_p * mean_p.clamp_min(1e-12).log()).sum()))
 

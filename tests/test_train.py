@@ -574,15 +574,18 @@ def test_two_process_loss_matches_one_process(synthetic_root, tmp_path):
     launcher = tmp_path / "launch_tiny.py"
     launcher.write_text(LAUNCHER.format(root=str(ROOT)))
     opts = ("MODEL.DROP_PATH_RATE", "0.0")  # drop path draws differ per process; everything else is shared
-    losses = {}
+    logs = {}
     for nproc, batch in ((1, 8), (2, 4)):
         out = tmp_path / f"np{nproc}"
         # fp32: bf16 rounding (auto on a CPU with native bf16) differs between batches of 8 and 2 x 4
         argv = _argv(synthetic_root, out, "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu",
                      str(batch), "--use_fp16", "false", opts=opts)
         _torchrun(launcher, nproc, argv)
-        losses[nproc] = json.loads((out / "log.txt").read_text().splitlines()[0])["train_loss"]
-    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+        logs[nproc] = json.loads((out / "log.txt").read_text().splitlines()[0])
+    # the loss (its centre all-reduced), and the collapse diagnostics: the entropy of the mean target is
+    # that of the global batch, not of each process's share (lower: fewer clips to spread over prototypes)
+    for key in ("train_loss", "train_target_entropy", "train_target_mean_entropy"):
+        assert logs[2][key] == pytest.approx(logs[1][key], rel=1e-4), key
 
 
 def test_auto_precision_grad_checkpointing_lars_run(synthetic_root, tmp_path, monkeypatch):
