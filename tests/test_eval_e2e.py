@@ -194,44 +194,91 @@ def test_more_last_blocks_than_the_backbone_has_names_the_value_to_pass(syntheti
                 "0", "--output_dir", str(tmp_path), "--opts"] + _data_opts(synthetic_root, "splits"))
 
 
+def _odd_lists(synthetic_root, tmp_path, list_dir: str):
+    """A copy of `list_dir`'s lists without their last line: 15 train and 7 val videos, sizes no process
+    count divides (a padding sampler would score a video twice)."""
+    out = tmp_path / f"odd_{list_dir}"
+    out.mkdir()
+    for src in (synthetic_root / list_dir).iterdir():
+        (out / src.name).write_text("\n".join(src.read_text().splitlines()[:-1]) + "\n")
+    return out
+
+
 def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
-    """scripts/eval_{knn,linear}.sh under torchrun with 2 gloo ranks: same kNN features as one process,
-    and a DDP linear probe that trains and tests."""
+    """scripts/eval_{knn,linear}.sh and finetune.sh under torchrun with 2 gloo ranks, on 15 train and 7 val
+    videos: the same kNN features and accuracies as one process; a DDP linear probe and fine-tuning whose
+    single-view val and multi-view test (3 clips a video, split over the ranks) score every video once, as one
+    process does on the classifier they saved."""
     import os
     import socket
     import subprocess
     from pathlib import Path
+
+    import eval_finetune
     repo = Path(eval_knn.__file__).resolve().parent
     env = {**os.environ, "DATA_PATH": str(synthetic_root), "CHECKPOINT": checkpoint, "GPUS": "2",
            "EXTRA_OPTS": " ".join(OPTS), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     small = ["--arch", "vit_tiny", "--num_workers", "0", "--batch_size_per_gpu", "3"]
+    knn_lists, lists = _odd_lists(synthetic_root, tmp_path, "knn_splits"), _odd_lists(synthetic_root, tmp_path, "splits")
 
     def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    def run(script, out, *args):
+    def run(script, out, list_dir, *args):
         proc = subprocess.run(["bash", str(repo / "scripts" / script), *small, *args],
-                              env={**env, "OUTPUT_DIR": str(tmp_path / out), "MASTER_PORT": str(free_port())},
+                              env={**env, "OUTPUT_DIR": str(tmp_path / out), "MASTER_PORT": str(free_port()),
+                                   "LIST_DIR": str(list_dir)},
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    run("eval_knn.sh", "knn", "--nb_knn", "1", "3", "--dump_features", str(tmp_path / "f2"))
+    def one_process(lists_dir) -> list[str]:
+        return ["--opts", "DATA.PATH_TO_DATA_DIR", str(lists_dir), "DATA.PATH_PREFIX", str(synthetic_root / "videos")] + OPTS
+
+    run("eval_knn.sh", "knn", knn_lists, "--nb_knn", "1", "3", "--dump_features", str(tmp_path / "f2"))
     res = json.loads((tmp_path / "knn" / "knn_results.json").read_text())
     single = knn(small + ["--pretrained_weights", checkpoint, "--nb_knn", "1", "3", "--use_cuda", "False",
-                          "--output_dir", str(tmp_path / "k1"), "--dump_features", str(tmp_path / "f1"),
-                          "--opts"] + _data_opts(synthetic_root, "knn_splits"))
+                          "--output_dir", str(tmp_path / "k1"), "--dump_features", str(tmp_path / "f1")]
+                 + one_process(knn_lists))
+    dist.destroy_process_group()
     for name in ("trainfeat", "testfeat", "trainlabels", "testlabels"):
         torch.testing.assert_close(torch.load(tmp_path / "f2" / f"{name}.pth"),
                                    torch.load(tmp_path / "f1" / f"{name}.pth"), rtol=1e-4, atol=1e-5)
+    assert (res["num_train"], res["num_test"]) == (15, 7)
     assert res["results"] == single["results"]
 
-    run("eval_linear.sh", "linear", "--epochs", "1", "--num_labels", "4")
+    run("eval_linear.sh", "linear", lists, "--epochs", "1", "--num_labels", "4")
     results = json.loads((tmp_path / "linear" / "linear_results.json").read_text())
-    assert results["num_videos"] == 8 and results["num_clips_per_video"] == 3
+    val = json.loads((tmp_path / "linear" / "log.txt").read_text().splitlines()[0])
+    assert results["num_videos"] == 7 and results["num_clips_per_video"] == 3
     ckpt = torch.load(tmp_path / "linear" / "checkpoint.pth.tar", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.001 * 6 / 256)
+    ev = linear(small + ["--pretrained_weights", checkpoint, "--n_last_blocks", "1", "--num_labels", "4",
+                         "--lc_pretrained_weights", str(tmp_path / "linear" / "checkpoint.pth.tar"),
+                         "--output_dir", str(tmp_path / "l1")] + one_process(lists))
+    dist.destroy_process_group()
+    assert val["test_loss"] == pytest.approx(ev["loss"], rel=1e-5) and val["test_acc1"] == ev["acc1"]
+    assert (results["multiview_acc1"], results["num_videos"]) == (ev["multiview_acc1"], ev["num_videos"])
+
+    run("finetune.sh", "ft", lists, "--epochs", "1", "--use_fp16", "false", "--num_labels", "4")
+    ft = json.loads((tmp_path / "ft" / "log.txt").read_text().splitlines()[0])
+    assert ft["train_lr"] == pytest.approx(0.005 * 6 / 8)  # the global batch: 2 processes x 3
+    (tmp_path / "ft1").mkdir()
+    (tmp_path / "ft1" / "checkpoint.pth").write_bytes((tmp_path / "ft" / "checkpoint.pth").read_bytes())
+    args = ["--arch", "vit_tiny", "--num_workers", "0", "--batch_size_per_gpu", "2", "--use_fp16", "false",
+            "--output_dir", str(tmp_path / "ft1")] + one_process(lists)
+    model_args = argparse.ArgumentParser(parents=[eval_finetune.get_args_parser()]).parse_args(args)
+    model_args.num_labels = 4
+    one = eval_finetune.eval_finetune(argparse.Namespace(**{**vars(model_args), "evaluate": True}))
+    test = json.loads((tmp_path / "ft" / "finetune_results.json").read_text())
+    assert (test["test_multiview_acc1"], test["test_num_videos"]) == (one["test_multiview_acc1"], 7)
+    cfg = eval_finetune.finetune_config(model_args)
+    model = eval_finetune.build_model(model_args, cfg, 4, initialise=False)
+    model.load_state_dict(torch.load(tmp_path / "ft1" / "checkpoint.pth", weights_only=False)["model_state"])
+    val_set = eval_finetune.build_dataset("ucf101", eval_finetune.single_clip_config(cfg), "val")
+    val_one = eval_finetune.evaluate(model, val_set, model_args, None, torch.device("cpu"))
+    assert ft["val_loss"] == pytest.approx(val_one["loss"], rel=1e-5) and ft["val_acc1"] == val_one["acc1"]
 
 
 def _lists_with_corrupt_videos(synthetic_root, tmp_path, list_dir: str, names: list[str]):
