@@ -586,6 +586,10 @@ def test_two_process_loss_matches_one_process(synthetic_root, tmp_path):
     # that of the global batch, not of each process's share (lower: fewer clips to spread over prototypes)
     for key in ("train_loss", "train_target_entropy", "train_target_mean_entropy"):
         assert logs[2][key] == pytest.approx(logs[1][key], rel=1e-4), key
+    # rank 0 alone writes: one tensorboard file, one log line, no stray temporary files
+    assert len(list((tmp_path / "np2" / "tb").glob("events.out.tfevents.*"))) == 1
+    assert len((tmp_path / "np2" / "log.txt").read_text().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "np2").iterdir()) == sorted(p.name for p in (tmp_path / "np1").iterdir())
 
 
 def test_auto_precision_grad_checkpointing_lars_run(synthetic_root, tmp_path, monkeypatch):
