@@ -337,7 +337,7 @@ def eval_finetune(args) -> dict:
     output_dir = Path(args.output_dir)
     ckpt_path = output_dir / CHECKPOINT_NAME
     if utils.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
+        utils.check_writable_dir(output_dir)
         (output_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         (output_dir / "config.yaml").write_text(cfg.dump())
 
@@ -370,7 +370,8 @@ def eval_finetune(args) -> dict:
     model.to(device)
 
     if args.evaluate:
-        return final_test(model, test_set, args, precision, device, output_dir, {"epoch": ckpt["epoch"]})
+        return final_test(model, test_set, args, precision, device, output_dir,
+                          {"epoch": ckpt["epoch"], "sequential_decodes": sequential_decodes(test_set)})
 
     model_ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)

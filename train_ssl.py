@@ -175,7 +175,7 @@ def train_svt(args) -> None:
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     output_dir = Path(args.output_dir)
     if utils.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
+        utils.check_writable_dir(output_dir)
         remove_stale_temp_files(output_dir)
         (output_dir / "config.txt").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         (output_dir / "config.yaml").write_text(cfg.dump())

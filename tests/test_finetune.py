@@ -104,6 +104,14 @@ def finetune(args: list[str]) -> dict:
     return results
 
 
+def test_unwritable_output_dir_fails_before_any_work(synthetic_root, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match=r"--output_dir .*a_file/out is not writable"):
+        finetune(["--arch", "vit_tiny", "--num_workers", "0", "--output_dir", str(blocker / "out"), "--opts"]
+                 + _lists(synthetic_root, tmp_path))
+
+
 def _lists(synthetic_root, tmp_path, corrupt: bool = False, per_class: int | None = None, val_is_train=False):
     """UCF-101 lists from the synthetic set: optionally the first `per_class` train videos of each class,
     val = train, and an unreadable video (absolute path) in the middle of both lists."""
@@ -174,7 +182,7 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
     # --evaluate with slow-fast clips: the saved model, nothing trained.
     ev = finetune(common + ["--evaluate", "--slowfast_eval", "True", "--output_dir", str(once), "--opts"]
                   + data + OPTS)
-    assert ev["slowfast_eval"] and ev["test_num_videos"] == 8 and ev["epoch"] == 2
+    assert ev["slowfast_eval"] and ev["test_num_videos"] == 8 and ev["epoch"] == 2 and ev["sequential_decodes"] == 0
     assert torch.equal(torch.load(once / "checkpoint.pth", weights_only=False)["model_state"]["head.weight"],
                        a["model_state"]["head.weight"])
 

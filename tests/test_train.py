@@ -532,6 +532,14 @@ def test_missing_train_csv_names_the_path(tmp_path, monkeypatch):
         _train(monkeypatch, ["--data_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])
 
 
+def test_unwritable_output_dir_fails_before_any_work(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a folder under a file cannot be created, even by root
+    (tmp_path / "train.csv").write_text("a.mp4 0\n")
+    with pytest.raises(PermissionError, match=r"--output_dir .*a_file/o is not writable"):
+        _train(monkeypatch, ["--data_path", str(tmp_path), "--output_dir", str(blocker / "o")])
+
+
 def test_train_csv_given_as_data_path_names_its_folder(tmp_path, monkeypatch):
     # The README's DATA_PATH is the annotations folder; users often pass the csv itself.
     (tmp_path / "train.csv").write_text("a.mp4 0\n")
