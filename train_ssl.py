@@ -540,13 +540,14 @@ def save_checkpoint(state: TrainState, args, epoch: int, iteration: int, dataset
         "iteration": iteration,
         "args": args,
         "dino_loss": state.dino_loss.state_dict(),
-        "fp16_scaler": state.fp16_scaler.state_dict() if state.fp16_scaler is not None else None,
         "rng": gather_rng_states(),
         "epoch_meters": gather_objects(epoch_meters) if epoch_meters is not None else None,
         "epoch_log": epoch_log,
         "sequential_videos": checkpoint_sequential_videos(dataset),
         "num_threads": torch.get_num_threads(),
     }
+    if state.fp16_scaler is not None:  # only with fp16, as the original (its resume would load a None)
+        save_dict["fp16_scaler"] = state.fp16_scaler.state_dict()
     if utils.is_main_process():
         output_dir = Path(args.output_dir)
         atomic_save(save_dict, output_dir / "checkpoint.pth")

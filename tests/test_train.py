@@ -27,7 +27,7 @@ from utils.defaults import get_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = dict(depth=2, embed_dim=48, num_heads=2)
-ORIGINAL_KEYS = {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler"}
+ORIGINAL_KEYS = {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"}  # + fp16_scaler with fp16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +197,24 @@ def test_loss_scaled_step_clips_the_true_gradients_and_skips_overflows(monkeypat
     for k, v in state.student_without_ddp.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert state.fp16_scaler.get_scale() == 2.0 ** 11
+
+
+def test_fp16_scaler_is_saved_only_with_fp16_and_resumes(monkeypatch, tmp_path):
+    # The original writes `fp16_scaler` only when it has one: its resume would load a None and crash.
+    for with_scaler in (False, True):
+        out = tmp_path / str(with_scaler)
+        out.mkdir()
+        state, args = step_state(monkeypatch, True, "--output_dir", str(out))
+        if with_scaler:
+            state.fp16_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 7)
+        train_ssl.save_checkpoint(state, args, 1, 0, dataset=None)
+        ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+        assert ("fp16_scaler" in ckpt) == with_scaler
+        fresh, _ = step_state(monkeypatch, True)
+        fresh.fp16_scaler = torch.amp.GradScaler("cpu") if with_scaler else None
+        train_ssl.resume_checkpoint(fresh, out / "checkpoint.pth", {"epoch": 0}, args)
+        if with_scaler:
+            assert fresh.fp16_scaler.get_scale() == 2.0 ** 7
 
 
 def test_center_momentum_flag_reaches_the_loss(monkeypatch):
@@ -415,7 +433,7 @@ def test_two_epoch_run_outputs(full_run):
     assert json.loads((full_run / "config.txt").read_text())["out_dim"] == 256
     assert "LOCAL_NUM_FRAMES" in (full_run / "config.yaml").read_text()
     ckpt = safe_torch_load(full_run / "checkpoint.pth")
-    assert ORIGINAL_KEYS <= ckpt.keys() and ckpt["epoch"] == 2 and ckpt["fp16_scaler"] is None
+    assert ORIGINAL_KEYS <= ckpt.keys() and ckpt["epoch"] == 2 and "fp16_scaler" not in ckpt
     assert all(k.startswith(("module.backbone.", "module.head.")) for k in ckpt["student"])
     assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
     assert ckpt["dino_loss"]["center"].shape == (1, 256) and ckpt["args"].out_dim == 256
