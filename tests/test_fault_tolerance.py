@@ -242,6 +242,23 @@ def test_a_stopped_rank_ends_the_job_with_a_message_naming_it(tmp_path):
     assert elapsed < 60
 
 
+@pytest.mark.parametrize("program", ["eval_knn.py", "train_ssl.py"])
+def test_torchruns_closing_summary_names_the_error(tmp_path, program):
+    """The launch scripts run torchrun, whose summary is the last thing a user sees: it must carry the error
+    (here: a list folder that does not exist), not `error_file: <N/A>` and a link to the docs."""
+    missing = tmp_path / "no lists"
+    data = (["--data_path", str(missing)] if program == "train_ssl.py"
+            else ["--pretrained_weights", str(tmp_path / "c.pth"), "--opts", "DATA.PATH_TO_DATA_DIR", str(missing)])
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          str(ROOT / program), "--output_dir", str(tmp_path / "out"), *data],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 1
+    summary = (run.stdout + run.stderr).rsplit("Root Cause", 1)[-1]
+    assert "FileNotFoundError" in summary and str(missing) in summary, summary
+    assert "<N/A>" not in summary
+
+
 def test_dist_timeout_reaches_the_process_group_and_nccl_error_handling_is_on(monkeypatch):
     seen = {}
 

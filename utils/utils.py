@@ -3,12 +3,14 @@ import argparse
 import builtins
 import contextlib
 import datetime
+import json
 import os
 import random
 import re
 import sys
 import tempfile
 import time
+import traceback
 from collections import defaultdict, deque
 from typing import Iterable, Iterator
 
@@ -461,15 +463,33 @@ def unresponsive_ranks(wait_s: float) -> list[int] | None:
         return None
 
 
+def record_for_launcher(err: BaseException) -> None:
+    """Write `err` (with the traceback being handled) to the error file torchrun names in TORCHELASTIC_ERROR_FILE,
+    which its closing "Root Cause" summary prints; nothing outside torchrun. Does what torch's `@record` does."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": f"{type(err).__name__}: {err}",
+                          "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except OSError:  # the launcher's summary is a courtesy: never hide the error itself
+        pass
+
+
 @contextlib.contextmanager
 def named_rank_failures(timeout_min: float = DEFAULT_DIST_TIMEOUT_MIN):
     """Around an entry point's main: when a collective times out or loses its peer (a stalled, stopped or
     dead process), print which rank saw it and which ranks stopped answering, then end this process with
-    exit code 1 (the launcher then stops the others) instead of a bare backend traceback or a hang."""
+    exit code 1 (the launcher then stops the others) instead of a bare backend traceback or a hang. Any other
+    error is handed to torchrun (its error file), so the summary it prints last names the error instead of
+    `error_file: <N/A>`; then it propagates as usual."""
     try:
         yield
-    except RuntimeError as err:
-        if get_world_size() < 2 or not _COLLECTIVE_FAILURE.search(str(err)):
+    except Exception as err:
+        if not (isinstance(err, RuntimeError) and get_world_size() >= 2 and _COLLECTIVE_FAILURE.search(str(err))):
+            record_for_launcher(err)
             raise
         rank, world = get_rank(), get_world_size()
         silent = unresponsive_ranks(min(30.0, timeout_min * 60))
