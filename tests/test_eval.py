@@ -3,6 +3,7 @@ multi-view / slow-fast aggregation, the linear classifier and strict checkpoint 
 import argparse
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -233,6 +234,24 @@ def test_linear_probe_epoch_reduces_only_cuda_tensors_over_nccl(monkeypatch):
     args = argparse.Namespace(n_last_blocks=1, avgpool_patchtokens=False)
     stats = eval_linear.train_one_epoch(model, classifier, optimizer, [batch], 0, args, cuda)
     assert stats["skipped_videos"] == 1 and len(reduced) == 1
+
+
+def test_num_labels_error_names_the_lists_and_spots_one_based_labels():
+    def lists(path, labels):
+        return types.SimpleNamespace(list_file=path, labels=labels)
+
+    mmaction = [lists("/d/splits/ucf101_train_split_1_videos.txt", [0, 5, 100]),
+                lists("/d/splits/ucf101_val_split_1_videos.txt", [3])]
+    assert evaluation.resolve_num_labels(101, mmaction, "ucf101") == 101
+    assert evaluation.resolve_num_labels(None, mmaction, "ucf101") == 101
+    official = [lists("/d/splits/ucf101_train_split_1_videos.txt", [1, 5, 101]),
+                lists("/d/splits/ucf101_val_split_1_videos.txt", [1])]
+    with pytest.raises(ValueError, match=r"ucf101_train_split_1_videos.txt.*up to 101\. The labels look 1-based"
+                                         r".*subtract 1"):
+        evaluation.resolve_num_labels(101, official, "ucf101")
+    with pytest.raises(ValueError, match=r"up to 100\. Pass the class count as --num_labels") as err:
+        evaluation.resolve_num_labels(51, mmaction, "hmdb51")
+    assert "1-based" not in str(err.value)
 
 
 def test_load_classifier_state_strips_ddp_prefix_and_checks_shape():
