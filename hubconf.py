@@ -19,5 +19,11 @@ def svt_vitb_k400(pretrained_path: str | None = None, checkpoint_key: str = "tea
     `kwargs` go to the model (num_frames, img_size, attention_type, ...)."""
     model = vit_base_patch16_224(**kwargs)
     if pretrained_path:
-        load_pretrained_weights(model, pretrained_path, checkpoint_key=checkpoint_key)
+        summary = load_pretrained_weights(model, pretrained_path, checkpoint_key=checkpoint_key)
+        extra_blocks = [k for k in summary.unexpected if k.startswith("blocks.")]
+        if summary.missing or extra_blocks:  # another depth: part of the model would stay random
+            raise ValueError(f"{pretrained_path}: {len(summary.missing)} weights of the model are not in the file "
+                             f"{summary.missing[:3]}, {len(extra_blocks)} block weights of the file are not in the "
+                             f"model {extra_blocks[:3]}; pass the model size as keyword arguments (embed_dim, depth, "
+                             f"num_heads, patch_size). {summary.file_model}")
     return model.eval()

@@ -198,6 +198,13 @@ def test_hub_entry_loads_local_file(tmp_path):
     with pytest.raises(ValueError, match="another model size.*through torch.hub, pass the model size as keyword "
                                          "arguments: embed_dim, depth, num_heads"):
         hubconf.svt_vitb_k400(pretrained_path=str(path), embed_dim=64, depth=2, num_heads=4)  # another width
+    # Another depth matches every shape it has: an error (part of the model would stay random), never a
+    # partly loaded model; the message says what the file holds.
+    holds = r"The file holds a 48-wide, 2-block model with 16-px patches \(torch.hub: embed_dim=48, depth=2, patch_size=16"
+    with pytest.raises(ValueError, match=r"20 weights of the model are not in the file.*" + holds):
+        hubconf.svt_vitb_k400(pretrained_path=str(path), embed_dim=48, depth=3, num_heads=3)
+    with pytest.raises(ValueError, match=r"20 block weights of the file are not in the model.*" + holds):
+        hubconf.svt_vitb_k400(pretrained_path=str(path), embed_dim=48, depth=1, num_heads=3)
 
 
 def test_atomic_save_and_restart_round_trip(tmp_path):

@@ -345,7 +345,9 @@ def test_load_backbone_rejects_wrong_architecture_and_foreign_files(tmp_path):
     torch.save({"backbone." + k: v for k, v in build_backbone("vit_small", _cfg()).state_dict().items()},
                tmp_path / "small.pth")
     with pytest.raises(ValueError, match=r"small\.pth: shape of 'cls_token' is \(1, 1, 384\) in the file but "
-                                         r"\(1, 1, 192\) in the model"):
+                                         r"\(1, 1, 192\) in the model.*The file holds a 384-wide, 12-block model "
+                                         r"with 16-px patches \(--arch vit_small --patch_size 16 --opts MODEL.DEPTH 12; "
+                                         r"torch.hub: embed_dim=384, depth=12, num_heads=6, patch_size=16\)"):
         _load(tmp_path / "small.pth")
     torch.save({"backbone." + k: v for k, v in build_backbone("vit_tiny", _cfg(), depth=2).state_dict().items()},
                tmp_path / "shallow.pth")

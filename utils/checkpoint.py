@@ -78,6 +78,25 @@ def _kind_hint(state: Mapping[str, Any]) -> str:
     return ""
 
 
+# Heads of the standard widths (models/timesformer.py's factories), to name the model a file holds.
+_ARCH_OF_WIDTH = {192: ("vit_tiny", 3), 384: ("vit_small", 6), 768: ("vit_base", 12)}
+
+
+def file_model_hint(state: Mapping[str, torch.Tensor]) -> str:
+    """'The file holds ...': width, depth and patch size of a (mapped) backbone state dict, with the options
+    and torch.hub keyword arguments that build that model; '' when the state does not tell."""
+    cls, proj = state.get("cls_token"), state.get("patch_embed.proj.weight")
+    if cls is None or proj is None or proj.ndim != 4:
+        return ""
+    width, patch = cls.shape[-1], proj.shape[-1]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    arch, heads = _ARCH_OF_WIDTH.get(width, (None, None))
+    flags = (f"--arch {arch} --patch_size {patch} --opts MODEL.DEPTH {depth}; torch.hub: embed_dim={width}, "
+             f"depth={depth}, num_heads={heads}, patch_size={patch}" if arch else
+             f"torch.hub: embed_dim={width}, depth={depth}, patch_size={patch} and its num_heads")
+    return f"The file holds a {width}-wide, {depth}-block model with {patch}-px patches ({flags})."
+
+
 @dataclass
 class LoadSummary:
     """What `load_pretrained_weights` did."""
@@ -88,6 +107,7 @@ class LoadSummary:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
+    file_model: str = ""   # file_model_hint of the file's backbone
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.matched)} tensors from {self.path} ({self.source}); "
@@ -118,7 +138,7 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
     entry, where = _select_state_dict(safe_torch_load(path), checkpoint_key, path)
     state, resized = checkpoint_filter_fn(entry, model)
     target = model.state_dict()
-    summary = LoadSummary(path=path, source=where, resized=resized)
+    summary = LoadSummary(path=path, source=where, resized=resized, file_model=file_model_hint(state))
     summary.unexpected = [k for k in state if k not in target]
     summary.missing = [k for k in target if k not in state]
     summary.matched = [k for k in state if k in target]
@@ -134,7 +154,7 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
                              f"{tuple(target[k].shape)} in the model: the checkpoint is of another model size; "
                              "pass the --arch (width), --patch_size and MODEL.DEPTH it was trained with (through "
                              "torch.hub, pass the model size as keyword arguments: embed_dim, depth, num_heads, "
-                             "patch_size; ViT-B/16: 768, 12, 12, 16)")
+                             f"patch_size; ViT-B/16: 768, 12, 12, 16). {file_model_hint(state)}")
     model.load_state_dict({k: state[k] for k in summary.matched}, strict=False)
     print(summary)
     return summary
