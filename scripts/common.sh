@@ -76,3 +76,34 @@ require_train_csv() {
         exit 2
     fi
 }
+
+# require_eval_inputs LIST_DIR: stop before launching an evaluation when CHECKPOINT is not a file or the list folder
+# does not exist, naming the variables that set them. A --pretrained_weights among user_args, or a
+# DATA.PATH_TO_DATA_DIR among user_opts / EXTRA_OPTS, replaces the script's own: the program checks it.
+require_eval_inputs() {
+    local list_dir="$1" script
+    script="$(basename "$0")"
+    if [[ ! -f "$CHECKPOINT" ]] && ! has_arg --pretrained_weights ${user_args[@]+"${user_args[@]}"}; then
+        echo "$script: CHECKPOINT=$CHECKPOINT is not a file. Set CHECKPOINT to a train_ssl.py checkpoint.pth or" \
+             "the released kinetics400_vitb_ssl.pth." >&2
+        exit 2
+    fi
+    # shellcheck disable=SC2086  # EXTRA_OPTS is KEY VALUE words
+    if [[ ! -d "$list_dir" ]] && ! has_arg DATA.PATH_TO_DATA_DIR ${user_opts[@]+"${user_opts[@]}"} ${EXTRA_OPTS:-}; then
+        echo "$script: list folder $list_dir not found. DATA_PATH is the dataset root (e.g. DATA_PATH=/data/ucf101" \
+             "holding splits/, knn_splits/ and videos/); LIST_DIR names the folder of the list files itself (e.g." \
+             "LIST_DIR=/data/k400/annotations for Kinetics' train.csv and val.csv) and VIDEO_DIR the folder their" \
+             "paths are joined to." >&2
+        exit 2
+    fi
+}
+
+# has_arg NAME ARGS...: whether ARGS hold NAME or NAME=...
+has_arg() {
+    local name="$1" arg
+    shift
+    for arg in "$@"; do
+        if [[ "$arg" == "$name" || "$arg" == "$name="* ]]; then return 0; fi
+    done
+    return 1
+}

@@ -9,6 +9,7 @@
 #   EXP_NAME    run name                                      (default: knn_001)
 #   OUTPUT_DIR  results folder                   (default: <repo>/checkpoints/eval/$EXP_NAME)
 #   LIST_DIR    folder of the list files                     (default: $DATA_PATH/knn_splits)
+#   VIDEO_DIR   prefix of the list paths (DATA.PATH_PREFIX)   (default: $DATA_PATH/videos)
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "DATA.NUM_FRAMES 16"
 #   GPUS        processes (GPUs) to use                               (default: 1)
 #   MASTER_PORT rendezvous port                                       (default: 29511)
@@ -18,6 +19,9 @@ source "$ROOT/scripts/common.sh"
 check_deps
 split_user_args "$@"
 eval_defaults knn_001
+
+LIST_DIR="${LIST_DIR:-$DATA_PATH/knn_splits}"
+require_eval_inputs "$LIST_DIR"
 
 torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29511}" "$ROOT/eval_knn.py" \
   --arch vit_base \
@@ -29,5 +33,5 @@ torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29511}" "$ROOT/e
   --dataset "$DATASET" \
   --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/eval/$EXP_NAME}" \
   ${user_args[@]+"${user_args[@]}"} \
-  --opts DATA.PATH_TO_DATA_DIR "${LIST_DIR:-${DATA_PATH}/knn_splits}" DATA.PATH_PREFIX "${DATA_PATH}/videos" \
+  --opts DATA.PATH_TO_DATA_DIR "$LIST_DIR" DATA.PATH_PREFIX "${VIDEO_DIR:-${DATA_PATH}/videos}" \
   ${EXTRA_OPTS:-} ${user_opts[@]+"${user_opts[@]}"}

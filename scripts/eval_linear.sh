@@ -10,6 +10,7 @@
 #   EXP_NAME    run name                                      (default: le_001)
 #   OUTPUT_DIR  results folder                   (default: <repo>/checkpoints/eval/$EXP_NAME)
 #   LIST_DIR    folder of the list files                     (default: $DATA_PATH/splits)
+#   VIDEO_DIR   prefix of the list paths (DATA.PATH_PREFIX)   (default: $DATA_PATH/videos)
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "DATA.NUM_FRAMES 16"
 #   GPUS        processes (GPUs) to use                      (default: 1)
 #   MASTER_PORT rendezvous port                              (default: 29512)
@@ -28,6 +29,9 @@ case "$DATASET" in
 esac
 NUM_LABELS="${NUM_LABELS:-$DEFAULT_LABELS}"
 
+LIST_DIR="${LIST_DIR:-$DATA_PATH/splits}"
+require_eval_inputs "$LIST_DIR"
+
 torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29512}" "$ROOT/eval_linear.py" \
   --n_last_blocks 1 \
   --arch vit_base \
@@ -40,5 +44,5 @@ torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29512}" "$ROOT/e
   --dataset "$DATASET" \
   --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/eval/$EXP_NAME}" \
   ${user_args[@]+"${user_args[@]}"} \
-  --opts DATA.PATH_TO_DATA_DIR "${LIST_DIR:-${DATA_PATH}/splits}" DATA.PATH_PREFIX "${DATA_PATH}/videos" \
+  --opts DATA.PATH_TO_DATA_DIR "$LIST_DIR" DATA.PATH_PREFIX "${VIDEO_DIR:-${DATA_PATH}/videos}" \
   ${EXTRA_OPTS:-} ${user_opts[@]+"${user_opts[@]}"}

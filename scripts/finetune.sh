@@ -35,6 +35,8 @@ case "$DATASET" in
   *) echo "unknown DATASET=$DATASET (ucf101, hmdb51, kinetics400, ssv2)" >&2; exit 2 ;;
 esac
 if (( GPUS > 8 || 8 % GPUS )); then DEFAULT_BATCH=1; else DEFAULT_BATCH=$(( 8 / GPUS )); fi
+LIST_DIR="${LIST_DIR:-$DATA_PATH/$LISTS}"
+require_eval_inputs "$LIST_DIR"
 
 torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29513}" "$ROOT/eval_finetune.py" \
   --arch vit_base \
@@ -46,5 +48,5 @@ torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29513}" "$ROOT/e
   --num_workers 8 \
   --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/finetune/${EXP_NAME:-ft_$DATASET}}" \
   ${user_args[@]+"${user_args[@]}"} \
-  --opts DATA.PATH_TO_DATA_DIR "${LIST_DIR:-${DATA_PATH}/${LISTS}}" DATA.PATH_PREFIX "${VIDEO_DIR:-${DATA_PATH}/${VIDEOS}}" \
+  --opts DATA.PATH_TO_DATA_DIR "$LIST_DIR" DATA.PATH_PREFIX "${VIDEO_DIR:-${DATA_PATH}/${VIDEOS}}" \
   ${EXTRA_OPTS:-} ${user_opts[@]+"${user_opts[@]}"}

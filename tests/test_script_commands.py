@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORD = 'printf "%s\\n" "$@" > "$ARGV_OUT"'
 
 
-def _launch(tmp_path, script, args=(), **env_vars):
+def _launch(tmp_path, script, args=(), expect_rc=0, **env_vars):
     """Run scripts/`script` with torchrun (eval scripts) or `$PYTHON -m torch.distributed.run` (train scripts)
-    replaced by a recorder; returns (argv after the .py program, the program name, stderr)."""
+    replaced by a recorder; returns (argv after the .py program, the program name, stderr), or only stderr
+    when the script is to stop with `expect_rc` before launching."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "torchrun").write_text(f"#!/bin/sh\n{RECORD}\n")
@@ -31,15 +32,22 @@ def _launch(tmp_path, script, args=(), **env_vars):
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     (data / "train.csv").write_text("a.mp4 0\n")
+    for lists in ("splits", "knn_splits"):
+        (data / lists).mkdir(exist_ok=True)
+    (tmp_path / "c.pth").touch()
+    (tmp_path / "argv.txt").unlink(missing_ok=True)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(python), "GPUS": "1",
            "PROJECT_PATH": str(project), "DATA_PATH": str(data), "CHECKPOINT": str(tmp_path / "c.pth"),
            "ARGV_OUT": str(tmp_path / "argv.txt"), **env_vars}
-    for name in ("BATCH_SIZE", "EPOCHS", "NNODES", "EXTRA_OPTS", "LIST_DIR", "OUTPUT_DIR"):
+    for name in ("BATCH_SIZE", "EPOCHS", "NNODES", "EXTRA_OPTS", "LIST_DIR", "VIDEO_DIR", "OUTPUT_DIR"):
         if name not in env_vars:
             env.pop(name, None)
     run = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], env=env, capture_output=True, text=True,
                          timeout=120)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == expect_rc, run.stderr
+    if expect_rc:
+        assert not (tmp_path / "argv.txt").exists()  # nothing was launched
+        return run.stderr
     argv = (tmp_path / "argv.txt").read_text().splitlines()
     program = next(i for i, a in enumerate(argv) if a.endswith(".py"))
     return argv[program + 1:], Path(argv[program]).name, run.stderr
@@ -61,6 +69,27 @@ def test_eval_script_takes_the_users_opts_after_its_own(tmp_path, script, list_d
     assert args.num_workers == 2 and cfg.DATA.NUM_FRAMES == 16 and cfg.TEST.NUM_SPATIAL_CROPS == 1
     assert cfg.DATA.PATH_TO_DATA_DIR == str(tmp_path / "data" / list_dir)
     assert cfg.DATA.PATH_PREFIX == str(tmp_path / "data" / "videos")
+
+
+@pytest.mark.parametrize("script, list_dir", [("eval_knn.sh", "knn_splits"), ("eval_linear.sh", "splits"),
+                                              ("finetune.sh", "splits")])
+def test_eval_script_checks_its_inputs_before_launching(tmp_path, script, list_dir):
+    data = tmp_path / "my data"  # a space in the path, as users have them
+    # VIDEO_DIR sets the prefix; the list folder and the checkpoint may hold spaces.
+    data.mkdir()
+    (data / list_dir).mkdir()
+    argv, program, _ = _launch(tmp_path, script, DATA_PATH=str(data), VIDEO_DIR="/v ideos")
+    _, cfg = _parse(program, argv)
+    assert cfg.DATA.PATH_TO_DATA_DIR == str(data / list_dir) and cfg.DATA.PATH_PREFIX == "/v ideos"
+    # A DATA_PATH without the list folder: stopped, naming the folder and the variables that set it.
+    err = _launch(tmp_path, script, expect_rc=2, DATA_PATH=str(tmp_path / "k400"))
+    assert f"list folder {tmp_path / 'k400' / list_dir} not found" in err and "LIST_DIR=" in err and "DATA_PATH" in err
+    # ... unless the user's --opts name the folder (the program checks it then).
+    argv, program, _ = _launch(tmp_path, script, ["--opts", "DATA.PATH_TO_DATA_DIR", "/lists"],
+                               DATA_PATH=str(tmp_path / "k400"))
+    assert _parse(program, argv)[1].DATA.PATH_TO_DATA_DIR == "/lists"
+    err = _launch(tmp_path, script, expect_rc=2, CHECKPOINT=str(tmp_path / "nope.pth"))
+    assert f"CHECKPOINT={tmp_path / 'nope.pth'} is not a file" in err
 
 
 def test_eval_scripts_pass_the_originals_settings(tmp_path):
