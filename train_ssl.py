@@ -79,8 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--center_momentum", default=0.9, type=float,
                         help="""EMA momentum of the centre subtracted from the teacher's outputs (0.9 in SVT and
         DINO, which have no flag for it). The centre then averages about the last 10 batches; with small batches
-        and a sharp teacher its noise can move the targets: the CPU demo (batch 16, teacher temp 0.01) uses 0.99,
-        which stops its loss from climbing back (docs/demo_notes.md).""")
+        and a sharp teacher its noise can move the targets: the CPU demo (batch 16, teacher temp 0.015) uses 0.95;
+        0.99 with a teacher at 0.01 sent every clip to one prototype, a low loss that means nothing (watch
+        train_target_mean_entropy in log.txt; docs/demo_notes.md).""")
 
     # optimisation
     parser.add_argument("--use_fp16", type=utils.bool_flag, default=True, help="""Mixed precision (the original's
@@ -103,7 +104,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", default=0.0005, type=float, help="""Peak learning rate for a global
         batch of 256; the run uses lr * batch_size_per_gpu * world_size / 256 (6.25e-5 at SVT's batch 32).""")
     parser.add_argument("--warmup_epochs", default=10, type=int,
-                        help="Epochs of linear learning-rate warm-up from 0 (the original's default 10; the paper: 5).")
+                        help="""Epochs of linear learning-rate warm-up from 0 (the original's default 10; the paper:
+        5). At most --epochs: a short run (EPOCHS=2 ./scripts/train.sh) passes e.g. --warmup_epochs 1.""")
     parser.add_argument("--min_lr", type=float, default=1e-6, help="""Learning rate at the end of the
         cosine schedule.""")
     parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"],

@@ -9,7 +9,8 @@
 #   EXP_NAME      run name; outputs in $PROJECT_PATH/checkpoints/$EXP_NAME    (default: svt_test)
 #   GPUS          processes on this node          (default: visible GPU count; 1 process on CPU)
 #   BATCH_SIZE    clips per process                                 (default: 8)
-#   EPOCHS        training epochs                  (default: 100, the original; the paper used 20)
+#   EPOCHS        training epochs                  (default: 100, the original; the paper used 20; below 10,
+#                 pass --warmup_epochs N <= EPOCHS: the warm-up is 10 epochs)
 #   NUM_WORKERS   data-loading workers per process                  (default: 10)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node: run this script on every node with the same
 #                 NNODES/MASTER_ADDR/MASTER_PORT and NODE_RANK 0..NNODES-1  (default: 1 node, standalone)
