@@ -187,3 +187,17 @@ def test_resize_videos_absolute_list_paths_are_resized_into_dst(tmp_path, make_v
                                          f"--src {src}; set --src to the folder that holds the videos"):
         resize_videos.main(["--src", str(src), "--dst", str(tmp_path / "dst"), "--list", str(tmp_path / "other.txt")])
     assert resize_videos.target_size(480, 640, 256) == (256, 342)
+
+
+def test_resize_videos_list_leaves_out_the_videos_that_failed(tmp_path, make_video, capsys):
+    src = tmp_path / "src"
+    make_video(src / "clap" / "#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi", num_frames=5, size=(48, 64))
+    (src / "clap" / "garbage.avi").write_bytes(b"\x00not a video" * 100)
+    (tmp_path / "list.txt").write_text("clap/#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi 2\nclap/garbage.avi 2\n"
+                                       "clap/gone.avi 2\n")
+    assert resize_videos.main(["--src", str(src), "--dst", str(tmp_path / "dst"), "--list", str(tmp_path / "list.txt"),
+                               "--short_side", "32", "--workers", "1"]) == 1
+    assert (tmp_path / "dst" / "list.txt").read_text() == "clap/#20_Rhythm_clap_u_nm_np1_fr_goo_0.mp4 2\n"
+    out = capsys.readouterr()
+    assert "(2 lines of videos that failed left out)" in out.out
+    assert f"{src / 'clap' / 'gone.avi'}: error:" in out.err and "3 videos: 1 written" in out.out

@@ -10,8 +10,8 @@ the same as before without needing a display matrix).
         --out_list data/hmdb51/splits_d256/hmdb51_train_split_1_videos.txt
 
 With --list only the listed videos (paths relative to --src, or absolute under it) are converted, and the list
-is written again with the new file names relative to --dst (same labels and separator); without it, every
-video under --src.
+is written again with the new file names relative to --dst (same labels and separator; a video that failed
+is reported and left out, so every line names a file); without it, every video under --src.
 """
 import argparse
 import os
@@ -123,9 +123,11 @@ def main(argv=None) -> int:
         out_list = args.out_list or os.path.join(args.dst, os.path.basename(args.list))
         os.makedirs(os.path.dirname(out_list) or ".", exist_ok=True)
         sep = args.separator
+        written = [(p, label) for p, label in entries if os.path.exists(os.path.join(args.dst, mp4_name(p)))]
         with open(out_list, "w") as f:
-            f.writelines(f"{mp4_name(p)}{sep}{label}\n" for p, label in entries)
-        print(f"List with the new file names: {out_list}")
+            f.writelines(f"{mp4_name(p)}{sep}{label}\n" for p, label in written)
+        left_out = f" ({len(entries) - len(written)} lines of videos that failed left out)" if failed else ""
+        print(f"List with the new file names: {out_list}{left_out}")
     for src, msg in failed:
         print(f"{src}: {msg}", file=sys.stderr)
     print(f"{len(jobs)} videos: {len(jobs) - len(failed)} written or already there, {len(failed)} failed.")
