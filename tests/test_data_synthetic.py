@@ -139,6 +139,12 @@ def test_check_videos_report_and_clean_list(tmp_path, make_video):
     assert rows["ok.mp4"]["frames"] == "12" and rows["ok.mp4"]["fps"] == "30.000"
     assert (rows["ok.mp4"]["height"], rows["ok.mp4"]["width"]) == ("48", "64")
     assert (tmp_path / "list.clean.csv").read_text() == "ok.mp4 0\n"
+    # The cleaned list named as training reads it, in a folder of its own that does not exist yet.
+    check_videos.main(["--list", str(tmp_path / "list.csv"), "--prefix", str(tmp_path), "--workers", "1",
+                       "--out_list", str(tmp_path / "clean lists" / "train.csv"),
+                       "--report", str(tmp_path / "reports" / "train.csv")])
+    assert (tmp_path / "clean lists" / "train.csv").read_text() == "ok.mp4 0\n"
+    assert (tmp_path / "reports" / "train.csv").read_text() == (tmp_path / "list.report.csv").read_text()
 
 
 def test_check_videos_with_a_wrong_prefix_names_the_flag(tmp_path, make_video, capsys):

@@ -70,6 +70,11 @@ def main(argv=None) -> int:
         return 1
     with open(args.list) as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
+    root, ext = os.path.splitext(args.list)
+    report = args.report or f"{root}.report.csv"
+    out_list = args.out_list or f"{root}.clean{ext}"
+    for path in (report, out_list):   # before the (long) check, so a bad output path fails at once
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     jobs = [(os.path.join(args.prefix, p), backend, args.min_frames) for p, _ in entries]
     if args.workers > 1:
         with Pool(args.workers) as pool:
@@ -77,9 +82,6 @@ def main(argv=None) -> int:
     else:
         rows = [check_video(j) for j in jobs]
 
-    root, ext = os.path.splitext(args.list)
-    report = args.report or f"{root}.report.csv"
-    out_list = args.out_list or f"{root}.clean{ext}"
     with open(report, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
