@@ -24,7 +24,8 @@ from datasets.video_dataset import sequential_decodes
 from models import ARCHS
 from utils import utils
 from utils.checkpoint import atomic_save, safe_torch_load
-from utils.evaluation import (ReturnIndexLabelDataset, clip_features, dataset_labels, derived_config,
+from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, clip_features, dataset_labels,
+                              derived_config,
                               extract_features_and_labels, load_backbone, make_loader, multi_view_stats,
                               require_readable, resolve_num_labels, single_clip_config, single_view_stats,
                               skipped_video_ids, to_device)
@@ -116,6 +117,7 @@ def eval_linear(args) -> dict:
         if not isinstance(trained, dict) or "state_dict" not in trained:
             raise KeyError(f"{trained_path} has no 'state_dict' entry; pass a checkpoint.pth.tar of eval_linear.py.")
         trained_state = trained["state_dict"]
+        trained_backbone = trained.get("backbone")
         bias = trained_state.get("module.linear.bias", trained_state.get("linear.bias"))
         if args.num_labels is None and bias is not None:
             args.num_labels = int(bias.shape[0])
@@ -129,8 +131,10 @@ def eval_linear(args) -> dict:
         raise ValueError(f"--n_last_blocks {args.n_last_blocks}: the backbone has {len(model.blocks)} blocks; pass "
                          f"--n_last_blocks {len(model.blocks)} or less (SVT's scripts pass 1).")
     classifier = LinearClassifier(dim, args.num_labels, args.feature_bn).to(device)
+    fingerprint = backbone_fingerprint(model)
 
     if evaluate_only:
+        check_same_backbone(trained_backbone, fingerprint, trained_path, args.pretrained_weights)
         load_classifier_state(classifier, trained_state, trained_path)
         val_stats, val_ids = validate_network(model, classifier, val_set, args, device)
         test_stats, test_ids = final_test(model, classifier, test_set, args, device)
@@ -156,6 +160,7 @@ def eval_linear(args) -> dict:
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     if os.path.isfile(ckpt_path):
         ckpt = safe_torch_load(ckpt_path)
+        check_same_backbone(ckpt.get("backbone"), fingerprint, ckpt_path, args.pretrained_weights)
         load_classifier_state(classifier.module if distributed else classifier, ckpt["state_dict"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -178,7 +183,8 @@ def eval_linear(args) -> dict:
         if utils.is_main_process():
             atomic_save({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "best_acc": best_acc}, ckpt_path)
+                         "best_acc": best_acc, "backbone": fingerprint,
+                         "pretrained_weights": args.pretrained_weights}, ckpt_path)
         write_log(args, log_stats)
 
     stats, test_ids = final_test(model, classifier, test_set, args, device)
@@ -274,6 +280,17 @@ class LinearClassifier(nn.Module):
         if self.feature_bn is not None:
             x = self.feature_bn(x)
         return self.linear(x)
+
+
+def check_same_backbone(saved: str | None, fingerprint: str, path: str, pretrained_weights: str) -> None:
+    """A classifier is only scored on the backbone it was trained on (`backbone_fingerprint`; files written
+    before the fingerprint was saved cannot tell and pass). Otherwise resuming or testing it would report its
+    numbers as this checkpoint's."""
+    if saved is not None and saved != fingerprint:
+        raise ValueError(f"{path} is a linear classifier trained on the features of another backbone than "
+                         f"--pretrained_weights {pretrained_weights or '(none: random init)'}; resuming or testing it "
+                         "would report its scores for this checkpoint. Give this evaluation its own --output_dir "
+                         f"(eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...), or delete {path} to train a new one.")
 
 
 def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) -> None:

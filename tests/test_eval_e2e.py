@@ -117,7 +117,7 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
     stats = linear(common + ["--epochs", "2"] + opts)
     assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 3
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=False)
-    assert set(ckpt) == {"epoch", "state_dict", "optimizer", "scheduler", "best_acc"}
+    assert set(ckpt) == {"epoch", "state_dict", "optimizer", "scheduler", "best_acc", "backbone", "pretrained_weights"}
     # A process group always exists (as in the original), so the classifier is DDP-wrapped: `module.` keys.
     assert ckpt["epoch"] == 2 and list(ckpt["state_dict"]) == ["module.linear.weight", "module.linear.bias"]
     assert ckpt["state_dict"]["module.linear.weight"].shape == (4, 192 * 3)
@@ -147,6 +147,20 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
     dist.destroy_process_group()
     sf = linear(common + ["--evaluate", "--slowfast_eval", "True"] + opts)
     assert sf["num_videos"] == 8 and 0 <= sf["multiview_acc1"] <= 100
+
+    # Another checkpoint with the same --output_dir (eval_linear.sh's default EXP_NAME): neither resuming
+    # the classifier trained on the first one's features nor testing it, whatever the file's name.
+    other = tmp_path / "checkpoint.pth"
+    state = torch.load(checkpoint, weights_only=False)
+    state["teacher"]["backbone.norm.bias"] = state["teacher"]["backbone.norm.bias"] + 0.5
+    torch.save(state, other)
+    swapped = [other if a == checkpoint else a for a in common]
+    for extra in (["--epochs", "4"], ["--evaluate"]):
+        dist.destroy_process_group()
+        with pytest.raises(ValueError, match=r"checkpoint.pth.tar is a linear classifier trained on the features "
+                                             r"of another backbone.*EXP_NAME=.*or delete"):
+            linear([str(a) for a in swapped] + extra + opts)
+    assert torch.load(out / "checkpoint.pth.tar", weights_only=False)["epoch"] == 3
 
 
 def test_linear_probe_with_feature_bn_trains_and_evaluates_again(synthetic_root, checkpoint, tmp_path):

@@ -5,6 +5,7 @@ and the multi-view aggregation of clip scores.
 A video that cannot be decoded comes back from the dataset with label -1 (datasets/video_dataset.py): it is
 left out of banks, queries and accuracies, and counted.
 """
+import hashlib
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -46,6 +47,16 @@ def load_backbone(arch: str, cfg, device: torch.device, pretrained_weights: str 
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """SHA-1 of a backbone's weights (names and bytes): which features a classifier trained on it has seen,
+    whatever file or path they came from."""
+    digest = hashlib.sha1()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_backbone_load(summary, path: str, arch: str) -> None:
