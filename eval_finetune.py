@@ -38,7 +38,8 @@ from models import ARCHS, VisionTransformer, build_backbone
 from utils import utils
 from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, load_imagenet_init,
                               load_pretrained_weights, restore_epoch_meters, restore_rng, safe_torch_load)
-from utils.evaluation import (ReturnIndexLabelDataset, check_backbone_load, dataset_labels, derived_config,
+from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, dataset_labels,
+                              derived_config,
                               extract_features_and_labels, make_loader, multi_view_stats, resolve_num_labels,
                               single_clip_config, single_view_stats, to_device, top1_top5)
 from utils.parser import add_config_args, load_config_from
@@ -133,16 +134,16 @@ def finetune_config(args):
     return load_config_from(args.cfg_file, DATASET_OPTS.get(args.dataset, []) + list(args.opts or []))
 
 
-def build_model(args, cfg, num_labels: int, initialise: bool = True) -> VisionTransformer:
+def build_model(args, cfg, num_labels: int) -> VisionTransformer:
     """The backbone of `args.arch` initialised from `args.pretrained_weights` (or TIMESFORMER.PRETRAINED_MODEL),
-    with a new linear head. initialise=False: random weights, to be replaced by a fine-tuning checkpoint."""
+    with a new linear head."""
     model = build_backbone(args.arch, cfg, patch_size=args.patch_size)
-    if initialise and args.pretrained_weights:  # the model has no head yet: a file's head is left out
+    if args.pretrained_weights:  # the model has no head yet: a file's head is left out
         summary = load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
         check_backbone_load(summary, args.pretrained_weights, args.arch)
-    elif initialise and cfg.TIMESFORMER.PRETRAINED_MODEL:
+    elif cfg.TIMESFORMER.PRETRAINED_MODEL:
         load_imagenet_init(model, cfg.TIMESFORMER.PRETRAINED_MODEL)
-    elif initialise:
+    else:
         print("WARNING: no --pretrained_weights and no TIMESFORMER.PRETRAINED_MODEL: fine-tuning from a "
               "random initialisation.")
     model.reset_classifier(num_labels)
@@ -265,15 +266,16 @@ def check_finite_loss(loss: float, epoch: int, args) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, best_acc1: float, args, cfg,
-                    iteration: int = 0, epoch_meters: dict | None = None, train_set=None) -> None:
+                    init_backbone: str, iteration: int = 0, epoch_meters: dict | None = None,
+                    train_set=None) -> None:
     """checkpoint.pth, written atomically by rank 0. At an epoch end `epoch` is the next epoch to run; a
     mid-epoch save (`iteration` batches of `epoch` done, this rank's `epoch_meters`) adds what an exact resume
     needs: `iteration`, every rank's RNG states and running meters, and the `train_set` videos decoded
-    sequentially. Every rank calls it (the mid-epoch part is gathered from all ranks); a non-finite running loss
+    sequentially; `init_backbone` is the fingerprint of the initialisation (a resume checks it). Every rank calls it (the mid-epoch part is gathered from all ranks); a non-finite running loss
     on any rank stops every rank instead."""
     state = {"epoch": epoch, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
-             "best_acc1": best_acc1, "args": args, "cfg": cfg.dump()}
+             "best_acc1": best_acc1, "args": args, "cfg": cfg.dump(), "init_backbone": init_backbone}
     if iteration:
         per_rank = gather_objects(epoch_meters)
         for entry in per_rank:
@@ -359,14 +361,18 @@ def eval_finetune(args) -> dict:
 
     precision, why = utils.choose_precision(args.use_fp16, args.amp_dtype, device)
     print(f"Mixed precision: {utils.PRECISION_NAMES[precision]} ({why})")
+    model = build_model(args, cfg, args.num_labels)
+    init_backbone = backbone_fingerprint(model, exclude=("head.",))
     if ckpt is not None:  # resume or --evaluate: the saved weights replace the initialisation
-        model = build_model(args, cfg, args.num_labels, initialise=False)
         if ckpt["model_state"]["head.bias"].shape[0] != args.num_labels:
             raise ValueError(f"{ckpt_path} has a {ckpt['model_state']['head.bias'].shape[0]}-class head but this "
                              f"run has {args.num_labels} classes; use another --output_dir or --num_labels.")
+        if ckpt.get("init_backbone", init_backbone) != init_backbone:  # files of before the key: cannot tell
+            raise ValueError(f"{ckpt_path} is a fine-tuning of another initialisation than --pretrained_weights "
+                             f"{args.pretrained_weights or '(none)'}; resuming or testing it would report its scores "
+                             "for this checkpoint. Give this run its own --output_dir (finetune.sh: EXP_NAME=... or "
+                             f"OUTPUT_DIR=...), or delete {ckpt_path} to start a new one.")
         model.load_state_dict(ckpt["model_state"])
-    else:
-        model = build_model(args, cfg, args.num_labels)
     model.to(device)
 
     if args.evaluate:
@@ -410,7 +416,7 @@ def eval_finetune(args) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at_epoch(args, epoch)
         save_mid_epoch = functools.partial(save_checkpoint, ckpt_path, model, optimizer, scaler, epoch, best_acc1,
-                                           args, cfg, train_set=train_set)
+                                           args, cfg, init_backbone, train_set=train_set)
         train_stats = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, niter, args, precision,
                                       device, writer, start_iter=start_iter if resumed else 0,
                                       epoch_meters=epoch_meters if resumed else None, save_mid_epoch=save_mid_epoch)
@@ -422,7 +428,7 @@ def eval_finetune(args) -> dict:
             print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}); skipped videos: "
                   f"{val_stats['skipped_videos']}")
             log_stats.update({f"val_{k}": v for k, v in val_stats.items()})
-        save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, best_acc1, args, cfg)
+        save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, best_acc1, args, cfg, init_backbone)
         if utils.is_main_process():
             for k, v in log_stats.items():
                 if k != "epoch" and isinstance(v, (int, float)):

@@ -288,7 +288,7 @@ def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
     test = json.loads((tmp_path / "ft" / "finetune_results.json").read_text())
     assert (test["test_multiview_acc1"], test["test_num_videos"]) == (one["test_multiview_acc1"], 7)
     cfg = eval_finetune.finetune_config(model_args)
-    model = eval_finetune.build_model(model_args, cfg, 4, initialise=False)
+    model = eval_finetune.build_model(model_args, cfg, 4)
     model.load_state_dict(torch.load(tmp_path / "ft1" / "checkpoint.pth", weights_only=False)["model_state"])
     val_set = eval_finetune.build_dataset("ucf101", eval_finetune.single_clip_config(cfg), "val")
     val_one = eval_finetune.evaluate(model, val_set, model_args, None, torch.device("cpu"))

@@ -186,6 +186,19 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
     assert torch.equal(torch.load(once / "checkpoint.pth", weights_only=False)["model_state"]["head.weight"],
                        a["model_state"]["head.weight"])
 
+    # Another initialisation with the same --output_dir (finetune.sh's default EXP_NAME ft_$DATASET): an
+    # error, not the first run's model resumed or tested under the new checkpoint's name.
+    state = torch.load(released, weights_only=True)
+    state["backbone.norm.bias"] = state["backbone.norm.bias"] + 0.5
+    torch.save(state, tmp_path / "other.pth")
+    other = [str(tmp_path / "other.pth") if a == released else a for a in common]
+    for extra in (["--epochs", "3"], ["--evaluate"]):
+        with pytest.raises(ValueError, match=r"checkpoint.pth is a fine-tuning of another initialisation than "
+                                             r"--pretrained_weights .*other.pth.*EXP_NAME="):
+            finetune(other + extra + ["--output_dir", str(once), "--opts"] + data + OPTS)
+        dist.destroy_process_group()
+    assert torch.load(once / "checkpoint.pth", weights_only=False)["epoch"] == 2
+
 
 def test_short_finetune_fits_a_small_training_set_and_moves_every_weight(synthetic_root, released, teacher, tmp_path):
     """8 videos (2 per class), val = train, no weight decay (so a weight that moves had a gradient), no
@@ -251,7 +264,8 @@ def test_mid_epoch_checkpoint_resumes_as_an_uninterrupted_run(synthetic_root, re
 
     a = torch.load(once / "checkpoint.pth", weights_only=False)
     b = torch.load(stopped / "checkpoint.pth", weights_only=False)
-    assert set(a) == set(b) == {"epoch", "model_state", "optimizer_state", "scaler", "best_acc1", "args", "cfg"}
+    assert set(a) == set(b) == {"epoch", "model_state", "optimizer_state", "scaler", "best_acc1", "args", "cfg",
+                                "init_backbone"}
     for key in a["model_state"]:
         assert torch.equal(a["model_state"][key], b["model_state"][key]), key
     for pa, pb in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):

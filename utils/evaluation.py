@@ -49,11 +49,13 @@ def load_backbone(arch: str, cfg, device: torch.device, pretrained_weights: str 
     return model
 
 
-def backbone_fingerprint(model: nn.Module) -> str:
-    """SHA-1 of a backbone's weights (names and bytes): which features a classifier trained on it has seen,
-    whatever file or path they came from."""
+def backbone_fingerprint(model: nn.Module, exclude: tuple[str, ...] = ()) -> str:
+    """SHA-1 of a backbone's weights (names and bytes, leaving out the keys starting with `exclude`): which
+    features a classifier trained on it has seen, whatever file or path they came from."""
     digest = hashlib.sha1()
     for name, value in model.state_dict().items():
+        if name.startswith(exclude):
+            continue
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
