@@ -247,8 +247,11 @@ def sequential_video_flags(*datasets) -> torch.Tensor:
 
 
 def sequential_decodes(*datasets) -> int:
-    """Videos of these datasets (or of the datasets they wrap) decoded sequentially so far, over all ranks."""
-    return int(sequential_video_flags(*datasets).sum())
+    """Videos of these datasets (or of the datasets they wrap) decoded sequentially so far, over all ranks; a
+    file in two of them (the val and test splits of one list) counts once."""
+    flags = sequential_video_flags(*datasets).tolist()
+    paths = [path for d in datasets for path in getattr(_flagged(d), "video_paths", [])]
+    return len({path for path, flag in zip(paths, flags) if flag})
 
 
 def checkpoint_sequential_videos(dataset) -> dict:

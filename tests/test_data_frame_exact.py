@@ -332,6 +332,7 @@ def test_val_test_and_slowfast_clips_hold_their_frames(frame_videos, backend):
         assert read_clip(fast, 1, portrait) == _eval_expected(name, clip_size, 0, 1, 32)
     expected = [int((n, backend) in SEQUENTIAL) for n in MADE]
     assert val.sequential_videos.tolist() == test.sequential_videos.tolist() == expected
+    assert sequential_decodes(val, test, slowfast) == sum(expected)  # the same files, counted once
 
 
 def test_expected_indices_are_hand_checked():
