@@ -30,7 +30,9 @@ trusted:
 - backend facts: the backend counts another number of frames than the probe (decord counts the frames an
   edit list hides) or cannot open the file, or decord on a file with more than one video stream, on a
   rotated video (it ignores the display matrix) or on open GOPs (it returns wrong frames for those shown
-  before a keyframe they are decoded after). Where torchcodec's exact mode cannot open a file (an mp4
+  before a keyframe they are decoded after), torchcodec or decord on an MPEG program or transport stream
+  (.mpg, .vob, .ts, .m2ts: no index, FFmpeg seeks them by bisecting byte positions; decord then returns other
+  frames, silently, torchcodec's exact mode frames with other timestamps). Where torchcodec's exact mode cannot open a file (an mp4
   whose stream 0 is cover art: its scan fails), it is given the probe's frame table instead (`frame_mappings`);
 - a decoder error, a missing frame or (torchcodec) a frame with another timestamp than the probe's during
   random access.
@@ -136,7 +138,8 @@ class VideoInfo:
     before the keyframe it is decoded after (open GOPs: x265's default, x264 --open-gop); `unsafe` says why
     random access cannot be trusted ("" when it can); `stream_index` is the container index of the video
     stream read (`_video_stream`), `video_streams` how many video streams are not attached pictures;
-    `key_pts`: the timestamps of the keyframe packets; `time_base`: the stream's (seconds per pts unit)."""
+    `key_pts`: the timestamps of the keyframe packets; `time_base`: the stream's (seconds per pts unit);
+    `container`: FFmpeg's name of the container format (the first if it has several: "mov" for mp4)."""
     num_frames: int
     fps: float
     rotation: int
@@ -150,6 +153,7 @@ class VideoInfo:
     unsafe: str
     stream_index: int
     video_streams: int
+    container: str
 
 
 def _video_stream(container, path: str):
@@ -235,7 +239,7 @@ def _probe(container, path: str) -> VideoInfo:
     return VideoInfo(num_frames=count, fps=fps, rotation=rotation, pts=table, seek_pts=seek_table,
                      key_pts=keys[:, 0], time_base=Fraction(stream.time_base), height=height, width=width,
                      open_gop=open_gop, unsafe="; ".join(reasons), stream_index=stream.index,
-                     video_streams=video_streams)
+                     video_streams=video_streams, container=container.format.name.split(",")[0])
 
 
 def probe(path: str) -> VideoInfo:
@@ -257,6 +261,11 @@ def _upright(frames: torch.Tensor, rotation: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- random access
+# Containers without an index, which FFmpeg seeks by bisecting byte positions: torchcodec's exact mode and decord
+# land on other frames there (decord silently; measured on MPEG-2 .mpg and .ts, tests/test_data_frame_exact.py).
+_BYTE_SEEKED = {"mpeg": "an MPEG program stream", "mpegts": "an MPEG transport stream"}
+
+
 def frame_mappings(info: VideoInfo) -> str:
     """The probe's frame table as torchcodec's `custom_frame_mappings` (ffprobe -show_frames JSON: per frame
     pts, duration, key_frame): torchcodec then seeks as in its exact mode without scanning the file, and its
@@ -273,6 +282,8 @@ def _open_torchcodec(source, info: VideoInfo, device: str = "cpu"):
     whose stream 0 is cover art: it seeks stream 0), given the probe's frame table (`frame_mappings`). A decoder
     that counts other frames than the probe raises _Untrusted."""
     from torchcodec.decoders import VideoDecoder
+    if info.container in _BYTE_SEEKED:
+        raise _Untrusted(f"torchcodec seeks {_BYTE_SEEKED[info.container]} to other frames")
     opts = {"stream_index": info.stream_index, "device": device, "dimension_order": "NHWC", "num_ffmpeg_threads": 1}
     try:
         video = VideoDecoder(source, seek_mode="exact", **opts)
@@ -327,6 +338,8 @@ class _DecordAccess:
             raise _Untrusted(f"decord ignores the display rotation ({info.rotation} degrees)")
         if info.open_gop:   # it returns a frame 2-3 later for frames shown before a keyframe, silently
             raise _Untrusted("decord returns wrong frames around the keyframes of open GOPs")
+        if info.container in _BYTE_SEEKED:
+            raise _Untrusted(f"decord seeks {_BYTE_SEEKED[info.container]} to other frames")
         try:
             self._reader = decord.VideoReader(path, num_threads=1)
         except Exception as err:

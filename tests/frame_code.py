@@ -41,6 +41,20 @@ PyAV at test time:
 - two_video_streams.mkv Stream 0: H.264 without B-frames, frame k shows k; stream 1: H.264 with B-frames at
                      96x72, frame k shows 47 - k. FFmpeg's "best stream" is stream 1 here (more frames seen while
                      probing); the original reads stream 0 (`streams.video[0]`).
+
+`write_format_fixtures(root)` writes one file per case of FORMATS: the codecs, pixel formats and containers of
+real collections, FORMAT_FRAMES frames each (64x48 unless said, closed GOPs of 10, B-frames where the codec
+has them):
+- h264_10bit.mp4     H.264 High 10 (yuv420p10le), as in newer Kinetics re-downloads.
+- hevc_10bit.mp4     HEVC Main 10 (yuv420p10le, x265 defaults: open GOPs).
+- av1.mp4            AV1 (SVT-AV1), YouTube's current format.
+- vp8.webm           VP8 in WebM.
+- mjpeg.avi          Motion JPEG in AVI, full range (yuvj420p): cameras, older datasets.
+- mpeg2.mpg          MPEG-2 video in an MPEG program stream (DVD-style; closed GOPs, 2 B-frames).
+- mpeg2.ts           The same in an MPEG transport stream (broadcast, camcorders' .m2ts).
+- h264.mov           H.264 with B-frames in QuickTime (phones, cameras).
+- odd_size_444.mp4   H.264 High 4:4:4 (yuv444p) at 65x49: odd dimensions.
+- odd_size.webm      VP9 4:2:0 at 65x49 (the chroma planes are rounded up).
 """
 import os
 import struct
@@ -66,7 +80,14 @@ FIXTURES = ("h264_bframes.mp4", "mpeg4_bframes.avi", "mpeg4_plain.avi", "vfr.mp4
             "truncated.mp4", "short.mp4", "vp9.webm", "h264.mkv", "offset_10s.mp4", "cut_editlist.mp4",
             "open_gop_60fps.mp4", "hevc.mp4", "noindex.avi", "audio_first.mp4", "truncated_bframes.mp4",
             "cover_art.mp4", "two_video_streams.mkv")
-ENCODERS = {"hevc.mp4": "libx265"}   # fixtures made with an encoder FFmpeg builds may lack
+FORMATS = ("h264_10bit.mp4", "hevc_10bit.mp4", "av1.mp4", "vp8.webm", "mjpeg.avi", "mpeg2.mpg", "mpeg2.ts",
+           "h264.mov", "odd_size_444.mp4", "odd_size.webm")
+FORMAT_FRAMES = 24
+ODD_SIZE = (49, 65)           # height, width of the odd_size fixtures
+# Fixtures made with an encoder (and pixel format) FFmpeg builds may lack.
+ENCODERS = {"hevc.mp4": ("libx265", "yuv420p"), "hevc_10bit.mp4": ("libx265", "yuv420p10le"),
+            "h264_10bit.mp4": ("libx264", "yuv420p10le"), "av1.mp4": ("libsvtav1", "yuv420p"),
+            "vp8.webm": ("libvpx", "yuv420p")}
 VFR_TICKS = (1, 2, 3, 1)      # frame durations in 1/60 s, cycled
 BACKENDS = ("torchcodec", "decord", "pyav")
 
@@ -80,11 +101,18 @@ def require_backend(backend: str) -> None:
 
 def missing_encoder(name: str) -> str:
     """Why fixture `name` cannot be made here ("" when it can)."""
-    codec = ENCODERS.get(name)
-    return f"this FFmpeg has no {codec} encoder" if codec and codec not in av.codecs_available else ""
+    if name not in ENCODERS:
+        return ""
+    codec, pix_fmt = ENCODERS[name]
+    if codec not in av.codecs_available:
+        return f"this FFmpeg has no {codec} encoder"
+    if pix_fmt not in {f.name for f in av.Codec(codec, "w").video_formats or ()}:
+        return f"this FFmpeg's {codec} does not encode {pix_fmt}"
+    return ""
 
 
 MADE = tuple(name for name in FIXTURES if not missing_encoder(name))   # the fixtures write_fixtures makes here
+FORMATS_MADE = tuple(name for name in FORMATS if not missing_encoder(name))
 
 
 def code_frame(index: int, height: int = 48, width: int = 64) -> np.ndarray:
@@ -133,12 +161,13 @@ def read_clip(clip, time_dim: int, portrait: bool | None = None) -> list[int]:
 
 
 def encode_frames(path: str, codec: str, frames, options: dict, rate=30, time_base=None, pts=None,
-            codec_tag=None, container_options=None, audio_first: bool = False) -> None:
-    with av.open(path, "w", options=container_options or {}) as out:
+            codec_tag=None, container_options=None, audio_first: bool = False, pix_fmt: str = "yuv420p",
+            container_format: str | None = None) -> None:
+    with av.open(path, "w", format=container_format, options=container_options or {}) as out:
         audio = out.add_stream("aac", rate=16000, layout="mono") if audio_first else None   # stream 0
         stream = out.add_stream(codec, rate=rate, options=options)
         stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         if codec_tag:
             stream.codec_tag = codec_tag
         if time_base is not None:
@@ -308,3 +337,34 @@ def write_fixtures(root: str) -> dict[str, str]:
     reversed_large = [code_frame(NUM_FRAMES - 1 - k, 72, 96) for k in range(NUM_FRAMES)]
     _encode_two_streams(paths["two_video_streams.mkv"], frames, reversed_large, {**x264, "bf": "0"}, x264)
     return {name: path for name, path in paths.items() if name in MADE}
+
+
+def write_format_fixtures(root: str) -> dict[str, str]:
+    """Write every FORMATS file this FFmpeg can make (FORMATS_MADE) under root; returns {name: path}."""
+    os.makedirs(root, exist_ok=True)
+    frames = [code_frame(k) for k in range(FORMAT_FRAMES)]
+    odd = [code_frame(k, *ODD_SIZE) for k in range(FORMAT_FRAMES)]
+    x264 = {"preset": "veryfast", "crf": "12", "g": "10", "bf": "3", "threads": "1",
+            "x264-params": "b-adapt=0:scenecut=0"}
+    vpx = {"g": "10", "crf": "10", "deadline": "realtime", "cpu-used": "8", "threads": "1"}
+    mpeg2 = {"g": "10", "bf": "2", "qscale": "2", "flags": "+cgop", "sc_threshold": "1000000000"}
+    paths = {name: os.path.join(root, name) for name in FORMATS_MADE}
+    makers = {
+        "h264_10bit.mp4": lambda p: encode_frames(p, "libx264", frames, x264, pix_fmt="yuv420p10le"),
+        "hevc_10bit.mp4": lambda p: encode_frames(p, "libx265", frames, {"preset": "ultrafast", "crf": "12",
+            "x265-params": "log-level=error:keyint=10:min-keyint=10:bframes=3:scenecut=0:pools=1:frame-threads=1"},
+            pix_fmt="yuv420p10le"),
+        "av1.mp4": lambda p: encode_frames(p, "libsvtav1", frames, {"g": "10", "crf": "20", "preset": "12",
+                                                                   "svtav1-params": "lp=1"}),
+        "vp8.webm": lambda p: encode_frames(p, "libvpx", frames, {**vpx, "b": "1M"}),
+        "mjpeg.avi": lambda p: encode_frames(p, "mjpeg", frames, {"qscale": "2"}, pix_fmt="yuvj420p"),
+        "mpeg2.mpg": lambda p: encode_frames(p, "mpeg2video", frames, mpeg2, container_format="mpeg"),
+        "mpeg2.ts": lambda p: encode_frames(p, "mpeg2video", frames, mpeg2, container_format="mpegts"),
+        "h264.mov": lambda p: encode_frames(p, "libx264", frames, x264),
+        "odd_size_444.mp4": lambda p: encode_frames(p, "libx264", odd, x264, pix_fmt="yuv444p"),
+        "odd_size.webm": lambda p: encode_frames(p, "libvpx-vp9", odd, {**vpx, "b": "0"}),
+    }
+    for name, path in paths.items():
+        makers[name](path)
+    return paths
+

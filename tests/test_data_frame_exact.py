@@ -12,9 +12,10 @@ from datasets import build_dataset, decoder
 from datasets.transform import VideoDataAugmentationDINO
 from datasets.video_dataset import sequential_decodes
 from tests.conftest import build_cfg
-from tests.frame_code import (BACKENDS, BFRAMES_HELD, COVER_CODE, CUT_PREROLL, FIXTURES, MADE, NUM_FRAMES,
-                              SHORT_FRAMES, TRUNCATED_AT, code_frame, encode_frames, missing_encoder, read_clip,
-                              read_index, require_backend, truncate_inside, write_fixtures)
+from tests.frame_code import (BACKENDS, BFRAMES_HELD, COVER_CODE, CUT_PREROLL, FIXTURES, FORMAT_FRAMES, FORMATS,
+                              FORMATS_MADE, MADE, NUM_FRAMES, ODD_SIZE, SHORT_FRAMES, TRUNCATED_AT, code_frame,
+                              encode_frames, missing_encoder, read_clip, read_index, require_backend,
+                              truncate_inside, write_fixtures, write_format_fixtures)
 
 # Files each backend decodes sequentially (random access not trusted); every other (file, backend) is random access.
 # decord: it ignores the display matrix, returns wrong frames around open-GOP keyframes, counts the frames an
@@ -23,6 +24,11 @@ SEQUENTIAL = {(name, b) for name in ("mpeg4_bframes.avi", "truncated.mp4", "trun
               for b in BACKENDS} | \
     {(name, "decord") for name in ("rotated.mp4", "open_gop_60fps.mp4", "hevc.mp4", "cut_editlist.mp4",
                                    "two_video_streams.mkv")}
+# FORMATS (codecs, pixel formats, containers): decord's FFmpeg (4.1) has no AV1 decoder (it cannot open av1.mp4);
+# open GOPs (x265's default); MPEG program and transport streams, which torchcodec's exact mode and decord seek
+# to other frames (FFmpeg seeks them by bisecting byte positions).
+FORMAT_SEQUENTIAL = {("av1.mp4", "decord"), ("hevc_10bit.mp4", "decord")} | \
+    {(name, b) for name in ("mpeg2.mpg", "mpeg2.ts") for b in ("torchcodec", "decord")}
 OPEN_GOP = ("open_gop_60fps.mp4", "hevc.mp4")
 FRAMES = {name: NUM_FRAMES for name in FIXTURES} | {"short.mp4": SHORT_FRAMES, "truncated.mp4": TRUNCATED_AT,
                                                     "truncated_bframes.mp4": BFRAMES_HELD}
@@ -49,31 +55,88 @@ def _cfg(root, backend, **opts):
     return build_cfg(root, root, tiny=False, **{**OPTS, "DATA.DECODING_BACKEND": backend, **opts})
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", FIXTURES)
-def test_reader_returns_the_frames_asked_for(frame_videos, name, backend):
-    require_backend(backend)
-    if missing_encoder(name):
-        pytest.skip(f"{name} not made: {missing_encoder(name)}")
-    with decoder.open_video(str(frame_videos / name), backend) as reader:
+@pytest.fixture(scope="session")
+def format_videos(tmp_path_factory):
+    """Root folder with every FORMATS file this FFmpeg can make."""
+    root = tmp_path_factory.mktemp("formats")
+    write_format_fixtures(str(root))
+    return root
+
+
+def _check_reader(path: str, backend: str, frames: int, upright: tuple, sequential: bool) -> None:
+    """`backend` returns exactly the frames asked for (several requests), as uint8 RGB of the `upright` (H, W)
+    size, by random access or (`sequential`) sequentially."""
+    with decoder.open_video(path, backend) as reader:
         n = reader.num_frames
-        assert n == FRAMES[name]
+        assert n == frames
         requests = [list(range(n)), sorted(range(n - 1, -1, -7)), [n - 1], [0, n // 2, n // 2 + 1],
                     list(range(n // 3, n, 5))]
         for indices in requests:
-            frames = reader.get_frames(indices)
-            upright = (64, 48, 3) if name in PORTRAIT else (48, 64, 3)
-            assert frames.dtype == torch.uint8 and frames.shape[1:] == upright
-            assert read_clip(frames, 0) == indices, f"{name} via {backend}"
-        assert reader.sequential == ((name, backend) in SEQUENTIAL), reader.sequential_reason
+            got = reader.get_frames(indices)
+            assert got.dtype == torch.uint8 and got.shape[1:] == (*upright, 3)
+            assert read_clip(got, 0) == indices, f"{path} via {backend}"
+        assert reader.sequential == sequential, reader.sequential_reason
 
 
-def test_variable_frame_rate_rule(frame_videos):
-    # Frame i is the i-th frame by timestamp; fps is the average rate (48 frames over their 41/30 s).
-    with decoder.open_video(str(frame_videos / "vfr.mp4"), "pyav") as reader:
-        assert reader.fps == pytest.approx(NUM_FRAMES / (41 / 30))
-        assert not reader.sequential
-        assert read_clip(reader.get_frames([1, 2, 3, 4]), 0) == [1, 2, 3, 4]   # 1/60 s .. 3/60 s apart
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", FIXTURES + FORMATS)
+def test_reader_returns_the_frames_asked_for(request, name, backend):
+    require_backend(backend)
+    if missing_encoder(name):
+        pytest.skip(f"{name} not made: {missing_encoder(name)}")
+    if name in FORMATS:
+        root, frames, sequential = request.getfixturevalue("format_videos"), FORMAT_FRAMES, FORMAT_SEQUENTIAL
+    else:
+        root, frames, sequential = request.getfixturevalue("frame_videos"), FRAMES[name], SEQUENTIAL
+    upright = (64, 48) if name in PORTRAIT else ODD_SIZE if name.startswith("odd_size") else (48, 64)
+    _check_reader(str(root / name), backend, frames, upright, (name, backend) in sequential)
+
+
+def test_format_fixtures_are_what_they_claim(format_videos):
+    import av
+    claims = {"h264_10bit.mp4": ("h264", "yuv420p10le", "mov"), "hevc_10bit.mp4": ("hevc", "yuv420p10le", "mov"),
+              "av1.mp4": ("av1", "yuv420p", "mov"), "vp8.webm": ("vp8", "yuv420p", "matroska"),
+              "mjpeg.avi": ("mjpeg", "yuvj420p", "avi"), "mpeg2.mpg": ("mpeg2video", "yuv420p", "mpeg"),
+              "mpeg2.ts": ("mpeg2video", "yuv420p", "mpegts"), "h264.mov": ("h264", "yuv420p", "mov"),
+              "odd_size_444.mp4": ("h264", "yuv444p", "mov"), "odd_size.webm": ("vp9", "yuv420p", "matroska")}
+    assert set(claims) == set(FORMATS)
+    for name in FORMATS_MADE:
+        with av.open(str(format_videos / name)) as video:
+            stream = video.streams.video[0]
+            frame = next(video.decode(stream))
+            codec, pix_fmt, container = claims[name]   # the codec by id: PyAV may decode AV1 with libdav1d
+            assert stream.codec_context.codec.id == av.Codec(codec, "r").id, name
+            assert (frame.format.name, video.format.name.split(",")[0]) == (pix_fmt, container), name
+            assert decoder.probe(str(format_videos / name)).container == container
+            assert (frame.height, frame.width) == (ODD_SIZE if name.startswith("odd_size") else (48, 64))
+
+
+@pytest.mark.parametrize("name", ("mpeg2.mpg", "mpeg2.ts"))
+def test_mpeg_program_and_transport_streams_are_not_seeked_by_torchcodec_or_decord(format_videos, name):
+    # Why: on these (no index; FFmpeg seeks them by bisecting byte positions) decord returns other frames,
+    # silently, and torchcodec's exact mode frames with other timestamps (or raises). PyAV's random access
+    # identifies frames by timestamp and is exact (its checks fall back to sequential where a seek misses).
+    path = str(format_videos / name)
+    info = decoder.probe(path)
+    assert info.unsafe == "" and not info.open_gop and info.num_frames == FORMAT_FRAMES
+    if not decoder.decord_status():
+        import decord
+        got = [read_index(decord.VideoReader(path, num_threads=1).get_batch([k]).asnumpy()[0])
+               for k in range(FORMAT_FRAMES)]
+        assert got != list(range(FORMAT_FRAMES))
+        with pytest.raises(decoder._Untrusted, match=r"decord seeks an MPEG (program|transport) stream"):
+            decoder._DecordAccess(path, info)
+    if not decoder.torchcodec_status():
+        from torchcodec.decoders import VideoDecoder
+        wrong = 0
+        for k in range(FORMAT_FRAMES):
+            try:
+                wrong += read_clip(VideoDecoder(path, seek_mode="exact").get_frames_at([k]).data, 1) != [k]
+            except RuntimeError:
+                wrong += 1
+        assert wrong > 0
+        with pytest.raises(decoder._Untrusted, match=r"torchcodec seeks an MPEG (program|transport) stream"):
+            decoder._TorchcodecAccess(path, info)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -200,19 +263,24 @@ def test_open_gop_frames_shown_before_a_keyframe(frame_videos, name):
         assert got != leading
 
 
-def test_device_decoder_returns_the_frames_asked_for(frame_videos, device):
+def test_device_decoder_returns_the_frames_asked_for(frame_videos, format_videos, device):
     # DATA.DECODE_DEVICE's decoder (torchcodec on `device`: NVDEC with SVT_TEST_DEVICE=cuda) on every file the
     # probe trusts for random access (the others are decoded sequentially on the CPU, as the CPU path does),
     # cover_art.mp4 included (its exact mode's scan seeks the cover stream and fails: it is given the probe's
-    # frame table instead).
+    # frame table instead), and on the FORMATS: MPEG program and transport streams are refused (a DecodeError:
+    # the caller decodes them sequentially on the CPU).
     require_backend("torchcodec")
-    for name in MADE:
-        path = str(frame_videos / name)
+    for path in [str(frame_videos / n) for n in MADE] + [str(format_videos / n) for n in FORMATS_MADE]:
+        name = os.path.basename(path)
         info = decoder.probe(path)
         if info.unsafe:
             continue
         indices = sorted({0, 5, info.num_frames // 2, info.num_frames - 1})
         data = decoder.read_video_bytes(path)
+        if info.container in ("mpeg", "mpegts"):
+            with pytest.raises(decoder.DecodeError, match=f"{name}: on {device}, torchcodec seeks an MPEG"):
+                decoder.decode_on_device(data, indices, info, device, path)
+            continue
         frames, _ = decoder.decode_on_device(data, indices, info, device, path)
         assert read_clip(frames.cpu(), 0, name in PORTRAIT) == indices, name
     path = str(frame_videos / "h264_bframes.mp4")
