@@ -55,6 +55,9 @@ has them):
 - h264.mov           H.264 with B-frames in QuickTime (phones, cameras).
 - odd_size_444.mp4   H.264 High 4:4:4 (yuv444p) at 65x49: odd dimensions.
 - odd_size.webm      VP9 4:2:0 at 65x49 (the chroma planes are rounded up).
+
+`write_colour_bars` writes COLOUR_BARS straight as YUV planes (no RGB conversion on the way in), tagged with a
+colour matrix and range; `bars_rgb` is what they are in RGB under that matrix and range (the reference maths).
 """
 import os
 import struct
@@ -368,3 +371,60 @@ def write_format_fixtures(root: str) -> dict[str, str]:
         makers[name](path)
     return paths
 
+
+# 8 vertical bars, (Y, U, V) at 8 bits: a grey ramp from black to white (U = V = 128), then four colours whose
+# RGB differs by 15-39 levels between the BT.601 and BT.709 matrices.
+COLOUR_BARS = ((16, 128, 128), (60, 128, 128), (128, 128, 128), (235, 128, 128),
+               (81, 90, 240), (145, 54, 34), (41, 240, 110), (170, 166, 16))
+BAR_WIDTH, BAR_HEIGHT = 16, 32
+
+
+def write_colour_bars(path: str, codec: str, pix_fmt: str, options: dict, colorspace: int | None = None,
+                      color_range: int | None = None, frames: int = 3) -> None:
+    """`frames` frames of the COLOUR_BARS side by side (BAR_WIDTH x BAR_HEIGHT each), their YUV values written as
+    they are (scaled to 10 bits for a ...10le `pix_fmt`), the stream tagged with `colorspace` (AVColorSpace: also
+    written as primaries and transfer) and `color_range` (1 limited, 2 full) when given."""
+    yuv = np.asarray(COLOUR_BARS, dtype=np.int64)
+    if pix_fmt.endswith("10le"):
+        yuv, dtype = yuv * 4, np.uint16
+    else:
+        dtype = np.uint8
+    luma = np.repeat(np.repeat(yuv[None, :, 0], BAR_HEIGHT, 0), BAR_WIDTH, 1)
+    chroma = [np.repeat(np.repeat(yuv[None, :, c], BAR_HEIGHT // 2, 0), BAR_WIDTH // 2, 1) for c in (1, 2)]
+    height, width = luma.shape
+    planes = np.concatenate([luma.ravel()] + [c.ravel() for c in chroma]).astype(dtype).reshape(height * 3 // 2, width)
+    with av.open(path, "w") as out:
+        stream = out.add_stream(codec, rate=30, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        context = stream.codec_context
+        if colorspace is not None:
+            context.colorspace = context.color_primaries = context.color_trc = colorspace
+        if color_range is not None:
+            context.color_range = color_range
+        for k in range(frames):
+            frame = av.VideoFrame.from_ndarray(planes, format=pix_fmt)
+            if colorspace is not None:
+                frame.colorspace = colorspace
+            if color_range is not None:
+                frame.color_range = color_range
+            frame.pts = k
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+
+
+def bars_rgb(matrix: str, full_range: bool) -> np.ndarray:
+    """(8, 3) RGB of COLOUR_BARS under `matrix` ("bt601" or "bt709": Kr, Kb) and range: limited range maps
+    Y 16..235 and U, V 16..240 onto 0..255; rounded and clipped as uint8."""
+    kr, kb = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}[matrix]
+    y, u, v = (np.asarray(COLOUR_BARS, dtype=np.float64).T - [[0], [128], [128]])
+    if not full_range:
+        y, u, v = (y - 16) * 255 / 219, u * 255 / 224, v * 255 / 224
+    r, b = y + 2 * (1 - kr) * v, y + 2 * (1 - kb) * u
+    g = (y - kr * r - kb * b) / (1 - kr - kb)
+    return np.clip(np.stack([r, g, b], axis=1), 0, 255).round()
+
+
+def read_bars(frame) -> np.ndarray:
+    """(8, 3) RGB at the centre of each bar of a decoded (H, W, 3) colour-bars frame."""
+    a = np.asarray(frame, dtype=np.float64)
+    return a[BAR_HEIGHT // 2, BAR_WIDTH // 2::BAR_WIDTH]

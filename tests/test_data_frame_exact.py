@@ -13,9 +13,10 @@ from datasets.transform import VideoDataAugmentationDINO
 from datasets.video_dataset import sequential_decodes
 from tests.conftest import build_cfg
 from tests.frame_code import (BACKENDS, BFRAMES_HELD, COVER_CODE, CUT_PREROLL, FIXTURES, FORMAT_FRAMES, FORMATS,
-                              FORMATS_MADE, MADE, NUM_FRAMES, ODD_SIZE, SHORT_FRAMES, TRUNCATED_AT, code_frame,
-                              encode_frames, missing_encoder, read_clip, read_index, require_backend,
-                              truncate_inside, write_fixtures, write_format_fixtures)
+                              FORMATS_MADE, MADE, NUM_FRAMES, ODD_SIZE, SHORT_FRAMES, TRUNCATED_AT, bars_rgb,
+                              code_frame, encode_frames, missing_encoder, read_bars, read_clip, read_index,
+                              require_backend, truncate_inside, write_colour_bars, write_fixtures,
+                              write_format_fixtures)
 
 # Files each backend decodes sequentially (random access not trusted); every other (file, backend) is random access.
 # decord: it ignores the display matrix, returns wrong frames around open-GOP keyframes, counts the frames an
@@ -223,6 +224,45 @@ def test_frames_hidden_by_an_edit_list_are_not_frames(frame_videos):
     info = decoder.probe(path)
     assert info.num_frames == NUM_FRAMES and info.pts[0] == 0 and info.unsafe == ""
     assert read_clip(decoder.decode_sequential(path, info, [0, 1, 47]), 0) == [0, 1, 47]
+
+
+# Colour: (file, encoder, pixel format, options, AVColorSpace tag, AVColorRange tag, matrix, full range).
+LOSSLESS_X264 = {"qp": "0", "preset": "ultrafast", "threads": "1"}
+COLOURS = [("bt601_untagged.mp4", "libx264", "yuv420p", LOSSLESS_X264, None, None, "bt601", False),
+           ("bt709.mp4", "libx264", "yuv420p", LOSSLESS_X264, 1, 1, "bt709", False),
+           ("full_range.mp4", "libx264", "yuv420p", LOSSLESS_X264, 5, 2, "bt601", True),
+           ("full_range_bt709.mp4", "libx264", "yuv420p", LOSSLESS_X264, 1, 2, "bt709", True),
+           ("mjpeg_yuvj.avi", "mjpeg", "yuvj420p", {"qscale": "1"}, None, 2, "bt601", True),
+           ("bt709_10bit.mp4", "libx264", "yuv420p10le", LOSSLESS_X264, 1, 1, "bt709", False)]
+
+
+@pytest.mark.parametrize("case", COLOURS, ids=[c[0] for c in COLOURS])
+def test_backends_convert_colour_alike(tmp_path, case):
+    # Every backend converts with the matrix and range the stream is tagged with (untagged: BT.601, limited):
+    # within 3 levels of the reference maths, and within 2 of each other. (A backend ignoring the range would be
+    # 16-20 levels off at black and white; one using the other matrix 15-39 off on the colour bars.) Measured
+    # here: every backend the same, within 2 of the maths (10-bit white comes out 253, as swscale rounds it).
+    name, codec, pix_fmt, options, colorspace, color_range, matrix, full_range = case
+    path = str(tmp_path / name)
+    write_colour_bars(path, codec, pix_fmt, options, colorspace, color_range)
+    expected, got = bars_rgb(matrix, full_range), {}
+    for backend in BACKENDS:
+        if backend != "pyav" and {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}[backend]():
+            continue
+        with decoder.open_video(path, backend) as reader:
+            got[backend] = read_bars(reader.get_frames([1])[0])
+            assert not reader.sequential, reader.sequential_reason
+        assert np.abs(got[backend] - expected).max() <= 3, f"{backend}: {got[backend].tolist()} != {expected.tolist()}"
+    for backend, bars in got.items():
+        assert np.abs(bars - got["pyav"]).max() <= 2, backend
+
+
+def test_variable_frame_rate_rule(frame_videos):
+    # Frame i is the i-th frame by timestamp; fps is the average rate (48 frames over their 41/30 s).
+    with decoder.open_video(str(frame_videos / "vfr.mp4"), "pyav") as reader:
+        assert reader.fps == pytest.approx(NUM_FRAMES / (41 / 30))
+        assert not reader.sequential
+        assert read_clip(reader.get_frames([1, 2, 3, 4]), 0) == [1, 2, 3, 4]   # 1/60 s .. 3/60 s apart
 
 
 def _leading_frames(path: str) -> list[int]:
