@@ -8,7 +8,8 @@ frames its indices name, upright (the display rotation of the container is appli
 and without B-frames, variable frame rate, rotated, truncated, shorter than a clip, VP9 WebM, H.264 in
 Matroska, mp4 starting at 10 s, a stream-copied cut (edit list), open GOPs at 60 fps, HEVC, AVI without
 its index, audio as stream 0, an mp4 cut off inside a GOP with B-frames, cover art as the first video stream,
-two video streams.
+two video streams; and H.264 and HEVC at 10 bits, AV1, VP8, MJPEG (full range), MPEG-2 in .mpg and .ts, .mov,
+yuv444p and odd frame sizes.
 
 The video is the first video stream that is not an attached picture (cover art), on every backend
 (`_video_stream`). The original reads `streams.video[0]`, the first video stream (so a cover picture stored
