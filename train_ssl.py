@@ -34,7 +34,7 @@ from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
 from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_hint, restore_sequential_videos,
                                      sequential_decodes)
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
-from utils import utils
+from utils import preemption, utils
 from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_objects, gather_rng_states,
                               load_imagenet_init, load_pretrained_weights, remove_stale_temp_files,
                               restart_from_checkpoint, restore_epoch_meters, restore_rng, safe_torch_load)
@@ -162,7 +162,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_svt(args) -> None:
+def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS) -> None:
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     args.arch = ARCH_ALIASES.get(args.arch, args.arch)
@@ -214,35 +214,39 @@ def train_svt(args) -> None:
     # ============ training ... ============
     start_time = time.time()
     print(f"SVT pretraining from epoch {start_epoch} to {args.epochs}.")
-    for epoch in range(start_epoch, args.epochs):
-        data_loader.sampler.set_epoch(epoch)
-        data_loader.sampler.skip = start_iter * args.batch_size_per_gpu if epoch == start_epoch else 0
-        epoch_start = time.time()
+    # A stop signal (SLURM preemption / time limit, --signal warning) saves the step reached and exits with
+    # preemption.PREEMPTED_EXIT_STATUS; the default handlers are back after training.
+    with preemption.StopSignals(stop_signals) as stop:
+        for epoch in range(start_epoch, args.epochs):
+            data_loader.sampler.set_epoch(epoch)
+            data_loader.sampler.skip = start_iter * args.batch_size_per_gpu if epoch == start_epoch else 0
+            epoch_start = time.time()
 
-        resumed = epoch == start_epoch and start_iter > 0
-        train_stats, skipped = train_one_epoch(state, data_loader, epoch, niter, args,
-                                               start_iter=start_iter if resumed else 0,
-                                               epoch_meters=to_restore["epoch_meters"] if resumed else None)
+            resumed = epoch == start_epoch and start_iter > 0
+            train_stats, skipped = train_one_epoch(state, data_loader, epoch, niter, args,
+                                                   start_iter=start_iter if resumed else 0,
+                                                   epoch_meters=to_restore["epoch_meters"] if resumed else None,
+                                                   stop=stop)
 
-        last = epoch + 1 == args.epochs
-        warning = "loss" in train_stats and collapse_warning(train_stats["loss"],
-                                                             train_stats["target_mean_entropy"], args.out_dim)
-        if warning:
-            print(f"Epoch {epoch}: {warning}")
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                     "skipped_videos": skipped, "sequential_decodes": sequential_decodes(data_loader.dataset),
-                     "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(state.precision, "fp32")}
-        if knn is not None and (epoch % args.knn_freq == 0 or last):
-            with preserved_rng_state():
-                top1, top5 = knn.evaluate(state.teacher_without_ddp.backbone, state.precision)
-            log_stats.update(knn_top1=top1, knn_top5=top5)
-            print(f"Epoch {epoch}: kNN top1 {top1:.2f} top5 {top5:.2f}")
-        log_stats["epoch_time"] = round(time.time() - epoch_start, 3)
-        # The epoch-end checkpoint carries the epoch's log record: if the job dies before log.txt or the
-        # numbered checkpoint is written, the resumed run writes them (finish_epoch_end).
-        save_checkpoint(state, args, epoch + 1, 0, data_loader.dataset, numbered=is_numbered(epoch, args),
-                        epoch_log=log_stats)
-        write_epoch_log(output_dir, log_stats, writer)
+            last = epoch + 1 == args.epochs
+            warning = "loss" in train_stats and collapse_warning(train_stats["loss"],
+                                                                 train_stats["target_mean_entropy"], args.out_dim)
+            if warning:
+                print(f"Epoch {epoch}: {warning}")
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                         "skipped_videos": skipped, "sequential_decodes": sequential_decodes(data_loader.dataset),
+                         "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(state.precision, "fp32")}
+            if knn is not None and (epoch % args.knn_freq == 0 or last):
+                with preserved_rng_state():
+                    top1, top5 = knn.evaluate(state.teacher_without_ddp.backbone, state.precision)
+                log_stats.update(knn_top1=top1, knn_top5=top5)
+                print(f"Epoch {epoch}: kNN top1 {top1:.2f} top5 {top5:.2f}")
+            log_stats["epoch_time"] = round(time.time() - epoch_start, 3)
+            # The epoch-end checkpoint carries the epoch's log record: if the job dies before log.txt or the
+            # numbered checkpoint is written, the resumed run writes them (finish_epoch_end).
+            save_checkpoint(state, args, epoch + 1, 0, data_loader.dataset, numbered=is_numbered(epoch, args),
+                            epoch_log=log_stats)
+            write_epoch_log(output_dir, log_stats, writer)
     if writer is not None:
         writer.close()
     total_time = time.time() - start_time
@@ -250,9 +254,13 @@ def train_svt(args) -> None:
 
 
 def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, niter: int, args,
-                    start_iter: int = 0, epoch_meters: list[dict] | None = None) -> tuple[dict, int]:
+                    start_iter: int = 0, epoch_meters: list[dict] | None = None,
+                    stop: preemption.StopSignals | None = None) -> tuple[dict, int]:
     """One epoch (from `start_iter` when resuming mid-epoch, with the `epoch_meters` of the interrupted part,
-    so the means cover the whole epoch). Returns the averaged meters and skipped videos."""
+    so the means cover the whole epoch). Returns the averaged meters and skipped videos. When a `stop` signal
+    reached any rank, every rank ends the step where they learn it (at most preemption.CHECK_EVERY iterations
+    later), writes the mid-epoch checkpoint and raises preemption.Preempted."""
+    stop = stop if stop is not None else preemption.StopSignals(())
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
     device = state.device
@@ -283,8 +291,11 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
         log_step = (it_in_epoch - start_iter) % args.log_freq == 0 or it_in_epoch == niter - 1
         save_step = bool(args.saveckp_iters) and (it_in_epoch + 1) % args.saveckp_iters == 0 \
             and it_in_epoch + 1 < niter
-        if log_step or save_step:
-            stop_if_nonfinite(nonfinite, recent_losses, epoch, it, args)
+        stop_now = False
+        if log_step or save_step or preemption.is_check_step(it_in_epoch + 1, niter):
+            # the only host sync of the loop: one all-reduce for "a non-finite loss" and "a stop signal"
+            stop_now, (bad,) = stop.requested(nonfinite)
+            stop_if_nonfinite(bad, recent_losses, epoch, it, args)
             recent_losses.clear()
         if log_step and state.writer is not None:
             now = time.time()
@@ -295,9 +306,15 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
                        "clips_per_s": clips_per_s}
             for name, value in scalars.items():
                 state.writer.add_scalar(f"train/{name}", value, it)
-        if save_step:
+        if save_step or stop_now:
+            # a stop at the epoch's last iteration saves iteration == niter: the resumed run only ends the epoch
             save_checkpoint(state, args, epoch, it_in_epoch + 1, data_loader.dataset,
                             epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})
+        if stop_now:
+            if state.writer is not None:
+                state.writer.flush()
+            preemption.finish(preemption.stop_message(stop.names(), epoch, it_in_epoch + 1, niter,
+                                                      Path(args.output_dir) / "checkpoint.pth"))
 
     # average the meters over ranks
     metric_logger.synchronize_between_processes()
@@ -644,9 +661,9 @@ def collapse_warning(epoch_loss: float, mean_target_entropy: float, out_dim: int
     return None
 
 
-def stop_if_nonfinite(nonfinite: torch.Tensor, losses: list[torch.Tensor], epoch: int, it: int, args) -> None:
-    """On log and save steps: if any rank saw a non-finite loss since the last check, every rank stops."""
-    if not any_rank(nonfinite):
+def stop_if_nonfinite(nonfinite_on_any_rank: bool, losses: list[torch.Tensor], epoch: int, it: int, args) -> None:
+    """On check steps: if any rank saw a non-finite loss since the last check, every rank stops."""
+    if not nonfinite_on_any_rank:
         return
     values = torch.stack(losses).tolist() if losses else []
     stop_training(f"Loss is {values}, stopping training (rank {utils.get_rank()}, epoch {epoch}, iteration {it}): "
@@ -693,10 +710,16 @@ def stop_training(reason: str, args) -> None:
     sys.exit(1)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """The command line: exit status 0 when the run ends, preemption.PREEMPTED_EXIT_STATUS (3) when a stop signal
+    ended it after writing checkpoint.pth (run it again to resume), 1 on an error."""
     utils.line_buffered_output()
     parser = argparse.ArgumentParser("SVT", parents=[get_args_parser()])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     with utils.named_rank_failures(args.dist_timeout):
         train_svt(args)
+
+
+if __name__ == "__main__":
+    main()

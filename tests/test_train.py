@@ -491,6 +491,94 @@ def test_mid_epoch_resume_is_exact(full_run, synthetic_root, tmp_path, monkeypat
     _assert_same_state(safe_torch_load(tmp_path / "checkpoint.pth"), safe_torch_load(full_run / "checkpoint.pth"))
 
 
+# A real signal, sent by the process to itself at the start of its `nth` training step (on rank `rank` only); test
+# code, no hook in train_ssl.py. Runs train_ssl.py's command line with the tiny backbone.
+SIGNAL_LAUNCHER = textwrap.dedent("""
+    import functools, os, signal, sys
+    sys.path.insert(0, {root!r})
+    import models, train_ssl
+    train_ssl.build_backbone = functools.partial(models.build_backbone, depth=2, embed_dim=48, num_heads=2)
+    real_step, calls = train_ssl.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == {nth} and os.environ.get("RANK", "0") == "{rank}":
+            os.kill(os.getpid(), signal.{sig})
+        return real_step(*args, **kwargs)
+
+    train_ssl.train_step = step
+    train_ssl.main()
+""")
+
+
+def _signal_launcher(tmp_path: Path, nth: int, sig: str = "SIGTERM", rank: int = 0) -> Path:
+    launcher = tmp_path.parent / f"{tmp_path.name}_signal.py"
+    launcher.write_text(SIGNAL_LAUNCHER.format(root=str(ROOT), nth=nth, sig=sig, rank=rank))
+    return launcher
+
+
+def _knn_argv(root: Path, out: Path, *extra: str) -> list[str]:
+    """The argv of the `full_run` reference."""
+    return _argv(root, out, "--knn_freq", "1", "--knn_data_path", str(root / "knn_splits"),
+                 "--knn_path_prefix", str(root / "videos"), *extra)
+
+
+def _assert_same_run(out: Path, reference: Path):
+    """Same log.txt records (but the wall-clock epoch_time) and the same final weights, optimizer and centre."""
+    def records(folder):
+        return [{k: v for k, v in json.loads(line).items() if k != "epoch_time"}
+                for line in (folder / "log.txt").read_text().splitlines()]
+    assert records(out) == records(reference)
+    _assert_same_state(safe_torch_load(out / "checkpoint.pth"), safe_torch_load(reference / "checkpoint.pth"))
+
+
+def test_sigterm_mid_epoch_saves_the_step_reached_exits_3_and_resumes_exactly(full_run, synthetic_root, tmp_path,
+                                                                            monkeypatch):
+    """SIGTERM during step 6 (epoch 1, iteration index 1 of 4): the run finishes that step and the next (the
+    first stop check, a log step), writes checkpoint.pth at iteration 3 and exits with status 3; the rerun
+    ends with the log and weights of an uninterrupted run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the reference's float summation order
+    proc = subprocess.run([sys.executable, str(_signal_launcher(tmp_path, nth=6)),
+                           *_knn_argv(synthetic_root, tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("Stop signal SIGTERM: every rank stopped after iteration 3/4 of epoch 1 and "
+            f"{tmp_path / 'checkpoint.pth'} holds it. Exiting with status 3") in proc.stdout
+    ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 3)
+    assert len((tmp_path / "log.txt").read_text().splitlines()) == 1
+    _train(monkeypatch, _knn_argv(synthetic_root, tmp_path))
+    _assert_same_run(tmp_path, full_run)
+
+
+def test_sigusr1_at_an_epochs_last_step_saves_it_and_the_rerun_only_ends_the_epoch(full_run, synthetic_root,
+                                                                                  tmp_path, monkeypatch):
+    """The signal handler is in place in-process, and the default handler is back after the stop; a stop at the
+    last iteration of epoch 0 saves iteration 4 of 4: the rerun trains nothing more of that epoch, runs its kNN
+    pass and epoch end, and goes on as an uninterrupted run."""
+    import signal
+    real_step, calls = train_ssl.train_step, []
+
+    def signalled_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGUSR1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_ssl, "train_step", signalled_step)
+    with pytest.raises(SystemExit) as stopped:
+        _train(monkeypatch, _knn_argv(synthetic_root, tmp_path))
+    assert stopped.value.code == 3 and len(calls) == 4
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 4)
+    assert not (tmp_path / "log.txt").exists()
+    monkeypatch.setattr(train_ssl, "train_step", real_step)
+    _train(monkeypatch, _knn_argv(synthetic_root, tmp_path))
+    _assert_same_run(tmp_path, full_run)
+
+
 def test_mid_epoch_resume_with_another_global_batch_trains_each_video_once(synthetic_root, tmp_path, monkeypatch,
                                                                           capsys):
     """A mid-epoch checkpoint resumed with another global batch (--batch_size_per_gpu or the number of

@@ -1,0 +1,101 @@
+"""A clean stop on a termination signal (SLURM preemption or time limit, `#SBATCH --signal`, torchrun forwarding
+SIGTERM): the training loops checkpoint where they are and exit with PREEMPTED_EXIT_STATUS instead of losing the
+work done since their last checkpoint.
+
+While training runs, `StopSignals` replaces the handlers of its signals by one that only records the signal (a
+Python handler runs between bytecodes of the main thread; it prints nothing, so it cannot re-enter a write in
+progress). The loop asks `requested` at steps where every rank synchronises anyway, at most `CHECK_EVERY`
+iterations apart: all ranks see the same answer (a signal may reach the ranks at slightly different times) and
+stop after the same iteration. Outside training the previous handlers are back.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+from utils import utils
+
+# SLURM sends SIGTERM at a preemption or the time limit (SIGKILL follows after KillWait, ~30 s), torchrun forwards
+# it to its workers; SIGUSR1 is the usual `#SBATCH --signal=USR1@120` warning. (submitit keeps SIGUSR2.)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Exit status of a process that stopped on a signal after writing its checkpoint: "resume me" (requeue the job
+# or run the same command again). Errors exit with 1, argparse with 2.
+PREEMPTED_EXIT_STATUS = 3
+# The longest run of iterations without a stop check: the stop comes at most this many iterations after the
+# signal reached the last rank (fewer with a smaller --log_freq). Each check is one small all-reduce.
+CHECK_EVERY = 5
+
+
+class Preempted(SystemExit):
+    """Raised by a training loop after it saved its checkpoint on a stop signal; exits with PREEMPTED_EXIT_STATUS."""
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT_STATUS)
+        self.message = message
+
+
+class StopSignals:
+    """Context manager: inside it, `signals` only set a flag (in the main thread; elsewhere nothing is installed).
+    `received()` is this rank's flag per signal, `requested(extra)` the collective answer."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+        self.signals = tuple(signals)
+        self._received = [False] * len(self.signals)
+        self._previous: dict = {}
+        self.agreed: list[signal.Signals] = []  # the signals some rank received, once `requested` said True
+
+    def _record(self, signum: int, frame) -> None:
+        self._received[self.signals.index(signum)] = True
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def received(self) -> list[bool]:
+        return list(self._received)
+
+    def requested(self, *flags: torch.Tensor) -> tuple[bool, list[bool]]:
+        """Whether any rank received a stop signal, and the other boolean scalars `flags` (device tensors, e.g.
+        "a non-finite loss") OR-ed over the ranks, in one all-reduce. Every rank must call it at the same step."""
+        device = flags[0].device if flags else torch.device("cpu")
+        own = torch.tensor(self._received, dtype=torch.int32, device=device)
+        values = torch.cat([own, *(f.reshape(1).to(torch.int32) for f in flags)])
+        if utils.get_world_size() > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        values = [bool(v) for v in values.tolist()]
+        self.agreed = [sig for sig, hit in zip(self.signals, values) if hit]
+        return bool(self.agreed), values[len(self.signals):]
+
+    def names(self) -> str:
+        return "/".join(signal.Signals(sig).name for sig in self.agreed)
+
+
+def is_check_step(done: int, total: int) -> bool:
+    """Whether the step after which `done` of the epoch's `total` iterations are done checks for a stop: every
+    CHECK_EVERY iterations and at the last one."""
+    return done % CHECK_EVERY == 0 or done == total
+
+
+def stop_message(names: str, epoch: int, done: int, total: int, path) -> str:
+    return (f"Stop signal {names}: every rank stopped after iteration {done}/{total} of epoch {epoch} and {path} "
+            f"holds it. Exiting with status {PREEMPTED_EXIT_STATUS}: run the same command again (or requeue the "
+            "job) to resume exactly there.")
+
+
+def finish(message: str) -> None:
+    """After the checkpoint is written: wait until every rank got here (rank 0 has finished its save, so a
+    launcher that stops the job at the first exit cannot cut it short), print, raise Preempted."""
+    if utils.get_world_size() > 1:
+        dist.barrier()
+    print(message, flush=True)
+    raise Preempted(message)
