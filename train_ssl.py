@@ -162,7 +162,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS) -> None:
+def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS, exit_after_stop: bool = False) -> None:
+    """Pretraining. `stop_signals` end it cleanly (preemption.Preempted after the checkpoint); with
+    `exit_after_stop` (the command line) they stay ignored after such a stop, until the process exits."""
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     args.arch = ARCH_ALIASES.get(args.arch, args.arch)
@@ -216,7 +218,7 @@ def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS) -> None:
     print(f"SVT pretraining from epoch {start_epoch} to {args.epochs}.")
     # A stop signal (SLURM preemption / time limit, --signal warning) saves the step reached and exits with
     # preemption.PREEMPTED_EXIT_STATUS; the default handlers are back after training.
-    with preemption.StopSignals(stop_signals) as stop:
+    with preemption.StopSignals(stop_signals, ignore_after_stop=exit_after_stop) as stop:
         for epoch in range(start_epoch, args.epochs):
             data_loader.sampler.set_epoch(epoch)
             data_loader.sampler.skip = start_iter * args.batch_size_per_gpu if epoch == start_epoch else 0
@@ -314,7 +316,7 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
             if state.writer is not None:
                 state.writer.flush()
             preemption.finish(preemption.stop_message(stop.names(), epoch, it_in_epoch + 1, niter,
-                                                      Path(args.output_dir) / "checkpoint.pth"))
+                                                      Path(args.output_dir) / "checkpoint.pth"), stop)
 
     # average the meters over ranks
     metric_logger.synchronize_between_processes()
@@ -718,7 +720,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     with utils.named_rank_failures(args.dist_timeout):
-        train_svt(args)
+        train_svt(args, exit_after_stop=True)
 
 
 if __name__ == "__main__":

@@ -706,6 +706,26 @@ def test_two_process_loss_matches_one_process(synthetic_root, tmp_path):
     assert sorted(p.name for p in (tmp_path / "np2").iterdir()) == sorted(p.name for p in (tmp_path / "np1").iterdir())
 
 
+def test_a_signal_on_one_rank_stops_both_after_the_same_iteration(synthetic_root, tmp_path):
+    """2 processes, 4 iterations of 2 x 2 clips; only rank 1 gets SIGTERM, during its 2nd step. Both ranks stop
+    after iteration 3 (the first stop check after it, a log step), rank 0 writes that checkpoint and both exit
+    with status 3 (torchrun reports it, then exits 1 itself)."""
+    launcher = _signal_launcher(tmp_path, nth=2, rank=1)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    argv = _argv(synthetic_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu", "2",
+                 "--dist_timeout", "1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(launcher), *argv], env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and out.count("exitcode  : 3") == 2, out[-3000:]
+    assert out.count("Stop signal SIGTERM: every rank stopped after iteration 3/4 of epoch 0") == 2, out[-3000:]
+    ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 3)
+    assert len(ckpt["rng"]) == 2 and len(ckpt["epoch_meters"]) == 2
+
+
 def test_auto_precision_grad_checkpointing_lars_run(synthetic_root, tmp_path, monkeypatch):
     # auto: bf16 autocast on CPUs with native bf16, fp32 elsewhere (never emulated bf16 in a test)
     _train(monkeypatch, _argv(synthetic_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--amp_dtype", "auto",

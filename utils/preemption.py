@@ -30,19 +30,23 @@ CHECK_EVERY = 5
 
 
 class Preempted(SystemExit):
-    """Raised by a training loop after it saved its checkpoint on a stop signal; exits with PREEMPTED_EXIT_STATUS."""
+    """Raised by a training loop after it saved its checkpoint on a stop signal; exits with PREEMPTED_EXIT_STATUS.
+    `signals`: the stop signals some rank received."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, signals: list[signal.Signals]):
         super().__init__(PREEMPTED_EXIT_STATUS)
-        self.message = message
+        self.message, self.signals = message, signals
 
 
 class StopSignals:
     """Context manager: inside it, `signals` only set a flag (in the main thread; elsewhere nothing is installed).
-    `received()` is this rank's flag per signal, `requested(extra)` the collective answer."""
+    `received()` is this rank's flag per signal, `requested(extra)` the collective answer. On leaving, the
+    previous handlers are back; with `ignore_after_stop`, a Preempted exit leaves the signals ignored instead
+    (for a process that exits next)."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, ignore_after_stop: bool = False):
         self.signals = tuple(signals)
+        self.ignore_after_stop = ignore_after_stop
         self._received = [False] * len(self.signals)
         self._previous: dict = {}
         self.agreed: list[signal.Signals] = []  # the signals some rank received, once `requested` said True
@@ -56,9 +60,12 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._record)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # A process about to exit after a stop ignores the signals: a launcher that stops the other ranks when the
+        # first one exits (torchrun, srun --kill-on-bad-exit) sends them one, which must not change their status.
+        ignore = self.ignore_after_stop and isinstance(exc, Preempted)
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if ignore else handler)
         self._previous.clear()
 
     def received(self) -> list[bool]:
@@ -92,10 +99,10 @@ def stop_message(names: str, epoch: int, done: int, total: int, path) -> str:
             "job) to resume exactly there.")
 
 
-def finish(message: str) -> None:
+def finish(message: str, stop: StopSignals) -> None:
     """After the checkpoint is written: wait until every rank got here (rank 0 has finished its save, so a
     launcher that stops the job at the first exit cannot cut it short), print, raise Preempted."""
     if utils.get_world_size() > 1:
         dist.barrier()
-    print(message, flush=True)
-    raise Preempted(message)
+    print(message, force=True, flush=True)  # every rank: each SLURM task's log says why it ended
+    raise Preempted(message, stop.agreed)
