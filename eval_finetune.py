@@ -35,7 +35,7 @@ from datasets import DATASETS, build_dataset
 from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_start_iteration
 from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
 from models import ARCHS, VisionTransformer, build_backbone
-from utils import utils
+from utils import preemption, utils
 from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, load_imagenet_init,
                               load_pretrained_weights, restore_epoch_meters, restore_rng, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, dataset_labels,
@@ -193,13 +193,17 @@ def predict(model: VisionTransformer, frames) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epoch: int, niter: int, args,
                     precision, device: torch.device, writer=None, start_iter: int = 0,
-                    epoch_meters: list[dict] | None = None, save_mid_epoch=None) -> dict:
+                    epoch_meters: list[dict] | None = None, save_mid_epoch=None,
+                    stop: preemption.StopSignals | None = None) -> dict:
     """One epoch of cross-entropy training over the loader's `niter` batches; an optimizer step every
     `accum_iter` batches (a trailing group of fewer batches is dropped). A mid-epoch resume starts at
     `start_iter` (the loader skips the consumed batches) with the `epoch_meters` of the interrupted part;
     `save_mid_epoch(iteration=, epoch_meters=)` is called every --saveckp_iters iterations, at an optimizer step.
     Returns the epoch means (loss, top-1/5 on the training clips, lr) and the number of training videos that
-    could not be decoded (replaced by others)."""
+    could not be decoded (replaced by others). A `stop` signal on any rank ends the epoch at an optimizer step
+    (checked every preemption.CHECK_EVERY of them and at the last): mid-epoch checkpoint, then
+    preemption.Preempted."""
+    stop = stop if stop is not None else preemption.StopSignals(())
     model.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     num_batches = niter // args.accum_iter * args.accum_iter
@@ -238,8 +242,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if writer is not None and it % args.log_freq == 0:
             writer.add_scalar("train/loss", loss.item(), epoch * num_batches + it)
-        if step and is_save_step(it + 1, num_batches, args):
+        stop_now = step and preemption.is_check_step((it + 1) // args.accum_iter, num_batches // args.accum_iter) \
+            and stop.requested()[0]
+        if step and (stop_now or is_save_step(it + 1, num_batches, args)):
             save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})
+        if stop_now:
+            preemption.finish(preemption.stop_message(stop.names(), epoch, it + 1, num_batches,
+                                                      Path(args.output_dir) / CHECKPOINT_NAME), stop)
     metric_logger.synchronize_between_processes()
     if utils.get_world_size() > 1:
         skipped = skipped.to(device)
@@ -328,7 +337,10 @@ def final_test(model, test_set, args, precision, device, output_dir: Path, extra
     return results
 
 
-def eval_finetune(args) -> dict:
+def eval_finetune(args, exit_after_stop: bool = False) -> dict:
+    """Fine-tune, validate, test. preemption.STOP_SIGNALS during training end it cleanly (preemption.Preempted
+    after the mid-epoch checkpoint); with `exit_after_stop` (the command line) they stay ignored after such a
+    stop, until the process exits."""
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     if args.accum_iter < 1:
@@ -406,35 +418,38 @@ def eval_finetune(args) -> dict:
     print(f"Fine-tuning from epoch {start_epoch} to {args.epochs}: {len(train_loader) // args.accum_iter} steps "
           f"per epoch, global batch {args.batch_size_per_gpu * utils.get_world_size() * args.accum_iter}.")
     start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        utils.fix_random_seeds(epoch_seed(args.seed, epoch, utils.get_rank()))
-        resumed = epoch == start_epoch and start_iter > 0
-        if resumed:  # continue the interrupted epoch's random streams (drop path)
-            restore_rng(rng)
-        train_loader.sampler.set_epoch(epoch)
-        train_loader.sampler.skip = start_iter * args.batch_size_per_gpu if resumed else 0
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at_epoch(args, epoch)
-        save_mid_epoch = functools.partial(save_checkpoint, ckpt_path, model, optimizer, scaler, epoch, best_acc1,
-                                           args, cfg, init_backbone, train_set=train_set)
-        train_stats = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, niter, args, precision,
-                                      device, writer, start_iter=start_iter if resumed else 0,
-                                      epoch_meters=epoch_meters if resumed else None, save_mid_epoch=save_mid_epoch)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                     "sequential_decodes": sequential_decodes(train_set, val_set)}
-        if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-            val_stats = evaluate(model, val_set, args, precision, device)
-            best_acc1 = max(best_acc1, val_stats["acc1"])
-            print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}); skipped videos: "
-                  f"{val_stats['skipped_videos']}")
-            log_stats.update({f"val_{k}": v for k, v in val_stats.items()})
-        save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, best_acc1, args, cfg, init_backbone)
-        if utils.is_main_process():
-            for k, v in log_stats.items():
-                if k != "epoch" and isinstance(v, (int, float)):
-                    writer.add_scalar(f"epoch/{k}", v, epoch)
-            writer.flush()
-        write_log(output_dir, log_stats)
+    # A stop signal saves the step reached and exits with status 3 (README "Reliability").
+    with preemption.StopSignals(ignore_after_stop=exit_after_stop) as stop:
+        for epoch in range(start_epoch, args.epochs):
+            utils.fix_random_seeds(epoch_seed(args.seed, epoch, utils.get_rank()))
+            resumed = epoch == start_epoch and start_iter > 0
+            if resumed:  # continue the interrupted epoch's random streams (drop path)
+                restore_rng(rng)
+            train_loader.sampler.set_epoch(epoch)
+            train_loader.sampler.skip = start_iter * args.batch_size_per_gpu if resumed else 0
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at_epoch(args, epoch)
+            save_mid_epoch = functools.partial(save_checkpoint, ckpt_path, model, optimizer, scaler, epoch, best_acc1,
+                                               args, cfg, init_backbone, train_set=train_set)
+            train_stats = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, niter, args, precision,
+                                          device, writer, start_iter=start_iter if resumed else 0,
+                                          epoch_meters=epoch_meters if resumed else None,
+                                          save_mid_epoch=save_mid_epoch, stop=stop)
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                         "sequential_decodes": sequential_decodes(train_set, val_set)}
+            if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
+                val_stats = evaluate(model, val_set, args, precision, device)
+                best_acc1 = max(best_acc1, val_stats["acc1"])
+                print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}); skipped videos: "
+                      f"{val_stats['skipped_videos']}")
+                log_stats.update({f"val_{k}": v for k, v in val_stats.items()})
+            save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, best_acc1, args, cfg, init_backbone)
+            if utils.is_main_process():
+                for k, v in log_stats.items():
+                    if k != "epoch" and isinstance(v, (int, float)):
+                        writer.add_scalar(f"epoch/{k}", v, epoch)
+                writer.flush()
+            write_log(output_dir, log_stats)
     print(f"Fine-tuning took {datetime.timedelta(seconds=int(time.time() - start_time))}.")
     if writer is not None:
         writer.close()
@@ -453,4 +468,4 @@ if __name__ == "__main__":
     utils.line_buffered_output()
     args = argparse.ArgumentParser("Fine-tuning of SVT video features", parents=[get_args_parser()]).parse_args()
     with utils.named_rank_failures(args.dist_timeout):
-        eval_finetune(args)
+        eval_finetune(args, exit_after_stop=True)

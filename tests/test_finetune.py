@@ -276,6 +276,44 @@ def test_mid_epoch_checkpoint_resumes_as_an_uninterrupted_run(synthetic_root, re
     assert once_log[1]["train_skipped_videos"] >= 1
 
 
+def test_sigterm_saves_the_step_reached_exits_3_and_resumes_as_an_uninterrupted_run(synthetic_root, released,
+                                                                                   tmp_path, monkeypatch):
+    """A real SIGTERM during batch 2 of epoch 1 (8 batches, no --saveckp_iters): training goes on to the first
+    stop check (optimizer step 5), writes the mid-epoch checkpoint there and exits with status 3, handlers
+    restored; the rerun ends with the weights and log.txt of an uninterrupted run."""
+    import signal
+    data = _lists(synthetic_root, tmp_path, corrupt=True)
+    common = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "2",
+              "--num_workers", "0", "--lr", "0.01", "--epochs", "2", "--opts"] + data + OPTS
+    once, stopped = tmp_path / "once", tmp_path / "stopped"
+    finetune(["--output_dir", str(once)] + common)
+
+    real_top, calls = eval_finetune.top1_top5, []
+
+    def signalled(*args):  # called once per batch, after its backward
+        calls.append(1)
+        if len(calls) == 8 + 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real_top(*args)
+
+    monkeypatch.setattr(eval_finetune, "top1_top5", signalled)
+    with pytest.raises(SystemExit) as stop:
+        finetune(["--output_dir", str(stopped)] + common)
+    dist.destroy_process_group()
+    monkeypatch.undo()
+    assert stop.value.code == 3 and len(calls) == 8 + 5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ckpt = torch.load(stopped / "checkpoint.pth", weights_only=False)
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 5) and len(_log(stopped)) == 1
+    finetune(["--output_dir", str(stopped)] + common)
+
+    a = torch.load(once / "checkpoint.pth", weights_only=False)
+    b = torch.load(stopped / "checkpoint.pth", weights_only=False)
+    for key in a["model_state"]:
+        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+    assert _log(once) == _log(stopped)
+
+
 def test_mid_epoch_resume_with_another_global_batch_continues_after_the_videos_done(synthetic_root, released,
                                                                                    tmp_path, monkeypatch):
     """Stopped after 3 batches of 2 (6 of the 16 training videos), resumed with batches of 4: the epoch goes on
