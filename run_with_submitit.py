@@ -15,10 +15,11 @@ import copy
 import os
 import re
 import shlex
+import signal
 from pathlib import Path
 
 import train_ssl
-from utils import utils
+from utils import preemption, utils
 
 ROOT = Path(__file__).resolve().parent
 # scripts/common.sh recipe_defaults, where they differ from train_ssl.py's argparse defaults (the original's).
@@ -66,6 +67,11 @@ def import_submitit():
     return submitit
 
 
+def preemption_signal(submitit) -> signal.Signals:
+    """The signal submitit requeues on: SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL names another."""
+    return signal.Signals["SIG" + getattr(submitit.JobEnvironment, "USR_SIG", "USR2")]
+
+
 def set_distributed_env(job_env) -> None:
     """The torchrun variables utils.init_distributed_mode reads, from a submitit.JobEnvironment: the rank,
     world size and local rank of this task, the job's first host as MASTER_ADDR and a port derived from the
@@ -89,8 +95,16 @@ class Trainer:
         submitit = import_submitit()
         set_distributed_env(submitit.JobEnvironment())
         args = copy.deepcopy(self.args)  # train_svt writes rank, gpu, ... into its args; a requeue starts clean
-        with utils.named_rank_failures(args.dist_timeout):
-            train_ssl.train_svt(args)
+        # submitit's preemption / timeout signal first makes every rank stop at the same step and write the
+        # mid-epoch checkpoint (nothing is lost); then submitit's own handler, back in place, gets the signal and
+        # requeues the job from rank 0 as it always did. SIGTERM stays submitit's (ignored).
+        requeue_signal = preemption_signal(submitit)
+        try:
+            with utils.named_rank_failures(args.dist_timeout):
+                train_ssl.train_svt(args, stop_signals=(requeue_signal,))
+        except preemption.Preempted:
+            signal.raise_signal(requeue_signal)  # rank 0: requeue and exit; the other ranks exit with status 3
+            raise
 
     def checkpoint(self):
         submitit = import_submitit()

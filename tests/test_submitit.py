@@ -4,6 +4,7 @@ run without it; with submitit installed, one tiny two-process training also runs
 import builtins
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -13,7 +14,7 @@ import pytest
 
 import run_with_submitit
 import train_ssl
-from utils import utils
+from utils import preemption, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *utils.NCCL_ERROR_ENV)
@@ -165,7 +166,7 @@ def test_task_environment_is_what_init_distributed_mode_reads(fake_submitit, mon
     monkeypatch.setattr(builtins, "print", builtins.print)  # setup_for_distributed silences rank 3's prints
     seen = []
 
-    def fake_train_svt(args):
+    def fake_train_svt(args, stop_signals):
         utils.init_distributed_mode(args)
         seen.append(args)
 
@@ -190,7 +191,7 @@ def test_another_job_on_the_node_gets_another_port(fake_submitit):
 
 
 def test_checkpoint_requeues_a_fresh_trainer_with_the_same_args(fake_submitit, monkeypatch):
-    def mutating_train_svt(args):  # as the real one does (rank, gpu, arch alias)
+    def mutating_train_svt(args, stop_signals):  # as the real one does (rank, gpu, arch alias)
         args.rank, args.arch = 0, "vit_small"
 
     monkeypatch.setattr(train_ssl, "train_svt", mutating_train_svt)
@@ -203,6 +204,26 @@ def test_checkpoint_requeues_a_fresh_trainer_with_the_same_args(fake_submitit, m
     requeued = delayed.function
     assert isinstance(requeued, run_with_submitit.Trainer) and requeued is not trainer
     assert vars(requeued.args) == before  # train_ssl resumes from /ckpt/run/checkpoint.pth by itself
+
+
+def test_a_stop_on_submitits_signal_then_hands_it_to_submitits_requeue_handler(fake_submitit, monkeypatch):
+    """train_svt stops cleanly on submitit's preemption signal (SIGUSR2), not on SIGTERM (submitit ignores it);
+    after the checkpoint, the handler in place before (submitit's requeue) gets the signal, then the task exits
+    with status 3."""
+    seen, handled = [], []
+
+    def stopping_train_svt(args, stop_signals):
+        seen.append(stop_signals)
+        raise preemption.Preempted("stopped", list(stop_signals))
+
+    monkeypatch.setattr(train_ssl, "train_svt", stopping_train_svt)
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: handled.append(signum))
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_with_submitit.Trainer(run_with_submitit.get_args_parser().parse_args([]))()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [(signal.SIGUSR2,)] and handled == [signal.SIGUSR2] and stop.value.code == 3
 
 
 def test_without_submitit_one_line_names_the_install(monkeypatch, data_dir, tmp_path):
