@@ -46,3 +46,47 @@ def test_launch_script_without_the_packages_stops_naming_install_deps(tmp_path, 
                          timeout=60)
     assert run.returncode == 3
     assert "missing Python packages: torch" in run.stderr and "bash scripts/install_deps.sh" in run.stderr
+
+
+@pytest.mark.parametrize("srun_status, requeue, signal_it, status, requeued", [
+    (3, "1", False, 3, True),      # the tasks stopped on a signal: requeue
+    (3, "0", False, 3, False),     # REQUEUE=0 (or a cluster without requeue): exit 3, resubmit by hand
+    (137, "1", True, 3, True),     # the warning reached the script; srun ended the other tasks after the first
+    (1, "1", False, 1, False),     # an error: no requeue
+])
+def test_slurm_script_requeues_a_job_stopped_on_a_signal(tmp_path, srun_status, requeue, signal_it, status, requeued):
+    """scripts/slurm_train.sh with a fake srun (exits with srun_status, after the script's USR1 if signal_it) and
+    a fake scontrol that records its arguments."""
+    import signal
+    import time
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ready = tmp_path / "srun_started"
+    srun = "#!/bin/bash\n"
+    srun += (f"trap 'exit {srun_status}' USR1\ntouch {ready}\nwhile :; do sleep 0.05; done\n" if signal_it
+             else f"exit {srun_status}\n")
+    (bin_dir / "srun").write_text(srun)
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.txt'}\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    (tmp_path / "train.csv").write_text("a.mp4 0\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PROJECT_PATH": str(ROOT),
+           "DATA_PATH": str(tmp_path), "EXP_NAME": f"review_{tmp_path.name}", "SLURM_JOB_ID": "77",
+           "REQUEUE": requeue}
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm_train.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        if signal_it:
+            deadline = time.time() + 60
+            while not ready.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        (ROOT / "checkpoints" / env["EXP_NAME"]).rmdir()
+    assert proc.returncode == status, out + err
+    assert ((tmp_path / "scontrol.txt").read_text() == "requeue 77\n") if requeued else \
+        not (tmp_path / "scontrol.txt").exists()
+    if status == 3 and not requeued:
+        assert "not requeued" in err and "submit the same command again to resume" in err
