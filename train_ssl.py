@@ -324,7 +324,9 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
         skipped = skipped.to(device)
         dist.all_reduce(skipped)
     print("Epoch means:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, int(skipped.item())
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats["data_wait"] = utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers)
+    return stats, int(skipped.item())
 
 
 def train_step(state: TrainState, views: list[torch.Tensor], epoch: int, it: int, args) -> tuple[torch.Tensor, float]:
@@ -520,7 +522,8 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceVi
         raise ValueError(f"{cfg.DATA.PATH_TO_DATA_DIR}/train.csv has {len(dataset)} videos, fewer than one "
                          f"global batch ({args.batch_size_per_gpu} x {utils.get_world_size()} processes); "
                          "lower --batch_size_per_gpu.")
-    print(f"{len(dataset)} training videos, {len(loader)} steps per epoch.")
+    print(f"{len(dataset)} training videos, {len(loader)} steps per epoch; {args.num_workers} loader workers, "
+          f"{utils.available_cores()} CPU cores available to this process.")
     if on_device:
         # The workers hand over bytes + drawn parameters; this process decodes (NVDEC) and augments on the GPU.
         return DeviceViewLoader(loader, DeviceViews(transform.sizes, device))

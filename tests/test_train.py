@@ -427,6 +427,7 @@ def test_two_epoch_run_outputs(full_run):
     assert [l["epoch"] for l in lines] == [0, 1]
     for line in lines:
         assert {"train_loss", "train_lr", "train_wd", "epoch", "skipped_videos", "epoch_time"} <= line.keys()
+        assert 0 <= line["train_data_wait"] < 1
         assert np.isfinite(line["train_loss"]) and line["skipped_videos"] == 0
         assert 0 <= line["knn_top1"] <= line["knn_top5"] <= 100  # online kNN on the held-out lists
     assert list((full_run / "tb").glob("events.out.tfevents.*"))

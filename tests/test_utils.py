@@ -91,6 +91,29 @@ def test_smoothed_value_and_metric_logger(capsys):
     assert "eta: " in out and "loss: 0.500000" in out and "time: " in out and "data: " in out
 
 
+@pytest.mark.parametrize("loader_s, step_s, warned", [(3.0, 1.0, True), (0.1, 0.9, False)])
+def test_data_wait_is_the_loop_time_spent_waiting_for_batches(monkeypatch, capsys, loader_s, step_s, warned):
+    # A fake clock: the loader takes `loader_s` per batch (the first, with the workers' start, 10 s more and
+    # left out), the step `step_s`.
+    clock = [0.0]
+    monkeypatch.setattr(utils.time, "time", lambda: clock[0])
+
+    def batches(n):
+        for i in range(n):
+            clock[0] += loader_s + (10.0 if i == 0 else 0.0)
+            yield i
+
+    logger = utils.MetricLogger()
+    for _ in logger.log_every(batches(5), 10, header="Epoch: [0/1]", total=5):
+        clock[0] += step_s
+    assert (logger.waited_s, logger.looped_s) == pytest.approx((4 * loader_s, 4 * (loader_s + step_s)))
+    frac = utils.data_wait(logger, "Epoch 0", num_workers=3)
+    assert frac == round(loader_s / (loader_s + step_s), 3)
+    out = capsys.readouterr().out
+    assert ("Epoch 0: the training step waited for data 75% of the time" in out) == warned
+    assert ("3 loader workers and may use" in out) == warned
+
+
 def test_choose_precision_explicit_dtypes_and_autocast():
     cpu = torch.device("cpu")
     assert utils.choose_precision(False, "bf16", cpu)[0] is None

@@ -263,6 +263,7 @@ class MetricLogger:
     def __init__(self, delimiter: str = "  "):
         self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
         self.delimiter = delimiter
+        self.waited_s = self.looped_s = 0.0  # log_every's time waiting for items / in the loop, from item 2 on
 
     def update(self, **kwargs) -> None:
         for name, value in kwargs.items():
@@ -318,9 +319,13 @@ class MetricLogger:
         line = self.delimiter.join(parts)
         mb = 1024.0 * 1024.0
         for obj in iterable:
-            data_time.update(time.time() - end)
+            waited = time.time() - end
+            data_time.update(waited)
             yield obj
-            iter_time.update(time.time() - end)
+            elapsed = time.time() - end
+            iter_time.update(elapsed)
+            if i > start:  # the first item also waits for the workers to start
+                self.waited_s, self.looped_s = self.waited_s + waited, self.looped_s + elapsed
             if (i - start) % print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - 1 - i)))
                 memory = torch.cuda.max_memory_allocated() / mb if torch.cuda.is_available() else 0.0
@@ -335,6 +340,33 @@ class MetricLogger:
 # ---------------------------------------------------------------------------------------------
 # Distributed
 # ---------------------------------------------------------------------------------------------
+DATA_WAIT_WARNING = 0.2
+
+
+def data_wait(logger: MetricLogger, header: str, num_workers: int) -> float:
+    """The fraction of `logger.log_every`'s loop spent waiting for the next batch, on the process that waited
+    most (the others wait for it in their gradient all-reduce); a collective when distributed. From
+    DATA_WAIT_WARNING on, prints what to do about it."""
+    frac = torch.tensor(logger.waited_s / logger.looped_s if logger.looped_s > 0 else 0.0, dtype=torch.float64)
+    if is_dist_avail_and_initialized():
+        if dist.get_backend() == "nccl":
+            frac = frac.cuda()
+        dist.all_reduce(frac, op=dist.ReduceOp.MAX)
+    frac = round(float(frac), 3)
+    if frac >= DATA_WAIT_WARNING:
+        print(f"{header}: the training step waited for data {frac:.0%} of the time: loading limits this run. This "
+              f"process has {num_workers} loader workers and may use {available_cores()} CPU cores; give it more "
+              "cores (SLURM --cpus-per-task) and --num_workers up to them, resize the videos to short side 256 "
+              "(python -m datasets.preprocessing.resize_videos), or decode on the GPU (--opts DATA.DECODE_DEVICE "
+              "cuda).")
+    return frac
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity: what SLURM's --cpus-per-task or taskset grant)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def is_dist_avail_and_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
