@@ -7,10 +7,12 @@
   sampling rate 2) for fast tests; opts are "DATA.KEY"-style overrides, e.g. {"DATA.RAND_FR": True}.
 - `make_video(path, frames=None, num_frames=16, size=(48, 64), fps=30, levels=None)`: write an mp4;
   `levels` makes frame i a flat grey image of that level (frame identity readable after decoding).
+- `log_records(folder)`: the JSON lines of folder/log.txt without the wall-clock keys (`WALL_CLOCK_KEYS`).
 - `device`: the device of the cuda-capable tests: cpu, or cuda with SVT_TEST_DEVICE=cuda
   (benchmarks/device_check.sh runs them so: `SVT_TEST_DEVICE=cuda pytest -m cuda_capable`). Tests that
   take it are marked `cuda_capable`; tests marked `gpu` skip without CUDA.
 """
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +22,15 @@ import torch
 
 from datasets.synthetic import generate, write_video
 from utils.defaults import get_cfg
+
+WALL_CLOCK_KEYS = ("epoch_time", "train_data_wait")
+
+
+def log_records(folder: Path) -> list[dict]:
+    """log.txt's records without the keys that measure time (they differ between a run and its resume)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_KEYS}
+            for line in (Path(folder) / "log.txt").read_text().splitlines()]
+
 
 TINY_OPTS = {"DATA.TRAIN_CROP_SIZE": 32, "DATA.LOCAL_CROP_SIZE": 16, "DATA.TEST_CROP_SIZE": 32,
              "DATA.TRAIN_JITTER_SCALES": [36, 40], "DATA.NUM_FRAMES": 4, "DATA.SAMPLING_RATE": 2}

@@ -25,6 +25,7 @@ import torch
 import models
 import train_ssl
 from utils import utils
+from tests.conftest import WALL_CLOCK_KEYS, log_records
 from utils.checkpoint import atomic_save, remove_stale_temp_files, safe_torch_load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,15 +112,6 @@ def _run_jobs(tmp_path: Path, jobs: list[tuple[str, Path, list[str]]]) -> list[i
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-WALL_CLOCK_KEYS = ("epoch_time", "train_data_wait")
-
-
-def _log_records(out: Path) -> list[dict]:
-    """log.txt records without the wall-clock epoch_time and train_data_wait."""
-    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS} for r in records]
-
-
 @pytest.fixture(scope="module")
 def seek_unsafe_root(synthetic_root, tmp_path_factory) -> Path:
     """The synthetic training list with every video re-encoded as MPEG-4 AVI with B-frames: every one is
@@ -165,9 +157,9 @@ def test_kill_9_at_every_fragile_point_then_resume_ends_as_an_uninterrupted_run(
     assert "Wrote the log.txt line of epoch 0" in logs[3].read_text()
     assert "Wrote the log.txt line of epoch 1" in logs[5].read_text()
 
-    records = _log_records(out)
+    records = log_records(out)
     assert [r["sequential_decodes"] for r in records] == [16, 16]  # every video, in every epoch's line
-    assert records == _log_records(reference)
+    assert records == log_records(reference)
     assert sorted(p.name for p in out.glob("checkpoint*.pth")) == \
         ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth"]
     for name in ("checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth"):

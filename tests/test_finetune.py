@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import eval_finetune
 from models import build_backbone
+from tests.conftest import log_records
 from utils import utils
 from utils.parser import load_config_from
 
@@ -132,12 +133,6 @@ def _lists(synthetic_root, tmp_path, corrupt: bool = False, per_class: int | Non
     return ["DATA.PATH_TO_DATA_DIR", str(out), "DATA.PATH_PREFIX", str(synthetic_root / "videos")]
 
 
-def _log(out) -> list[dict]:
-    """log.txt records without the wall-clock train_data_wait."""
-    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "train_data_wait"} for r in records]
-
-
 def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, tmp_path):
     """2 epochs in one go vs 1 epoch + resume: identical weights and optimizer state. The lists hold an
     unreadable video: replaced (and counted) in training, left out (and counted) in val and test."""
@@ -164,7 +159,7 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
     assert res_resumed == res
 
     # log.txt: one line per epoch (train + val), then the test; the resumed run appends to its log.
-    once_log, resumed_log = _log(once), _log(resumed)
+    once_log, resumed_log = log_records(once), log_records(resumed)
     assert [l.get("epoch") for l in once_log] == [0, 1, None]
     assert [l.get("epoch") for l in resumed_log] == [0, None, 1, None]
     assert once_log[1] == resumed_log[2]
@@ -213,7 +208,7 @@ def test_short_finetune_fits_a_small_training_set_and_moves_every_weight(synthet
             "0", "--lr", "0.02", "--weight_decay", "0", "--epochs", "14", "--val_freq", "100",
             "--output_dir", str(out), "--opts"] + data + OPTS + easy
     res = finetune(args)
-    log = _log(out)
+    log = log_records(out)
     assert log[-2]["epoch"] == 13 and log[-2]["train_acc1"] == 100.0 and log[-2]["train_loss"] < 0.1
     assert log[0]["train_acc1"] < 100.0 and log[-2]["val_acc1"] == 100.0 and res["test_multiview_acc1"] == 100.0
 
@@ -262,7 +257,7 @@ def test_mid_epoch_checkpoint_resumes_as_an_uninterrupted_run(synthetic_root, re
     monkeypatch.undo()
     assert mid_saves == [(0, stop_at), (0, 6), (1, stop_at)]
     ckpt = torch.load(stopped / "checkpoint.pth", weights_only=False)
-    assert (ckpt["epoch"], ckpt["iteration"]) == (1, stop_at) and len(_log(stopped)) == 1
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, stop_at) and len(log_records(stopped)) == 1
     finetune(["--output_dir", str(stopped)] + common)
 
     a = torch.load(once / "checkpoint.pth", weights_only=False)
@@ -273,7 +268,7 @@ def test_mid_epoch_checkpoint_resumes_as_an_uninterrupted_run(synthetic_root, re
         assert torch.equal(a["model_state"][key], b["model_state"][key]), key
     for pa, pb in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-    once_log, stopped_log = _log(once), _log(stopped)
+    once_log, stopped_log = log_records(once), log_records(stopped)
     assert [l.get("epoch") for l in once_log] == [0, 1, None]
     assert once_log == stopped_log
     assert once_log[1]["train_skipped_videos"] >= 1
@@ -307,14 +302,14 @@ def test_sigterm_saves_the_step_reached_exits_3_and_resumes_as_an_uninterrupted_
     assert stop.value.code == 3 and len(calls) == 8 + 5
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     ckpt = torch.load(stopped / "checkpoint.pth", weights_only=False)
-    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 5) and len(_log(stopped)) == 1
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 5) and len(log_records(stopped)) == 1
     finetune(["--output_dir", str(stopped)] + common)
 
     a = torch.load(once / "checkpoint.pth", weights_only=False)
     b = torch.load(stopped / "checkpoint.pth", weights_only=False)
     for key in a["model_state"]:
         assert torch.equal(a["model_state"][key], b["model_state"][key]), key
-    assert _log(once) == _log(stopped)
+    assert log_records(once) == log_records(stopped)
 
 
 def test_mid_epoch_resume_with_another_global_batch_continues_after_the_videos_done(synthetic_root, released,

@@ -21,6 +21,7 @@ import models
 import train_ssl
 from datasets.seeding import SeededDataset
 from models import DINOLoss
+from tests.conftest import log_records
 from utils import utils
 from utils.checkpoint import safe_torch_load
 from utils.defaults import get_cfg
@@ -525,11 +526,8 @@ def _knn_argv(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _assert_same_run(out: Path, reference: Path):
-    """Same log.txt records (but the wall-clock epoch_time) and the same final weights, optimizer and centre."""
-    def records(folder):
-        return [{k: v for k, v in json.loads(line).items() if k != "epoch_time"}
-                for line in (folder / "log.txt").read_text().splitlines()]
-    assert records(out) == records(reference)
+    """Same log.txt records (but the wall-clock keys) and the same final weights, optimizer and centre."""
+    assert log_records(out) == log_records(reference)
     _assert_same_state(safe_torch_load(out / "checkpoint.pth"), safe_torch_load(reference / "checkpoint.pth"))
 
 
