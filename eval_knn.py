@@ -57,7 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "testlabels.pth are saved.")
     parser.add_argument("--load_features", default=None,
                         help="Directory with the four files of --dump_features; skips the extraction.")
-    parser.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes per GPU (decoding is CPU-bound).")
+    parser.add_argument("--num_workers", default=10, type=int,
+                        help="DataLoader worker processes per GPU (decoding is CPU-bound).")
     parser.add_argument("--seed", default=0, type=int,
                         help="Seed of the random-init backbone (no --pretrained_weights).")
     parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS,

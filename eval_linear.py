@@ -66,7 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "trained with it needs it again under --evaluate.")
     parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Clips per GPU (original script: 16).")
     utils.add_distributed_args(parser)
-    parser.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes per GPU (decoding is CPU-bound).")
+    parser.add_argument("--num_workers", default=10, type=int,
+                        help="DataLoader worker processes per GPU (decoding is CPU-bound).")
     parser.add_argument("--seed", default=0, type=int,
                         help="Seed of the random-init backbone (no --pretrained_weights) and of the probe training.")
     parser.add_argument("--val_freq", default=1, type=int, help="Validate every N epochs (and after the last).")

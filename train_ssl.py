@@ -98,7 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         each parameter tensor (clipped one by one, as the original; not a global norm). 0 turns it off.""")
     parser.add_argument("--batch_size_per_gpu", default=64, type=int,
                         help="Videos per GPU per step (the original script: 8 on each of 4 GPUs).")
-    parser.add_argument("--epochs", default=100, type=int, help="Training epochs (the original's default 100; the paper: 20).")
+    parser.add_argument("--epochs", default=100, type=int,
+                        help="Training epochs (the original's default 100; the paper: 20).")
     parser.add_argument("--freeze_last_layer", default=1, type=int, help="""Epochs during which the head's last
         layer gets no updates; holding it one epoch steadies the start. Raise it if the loss stays flat.""")
     parser.add_argument("--lr", default=0.0005, type=float, help="""Peak learning rate for a global
@@ -130,19 +131,23 @@ def get_args_parser() -> argparse.ArgumentParser:
         joined to DATA.PATH_PREFIX.""")
     parser.add_argument("--pretrained_rgb", default=None, type=str, help="""An SVT training checkpoint (or the
         released teacher file) whose teacher backbone initialises both student and teacher backbones; it must hold
-        every backbone weight (a strict load, as the original's). For the paper's ImageNet init use --opts TIMESFORMER.PRETRAINED_MODEL /path/to/dino_vitbase16_pretrain.pth.""")
+        every backbone weight (a strict load, as the original's). For the paper's ImageNet init use
+        --opts TIMESFORMER.PRETRAINED_MODEL /path/to/dino_vitbase16_pretrain.pth.""")
     parser.add_argument("--resume_from", default=None, type=str, help="""A training checkpoint (e.g. an earlier
         checkpointNNNN.pth of a run that diverged) to continue from when --output_dir has no checkpoint.pth yet:
         weights, optimizer, loss centre, epoch and RNG, with this run's flags (e.g. a lower --lr). A
         checkpoint.pth in --output_dir always wins (a rerun resumes its own run).""")
-    parser.add_argument("--output_dir", default=".", type=str, help="Folder for checkpoints, log.txt, config and tensorboard.")
-    parser.add_argument("--saveckp_freq", default=20, type=int, help="Keep a numbered checkpointNNNN.pth every x epochs.")
+    parser.add_argument("--output_dir", default=".", type=str,
+                        help="Folder for checkpoints, log.txt, config and tensorboard.")
+    parser.add_argument("--saveckp_freq", default=20, type=int,
+                        help="Keep a numbered checkpointNNNN.pth every x epochs.")
     parser.add_argument("--saveckp_iters", default=0, type=int, help="""Also rewrite checkpoint.pth every
         x iterations inside an epoch (0: off), so long epochs can resume mid-way.""")
     parser.add_argument("--log_freq", default=10, type=int, help="Print/tensorboard every x iterations.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
-    parser.add_argument("--num_workers", default=10, type=int, help="""DataLoader worker processes per GPU (decoding is CPU-bound: give
-        it cores; with DATA.DECODE_DEVICE cuda the workers only read bytes and draw parameters).""")
+    parser.add_argument("--num_workers", default=10, type=int, help="""DataLoader worker processes per GPU
+        (decoding is CPU-bound: give it cores; with DATA.DECODE_DEVICE cuda the workers only read bytes and draw
+        parameters; log.txt's train_data_wait says whether the step waited for them).""")
     utils.add_distributed_args(parser)
 
     # Online kNN on a held-out list

@@ -92,7 +92,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5)
 
 
 def measure_peaks(device: torch.device, n: int) -> dict:
-    return {"fp32": matmul_peak(device, torch.float32, n, reps=3), "bf16": matmul_peak(device, torch.bfloat16, n, reps=3)}
+    return {name: matmul_peak(device, dtype, n, reps=3) for name, dtype in (("fp32", torch.float32),
+                                                                          ("bf16", torch.bfloat16))}
 
 
 def local_crop(crop: int, patch: int = 16) -> int:
@@ -230,7 +231,8 @@ def main() -> None:
     fraction = {k: statistics.median(v) for k, v in fractions.items()}
     peak = {k: statistics.median(p[k] for p in peaks) for k in ("fp32", "bf16")}
     result = {
-        "size": opt.size, "batch": opt.batch, "crop": [opt.crop, local_crop(opt.crop)], "views": opt.views, "view_shapes_t_side": shapes,
+        "size": opt.size, "batch": opt.batch, "crop": [opt.crop, local_crop(opt.crop)], "views": opt.views,
+        "view_shapes_t_side": shapes,
         "out_dim": opt.out_dim, "attn": opt.attn, "precision": opt.precision, "compile": opt.compile,
         "grad_checkpointing": opt.grad_checkpointing, "fused_adamw": opt.fused_adamw,
         "optimizer": {k: v for k, v in state.optimizer.defaults.items() if k in ("fused", "foreach")},
@@ -259,7 +261,8 @@ def main() -> None:
     print(f"  step {flops['step'] / 1e12:.3f} TFLOP (student fwd {flops['student_fwd'] / 1e12:.3f}, teacher fwd "
           f"{flops['teacher_fwd'] / 1e12:.3f}, bwd = 2x student fwd), achieved {achieved / 1e9:.1f} GFLOP/s")
     around = {k: ", ".join(f"{p[k] / 1e9:.0f}" for p in peaks) for k in ("fp32", "bf16")}
-    print(f"  matmul peak around the steps fp32 {around['fp32']}, bf16 {around['bf16']} GFLOP/s -> {fraction[ref]:.1%} of the {ref} peak "
+    print(f"  matmul peak around the steps fp32 {around['fp32']}, bf16 {around['bf16']} GFLOP/s -> "
+          f"{fraction[ref]:.1%} of the {ref} peak "
           f"(fp32 {fraction['fp32']:.1%}, bf16 {fraction['bf16']:.1%}; best step: fp32 "
           f"{max(fractions['fp32']):.1%}, bf16 {max(fractions['bf16']):.1%}); peak memory {peak_mem / 2 ** 30:.2f} GiB "
           f"({mem_kind})")

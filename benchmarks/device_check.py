@@ -161,7 +161,8 @@ def train_knn_cmd(opt, out: Path) -> list[str]:
     if opt.dry_run:
         gen, epochs, batch, decode, workers = ["--classes", "3", "--per_class", "4"], 2, 4, "cpu", 0
     else:
-        gen, epochs, batch, decode, workers = ["--classes", "6", "--per_class", "24"], 6, 8, "cuda", min(8, os.cpu_count() or 1)
+        gen, epochs, batch, decode = ["--classes", "6", "--per_class", "24"], 6, 8, "cuda"
+        workers = min(8, os.cpu_count() or 1)
     opts = ["DATA.PATH_PREFIX", f"{data}/videos", "DATA.NUM_FRAMES", "4", "DATA.SAMPLING_RATE", "16",
             "DATA.TRAIN_CROP_SIZE", "64", "DATA.LOCAL_CROP_SIZE", "32", "DATA.TEST_CROP_SIZE", "64",
             "DATA.TRAIN_JITTER_SCALES", "[64, 64]", "TEST.NUM_SPATIAL_CROPS", "1", "MODEL.DROP_PATH_RATE", "0.0",
@@ -325,7 +326,8 @@ def main(argv=None) -> dict:
         elif name == "demo_gpu" and not demo_supports_scale():
             result = {"status": "skipped", "reason": "scripts/demo.sh has no DEMO_SCALE (demo branch not merged)"}
         elif left < MIN_STAGE_S:
-            result = {"status": "skipped", "reason": f"out of budget ({left:.0f} s left of --budget_s {opt.budget_s:.0f})"}
+            result = {"status": "skipped",
+                      "reason": f"out of budget ({left:.0f} s left of --budget_s {opt.budget_s:.0f})"}
         else:
             env = {**stage_env, **({"DEMO_SCALE": "gpu", "DEMO_OUT": str(out / "demo")} if name == "demo_gpu" else {})}
             limit = min(LIMITS[name] * (3 if opt.dry_run else 1), left)

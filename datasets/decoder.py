@@ -33,8 +33,9 @@ trusted:
   rotated video (it ignores the display matrix) or on open GOPs (it returns wrong frames for those shown
   before a keyframe they are decoded after), torchcodec or decord on an MPEG program or transport stream
   (.mpg, .vob, .ts, .m2ts: no index, FFmpeg seeks them by bisecting byte positions; decord then returns other
-  frames, silently, torchcodec's exact mode frames with other timestamps). Where torchcodec's exact mode cannot open a file (an mp4
-  whose stream 0 is cover art: its scan fails), it is given the probe's frame table instead (`frame_mappings`);
+  frames, silently, torchcodec's exact mode frames with other timestamps). Where torchcodec's exact mode
+  cannot open a file (an mp4 whose stream 0 is cover art: its scan fails), it is given the probe's frame table
+  instead (`frame_mappings`);
 - a decoder error, a missing frame or (torchcodec) a frame with another timestamp than the probe's during
   random access.
 Such a file is decoded sequentially instead, the original's way: from its first packet, in order,

@@ -154,8 +154,8 @@ def main(args) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     draw(results, out, data, args, out / "report.png")
     print("\n" + table(results))
-    print(f"\nseed {args.seed}, {results['precision']}, {args.seconds} s before the report; results in {out / 'results.json'}, "
-          f"pictures in {out / 'report.png'}")
+    print(f"\nseed {args.seed}, {results['precision']}, {args.seconds} s before the report; results in "
+          f"{out / 'results.json'}, pictures in {out / 'report.png'}")
     return results
 
 
