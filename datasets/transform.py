@@ -99,16 +99,6 @@ def random_resized_crop_params(height: int, width: int, scale: Sequence[float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def color_jitter(clip: torch.Tensor, factors: Sequence[float], order: Sequence[int]) -> torch.Tensor:
-    """Brightness, contrast and saturation (no hue) with one factor each for the whole clip, applied in
-    `order` (indices into (brightness, contrast, saturation)). Contrast blends every frame with the mean
-    of its own grayscale image."""
-    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-    for k in order:
-        clip = ops[k](clip, factors[k])
-    return clip
-
-
 @dataclass(frozen=True)
 class ViewParams:
     """The random draws of one SSL view: crop box (top, left, h, w), flip, colour-jitter factors
@@ -145,19 +135,65 @@ def draw_view_params(height: int, width: int, scale: Sequence[float], no_spatial
     return ViewParams(box, flip, jitter, order, gray)
 
 
+def gather_crop(frames: torch.Tensor, box: tuple[int, int, int, int],
+                positions: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """uint8 (K, H, W, 3) -> the box (top, left, h, w) of frames[positions], (T, h, w, 3): only the crop
+    is copied (index_select copies whole rows; advanced indexing of the strided crop is ~8x slower)."""
+    top, left, h, w = box
+    crop = frames[:, top:top + h, left:left + w]
+    return crop.index_select(0, positions) if isinstance(positions, torch.Tensor) else crop[positions]
+
+
+def _grayscale_planes(clip: torch.Tensor) -> torch.Tensor:
+    """(3, T, H, W) -> (T, H, W) luma with torchvision's weights and its order of float operations."""
+    return clip[0].mul(0.2989).add_(clip[1], alpha=0.587).add_(clip[2], alpha=0.114)
+
+
+def _blend_(clip: torch.Tensor, other: torch.Tensor | None, ratio: float) -> torch.Tensor:
+    """In place: clip * ratio + other * (1 - ratio), clamped to [0, 1] (torchvision's _blend, whose
+    operations and their rounding this repeats; `other` None is black: brightness)."""
+    clip.mul_(ratio)
+    if other is not None:
+        clip.add_(other, alpha=1.0 - ratio)
+    return clip.clamp_(0, 1)
+
+
+def color_jitter_(clip: torch.Tensor, factors: Sequence[float], order: Sequence[int]) -> torch.Tensor:
+    """In place on a float (3, T, H, W) clip in [0, 1]: brightness, contrast and saturation (no hue) with
+    one factor each for the whole clip, applied in `order` (indices into (brightness, contrast,
+    saturation)). Contrast blends every frame with the mean of its own grayscale image. The values are
+    torchvision's adjust_brightness/contrast/saturation on (T, 3, H, W), bit for bit."""
+    for k in order:
+        factor = float(factors[k])
+        if k == 0:
+            _blend_(clip, None, factor)
+        elif k == 1:
+            _blend_(clip, _grayscale_planes(clip).mean(dim=(-2, -1), keepdim=True), factor)
+        else:
+            _blend_(clip, _grayscale_planes(clip), factor)
+    return clip
+
+
 def apply_view_params(frames: torch.Tensor, params: ViewParams, size: int,
                       positions: torch.Tensor | slice = slice(None)) -> torch.Tensor:
     """One view on the CPU: uint8 (T, H, W, 3) -> float (3, T, size, size). The view is frames[positions],
-    cropped before the gather (only the crop is copied), resized in uint8 (bicubic, antialiased)."""
-    top, left, h, w = params.box
-    clip = resize_uint8(frames[:, top:top + h, left:left + w][positions], size).float().div_(255.0)
+    cropped before the gather (only the crop is copied), resized in uint8 (bicubic, antialiased) and
+    flipped in uint8, then written straight into the output's (3, T, size, size) layout: float in [0, 1],
+    colour jitter, grayscale and normalisation, in place. The values are those of torchvision's ops on the
+    (T, 3, H, W) clip, bit for bit."""
+    clip = resize_uint8(gather_crop(frames, params.box, positions), size)
     if params.flip:
         clip = clip.flip(-1)
+    out = torch.empty((3, clip.shape[0], size, size))
+    out.copy_(clip.permute(1, 0, 2, 3)).div_(255.0)
+    mean = torch.as_tensor(IMAGENET_MEAN).view(-1, 1, 1, 1)
     if params.jitter is not None:
-        clip = color_jitter(clip, params.jitter, params.order)
+        color_jitter_(out, params.jitter, params.order)
     if params.gray:
-        clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
-    return normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
+        torch.sub(_grayscale_planes(out).expand_as(out), mean, out=out)
+    else:
+        out.sub_(mean)
+    return out.div_(torch.as_tensor(IMAGENET_STD).view(-1, 1, 1, 1))
 
 
 class VideoDataAugmentationDINO:

@@ -4,6 +4,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from datasets import transform
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
@@ -124,6 +126,41 @@ def test_apply_view_params_crop_positions_flip_jitter_gray_hand_computed():
         row = torch.tensor([0.0, 0.0, grey[frame], grey[frame]])
         expected = ((row - mean) / std)[:, None].expand(3, 4, 4)
         torch.testing.assert_close(out[:, t], expected, rtol=0, atol=1e-5)
+
+
+def _torchvision_view(frames, params, size, positions):
+    """The view as torchvision's ops on the (T, 3, H, W) clip, one full-clip op after another: the
+    reference apply_view_params must equal bit for bit."""
+    top, left, h, w = params.box
+    clip = TF.resize(frames[positions][:, top:top + h, left:left + w].permute(0, 3, 1, 2), [size, size],
+                     interpolation=InterpolationMode.BICUBIC, antialias=True).float() / 255
+    if params.flip:
+        clip = TF.horizontal_flip(clip)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for k in params.order if params.jitter is not None else ():
+        clip = ops[k](clip, params.jitter[k])
+    if params.gray:
+        clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
+    clip = TF.normalize(clip, transform.IMAGENET_MEAN, transform.IMAGENET_STD)
+    return clip.permute(1, 0, 2, 3)
+
+
+def test_apply_view_params_is_torchvisions_ops_bit_for_bit():
+    # In place, in the output's (3, T, H, W) layout: the same floats as
+    # torchvision's resize, flip, adjust_brightness/contrast/saturation, rgb_to_grayscale and normalize on
+    # the whole (T, 3, H, W) clip, for every order of the jitter and with each option on and off.
+    torch.manual_seed(3)
+    frames = torch.randint(0, 256, (7, 60, 80, 3), dtype=torch.uint8)
+    positions = torch.tensor([6, 0, 3, 3, 5])
+    for i, order in enumerate(itertools.permutations(range(3))):
+        for size, box in ((48, (5, 7, 50, 66)), (24, (10, 3, 17, 21))):
+            jitter = tuple(float(torch.empty(()).uniform_(1 - m, 1 + m)) for m in (0.4, 0.4, 0.2))
+            for flip, gray, jittered in ((i % 2 == 0, False, True), (i % 2 == 1, True, True), (True, i < 3, False)):
+                params = transform.ViewParams(box, flip, jitter if jittered else None, order, gray)
+                ours = transform.apply_view_params(frames, params, size, positions)
+                expected = _torchvision_view(frames, params, size, positions)
+                assert ours.shape == (3, 5, size, size) and ours.is_contiguous()
+                assert torch.equal(ours, expected), params
 
 
 def test_short_side_and_uniform_crop_offsets():
