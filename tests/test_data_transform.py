@@ -145,10 +145,12 @@ def _torchvision_view(frames, params, size, positions):
     return clip.permute(1, 0, 2, 3)
 
 
-def test_apply_view_params_is_torchvisions_ops_bit_for_bit():
-    # In place, in the output's (3, T, H, W) layout: the same floats as
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 3 * 4 * 48 * 48 * 2 + 4])  # default; 2 frames per chunk at 48
+def test_apply_view_params_is_torchvisions_ops_bit_for_bit(monkeypatch, chunk_bytes):
+    # In place, in the output's (3, T, H, W) layout, a chunk of frames at a time: the same floats as
     # torchvision's resize, flip, adjust_brightness/contrast/saturation, rgb_to_grayscale and normalize on
     # the whole (T, 3, H, W) clip, for every order of the jitter and with each option on and off.
+    monkeypatch.setattr(transform, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(3)
     frames = torch.randint(0, 256, (7, 60, 80, 3), dtype=torch.uint8)
     positions = torch.tensor([6, 0, 3, 3, 5])
