@@ -151,10 +151,14 @@ def _grayscale_planes(clip: torch.Tensor) -> torch.Tensor:
 
 def _blend_(clip: torch.Tensor, other: torch.Tensor | None, ratio: float) -> torch.Tensor:
     """In place: clip * ratio + other * (1 - ratio), clamped to [0, 1] (torchvision's _blend, whose
-    operations and their rounding this repeats; `other` None is black: brightness)."""
+    operations and their rounding this repeats; `other` None is black: brightness). Brightness with
+    ratio <= 1 skips the clamp, a no-op there: clip is in [0, 1] and a float product x * r with r <= 1
+    rounds to at most x. (A blend with `other` can round one ulp above 1, so it always clamps.)"""
     clip.mul_(ratio)
     if other is not None:
         clip.add_(other, alpha=1.0 - ratio)
+    elif ratio <= 1:
+        return clip
     return clip.clamp_(0, 1)
 
 
