@@ -7,12 +7,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_open_times_both_ways_of_opening(tmp_path):
-    out = tmp_path / "open.json"
-    run = subprocess.run([sys.executable, "benchmarks/bench_open.py", "--videos", "1", "--seconds", "1", "--height",
-                          "64", "--width", "80", "--rounds", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+def _run_bench(script: str, out: Path, *args: str) -> dict:
+    """Run benchmarks/<script> on 64x80 videos with one round; its JSON report."""
+    run = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--height", "64", "--width", "80",
+                          "--rounds", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    times = json.loads(out.read_text())["ms_per_video_median"]
+    return json.loads(out.read_text())
+
+
+def test_bench_open_times_both_ways_of_opening(tmp_path):
+    times = _run_bench("bench_open.py", tmp_path / "open.json", "--videos", "1", "--seconds", "1")["ms_per_video_median"]
     assert {"1s_exact_scan_open", "1s_frame_table", "1s_exact_scan", "1s_probe"} <= set(times)
     assert all(ms > 0 for ms in times.values())
+
+
+def test_bench_augment_times_the_views_alone(tmp_path):
+    report = _run_bench("bench_augment.py", tmp_path / "augment.json", "--videos", "1", "--samples", "2")
+    assert report["views"] == {"global_frames": [8, 8], "local_frames": [8] * 8} and report["samples"] == 2
+    assert report["ms_per_sample"]["this"]["best"] > 0 and report["minor_page_faults_per_sample"]["this"] >= 0
