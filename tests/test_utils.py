@@ -275,3 +275,35 @@ def test_collect_env_reports_versions_precision_and_the_decoder_auto_picks(monke
     assert "torchcodec unavailable: RuntimeError: Could not load libtorchcodec" in env["decoding_backend_auto"]
     if collect_env.pyav_ffmpeg.pyav_libs_dir() is not None:
         assert "datasets/pyav_ffmpeg.py --always" in env["torchcodec_hint"]
+
+
+def test_comm_device_is_the_gpu_under_nccl_else_the_cpu(monkeypatch):
+    assert utils.comm_device() == torch.device("cpu")  # no process group
+    monkeypatch.setattr(utils, "is_dist_avail_and_initialized", lambda: True)
+    monkeypatch.setattr(utils.dist, "get_backend", lambda *a: "gloo")
+    assert utils.comm_device() == torch.device("cpu")
+    monkeypatch.setattr(utils.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert utils.comm_device() == torch.device("cuda", 3)
+
+
+def test_stop_check_without_flags_reduces_on_the_comm_device(monkeypatch):
+    """eval_finetune asks `requested()` with no device flag; under NCCL (which reduces no CPU tensor) its
+    all-reduce must still get a tensor on the collective's device."""
+    from utils import preemption
+
+    class Reduced(Exception):
+        pass
+
+    seen = []
+
+    def all_reduce(tensor, op=None):
+        seen.append(tensor.device)
+        raise Reduced
+
+    monkeypatch.setattr(utils, "comm_device", lambda: torch.device("meta"), raising=False)
+    monkeypatch.setattr(utils, "get_world_size", lambda: 2)
+    monkeypatch.setattr(preemption.dist, "all_reduce", all_reduce)
+    with pytest.raises(Reduced):
+        preemption.StopSignals().requested()
+    assert seen == [torch.device("meta")]

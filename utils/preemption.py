@@ -74,7 +74,7 @@ class StopSignals:
     def requested(self, *flags: torch.Tensor) -> tuple[bool, list[bool]]:
         """Whether any rank received a stop signal, and the other boolean scalars `flags` (device tensors, e.g.
         "a non-finite loss") OR-ed over the ranks, in one all-reduce. Every rank must call it at the same step."""
-        device = flags[0].device if flags else torch.device("cpu")
+        device = flags[0].device if flags else utils.comm_device()  # NCCL reduces no CPU tensor
         own = torch.tensor(self._received, dtype=torch.int32, device=device)
         values = torch.cat([own, *(f.reshape(1).to(torch.int32) for f in flags)])
         if utils.get_world_size() > 1:

@@ -221,8 +221,7 @@ class SmoothedValue:
         self.flush()
         if not is_dist_avail_and_initialized() or get_world_size() == 1:
             return
-        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=comm_device())
         dist.all_reduce(t)
         self.count = int(t[0].item())
         self.total = t[1].item()
@@ -347,10 +346,9 @@ def data_wait(logger: MetricLogger, header: str, num_workers: int) -> float:
     """The fraction of `logger.log_every`'s loop spent waiting for the next batch, on the process that waited
     most (the others wait for it in their gradient all-reduce); a collective when distributed. From
     DATA_WAIT_WARNING on, prints what to do about it."""
-    frac = torch.tensor(logger.waited_s / logger.looped_s if logger.looped_s > 0 else 0.0, dtype=torch.float64)
+    frac = torch.tensor(logger.waited_s / logger.looped_s if logger.looped_s > 0 else 0.0, dtype=torch.float64,
+                        device=comm_device())
     if is_dist_avail_and_initialized():
-        if dist.get_backend() == "nccl":
-            frac = frac.cuda()
         dist.all_reduce(frac, op=dist.ReduceOp.MAX)
     frac = round(float(frac), 3)
     if frac >= DATA_WAIT_WARNING:
@@ -365,6 +363,13 @@ def data_wait(logger: MetricLogger, header: str, num_workers: int) -> float:
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity: what SLURM's --cpus-per-task or taskset grant)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def comm_device() -> torch.device:
+    """Where tensors of a collective live: the current GPU under NCCL (which cannot reduce CPU tensors), else the CPU."""
+    if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_dist_avail_and_initialized() -> bool:
