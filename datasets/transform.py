@@ -181,6 +181,18 @@ def color_jitter_(clip: torch.Tensor, factors: Sequence[float], order: Sequence[
 CHUNK_BYTES = 1 << 20  # float frames per pass of the colour operations: about half of a core's L2
 
 
+def _frame_chunks(frames: int, per_chunk: int) -> list[tuple[int, int]]:
+    """(first frame, frames) of the chunks of a view: `per_chunk` frames each, but never a chunk of one frame
+    in a clip of several. Contrast's mean is a reduction per frame; torch splits a reduction with a single
+    output over its threads and sums in another order, one with several outputs it does not: so a 1-frame
+    chunk would give other floats (last-bit) than torchvision's whole-clip op when torch has several threads."""
+    per_chunk = max(2, per_chunk)
+    starts = list(range(0, frames, per_chunk))
+    if len(starts) > 1 and frames - starts[-1] == 1:
+        starts.pop()  # the last frame joins the chunk before
+    return [(t, (starts[i + 1] if i + 1 < len(starts) else frames) - t) for i, t in enumerate(starts)]
+
+
 def apply_view_params(frames: torch.Tensor, params: ViewParams, size: int,
                       positions: torch.Tensor | slice = slice(None)) -> torch.Tensor:
     """One view on the CPU: uint8 (T, H, W, 3) -> float (3, T, size, size). The view is frames[positions],
@@ -195,10 +207,9 @@ def apply_view_params(frames: torch.Tensor, params: ViewParams, size: int,
     out = torch.empty((3, clip.shape[0], size, size))
     mean = torch.as_tensor(IMAGENET_MEAN).view(-1, 1, 1, 1)
     std = torch.as_tensor(IMAGENET_STD).view(-1, 1, 1, 1)
-    step = max(1, CHUNK_BYTES // (3 * size * size * out.element_size()))
-    for t in range(0, out.shape[1], step):
-        chunk = out[:, t:t + step]
-        chunk.copy_(clip[t:t + step].permute(1, 0, 2, 3)).div_(255.0)
+    for t, n in _frame_chunks(out.shape[1], CHUNK_BYTES // (3 * size * size * out.element_size())):
+        chunk = out[:, t:t + n]
+        chunk.copy_(clip[t:t + n].permute(1, 0, 2, 3)).div_(255.0)
         if params.jitter is not None:
             color_jitter_(chunk, params.jitter, params.order)
         if params.gray:

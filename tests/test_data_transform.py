@@ -165,6 +165,31 @@ def test_apply_view_params_is_torchvisions_ops_bit_for_bit(monkeypatch, chunk_by
                 assert torch.equal(ours, expected), params
 
 
+def test_frame_chunks_never_leave_one_frame_alone():
+    assert transform._frame_chunks(8, 1) == [(0, 2), (2, 2), (4, 2), (6, 2)]
+    assert transform._frame_chunks(3, 1) == [(0, 3)]
+    assert transform._frame_chunks(7, 3) == [(0, 3), (3, 4)]
+    assert transform._frame_chunks(1, 5) == [(0, 1)]
+    assert transform._frame_chunks(5, 8) == [(0, 5)]
+
+
+def test_apply_view_params_at_224_with_two_threads_is_torchvisions_ops(monkeypatch):
+    # At 224 a frame holds more floats than torch reduces on one thread: a chunk of one frame would make
+    # contrast's mean a single-output reduction that torch splits over its threads (other last bits than
+    # torchvision's whole-clip op, which reduces every frame on one thread).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(5)
+        frames = torch.randint(0, 256, (3, 240, 240, 3), dtype=torch.uint8)
+        for order in ((1, 0, 2), (2, 1, 0)):
+            params = transform.ViewParams((0, 0, 240, 240), False, (1.2, 0.7, 1.1), order, False)
+            ours = transform.apply_view_params(frames, params, 224, torch.arange(3))
+            assert torch.equal(ours, _torchvision_view(frames, params, 224, torch.arange(3))), order
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_short_side_and_uniform_crop_offsets():
     assert transform.short_side_size(256, 340, 224) == (224, 297)
     assert transform.short_side_size(340, 256, 224) == (297, 224)
