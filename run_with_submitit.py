@@ -103,7 +103,7 @@ class Trainer:
             with utils.named_rank_failures(args.dist_timeout):
                 train_ssl.train_svt(args, stop_signals=(requeue_signal,))
         except preemption.Preempted:
-            signal.raise_signal(requeue_signal)  # rank 0: requeue and exit; the other ranks exit with status 3
+            signal.raise_signal(requeue_signal)  # submitit's handler: requeue (rank 0) and end the task
             raise
 
     def checkpoint(self):

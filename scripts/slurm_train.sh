@@ -45,6 +45,7 @@ trap forward_stop USR1
 srun --kill-on-bad-exit=1 "$PYTHON" train_ssl.py "${train_args[@]}" \
   ${user_args[@]+"${user_args[@]}"} ${user_opts[@]+--opts "${user_opts[@]}"} &
 srun_pid=$!
+if [ "$signalled" -eq 1 ]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi  # the warning came before srun's pid
 while kill -0 "$srun_pid" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
   wait "$srun_pid" || true
 done
