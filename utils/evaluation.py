@@ -171,8 +171,7 @@ def gather_rows(local: torch.Tensor, index: torch.Tensor, total: int) -> torch.T
     parts = [(local, index)]
     dim = local.shape[1] if local.dim() == 2 else -1
     if utils.is_dist_avail_and_initialized():
-        comm = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
-                else torch.device("cpu"))
+        comm = utils.comm_device()
         world = dist.get_world_size()
         meta = torch.tensor([local.shape[0], dim if local.shape[0] else -1], device=comm)
         metas = [torch.zeros_like(meta) for _ in range(world)]
