@@ -25,7 +25,8 @@ def preserved_rng_state():
 
 
 class SeededDistributedSampler(DistributedSampler):
-    """DistributedSampler yielding (index, seed) pairs; `skip` drops the first batches (mid-epoch resume)."""
+    """DistributedSampler yielding (index, seed) pairs; `skip` drops the first batches (mid-epoch resume; it may
+    exceed the epoch when a resume continues after its last batch)."""
 
     def __init__(self, dataset: Dataset, seed: int = 0, **kwargs):
         super().__init__(dataset, seed=seed, **kwargs)
@@ -40,7 +41,7 @@ class SeededDistributedSampler(DistributedSampler):
             yield index, sample_seed
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip
+        return max(self.num_samples - self.skip, 0)
 
 
 class SeededDataset(Dataset):

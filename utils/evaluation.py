@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 from datasets import ReturnIndexDataset, build_dataset
 from datasets.video_dataset import SKIPPED_LABEL
 from models import build_backbone
-from utils import utils
+from utils import preemption, utils
 from utils.checkpoint import load_imagenet_init, load_pretrained_weights
 
 
@@ -225,23 +225,29 @@ class ReturnIndexLabelDataset(ReturnIndexDataset):
 
 
 @torch.no_grad()
-def extract_features_and_labels(model: Callable, loader: Iterable,
-                                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features_and_labels(model: Callable, loader: Iterable, device: torch.device,
+                                check_stop: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """((N, D) float32 CPU outputs of `model`, (N,) labels as returned by the dataset, -1 for a skipped video)
     for every sample of `loader.dataset`, rows in index order.
 
     `loader` yields (frames, index, label) (a ReturnIndexLabelDataset); with torch.distributed each rank runs
-    its shard and the rows of all ranks are gathered on every rank, so every rank drops the same rows.
-    `frames` may be a list of clips when `model` takes one.
+    its shard (make_loader) and the rows of all ranks are gathered on every rank, so every rank drops the same
+    rows. `frames` may be a list of clips when `model` takes one. `check_stop` (a collective that may end the
+    pass by raising, e.g. on a stop signal) is called by every rank after the same batches: every
+    preemption.CHECK_EVERY batches of the shortest shard and at its last.
     """
     total = len(loader.dataset)
+    # the batches of the shortest shard (ShardSampler: total // world samples), which every rank reaches
+    common = math.ceil(total // utils.get_world_size() / loader.batch_size) if check_stop is not None else 0
     metric_logger = utils.MetricLogger(delimiter="  ")
     feats, idxs = [], []
-    for frames, index, label in metric_logger.log_every(loader, 10, "Extracting features:"):
+    for i, (frames, index, label) in enumerate(metric_logger.log_every(loader, 10, "Extracting features:")):
         out = model(to_device(frames, device)).float().cpu()
         # the label travels as an extra column (exact in float32 for any class id)
         feats.append(torch.cat([out, torch.as_tensor(label).float().view(-1, 1)], dim=1))
         idxs.append(torch.as_tensor(index).long().cpu())
+        if i < common and preemption.is_check_step(i + 1, common):
+            check_stop()
     local = torch.cat(feats) if feats else torch.zeros(0, 0)
     index = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long)
     rows = gather_rows(local, index, total)

@@ -93,10 +93,13 @@ def is_check_step(done: int, total: int) -> bool:
     return done % CHECK_EVERY == 0 or done == total
 
 
-def stop_message(names: str, epoch: int, done: int, total: int, path) -> str:
-    return (f"Stop signal {names}: every rank stopped after iteration {done}/{total} of epoch {epoch} and {path} "
-            f"holds it. Exiting with status {PREEMPTED_EXIT_STATUS}: run the same command again (or requeue the "
-            "job) to resume exactly there.")
+def stop_message(names: str, epoch: int, done: int, total: int, path, interrupted: str = "") -> str:
+    """What every rank prints after a stop; `interrupted`: the evaluation pass the stop abandoned (a resume runs
+    it again)."""
+    during = f" (in {interrupted}, which a resume runs again)" if interrupted else ""
+    return (f"Stop signal {names}: every rank stopped after iteration {done}/{total} of epoch {epoch}{during} and "
+            f"{path} holds it. Exiting with status {PREEMPTED_EXIT_STATUS}: run the same command again (or requeue "
+            "the job) to resume exactly there.")
 
 
 def finish(message: str, stop: StopSignals) -> None:
