@@ -5,25 +5,33 @@ per-video aggregation (a video whose clips all failed is left out). An unreadabl
 another. "skipped_videos" counts each unreadable video once per split (train, and val, whose list the
 multi-view test reads too unless it has its own); a split without any readable video is an error.
 
+SIGTERM / SIGUSR1 (SLURM preemption, time limit, `--signal` warning) stop training cleanly: every rank stops at the
+same iteration (at most preemption.CHECK_EVERY after the signal), the mid-epoch checkpoint.pth.tar is written and
+the process exits with status 3; a rerun of the same command continues exactly there. A signal during a
+validation or the final test abandons that pass (within 5 of its batches) after saving what training did; the
+rerun runs it again. `--evaluate` has nothing to save: a signal ends it as usual.
+
     torchrun --nproc_per_node=1 eval_linear.py --n_last_blocks 1 --arch vit_base \
         --pretrained_weights ckpt.pth --epochs 20 --lr 0.001 --batch_size_per_gpu 16 --num_labels 101 \
         --dataset ucf101 --output_dir checkpoints/eval/le_001 \
         --opts DATA.PATH_TO_DATA_DIR data/ucf101/splits DATA.PATH_PREFIX data/ucf101/videos
 """
 import argparse
+import functools
 import json
 import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
 from datasets import DATASETS, build_dataset
-from datasets.video_dataset import sequential_decodes
+from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_start_iteration
+from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
 from models import ARCHS
-from utils import utils
-from utils.checkpoint import atomic_save, safe_torch_load
+from utils import preemption, utils
+from utils.checkpoint import atomic_save, gather_objects, restore_epoch_meters, safe_torch_load
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, clip_features, dataset_labels,
                               derived_config,
                               extract_features_and_labels, load_backbone, make_loader, multi_view_stats,
@@ -69,9 +77,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", default=10, type=int,
                         help="DataLoader worker processes per GPU (decoding is CPU-bound).")
     parser.add_argument("--seed", default=0, type=int,
-                        help="Seed of the random-init backbone (no --pretrained_weights) and of the probe training.")
+                        help="Seed of the random-init backbone (no --pretrained_weights) and of the probe training "
+                             "(classifier init, clip order; each clip's augmentation is drawn under its own seed, "
+                             "so a resumed run draws the same clips).")
     parser.add_argument("--val_freq", default=1, type=int, help="Validate every N epochs (and after the last).")
-    parser.add_argument("--output_dir", default=".", help="Checkpoint, log.txt and results are written here.")
+    parser.add_argument("--output_dir", default=".",
+                        help="checkpoint.pth.tar, log.txt and results are written here; a checkpoint.pth.tar found "
+                             "here is resumed, also one written mid-epoch on SIGTERM/SIGUSR1 (exit status 3: "
+                             "run the same command again, or requeue the job).")
     parser.add_argument("--num_labels", default=None, type=int,
                         help="Classes of the classifier (101 UCF-101, 51 HMDB-51, 400 Kinetics-400, 174 SSv2). "
                              "Default: max label + 1 of the dataset (the original defaulted to 1000).")
@@ -89,7 +102,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def eval_linear(args) -> dict:
+def eval_linear(args, exit_after_stop: bool = False) -> dict:
+    """Train the probe (unless --evaluate), validate, test. preemption.STOP_SIGNALS during training, validation
+    or the final test end it cleanly (preemption.Preempted after the checkpoint); with `exit_after_stop` (the
+    command line) they stay ignored after such a stop, until the process exits."""
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     cfg = load_config(args)
@@ -119,6 +135,9 @@ def eval_linear(args) -> dict:
             raise KeyError(f"{trained_path} has no 'state_dict' entry; pass a checkpoint.pth.tar of eval_linear.py.")
         trained_state = trained["state_dict"]
         trained_backbone = trained.get("backbone")
+        if "iteration" in trained:
+            print(f"Note: {trained_path} was written in the middle of epoch {trained['epoch']} (a stopped run): "
+                  "evaluating a partly trained classifier; rerun without --evaluate to finish its training.")
         bias = trained_state.get("module.linear.bias", trained_state.get("linear.bias"))
         if args.num_labels is None and bias is not None:
             args.num_labels = int(bias.shape[0])
@@ -149,15 +168,11 @@ def eval_linear(args) -> dict:
     if distributed:
         classifier = nn.parallel.DistributedDataParallel(
             classifier, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = DistributedSampler(train_set) if distributed else RandomSampler(train_set)
-    # BatchNorm in training needs two clips per batch: a last batch of one is dropped.
-    drop_last = args.feature_bn and len(sampler) % args.batch_size_per_gpu == 1
-    train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                              num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                              drop_last=drop_last, worker_init_fn=utils.seed_worker)
+    train_loader = build_train_loader(train_set, args, device)
+    niter = len(train_loader)  # before any skip
     optimizer, scheduler = build_probe_optimizer(classifier, args)
 
-    start_epoch, best_acc, val_ids, train_skipped = 0, 0.0, set(), 0
+    start_epoch, start_iter, epoch_meters, best_acc, val_ids, train_skipped = 0, 0, None, 0.0, set(), 0
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     if os.path.isfile(ckpt_path):
         ckpt = safe_torch_load(ckpt_path)
@@ -166,29 +181,45 @@ def eval_linear(args) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
-        print(f"Resumed from {ckpt_path}: epoch {start_epoch}, best top-1 {best_acc:.2f}")
+        skipped = ckpt.get("skipped_videos", {"train": 0, "val": []})  # for the summary when no epoch is left
+        train_skipped, val_ids = skipped["train"], set(skipped["val"])
+        # a mid-epoch checkpoint (stop signal): `iteration` batches of `epoch` done
+        start_iter = resume_start_iteration(ckpt.get("iteration", 0), ckpt.get("args"), args.batch_size_per_gpu,
+                                            utils.get_world_size(), what=f"epoch {start_epoch}")
+        epoch_meters = ckpt.get("epoch_meters")
+        restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
+        print(f"Resumed from {ckpt_path}: epoch {start_epoch} from iteration {start_iter}, best top-1 {best_acc:.2f}")
 
-    for epoch in range(start_epoch, args.epochs):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, classifier, optimizer, train_loader, epoch, args, device)
-        train_skipped = train_stats["skipped_videos"]
-        scheduler.step()
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-        if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-            test_stats, val_ids = validate_network(model, classifier, val_set, args, device)
-            best_acc = max(best_acc, test_stats["acc1"])
-            print(f"Accuracy at epoch {epoch} of the network on the {len(val_set) - len(val_ids)} val clips: "
-                  f"{test_stats['acc1']:.1f}%  (max {best_acc:.2f}%); skipped videos: {len(val_ids)}")
-            log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
-        if utils.is_main_process():
-            atomic_save({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "best_acc": best_acc, "backbone": fingerprint,
-                         "pretrained_weights": args.pretrained_weights}, ckpt_path)
-        write_log(args, log_stats)
+    save = functools.partial(save_checkpoint, ckpt_path, classifier, optimizer, scheduler, args, fingerprint,
+                             train_set)
+    # A stop signal saves the training done and exits with status 3 (README "Reliability").
+    with preemption.StopSignals(ignore_after_stop=exit_after_stop) as stop:
+        for epoch in range(start_epoch, args.epochs):
+            resumed = epoch == start_epoch and start_iter > 0
+            train_loader.sampler.set_epoch(epoch)
+            train_loader.sampler.skip = start_iter * args.batch_size_per_gpu if resumed else 0
+            save_mid_epoch = functools.partial(save, epoch, best_acc)
+            train_stats, own_meters = train_one_epoch(model, classifier, optimizer, train_loader, epoch, niter, args,
+                                                      device, start_iter=start_iter if resumed else 0,
+                                                      epoch_meters=epoch_meters if resumed else None,
+                                                      save_mid_epoch=save_mid_epoch, stop=stop)
+            train_skipped = train_stats["skipped_videos"]
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
+                # a stop here keeps the epoch's training: a checkpoint after its last iteration, as a stop there
+                check = stop_check(stop, ckpt_path, epoch, niter, f"the validation of epoch {epoch}",
+                                   functools.partial(save_mid_epoch, iteration=niter, epoch_meters=own_meters))
+                test_stats, val_ids = validate_network(model, classifier, val_set, args, device, check)
+                best_acc = max(best_acc, test_stats["acc1"])
+                print(f"Accuracy at epoch {epoch} of the network on the {len(val_set) - len(val_ids)} val clips: "
+                      f"{test_stats['acc1']:.1f}%  (max {best_acc:.2f}%); skipped videos: {len(val_ids)}")
+                log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
+            scheduler.step()
+            save(epoch + 1, best_acc, skipped={"train": train_skipped, "val": sorted(val_ids)})
+            write_log(args, log_stats)
 
-    stats, test_ids = final_test(model, classifier, test_set, args, device)
+        check = stop_check(stop, ckpt_path, args.epochs - 1, niter, "the multi-view test")
+        stats, test_ids = final_test(model, classifier, test_set, args, device, check)
     stats["best_acc"] = best_acc
     stats = with_skipped_total(stats, train_skipped, val_ids, test_ids, val_set, test_set)
     stats["sequential_decodes"] = sequential_decodes(*(d for d in (train_set, val_set, test_set) if d is not None))
@@ -207,13 +238,35 @@ def build_probe_optimizer(classifier: nn.Module, args):
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
 
 
-def train_one_epoch(model, classifier, optimizer, loader, epoch: int, args, device) -> dict:
+def build_train_loader(train_set, args, device: torch.device) -> DataLoader:
+    """Shuffled per epoch (--seed), every clip drawn under its own seed (datasets/seeding.py), so a mid-epoch
+    resume that skips the consumed batches (`sampler.skip`) draws the same clips; no drop_last (as the original)
+    unless --feature_bn would leave a last batch of one clip (no batch statistics)."""
+    sampler = SeededDistributedSampler(train_set, shuffle=True, seed=args.seed)
+    drop_last = args.feature_bn and len(sampler) % args.batch_size_per_gpu == 1
+    return DataLoader(SeededDataset(train_set), sampler=sampler, batch_size=args.batch_size_per_gpu,
+                      num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=drop_last,
+                      worker_init_fn=utils.seed_worker)
+
+
+def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int, args, device, start_iter: int = 0,
+                    epoch_meters: list[dict] | None = None, save_mid_epoch=None,
+                    stop: preemption.StopSignals | None = None) -> tuple[dict, dict]:
+    """One epoch over the loader's `niter` batches (from `start_iter` when resuming mid-epoch, with the
+    `epoch_meters` of the interrupted part, so the means cover the whole epoch). A `stop` signal on any rank ends
+    the epoch at the same iteration on every rank (checked every preemption.CHECK_EVERY iterations and at the
+    last): `save_mid_epoch(iteration=, epoch_meters=)`, then preemption.Preempted. Returns the epoch means with
+    the skipped (replaced) training videos, and this rank's share of them for a checkpoint (`epoch_meters`)."""
+    stop = stop if stop is not None else preemption.StopSignals(())
     classifier.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
     skipped = torch.zeros((), dtype=torch.long)
-    for frames, target, _, meta in metric_logger.log_every(loader, 20, header):
+    if epoch_meters is not None:
+        skipped += restore_epoch_meters(metric_logger, epoch_meters)
+    for it, (frames, target, _, meta) in enumerate(
+            metric_logger.log_every(loader, 20, header, total=niter, start=start_iter), start=start_iter):
         skipped += meta["skipped"].sum()
         frames = to_device(frames, device)
         target = target.to(device, non_blocking=True)
@@ -227,36 +280,73 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, args, devi
             torch.cuda.synchronize()
         metric_logger.update(loss=loss.item())
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        if preemption.is_check_step(it + 1, niter) and stop.requested()[0]:
+            save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})
+            preemption.finish(preemption.stop_message(stop.names(), epoch, it + 1, niter,
+                                                      os.path.join(args.output_dir, CHECKPOINT_NAME)), stop)
+    own = {"meters": metric_logger.totals(), "skipped": int(skipped)}
     metric_logger.synchronize_between_processes()
     if utils.get_world_size() > 1:
         skipped = skipped.to(device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(skipped)
     print("Averaged stats:", metric_logger, f" skipped (replaced) videos: {int(skipped)}")
-    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped)}
+    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped)}, own
+
+
+def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args, fingerprint: str, train_set,
+                    epoch: int, best_acc: float, iteration: int = 0, epoch_meters: dict | None = None,
+                    skipped: dict | None = None) -> None:
+    """checkpoint.pth.tar, written atomically by rank 0: the classifier, its optimizer and scheduler, the
+    backbone's `fingerprint` (a resume checks it) and the `train_set` videos decoded sequentially so far. At an
+    epoch end `epoch` is the next epoch to run and `skipped` the unreadable videos of its training (a count) and
+    last validation (ids), which the final summary reports. A mid-epoch save (`iteration` batches of `epoch`
+    done, this rank's `epoch_meters`) adds what an exact resume needs: `iteration`, every rank's running meters
+    and `args` (the global batch). Every rank calls it (parts are gathered from all ranks)."""
+    state = {"epoch": epoch, "state_dict": classifier.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "best_acc": best_acc, "backbone": fingerprint,
+             "pretrained_weights": args.pretrained_weights,
+             "sequential_videos": checkpoint_sequential_videos(train_set)}
+    if skipped is not None:
+        state["skipped_videos"] = skipped
+    if iteration:
+        state.update(iteration=iteration, epoch_meters=gather_objects(epoch_meters), args=args)
+    if utils.is_main_process():
+        atomic_save(state, path)
+
+
+def stop_check(stop: preemption.StopSignals, path: str, epoch: int, niter: int, interrupted: str, save=None):
+    """The `check_stop` of an evaluation pass (utils.evaluation.extract_features_and_labels): on a stop signal
+    every rank calls `save` (if any), then ends the run (preemption.Preempted), abandoning the pass."""
+    def check() -> None:
+        if stop.requested()[0]:
+            if save is not None:
+                save()
+            preemption.finish(preemption.stop_message(stop.names(), epoch, niter, niter, path, interrupted), stop)
+    return check
 
 
 @torch.no_grad()
-def validate_network(model, classifier, dataset, args, device) -> tuple[dict, set[int]]:
+def validate_network(model, classifier, dataset, args, device, check_stop=None) -> tuple[dict, set[int]]:
     """Single-view accuracy: one clip per video; undecodable videos (label -1) are left out and returned."""
-    logits, labels = clip_logits(model, classifier, dataset, args, device)
+    logits, labels = clip_logits(model, classifier, dataset, args, device, check_stop)
     skipped = skipped_video_ids(labels, 1)
     require_readable(dataset, len(skipped))
     return single_view_stats(logits, labels, args.num_labels), skipped
 
 
 @torch.no_grad()
-def validate_network_multi_view(model, classifier, dataset, args, device) -> tuple[dict, set[int]]:
+def validate_network_multi_view(model, classifier, dataset, args, device, check_stop=None) -> tuple[dict, set[int]]:
     """Per-video accuracy over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips, aggregated by `args.ensemble`;
     also the videos without any decoded clip."""
-    logits, returned = clip_logits(model, classifier, dataset, args, device)
+    logits, returned = clip_logits(model, classifier, dataset, args, device, check_stop)
     skipped = skipped_video_ids(returned, dataset.num_clips_per_video)
     require_readable(dataset, len(skipped))
     return multi_view_stats(logits, returned, dataset_labels(dataset), dataset.num_clips_per_video, args.ensemble,
                             args.num_labels), skipped
 
 
-def final_test(model, classifier, test_set, args, device) -> tuple[dict, set[int]]:
-    stats, skipped = validate_network_multi_view(model, classifier, test_set, args, device)
+def final_test(model, classifier, test_set, args, device, check_stop=None) -> tuple[dict, set[int]]:
+    stats, skipped = validate_network_multi_view(model, classifier, test_set, args, device, check_stop)
     print(f"Multi-view test ({stats['num_clips_per_video']} clips x {stats['num_videos']} videos, "
           f"{args.ensemble}): top-1 {stats['multiview_acc1']:.2f}"
           + (f", top-5 {stats['multiview_acc5']:.2f}" if "multiview_acc5" in stats else "")
@@ -313,10 +403,10 @@ def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) 
     classifier.load_state_dict(state)
 
 
-def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args, device: torch.device,
+                check_stop=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N_clips, C) classifier logits and (N_clips,) returned labels (-1: undecodable) of every clip, each
-    rank its shard, gathered in index order on every rank."""
+    rank its shard, gathered in index order on every rank; `check_stop`: see extract_features_and_labels."""
     classifier.eval()
     head = classifier.module if hasattr(classifier, "module") else classifier
 
@@ -324,7 +414,7 @@ def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args,
         return head(clip_features(model, frames, args.n_last_blocks, args.avgpool_patchtokens))
 
     loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers)
-    return extract_features_and_labels(score, loader, device)
+    return extract_features_and_labels(score, loader, device, check_stop)
 
 
 def write_log(args, stats: dict) -> None:
@@ -356,4 +446,4 @@ if __name__ == "__main__":
     utils.line_buffered_output()
     args = argparse.ArgumentParser("Linear evaluation of video features", parents=[get_args_parser()]).parse_args()
     with utils.named_rank_failures(args.dist_timeout):
-        eval_linear(args)
+        eval_linear(args, exit_after_stop=True)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import eval_knn
 import eval_linear
 from models import build_backbone
+from tests.conftest import log_records
 from utils.parser import load_config_from
 
 # The tiny clips of tests/conftest.py: 4 frames, 32 px crops (16 px local), short side 36-40.
@@ -117,7 +118,8 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
     stats = linear(common + ["--epochs", "2"] + opts)
     assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 3
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=False)
-    assert set(ckpt) == {"epoch", "state_dict", "optimizer", "scheduler", "best_acc", "backbone", "pretrained_weights"}
+    assert set(ckpt) == {"epoch", "state_dict", "optimizer", "scheduler", "best_acc", "backbone", "pretrained_weights",
+                         "sequential_videos", "skipped_videos"}
     # A process group always exists (as in the original), so the classifier is DDP-wrapped: `module.` keys.
     assert ckpt["epoch"] == 2 and list(ckpt["state_dict"]) == ["module.linear.weight", "module.linear.bias"]
     assert ckpt["state_dict"]["module.linear.weight"].shape == (4, 192 * 3)
@@ -395,3 +397,207 @@ def test_no_readable_val_video_is_an_error(synthetic_root, checkpoint, tmp_path)
     dist.destroy_process_group()
     with pytest.raises(RuntimeError, match="no val video of ucf101 could be decoded"):
         knn(common + ["--nb_knn", "1", "--use_cuda", "False"] + opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval_linear.py on a stop signal: exit 3 with a checkpoint that a rerun continues exactly
+# ---------------------------------------------------------------------------------------------
+def _signalled_clip_features(monkeypatch, nth: int) -> list:
+    """eval_linear.clip_features (once per batch: training, validation and test) raising SIGTERM at its `nth`
+    call; returns the list of calls."""
+    import signal
+    real, calls = eval_linear.clip_features, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == nth:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eval_linear, "clip_features", signalled)
+    return calls
+
+
+def _linear_state(out) -> dict:
+    return torch.load(out / "checkpoint.pth.tar", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def stop_lists(synthetic_root, tmp_path_factory):
+    """17 train videos (one unreadable, replaced) in batches of 2: 9 iterations an epoch; 9 val videos (one
+    unreadable, left out): 5 validation batches, 14 test batches (3 clips a video)."""
+    return _lists_with_corrupt_videos(synthetic_root, tmp_path_factory.mktemp("stop_lists"), "splits",
+                                      ["ucf101_train_split_1_videos.txt", "ucf101_val_split_1_videos.txt"])
+
+
+def _stop_args(synthetic_root, checkpoint, lists, out) -> list[str]:
+    return ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "1", "--lr", "0.5",
+            "--batch_size_per_gpu", "2", "--num_workers", "0", "--epochs", "2", "--num_labels", "4",
+            "--output_dir", str(out), "--opts", "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX",
+            str(synthetic_root / "videos")] + OPTS
+
+
+@pytest.fixture(scope="module")
+def linear_reference(synthetic_root, checkpoint, stop_lists, tmp_path_factory):
+    """The uninterrupted 2-epoch run of `_stop_args`: (its output folder, its returned stats)."""
+    out = tmp_path_factory.mktemp("linear_reference")
+    print_ = builtins.print
+    stats = linear(_stop_args(synthetic_root, checkpoint, stop_lists, out))
+    dist.destroy_process_group()
+    builtins.print = print_
+    return out, stats
+
+
+# (where, the clip_features call that signals, the calls made when the run stops, the checkpoint's epoch and
+# iteration, log.txt lines, what the message says). Calls 1-9: epoch 0's training, 10-14 its validation, 15-28
+# epoch 1, 29-42 the test; the checks come every 5 batches of a pass and at its last.
+STOPS = [
+    ("training", 16, 19, (1, 5), 1, "after iteration 5/9 of epoch 1 and"),
+    ("validation", 11, 14, (0, 9), 0, "after iteration 9/9 of epoch 0 (in the validation of epoch 0, which a "
+                                      "resume runs again) and"),
+    ("test", 30, 33, (2, None), 2, "after iteration 9/9 of epoch 1 (in the multi-view test, which a resume runs "
+                                   "again) and"),
+]
+
+
+@pytest.mark.parametrize("where, nth, calls_made, saved, log_lines, message", STOPS, ids=[s[0] for s in STOPS])
+def test_linear_probe_stops_on_sigterm_exits_3_and_resumes_as_an_uninterrupted_run(
+        synthetic_root, checkpoint, stop_lists, linear_reference, tmp_path, monkeypatch, capsys, where, nth,
+        calls_made, saved, log_lines, message):
+    """A real SIGTERM in training, in a validation or in the final test: every rank stops at the next check
+    (within 5 batches), the checkpoint holds the training done (a validation's epoch is saved as its last
+    iteration; the test's run has its epoch-end checkpoint), the handlers are restored and the run exits with
+    status 3. The rerun of the same command ends with the weights, optimizer and scheduler state, log.txt and
+    results of the uninterrupted run (the abandoned pass runs again)."""
+    import signal
+    reference, reference_stats = linear_reference
+    args = _stop_args(synthetic_root, checkpoint, stop_lists, tmp_path)
+    calls = _signalled_clip_features(monkeypatch, nth)
+    with pytest.raises(SystemExit) as stopped:
+        linear(args)
+    dist.destroy_process_group()
+    monkeypatch.undo()
+    assert stopped.value.code == 3 and len(calls) == calls_made
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert (f"Stop signal SIGTERM: every rank stopped {message} {tmp_path / 'checkpoint.pth.tar'} holds it. "
+            "Exiting with status 3") in capsys.readouterr().out
+    ckpt = _linear_state(tmp_path)
+    assert (ckpt["epoch"], ckpt.get("iteration")) == saved
+    assert (len(log_records(tmp_path)) == log_lines) if log_lines else not (tmp_path / "log.txt").exists()
+    assert not (tmp_path / "linear_results.json").exists()
+
+    stats = linear(args)
+    a, b = _linear_state(reference), _linear_state(tmp_path)
+    assert set(b) == set(a)  # the epoch-end checkpoint: no mid-epoch keys left
+    for key in ("state_dict", "scheduler"):
+        assert a[key].keys() == b[key].keys()
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]) if torch.is_tensor(value) else value == b[key][name], name
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    assert (b["epoch"], b["best_acc"]) == (a["epoch"], a["best_acc"])
+    assert log_records(tmp_path) == log_records(reference)
+    assert log_records(tmp_path)[0]["train_skipped_videos"] >= 1
+    assert stats == reference_stats
+    assert (tmp_path / "linear_results.json").read_text() == (reference / "linear_results.json").read_text()
+
+
+def test_linear_probe_mid_epoch_resume_with_another_global_batch_continues_after_the_videos_done(
+        synthetic_root, checkpoint, tmp_path, monkeypatch, capsys):
+    """Stopped after 5 batches of 2 (10 of the 16 training videos), resumed with batches of 4: the epoch goes on
+    at iteration 2 of 4 (videos 8-9 of the epoch's order seen again, none left out), not at iteration 5."""
+    from datasets.seeding import SeededDataset
+    common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "1", "--num_workers", "0",
+              "--epochs", "1", "--output_dir", str(tmp_path), "--opts"] + _data_opts(synthetic_root, "splits")
+    seen, real_getitem, real_features = [], SeededDataset.__getitem__, eval_linear.clip_features
+
+    def recording(self, item):
+        seen.append(item[0])
+        return real_getitem(self, item)
+
+    monkeypatch.setattr(SeededDataset, "__getitem__", recording)
+    _signalled_clip_features(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        linear(["--batch_size_per_gpu", "2"] + common)
+    dist.destroy_process_group()
+    assert _linear_state(tmp_path)["iteration"] == 5
+    done, seen[:] = seen[:], []
+    monkeypatch.setattr(eval_linear, "clip_features", real_features)
+    capsys.readouterr()
+    linear(["--batch_size_per_gpu", "4"] + common)
+    assert len(done) == 10 and len(seen) == 8
+    assert set(done) | set(seen) == set(range(16)) and len(set(done) & set(seen)) == 2
+    assert ("global batch of 2 videos (1 process x 2), this run 4: 10 videos of epoch 0 were done; continuing at "
+            "iteration 2 (2 videos are seen again)") in capsys.readouterr().out
+
+
+# eval_linear.py's command line under torchrun, SIGTERM sent by rank `rank` to itself at its `nth` batch (training,
+# validation or test: utils.evaluation.clip_features); test code, no hook in eval_linear.py.
+SIGNAL_LAUNCHER = """
+import atexit, os, runpy, signal, sys
+sys.path.insert(0, {root!r})
+from utils import evaluation
+real, calls = evaluation.clip_features, []
+atexit.register(lambda: sys.stderr.write(f"rank {{os.environ['RANK']}}: {{len(calls)}} batches\\n"))
+
+def signalled(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == {nth} and os.environ["RANK"] == "{rank}":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+evaluation.clip_features = signalled
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_signal_on_one_rank_during_validation_stops_both_and_one_process_resumes(synthetic_root, checkpoint,
+                                                                                  tmp_path):
+    """2 processes, batches of 1: 8 training iterations each, then a validation of 7 videos (shards of 4 and 3,
+    so rank 0 has a batch that rank 1 has not). Only rank 1 gets SIGTERM, at its first validation batch: both
+    stop at the validation's check after batch 3 (the last one both have), rank 0 saves epoch 0 at iteration 8
+    with both ranks' meters, and both exit with status 3. One process with batches of 2 (the same global batch)
+    resumes it: it validates and tests, and ends as a one-process run of batches of 2 (up to float rounding:
+    DDP averages the two ranks' gradients)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    lists = tmp_path / "lists"  # 16 train videos (no padding over 2 ranks), 7 val videos
+    lists.mkdir()
+    for src in (synthetic_root / "splits").iterdir():
+        lines = src.read_text().splitlines()
+        (lists / src.name).write_text("\n".join(lines[:-1] if "val" in src.name else lines) + "\n")
+    common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "1", "--num_workers", "0",
+              "--epochs", "1", "--num_labels", "4", "--lr", "0.5"]
+    opts = ["--opts", "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(synthetic_root / "videos")] + OPTS
+    root = Path(eval_linear.__file__).resolve().parent
+    launcher = tmp_path / "signal_launcher.py"
+    launcher.write_text(SIGNAL_LAUNCHER.format(root=str(root), nth=9, rank=1))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    stopped = tmp_path / "stopped"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(launcher), str(root / "eval_linear.py"), *common, "--batch_size_per_gpu", "1",
+                           "--dist_timeout", "1", "--output_dir", str(stopped), *opts],
+                          env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and out.count("exitcode  : 3") == 2, out[-3000:]
+    assert out.count("Stop signal SIGTERM: every rank stopped after iteration 8/8 of epoch 0 (in the validation of "
+                     "epoch 0, which a resume runs again)") == 2, out[-3000:]
+    assert "rank 0: 11 batches" in out and "rank 1: 11 batches" in out  # not rank 0's 4th validation batch
+    ckpt = _linear_state(stopped)
+    assert (ckpt["epoch"], ckpt["iteration"], ckpt["args"].world_size) == (0, 8, 2)
+    assert len(ckpt["epoch_meters"]) == 2 and not (stopped / "log.txt").exists()
+
+    res = linear(common + ["--batch_size_per_gpu", "2", "--output_dir", str(stopped)] + opts)
+    dist.destroy_process_group()
+    ref = linear(common + ["--batch_size_per_gpu", "2", "--output_dir", str(tmp_path / "one")] + opts)
+    a, b = _linear_state(tmp_path / "one"), _linear_state(stopped)
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, rtol=1e-5, atol=1e-6)
+    (got,), (want,) = log_records(stopped)[:1], log_records(tmp_path / "one")[:1]
+    assert got.keys() == want.keys() and got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
+    assert (got["test_acc1"], res["multiview_acc1"], res["num_videos"]) == (want["test_acc1"], ref["multiview_acc1"], 7)
