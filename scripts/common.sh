@@ -107,3 +107,40 @@ has_arg() {
     done
     return 1
 }
+
+# run_requeueable SIGNAL COMMAND...: a SLURM batch job's launch (`#SBATCH --signal=B:USR1@120 --requeue`): runs
+# COMMAND in the background and passes the warning this shell gets (USR1) on to it as SIGNAL (srun: USR1, which it
+# sends to every task; torchrun: TERM, which it sends to its workers). The programs finish their step, write their
+# checkpoint and exit with status 3; the job then requeues itself (scontrol requeue: same job id, log appended) and
+# resumes there. With REQUEUE=0, or where the cluster refuses, it exits with 3: submit it again. Exits with
+# COMMAND's status otherwise.
+run_requeueable() {
+    local forward="$1" status=0
+    shift
+    local preempted=3  # the entry points' exit status after a stop signal (utils/preemption.py)
+    _stop_signalled=0
+    _stop_pid=
+    trap '_stop_signalled=1; [ -n "$_stop_pid" ] && kill -'"$forward"' "$_stop_pid" 2>/dev/null || true' USR1
+    "$@" &
+    _stop_pid=$!
+    # the warning came before the pid was known
+    if [ "$_stop_signalled" -eq 1 ]; then kill -"$forward" "$_stop_pid" 2>/dev/null || true; fi
+    while kill -0 "$_stop_pid" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
+        wait "$_stop_pid" || true
+    done
+    wait "$_stop_pid" || status=$?  # COMMAND's own exit status
+    # After a stop the first process to exit may make the launcher end the others (srun --kill-on-bad-exit, torchrun
+    # exits 1 after a forwarded TERM): a signalled run that did not end cleanly is a stop too (the checkpoint is
+    # written before any process exits).
+    if [ "$status" -eq "$preempted" ] || { [ "$_stop_signalled" -eq 1 ] && [ "$status" -ne 0 ]; }; then
+        if [ "${REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ] && scontrol requeue "$SLURM_JOB_ID"; then
+            echo "Stopped on a signal with its checkpoint written (see above); job $SLURM_JOB_ID requeued: it resumes" \
+                 "there."
+        else
+            echo "Stopped on a signal with its checkpoint written (see above); not requeued (REQUEUE=${REQUEUE:-1}" \
+                 "or the cluster refuses): submit the same command again to resume." >&2
+        fi
+        exit "$preempted"
+    fi
+    exit "$status"
+}

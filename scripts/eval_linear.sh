@@ -32,7 +32,7 @@ NUM_LABELS="${NUM_LABELS:-$DEFAULT_LABELS}"
 LIST_DIR="${LIST_DIR:-$DATA_PATH/splits}"
 require_eval_inputs "$LIST_DIR"
 
-torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29512}" "$ROOT/eval_linear.py" \
+exec torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29512}" "$ROOT/eval_linear.py" \
   --n_last_blocks 1 \
   --arch vit_base \
   --pretrained_weights "$CHECKPOINT" \

@@ -38,7 +38,7 @@ if (( GPUS > 8 || 8 % GPUS )); then DEFAULT_BATCH=1; else DEFAULT_BATCH=$(( 8 / 
 LIST_DIR="${LIST_DIR:-$DATA_PATH/$LISTS}"
 require_eval_inputs "$LIST_DIR"
 
-torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29513}" "$ROOT/eval_finetune.py" \
+exec torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29513}" "$ROOT/eval_finetune.py" \
   --arch vit_base \
   --pretrained_weights "$CHECKPOINT" \
   --dataset "$DATASET" \

@@ -34,32 +34,5 @@ split_user_args "$@"
 require_train_csv "$DATA_PATH"
 mkdir -p "checkpoints/$EXP_NAME"
 
-PREEMPTED=3  # train_ssl.py's exit status after a stop signal: checkpoint.pth holds the step reached
-signalled=0
-srun_pid=
-forward_stop() {  # the batch shell got the warning: pass it to srun, which signals every task
-  signalled=1
-  [ -n "$srun_pid" ] && kill -USR1 "$srun_pid" 2>/dev/null || true
-}
-trap forward_stop USR1
-srun --kill-on-bad-exit=1 "$PYTHON" train_ssl.py "${train_args[@]}" \
-  ${user_args[@]+"${user_args[@]}"} ${user_opts[@]+--opts "${user_opts[@]}"} &
-srun_pid=$!
-if [ "$signalled" -eq 1 ]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi  # the warning came before srun's pid
-while kill -0 "$srun_pid" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
-  wait "$srun_pid" || true
-done
-status=0
-wait "$srun_pid" || status=$?  # srun's own exit status
-# After a stop the first task to exit may make srun end the others (--kill-on-bad-exit): a signalled run that
-# did not end cleanly is a stop too (checkpoint.pth is written before any task exits).
-if [ "$status" -eq "$PREEMPTED" ] || { [ "$signalled" -eq 1 ] && [ "$status" -ne 0 ]; }; then
-  if [ "${REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ] && scontrol requeue "$SLURM_JOB_ID"; then
-    echo "Stopped on a signal with checkpoints/$EXP_NAME/checkpoint.pth written; job $SLURM_JOB_ID requeued: it resumes there."
-  else
-    echo "Stopped on a signal with checkpoints/$EXP_NAME/checkpoint.pth written; not requeued (REQUEUE=${REQUEUE:-1}" \
-         "or the cluster refuses): submit the same command again to resume." >&2
-  fi
-  exit "$PREEMPTED"
-fi
-exit "$status"
+run_requeueable USR1 srun --kill-on-bad-exit=1 "$PYTHON" train_ssl.py "${train_args[@]}" \
+  ${user_args[@]+"${user_args[@]}"} ${user_opts[@]+--opts "${user_opts[@]}"}

@@ -48,32 +48,39 @@ def test_launch_script_without_the_packages_stops_naming_install_deps(tmp_path, 
     assert "missing Python packages: torch" in run.stderr and "bash scripts/install_deps.sh" in run.stderr
 
 
+@pytest.mark.parametrize("launcher, forwarded", [("slurm_train.sh", "USR1"), ("slurm_eval.sh", "TERM")])
 @pytest.mark.parametrize("srun_status, requeue, signal_it, status, requeued", [
     (3, "1", False, 3, True),      # the tasks stopped on a signal: requeue
     (3, "0", False, 3, False),     # REQUEUE=0 (or a cluster without requeue): exit 3, resubmit by hand
-    (137, "1", True, 3, True),     # the warning reached the script; srun ended the other tasks after the first
+    (137, "1", True, 3, True),     # the warning reached the script; the launcher ended the others after the first
     (1, "1", False, 1, False),     # an error: no requeue
 ])
-def test_slurm_script_requeues_a_job_stopped_on_a_signal(tmp_path, srun_status, requeue, signal_it, status, requeued):
-    """scripts/slurm_train.sh with a fake srun (exits with srun_status, after the script's USR1 if signal_it) and
-    a fake scontrol that records its arguments."""
+def test_slurm_script_requeues_a_job_stopped_on_a_signal(tmp_path, launcher, forwarded, srun_status, requeue, signal_it,
+                                                         status, requeued):
+    """scripts/slurm_train.sh (srun train_ssl.py) and scripts/slurm_eval.sh scripts/eval_linear.sh (which execs
+    torchrun) with a fake srun / torchrun (exits with srun_status, after the signal the script passes on if
+    signal_it: USR1 to srun, TERM to torchrun) and a fake scontrol that records its arguments."""
     import signal
     import time
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    ready = tmp_path / "srun_started"
-    srun = "#!/bin/bash\n"
-    srun += (f"trap 'exit {srun_status}' USR1\ntouch {ready}\nwhile :; do sleep 0.05; done\n" if signal_it
-             else f"exit {srun_status}\n")
-    (bin_dir / "srun").write_text(srun)
+    ready, got = tmp_path / "launcher_started", tmp_path / "launcher_got"
+    tool = "srun" if launcher == "slurm_train.sh" else "torchrun"
+    fake = "#!/bin/bash\n"
+    fake += (f"trap 'echo USR1 > {got}; exit {srun_status}' USR1\ntrap 'echo TERM > {got}; exit {srun_status}' TERM\n"
+             f"touch {ready}\nwhile :; do sleep 0.05; done\n" if signal_it else f"exit {srun_status}\n")
+    (bin_dir / tool).write_text(fake)
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.txt'}\n")
-    for tool in ("srun", "scontrol"):
-        (bin_dir / tool).chmod(0o755)
+    for name in (tool, "scontrol"):
+        (bin_dir / name).chmod(0o755)
     (tmp_path / "train.csv").write_text("a.mp4 0\n")
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "c.pth").touch()
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PROJECT_PATH": str(ROOT),
            "DATA_PATH": str(tmp_path), "EXP_NAME": f"review_{tmp_path.name}", "SLURM_JOB_ID": "77",
-           "REQUEUE": requeue}
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm_train.sh")], env=env, stdout=subprocess.PIPE,
+           "REQUEUE": requeue, "CHECKPOINT": str(tmp_path / "c.pth")}
+    args = ["scripts/eval_linear.sh"] if launcher == "slurm_eval.sh" else []
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / launcher), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         if signal_it:
@@ -84,9 +91,12 @@ def test_slurm_script_requeues_a_job_stopped_on_a_signal(tmp_path, srun_status, 
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-        (ROOT / "checkpoints" / env["EXP_NAME"]).rmdir()
+        if launcher == "slurm_train.sh":
+            (ROOT / "checkpoints" / env["EXP_NAME"]).rmdir()
     assert proc.returncode == status, out + err
+    assert not signal_it or got.read_text() == f"{forwarded}\n"
     assert ((tmp_path / "scontrol.txt").read_text() == "requeue 77\n") if requeued else \
         not (tmp_path / "scontrol.txt").exists()
-    if status == 3 and not requeued:
-        assert "not requeued" in err and "submit the same command again to resume" in err
+    if status == 3:
+        assert ("job 77 requeued: it resumes there" in out) if requeued else \
+            ("not requeued" in err and "submit the same command again to resume" in err)
