@@ -20,6 +20,7 @@ import argparse
 import functools
 import json
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -214,7 +215,9 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
                 print(f"Accuracy at epoch {epoch} of the network on the {len(val_set) - len(val_ids)} val clips: "
                       f"{test_stats['acc1']:.1f}%  (max {best_acc:.2f}%); skipped videos: {len(val_ids)}")
                 log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
-            scheduler.step()
+            with warnings.catch_warnings():  # after a resume past epoch 0's last step no optimizer step came first
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                scheduler.step()
             save(epoch + 1, best_acc, skipped={"train": train_skipped, "val": sorted(val_ids)})
             write_log(args, log_stats)
 
