@@ -48,13 +48,18 @@ def test_launch_script_without_the_packages_stops_naming_install_deps(tmp_path, 
     assert "missing Python packages: torch" in run.stderr and "bash scripts/install_deps.sh" in run.stderr
 
 
-@pytest.mark.parametrize("launcher, forwarded", [("slurm_train.sh", "USR1"), ("slurm_eval.sh", "TERM")])
-@pytest.mark.parametrize("srun_status, requeue, signal_it, status, requeued", [
+REQUEUE_CASES = [  # (srun_status, requeue, signal_it, status, requeued)
     (3, "1", False, 3, True),      # the tasks stopped on a signal: requeue
     (3, "0", False, 3, False),     # REQUEUE=0 (or a cluster without requeue): exit 3, resubmit by hand
     (137, "1", True, 3, True),     # the warning reached the script; the launcher ended the others after the first
     (1, "1", False, 1, False),     # an error: no requeue
-])
+]
+
+
+# slurm_eval.sh shares slurm_train.sh's requeue logic (common.sh run_requeueable): only its signal path is its own
+@pytest.mark.parametrize("launcher, forwarded, srun_status, requeue, signal_it, status, requeued",
+                         [("slurm_train.sh", "USR1", *case) for case in REQUEUE_CASES]
+                         + [("slurm_eval.sh", "TERM", *REQUEUE_CASES[2])])
 def test_slurm_script_requeues_a_job_stopped_on_a_signal(tmp_path, launcher, forwarded, srun_status, requeue, signal_it,
                                                          status, requeued):
     """scripts/slurm_train.sh (srun train_ssl.py) and scripts/slurm_eval.sh scripts/eval_linear.sh (which execs
