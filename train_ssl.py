@@ -114,7 +114,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad_checkpointing", default=False, type=utils.bool_flag,
                         help="Recompute the student's blocks in the backward pass: less memory, ~30%% slower.")
     parser.add_argument("--compile", default=False, type=utils.bool_flag,
-                        help="torch.compile the student and teacher backbones (first iterations are slow).")
+                        help="""torch.compile the student and teacher backbones: the first iterations
+        are slow (a compilation per view shape, e.g. 8 with the paper's views, and per kNN batch shape).""")
 
     # views
     parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.),
@@ -421,6 +422,8 @@ def build_train_state(args, cfg, device: torch.device, niter: int, fused: bool |
                       momentum_schedule=momentum_schedule, precision=precision, device=device)
 
 
+COMPILE_GRAPH_LIMIT = 32  # compiled graphs of the backbones' forward (--compile), with room to spare
+
 
 def build_networks(args, cfg, device: torch.device):
     """Student = MultiCropWrapper(backbone, DINOHead); teacher = the same, initialised from the student."""
@@ -454,7 +457,11 @@ def build_networks(args, cfg, device: torch.device):
         p.requires_grad = False
     teacher.train(args.teacher_drop_path)
     if args.compile:
-        # Static shapes: one graph per view shape (a handful), no dynamic-shape recompiles.
+        # Static shapes: one graph per view shape, no dynamic-shape recompiles. Both backbones share dynamo's
+        # cache, where each (view shape, grad mode, train/eval mode) is a graph: the paper's and DATA.RAND_FR's
+        # views need 8 in training (+1: einops invalidates the first), the online kNN a few more. Past the limit
+        # (torch's default: 8) dynamo runs the other shapes eagerly for the rest of the run.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
         student_without_ddp.backbone.compile(dynamic=False)
         teacher_without_ddp.backbone.compile(dynamic=False)
     n_params = sum(p.numel() for p in student_without_ddp.parameters())

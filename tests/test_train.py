@@ -294,6 +294,28 @@ def test_train_step_returns_without_host_sync_value(monkeypatch, device):
     assert loss.device.type == device.type
 
 
+def test_compile_keeps_every_view_of_the_paper_layout_compiled(monkeypatch):
+    # --compile (static shapes) makes a graph per view shape and grad mode; student and teacher backbones share
+    # dynamo's cache. The paper's views (globals of 8 and 16 frames, locals of 2/4/8/16) need 8 graphs and
+    # einops invalidates the first once: past torch's default limit of 8, dynamo would run the rest eagerly for
+    # the whole run. The eager backend stands in for inductor (same graphs and guards, no code generation).
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default; restored afterwards
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setitem(TINY_BACKBONE, "depth", 1)  # tracing time grows with the depth
+    torch._dynamo.reset()
+    try:
+        state, args = step_state(monkeypatch, False, "--compile", "true", "--local_crops_number", "8",
+                                 "--use_fp16", "false")
+        views = [torch.randn(1, 3, t, 32, 32) for t in (8, 16)] + \
+                [torch.randn(1, 3, t, 16, 16) for t in (2, 2, 4, 4, 8, 8, 16, 16)]
+        for it in range(2):
+            loss, _ = train_ssl.train_step(state, views, 0, it, args)
+        assert torch.isfinite(loss)
+    finally:
+        torch._dynamo.reset()
+
+
 class CPUOpAudit(TorchDispatchMode):
     """Records every aten op that touches a CPU tensor of more than one element (0-dim CPU tensors are
     scalars that PyTorch passes to CUDA kernels by value)."""
