@@ -41,7 +41,7 @@ from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, lo
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, dataset_labels,
                               derived_config,
                               extract_features_and_labels, make_loader, multi_view_stats, resolve_num_labels,
-                              single_clip_config, single_view_stats, to_device, top1_top5)
+                              single_clip_config, single_view_stats, to_device, topk_hits)
 from utils.parser import add_config_args, load_config_from
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -233,7 +233,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        top1, top5 = top1_top5(logits.detach().float(), target)
+        # device tensors (no host sync per batch): the meters read them back when a progress line is printed
+        top1, top5 = topk_hits(logits.detach().float(), target) * (100.0 / target.numel())
         metric_logger.meters["acc1"].update(top1, n=target.numel())
         if args.num_labels >= 5:
             metric_logger.meters["acc5"].update(top5, n=target.numel())

@@ -279,9 +279,7 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        metric_logger.update(loss=loss.item())
+        metric_logger.update(loss=loss.detach())  # read back when a progress line is printed: no sync per step
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if preemption.is_check_step(it + 1, niter) and stop.requested()[0]:
             save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})

@@ -8,6 +8,8 @@
 - `make_video(path, frames=None, num_frames=16, size=(48, 64), fps=30, levels=None)`: write an mp4;
   `levels` makes frame i a flat grey image of that level (frame identity readable after decoding).
 - `log_records(folder)`: the JSON lines of folder/log.txt without the wall-clock keys (`WALL_CLOCK_KEYS`).
+- `HostReads`: a dispatch mode counting the reads of a tensor's value by the host (`.item()`, `float()`,
+  `bool()`, ...), each of which waits for the GPU on CUDA: a training loop's count must not grow with its steps.
 - `device`: the device of the cuda-capable tests: cpu, or cuda with SVT_TEST_DEVICE=cuda
   (benchmarks/device_check.sh runs them so: `SVT_TEST_DEVICE=cuda pytest -m cuda_capable`). Tests that
   take it are marked `cuda_capable`; tests marked `gpu` skip without CUDA.
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from datasets.synthetic import generate, write_video
 from utils.defaults import get_cfg
@@ -30,6 +33,19 @@ def log_records(folder: Path) -> list[dict]:
     """log.txt's records without the keys that measure time (they differ between a run and its resume)."""
     return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_KEYS}
             for line in (Path(folder) / "log.txt").read_text().splitlines()]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts aten._local_scalar_dense, which every `.item()` / `float(t)` / `int(t)` / `bool(t)` calls (on a CUDA
+    tensor: a host sync). `.tolist()` does not pass through the dispatcher and is not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
 
 
 TINY_OPTS = {"DATA.TRAIN_CROP_SIZE": 32, "DATA.LOCAL_CROP_SIZE": 16, "DATA.TEST_CROP_SIZE": 32,

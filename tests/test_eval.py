@@ -15,6 +15,7 @@ import eval_knn
 import eval_linear
 from eval_linear import LinearClassifier, load_classifier_state
 from models import VisionTransformer, build_backbone
+from tests.conftest import HostReads
 from utils import evaluation
 from utils.evaluation import (ShardSampler, aggregate_views, clip_features, drop_skipped, extract_features_and_labels,
                               gather_rows, knn_classifier, knn_votes, load_backbone, multi_view_stats, run_knn,
@@ -70,6 +71,16 @@ def test_knn_vote_ties_go_to_the_lower_class():
     train3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     v = knn_votes(train3, torch.tensor([0, 1, 1]), torch.tensor([[0.0, 1.0]]), k=2, T=1.0, num_classes=2)
     torch.testing.assert_close(v, torch.tensor([[0.0, 2 * E(1)]]))
+
+
+def test_topk_hits_counts_on_the_scores_device_with_ties_to_the_lower_class(device):
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], device=device)
+    labels = torch.tensor([1, 1, 2], device=device)
+    # row 0: classes 1 and 2 tie, 1 ranks first (hit); row 1: label second (top-2 hit); row 2: label third
+    hits = evaluation.topk_hits(scores, labels, max_rank=2)
+    assert hits.device.type == device.type and hits.tolist() == [1, 2]
+    assert evaluation.top1_top5(scores, labels, max_rank=2) == (100 / 3, 200 / 3)
+    assert evaluation.top1_top5(scores, labels) == (100 / 3, 100.0)
 
 
 def test_knn_chunking_equals_brute_force(monkeypatch):
@@ -210,6 +221,26 @@ def test_linear_classifier_feature_bn_standardises_features():
     clf.eval()
     run_mean, run_var = 0.1 * mean, 0.9 + 0.1 * var * 4 / 3
     torch.testing.assert_close(clf(x), (x - run_mean) / torch.sqrt(run_var + 1e-6) @ w.T + b)
+
+
+def test_linear_probe_steps_never_read_a_value_back_to_the_host(device):
+    # On CUDA each .item() / synchronize waits for the GPU: the loss stays a device tensor until a progress line
+    # is printed, so the host reads of an epoch do not grow with its batches.
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, embed_dim=48, depth=1, num_heads=2, num_frames=4).to(device).eval()
+    classifier = LinearClassifier(48, 3).to(device)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1)
+    args = argparse.Namespace(n_last_blocks=1, avgpool_patchtokens=False)
+
+    def host_reads(batches: int) -> int:
+        loader = [(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 2]), torch.tensor([0, 1]),
+                   {"skipped": torch.tensor([0, 1])}) for _ in range(batches)]
+        with HostReads() as reads:
+            stats = eval_linear.train_one_epoch(model, classifier, optimizer, loader, 0, args, device)
+        assert stats["skipped_videos"] == batches and math.isfinite(stats["loss"])
+        return reads.count
+
+    assert host_reads(6) == host_reads(2)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import eval_finetune
 from models import build_backbone
-from tests.conftest import log_records
+from tests.conftest import HostReads, log_records
 from utils import utils
 from utils.parser import load_config_from
 
@@ -96,6 +96,27 @@ def test_every_checkpoint_layout_initialises_the_backbone_unchanged_with_a_new_h
     torch.save({f"backbone.{k}": v for k, v in build_backbone("vit_tiny", cfg, depth=3).state_dict().items()}, deeper)
     with pytest.raises(ValueError, match="has 3 blocks but --arch vit_tiny builds 2 .*--opts MODEL.DEPTH 3"):
         eval_finetune.build_model(_args(str(deeper)), cfg, 5)
+
+
+def test_training_steps_never_read_a_value_back_to_the_host():
+    # On CUDA each .item() / float(t) waits for the GPU: the per-batch top-1/top-5 and loss stay device tensors
+    # until a progress line is printed, so the host reads of an epoch do not grow with its batches.
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", load_config_from(None, OPTS), num_classes=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    args = argparse.Namespace(accum_iter=1, epochs=1, log_freq=100, num_labels=5, saveckp_iters=0,
+                              num_workers=0, output_dir=".")
+
+    def host_reads(batches: int) -> int:
+        loader = [(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 2]), None, {"skipped": torch.tensor([0, 0])})
+                  for _ in range(batches)]
+        with HostReads() as reads:
+            stats = eval_finetune.train_one_epoch(model, loader, optimizer, None, 0, batches, args, None,
+                                                  torch.device("cpu"))
+        assert 0 <= stats["acc1"] <= stats["acc5"] == 100.0  # 3 classes: the top 5 hold every one
+        return reads.count
+
+    assert host_reads(6) == host_reads(2)
 
 
 def finetune(args: list[str]) -> dict:
@@ -286,7 +307,7 @@ def test_sigterm_saves_the_step_reached_exits_3_and_resumes_as_an_uninterrupted_
     once, stopped = tmp_path / "once", tmp_path / "stopped"
     finetune(["--output_dir", str(once)] + common)
 
-    real_top, calls = eval_finetune.top1_top5, []
+    real_top, calls = eval_finetune.topk_hits, []
 
     def signalled(*args):  # called once per batch, after its backward
         calls.append(1)
@@ -294,7 +315,7 @@ def test_sigterm_saves_the_step_reached_exits_3_and_resumes_as_an_uninterrupted_
             signal.raise_signal(signal.SIGTERM)
         return real_top(*args)
 
-    monkeypatch.setattr(eval_finetune, "top1_top5", signalled)
+    monkeypatch.setattr(eval_finetune, "topk_hits", signalled)
     with pytest.raises(SystemExit) as stop:
         finetune(["--output_dir", str(stopped)] + common)
     dist.destroy_process_group()

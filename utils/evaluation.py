@@ -309,13 +309,18 @@ def knn_votes(train_features: torch.Tensor, train_labels: torch.Tensor, test_fea
     return torch.cat(votes) if votes else torch.zeros(0, num_classes)
 
 
-def top1_top5(scores: torch.Tensor, labels: torch.Tensor, max_rank: int = 5) -> tuple[float, float]:
-    """Top-1 and top-`max_rank` accuracy in percent; ties between scores go to the lower class index."""
-    order = scores.sort(dim=1, descending=True, stable=True).indices
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, max_rank: int = 5) -> torch.Tensor:
+    """(2,) counts of the rows whose label is the top-1 and among the top-`max_rank` scores, on the scores' device
+    (no host sync); ties between scores go to the lower class index."""
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :min(max_rank, scores.shape[1])]
     correct = order.eq(labels.long().view(-1, 1))
+    return torch.stack((correct[:, 0].sum(), correct.sum()))
+
+
+def top1_top5(scores: torch.Tensor, labels: torch.Tensor, max_rank: int = 5) -> tuple[float, float]:
+    """Top-1 and top-`max_rank` accuracy in percent (`topk_hits`)."""
     n = max(1, scores.shape[0])
-    top1 = correct[:, :1].sum().item() * 100.0 / n
-    top5 = correct[:, :min(max_rank, scores.shape[1])].sum().item() * 100.0 / n
+    top1, top5 = (hits * 100.0 / n for hits in topk_hits(scores, labels, max_rank).tolist())
     return top1, top5
 
 
