@@ -21,7 +21,7 @@ import models
 import train_ssl
 from datasets.seeding import SeededDataset
 from models import DINOLoss
-from tests.conftest import log_records
+from tests.conftest import HostReads, log_records
 from utils import utils
 from utils.checkpoint import safe_torch_load
 from utils.defaults import get_cfg
@@ -292,6 +292,23 @@ def test_train_step_returns_without_host_sync_value(monkeypatch, device):
     loss, momentum = train_ssl.train_step(state, step_views(device=device), 0, 0, args)
     assert isinstance(loss, torch.Tensor) and not loss.requires_grad and momentum == pytest.approx(0.9)
     assert loss.device.type == device.type
+
+
+def test_training_loop_never_reads_a_value_back_to_the_host(monkeypatch):
+    # The CUDA test above checks one step; this checks the loop around it (meters, skipped-video count, the
+    # non-finite and stop checks) on the CPU: .item() / float(t) reads, each a host sync on CUDA, do not grow
+    # with the number of iterations.
+    # fused AdamW, the CUDA default, keeps its step counts on the device (the foreach one reads its CPU ones)
+    state, args = step_state(monkeypatch, True, "--use_fp16", "false", "--log_freq", "100")
+
+    def host_reads(batches: int) -> int:
+        loader = [(step_views(), None, None, {"skipped": torch.tensor([0, 1])}) for _ in range(batches)]
+        with HostReads() as reads:
+            stats, skipped = train_ssl.train_one_epoch(state, loader, 0, batches, args)
+        assert skipped == batches and math.isfinite(stats["loss"])
+        return reads.count
+
+    assert host_reads(3) == host_reads(1)
 
 
 def test_compile_keeps_every_view_of_the_paper_layout_compiled(monkeypatch):
