@@ -6,9 +6,10 @@ table in OUT/device_check.md (also printed), each stage's log in OUT/logs/.
 
 Stages, in order (the most telling first, torch.compile last as it takes longest):
 - env: torch, CUDA, GPU and CPU names, core count;
-- gpu_tests: `pytest -m gpu` (the GPU-only tests: NVDEC decode, no host sync and every tensor on the GPU
-  in the train step, rendering views without host syncs, CUDA-only tensors in the linear probe's NCCL
-  all-reduce, the CUDA RNG kept across seeded samples, SDPA past 65535 sequences);
+- gpu_tests: `pytest -m gpu` (the GPU-only tests: NVDEC decode, NVDEC's crop of videos sharing a coded size,
+  no host sync and every tensor on the GPU in the train step, rendering views without host syncs, CUDA-only
+  tensors in the linear probe's NCCL all-reduce, the CUDA RNG kept across seeded samples, SDPA past 65535
+  sequences);
 - step_b16, step_b8: bench_train_step.py, ViT-B, original views, bf16, SDPA, fused AdamW: step time, TFLOP/s,
   fraction of the bf16 matmul peak measured in the same run, peak memory;
 - data: bench_data.py: DataLoader samples/s with 1, 4 and all-core workers per decoder and for the GPU decode

@@ -48,6 +48,7 @@ import io
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
@@ -513,6 +514,30 @@ def read_video_bytes(path: str) -> torch.Tensor:
         return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
     except OSError as err:
         raise DecodeError(f"{path}: cannot read the file ({err})") from err
+
+
+# torchcodec before 0.17 keeps NVDEC decoders in a cache keyed on the coded (macroblock-padded) size and decodes a
+# video with the crop of the first video of that coded size it saw: frames of the right shape with a band of wrong
+# rows and shifted colours, and no error (torchcodec#1704, fixed in 0.17 by #1706). Kinetics resized to short side
+# 256 has many widths that share a coded one (454, 456 -> 464).
+NVDEC_MIN_TORCHCODEC = (0, 17)
+
+
+def require_nvdec_torchcodec(version: str | None = None) -> None:
+    """ImportError naming the fix when torchcodec (`version`, by default the installed one) is older than
+    NVDEC_MIN_TORCHCODEC; nothing when torchcodec does not import (decode_on_device names that fix)."""
+    if version is None:
+        try:
+            from torchcodec import __version__ as version
+        except ImportError:
+            return
+    found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if found < NVDEC_MIN_TORCHCODEC:
+        need = ".".join(map(str, NVDEC_MIN_TORCHCODEC))
+        raise ImportError(f"DATA.DECODE_DEVICE cuda needs torchcodec >= {need}, this is {version}: older releases "
+                          "decode some videos on NVDEC with the crop of an earlier video of the same coded size, "
+                          f"silently (torchcodec issue 1704). Fix: pip install 'torchcodec>={need}' with the torch "
+                          "it matches (constraints.txt), or leave DATA.DECODE_DEVICE at cpu.")
 
 
 def decode_on_device(data: torch.Tensor, indices: Sequence[int], info: VideoInfo, device: torch.device | str,

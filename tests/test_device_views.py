@@ -1,5 +1,7 @@
 """DATA.DECODE_DEVICE cuda: plans drawn in the workers, views decoded and rendered on a device. On the CPU the
 same code path must give the CPU path's views for the same per-sample seed (within the resize's rounding)."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import train_ssl
 from datasets import VideoDataAugmentationDINO, build_dataset, decoder, transform
 from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans, render_views, resize_as_uint8
 from datasets.seeding import SeededDataset
+from datasets.synthetic import write_video
 
 # One uint8 level after normalisation is 1 / 255 / std ~ 0.0175; the device resize is within 1-2 levels of
 # torchvision's uint8 kernel, and jitter factors up to 1.4 scale that.
@@ -160,6 +163,39 @@ def test_decode_device_errors(synthetic_cfg, monkeypatch):
                                                    "--num_workers", "0"])
     with pytest.raises(ValueError, match="DECODE_DEVICE cuda .* no CUDA device"):
         train_ssl.build_train_loader(args, synthetic_cfg(**{"DATA.DECODE_DEVICE": "cuda"}), torch.device("cpu"))
+
+
+def test_nvdec_needs_a_torchcodec_that_crops_each_video_itself(monkeypatch):
+    # torchcodec < 0.17 decodes a video on NVDEC with the crop of an earlier video of the same coded size, silently
+    # (torchcodec#1704): the GPU stage refuses it when it is built, before any batch; the CPU decoder is unaffected.
+    for old in ("0.16.1+cu128", "0.10.0"):
+        with pytest.raises(ImportError, match=rf"torchcodec >= 0.17, this is {re.escape(old)}:.*leave DATA.DECODE_DEVICE at cpu"):
+            decoder.require_nvdec_torchcodec(old)
+    for new in ("0.17.0+cu130", "0.18.1", "1.0.0"):
+        decoder.require_nvdec_torchcodec(new)
+    import torchcodec
+    monkeypatch.setattr(torchcodec, "__version__", "0.16.0")
+    with pytest.raises(ImportError, match="this is 0.16.0"):
+        DeviceViews([32, 16], torch.device("cuda", 1))
+    assert DeviceViews([32, 16], "cpu").device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_nvdec_gives_videos_of_one_coded_size_their_own_crop(tmp_path):
+    # NVDEC decoders are cached by coded size: 120 and 114 rows are both coded as 128. Before torchcodec 0.17 the
+    # second video came back with the first one's crop: a band of wrong rows, no error (torchcodec#1704). Grey
+    # stripes 8 rows high: a shift by one row is off by ~160 levels on some rows.
+    t, y, x = np.meshgrid(np.arange(8), np.arange(120), np.arange(160), indexing="ij")
+    grey = (np.where((y // 8) % 2 == 1, 200, 40) + x // 4 + t).astype(np.uint8)
+    frames = np.repeat(grey[..., None], 3, axis=-1)
+    for rows in (120, 114):
+        path = str(tmp_path / f"{rows}.mp4")
+        write_video(path, np.ascontiguousarray(frames[:, :rows]))
+        decoded, fallback = decoder.decode_on_device(decoder.read_video_bytes(path), range(8), decoder.probe(path),
+                                                     "cuda", path)
+        assert fallback == "" and tuple(decoded.shape) == (8, rows, 160, 3)
+        row_error = (decoded.cpu().float() - torch.from_numpy(frames[:, :rows]).float()).abs().mean(dim=(0, 2, 3))
+        assert row_error.max() < 12, f"{rows} rows: row {int(row_error.argmax())} is off by {row_error.max():.0f}"
 
 
 @pytest.mark.gpu
