@@ -523,7 +523,8 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceVi
         batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers,
         collate_fn=collate_plans if on_device else None,
-        pin_memory=cuda,
+        # pinned batches copy to the GPU asynchronously; plans are bytes the decoder reads on the host: no pinning
+        pin_memory=cuda and not on_device,
         drop_last=True,
         persistent_workers=cuda and args.num_workers > 0,
         worker_init_fn=utils.seed_worker,

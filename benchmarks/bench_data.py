@@ -137,7 +137,7 @@ def fed_step(dataset, stage: DeviceViews, size: str, batch: int, workers: int, s
                                    "--fused_adamw", "on"])
     state, args = build_state(opt, device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate_plans,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         persistent_workers=workers > 0,  # plans are not pinned (train_ssl)
                                          sampler=torch.utils.data.RandomSampler(dataset, replacement=True,
                                                                                 num_samples=batch * (steps + 2)))
     batches = iter(DeviceViewLoader(loader, stage))

@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import train_ssl
@@ -163,6 +164,22 @@ def test_decode_device_errors(synthetic_cfg, monkeypatch):
                                                    "--num_workers", "0"])
     with pytest.raises(ValueError, match="DECODE_DEVICE cuda .* no CUDA device"):
         train_ssl.build_train_loader(args, synthetic_cfg(**{"DATA.DECODE_DEVICE": "cuda"}), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("decode", ["cpu", "cuda"])
+def test_only_the_cpu_decode_path_pins_its_batches(synthetic_cfg, decode):
+    # Pinned views copy to the GPU asynchronously. The GPU decode path's batches are plans: every video's bytes,
+    # which the decoder reads on the host; pinning them would only copy them once more per batch.
+    args = train_ssl.get_args_parser().parse_args(["--local_crops_number", "8", "--batch_size_per_gpu", "2",
+                                                   "--num_workers", "0"])
+    dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
+    try:
+        loader = train_ssl.build_train_loader(args, synthetic_cfg(**{"DATA.DECODE_DEVICE": decode}),
+                                              torch.device("cuda", 0))
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(loader, DeviceViewLoader) is (decode == "cuda")
+    assert getattr(loader, "loader", loader).pin_memory is (decode == "cpu")
 
 
 def test_nvdec_needs_a_torchcodec_that_crops_each_video_itself(monkeypatch):
