@@ -273,7 +273,7 @@ def check_finite_loss(loss: float, epoch: int, args) -> None:
     if not np.isfinite(loss):
         raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}. The last good checkpoint is "
                                  f"{Path(args.output_dir) / CHECKPOINT_NAME} (if any); try a lower --lr, "
-                                 "--amp_dtype bf16 or --use_fp16 False.")
+                                 "--use_fp16 False, or --amp_dtype bf16 on a GPU with native bf16 (A100, H100).")
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, best_acc1: float, args, cfg,

@@ -723,7 +723,8 @@ def stop_training(reason: str, args) -> None:
     print(f"{reason} No checkpoint is written. {saved}. Do not rerun in this --output_dir (it would resume the "
           f"same state): continue in a fresh one from a checkpoint before the divergence, e.g. --output_dir "
           f"{output_dir}_restart --resume_from {numbered[-1] if numbered else last} with a lower --lr, "
-          "--clip_grad 3, --use_fp16 false or --amp_dtype bf16, or a larger --freeze_last_layer.",
+          "--clip_grad 3, --use_fp16 false (or --amp_dtype bf16 on a GPU with native bf16: A100, H100), or a larger "
+          "--freeze_last_layer.",
           force=True, flush=True)
     sys.exit(1)
 

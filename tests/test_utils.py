@@ -164,6 +164,20 @@ def test_auto_precision_uses_fp16_on_gpus_that_only_emulate_bf16(monkeypatch, ma
     assert ("loss scaling" in why) is (expected is torch.float16)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_explicit_bf16_on_a_gpu_without_native_bf16_is_an_error(monkeypatch, native):
+    # On a V100 / T4 bf16 is emulated (slower than fp32) and cuDNN has no bf16 convolution, which autocast would
+    # give the patch embedding: say so before any work instead of failing deep in cuDNN.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    cuda = torch.device("cuda", 0)
+    if native:
+        assert utils.choose_precision(True, "bf16", cuda) == (torch.bfloat16, "--amp_dtype bf16")
+    else:
+        with pytest.raises(ValueError, match="no native bf16 .*--amp_dtype auto \\(fp16 with loss scaling here\\)"):
+            utils.choose_precision(True, "bf16", cuda)
+    assert utils.choose_precision(False, "bf16", cuda)[0] is None
+
+
 def test_cpu_has_native_bf16_without_onednn(monkeypatch):
     def missing():
         raise RuntimeError("mkldnn not built")

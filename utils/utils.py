@@ -143,7 +143,8 @@ def choose_precision(use_fp16: bool, amp_dtype: str, device: torch.device) -> tu
     """The autocast dtype for `--use_fp16` / `--amp_dtype` on a device (None means fp32), and why.
 
     auto: on CUDA bf16 where the GPU has it natively (Ampere and later), else fp16 (with a GradScaler); on CPU
-    bf16 only where the CPU has native bf16 (`cpu_has_native_bf16`), else fp32.
+    bf16 only where the CPU has native bf16 (`cpu_has_native_bf16`), else fp32. An explicit bf16 on a GPU
+    without native bf16 is an error (on CPU it runs, emulated where the CPU lacks it).
     """
     if not use_fp16:
         return None, "--use_fp16 false"
@@ -158,6 +159,11 @@ def choose_precision(use_fp16: bool, amp_dtype: str, device: torch.device) -> tu
         return None, (f"auto: no native bf16 on this {device.type.upper()} (bf16 would be emulated, "
                       "many times slower than fp32)")
     if amp_dtype == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise ValueError("--amp_dtype bf16: this GPU has no native bf16 (compute capability below 8.0, e.g. V100 "
+                             "or T4): emulated bf16 is slower than fp32, and cuDNN has no bf16 convolution there "
+                             "(the patch embedding). Use --amp_dtype auto (fp16 with loss scaling here) or "
+                             "--use_fp16 false (fp32).")
         return torch.bfloat16, "--amp_dtype bf16"
     if amp_dtype == "fp16":
         if device.type != "cuda":
