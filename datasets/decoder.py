@@ -545,8 +545,8 @@ def decode_on_device(data: torch.Tensor, indices: Sequence[int], info: VideoInfo
     """Frames `indices` (sorted, unique) of the video whose bytes are `data` and whose probe is `info`, decoded by
     torchcodec on `device` (NVDEC on a CUDA device; it applies the display rotation) on the probe's stream
     (`_open_torchcodec`): upright uint8 (K, H, W, 3) on `device`, and why torchcodec decoded on the CPU instead
-    of NVDEC ("" when it did not). Another frame count or frames whose timestamps are not the probe's are a
-    DecodeError."""
+    of NVDEC ("" when it did not). Another frame count, frames whose timestamps are not the probe's or frames of
+    another size than the probe's upright one are a DecodeError."""
     try:
         from torchcodec.decoders import VideoDecoder  # noqa: F401  (the import error names the fix)
     except ImportError as err:
@@ -564,6 +564,10 @@ def decode_on_device(data: torch.Tensor, indices: Sequence[int], info: VideoInfo
     wrong = _wrong_frames(batch.pts_seconds, info, indices)
     if wrong:
         raise DecodeError(f"{path}: torchcodec on {device} returned other frames than the probe's ({wrong})")
+    height, width = batch.data.shape[1:3]
+    if (height, width) != (info.height, info.width):  # the views' crop boxes are the probe's upright frame's
+        raise DecodeError(f"{path}: torchcodec on {device} returned {width}x{height} frames, the probe's are "
+                          f"{info.width}x{info.height}")
     return batch.data.to(device, non_blocking=True), fallback
 
 

@@ -1,5 +1,6 @@
 """DATA.DECODE_DEVICE cuda: plans drawn in the workers, views decoded and rendered on a device. On the CPU the
 same code path must give the CPU path's views for the same per-sample seed (within the resize's rounding)."""
+import dataclasses
 import re
 
 import numpy as np
@@ -141,6 +142,36 @@ def test_a_video_torchcodec_fails_on_is_decoded_sequentially_not_skipped(synthet
     for got, want in zip(views, expected):
         assert (got - want).abs().max() < 3 * LEVEL                # the same frames, whichever decoder
     assert sequential_decodes(plans) == 1
+
+
+def test_frames_of_another_size_than_the_probes_are_decoded_sequentially(synthetic_cfg, monkeypatch):
+    # The crop boxes are drawn on the probe's upright frame: a decoder that returns another size (torchcodec's
+    # CUDA path has had such bugs with odd sizes and crops) would shift or cut every view. Such a video is
+    # decoded sequentially on the CPU instead.
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    batch = collate_plans([plans[(i, 90 + i)] for i in range(2)])[0]
+    real_open = decoder._open_torchcodec
+
+    def one_column_short(*args, **kwargs):
+        video = real_open(*args, **kwargs)
+        real_get = video.get_frames_at
+
+        def get_frames_at(indices):
+            batch = real_get(indices)
+            return dataclasses.replace(batch, data=batch.data[:, :, 1:])
+
+        video.get_frames_at = get_frames_at
+        return video
+
+    monkeypatch.setattr(decoder, "_open_torchcodec", one_column_short)
+    info = batch["info"][0]
+    with pytest.raises(decoder.DecodeError, match=f"returned {info.width - 1}x{info.height} frames, the probe's "
+                                                  f"are {info.width}x{info.height}"):
+        decoder.decode_on_device(batch["video"][0], batch["frames"][0].tolist(), info, "cpu", "v.mp4")
+    stage = DeviceViews(aug.sizes, "cpu")
+    frames = stage.decode(batch, 0)
+    assert stage.sequential == [0] and tuple(frames.shape[1:3]) == (info.height, info.width)
 
 
 def test_device_view_loader_yields_what_the_cpu_loader_yields(synthetic_cfg):
