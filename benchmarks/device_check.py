@@ -7,9 +7,8 @@ table in OUT/device_check.md (also printed), each stage's log in OUT/logs/.
 Stages, in order (the most telling first, torch.compile last as it takes longest):
 - env: torch, CUDA, GPU and CPU names, core count;
 - gpu_tests: `pytest -m gpu` (the GPU-only tests: NVDEC decode, NVDEC's crop of videos sharing a coded size,
-  no host sync and every tensor on the GPU in the train step, rendering views without host syncs, CUDA-only
-  tensors in the linear probe's NCCL all-reduce, the CUDA RNG kept across seeded samples, SDPA past 65535
-  sequences);
+  no host sync and every tensor on the GPU in the train step, rendering views without host syncs, the CUDA RNG
+  kept across seeded samples, SDPA past 65535 sequences);
 - step_b16, step_b8: bench_train_step.py, ViT-B, original views, bf16, SDPA, fused AdamW: step time, TFLOP/s,
   fraction of the bf16 matmul peak measured in the same run, peak memory;
 - data: bench_data.py: DataLoader samples/s with 1, 4 and all-core workers per decoder and for the GPU decode
@@ -17,7 +16,8 @@ Stages, in order (the most telling first, torch.compile last as it takes longest
   with min(8, cores) workers (share of the step spent waiting on data);
 - train_knn: a 1-GPU train_ssl.py run of ~100 steps on generated videos with the GPU decode path, then kNN:
   the loss must fall, kNN must report, and no video may fall back to CPU decoding;
-- cuda_capable_tests: the suite's device-generic tests with SVT_TEST_DEVICE=cuda;
+- cuda_capable_tests: the suite's device-generic tests with SVT_TEST_DEVICE=cuda (among them: CUDA-only tensors in
+  the linear probe's NCCL all-reduce, no host read per step in the linear probe);
 - step_b16_compile, step_b8_compile: the step with --compile;
 - demo_gpu: DEMO_SCALE=gpu bash scripts/demo.sh, when demo.sh knows DEMO_SCALE (~5 minutes: it fits only
   in a larger --budget_s, or alone with --only demo_gpu).

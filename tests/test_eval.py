@@ -236,35 +236,37 @@ def test_linear_probe_steps_never_read_a_value_back_to_the_host(device):
         loader = [(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 2]), torch.tensor([0, 1]),
                    {"skipped": torch.tensor([0, 1])}) for _ in range(batches)]
         with HostReads() as reads:
-            stats = eval_linear.train_one_epoch(model, classifier, optimizer, loader, 0, args, device)
+            stats, _ = eval_linear.train_one_epoch(model, classifier, optimizer, loader, 0, batches, args, device)
         assert stats["skipped_videos"] == batches and math.isfinite(stats["loss"])
         return reads.count
 
     assert host_reads(6) == host_reads(2)
 
 
-@pytest.mark.gpu
-def test_linear_probe_epoch_reduces_only_cuda_tensors_over_nccl(monkeypatch):
-    # Two NCCL ranks cannot share the device check's one GPU: the world of 2 is faked, and the all-reduce
-    # enforces NCCL's rule (CUDA tensors only; gloo takes CPU ones, so the CPU tests cannot see this).
+def test_linear_probe_epoch_reduces_only_tensors_on_its_device(monkeypatch, device):
+    # Two NCCL ranks cannot share the device check's one GPU: the world of 2 is faked, and the all-reduce enforces
+    # NCCL's rule on CUDA (CUDA tensors only; gloo takes CPU ones, so a CPU run cannot see it). Device-generic
+    # rather than GPU-only, so that the CPU suite runs the same code path (a GPU-only test that no CPU run calls
+    # goes stale unseen).
     reduced = []
 
     def nccl_all_reduce(tensor, *args, **kwargs):
-        assert tensor.is_cuda, f"NCCL all_reduce of a {tensor.device} tensor"
+        assert tensor.device.type == device.type, f"all_reduce of a {tensor.device} tensor on {device}"
         reduced.append(tensor)
 
     monkeypatch.setattr(evaluation.utils, "get_world_size", lambda: 2)
     monkeypatch.setattr(evaluation.utils, "is_dist_avail_and_initialized", lambda: False)  # meters stay local
+    monkeypatch.setattr(evaluation.utils, "comm_device", lambda: device)  # what it says under NCCL / gloo
     monkeypatch.setattr(dist, "all_reduce", nccl_all_reduce)
-    cuda = torch.device("cuda")
-    model = VisionTransformer(img_size=32, embed_dim=48, depth=2, num_heads=2, num_frames=4).to(cuda).eval()
-    classifier = LinearClassifier(48, 3).to(cuda)
+    model = VisionTransformer(img_size=32, embed_dim=48, depth=2, num_heads=2, num_frames=4).to(device).eval()
+    classifier = LinearClassifier(48, 3).to(device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1)
-    batch = (torch.randn(2, 3, 4, 32, 32).pin_memory(), torch.tensor([0, 2]), torch.tensor([0, 1]),
+    frames = torch.randn(2, 3, 4, 32, 32)
+    batch = (frames.pin_memory() if device.type == "cuda" else frames, torch.tensor([0, 2]), torch.tensor([0, 1]),
              {"skipped": torch.tensor([0, 1])})
     args = argparse.Namespace(n_last_blocks=1, avgpool_patchtokens=False)
-    stats = eval_linear.train_one_epoch(model, classifier, optimizer, [batch], 0, args, cuda)
-    assert stats["skipped_videos"] == 1 and len(reduced) == 1
+    stats, _ = eval_linear.train_one_epoch(model, classifier, optimizer, [batch], 0, 1, args, device)
+    assert stats["skipped_videos"] == 1 and len(reduced) == 2  # the stop check at the last step, the count
 
 
 def test_num_labels_error_names_the_lists_and_spots_one_based_labels():
