@@ -519,25 +519,37 @@ def read_video_bytes(path: str) -> torch.Tensor:
 # torchcodec before 0.17 keeps NVDEC decoders in a cache keyed on the coded (macroblock-padded) size and decodes a
 # video with the crop of the first video of that coded size it saw: frames of the right shape with a band of wrong
 # rows and shifted colours, and no error (torchcodec#1704, fixed in 0.17 by #1706). Kinetics resized to short side
-# 256 has many widths that share a coded one (454, 456 -> 464).
+# 256 has many widths that share a coded one (454, 456 -> 464). An empty cache avoids it (the issue's workaround).
 NVDEC_MIN_TORCHCODEC = (0, 17)
+_CACHE_SETTERS = ("set_nvdec_cache_capacity", "set_nvdec_cache_size")  # the name differed between releases
 
 
-def require_nvdec_torchcodec(version: str | None = None) -> None:
-    """ImportError naming the fix when torchcodec (`version`, by default the installed one) is older than
-    NVDEC_MIN_TORCHCODEC; nothing when torchcodec does not import (decode_on_device names that fix)."""
+def guard_nvdec_cache(version: str | None = None, decoders=None) -> bool:
+    """Make NVDEC decoding safe from torchcodec#1704 in this process. torchcodec (`version` / its `decoders`
+    module, by default the installed ones) from NVDEC_MIN_TORCHCODEC on: nothing to do (False). Older: its
+    decoder cache is emptied for good (True; each video then creates its NVDEC decoder, tens of ms), or, when it
+    has no such setter, an ImportError naming the fix. Nothing when torchcodec does not import (decode_on_device
+    names that fix)."""
     if version is None:
         try:
-            from torchcodec import __version__ as version
+            from torchcodec import __version__ as version, decoders
         except ImportError:
-            return
+            return False
     found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
-    if found < NVDEC_MIN_TORCHCODEC:
-        need = ".".join(map(str, NVDEC_MIN_TORCHCODEC))
+    if found >= NVDEC_MIN_TORCHCODEC:
+        return False
+    need = ".".join(map(str, NVDEC_MIN_TORCHCODEC))
+    setter = next((getattr(decoders, name) for name in _CACHE_SETTERS if hasattr(decoders, name)), None)
+    if setter is None:
         raise ImportError(f"DATA.DECODE_DEVICE cuda needs torchcodec >= {need}, this is {version}: older releases "
                           "decode some videos on NVDEC with the crop of an earlier video of the same coded size, "
                           f"silently (torchcodec issue 1704). Fix: pip install 'torchcodec>={need}' with the torch "
                           "it matches (constraints.txt), or leave DATA.DECODE_DEVICE at cpu.")
+    setter(0)
+    logger.warning("torchcodec %s: its NVDEC decoder cache is off (it can crop a video like an earlier one of the "
+                   "same coded size, torchcodec issue 1704), so every video creates its decoder; torchcodec >= %s "
+                   "decodes faster.", version, need)
+    return True
 
 
 def decode_on_device(data: torch.Tensor, indices: Sequence[int], info: VideoInfo, device: torch.device | str,

@@ -125,7 +125,7 @@ class DeviceViews:
     def __init__(self, sizes: Sequence[int], device: torch.device | str):
         self.sizes, self.device = list(sizes), torch.device(device)
         if self.device.type == "cuda":
-            decoder.require_nvdec_torchcodec()
+            decoder.guard_nvdec_cache()
         self.cpu_fallbacks = 0
         self.failed = 0
         self.sequential: list[int] = []

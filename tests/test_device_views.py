@@ -1,7 +1,7 @@
 """DATA.DECODE_DEVICE cuda: plans drawn in the workers, views decoded and rendered on a device. On the CPU the
 same code path must give the CPU path's views for the same per-sample seed (within the resize's rounding)."""
 import dataclasses
-import re
+import logging
 
 import numpy as np
 import pytest
@@ -213,26 +213,45 @@ def test_only_the_cpu_decode_path_pins_its_batches(synthetic_cfg, decode):
     assert getattr(loader, "loader", loader).pin_memory is (decode == "cpu")
 
 
-def test_nvdec_needs_a_torchcodec_that_crops_each_video_itself(monkeypatch):
+def test_nvdec_cache_is_emptied_or_refused_before_torchcodec_0_17(monkeypatch, caplog):
     # torchcodec < 0.17 decodes a video on NVDEC with the crop of an earlier video of the same coded size, silently
-    # (torchcodec#1704): the GPU stage refuses it when it is built, before any batch; the CPU decoder is unaffected.
-    for old in ("0.16.1+cu128", "0.10.0"):
-        with pytest.raises(ImportError, match=rf"torchcodec >= 0.17, this is {re.escape(old)}:.*leave DATA.DECODE_DEVICE at cpu"):
-            decoder.require_nvdec_torchcodec(old)
+    # (torchcodec#1704): when the GPU stage is built, before any batch, an older torchcodec gets its decoder cache
+    # emptied (the issue's workaround), or is refused when it cannot; 0.17 on is left alone.
+    class Decoders:
+        def __init__(self, setter=None):
+            self.capacity = 20
+            if setter:
+                setattr(self, setter, lambda n: setattr(self, "capacity", n))
+
     for new in ("0.17.0+cu130", "0.18.1", "1.0.0"):
-        decoder.require_nvdec_torchcodec(new)
+        untouched = Decoders("set_nvdec_cache_capacity")
+        assert decoder.guard_nvdec_cache(new, untouched) is False and untouched.capacity == 20
+    for old, setter in (("0.16.1+cu128", "set_nvdec_cache_capacity"), ("0.12.0", "set_nvdec_cache_size")):
+        old_decoders = Decoders(setter)
+        with caplog.at_level(logging.WARNING, logger="datasets.decoder"):
+            assert decoder.guard_nvdec_cache(old, old_decoders) is True
+        assert old_decoders.capacity == 0 and f"torchcodec {old}: its NVDEC decoder cache is off" in caplog.text
+    with pytest.raises(ImportError, match=r"torchcodec >= 0.17, this is 0.10.0:.*leave DATA.DECODE_DEVICE at cpu"):
+        decoder.guard_nvdec_cache("0.10.0", Decoders())
     import torchcodec
+    import torchcodec.decoders
     monkeypatch.setattr(torchcodec, "__version__", "0.16.0")
+    monkeypatch.setattr(torchcodec.decoders, "set_nvdec_cache_capacity",
+                        lambda n: pytest.fail("built on the CPU, the stage must not touch NVDEC"))
+    assert DeviceViews([32, 16], "cpu").device.type == "cpu"
+    monkeypatch.delattr(torchcodec.decoders, "set_nvdec_cache_capacity")
+    monkeypatch.delattr(torchcodec.decoders, "set_nvdec_cache_size", raising=False)
     with pytest.raises(ImportError, match="this is 0.16.0"):
         DeviceViews([32, 16], torch.device("cuda", 1))
-    assert DeviceViews([32, 16], "cpu").device.type == "cpu"
 
 
 @pytest.mark.gpu
 def test_nvdec_gives_videos_of_one_coded_size_their_own_crop(tmp_path):
     # NVDEC decoders are cached by coded size: 120 and 114 rows are both coded as 128. Before torchcodec 0.17 the
-    # second video came back with the first one's crop: a band of wrong rows, no error (torchcodec#1704). Grey
-    # stripes 8 rows high: a shift by one row is off by ~160 levels on some rows.
+    # second video came back with the first one's crop: a band of wrong rows, no error (torchcodec#1704), unless the
+    # cache is emptied (what DeviceViews does then). Grey stripes 8 rows high: a shift by one row is off by ~160
+    # levels on some rows.
+    decoder.guard_nvdec_cache()
     t, y, x = np.meshgrid(np.arange(8), np.arange(120), np.arange(160), indexing="ij")
     grey = (np.where((y // 8) % 2 == 1, 200, 40) + x // 4 + t).astype(np.uint8)
     frames = np.repeat(grey[..., None], 3, axis=-1)
