@@ -75,18 +75,30 @@ def resize_as_uint8(clip: torch.Tensor, size: int) -> torch.Tensor:
     return clip
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of a CPU tensor on `device` that does not hold the host up: on CUDA from page-locked memory (a copy
+    from pageable memory first waits for all the work queued on the device, which torch's sync debug mode does not
+    report)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def render_views(frames: Sequence[torch.Tensor], positions: Sequence[Sequence[torch.Tensor]],
                  params: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
     """Every view of a batch: frames[b] uint8 (K_b, H_b, W_b, 3) on the device, positions[b][v] (T_v,) into
-    them, params (B, V, 12) rows of transform.ViewParams.as_row on the CPU -> per view float (B, 3, T_v, S_v, S_v)."""
+    them, params (B, V, 12) rows of transform.ViewParams.as_row on the CPU -> per view float (B, 3, T_v, S_v, S_v).
+    The batch's small tensors reach the device in two copies (positions; parameters with the normalisation)."""
     device = frames[0].device
     rows = params.tolist()
-    num = len(frames)
-    # Positions go to the device in one copy per sample.
-    pos_device = [torch.cat(list(p)).to(device, non_blocking=True).split([len(x) for x in p]) for p in positions]
-    # small CPU tensors go over with non_blocking copies: a blocking one would synchronise the host
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1).to(device, non_blocking=True)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1).to(device, non_blocking=True)
+    num, num_views = params.shape[:2]
+    lengths = [len(x) for p in positions for x in p]
+    pos_device = host_to_device(torch.cat([x for p in positions for x in p]), device).split(lengths)
+    pos_device = [pos_device[b * num_views:(b + 1) * num_views] for b in range(num)]
+    params = params.to(torch.float32)
+    packed = host_to_device(torch.cat([params.flatten(), torch.tensor(IMAGENET_MEAN + IMAGENET_STD)]), device)
+    params_device = packed[:params.numel()].view(params.shape)
+    mean, std = (x.view(1, 3, 1, 1, 1) for x in packed[params.numel():].split(3))
     views = []
     for v, size in enumerate(sizes):
         steps = len(positions[0][v])
@@ -96,21 +108,18 @@ def render_views(frames: Sequence[torch.Tensor], positions: Sequence[Sequence[to
             crop = frames[b][:, top:top + h, left:left + w].index_select(0, pos_device[b][v])
             clip[b] = resize_as_uint8(crop.permute(0, 3, 1, 2).float(), size)
         clip = clip.div_(255)
-        p = params[:, v].to(torch.float32)
-        flip = p[:, 4].bool()
-        if flip.any():
-            clip = torch.where(flip.to(device, non_blocking=True).view(-1, 1, 1, 1, 1), clip.flip(-1), clip)
-        order = p[:, 8:11].long()
+        p, p_device = params[:, v], params_device[:, v]  # decisions on the host, factors from the device copy
+        if p[:, 4].any():
+            clip = torch.where(p_device[:, 4].bool().view(-1, 1, 1, 1, 1), clip.flip(-1), clip)
+        order, order_device = p[:, 8:11].long(), p_device[:, 8:11].long()
         for slot in range(3):
             for op in range(3):
-                chosen = order[:, slot] == op
-                factor = torch.where(chosen, p[:, 5 + op], torch.ones(num))
-                if (factor != 1).any():  # samples that skip this op in this slot keep factor 1: the identity
-                    clip = _jitter_op(clip, op, factor.to(device, non_blocking=True).view(-1, 1, 1, 1, 1))
-        gray = p[:, 11].bool()
-        if gray.any():
-            clip = torch.where(gray.to(device, non_blocking=True).view(-1, 1, 1, 1, 1),
-                               _grayscale(clip).expand_as(clip), clip)
+                # samples that skip this op in this slot keep factor 1: the identity
+                if (torch.where(order[:, slot] == op, p[:, 5 + op], 1.0) != 1).any():
+                    factor = torch.where(order_device[:, slot] == op, p_device[:, 5 + op], 1.0)
+                    clip = _jitter_op(clip, op, factor.view(-1, 1, 1, 1, 1))
+        if p[:, 11].any():
+            clip = torch.where(p_device[:, 11].bool().view(-1, 1, 1, 1, 1), _grayscale(clip).expand_as(clip), clip)
         views.append(((clip.permute(0, 2, 1, 3, 4) - mean) / std).contiguous())
     return views
 
@@ -136,7 +145,7 @@ class DeviceViews:
         decoded it (a file whose random access cannot be trusted), or decoded sequentially here on the CPU
         when torchcodec fails on it."""
         if plans["decoded"][b] is not None:
-            return plans["decoded"][b].to(self.device, non_blocking=True)
+            return host_to_device(plans["decoded"][b], self.device)
         path, indices = plans["path"][b], plans["frames"][b].tolist()
         try:
             frames, fallback = decoder.decode_on_device(plans["video"][b], indices, plans["info"][b], self.device,
@@ -146,7 +155,7 @@ class DeviceViews:
             self.sequential.append(b)
             self.sequential_total += 1
             self._log(path, f"decoded sequentially on the CPU instead ({err})")
-            return frames.to(self.device, non_blocking=True)
+            return host_to_device(frames, self.device)
         if fallback:
             self.cpu_fallbacks += 1
             self._log(path, f"torchcodec decodes it on the CPU, not with NVDEC ({fallback})")

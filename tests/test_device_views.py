@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import train_ssl
-from datasets import VideoDataAugmentationDINO, build_dataset, decoder, transform
+from datasets import VideoDataAugmentationDINO, build_dataset, decoder, device_views, transform
 from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans, render_views, resize_as_uint8
 from datasets.seeding import SeededDataset
 from datasets.synthetic import write_video
@@ -92,6 +92,25 @@ def test_render_matches_cpu_apply_for_each_operation(device):
         params = torch.tensor([[p.as_row()] for p in cases], dtype=torch.float64)
         (views,) = render_views([frames.to(device)] * len(cases), [[positions]] * len(cases), params, [size])
         _assert_views_close([views], [expected])
+
+
+def test_render_sends_a_batch_of_views_to_the_device_in_two_copies(monkeypatch):
+    # On CUDA every copy from pageable host memory first waits for the device's queued work (torch's sync debug
+    # mode does not see it): the positions and parameters of all samples and views go over in two pinned copies.
+    copies = []
+
+    def counted(tensor, device):
+        copies.append(tuple(tensor.shape))
+        return tensor.to(device)
+
+    monkeypatch.setattr(device_views, "host_to_device", counted)
+    frames = torch.randint(0, 256, (6, 40, 56, 3), dtype=torch.uint8)
+    view = transform.ViewParams((4, 2, 20, 24), True, (1.3, 0.7, 1.15), (2, 0, 1), True).as_row()
+    params = torch.tensor([[view] * 3] * 2, dtype=torch.float64)
+    positions = [[torch.tensor([0, 2, 2, 5]), torch.tensor([1, 3]), torch.tensor([4, 5])]] * 2
+    views = render_views([frames, frames], positions, params, [16, 8, 8])
+    assert [tuple(v.shape) for v in views] == [(2, 3, 4, 16, 16), (2, 3, 2, 8, 8), (2, 3, 2, 8, 8)]
+    assert copies == [(16,), (2 * 3 * transform.PARAM_COLUMNS + 6,)]
 
 
 def test_resize_as_uint8_is_torchvisions_uint8_resize_within_a_level():
