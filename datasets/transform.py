@@ -251,13 +251,6 @@ class VideoDataAugmentationDINO:
         """Output side of every view, the globals first."""
         return [self.global_size] * 2 + [self.local_size] * self.local_crops_number
 
-    def augment_view(self, frames: torch.Tensor, size: int, scale: Sequence[float],
-                     positions: torch.Tensor | None = None) -> torch.Tensor:
-        """One view: uint8 (T, H, W, 3) -> float (3, T, size, size). With `positions`, the view is
-        frames[positions] (cropped before the gather, so only the crop is copied)."""
-        params = draw_view_params(frames.shape[1], frames.shape[2], scale, self.no_spatial)
-        return apply_view_params(frames, params, size, slice(None) if positions is None else positions)
-
     def draw_params(self, height: int, width: int) -> list[ViewParams]:
         """The parameters of every view of one sample (globals first) for frames of height x width."""
         scales = [self.global_crops_scale] * 2 + [self.local_crops_scale] * self.local_crops_number

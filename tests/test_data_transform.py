@@ -60,7 +60,9 @@ def test_from_union_equals_separate_views():
     a = aug.from_union(frames, positions)
     torch.manual_seed(4)
     sizes = [(32, (0.4, 1.0))] * 2 + [(16, (0.05, 0.4))] * 2
-    b = [aug.augment_view(frames[p], size, scale) for p, (size, scale) in zip(positions, sizes)]
+    # each view on its own: its frames gathered first, then its parameters drawn and applied
+    b = [transform.apply_view_params(frames[p], transform.draw_view_params(40, 56, scale), size)
+         for p, (size, scale) in zip(positions, sizes)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 

@@ -85,7 +85,7 @@ def test_launch_scripts_lend_ffmpeg_only_without_a_system_one(tmp_path):
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho /links:/av.libs\n")   # stands for `python datasets/pyav_ffmpeg.py`
     fake.chmod(0o755)
-    lend = f"source scripts/common.sh; lend_ffmpeg; echo \"LD=$LD_LIBRARY_PATH\""
+    lend = "source scripts/common.sh; lend_ffmpeg; echo \"LD=$LD_LIBRARY_PATH\""
     env = {**os.environ, "PYTHON": str(fake), "LD_LIBRARY_PATH": "/opt/cuda/lib64"}
     no_system = subprocess.run(["bash", "-c", "ldconfig() { :; }; " + lend], env=env, capture_output=True,
                                text=True, cwd=ROOT)

@@ -40,9 +40,9 @@ class Preempted(SystemExit):
 
 class StopSignals:
     """Context manager: inside it, `signals` only set a flag (in the main thread; elsewhere nothing is installed).
-    `received()` is this rank's flag per signal, `requested(extra)` the collective answer. On leaving, the
-    previous handlers are back; with `ignore_after_stop`, a Preempted exit leaves the signals ignored instead
-    (for a process that exits next)."""
+    `requested(extra)` is the collective answer (did any rank get one). On leaving, the previous handlers are
+    back; with `ignore_after_stop`, a Preempted exit leaves the signals ignored instead (for a process that exits
+    next)."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, ignore_after_stop: bool = False):
         self.signals = tuple(signals)
@@ -67,9 +67,6 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, signal.SIG_IGN if ignore else handler)
         self._previous.clear()
-
-    def received(self) -> list[bool]:
-        return list(self._received)
 
     def requested(self, *flags: torch.Tensor) -> tuple[bool, list[bool]]:
         """Whether any rank received a stop signal, and the other boolean scalars `flags` (device tensors, e.g.
