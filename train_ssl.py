@@ -65,8 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
                         help="BatchNorm after the hidden layers of the DINO head (off in SVT).")
     parser.add_argument("--teacher_drop_path", default=True, type=utils.bool_flag, help="""True (the original):
-        the teacher keeps MODEL.DROP_PATH_RATE and stays in train mode, so its forward is stochastic.
-        False: DINO-style deterministic teacher (eval mode, no drop path).""")
+        the teacher's backbone keeps MODEL.DROP_PATH_RATE (train mode), so its forward is stochastic.
+        False: DINO's deterministic teacher (backbone in eval mode: no drop path; the head stays in train mode, so
+        a --use_bn_in_head BatchNorm normalises with the batch statistics, as DINO's).""")
 
     # teacher sharpening
     parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
@@ -273,7 +274,7 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
     header = f"Epoch: [{epoch}/{args.epochs}]"
     device = state.device
     state.student.train()
-    state.teacher.train(args.teacher_drop_path)
+    set_teacher_mode(state.teacher, state.teacher_without_ddp.backbone, args.teacher_drop_path)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     recent_losses: list[torch.Tensor] = []
     skipped = torch.zeros((), dtype=torch.long)
@@ -455,7 +456,7 @@ def build_networks(args, cfg, device: torch.device):
     teacher_without_ddp.load_state_dict(student_without_ddp.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
-    teacher.train(args.teacher_drop_path)
+    set_teacher_mode(teacher, teacher_without_ddp.backbone, args.teacher_drop_path)
     if args.compile:
         # Static shapes: one graph per view shape, no dynamic-shape recompiles. Both backbones share dynamo's
         # cache, where each (view shape, grad mode, train/eval mode) is a graph: the paper's and DATA.RAND_FR's
@@ -467,6 +468,14 @@ def build_networks(args, cfg, device: torch.device):
     n_params = sum(p.numel() for p in student_without_ddp.parameters())
     print(f"Student and teacher: {args.arch} TimeSformer + DINO head, {n_params / 1e6:.1f}M parameters each.")
     return student, teacher, student_without_ddp, teacher_without_ddp
+
+
+def set_teacher_mode(teacher: nn.Module, backbone: nn.Module, drop_path: bool) -> None:
+    """The teacher (DDP-wrapped or not) in train mode, as DINO's: a BatchNorm of its head normalises with the
+    batch statistics (its running ones are never trained: the EMA updates parameters only). Without `drop_path`
+    its `backbone` in eval mode: no drop path, a deterministic forward."""
+    teacher.train()
+    backbone.train(drop_path)
 
 
 def load_pretrained_rgb(backbone: nn.Module, path: str) -> None:

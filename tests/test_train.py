@@ -229,6 +229,25 @@ def test_center_momentum_flag_reaches_the_loss(monkeypatch):
     torch.testing.assert_close(centers["0.99"], centers["0.9"] * 0.1, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("drop_path", [True, False])
+def test_teacher_head_batchnorm_uses_batch_statistics_with_or_without_teacher_drop_path(monkeypatch, drop_path):
+    """--use_bn_in_head: the teacher's head BatchNorm normalises with the batch statistics, as DINO's (its running
+    ones are never trained); --teacher_drop_path false only puts the backbone in eval mode."""
+    state, args = step_state(monkeypatch, False, "--use_fp16", "false", "--use_bn_in_head", "true",
+                             "--teacher_drop_path", str(drop_path))
+    teacher = state.teacher_without_ddp
+    assert teacher.training and teacher.head.training and teacher.backbone.training == drop_path
+    seen = []
+    bn = next(m for m in teacher.head.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    bn.register_forward_hook(lambda m, inp, out: seen.append((inp[0].detach(), out.detach())))
+    train_ssl.train_step(state, step_views(b=4), 0, 0, args)
+    # 2 global views x batch 4 through the BatchNorm (weight 1, bias 0): (x - batch mean) / sqrt(batch var + eps),
+    # not x / sqrt(1 + eps) (the running statistics at their initial 0 and 1)
+    x, out = seen[0]
+    expected = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + bn.eps)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_recipe_schedules_param_groups_and_teacher_match_the_original(monkeypatch):
     # DINO's recipe as train_ssl builds it (spec 4.3): batch 8 x 1 process, 3 epochs of 4 iterations, 1 warm-up.
     state, args = step_state(monkeypatch, False, "--use_fp16", "false", "--lr", "5e-4", "--min_lr", "1e-6",
