@@ -522,6 +522,7 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceVi
         global_frames=global_frames,
         local_frames=local_frames,
         no_spatial=cfg.DATA.NO_SPATIAL,
+        random_flip=cfg.DATA.RANDOM_FLIP,
     )
     dataset = build_dataset("kinetics400", cfg, "train", ssl_aug=transform)
     sampler = SeededDistributedSampler(dataset, seed=args.seed, shuffle=True)

@@ -119,14 +119,16 @@ class ViewParams:
 PARAM_COLUMNS = 12
 
 
-def draw_view_params(height: int, width: int, scale: Sequence[float], no_spatial: bool = False) -> ViewParams:
-    """Draw one view's parameters from torch's RNG: the crop box, then flip p=0.5, colour jitter p=0.8
-    (factors U(1 - m, 1 + m) for m = 0.4, 0.4, 0.2, then a random order), grayscale p=0.2. With
-    `no_spatial`, the full frame and nothing else (no draws)."""
+def draw_view_params(height: int, width: int, scale: Sequence[float], no_spatial: bool = False,
+                     random_flip: bool = True) -> ViewParams:
+    """Draw one view's parameters from torch's RNG: the crop box, then flip p=0.5 (drawn, but never applied
+    without `random_flip`: the other draws stay the same), colour jitter p=0.8 (factors U(1 - m, 1 + m) for
+    m = 0.4, 0.4, 0.2, then a random order), grayscale p=0.2. With `no_spatial`, the full frame and nothing else
+    (no draws)."""
     if no_spatial:
         return ViewParams((0, 0, height, width))
     box = random_resized_crop_params(height, width, scale)
-    flip = bool(torch.rand(()) < 0.5)
+    flip = bool(torch.rand(()) < 0.5) and random_flip
     jitter, order = None, (0, 1, 2)
     if torch.rand(()) < 0.8:
         jitter = tuple(float(torch.empty(()).uniform_(1 - m, 1 + m)) for m in (0.4, 0.4, 0.2))
@@ -225,15 +227,16 @@ class VideoDataAugmentationDINO:
     views first; output: float (3, T_v, size, size) normalised with the ImageNet statistics.
 
     Per view: RandomResizedCrop (global scale (0.4, 1) to global_size, local (0.05, 0.4) to local_size,
-    bicubic with antialiasing, values kept in [0, 1]); flip p=0.5; colour jitter p=0.8 (0.4, 0.4, 0.2,
-    no hue, random order); grayscale p=0.2. Blur and solarisation are off (no-ops in the original).
+    bicubic with antialiasing, values kept in [0, 1]); flip p=0.5 (none without `random_flip`, DATA.RANDOM_FLIP);
+    colour jitter p=0.8 (0.4, 0.4, 0.2, no hue, random order); grayscale p=0.2. Blur and solarisation are off
+    (no-ops in the original).
     The parameters of every view are drawn first (`draw_params`, what the device path receives), then
     applied (`apply_view_params`; datasets/device_views.py applies them batched on a device)."""
 
     def __init__(self, global_crops_scale: Sequence[float] = (0.4, 1.0),
                  local_crops_scale: Sequence[float] = (0.05, 0.4), local_crops_number: int = 8,
                  global_size: int = 224, local_size: int = 96, global_frames: Sequence[int] = (8, 8),
-                 local_frames: Sequence[int] = (8,) * 8, no_spatial: bool = False):
+                 local_frames: Sequence[int] = (8,) * 8, no_spatial: bool = False, random_flip: bool = True):
         if len(global_frames) != 2:
             raise ValueError(f"SVT has 2 global views, got global_frames {list(global_frames)}")
         if len(local_frames) != local_crops_number:
@@ -245,6 +248,7 @@ class VideoDataAugmentationDINO:
         self.global_size, self.local_size = global_size, local_size
         self.global_frames, self.local_frames = tuple(global_frames), tuple(local_frames)
         self.no_spatial = no_spatial
+        self.random_flip = random_flip
 
     @property
     def sizes(self) -> list[int]:
@@ -254,7 +258,7 @@ class VideoDataAugmentationDINO:
     def draw_params(self, height: int, width: int) -> list[ViewParams]:
         """The parameters of every view of one sample (globals first) for frames of height x width."""
         scales = [self.global_crops_scale] * 2 + [self.local_crops_scale] * self.local_crops_number
-        return [draw_view_params(height, width, scale, self.no_spatial) for scale in scales]
+        return [draw_view_params(height, width, scale, self.no_spatial, self.random_flip) for scale in scales]
 
     def from_union(self, frames: torch.Tensor, positions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Views given as positions into one decoded array of frames (K, H, W, 3) (decoder.decode_union)."""

@@ -99,6 +99,34 @@ def test_view_params_probabilities_and_jitter_ranges():
     assert (transform.IMAGENET_MEAN, transform.IMAGENET_STD) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
+@pytest.mark.parametrize("random_flip", [True, False])
+def test_random_flip_key_reaches_the_ssl_views_and_off_only_drops_the_flips(synthetic_cfg, monkeypatch,
+                                                                              random_flip):
+    """DATA.RANDOM_FLIP False: no SSL view is flipped (e.g. motions whose mirror is another class); the flip is
+    still drawn, so every other parameter is the one a flipping run draws for the same seed."""
+    import dataclasses
+
+    import train_ssl
+    built = {}
+
+    def capture(name, cfg, mode, ssl_aug):  # the SSL dataset train_ssl builds: keep its views' transform
+        built["aug"] = ssl_aug
+        raise StopIteration
+
+    monkeypatch.setattr(train_ssl, "build_dataset", capture)
+    args = train_ssl.get_args_parser().parse_args(["--local_crops_number", "8"])
+    with pytest.raises(StopIteration):
+        train_ssl.build_train_loader(args, synthetic_cfg(**{"DATA.RANDOM_FLIP": random_flip}), torch.device("cpu"))
+    aug = built["aug"]
+    flipping = VideoDataAugmentationDINO()
+    torch.manual_seed(5)
+    drawn = [p for _ in range(20) for p in aug.draw_params(64, 80)]
+    torch.manual_seed(5)
+    reference = [p for _ in range(20) for p in flipping.draw_params(64, 80)]
+    assert any(p.flip for p in reference)
+    assert drawn == (reference if random_flip else [dataclasses.replace(p, flip=False) for p in reference])
+
+
 def test_no_spatial_is_full_frame_resize_and_imagenet_normalised():
     aug = VideoDataAugmentationDINO(global_size=8, local_size=4, local_crops_number=1, local_frames=(2,),
                                     no_spatial=True)

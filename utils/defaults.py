@@ -34,6 +34,7 @@ _C.DATA.TEST_CROP_SIZE = 224
 # ImageNet statistics; we keep that to reproduce its numbers.
 _C.DATA.MEAN = [0.45, 0.45, 0.45]
 _C.DATA.STD = [0.225, 0.225, 0.225]
+# Random horizontal flips (p 0.5) of training clips: each SSL view, and the clips the evaluation scripts train on.
 _C.DATA.RANDOM_FLIP = True
 # "auto" (torchcodec in exact seek mode when it works, else decord, else PyAV), "torchcodec", "decord" or
 # "pyav". Every backend returns the frames its indices name; seek-unsafe files are decoded sequentially.
