@@ -39,9 +39,9 @@ from utils import preemption, utils
 from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, load_imagenet_init,
                               load_pretrained_weights, restore_epoch_meters, restore_rng, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, dataset_labels,
-                              derived_config,
-                              extract_features_and_labels, make_loader, multi_view_stats, resolve_num_labels,
-                              single_clip_config, single_view_stats, to_device, topk_hits)
+                              derived_config, extract_features_and_labels, make_loader, multi_view_stats,
+                              note_ssl_view_keys, resolve_num_labels, single_clip_config, single_view_stats, to_device,
+                              topk_hits)
 from utils.parser import add_config_args, load_config_from
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -257,7 +257,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
     print("Averaged stats:", metric_logger)
     check_finite_loss(metric_logger.meters["loss"].global_avg, epoch, args)
     return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped),
-            "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers)}
+            "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers, gpu_decode=False)}
 
 
 def is_save_step(done: int, num_batches: int, args) -> bool:
@@ -350,6 +350,7 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
         raise ValueError(f"--accum_iter must be at least 1, got {args.accum_iter}")
     cfg = finetune_config(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    note_ssl_view_keys(cfg)
     device = utils.default_device()
     output_dir = Path(args.output_dir)
     ckpt_path = output_dir / CHECKPOINT_NAME

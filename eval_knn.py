@@ -22,7 +22,7 @@ from datasets.video_dataset import sequential_decodes
 from models import ARCHS
 from utils import utils
 from utils.evaluation import (ReturnIndexLabelDataset, build_train_bank_dataset, drop_skipped,
-                              extract_features_and_labels, load_backbone, make_loader, run_knn,
+                              extract_features_and_labels, load_backbone, make_loader, note_ssl_view_keys, run_knn,
                               single_clip_config)
 from utils.parser import add_config_args, load_config
 
@@ -74,6 +74,7 @@ def main(args) -> dict | None:
     utils.fix_random_seeds(args.seed)
     cfg = load_config(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    note_ssl_view_keys(cfg)
     device = utils.default_device()
     utils.check_writable_dir(args.output_dir)
     if args.dump_features:

@@ -34,10 +34,9 @@ from models import ARCHS
 from utils import preemption, utils
 from utils.checkpoint import atomic_save, gather_objects, restore_epoch_meters, safe_torch_load
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, clip_features, dataset_labels,
-                              derived_config,
-                              extract_features_and_labels, load_backbone, make_loader, multi_view_stats,
-                              require_readable, resolve_num_labels, single_clip_config, single_view_stats,
-                              skipped_video_ids, to_device)
+                              derived_config, extract_features_and_labels, load_backbone, make_loader, multi_view_stats,
+                              note_ssl_view_keys, require_readable, resolve_num_labels, single_clip_config,
+                              single_view_stats, skipped_video_ids, to_device)
 from utils.parser import add_config_args, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -111,6 +110,7 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
     utils.fix_random_seeds(args.seed)
     cfg = load_config(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    note_ssl_view_keys(cfg)
     device = utils.default_device()
     utils.check_writable_dir(args.output_dir)
     evaluate_only = args.evaluate or bool(args.lc_pretrained_weights)

@@ -39,7 +39,7 @@ from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_ob
                               load_imagenet_init, load_pretrained_weights, remove_stale_temp_files,
                               restart_from_checkpoint, restore_epoch_meters, restore_rng, safe_torch_load)
 from utils.evaluation import OnlineKNN
-from utils.parser import add_config_args, load_config
+from utils.parser import add_config_args, load_config, note_unused_keys
 
 ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
 
@@ -567,6 +567,8 @@ def prepare_config(args):
     if cfg.DATA.NO_RGB_AUG:
         raise ValueError("DATA.NO_RGB_AUG True makes Kinetics train return one plain clip; self-supervised "
                          "training needs the multi-view clips, so leave it False.")
+    note_unused_keys(cfg, ("DATA.MEAN", "DATA.STD"), "the SSL views are normalised with the ImageNet statistics, "
+                     "as in the original; DATA.MEAN/STD normalise evaluation clips (the online kNN, eval_*.py).")
     cfg.freeze()
     return cfg
 

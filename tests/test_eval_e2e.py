@@ -381,6 +381,27 @@ def test_unwritable_output_dir_fails_before_any_work(synthetic_root, tmp_path):
         knn(common)
 
 
+def test_ssl_view_keys_given_to_an_evaluation_are_noted_by_name(synthetic_root, tmp_path, capsys):
+    """Keys that only shape train_ssl.py's SSL views do nothing in an evaluation: each script says so, naming
+    them (a shared option list still runs), before its first check."""
+    import eval_finetune
+
+    def finetune(args: list[str]) -> dict:
+        return eval_finetune.eval_finetune(
+            argparse.ArgumentParser(parents=[eval_finetune.get_args_parser()]).parse_args(args))
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    common = ["--arch", "vit_tiny", "--num_workers", "0", "--output_dir", str(blocker / "out"), "--opts",
+              *_data_opts(synthetic_root, "splits"), "DATA.RAND_FR", "True", "DATA.DECODE_DEVICE", "cuda"]
+    for run in (linear, knn, finetune):
+        with pytest.raises(PermissionError):
+            run(common)
+        assert ("Note: DATA.RAND_FR, DATA.DECODE_DEVICE are set, but only train_ssl.py's SSL views read them"
+                in capsys.readouterr().out)
+        dist.destroy_process_group()
+
+
 def test_no_readable_val_video_is_an_error(synthetic_root, checkpoint, tmp_path):
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"\x00not a video" * 64)

@@ -690,6 +690,19 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(synthetic_root, tmp_path
     assert len((tmp_path / "log.txt").read_text().splitlines()) == 1
 
 
+def test_eval_normalisation_keys_given_to_pretraining_are_noted(synthetic_root, capsys):
+    """DATA.MEAN/STD normalise evaluation clips; the SSL views keep the ImageNet statistics (the original's):
+    train_ssl says so when they are set, and nothing when they are not."""
+    args = train_ssl.get_args_parser().parse_args(["--data_path", str(synthetic_root / "annotations"), "--opts",
+                                                   "DATA.MEAN", "[0.5, 0.5, 0.5]"])
+    train_ssl.prepare_config(args)
+    assert "Note: DATA.MEAN is set, but the SSL views are normalised with the ImageNet statistics" in \
+        capsys.readouterr().out
+    args = train_ssl.get_args_parser().parse_args(["--data_path", str(synthetic_root / "annotations")])
+    train_ssl.prepare_config(args)
+    assert "Note:" not in capsys.readouterr().out
+
+
 def test_missing_train_csv_names_the_path(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "train.csv")):
         _train(monkeypatch, ["--data_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])

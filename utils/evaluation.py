@@ -20,6 +20,7 @@ from datasets.video_dataset import SKIPPED_LABEL
 from models import build_backbone
 from utils import preemption, utils
 from utils.checkpoint import load_imagenet_init, load_pretrained_weights
+from utils.parser import note_unused_keys
 
 
 # Elements of one query-chunk x bank-chunk similarity matrix (64 MiB in fp32).
@@ -108,6 +109,18 @@ def derived_config(cfg, **overrides):
         cfg[node][key] = value
     cfg.freeze()
     return cfg
+
+
+# Config keys that shape only train_ssl.py's SSL views: an evaluation script notes them when set.
+SSL_VIEW_KEYS = ("DATA.RAND_FR", "DATA.GLOBAL_NUM_FRAMES", "DATA.LOCAL_NUM_FRAMES", "DATA.NO_SPATIAL",
+                 "DATA.DECODE_DEVICE")
+
+
+def note_ssl_view_keys(cfg) -> str | None:
+    """The note of an evaluation script whose config sets SSL_VIEW_KEYS (they have no effect there)."""
+    return note_unused_keys(cfg, SSL_VIEW_KEYS, "only train_ssl.py's SSL views read them: evaluation clips have "
+                                                "DATA.NUM_FRAMES frames and are decoded in the DataLoader workers "
+                                                "(DATA.DECODING_BACKEND).")
 
 
 def single_clip_config(cfg):

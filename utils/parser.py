@@ -102,6 +102,23 @@ def load_config_from(cfg_file: str | None = None, opts: Sequence[str] | None = N
     return cfg
 
 
+def note_unused_keys(cfg: CfgNode, keys: Sequence[str], why: str) -> str | None:
+    """For a job that does not read `keys`: a note naming those of them that the YAML or --opts moved from their
+    default (shared option lists are fine, a silently ignored setting is not), printed and returned."""
+    defaults = get_cfg()
+    changed = [k for k in keys if _value(cfg, k) != _value(defaults, k)]
+    if not changed:
+        return None
+    note = f"Note: {', '.join(changed)} {'is' if len(changed) == 1 else 'are'} set, but {why}"
+    print(note)
+    return note
+
+
+def _value(cfg: CfgNode, key: str):
+    node, name = key.split(".")
+    return cfg[node][name]
+
+
 def load_config(args) -> CfgNode:
     """The config for a parsed argparse namespace with `cfg_file` and `opts`."""
     return load_config_from(getattr(args, "cfg_file", None), getattr(args, "opts", None))
