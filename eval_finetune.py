@@ -95,8 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_fp16", default=True, type=utils.bool_flag,
                         help="Mixed precision (type chosen by --amp_dtype); off: fp32.")
     parser.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"],
-                        help="auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU. "
-                             "bf16 also runs on CPU (fast only on CPUs with native bf16).")
+                        help="auto: bf16 on GPUs that support it, else fp16 with loss scaling; on CPU bf16 where "
+                             "the CPU has it natively (AVX-512 BF16 / AMX), else fp32 (emulated bf16 is many times "
+                             "slower). The run prints its choice.")
     parser.add_argument("--grad_checkpointing", default=False, type=utils.bool_flag,
                         help="Recompute each block in the backward pass: far less activation memory "
                              "(ViT-B fits 16 GB cards), about 30%% slower.")

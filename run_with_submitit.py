@@ -31,7 +31,10 @@ SIGNAL_DELAY_S = 120
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("SVT pretraining with submitit", parents=[train_ssl.get_args_parser()])
+    parser = argparse.ArgumentParser(
+        "SVT pretraining with submitit", parents=[train_ssl.get_args_parser()],
+        epilog="Defaults that differ from train_ssl.py's (scripts/common.sh's recipe): "
+               + ", ".join(f"--{k} {v}" for k, v in RECIPE_DEFAULTS.items()) + ".")
     parser.set_defaults(**RECIPE_DEFAULTS)
     group = parser.add_argument_group("submitit / SLURM")
     group.add_argument("--ngpus", default=4, type=int, help="""GPUs per node; one process (task) per GPU.
@@ -118,8 +121,10 @@ def main(argv: list[str] | None = None, cluster: str | None = None):
     submitit = import_submitit()
     args.output_dir = os.path.abspath(args.output_dir)
     job_dir = os.path.abspath(args.job_dir or os.path.join(args.output_dir, "submitit"))
-    # Fail here rather than after the wait in the queue: the train list, the config and --opts keys, the folders.
+    # Fail here rather than after the wait in the queue: the train list, the config and --opts keys, the flags,
+    # the folders.
     train_ssl.prepare_config(copy.deepcopy(args))
+    train_ssl.check_args(args)
     utils.check_writable_dir(args.output_dir)
     utils.check_writable_dir(job_dir, "--job_dir")
 

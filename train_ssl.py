@@ -142,7 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=".", type=str,
                         help="Folder for checkpoints, log.txt, config and tensorboard.")
     parser.add_argument("--saveckp_freq", default=20, type=int,
-                        help="Keep a numbered checkpointNNNN.pth every x epochs.")
+                        help="Keep a numbered checkpointNNNN.pth every x epochs (0: none).")
     parser.add_argument("--saveckp_iters", default=0, type=int, help="""Also rewrite checkpoint.pth every
         x iterations inside an epoch (0: off), so long epochs can resume mid-way.""")
     parser.add_argument("--log_freq", default=10, type=int, help="Print/tensorboard every x iterations.")
@@ -177,12 +177,7 @@ def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS, exit_after_st
     args.arch = ARCH_ALIASES.get(args.arch, args.arch)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     cfg = prepare_config(args)
-    for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
-        if getattr(args, name) > args.epochs:
-            raise ValueError(f"--{name} {getattr(args, name)} is larger than --epochs {args.epochs}: pass "
-                             f"--{name} {args.epochs} or less (the ramps are laid out over the run's epochs).")
-    if args.knn_freq > 0 and not args.knn_data_path:
-        raise ValueError("--knn_freq needs --knn_data_path (the folder with the kNN train/val lists).")
+    check_args(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     output_dir = Path(args.output_dir)
     if utils.is_main_process():
@@ -551,6 +546,21 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceVi
         # The workers hand over bytes + drawn parameters; this process decodes (NVDEC) and augments on the GPU.
         return DeviceViewLoader(loader, DeviceViews(transform.sizes, device))
     return loader
+
+
+def check_args(args) -> None:
+    """Flag values that cannot work together, each an error naming the flag and the fix (before any work)."""
+    for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+        if getattr(args, name) > args.epochs:
+            raise ValueError(f"--{name} {getattr(args, name)} is larger than --epochs {args.epochs}: pass "
+                             f"--{name} {args.epochs} or less (the ramps are laid out over the run's epochs).")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        scale = getattr(args, name)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"--{name} {' '.join(map(str, scale))}: give two area fractions MIN MAX with "
+                             "0 < MIN <= MAX <= 1 (SVT's: --global_crops_scale 0.4 1.0, --local_crops_scale 0.05 0.4).")
+    if args.knn_freq > 0 and not args.knn_data_path:
+        raise ValueError("--knn_freq needs --knn_data_path (the folder with the kNN train/val lists).")
 
 
 def prepare_config(args):

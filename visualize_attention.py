@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "Empty: a random vit_base backbone, the baseline to compare with.")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help='Entry of a training checkpoint to show ("teacher" or "student").')
-    parser.add_argument("--video", required=True, type=str, help="Video file (any container decord/PyAV reads).")
+    parser.add_argument("--video", required=True, type=str, help="Video file (any container FFmpeg reads).")
     parser.add_argument("--num_frames", default=8, type=int,
                         help="Frames sampled from the video (8 for the released ViT-B; the model's own count is "
                              "only a default, the time embedding is resized for any count).")

@@ -81,10 +81,10 @@ def max_difference(a, b, unions: list[tuple]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--videos", type=int, default=4)
+    parser.add_argument("--videos", type=int, default=4, help="Generated videos the samples cycle over.")
     parser.add_argument("--samples", type=int, default=16, help="Samples (decoded unions) per timed pass.")
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=340)
+    parser.add_argument("--height", type=int, default=256, help="Frame height (Kinetics resized to short side 256).")
+    parser.add_argument("--width", type=int, default=340, help="Frame width.")
     parser.add_argument("--rand_fr", action="store_true", help="Views with DATA.RAND_FR frame counts.")
     parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds.")
     parser.add_argument("--ref", default=None, help="Also time datasets/transform.py at this git revision.")

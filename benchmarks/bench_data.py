@@ -162,10 +162,10 @@ def fed_step(dataset, stage: DeviceViews, size: str, batch: int, workers: int, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--videos", type=int, default=6)
+    parser.add_argument("--videos", type=int, default=6, help="Generated H.264 videos the samples cycle over.")
     parser.add_argument("--frames", type=int, default=300, help="Frames per video (30 fps).")
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=340)
+    parser.add_argument("--height", type=int, default=256, help="Frame height (Kinetics resized to short side 256).")
+    parser.add_argument("--width", type=int, default=340, help="Frame width.")
     parser.add_argument("--samples", type=int, default=24, help="Timed samples per measurement.")
     parser.add_argument("--rand_fr", action="store_true", help="Views with DATA.RAND_FR frame counts.")
     parser.add_argument("--crop", type=int, nargs=2, default=(224, 96), help="Global and local view sides.")
@@ -180,9 +180,9 @@ def main() -> None:
                         help="Only the DataLoader rates and plan_sample (skip the one-process strategies).")
     parser.add_argument("--feed_step", default=None, choices=["tiny", "small", "base"],
                         help="Also time train_step fed by the --device_decode loader (needs --device_decode).")
-    parser.add_argument("--feed_batch", type=int, default=16)
-    parser.add_argument("--feed_workers", type=int, default=8)
-    parser.add_argument("--feed_steps", type=int, default=10)
+    parser.add_argument("--feed_batch", type=int, default=16, help="Clips per step of --feed_step.")
+    parser.add_argument("--feed_workers", type=int, default=8, help="Loader workers of --feed_step.")
+    parser.add_argument("--feed_steps", type=int, default=10, help="Timed steps of --feed_step.")
     parser.add_argument("--out", default=None, help="Also write the JSON here.")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -32,8 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=4, help="Videos per length.")
     parser.add_argument("--seconds", type=int, nargs="+", default=[10, 60], help="Video lengths to time.")
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--height", type=int, default=256, help="Frame height.")
+    parser.add_argument("--width", type=int, default=320, help="Frame width.")
     parser.add_argument("--rounds", type=int, default=7, help="Interleaved rounds; the median of each is kept.")
     parser.add_argument("--out", default="", help="Also write the JSON here.")
     return parser

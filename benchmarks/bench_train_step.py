@@ -42,18 +42,22 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="base", choices=SIZES)
+    p.add_argument("--size", default="base", choices=SIZES, help="Backbone: vit_tiny / vit_small / vit_base "
+                   "(TimeSformer-B, the paper's).")
     p.add_argument("--batch", type=int, default=1, help="Videos per step (each gives all views).")
-    p.add_argument("--views", default="original", choices=VIEW_PRESETS)
+    p.add_argument("--views", default="original", choices=VIEW_PRESETS, help="Frames per view: original "
+                   "(8 everywhere), rand_fr (DATA.RAND_FR: 4, 8 | 2,2,4,4,8,8,16,16) or paper (8, 16 | 2,...,16).")
     p.add_argument("--num_frames", type=int, default=8, help="Frames of every view in the `original` preset "
                    "(DATA.NUM_FRAMES; the demo uses 4).")
     p.add_argument("--crop", type=int, default=224, help="Global crop side; local = round(crop * 96/224) "
                    "to a multiple of the patch size (224 -> 96).")
     p.add_argument("--out_dim", type=int, default=65536, help="Prototypes K of the DINO head.")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "explicit"])
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "explicit"], help="Attention kernel: torch's "
+                   "scaled_dot_product_attention (training's) or the explicit softmax(QK^T)V.")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="Autocast dtype (train_ssl "
+                   "--amp_dtype; fp16 needs CUDA); fp32: --use_fp16 false.")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones (train_ssl --compile).")
-    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--grad_checkpointing", action="store_true", help="train_ssl --grad_checkpointing True.")
     p.add_argument("--fused_adamw", default="auto", choices=["auto", "on", "off"],
                    help="auto: train_ssl's choice (fused on CUDA and CPU).")
     p.add_argument("--channels_last", action="store_true", help="channels_last patch-embedding conv and input.")
@@ -63,7 +67,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default).")
     p.add_argument("--profile", action="store_true", help="torch.profiler on one extra step: time in ops vs "
                    "step time (the rest is Python/dispatch overhead) and the top ops.")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is "
+                   "one.")
     p.add_argument("--json", default=None, help="Write the result here.")
     p.add_argument("--note", default="", help="Free text stored in the JSON (e.g. machine shared).")
     return p

@@ -146,11 +146,12 @@ def test_job_dir_and_relative_output_dir(fake_submitit, data_dir, tmp_path, monk
 @pytest.mark.parametrize("argv, error", [
     ([], "train.csv not found"),
     (["--opts", "DATA.NOT_A_KEY", "1"], "unknown config key"),
+    (["--epochs", "2"], "--warmup_epochs 10 is larger than --epochs 2"),
 ])
 def test_bad_input_fails_at_submission_not_in_the_queue(fake_submitit, data_dir, tmp_path, argv, error):
     if error != "train.csv not found":
         argv = ["--data_path", str(data_dir), *argv]
-    with pytest.raises((FileNotFoundError, KeyError), match=error):
+    with pytest.raises((FileNotFoundError, KeyError, ValueError), match=error):
         run_with_submitit.main(["--output_dir", str(tmp_path / "run"), *argv])
     assert FakeExecutor.created == []
 

@@ -732,6 +732,16 @@ def test_warmup_longer_than_the_run_names_the_value_to_pass(tmp_path, monkeypatc
                              "--output_dir", str(tmp_path / "o")])
 
 
+@pytest.mark.parametrize("flags", [["--global_crops_scale", "0.4"], ["--local_crops_scale", "0.4", "0.05"],
+                                   ["--local_crops_scale", "0.0", "0.4"], ["--global_crops_scale", "0.4", "1.5"]])
+def test_crop_scales_must_be_two_area_fractions(flags):
+    # one number would fail inside the loader workers (IndexError), a reversed range draws nothing sensible
+    args = train_ssl.get_args_parser().parse_args(flags)
+    with pytest.raises(ValueError, match=rf"^{flags[0]} {' '.join(flags[1:])}: give two area fractions MIN MAX"):
+        train_ssl.check_args(args)
+    train_ssl.check_args(train_ssl.get_args_parser().parse_args([]))  # SVT's defaults pass
+
+
 # ---------------------------------------------------------------------------------------------
 # 2 processes (torchrun, gloo) vs 1 process with the same global batch
 # ---------------------------------------------------------------------------------------------

@@ -23,12 +23,14 @@ _C.DATA.NUM_FRAMES = 8
 _C.DATA.SAMPLING_RATE = 32
 # Videos are resampled to this frame rate before sampling (fps-independent clip length).
 _C.DATA.TARGET_FPS = 30
-# Short-side jitter range of the linear-probe training clips; [0] is the val short side.
+# Short-side jitter range of the clips the evaluation scripts train on (linear probe, fine-tuning); [0] is the
+# short side of a one-crop val/test clip.
 _C.DATA.TRAIN_JITTER_SCALES = [256, 320]
-# Model input size and the size of the global SSL views.
+# Model input size: the global SSL views and the crop of the evaluation scripts' training clips.
 _C.DATA.TRAIN_CROP_SIZE = 224
-# Size of the local SSL views (the original hard-codes 96).
+# Size of the local SSL views (the original hard-codes 96) and of the fast clip of --slowfast_eval.
 _C.DATA.LOCAL_CROP_SIZE = 96
+# Crop of the val/test clips; with TEST.NUM_SPATIAL_CROPS 3 also the short side they are resized to.
 _C.DATA.TEST_CROP_SIZE = 224
 # Evaluation normalisation. The original evaluates with 0.45/0.225 although pretraining uses the
 # ImageNet statistics; we keep that to reproduce its numbers.

@@ -32,7 +32,10 @@ def _all_keys(node: CfgNode, prefix: str = "") -> list[str]:
 _FLAG_INSTEAD = {
     "TRAIN.BATCH_SIZE": "--batch_size_per_gpu", "TEST.BATCH_SIZE": "--batch_size_per_gpu",
     "DATA_LOADER.NUM_WORKERS": "--num_workers", "SOLVER.BASE_LR": "--lr", "SOLVER.MAX_EPOCH": "--epochs",
-    "SOLVER.WEIGHT_DECAY": "--weight_decay", "MODEL.NUM_CLASSES": "--num_labels (eval_linear.py)",
+    "SOLVER.WEIGHT_DECAY": "--weight_decay", "SOLVER.MOMENTUM": "--momentum (eval_finetune.py)",
+    "SOLVER.NESTEROV": "--nesterov (eval_finetune.py)", "SOLVER.STEPS": "--lr_decay_epochs (eval_finetune.py)",
+    "SOLVER.LRS": "--lr_decay (eval_finetune.py)",
+    "MODEL.NUM_CLASSES": "--num_labels (eval_linear.py, eval_finetune.py)",
     "NUM_GPUS": "the launcher (torchrun --nproc_per_node)", "OUTPUT_DIR": "--output_dir",
     "RNG_SEED": "--seed",
 }
