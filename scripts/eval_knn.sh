@@ -13,8 +13,10 @@
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "DATA.NUM_FRAMES 16"
 #   GPUS        processes (GPUs) to use                               (default: 1)
 #   MASTER_PORT rendezvous port                                       (default: 29511)
+#   PYTHON      interpreter (runs torch.distributed.run)              (default: python3)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
 source "$ROOT/scripts/common.sh"
 check_deps
 split_user_args "$@"
@@ -23,7 +25,8 @@ eval_defaults knn_001
 LIST_DIR="${LIST_DIR:-$DATA_PATH/knn_splits}"
 require_eval_inputs "$LIST_DIR"
 
-torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29511}" "$ROOT/eval_knn.py" \
+"$PYTHON" -m torch.distributed.run --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29511}" \
+  "$ROOT/eval_knn.py" \
   --arch vit_base \
   --pretrained_weights "$CHECKPOINT" \
   --batch_size_per_gpu 128 \

@@ -14,8 +14,10 @@
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "DATA.NUM_FRAMES 16"
 #   GPUS        processes (GPUs) to use                      (default: 1)
 #   MASTER_PORT rendezvous port                              (default: 29512)
+#   PYTHON      interpreter (runs torch.distributed.run)     (default: python3)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
 source "$ROOT/scripts/common.sh"
 check_deps
 split_user_args "$@"
@@ -32,7 +34,8 @@ NUM_LABELS="${NUM_LABELS:-$DEFAULT_LABELS}"
 LIST_DIR="${LIST_DIR:-$DATA_PATH/splits}"
 require_eval_inputs "$LIST_DIR"
 
-exec torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29512}" "$ROOT/eval_linear.py" \
+exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29512}" \
+  "$ROOT/eval_linear.py" \
   --n_last_blocks 1 \
   --arch vit_base \
   --pretrained_weights "$CHECKPOINT" \

@@ -16,8 +16,10 @@
 #   VIDEO_DIR   prefix of the list paths     (default: $DATA_PATH/videos; SSv2: $DATA_PATH/frames)
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "TEST.NUM_ENSEMBLE_VIEWS 3"
 #   MASTER_PORT rendezvous port                                (default: 29513)
+#   PYTHON      interpreter (runs torch.distributed.run)       (default: python3)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
 source "$ROOT/scripts/common.sh"
 check_deps
 split_user_args "$@"
@@ -38,7 +40,8 @@ if (( GPUS > 8 || 8 % GPUS )); then DEFAULT_BATCH=1; else DEFAULT_BATCH=$(( 8 / 
 LIST_DIR="${LIST_DIR:-$DATA_PATH/$LISTS}"
 require_eval_inputs "$LIST_DIR"
 
-exec torchrun --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29513}" "$ROOT/eval_finetune.py" \
+exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29513}" \
+  "$ROOT/eval_finetune.py" \
   --arch vit_base \
   --pretrained_weights "$CHECKPOINT" \
   --dataset "$DATASET" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the test suite on CPU: installs what is missing, then pytest. Extra args go to pytest,
-# e.g. `./scripts/test.sh -k model -x`.
+# e.g. `./scripts/test.sh -k model -x`. PYTHON: the interpreter (default: python3).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

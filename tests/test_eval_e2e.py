@@ -232,8 +232,9 @@ def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
 
     import eval_finetune
     repo = Path(eval_knn.__file__).resolve().parent
-    env = {**os.environ, "DATA_PATH": str(synthetic_root), "CHECKPOINT": checkpoint, "GPUS": "2",
-           "EXTRA_OPTS": " ".join(OPTS), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    import sys
+    env = {**os.environ, "PYTHON": sys.executable, "DATA_PATH": str(synthetic_root), "CHECKPOINT": checkpoint,
+           "GPUS": "2", "EXTRA_OPTS": " ".join(OPTS), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     small = ["--arch", "vit_tiny", "--num_workers", "0", "--batch_size_per_gpu", "3"]
     knn_lists, lists = _odd_lists(synthetic_root, tmp_path, "knn_splits"), _odd_lists(synthetic_root, tmp_path, "splits")
 

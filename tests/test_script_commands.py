@@ -14,12 +14,12 @@ RECORD = 'printf "%s\\n" "$@" > "$ARGV_OUT"'
 
 
 def _launch(tmp_path, script, args=(), expect_rc=0, **env_vars):
-    """Run scripts/`script` with torchrun (eval scripts) or `$PYTHON -m torch.distributed.run` (train scripts)
-    replaced by a recorder; returns (argv after the .py program, the program name, stderr), or only stderr
-    when the script is to stop with `expect_rc` before launching."""
+    """Run scripts/`script` with `$PYTHON -m torch.distributed.run` replaced by a recorder (a bare `torchrun`, which
+    may belong to another interpreter than the one check_deps checked, fails); returns (argv after the .py program,
+    the program name, stderr), or only stderr when the script is to stop with `expect_rc` before launching."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "torchrun").write_text(f"#!/bin/sh\n{RECORD}\n")
+    (bin_dir / "torchrun").write_text("#!/bin/sh\necho 'launched with torchrun, not $PYTHON' >&2\nexit 97\n")
     python = bin_dir / "python"
     python.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ] && [ "$2" = "torch.distributed.run" ]; then shift 2; {RECORD}; '
                       f'exit 0; fi\nexec {sys.executable} "$@"\n')
