@@ -1,5 +1,6 @@
 """The fvcore config: defaults, YAML, --opts overrides and their errors."""
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +209,70 @@ def test_original_timesformer_yaml_lists_every_key_svt_does_not_read(tmp_path):
                      "SOLVER.MAX_EPOCH -> --epochs", "MODEL.NUM_CLASSES -> --num_labels"):
         assert replaced in message
     assert "TRAIN.ENABLE ->" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Every option and key does something: read by the code, or an error
+# ---------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY_SCRIPTS = ("train_ssl", "eval_linear", "eval_knn", "eval_finetune", "visualize_attention", "run_with_submitit")
+
+
+def _source_reads() -> tuple[set[str], set[str]]:
+    """Over the repository's Python code (tests left out): the attribute names read off any object (cfg.DATA.X, or
+    `data.X` for data = cfg.DATA) and those read off a namespace called args / opt (or by getattr with a constant)."""
+    import ast
+    attrs, arg_reads = set(), set()
+    sources = [*ROOT.glob("*.py"), *(p for d in ("utils", "datasets", "models", "benchmarks", "scripts")
+                                     for p in (ROOT / d).rglob("*.py"))]
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                attrs.add(node.attr)
+                if isinstance(node.value, ast.Name) and node.value.id in ("args", "opt"):
+                    arg_reads.add(node.attr)
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and len(node.args) > 1
+                  and isinstance(node.args[1], ast.Constant)):
+                arg_reads.add(node.args[1].value)
+    return attrs, arg_reads
+
+
+def test_every_config_key_is_read_or_rejected():
+    """A key of utils/defaults.py that no code reads would be accepted and ignored: each is read as an attribute
+    somewhere, or is one of the original's unported branches that are an error when True."""
+    from utils.defaults import UNSUPPORTED_TRUE_KEYS, get_cfg
+    from utils.parser import _all_keys
+    attrs, _ = _source_reads()
+    unread = [k for k in _all_keys(get_cfg()) if k.split(".")[1] not in attrs and k not in UNSUPPORTED_TRUE_KEYS]
+    assert unread == []
+
+
+def test_every_option_of_the_entry_scripts_is_read():
+    """No dead options: each argparse dest of the entry scripts is read as args.<dest> (or getattr) somewhere.
+    --local_rank alone is accepted and ignored, on purpose (torch.distributed.launch passes it; its help says)."""
+    _, arg_reads = _source_reads()
+    for name in ENTRY_SCRIPTS:
+        parser = __import__(name).get_args_parser()
+        dests = {a.dest for a in parser._actions if a.dest != "help"}
+        assert dests - arg_reads - {"local_rank"} == set(), name
+
+
+@pytest.mark.parametrize("script, run", [("train_ssl", "train_svt"), ("eval_linear", "eval_linear"),
+                                         ("eval_knn", "main"), ("eval_finetune", "eval_finetune")])
+def test_every_entry_script_rejects_an_unknown_opts_key_by_name(script, run, tmp_path):
+    """Each job, run as its command line runs it, refuses a misspelt key before any work, naming it and the real
+    one (run_with_submitit: tests/test_submitit.py)."""
+    import builtins
+
+    import torch.distributed as dist
+    module = __import__(script)
+    args = module.get_args_parser().parse_args(["--output_dir", str(tmp_path), "--opts", "DATA.SAMPLING_RAT", "4"])
+    print_ = builtins.print
+    try:
+        with pytest.raises(KeyError, match=r"unknown config key 'DATA\.SAMPLING_RAT'\. Did you mean DATA\.SAMPLING_RATE"
+                           r"\?"):
+            getattr(module, run)(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        builtins.print = print_  # init_distributed_mode silences non-main ranks by replacing print
