@@ -8,6 +8,7 @@
 # `install_deps.sh --check` installs nothing: it exits 3 naming what is missing of the required packages
 # (the launch scripts call it, so no pip runs on compute nodes at each job start). torchcodec and decord
 # are optional there: DATA.DECODING_BACKEND auto uses whichever decoder imports.
+# PYTHON: the interpreter whose environment is checked and installed into (default: python3).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"

@@ -9,7 +9,8 @@
 # which passes it on to torchrun as SIGTERM; torchrun sends it to the processes, which finish their step (at most
 # 5 more, or 5 batches of a validation or test, which a resume runs again), write checkpoint.pth.tar (checkpoint.pth)
 # and exit with status 3. The job then requeues itself and resumes there (REQUEUE=0 or a refusing cluster: exit 3,
-# submit it again), as scripts/slurm_train.sh does.
+# submit it again), as scripts/slurm_train.sh does. TORCH_ELASTIC_SHUTDOWN_TIMEOUT: seconds torchrun leaves them
+# after passing the signal on (default here 100; torchrun's own is 30).
 #SBATCH --job-name=svt-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

@@ -63,27 +63,30 @@ REQUEUE_CASES = [  # (srun_status, requeue, signal_it, status, requeued)
 def test_slurm_script_requeues_a_job_stopped_on_a_signal(tmp_path, launcher, forwarded, srun_status, requeue, signal_it,
                                                          status, requeued):
     """scripts/slurm_train.sh (srun train_ssl.py) and scripts/slurm_eval.sh scripts/eval_linear.sh (which execs
-    torchrun) with a fake srun / torchrun (exits with srun_status, after the signal the script passes on if
-    signal_it: USR1 to srun, TERM to torchrun) and a fake scontrol that records its arguments."""
+    torchrun, `$PYTHON -m torch.distributed.run`) with a fake srun / torchrun (exits with srun_status, after the
+    signal the script passes on if signal_it: USR1 to srun, TERM to torchrun) and a fake scontrol that records its
+    arguments."""
     import signal
     import time
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     ready, got = tmp_path / "launcher_started", tmp_path / "launcher_got"
-    tool = "srun" if launcher == "slurm_train.sh" else "torchrun"
+    tool = "srun" if launcher == "slurm_train.sh" else "torchrun"  # bin/torchrun: run by a python stand-in
     fake = "#!/bin/bash\n"
     fake += (f"trap 'echo USR1 > {got}; exit {srun_status}' USR1\ntrap 'echo TERM > {got}; exit {srun_status}' TERM\n"
              f"touch {ready}\nwhile :; do sleep 0.05; done\n" if signal_it else f"exit {srun_status}\n")
     (bin_dir / tool).write_text(fake)
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.txt'}\n")
-    for name in (tool, "scontrol"):
+    (bin_dir / "python").write_text(f'#!/bin/sh\nif [ "$1" = "-m" ] && [ "$2" = "torch.distributed.run" ]; then '
+                                    f'exec {bin_dir / "torchrun"}; fi\nexec {sys.executable} "$@"\n')
+    for name in (tool, "scontrol", "python"):
         (bin_dir / name).chmod(0o755)
     (tmp_path / "train.csv").write_text("a.mp4 0\n")
     (tmp_path / "splits").mkdir()
     (tmp_path / "c.pth").touch()
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PROJECT_PATH": str(ROOT),
            "DATA_PATH": str(tmp_path), "EXP_NAME": f"review_{tmp_path.name}", "SLURM_JOB_ID": "77",
-           "REQUEUE": requeue, "CHECKPOINT": str(tmp_path / "c.pth")}
+           "REQUEUE": requeue, "CHECKPOINT": str(tmp_path / "c.pth"), "PYTHON": str(bin_dir / "python")}
     args = ["scripts/eval_linear.sh"] if launcher == "slurm_eval.sh" else []
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / launcher), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -105,3 +108,29 @@ def test_slurm_script_requeues_a_job_stopped_on_a_signal(tmp_path, launcher, for
     if status == 3:
         assert ("job 77 requeued: it resumes there" in out) if requeued else \
             ("not requeued" in err and "submit the same command again to resume" in err)
+
+
+def test_every_environment_variable_a_script_reads_is_in_its_header():
+    """`${NAME:-...}` / `${NAME:?...}` reads of each user-facing script, with those of the scripts/common.sh
+    functions it calls, are documented in its header comment (train_paper.sh: "same environment as train.sh")."""
+    import re
+
+    def reads(text: str) -> set[str]:
+        return set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):[-?+=]", text))
+
+    def header(name: str) -> str:
+        lines = (ROOT / "scripts" / name).read_text().splitlines()[1:]
+        return "\n".join(line for line in lines[:next(i for i, x in enumerate(lines) if not x.startswith("#"))])
+
+    common = (ROOT / "scripts" / "common.sh").read_text()
+    functions = dict(re.findall(r"^(\w+)\(\) \{\n(.*?)^\}", common, re.S | re.M))
+    # set by the system and SLURM, not by users
+    system = {"LD_LIBRARY_PATH", "PYTHONPATH", "SLURM_SUBMIT_DIR", "SLURM_JOB_ID", "SLURM_GPUS_ON_NODE"}
+    for name in ("train.sh", "train_paper.sh", "slurm_train.sh", "eval_knn.sh", "eval_linear.sh", "finetune.sh",
+                 "demo.sh", "test.sh", "install_deps.sh", "slurm_eval.sh"):
+        text = (ROOT / "scripts" / name).read_text()
+        used = reads(text).union(*(reads(body) for fn, body in functions.items() if re.search(rf"\b{fn}\b", text)))
+        documented = set(re.findall(r"\b[A-Z][A-Z0-9_]+\b", header(name)))
+        if name == "train_paper.sh":
+            documented |= set(re.findall(r"\b[A-Z][A-Z0-9_]+\b", header("train.sh")))
+        assert used - system - documented == set(), name
