@@ -17,8 +17,9 @@ def add_config_args(parser) -> None:
     parser.add_argument("--cfg", dest="cfg_file", default=DEFAULT_CFG, type=str,
                         help="fvcore YAML with the data/model config (default: the SVT Kinetics config).")
     parser.add_argument("--opts", default=None, nargs=argparse.REMAINDER,
-                        help="KEY VALUE pairs that override the YAML, e.g. `--opts DATA.PATH_PREFIX /data/k400 "
-                             "DATA.RAND_FR True`. Must be the last argument.")
+                        help="KEY VALUE pairs that override the YAML, e.g. `--opts DATA.PATH_PREFIX /data/k400/videos "
+                             "DATA.NUM_FRAMES 16`; the keys are those of utils/defaults.py (another one is an error "
+                             "naming it). Must be the last argument.")
 
 
 def _all_keys(node: CfgNode, prefix: str = "") -> list[str]:
