@@ -75,9 +75,13 @@ def torchcodec_finds_ffmpeg(env: dict | None = None) -> bool | None:
     is not installed (nothing to lend it)."""
     if importlib.util.find_spec("torchcodec") is None:
         return None
-    probe = subprocess.run([sys.executable, "-c", "import torchcodec._core"], env=env, capture_output=True,
-                           timeout=120)
+    probe = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, timeout=120)
     return probe.returncode == 0
+
+
+# Older torchcodec raises at import when it loads no FFmpeg; newer (0.16, 0.17) imports anyway, with
+# _core.ops._FFMPEG_AVAILABLE False and its decoding ops raising when called: the probe reads that flag.
+_PROBE = "import sys, torchcodec._core.ops as ops; sys.exit(0 if getattr(ops, '_FFMPEG_AVAILABLE', True) else 1)"
 
 
 def ld_library_path(cache: Path) -> str:

@@ -43,6 +43,21 @@ def test_link_dir_refuses_a_folder_without_ffmpeg(tmp_path):
         pyav_ffmpeg.link_dir(tmp_path / "cache", tmp_path / "libs")
 
 
+@pytest.mark.parametrize("ops, finds", [
+    ("_FFMPEG_AVAILABLE = True", True),
+    ("_FFMPEG_AVAILABLE = False", False),  # torchcodec 0.16 / 0.17 without FFmpeg: the import works, decoding not
+    ("", True),  # an older torchcodec without the flag: imported means loaded
+    ("raise RuntimeError('Could not load libtorchcodec')", False),  # an older one without FFmpeg
+])
+def test_torchcodec_probe_reads_whether_ffmpeg_loaded(tmp_path, ops, finds):
+    core = tmp_path / "torchcodec" / "_core"
+    core.mkdir(parents=True)
+    (tmp_path / "torchcodec" / "__init__.py").write_text("")
+    (core / "__init__.py").write_text("")
+    (core / "ops.py").write_text(ops + "\n")
+    assert pyav_ffmpeg.torchcodec_finds_ffmpeg({**os.environ, "PYTHONPATH": str(tmp_path)}) is finds
+
+
 def test_needed_entries_only_when_torchcodec_lacks_ffmpeg_and_the_links_help(tmp_path, monkeypatch):
     monkeypatch.setattr(pyav_ffmpeg, "ld_library_path", lambda cache: "/links:/av.libs")
     monkeypatch.setattr(pyav_ffmpeg, "torchcodec_finds_ffmpeg", lambda env=None: True)

@@ -165,8 +165,10 @@ def run_steps(state, args, steps=3):
 
 
 def test_fused_adamw_matches_foreach(monkeypatch, device):
-    losses_f, teacher_f = run_steps(*step_state(monkeypatch, fused=True, device=device))
-    losses_r, teacher_r = run_steps(*step_state(monkeypatch, fused=False, device=device))
+    # in fp32: under bf16 autocast the two optimizers' last-bit differences reach the loss through bf16 rounding
+    # (6e-4 of a 0.04 loss at the third step on an H200)
+    losses_f, teacher_f = run_steps(*step_state(monkeypatch, True, "--use_fp16", "false", device=device))
+    losses_r, teacher_r = run_steps(*step_state(monkeypatch, False, "--use_fp16", "false", device=device))
     torch.testing.assert_close(losses_f, losses_r, rtol=1e-5, atol=1e-6)
     for k in teacher_r:
         torch.testing.assert_close(teacher_f[k], teacher_r[k], rtol=1e-5, atol=1e-6)
