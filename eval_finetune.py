@@ -11,6 +11,13 @@ eval_linear.py; `--slowfast_eval True` uses the paper's slow-fast clips.
 An undecodable training video is replaced by another and counted; an undecodable val/test video is left
 out of the accuracy and counted ("skipped_videos"), as in the other evaluation scripts.
 
+SIGTERM / SIGUSR1 (SLURM preemption, time limit, `--signal` warning) stop the run cleanly, as in eval_linear.py:
+every rank stops at the same optimizer step of training, or batch of a validation or the final test (which it
+abandons), at most preemption.CHECK_EVERY after the signal; checkpoint.pth then holds the training done (a stopped
+validation's epoch as trained to its last step) and the process exits with status 3. A rerun of the same command
+continues exactly there and runs the abandoned pass again. `--evaluate` has nothing to save: a signal ends it as
+usual.
+
     torchrun --nproc_per_node=8 eval_finetune.py --arch vit_base --pretrained_weights kinetics400_vitb_ssl.pth \
         --batch_size_per_gpu 1 --dataset ucf101 --output_dir checkpoints/finetune/ucf101 \
         --opts DATA.PATH_TO_DATA_DIR data/ucf101/splits DATA.PATH_PREFIX data/ucf101/videos
@@ -114,7 +121,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Single-view validation every N epochs (and after the last).")
     parser.add_argument("--output_dir", default=".", type=str,
                         help="checkpoint.pth, log.txt, tensorboard (tb/), config and results are written here; "
-                             "a checkpoint.pth found here is resumed.")
+                             "a checkpoint.pth found here is resumed, also one written on SIGTERM/SIGUSR1 (exit "
+                             "status 3: run the same command again, or requeue the job).")
     parser.add_argument("--saveckp_iters", default=0, type=int, help="""Also rewrite checkpoint.pth every
         x iterations inside an epoch (0: off), so long epochs can resume mid-way. With --accum_iter the save
         waits for the optimizer step that ends the x-th iteration's accumulation group.""")
@@ -195,13 +203,14 @@ def predict(model: VisionTransformer, frames) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epoch: int, niter: int, args,
                     precision, device: torch.device, writer=None, start_iter: int = 0,
                     epoch_meters: list[dict] | None = None, save_mid_epoch=None,
-                    stop: preemption.StopSignals | None = None) -> dict:
+                    stop: preemption.StopSignals | None = None) -> tuple[dict, dict]:
     """One epoch of cross-entropy training over the loader's `niter` batches; an optimizer step every
     `accum_iter` batches (a trailing group of fewer batches is dropped). A mid-epoch resume starts at
     `start_iter` (the loader skips the consumed batches) with the `epoch_meters` of the interrupted part;
     `save_mid_epoch(iteration=, epoch_meters=)` is called every --saveckp_iters iterations, at an optimizer step.
-    Returns the epoch means (loss, top-1/5 on the training clips, lr) and the number of training videos that
-    could not be decoded (replaced by others). A `stop` signal on any rank ends the epoch at an optimizer step
+    Returns the epoch means (loss, top-1/5 on the training clips, lr) with the number of training videos that
+    could not be decoded (replaced by others), and this rank's share of them for a checkpoint (`epoch_meters`).
+    A `stop` signal on any rank ends the epoch at an optimizer step
     (checked every preemption.CHECK_EVERY of them and at the last): mid-epoch checkpoint, then
     preemption.Preempted."""
     stop = stop if stop is not None else preemption.StopSignals(())
@@ -251,6 +260,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
         if stop_now:
             preemption.finish(preemption.stop_message(stop.names(), epoch, it + 1, num_batches,
                                                       Path(args.output_dir) / CHECKPOINT_NAME), stop)
+    own = {"meters": metric_logger.totals(), "skipped": int(skipped)}
     metric_logger.synchronize_between_processes()
     if utils.get_world_size() > 1:
         skipped = skipped.to(device)
@@ -258,7 +268,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
     print("Averaged stats:", metric_logger)
     check_finite_loss(metric_logger.meters["loss"].global_avg, epoch, args)
     return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped),
-            "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers, gpu_decode=False)}
+            "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers, gpu_decode=False)}, own
 
 
 def is_save_step(done: int, num_batches: int, args) -> bool:
@@ -301,10 +311,11 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int,
 
 
 @torch.no_grad()
-def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.device) -> dict:
+def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.device, check_stop=None) -> dict:
     """Accuracy on the dataset's clips, each rank running its shard: single-view stats in val mode (one clip
     per video), per-video stats over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips aggregated by
-    `args.ensemble` in test mode (keys multiview_*). Undecodable videos are left out and counted."""
+    `args.ensemble` in test mode (keys multiview_*). Undecodable videos are left out and counted.
+    `check_stop`: see utils.evaluation.extract_features_and_labels."""
     model.eval()
 
     def score(frames):
@@ -312,7 +323,7 @@ def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.d
             return predict(model, frames).float()
 
     loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers)
-    logits, returned = extract_features_and_labels(score, loader, device)
+    logits, returned = extract_features_and_labels(score, loader, device, check_stop)
     if dataset.mode != "test":
         return single_view_stats(logits, returned, args.num_labels)
     return multi_view_stats(logits, returned, dataset_labels(dataset), dataset.num_clips_per_video, args.ensemble,
@@ -325,9 +336,9 @@ def write_log(output_dir: Path, stats: dict) -> None:
             f.write(json.dumps(stats) + "\n")
 
 
-def final_test(model, test_set, args, precision, device, output_dir: Path, extra: dict) -> dict:
+def final_test(model, test_set, args, precision, device, output_dir: Path, extra: dict, check_stop=None) -> dict:
     """The multi-view test, printed and written to finetune_results.json (rank 0)."""
-    stats = evaluate(model, test_set, args, precision, device)
+    stats = evaluate(model, test_set, args, precision, device, check_stop)
     print(f"Multi-view test ({stats['num_clips_per_video']} clips x {stats['num_videos']} videos, {args.ensemble}"
           f"{', slow-fast' if args.slowfast_eval else ''}): top-1 {stats['multiview_acc1']:.2f}"
           + (f", top-5 {stats['multiview_acc5']:.2f}" if "multiview_acc5" in stats else "")
@@ -342,9 +353,9 @@ def final_test(model, test_set, args, precision, device, output_dir: Path, extra
 
 
 def eval_finetune(args, exit_after_stop: bool = False) -> dict:
-    """Fine-tune, validate, test. preemption.STOP_SIGNALS during training end it cleanly (preemption.Preempted
-    after the mid-epoch checkpoint); with `exit_after_stop` (the command line) they stay ignored after such a
-    stop, until the process exits."""
+    """Fine-tune, validate, test. preemption.STOP_SIGNALS during training, a validation or the final test end it
+    cleanly (preemption.Preempted after the checkpoint); with `exit_after_stop` (the command line) they stay
+    ignored after such a stop, until the process exits."""
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     if args.accum_iter < 1:
@@ -404,6 +415,7 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
     train_loader = build_train_loader(train_set, args, device)
     niter = len(train_loader)  # before any skip
+    num_batches = niter // args.accum_iter * args.accum_iter  # those an epoch trains on (whole accumulation groups)
     start_epoch, start_iter, best_acc1, rng, epoch_meters = 0, 0, 0.0, None, None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer_state"])
@@ -423,7 +435,7 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
     print(f"Fine-tuning from epoch {start_epoch} to {args.epochs}: {len(train_loader) // args.accum_iter} steps "
           f"per epoch, global batch {args.batch_size_per_gpu * utils.get_world_size() * args.accum_iter}.")
     start_time = time.time()
-    # A stop signal saves the step reached and exits with status 3 (README "Reliability").
+    # A stop signal saves the training done and exits with status 3 (README "Reliability").
     with preemption.StopSignals(ignore_after_stop=exit_after_stop) as stop:
         for epoch in range(start_epoch, args.epochs):
             utils.fix_random_seeds(epoch_seed(args.seed, epoch, utils.get_rank()))
@@ -436,14 +448,19 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
                 group["lr"] = lr_at_epoch(args, epoch)
             save_mid_epoch = functools.partial(save_checkpoint, ckpt_path, model, optimizer, scaler, epoch, best_acc1,
                                                args, cfg, init_backbone, train_set=train_set)
-            train_stats = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, niter, args, precision,
-                                          device, writer, start_iter=start_iter if resumed else 0,
-                                          epoch_meters=epoch_meters if resumed else None,
-                                          save_mid_epoch=save_mid_epoch, stop=stop)
+            train_stats, own_meters = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, niter, args,
+                                                      precision, device, writer,
+                                                      start_iter=start_iter if resumed else 0,
+                                                      epoch_meters=epoch_meters if resumed else None,
+                                                      save_mid_epoch=save_mid_epoch, stop=stop)
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                          "sequential_decodes": sequential_decodes(train_set, val_set)}
             if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-                val_stats = evaluate(model, val_set, args, precision, device)
+                # a stop here keeps the epoch's training: a checkpoint after its last iteration, as a stop there
+                check = preemption.stop_check(stop, ckpt_path, epoch, num_batches, f"the validation of epoch {epoch}",
+                                              functools.partial(save_mid_epoch, iteration=num_batches,
+                                                                epoch_meters=own_meters))
+                val_stats = evaluate(model, val_set, args, precision, device, check)
                 best_acc1 = max(best_acc1, val_stats["acc1"])
                 print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}); skipped videos: "
                       f"{val_stats['skipped_videos']}")
@@ -455,14 +472,16 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
                         writer.add_scalar(f"epoch/{k}", v, epoch)
                 writer.flush()
             write_log(output_dir, log_stats)
-    print(f"Fine-tuning took {datetime.timedelta(seconds=int(time.time() - start_time))}.")
-    if writer is not None:
-        writer.close()
+        print(f"Fine-tuning took {datetime.timedelta(seconds=int(time.time() - start_time))}.")
+        if writer is not None:
+            writer.close()
 
-    results = final_test(model, test_set, args, precision, device, output_dir,
-                         {"epoch": args.epochs, "best_val_acc1": best_acc1,
-                          "sequential_decodes": sequential_decodes(*(d for d in (train_set, val_set, test_set)
-                                                                     if d is not None))})
+        # a stop here leaves the last epoch-end checkpoint: the rerun runs only the test
+        check = preemption.stop_check(stop, ckpt_path, args.epochs - 1, num_batches, "the multi-view test")
+        results = final_test(model, test_set, args, precision, device, output_dir,
+                             {"epoch": args.epochs, "best_val_acc1": best_acc1,
+                              "sequential_decodes": sequential_decodes(*(d for d in (train_set, val_set, test_set)
+                                                                         if d is not None))}, check)
     write_log(output_dir, {k: v for k, v in results.items() if k.startswith("test_")})
     if utils.is_dist_avail_and_initialized():
         dist.barrier()

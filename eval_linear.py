@@ -208,8 +208,9 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
                 # a stop here keeps the epoch's training: a checkpoint after its last iteration, as a stop there
-                check = stop_check(stop, ckpt_path, epoch, niter, f"the validation of epoch {epoch}",
-                                   functools.partial(save_mid_epoch, iteration=niter, epoch_meters=own_meters))
+                check = preemption.stop_check(stop, ckpt_path, epoch, niter, f"the validation of epoch {epoch}",
+                                              functools.partial(save_mid_epoch, iteration=niter,
+                                                                epoch_meters=own_meters))
                 test_stats, val_ids = validate_network(model, classifier, val_set, args, device, check)
                 best_acc = max(best_acc, test_stats["acc1"])
                 print(f"Accuracy at epoch {epoch} of the network on the {len(val_set) - len(val_ids)} val clips: "
@@ -221,7 +222,7 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
             save(epoch + 1, best_acc, skipped={"train": train_skipped, "val": sorted(val_ids)})
             write_log(args, log_stats)
 
-        check = stop_check(stop, ckpt_path, args.epochs - 1, niter, "the multi-view test")
+        check = preemption.stop_check(stop, ckpt_path, args.epochs - 1, niter, "the multi-view test")
         stats, test_ids = final_test(model, classifier, test_set, args, device, check)
     stats["best_acc"] = best_acc
     stats = with_skipped_total(stats, train_skipped, val_ids, test_ids, val_set, test_set)
@@ -313,17 +314,6 @@ def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args
         state.update(iteration=iteration, epoch_meters=gather_objects(epoch_meters), args=args)
     if utils.is_main_process():
         atomic_save(state, path)
-
-
-def stop_check(stop: preemption.StopSignals, path: str, epoch: int, niter: int, interrupted: str, save=None):
-    """The `check_stop` of an evaluation pass (utils.evaluation.extract_features_and_labels): on a stop signal
-    every rank calls `save` (if any), then ends the run (preemption.Preempted), abandoning the pass."""
-    def check() -> None:
-        if stop.requested()[0]:
-            if save is not None:
-                save()
-            preemption.finish(preemption.stop_message(stop.names(), epoch, niter, niter, path, interrupted), stop)
-    return check
 
 
 @torch.no_grad()

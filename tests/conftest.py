@@ -10,12 +10,15 @@
 - `log_records(folder)`: the JSON lines of folder/log.txt without the wall-clock keys (`WALL_CLOCK_KEYS`).
 - `HostReads`: a dispatch mode counting the reads of a tensor's value by the host (`.item()`, `float()`,
   `bool()`, ...), each of which waits for the GPU on CUDA: a training loop's count must not grow with its steps.
+- `signal_at_call(monkeypatch, owner, name, nth, sig)`: a real stop signal sent by the process to itself at the
+  `nth` call of owner.<name>; `assert_stopped(...)`: what a run ended by it shows (exit status 3, message, handlers).
 - `device`: the device of the cuda-capable tests: cpu, or cuda with SVT_TEST_DEVICE=cuda
   (benchmarks/device_check.sh runs them so: `SVT_TEST_DEVICE=cuda pytest -m cuda_capable`). Tests that
   take it are marked `cuda_capable`; tests marked `gpu` skip without CUDA.
 """
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +49,29 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func is torch.ops.aten._local_scalar_dense.default
         return func(*args, **(kwargs or {}))
+
+
+def signal_at_call(monkeypatch, owner, name: str, nth: int, sig: signal.Signals = signal.SIGTERM) -> list:
+    """Replace owner.<name> by a wrapper that raises `sig` in this process at its `nth` call, then calls the
+    original (test code, no hook in the scripts); returns the list that gets an entry per call."""
+    real, calls = getattr(owner, name), []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == nth:
+            signal.raise_signal(sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, signalled)
+    return calls
+
+
+def assert_stopped(stopped: pytest.ExceptionInfo, out: str, message: str, checkpoint: Path) -> None:
+    """A run ended in-process by SIGTERM: exit status 3, the default handlers back, and the printed message
+    (`message`: where it stopped) naming the `checkpoint` that holds it."""
+    assert stopped.value.code == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert f"Stop signal SIGTERM: every rank stopped {message} {checkpoint} holds it. Exiting with status 3" in out
 
 
 TINY_OPTS = {"DATA.TRAIN_CROP_SIZE": 32, "DATA.LOCAL_CROP_SIZE": 16, "DATA.TEST_CROP_SIZE": 32,

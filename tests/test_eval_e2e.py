@@ -12,7 +12,7 @@ import torch.distributed as dist
 import eval_knn
 import eval_linear
 from models import build_backbone
-from tests.conftest import log_records
+from tests.conftest import assert_stopped, log_records, signal_at_call
 from utils.parser import load_config_from
 
 # The tiny clips of tests/conftest.py: 4 frames, 32 px crops (16 px local), short side 36-40.
@@ -424,22 +424,6 @@ def test_no_readable_val_video_is_an_error(synthetic_root, checkpoint, tmp_path)
 # ---------------------------------------------------------------------------------------------
 # eval_linear.py on a stop signal: exit 3 with a checkpoint that a rerun continues exactly
 # ---------------------------------------------------------------------------------------------
-def _signalled_clip_features(monkeypatch, nth: int) -> list:
-    """eval_linear.clip_features (once per batch: training, validation and test) raising SIGTERM at its `nth`
-    call; returns the list of calls."""
-    import signal
-    real, calls = eval_linear.clip_features, []
-
-    def signalled(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == nth:
-            signal.raise_signal(signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(eval_linear, "clip_features", signalled)
-    return calls
-
-
 def _linear_state(out) -> dict:
     return torch.load(out / "checkpoint.pth.tar", weights_only=False)
 
@@ -491,18 +475,15 @@ def test_linear_probe_stops_on_sigterm_exits_3_and_resumes_as_an_uninterrupted_r
     iteration; the test's run has its epoch-end checkpoint), the handlers are restored and the run exits with
     status 3. The rerun of the same command ends with the weights, optimizer and scheduler state, log.txt and
     results of the uninterrupted run (the abandoned pass runs again)."""
-    import signal
     reference, reference_stats = linear_reference
     args = _stop_args(synthetic_root, checkpoint, stop_lists, tmp_path)
-    calls = _signalled_clip_features(monkeypatch, nth)
+    calls = signal_at_call(monkeypatch, eval_linear, "clip_features", nth)
     with pytest.raises(SystemExit) as stopped:
         linear(args)
     dist.destroy_process_group()
     monkeypatch.undo()
-    assert stopped.value.code == 3 and len(calls) == calls_made
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    assert (f"Stop signal SIGTERM: every rank stopped {message} {tmp_path / 'checkpoint.pth.tar'} holds it. "
-            "Exiting with status 3") in capsys.readouterr().out
+    assert len(calls) == calls_made
+    assert_stopped(stopped, capsys.readouterr().out, message, tmp_path / "checkpoint.pth.tar")
     ckpt = _linear_state(tmp_path)
     assert (ckpt["epoch"], ckpt.get("iteration")) == saved
     assert (len(log_records(tmp_path)) == log_lines) if log_lines else not (tmp_path / "log.txt").exists()
@@ -538,7 +519,7 @@ def test_linear_probe_mid_epoch_resume_with_another_global_batch_continues_after
         return real_getitem(self, item)
 
     monkeypatch.setattr(SeededDataset, "__getitem__", recording)
-    _signalled_clip_features(monkeypatch, 2)
+    signal_at_call(monkeypatch, eval_linear, "clip_features", 2)
     with pytest.raises(SystemExit):
         linear(["--batch_size_per_gpu", "2"] + common)
     dist.destroy_process_group()

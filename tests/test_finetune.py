@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import eval_finetune
 from models import build_backbone
-from tests.conftest import HostReads, log_records
+from tests.conftest import HostReads, assert_stopped, log_records, signal_at_call
 from utils import utils
 from utils.parser import load_config_from
 
@@ -111,8 +111,8 @@ def test_training_steps_never_read_a_value_back_to_the_host():
         loader = [(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 2]), None, {"skipped": torch.tensor([0, 0])})
                   for _ in range(batches)]
         with HostReads() as reads:
-            stats = eval_finetune.train_one_epoch(model, loader, optimizer, None, 0, batches, args, None,
-                                                  torch.device("cpu"))
+            stats, _ = eval_finetune.train_one_epoch(model, loader, optimizer, None, 0, batches, args, None,
+                                                     torch.device("cpu"))
         assert 0 <= stats["acc1"] <= stats["acc5"] == 100.0  # 3 classes: the top 5 hold every one
         return reads.count
 
@@ -331,6 +331,64 @@ def test_sigterm_saves_the_step_reached_exits_3_and_resumes_as_an_uninterrupted_
     for key in a["model_state"]:
         assert torch.equal(a["model_state"][key], b["model_state"][key]), key
     assert log_records(once) == log_records(stopped)
+
+
+@pytest.fixture(scope="module")
+def stop_reference(synthetic_root, released, tmp_path_factory):
+    """The command of the evaluation-stop tests and its uninterrupted run: (argv without --output_dir, the run's
+    folder, its results). One unreadable video in each list: 8 training batches of 2 an epoch, 5 validation
+    batches, 14 test batches (3 clips of 9 videos), 2 epochs."""
+    root = tmp_path_factory.mktemp("finetune_stop")
+    argv = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "2", "--num_workers",
+            "0", "--lr", "0.01", "--epochs", "2", "--opts"] + _lists(synthetic_root, root, corrupt=True) + OPTS
+    print_, threads = builtins.print, torch.get_num_threads()
+    torch.set_num_threads(1)  # the tests' thread count (one_process_one_thread): the same float summation order
+    try:
+        results = finetune(["--output_dir", str(root / "reference")] + argv)
+    finally:
+        builtins.print = print_
+        torch.set_num_threads(threads)
+    return argv, root / "reference", results
+
+
+# (the pass, the epoch whose training it follows, the `predict` call that signals (one per validation / test batch),
+# the calls made when the run stops, the checkpoint's epoch and iteration, log.txt lines). Calls 1-5: epoch 0's
+# validation, 6-10 epoch 1's, 11-24 the test; the checks come every 5 batches of a pass and at its last.
+@pytest.mark.parametrize("interrupted, epoch, nth, calls_made, saved, log_lines", [
+    ("the validation of epoch 0", 0, 2, 5, (0, 8), 0),
+    ("the multi-view test", 1, 12, 15, (2, None), 2)], ids=["validation", "test"])
+def test_sigterm_in_a_validation_or_the_test_exits_3_and_the_rerun_ends_as_an_uninterrupted_run(
+        stop_reference, tmp_path, monkeypatch, capsys, interrupted, epoch, nth, calls_made, saved, log_lines):
+    """A real SIGTERM in the validation of epoch 0 or in the final test: the pass is abandoned at its next check
+    (the test's after 5 of its 14 batches), the handlers are restored and the run exits with status 3. A stopped
+    validation leaves epoch 0 saved as trained to its last step (the rerun trains nothing of it and validates
+    again), a stopped test the epoch-end checkpoint (the rerun only tests). The rerun ends with the weights,
+    optimizer, log.txt and results of the uninterrupted run."""
+    argv, reference, reference_results = stop_reference
+    calls = signal_at_call(monkeypatch, eval_finetune, "predict", nth)  # once per validation / test batch
+    with pytest.raises(SystemExit) as stopped:
+        finetune(["--output_dir", str(tmp_path)] + argv)
+    dist.destroy_process_group()
+    monkeypatch.undo()
+    assert len(calls) == calls_made
+    assert_stopped(stopped, capsys.readouterr().out, f"after iteration 8/8 of epoch {epoch} (in {interrupted}, which "
+                   "a resume runs again) and", tmp_path / "checkpoint.pth")
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert (ckpt["epoch"], ckpt.get("iteration")) == saved
+    assert (len(log_records(tmp_path)) == log_lines) if log_lines else not (tmp_path / "log.txt").exists()
+    assert not (tmp_path / eval_finetune.RESULTS_NAME).exists()
+
+    results = finetune(["--output_dir", str(tmp_path)] + argv)
+    a = torch.load(reference / "checkpoint.pth", weights_only=False)
+    b = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert set(b) == set(a) and (b["epoch"], b["best_acc1"]) == (a["epoch"], a["best_acc1"])
+    for key in a["model_state"]:
+        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+    for pa, pb in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    assert log_records(tmp_path) == log_records(reference)
+    assert results == reference_results
+    assert (tmp_path / eval_finetune.RESULTS_NAME).read_text() == (reference / eval_finetune.RESULTS_NAME).read_text()
 
 
 def test_mid_epoch_resume_with_another_global_batch_continues_after_the_videos_done(synthetic_root, released,

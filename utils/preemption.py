@@ -99,6 +99,19 @@ def stop_message(names: str, epoch: int, done: int, total: int, path, interrupte
             "the job) to resume exactly there.")
 
 
+def stop_check(stop: StopSignals, path, epoch: int, niter: int, interrupted: str, save=None):
+    """The `check_stop` of an evaluation pass after the `niter` iterations of `epoch`'s training
+    (utils.evaluation.extract_features_and_labels: every rank calls it after the same batches): on a stop signal
+    every rank calls `save` (if any: what `path` must hold for a resume), then ends the run (Preempted), abandoning
+    the pass `interrupted`, which a resume runs again."""
+    def check() -> None:
+        if stop.requested()[0]:
+            if save is not None:
+                save()
+            finish(stop_message(stop.names(), epoch, niter, niter, path, interrupted), stop)
+    return check
+
+
 def finish(message: str, stop: StopSignals) -> None:
     """After the checkpoint is written: wait until every rank got here (rank 0 has finished its save, so a
     launcher that stops the job at the first exit cannot cut it short), print, raise Preempted."""
