@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import math
 import sys
@@ -154,7 +155,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Online kNN on a held-out list
     parser.add_argument("--knn_freq", default=0, type=int, help="""Run a kNN evaluation of the teacher backbone
-        every x epochs and after the last one (0: off). Needs --knn_data_path.""")
+        every x epochs and after the last one (0: off). Needs --knn_data_path. It runs after the epoch's checkpoint:
+        a stop signal during it exits (status 3) within 5 batches, and the rerun runs it again.""")
     parser.add_argument("--knn_dataset", default="ucf101", type=str,
                         help="Dataset of the kNN lists (a name known to datasets.build_dataset).")
     parser.add_argument("--knn_data_path", default="", type=str,
@@ -208,8 +210,6 @@ def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS, exit_after_st
               "matches an uninterrupted one to ~1e-6, not bit for bit (set OMP_NUM_THREADS to match).")
 
     state.writer = writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
-    if own_checkpoint and to_restore["epoch_log"] is not None:
-        finish_epoch_end(output_dir, to_restore["epoch_log"], args, writer)
     knn = None
     if args.knn_freq > 0:
         knn = OnlineKNN(cfg, device, args.knn_dataset, args.knn_data_path, args.knn_path_prefix, args.nb_knn,
@@ -221,6 +221,9 @@ def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS, exit_after_st
     # A stop signal (SLURM preemption / time limit, --signal warning) saves the step reached and exits with
     # preemption.PREEMPTED_EXIT_STATUS; the default handlers are back after training.
     with preemption.StopSignals(stop_signals, ignore_after_stop=exit_after_stop) as stop:
+        knn_pass = functools.partial(online_knn, knn, state, args, niter, stop)
+        if own_checkpoint and to_restore["epoch_log"] is not None:
+            finish_epoch_end(output_dir, to_restore["epoch_log"], args, writer, knn_pass)
         for epoch in range(start_epoch, args.epochs):
             data_loader.sampler.set_epoch(epoch)
             data_loader.sampler.skip = start_iter * args.batch_size_per_gpu if epoch == start_epoch else 0
@@ -232,25 +235,21 @@ def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS, exit_after_st
                                                    epoch_meters=to_restore["epoch_meters"] if resumed else None,
                                                    stop=stop)
 
-            last = epoch + 1 == args.epochs
             warning = "loss" in train_stats and collapse_warning(train_stats["loss"],
                                                                  train_stats["target_mean_entropy"], args.out_dim)
             if warning:
                 print(f"Epoch {epoch}: {warning}")
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                          "skipped_videos": skipped, "sequential_decodes": sequential_decodes(data_loader.dataset),
-                         "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(state.precision, "fp32")}
-            if knn is not None and (epoch % args.knn_freq == 0 or last):
-                with preserved_rng_state():
-                    top1, top5 = knn.evaluate(state.teacher_without_ddp.backbone, state.precision)
-                log_stats.update(knn_top1=top1, knn_top5=top5)
-                print(f"Epoch {epoch}: kNN top1 {top1:.2f} top5 {top5:.2f}")
-            log_stats["epoch_time"] = round(time.time() - epoch_start, 3)
-            # The epoch-end checkpoint carries the epoch's log record: if the job dies before log.txt or the
-            # numbered checkpoint is written, the resumed run writes them (finish_epoch_end).
+                         "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(state.precision, "fp32"),
+                         "epoch_time": round(time.time() - epoch_start, 3)}
+            # The epoch-end checkpoint comes before the (possibly long) kNN pass and carries the epoch's log record:
+            # if a stop signal or the job's end comes before log.txt or the numbered checkpoint is written, the
+            # resumed run does what is left, kNN pass included, and trains no step again (finish_epoch_end).
             save_checkpoint(state, args, epoch + 1, 0, data_loader.dataset, numbered=is_numbered(epoch, args),
                             epoch_log=log_stats)
-            write_epoch_log(output_dir, log_stats, writer)
+            write_epoch_log(output_dir, {**log_stats, **knn_pass(epoch),
+                                         "epoch_time": round(time.time() - epoch_start, 3)}, writer)
     if writer is not None:
         writer.close()
     total_time = time.time() - start_time
@@ -631,25 +630,44 @@ def write_epoch_log(output_dir: Path, log_stats: dict, writer: SummaryWriter | N
     writer.flush()
 
 
-def finish_epoch_end(output_dir: Path, epoch_log: dict, args, writer: SummaryWriter | None) -> None:
-    """On resume from an epoch-end checkpoint: write what a kill after its save left undone, the numbered
-    copy and the log.txt line (a partial last line is replaced), so the run ends as an uninterrupted one."""
-    if not utils.is_main_process():
-        return
+def finish_epoch_end(output_dir: Path, epoch_log: dict, args, writer: SummaryWriter | None, knn_pass) -> None:
+    """On resume from an epoch-end checkpoint: do what a stop or kill after its save left undone, so the run ends
+    as an uninterrupted one: the numbered copy and, unless log.txt has the epoch's line (a partial last line is
+    replaced), the epoch's kNN pass (`knn_pass(epoch)`: the keys it adds to `epoch_log`) and that line. Every rank
+    calls it (the kNN pass is collective; rank 0's log.txt decides)."""
     epoch = epoch_log["epoch"]
-    numbered = output_dir / f"checkpoint{epoch:04}.pth"
-    if is_numbered(epoch, args) and not numbered.is_file():
-        atomic_copy(output_dir / "checkpoint.pth", numbered)
-        print(f"Wrote {numbered}, missing after an interrupted end of epoch {epoch}.")
-    log = output_dir / "log.txt"
-    text = log.read_text() if log.is_file() else ""
-    if text and not text.endswith("\n"):  # killed while appending: drop the partial line
-        text = text[:text.rfind("\n") + 1]
-        log.write_text(text)
-    logged = {json.loads(line).get("epoch") for line in text.splitlines() if line.strip()}
-    if epoch not in logged:
-        write_epoch_log(output_dir, epoch_log, writer)
+    logged = False
+    if utils.is_main_process():
+        numbered = output_dir / f"checkpoint{epoch:04}.pth"
+        if is_numbered(epoch, args) and not numbered.is_file():
+            atomic_copy(output_dir / "checkpoint.pth", numbered)
+            print(f"Wrote {numbered}, missing after an interrupted end of epoch {epoch}.")
+        log = output_dir / "log.txt"
+        text = log.read_text() if log.is_file() else ""
+        if text and not text.endswith("\n"):  # killed while appending: drop the partial line
+            text = text[:text.rfind("\n") + 1]
+            log.write_text(text)
+        logged = epoch in {json.loads(line).get("epoch") for line in text.splitlines() if line.strip()}
+    if not gather_objects(logged)[0]:
+        write_epoch_log(output_dir, {**epoch_log, **knn_pass(epoch)}, writer)
         print(f"Wrote the log.txt line of epoch {epoch}, missing after an interrupted end of epoch.")
+
+
+def online_knn(knn: OnlineKNN | None, state: TrainState, args, niter: int, stop: preemption.StopSignals,
+               epoch: int) -> dict:
+    """The kNN top-1 / top-5 of the teacher backbone after `epoch` (log.txt's knn_top1 / knn_top5) when the online
+    kNN is on and due (every --knn_freq epochs and after the last), else {}. It runs after the epoch-end checkpoint
+    and leaves the training's random streams alone; a stop signal ends it within preemption.CHECK_EVERY batches
+    (preemption.Preempted: checkpoint.pth already holds the epoch, and the resumed run runs the pass again)."""
+    if knn is None or not (epoch % args.knn_freq == 0 or epoch + 1 == args.epochs):
+        return {}
+    flush = state.writer.flush if state.writer is not None else None
+    check = preemption.stop_check(stop, Path(args.output_dir) / "checkpoint.pth", epoch, niter,
+                                  f"the kNN evaluation of epoch {epoch}", flush)
+    with preserved_rng_state():
+        top1, top5 = knn.evaluate(state.teacher_without_ddp.backbone, state.precision, check)
+    print(f"Epoch {epoch}: kNN top1 {top1:.2f} top5 {top5:.2f}")
+    return {"knn_top1": top1, "knn_top5": top5}
 
 
 def resume_checkpoint(state: TrainState, path: str | Path | None, to_restore: dict, args) -> None:

@@ -21,8 +21,8 @@ import models
 import train_ssl
 from datasets.seeding import SeededDataset
 from models import DINOLoss
-from tests.conftest import HostReads, log_records
-from utils import utils
+from tests.conftest import HostReads, assert_stopped, log_records, signal_at_call
+from utils import evaluation, utils
 from utils.checkpoint import safe_torch_load
 from utils.defaults import get_cfg
 
@@ -466,8 +466,7 @@ def full_run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     mp = pytest.MonkeyPatch()
     try:
-        _train(mp, _argv(synthetic_root, out, "--knn_freq", "1", "--knn_data_path", str(synthetic_root / "knn_splits"),
-                         "--knn_path_prefix", str(synthetic_root / "videos")))
+        _train(mp, _knn_argv(synthetic_root, out))
     finally:
         mp.undo()
     return out
@@ -559,30 +558,34 @@ SIGNAL_LAUNCHER = textwrap.dedent("""
     import functools, os, signal, sys
     sys.path.insert(0, {root!r})
     import models, train_ssl
+    from utils import evaluation
     train_ssl.build_backbone = functools.partial(models.build_backbone, depth=2, embed_dim=48, num_heads=2)
-    real_step, calls = train_ssl.train_step, []
+    real, calls = {hook}, []
 
-    def step(*args, **kwargs):
+    def signalled(*args, **kwargs):
         calls.append(1)
         if len(calls) == {nth} and os.environ.get("RANK", "0") == "{rank}":
             os.kill(os.getpid(), signal.{sig})
-        return real_step(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    train_ssl.train_step = step
+    {hook} = signalled
     train_ssl.main()
 """)
 
 
-def _signal_launcher(tmp_path: Path, nth: int, sig: str = "SIGTERM", rank: int = 0) -> Path:
+def _signal_launcher(tmp_path: Path, nth: int, sig: str = "SIGTERM", rank: int = 0,
+                     hook: str = "train_ssl.train_step") -> Path:
+    """The launcher of SIGNAL_LAUNCHER, signalling at the `nth` call of `hook` (train_ssl.train_step: once per
+    training step; evaluation.to_device: once per batch of a kNN pass)."""
     launcher = tmp_path.parent / f"{tmp_path.name}_signal.py"
-    launcher.write_text(SIGNAL_LAUNCHER.format(root=str(ROOT), nth=nth, sig=sig, rank=rank))
+    launcher.write_text(SIGNAL_LAUNCHER.format(root=str(ROOT), nth=nth, sig=sig, rank=rank, hook=hook))
     return launcher
 
 
 def _knn_argv(root: Path, out: Path, *extra: str) -> list[str]:
-    """The argv of the `full_run` reference."""
+    """The argv of the `full_run` reference: a kNN pass after each epoch, of 8 bank and 4 query batches."""
     return _argv(root, out, "--knn_freq", "1", "--knn_data_path", str(root / "knn_splits"),
-                 "--knn_path_prefix", str(root / "videos"), *extra)
+                 "--knn_path_prefix", str(root / "videos"), "--eval_batch_size_per_gpu", "2", *extra)
 
 
 def _assert_same_run(out: Path, reference: Path):
@@ -617,15 +620,7 @@ def test_sigusr1_at_an_epochs_last_step_saves_it_and_the_rerun_only_ends_the_epo
     last iteration of epoch 0 saves iteration 4 of 4: the rerun trains nothing more of that epoch, runs its kNN
     pass and epoch end, and goes on as an uninterrupted run."""
     import signal
-    real_step, calls = train_ssl.train_step, []
-
-    def signalled_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            signal.raise_signal(signal.SIGUSR1)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train_ssl, "train_step", signalled_step)
+    calls = signal_at_call(monkeypatch, train_ssl, "train_step", 4, signal.SIGUSR1)
     with pytest.raises(SystemExit) as stopped:
         _train(monkeypatch, _knn_argv(synthetic_root, tmp_path))
     assert stopped.value.code == 3 and len(calls) == 4
@@ -633,8 +628,33 @@ def test_sigusr1_at_an_epochs_last_step_saves_it_and_the_rerun_only_ends_the_epo
     ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (0, 4)
     assert not (tmp_path / "log.txt").exists()
-    monkeypatch.setattr(train_ssl, "train_step", real_step)
+    monkeypatch.undo()
     _train(monkeypatch, _knn_argv(synthetic_root, tmp_path))
+    _assert_same_run(tmp_path, full_run)
+
+
+def test_sigterm_in_the_knn_pass_keeps_the_epoch_and_the_rerun_runs_the_pass_again(full_run, synthetic_root,
+                                                                                  tmp_path, monkeypatch, capsys):
+    """SIGTERM at the first batch of epoch 0's kNN pass (its bank: 8 batches of 2): the pass stops after batch 5,
+    its first check (the queries are never extracted), and the run exits with status 3. The epoch-end checkpoint,
+    written before the pass, holds epoch 0; log.txt has no line yet. The rerun trains nothing of epoch 0 again: it
+    runs epoch 0's kNN pass, writes its log.txt line once, trains epoch 1 and ends as the uninterrupted run (the
+    same log.txt, kNN results included, and weights)."""
+    calls = signal_at_call(monkeypatch, evaluation, "to_device", 1)  # once per batch of a kNN pass
+    with pytest.raises(SystemExit) as stopped:
+        _train(monkeypatch, _knn_argv(synthetic_root, tmp_path))
+    assert len(calls) == 5
+    assert_stopped(stopped, capsys.readouterr().out, "after iteration 4/4 of epoch 0 (in the kNN evaluation of "
+                   "epoch 0, which a resume runs again) and", tmp_path / "checkpoint.pth")
+    ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"], ckpt["epoch_log"]["epoch"]) == (1, 0, 0)
+    assert "knn_top1" not in ckpt["epoch_log"] and (tmp_path / "checkpoint0000.pth").is_file()
+    assert not (tmp_path / "log.txt").exists()
+    monkeypatch.undo()
+    _train(monkeypatch, _knn_argv(synthetic_root, tmp_path))
+    out = capsys.readouterr().out
+    assert "Wrote the log.txt line of epoch 0, missing after an interrupted end of epoch." in out
+    assert "SVT pretraining from epoch 1 to 2." in out and "Epoch: [0/2]" not in out
     _assert_same_run(tmp_path, full_run)
 
 
@@ -756,14 +776,16 @@ LAUNCHER = textwrap.dedent("""
 """)
 
 
-def _torchrun(launcher: Path, nproc: int, argv: list[str]) -> None:
+def _torchrun(launcher: Path, nproc: int, argv: list[str], status: int = 0) -> str:
+    """torchrun's output; its exit status must be `status` (1 when a process failed or stopped)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(launcher), *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def test_two_process_loss_matches_one_process(synthetic_root, tmp_path):
@@ -792,20 +814,34 @@ def test_a_signal_on_one_rank_stops_both_after_the_same_iteration(synthetic_root
     """2 processes, 4 iterations of 2 x 2 clips; only rank 1 gets SIGTERM, during its 2nd step. Both ranks stop
     after iteration 3 (the first stop check after it, a log step), rank 0 writes that checkpoint and both exit
     with status 3 (torchrun reports it, then exits 1 itself)."""
-    launcher = _signal_launcher(tmp_path, nth=2, rank=1)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
     argv = _argv(synthetic_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu", "2",
                  "--dist_timeout", "1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(launcher), *argv], env=env, capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and out.count("exitcode  : 3") == 2, out[-3000:]
+    out = _torchrun(_signal_launcher(tmp_path, nth=2, rank=1), 2, argv, status=1)
+    assert out.count("exitcode  : 3") == 2, out[-3000:]
     assert out.count("Stop signal SIGTERM: every rank stopped after iteration 3/4 of epoch 0") == 2, out[-3000:]
     ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (0, 3)
     assert len(ckpt["rng"]) == 2 and len(ckpt["epoch_meters"]) == 2
+
+
+def test_a_signal_on_one_rank_in_the_knn_pass_stops_both_and_both_run_it_again(synthetic_root, tmp_path):
+    """2 processes, 1 epoch (1 step of 2 x 8 clips), then its kNN pass (a bank shard of 4 batches of 2 per rank);
+    only rank 1 gets SIGTERM, at its first bank batch. Both stop at the bank's check after batch 4 and exit with
+    status 3, the epoch-end checkpoint on disk. The 2-process rerun: rank 0 finds no log.txt line for epoch 0, both
+    ranks run the kNN pass (collective) and rank 0 writes the line once, with the kNN result."""
+    argv = _knn_argv(synthetic_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu", "8",
+                     "--dist_timeout", "1")
+    out = _torchrun(_signal_launcher(tmp_path, nth=1, rank=1, hook="evaluation.to_device"), 2, argv, status=1)
+    assert out.count("exitcode  : 3") == 2, out[-3000:]
+    assert out.count("Stop signal SIGTERM: every rank stopped after iteration 1/1 of epoch 0 (in the kNN evaluation "
+                     "of epoch 0, which a resume runs again)") == 2, out[-3000:]
+    assert safe_torch_load(tmp_path / "checkpoint.pth")["epoch"] == 1 and not (tmp_path / "log.txt").exists()
+    launcher = tmp_path.parent / f"{tmp_path.name}_launch.py"
+    launcher.write_text(LAUNCHER.format(root=str(ROOT)))
+    out = _torchrun(launcher, 2, argv)
+    assert "Wrote the log.txt line of epoch 0, missing after an interrupted end of epoch." in out
+    (line,) = log_records(tmp_path)
+    assert line["epoch"] == 0 and 0 <= line["knn_top1"] <= line["knn_top5"] <= 100
 
 
 def test_auto_precision_grad_checkpointing_lars_run(synthetic_root, tmp_path, monkeypatch):

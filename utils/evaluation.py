@@ -458,13 +458,17 @@ class OnlineKNN:
         print(f"Online kNN on {dataset}: {len(datasets[0])} train and {len(datasets[1])} val videos.")
 
     @torch.no_grad()
-    def evaluate(self, backbone: nn.Module, precision: torch.dtype | None = None) -> tuple[float, float]:
+    def evaluate(self, backbone: nn.Module, precision: torch.dtype | None = None,
+                 check_stop: Callable[[], None] | None = None) -> tuple[float, float]:
+        """kNN top-1 / top-5 (%) of `backbone`'s features; `check_stop`: see extract_features_and_labels (called in
+        the extraction of the bank and of the queries)."""
         was_training = backbone.training
         backbone.eval()
         with utils.autocast_context(precision, self.device):
             # label -1 marks an unreadable video: left out of the bank and the queries, as in eval_knn.py
             (bank, bank_labels, _), (queries, query_labels, _) = [
-                drop_skipped(*extract_features_and_labels(backbone, loader, self.device)) for loader in self.loaders]
+                drop_skipped(*extract_features_and_labels(backbone, loader, self.device, check_stop))
+                for loader in self.loaders]
         backbone.train(was_training)
         return knn_classifier(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1), query_labels,
                               self.k, self.temperature, self.num_classes)
