@@ -11,17 +11,23 @@ rate of each kept, so a busy machine slows all of them alike):
 - the full sample (`dataset[i]`: decode once + the SVT spatial augmentation) per backend;
 - `plan_sample`: what a worker does with DATA.DECODE_DEVICE cuda (probe, read the bytes, draw the views'
   parameters): its rate is the CPU cost per sample of the GPU decode path;
-- a DataLoader for each `--workers` count, per backend (`loader_<backend>_<n>_workers`) and, with
-  `--device_decode cpu|cuda`, the GPU decode path (`loader_device_<device>_<n>_workers`: plans from the
-  workers, decoded and rendered by the main process on that device): what training sees; each timed on
-  min(--samples, max(32, 16 x workers)) samples, the GPU decode path first, most workers first, the JSON
-  rewritten after each (a run stopped at a time limit keeps what it measured);
-- with `--feed_step tiny|small|base` (a GPU run): `train_ssl.train_step` timed on a fixed batch and fed by
-  the `--device_decode` loader with `--feed_workers` workers; `wait_fraction` = 1 - fixed / fed step time
-  is the share of the step spent waiting on data.
+- with `--device_decode cpu|cuda`, the GPU decode path (plans from the workers, decoded and rendered by the
+  main process on that device), first: `device_stage_ms`, where its main-process stage's time goes per
+  sample (the whole stage; DeviceViews.decode; render_views; torchcodec's decoder open and get-frames alone;
+  each timed to the device's end on 8 samples after a warm-up batch), on CUDA `nvdec_cache` (open and
+  get-frames with torchcodec's NVDEC decoder cache on, then off), then its loader
+  (`loader_device_<device>_<n>_workers`) with the most `--workers` only: the stage runs in the main
+  process, so once it is the bottleneck other worker counts measure the same rate (the H200 run: 3.4
+  samples/s with 1, 4 and 16), and `plan_sample` already gives the workers' cost; cut at `--max_s`;
+- a DataLoader for each `--workers` count, per backend (`loader_<backend>_<n>_workers`): what training sees,
+  each timed on min(--samples, max(32, 16 x workers)) samples, most workers first, never cut;
+- with `--feed_step tiny|small|base` (a GPU run), last: `train_ssl.train_step` timed on a fixed batch and fed
+  by the `--device_decode` loader with `--feed_workers` workers (fed steps cut at `--max_s`);
+  `wait_fraction` = 1 - fixed / fed step time is the share of the step spent waiting on data.
+The JSON is rewritten after each measurement (a run stopped at a time limit keeps what it measured).
 
     python benchmarks/bench_data.py --videos 6 --samples 24 --out bench_data.json
-    python benchmarks/bench_data.py --loader_only --workers 1 4 16 --device_decode cuda --feed_step base
+    python benchmarks/bench_data.py --loader_only --workers 1 4 16 --device_decode cuda --feed_step base --max_s 15
 """
 import argparse
 import json
@@ -42,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_ssl  # noqa: E402
 from datasets import VideoDataAugmentationDINO, build_dataset, ssl_view_frames  # noqa: E402
 from datasets import decoder  # noqa: E402
-from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans  # noqa: E402
+from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans, render_views  # noqa: E402
 from datasets.synthetic import MOTIONS, render_video, write_video  # noqa: E402
 from utils.collect_env import cpu_name  # noqa: E402
 from utils.defaults import get_cfg  # noqa: E402
@@ -110,9 +116,11 @@ def timed(fn, items, warmup: int = 2) -> float:
     return len(items) / (time.perf_counter() - start)
 
 
-def loader_rate(dataset, workers: int, batch_size: int = 4, stage: DeviceViews | None = None) -> float:
+def loader_rate(dataset, workers: int, batch_size: int = 4, stage: DeviceViews | None = None,
+                max_s: float = 0) -> float:
     """Samples per second of a DataLoader (after its first batch, so worker start-up is not counted); with
-    `stage`, the dataset yields plans and the stage decodes and renders them (timed to the device's end)."""
+    `stage`, the dataset yields plans and the stage decodes and renders them (timed to the device's end).
+    With `max_s`, stops after the batch that passes max_s seconds (a slow stage does not eat a time limit)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_plans if stage else None)
     batches = iter(DeviceViewLoader(loader, stage) if stage else loader)
@@ -120,6 +128,8 @@ def loader_rate(dataset, workers: int, batch_size: int = 4, stage: DeviceViews |
     start, count = time.perf_counter(), 0
     for views, *_ in batches:
         count += len(views[0])
+        if max_s and time.perf_counter() - start > max_s:
+            break
     if stage is not None and stage.device.type == "cuda":
         torch.cuda.synchronize(stage.device)
     if not count:
@@ -127,9 +137,90 @@ def loader_rate(dataset, workers: int, batch_size: int = 4, stage: DeviceViews |
     return count / (time.perf_counter() - start)
 
 
+def plan_batches(plans, count: int, batch_size: int = 4) -> list[dict]:
+    """`count` collated batches of plans, sample i of video i % videos (what the main-process stage gets)."""
+    samples = [plans[i % len(plans)] for i in range(count * batch_size)]
+    return [collate_plans(samples[k:k + batch_size])[0] for k in range(0, len(samples), batch_size)]
+
+
+def clock(device: torch.device, fn) -> tuple[float, object]:
+    """(seconds, result) of fn(), bracketed with CUDA synchronizations on a CUDA device."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+def open_and_get(plans: dict, b: int, device: torch.device) -> tuple[float, float]:
+    """Seconds torchcodec takes to open sample b's video on `device` (decoder construction: on CUDA an NVDEC
+    decoder unless its cache holds one) and to get its union of frames: decoder.decode_on_device's two calls."""
+    open_s, video = clock(device, lambda: decoder._open_torchcodec(plans["video"][b], plans["info"][b], str(device)))
+    get_s, _ = clock(device, lambda: video.get_frames_at(plans["frames"][b].tolist()))
+    return open_s, get_s
+
+
+def stage_breakdown(batches: list[dict], stage: DeviceViews) -> dict:
+    """Milliseconds per sample of the GPU decode path's main-process stage on `batches` (the first one a
+    warm-up), each timed to the device's end in its own pass over the same batches: the whole stage
+    (`stage_ms`), its two parts (`decode_ms`: DeviceViews.decode of each sample, i.e. torchcodec open + get
+    frames + the frame checks; `render_ms`: render_views of the batch) and torchcodec's two calls alone
+    (`open_ms`, `get_frames_ms`). The parts are separate runs, so decode + render ~ stage is a measurement."""
+    device = stage.device
+    stage(batches[0])
+    parts = dict.fromkeys(("stage_ms", "decode_ms", "render_ms", "open_ms", "get_frames_ms"), 0.0)
+    for plans in batches[1:]:
+        num = len(plans["video"])
+        parts["stage_ms"] += clock(device, lambda: stage(plans))[0]
+        frames = []
+        for b in range(num):
+            seconds, out = clock(device, lambda: stage.decode(plans, b))
+            parts["decode_ms"] += seconds
+            frames.append(out)
+        parts["render_ms"] += clock(device, lambda: render_views(frames, plans["positions"], plans["params"],
+                                                                 stage.sizes))[0]
+        for b in range(num):
+            open_s, get_s = open_and_get(plans, b, device)
+            parts["open_ms"] += open_s
+            parts["get_frames_ms"] += get_s
+    count = sum(len(plans["video"]) for plans in batches[1:])
+    return {"samples": count, **{k: round(1000 * v / count, 2) for k, v in parts.items()}}
+
+
+def nvdec_cache_compare(batches: list[dict], device: torch.device) -> dict:
+    """torchcodec open + get frames (ms per sample, the first batch a warm-up) with its NVDEC decoder cache at
+    its default capacity, then at 0 (what guard_nvdec_cache sets for good before torchcodec 0.17, so this runs
+    before the stage is built); the default is restored afterwards where torchcodec can read it. All videos
+    here share one coded size: with the cache on, every open after the first finds its decoder."""
+    from torchcodec import __version__ as version, decoders
+    setter = next((getattr(decoders, n) for n in decoder._CACHE_SETTERS if hasattr(decoders, n)), None)
+    if setter is None:
+        return {"torchcodec": version, "skipped": "no NVDEC cache setter in this torchcodec"}
+    getter = getattr(decoders, "get_nvdec_cache_capacity", None)
+    default = getter() if getter else None
+    out = {"torchcodec": version, "default_capacity": default}
+    for name, capacity in (("cache_on", default), ("cache_off", 0)):
+        if capacity is not None:
+            setter(capacity)
+        timed_s = {"open_ms": 0.0, "get_frames_ms": 0.0}
+        for k, plans in enumerate(batches):
+            for b in range(len(plans["video"])):
+                open_s, get_s = open_and_get(plans, b, device)
+                if k:
+                    timed_s["open_ms"] += open_s
+                    timed_s["get_frames_ms"] += get_s
+        count = sum(len(plans["video"]) for plans in batches[1:])
+        out[name] = {k: round(1000 * v / count, 2) for k, v in timed_s.items()}
+    if default is not None:
+        setter(default)
+    return out
+
+
 def fed_step(dataset, stage: DeviceViews, size: str, batch: int, workers: int, steps: int, crop: int,
-             num_frames: int) -> dict:
-    """train_step on a fixed batch vs fed by the loader: step times and the share spent waiting on data."""
+             num_frames: int, max_s: float = 0) -> dict:
+    """train_step on a fixed batch vs fed by the loader: step times and the share spent waiting on data.
+    With `max_s`, the fed steps stop after the one that passes max_s seconds (two at least)."""
     from bench_train_step import build_state, get_parser
     device = stage.device
     opt = get_parser().parse_args(["--size", size, "--precision", "bf16" if device.type == "cuda" else "fp32",
@@ -143,21 +234,24 @@ def fed_step(dataset, stage: DeviceViews, size: str, batch: int, workers: int, s
     batches = iter(DeviceViewLoader(loader, stage))
     fixed = next(batches)[0]
 
-    def timed_steps(source) -> float:
+    def timed_steps(source, limit: float = 0) -> tuple[float, int]:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
         for it in range(steps):
             train_ssl.train_step(state, source(), 0, it, args)
+            if limit and it >= 1 and time.perf_counter() - start > limit:
+                break
         sync()
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / (it + 1), it + 1
 
     train_ssl.train_step(state, fixed, 0, 0, args)  # warm-up
-    fixed_s = timed_steps(lambda: fixed)
+    fixed_s, _ = timed_steps(lambda: fixed)
     next(batches)
-    fed_s = timed_steps(lambda: next(batches)[0])
+    fed_s, fed_steps = timed_steps(lambda: next(batches)[0], max_s)
     return {"size": size, "batch": batch, "workers": workers, "device": str(device), "steps": steps,
-            "fixed_batch_step_s": fixed_s, "fed_step_s": fed_s, "wait_fraction": max(0.0, 1 - fixed_s / fed_s)}
+            "fed_steps": fed_steps, "fixed_batch_step_s": fixed_s, "fed_step_s": fed_s,
+            "wait_fraction": max(0.0, 1 - fixed_s / fed_s)}
 
 
 def main() -> None:
@@ -183,6 +277,10 @@ def main() -> None:
     parser.add_argument("--feed_batch", type=int, default=16, help="Clips per step of --feed_step.")
     parser.add_argument("--feed_workers", type=int, default=8, help="Loader workers of --feed_step.")
     parser.add_argument("--feed_steps", type=int, default=10, help="Timed steps of --feed_step.")
+    parser.add_argument("--max_s", type=float, default=0,
+                        help="Stop the GPU decode path's loader and fed-step timings after this many seconds (one "
+                             "batch / two steps at least; 0: no limit), so that a slow main-process stage does not "
+                             "eat a time-limited run. The CPU loaders are never cut: their numbers stay comparable.")
     parser.add_argument("--out", default=None, help="Also write the JSON here.")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -227,25 +325,34 @@ def main() -> None:
                 torch.manual_seed(0)
                 results[name] = max(results.get(name, 0.0), run())
         write_json(args.out, report())
-        # Loaders, the GPU decode path first (what the device check must not lose to its time limit), most
-        # workers first; the JSON is rewritten after each, so a run stopped at a time limit keeps its numbers.
+        # The GPU decode path first (its stage's time split, then its loader, time-bounded by --max_s), then
+        # the CPU loaders (most workers first), then the fed step; the JSON is rewritten after each, so a run
+        # stopped at a time limit keeps what it measured.
+        stage = None
         if args.device_decode != "none":
-            stage = DeviceViews(aug.sizes, args.device_decode)
-            for workers in sorted(args.workers, reverse=True):
-                results[f"loader_device_{args.device_decode}_{workers}_workers"] = loader_rate(
-                    Subset(plans, repeat[:loader_samples(args.samples, workers)]), workers, stage=stage)
-                extra["device_decode"] = device_record(stage)
-                write_json(args.out, report())
-            if args.feed_step:
-                extra["feed_step"] = fed_step(plans, stage, args.feed_step, args.feed_batch, args.feed_workers,
-                                              args.feed_steps, args.crop[0], cfg.DATA.NUM_FRAMES)
-                extra["device_decode"] = device_record(stage)
-                write_json(args.out, report())
+            device = torch.device(args.device_decode)
+            batches = plan_batches(plans, 3)
+            if device.type == "cuda":  # before the stage: DeviceViews turns the cache off for good before 0.17
+                extra["nvdec_cache"] = nvdec_cache_compare(batches, device)
+            stage = DeviceViews(aug.sizes, device)
+            extra["device_stage_ms"] = stage_breakdown(batches, stage)
+            write_json(args.out, report())
+            workers = max(args.workers)
+            results[f"loader_device_{args.device_decode}_{workers}_workers"] = loader_rate(
+                Subset(plans, repeat[:loader_samples(args.samples, workers)]), workers, stage=stage,
+                max_s=args.max_s)
+            extra["device_decode"] = device_record(stage)
+            write_json(args.out, report())
         for workers in sorted(args.workers, reverse=True):
             for backend in backends:
                 results[f"loader_{backend}_{workers}_workers"] = loader_rate(
                     Subset(datasets[backend], repeat[:loader_samples(args.samples, workers)]), workers)
                 write_json(args.out, report())
+        if stage is not None and args.feed_step:
+            extra["feed_step"] = fed_step(plans, stage, args.feed_step, args.feed_batch, args.feed_workers,
+                                          args.feed_steps, args.crop[0], cfg.DATA.NUM_FRAMES, args.max_s)
+            extra["device_decode"] = device_record(stage)
+            write_json(args.out, report())
     print(json.dumps(report(), indent=2))
 
 

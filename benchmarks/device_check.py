@@ -11,9 +11,11 @@ Stages, in order (the most telling first, torch.compile last as it takes longest
   kept across seeded samples, SDPA past 65535 sequences);
 - step_b16, step_b8: bench_train_step.py, ViT-B, original views, bf16, SDPA, fused AdamW: step time, TFLOP/s,
   fraction of the bf16 matmul peak measured in the same run, peak memory;
-- data: bench_data.py: DataLoader samples/s with 1, 4 and all-core workers per decoder and for the GPU decode
-  path (DATA.DECODE_DEVICE cuda), the CPU cost of a plan, and the ViT-B step fed by the GPU decode loader
-  with min(8, cores) workers (share of the step spent waiting on data);
+- data: bench_data.py: for the GPU decode path (DATA.DECODE_DEVICE cuda) the CPU cost of a plan, where its
+  main-process stage's time goes per sample (NVDEC decoder open, get frames, view rendering; open and decode
+  with torchcodec's NVDEC cache on and off) and its loader with all-core workers (cut at 15 s); DataLoader
+  samples/s with 1, 4 and all-core workers per CPU decoder (never cut); then the ViT-B step fed by the GPU
+  decode loader with min(8, cores) workers (share of the step spent waiting on data; cut at 15 s);
 - train_knn: a 1-GPU train_ssl.py run of ~100 steps on generated videos with the GPU decode path, then kNN:
   the loss must fall, kNN must report, and no video may fall back to CPU decoding;
 - cuda_capable_tests: the suite's device-generic tests with SVT_TEST_DEVICE=cuda (among them: CUDA-only tensors in
@@ -147,12 +149,12 @@ def data_cmd(opt, out: Path) -> list[str]:
         shape = ["--videos", "2", "--frames", "40", "--height", "64", "--width", "80", "--samples", "12",
                  "--rounds", "1",
                  "--crop", "32", "16", "--workers", "0", "1", "--device_decode", "cpu", "--feed_step", "tiny",
-                 "--feed_batch", "2", "--feed_workers", "1", "--feed_steps", "1"]
+                 "--feed_batch", "2", "--feed_workers", "1", "--feed_steps", "1", "--max_s", "20"]
     else:
         workers = sorted({1, 4, cores})
         shape = ["--videos", "8", "--samples", str(max(64, 8 * cores)), "--workers", *map(str, workers),
                  "--device_decode", "cuda", "--feed_step", "base", "--feed_batch", "16",
-                 "--feed_workers", str(min(8, cores)), "--feed_steps", "10"]
+                 "--feed_workers", str(min(8, cores)), "--feed_steps", "10", "--max_s", "15"]
     return [sys.executable, "benchmarks/bench_data.py", "--loader_only", *shape, "--out", str(out / "data.json")]
 
 
@@ -241,6 +243,17 @@ def verdicts(results: dict) -> dict:
     return out
 
 
+def stage_split(ms: dict, cache: dict | None) -> str:
+    """The GPU decode path's main-process stage per sample, in one line of the table."""
+    text = (f"GPU stage {ms['stage_ms']:.1f} ms/sample = decode {ms['decode_ms']:.1f} (torchcodec open "
+            f"{ms['open_ms']:.1f} + get frames {ms['get_frames_ms']:.1f}) + render {ms['render_ms']:.1f}")
+    if cache and "cache_on" in cache:
+        text += (f"; NVDEC cache on/off: open {cache['cache_on']['open_ms']:.0f}/{cache['cache_off']['open_ms']:.0f}"
+                 f" ms, get frames {cache['cache_on']['get_frames_ms']:.0f}/{cache['cache_off']['get_frames_ms']:.0f}"
+                 " ms")
+    return text
+
+
 def table(report: dict) -> str:
     rows = [f"Installed: {report.get('install')} (rc {report.get('install_rc')})", "",
             "| stage | status | s | result |", "|---|---|---|---|"]
@@ -255,6 +268,8 @@ def table(report: dict) -> str:
             detail = ", ".join(f"{k} {v}" for k, v in res.items())
         elif name == "data" and res:
             detail = ", ".join(f"{k} {v}" for k, v in res.get("samples_per_s", {}).items())
+            if res.get("device_stage_ms"):
+                detail += "; " + stage_split(res["device_stage_ms"], res.get("nvdec_cache"))
             if res.get("feed_step"):
                 detail += f"; fed step waits {res['feed_step']['wait_fraction']:.1%}"
         elif name == "train_knn" and r.get("checks"):

@@ -106,8 +106,17 @@ def test_dry_run_of_the_step_and_data_stages(tmp_path):
     assert stages["data"]["result"]["device_decode"] == {"device": "cpu", "nvdec_cpu_fallbacks": 0,
                                                          "sequential_cpu_decodes": 0, "failed_videos": 0}
     assert "device_cpu" in report["verdict"]
+    # the stage's time split: its parts are timed in separate passes over the same batches, so they add up to
+    # the whole stage only if the split covers it (nothing left out, nothing counted twice)
+    split = stages["data"]["result"]["device_stage_ms"]
+    assert split["samples"] == 8 and all(split[k] > 0 for k in ("stage_ms", "decode_ms", "render_ms", "open_ms",
+                                                                  "get_frames_ms"))
+    assert 0.75 < (split["decode_ms"] + split["render_ms"]) / split["stage_ms"] < 1.33, split
+    assert split["open_ms"] + split["get_frames_ms"] < 1.5 * split["decode_ms"], split  # torchcodec's part of it
+    assert "nvdec_cache" not in stages["data"]["result"]  # NVDEC's cache only on CUDA
     table = (tmp_path / "device_check.md").read_text()
     assert "| step_b16 | ok |" in table and "step at batch 16" in table
+    assert f"GPU stage {split['stage_ms']:.1f} ms/sample = decode" in table
 
 
 def _tiny_wheel(folder: Path) -> Path:
