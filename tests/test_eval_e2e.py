@@ -505,6 +505,48 @@ def test_linear_probe_stops_on_sigterm_exits_3_and_resumes_as_an_uninterrupted_r
     assert (tmp_path / "linear_results.json").read_text() == (reference / "linear_results.json").read_text()
 
 
+def test_linear_probe_stops_cleanly_when_slurm_signals_its_loader_workers_too(
+        synthetic_root, checkpoint, stop_lists, linear_reference, tmp_path, monkeypatch):
+    """slurmstepd sends the time limit's or a preemption's SIGTERM to every process of the job step, DataLoader
+    workers included (and srun passes the USR1 warning on the same way). With loader workers the run still stops
+    at its next check with exit status 3 (no 'DataLoader worker killed by signal'), and resumes to the
+    uninterrupted run."""
+    import os
+    import subprocess
+    from utils import utils
+    workers, real_seed_worker, real_features, calls = tmp_path / "workers", utils.seed_worker, \
+        eval_linear.clip_features, []
+    workers.mkdir()
+
+    def recording_seed_worker(worker_id):
+        (workers / str(os.getpid())).touch()
+        real_seed_worker(worker_id)
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 0's training: its loader's workers are the only ones alive
+            pids = [str(os.getpid())] + [p.name for p in workers.iterdir()]
+            subprocess.run(["kill", "-TERM", *pids])  # a sender that is no worker's parent, as slurmstepd
+        return real_features(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "seed_worker", recording_seed_worker)
+    monkeypatch.setattr(eval_linear, "clip_features", signalled)
+    args = _stop_args(synthetic_root, checkpoint, stop_lists, tmp_path / "out")
+    args[args.index("--num_workers") + 1] = "2"
+    with pytest.raises(SystemExit) as stopped:
+        linear(args)
+    dist.destroy_process_group()
+    monkeypatch.undo()
+    assert stopped.value.code == 3 and any(workers.iterdir())
+    ckpt = _linear_state(tmp_path / "out")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 5)
+    linear(args)
+    a, b = _linear_state(linear_reference[0]), _linear_state(tmp_path / "out")
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
+    assert log_records(tmp_path / "out") == log_records(linear_reference[0])
+
+
 def test_linear_probe_mid_epoch_resume_with_another_global_batch_continues_after_the_videos_done(
         synthetic_root, checkpoint, tmp_path, monkeypatch, capsys):
     """Stopped after 5 batches of 2 (10 of the 16 training videos), resumed with batches of 4: the epoch goes on

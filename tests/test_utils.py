@@ -326,3 +326,39 @@ def test_stop_check_without_flags_reduces_on_the_comm_device(monkeypatch):
     with pytest.raises(Reduced):
         preemption.StopSignals().requested()
     assert seen == [torch.device("meta")]
+
+
+class _SlowRange(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> int:
+        import time
+        time.sleep(0.01)
+        return i
+
+
+def test_loader_workers_outlive_the_stop_signals_slurm_sends_to_every_process():
+    """slurmstepd signals every process of a job step (SIGTERM at the time limit or a preemption, the USR1 that srun
+    passes on), so the loader workers get the stop signal too, from a process that is not their parent. A worker
+    that died of it would make the DataLoader raise in the training process before its clean stop; the workers
+    keep serving instead, and their parent's terminate() (a stuck worker at shutdown) still ends them."""
+    import signal
+    import subprocess
+    loader = torch.utils.data.DataLoader(_SlowRange(), batch_size=2, num_workers=2, worker_init_fn=utils.seed_worker)
+    batches = iter(loader)
+    got = [next(batches), next(batches)]  # one from each worker: both have run worker_init_fn
+    workers = [str(w.pid) for w in batches._workers]
+    for sig in ("TERM", "USR1"):
+        subprocess.run(["kill", f"-{sig}", *workers], check=True)
+    got += list(batches)
+    assert torch.cat(got).tolist() == list(range(24))
+
+    batches = iter(loader)
+    next(batches), next(batches)
+    worker = batches._workers[0]
+    worker.terminate()  # SIGTERM from the parent
+    worker.join(timeout=10)
+    assert worker.exitcode == 0, worker.exitcode
+    del batches
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the training process's own handling is untouched

@@ -10,6 +10,7 @@ stop after the same iteration. Outside training the previous handlers are back.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -82,6 +83,29 @@ class StopSignals:
 
     def names(self) -> str:
         return "/".join(signal.Signals(sig).name for sig in self.agreed)
+
+
+def shield_loader_worker() -> None:
+    """In a DataLoader worker (utils.seed_worker calls it): outlive the stop signals, which the training process
+    turns into a clean stop. slurmstepd signals every process of a job step (SIGTERM at the time limit or a
+    preemption, the USR1 that srun passes on), loader workers included, and a worker killed by it makes the
+    DataLoader raise in the training process before it can save. SIGUSR1 is ignored; SIGTERM is ignored unless its
+    sender is the worker's parent (torch's own rule for its workers: the DataLoader's terminate() of a worker
+    stuck at shutdown still ends it)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: SIGTERM keeps torch's handler
+        return
+    parent = os.getppid()
+    # Blocked in this thread before any other starts (they inherit the mask), SIGTERM waits for the thread below,
+    # which learns the sender.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_parent() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait_for_parent, name="svt-sigterm", daemon=True).start()
 
 
 def is_check_step(done: int, total: int) -> bool:

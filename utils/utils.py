@@ -42,7 +42,10 @@ def fix_random_seeds(seed: int = 31) -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: seed numpy and random from the worker's torch seed (distinct per worker)."""
+    """DataLoader worker_init_fn: seed numpy and random from the worker's torch seed (distinct per worker), and
+    keep the worker alive through SLURM's stop signals (preemption.shield_loader_worker)."""
+    from utils import preemption  # it imports this module
+    preemption.shield_loader_worker()
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
     random.seed(seed)
