@@ -243,8 +243,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        # device tensors (no host sync per batch): the meters read them back when a progress line is printed
-        top1, top5 = topk_hits(logits.detach().float(), target) * (100.0 / target.numel())
+        # device tensors (no host sync per batch): the meters read them back when a progress line is printed;
+        # float64, hits * 100.0 / n, as the host computed them
+        top1, top5 = topk_hits(logits.detach().float(), target).double() * 100.0 / target.numel()
         metric_logger.meters["acc1"].update(top1, n=target.numel())
         if args.num_labels >= 5:
             metric_logger.meters["acc5"].update(top5, n=target.numel())

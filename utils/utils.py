@@ -207,7 +207,7 @@ class SmoothedValue:
 
     def update(self, value, n: int = 1) -> None:
         if isinstance(value, torch.Tensor):
-            self._pending.append((value.detach().reshape(()).float(), n))
+            self._pending.append((value.detach().reshape(()).double(), n))  # exact: the value .item() gives
             return
         self._add(float(value), n)
 
