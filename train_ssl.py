@@ -455,8 +455,11 @@ def build_networks(args, cfg, device: torch.device):
         # Static shapes: one graph per view shape, no dynamic-shape recompiles. Both backbones share dynamo's
         # cache, where each (view shape, grad mode, train/eval mode) is a graph: the paper's and DATA.RAND_FR's
         # views need 8 in training (+1: einops invalidates the first), the online kNN a few more. Past the limit
-        # (torch's default: 8) dynamo runs the other shapes eagerly for the rest of the run.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
+        # (torch's default: 8) dynamo runs the other shapes eagerly for the rest of the run. torch < 2.7 names
+        # the limit cache_size_limit.
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), COMPILE_GRAPH_LIMIT))
         student_without_ddp.backbone.compile(dynamic=False)
         teacher_without_ddp.backbone.compile(dynamic=False)
     n_params = sum(p.numel() for p in student_without_ddp.parameters())

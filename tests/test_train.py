@@ -354,6 +354,26 @@ def test_compile_keeps_every_view_of_the_paper_layout_compiled(monkeypatch):
         torch._dynamo.reset()
 
 
+def test_compile_raises_the_recompile_limit_under_its_old_name_on_torch_before_2_7(monkeypatch):
+    # requirements.txt allows torch >= 2.5; torch 2.5 and 2.6 name the limit cache_size_limit (recompile_limit
+    # came in 2.7 and keeps the old name as an alias): --compile must not fail there on an attribute.
+    real = torch._dynamo.config
+
+    class OldConfig:  # torch 2.6's names: the rest is this torch's
+        cache_size_limit = 8
+
+        def __getattr__(self, name):
+            if name == "recompile_limit":
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    old = OldConfig()
+    monkeypatch.setattr(torch._dynamo, "config", old)
+    limit = real.recompile_limit
+    step_state(monkeypatch, False, "--compile", "true", "--use_fp16", "false")
+    assert vars(old) == {"cache_size_limit": train_ssl.COMPILE_GRAPH_LIMIT} and real.recompile_limit == limit
+
+
 class CPUOpAudit(TorchDispatchMode):
     """Records every aten op that touches a CPU tensor of more than one element (0-dim CPU tensors are
     scalars that PyTorch passes to CUDA kernels by value)."""
