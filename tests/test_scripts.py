@@ -134,3 +134,27 @@ def test_every_environment_variable_a_script_reads_is_in_its_header():
         if name == "train_paper.sh":
             documented |= set(re.findall(r"\b[A-Z][A-Z0-9_]+\b", header("train.sh")))
         assert used - system - documented == set(), name
+
+
+def test_slurm_eval_jobs_sharing_a_node_get_their_own_rendezvous_port(tmp_path):
+    """1-GPU linear probes are packed onto multi-GPU nodes: two scripts/slurm_eval.sh jobs there must not both
+    bind torchrun's default port (the second one would fail with EADDRINUSE). A python stand-in records the
+    arguments of `$PYTHON -m torch.distributed.run`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nif [ "$1" = "-m" ] && [ "$2" = "torch.distributed.run" ]; then '
+                                    f'echo "$@" >> {tmp_path / "torchrun.txt"}; exit 0; fi\n'
+                                    f'exec {sys.executable} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "c.pth").touch()
+    for job in ("77", "78"):
+        env = {**os.environ, "PROJECT_PATH": str(ROOT), "DATA_PATH": str(tmp_path), "SLURM_JOB_ID": job,
+               "CHECKPOINT": str(tmp_path / "c.pth"), "PYTHON": str(bin_dir / "python")}
+        env.pop("MASTER_PORT", None)
+        run = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_eval.sh"), "scripts/eval_linear.sh"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stdout + run.stderr
+    ports = [next(a for a in line.split() if a.startswith("--master_port="))
+             for line in (tmp_path / "torchrun.txt").read_text().splitlines()]
+    assert len(ports) == 2 and ports[0] != ports[1], ports
