@@ -244,8 +244,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         # device tensors (no host sync per batch): the meters read them back when a progress line is printed;
-        # float64, hits * 100.0 / n, as the host computed them
-        top1, top5 = topk_hits(logits.detach().float(), target).double() * 100.0 / target.numel()
+        # float64 hits * 100.0 / n as the host computed them (a divisor on the device: CUDA multiplies by the
+        # reciprocal of a host number, 1 ulp off)
+        n = torch.full((), target.numel(), dtype=torch.float64, device=target.device)
+        top1, top5 = topk_hits(logits.detach().float(), target).double() * 100.0 / n
         metric_logger.meters["acc1"].update(top1, n=target.numel())
         if args.num_labels >= 5:
             metric_logger.meters["acc5"].update(top5, n=target.numel())

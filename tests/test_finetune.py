@@ -119,10 +119,11 @@ def test_training_steps_never_read_a_value_back_to_the_host():
     assert host_reads(6) == host_reads(2)
 
 
-def test_training_top1_top5_means_are_the_exact_percentages_of_each_batch(capsys):
+def test_training_top1_top5_means_are_the_exact_percentages_of_each_batch(capsys, device):
     # The per-batch accuracies stay on the device (no host sync), and still reach the meters as the percentages
-    # the host computed before, hits * 100.0 / n in float64 (float32 made 1 hit of 3 read 33.333332).
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 2 * 2, 8))
+    # the host computed before, hits * 100.0 / n in float64 (float32 made 1 hit of 3 read 33.333332; CUDA divides
+    # by a host number as a product with its reciprocal, 1 ulp off).
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 2 * 2, 8)).to(device)
     torch.nn.init.zeros_(model[1].weight)
     with torch.no_grad():
         model[1].bias.copy_(torch.arange(8, 0, -1.0))  # every clip ranks the classes 0, 1, 2, ...
@@ -133,8 +134,7 @@ def test_training_top1_top5_means_are_the_exact_percentages_of_each_batch(capsys
     targets = [torch.tensor([0, 1, 7])] * 2 + [torch.tensor([0, 0, 0, 4, 4, 5, 6])]
     loader = [(torch.zeros(len(t), 3, 4, 2, 2), t, None, {"skipped": torch.zeros(len(t), dtype=torch.long)})
               for t in targets]
-    stats = eval_finetune.train_one_epoch(model, loader, optimizer, None, 0, len(loader), args, None,
-                                          torch.device("cpu"))
+    stats = eval_finetune.train_one_epoch(model, loader, optimizer, None, 0, len(loader), args, None, device)
     top1 = [1 * 100.0 / 3, 1 * 100.0 / 3, 3 * 100.0 / 7]  # what the meters held when the host computed them
     top5 = [2 * 100.0 / 3, 2 * 100.0 / 3, 5 * 100.0 / 7]
     sizes = [3, 3, 7]
