@@ -31,6 +31,7 @@ if [[ -z "${GPUS:-}" && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then export GPUS="$SLUR
 # jobs packed onto one node (1-GPU probes) each need their own rendezvous port: one from the job id, below Linux's
 # ephemeral ports, instead of the scripts' fixed default (a second job would fail to bind it)
 export MASTER_PORT="${MASTER_PORT:-$((15000 + ${SLURM_JOB_ID:-0} % 15000))}"
-# torchrun kills its processes 30 s after passing on the signal by default: leave them the warning's time
+# torchrun kills its processes 30 s after passing on the signal by default: leave them the warning's time (read by
+# torchrun after torch 2.11; 2.11 and older keep 30 s, which 5 steps and a checkpoint usually fit in)
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}"
 run_requeueable TERM bash "$script" "$@"  # the script execs torchrun: the signal reaches it
