@@ -11,7 +11,7 @@
 # again), write checkpoint.pth.tar (checkpoint.pth) and exit with status 3. The job then requeues itself and
 # resumes there (REQUEUE=0 or a refusing cluster: exit 3, submit it again), as scripts/slurm_train.sh does.
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT: seconds torchrun leaves them after passing the signal on (default here 100;
-# torchrun's own is 30).
+# torchrun's own is 30; torchrun reads it after torch 2.11).
 #SBATCH --job-name=svt-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
