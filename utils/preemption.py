@@ -91,13 +91,15 @@ def shield_loader_worker() -> None:
     preemption, the USR1 that srun passes on), loader workers included, and a worker killed by it makes the
     DataLoader raise in the training process before it can save. SIGUSR1 is ignored; SIGTERM is ignored unless its
     sender is the worker's parent (torch's own rule for its workers: the DataLoader's terminate() of a worker
-    stuck at shutdown still ends it)."""
+    stuck at shutdown still ends it, unless a native thread from before this call took the signal)."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS: SIGTERM keeps torch's handler
+    # Ignored by any thread that takes it (native threads may predate this call and block nothing) ...
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS
         return
     parent = os.getppid()
-    # Blocked in this thread before any other starts (they inherit the mask), SIGTERM waits for the thread below,
-    # which learns the sender.
+    # ... but blocked in this thread and the ones it starts, so that a SIGTERM is queued (not dropped) for the
+    # thread below, which learns the sender.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
     def wait_for_parent() -> None:
