@@ -338,20 +338,21 @@ def test_compile_keeps_every_view_of_the_paper_layout_compiled(monkeypatch):
     # einops invalidates the first once: past torch's default limit of 8, dynamo would run the rest eagerly for
     # the whole run. The eager backend stands in for inductor (same graphs and guards, no code generation).
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default; restored afterwards
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     monkeypatch.setitem(TINY_BACKBONE, "depth", 1)  # tracing time grows with the depth
     torch._dynamo.reset()
-    try:
-        state, args = step_state(monkeypatch, False, "--compile", "true", "--local_crops_number", "8",
-                                 "--use_fp16", "false")
-        views = [torch.randn(1, 3, t, 32, 32) for t in (8, 16)] + \
-                [torch.randn(1, 3, t, 16, 16) for t in (2, 2, 4, 4, 8, 8, 16, 16)]
-        for it in range(2):
-            loss, _ = train_ssl.train_step(state, views, 0, it, args)
-        assert torch.isfinite(loss)
-    finally:
-        torch._dynamo.reset()
+    # dynamo's own patch (pytest's monkeypatch would delete, i.e. hide, a config entry on undo): torch's default
+    # limit, restored afterwards
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        try:
+            state, args = step_state(monkeypatch, False, "--compile", "true", "--local_crops_number", "8",
+                                     "--use_fp16", "false")
+            views = [torch.randn(1, 3, t, 32, 32) for t in (8, 16)] + \
+                    [torch.randn(1, 3, t, 16, 16) for t in (2, 2, 4, 4, 8, 8, 16, 16)]
+            for it in range(2):
+                loss, _ = train_ssl.train_step(state, views, 0, it, args)
+            assert torch.isfinite(loss)
+        finally:
+            torch._dynamo.reset()
 
 
 def test_compile_raises_the_recompile_limit_under_its_old_name_on_torch_before_2_7(monkeypatch):
