@@ -112,10 +112,7 @@ def test_data_wait_is_the_loop_time_spent_waiting_for_batches(monkeypatch, capsy
     out = capsys.readouterr().out
     assert ("Epoch 0: the training step waited for data 75% of the time" in out) == warned
     assert ("3 loader workers and may use" in out) == warned
-    assert ("--opts DATA.DECODE_DEVICE cuda" in out) == warned
-    # eval_finetune.py's loader has no GPU decoding (DATA.DECODE_DEVICE makes the SSL views): not advised there
-    utils.data_wait(logger, "Epoch 0", num_workers=3, gpu_decode=False)
-    out = capsys.readouterr().out
+    # GPU decoding is not advised: on an H200 it fed 3.4 samples/s, less than a few CPU workers
     assert ("or resize the videos to short side 256" in out) == warned and "DECODE_DEVICE" not in out
 
 
