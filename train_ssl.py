@@ -546,7 +546,7 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceVi
           f"{utils.available_cores()} CPU cores available to this process.")
     if on_device:
         # The workers hand over bytes + drawn parameters; this process decodes (NVDEC) and augments on the GPU.
-        return DeviceViewLoader(loader, DeviceViews(transform.sizes, device))
+        return DeviceViewLoader(loader, DeviceViews(transform.sizes, device, cfg.DATA.DEVICE_DECODE_THREADS))
     return loader
 
 

@@ -13,16 +13,19 @@ rate of each kept, so a busy machine slows all of them alike):
   parameters): its rate is the CPU cost per sample of the GPU decode path;
 - with `--device_decode cpu|cuda`, the GPU decode path (plans from the workers, decoded and rendered by the
   main process on that device), first: `device_stage_ms`, where its main-process stage's time goes per
-  sample (the whole stage; DeviceViews.decode; render_views; torchcodec's decoder open and get-frames alone;
-  each timed to the device's end on 8 samples after a warm-up batch), on CUDA `nvdec_cache` (open and
-  get-frames with torchcodec's NVDEC decoder cache on, then off), then its loader
-  (`loader_device_<device>_<n>_workers`) with the most `--workers` only: the stage runs in the main
-  process, so once it is the bottleneck other worker counts measure the same rate (the H200 run: 3.4
-  samples/s with 1, 4 and 16), and `plan_sample` already gives the workers' cost; cut at `--max_s`;
+  sample, one video at a time (the whole stage; DeviceViews.decode; render_views; torchcodec's decoder open
+  and get-frames alone; each timed to the device's end on 8 samples after a warm-up batch), on CUDA
+  `nvdec_cache` (open and get-frames with torchcodec's NVDEC decoder cache on, then off), then
+  `device_stage_threads_ms`: the whole stage per sample on a batch of 16 with each `--decode_threads` count
+  of videos decoded at once, then its loader (`loader_device_<device>_<n>_workers`, DATA.DEVICE_DECODE_THREADS
+  threads) with the most `--workers` only: the stage runs in the main process, so once it is the bottleneck
+  other worker counts measure the same rate (the H200 run, one video at a time: 3.4 samples/s with 1, 4 and
+  16), and `plan_sample` already gives the workers' cost; cut at `--max_s`;
 - a DataLoader for each `--workers` count, per backend (`loader_<backend>_<n>_workers`): what training sees,
   each timed on min(--samples, max(32, 16 x workers)) samples, most workers first, never cut;
-- with `--feed_step tiny|small|base` (a GPU run), last: `train_ssl.train_step` timed on a fixed batch and fed
-  by the `--device_decode` loader with `--feed_workers` workers (fed steps cut at `--max_s`);
+- with `--feed_step tiny|small|base` (a GPU run), last: `train_ssl.train_step` timed on a fixed batch, then
+  fed by the default decoder's CPU loader (pinned batches, as train_ssl) and, with `--device_decode`, by
+  the GPU decode loader, each with `--feed_workers` workers (fed steps cut at `--max_s`); per path
   `wait_fraction` = 1 - fixed / fed step time is the share of the step spent waiting on data.
 The JSON is rewritten after each measurement (a run stopped at a time limit keeps what it measured).
 
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -217,22 +221,50 @@ def nvdec_cache_compare(batches: list[dict], device: torch.device) -> dict:
     return out
 
 
-def fed_step(dataset, stage: DeviceViews, size: str, batch: int, workers: int, steps: int, crop: int,
-             num_frames: int, max_s: float = 0) -> dict:
-    """train_step on a fixed batch vs fed by the loader: step times and the share spent waiting on data.
-    With `max_s`, the fed steps stop after the one that passes max_s seconds (two at least)."""
+def thread_scaling(batches: list[dict], stage_threads: Sequence[int], device: torch.device, sizes) -> dict:
+    """Milliseconds per sample of the whole main-process stage decoding `t` videos of a batch at once
+    (DATA.DEVICE_DECODE_THREADS) for each t, on the same batch (batches[1]; batches[0] warms up NVDEC's
+    sessions and the streams), timed to the device's end."""
+    out = {}
+    for threads in stage_threads:
+        stage = DeviceViews(sizes, device, threads)
+        stage(batches[0])
+        seconds, _ = clock(device, lambda: stage(batches[1]))
+        stage.close()
+        out[str(threads)] = round(1000 * seconds / len(batches[1]["video"]), 2)
+    return out
+
+
+def feed_plans(plans, stage: DeviceViews, batch: int, workers: int, steps: int) -> Iterator:
+    """Views on the device from the GPU decode path's loader (plans, decoded and rendered by `stage`)."""
+    loader = torch.utils.data.DataLoader(plans, batch_size=batch, num_workers=workers, collate_fn=collate_plans,
+                                         persistent_workers=workers > 0,  # plans are not pinned (train_ssl)
+                                         sampler=feed_sampler(plans, batch, steps))
+    return (views for views, *_ in DeviceViewLoader(loader, stage))
+
+
+def feed_cpu(dataset, device: torch.device, batch: int, workers: int, steps: int) -> Iterator:
+    """Views on the device from the CPU path's loader (pinned batches copied as train_ssl does)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         sampler=feed_sampler(dataset, batch, steps))
+    return ([v.to(device, non_blocking=True) for v in views] for views, *_ in loader)
+
+
+def feed_sampler(dataset, batch: int, steps: int):
+    return torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch * (steps + 2))
+
+
+def fed_steps(feeds: dict, device: torch.device, size: str, batch: int, workers: int, steps: int, crop: int,
+              num_frames: int, max_s: float = 0) -> dict:
+    """train_step on a fixed batch vs fed by each loader of `feeds` ({path: iterator of views on the device}):
+    step times and, per path, the share of the step spent waiting on data. With `max_s`, each path's fed steps
+    stop after the one that passes max_s seconds (two at least). One model for all paths."""
     from bench_train_step import build_state, get_parser
-    device = stage.device
     opt = get_parser().parse_args(["--size", size, "--precision", "bf16" if device.type == "cuda" else "fp32",
                                    "--crop", str(crop), "--num_frames", str(num_frames),
                                    "--fused_adamw", "on"])
     state, args = build_state(opt, device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate_plans,
-                                         persistent_workers=workers > 0,  # plans are not pinned (train_ssl)
-                                         sampler=torch.utils.data.RandomSampler(dataset, replacement=True,
-                                                                                num_samples=batch * (steps + 2)))
-    batches = iter(DeviceViewLoader(loader, stage))
-    fixed = next(batches)[0]
 
     def timed_steps(source, limit: float = 0) -> tuple[float, int]:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -245,13 +277,16 @@ def fed_step(dataset, stage: DeviceViews, size: str, batch: int, workers: int, s
         sync()
         return (time.perf_counter() - start) / (it + 1), it + 1
 
-    train_ssl.train_step(state, fixed, 0, 0, args)  # warm-up
-    fixed_s, _ = timed_steps(lambda: fixed)
-    next(batches)
-    fed_s, fed_steps = timed_steps(lambda: next(batches)[0], max_s)
-    return {"size": size, "batch": batch, "workers": workers, "device": str(device), "steps": steps,
-            "fed_steps": fed_steps, "fixed_batch_step_s": fixed_s, "fed_step_s": fed_s,
-            "wait_fraction": max(0.0, 1 - fixed_s / fed_s)}
+    out = {"size": size, "batch": batch, "workers": workers, "device": str(device), "steps": steps, "paths": {}}
+    for path, batches in feeds.items():
+        first = next(batches)  # the workers' start-up is not timed
+        if "fixed_batch_step_s" not in out:
+            train_ssl.train_step(state, first, 0, 0, args)  # warm-up
+            out["fixed_batch_step_s"], _ = timed_steps(lambda: first)
+        fed_s, fed = timed_steps(lambda: next(batches), max_s)
+        out["paths"][path] = {"fed_steps": fed, "fed_step_s": fed_s,
+                              "wait_fraction": max(0.0, 1 - out["fixed_batch_step_s"] / fed_s)}
+    return out
 
 
 def main() -> None:
@@ -272,15 +307,20 @@ def main() -> None:
                         help="Also time the DATA.DECODE_DEVICE cuda path with its stage on this device.")
     parser.add_argument("--loader_only", action="store_true",
                         help="Only the DataLoader rates and plan_sample (skip the one-process strategies).")
+    parser.add_argument("--decode_threads", type=int, nargs="*", default=[1, 8, 16],
+                        help="With --device_decode: time the main-process stage decoding this many videos of a batch "
+                             "of 16 at once (DATA.DEVICE_DECODE_THREADS); its loader and fed step use the default.")
     parser.add_argument("--feed_step", default=None, choices=["tiny", "small", "base"],
-                        help="Also time train_step fed by the --device_decode loader (needs --device_decode).")
+                        help="Also time train_step fed by the default decoder's CPU loader and, with "
+                             "--device_decode, by the GPU decode loader.")
     parser.add_argument("--feed_batch", type=int, default=16, help="Clips per step of --feed_step.")
     parser.add_argument("--feed_workers", type=int, default=8, help="Loader workers of --feed_step.")
     parser.add_argument("--feed_steps", type=int, default=10, help="Timed steps of --feed_step.")
     parser.add_argument("--max_s", type=float, default=0,
-                        help="Stop the GPU decode path's loader and fed-step timings after this many seconds (one "
-                             "batch / two steps at least; 0: no limit), so that a slow main-process stage does not "
-                             "eat a time-limited run. The CPU loaders are never cut: their numbers stay comparable.")
+                        help="Stop the GPU decode path's loader and each path's fed steps after this many seconds "
+                             "(one batch / two steps at least; 0: no limit), so that a slow main-process stage does "
+                             "not eat a time-limited run. The CPU loaders are never cut: their numbers stay "
+                             "comparable.")
     parser.add_argument("--out", default=None, help="Also write the JSON here.")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -329,18 +369,24 @@ def main() -> None:
         # the CPU loaders (most workers first), then the fed step; the JSON is rewritten after each, so a run
         # stopped at a time limit keeps what it measured.
         stage = None
+        threads = cfg.DATA.DEVICE_DECODE_THREADS
         if args.device_decode != "none":
             device = torch.device(args.device_decode)
             batches = plan_batches(plans, 3)
             if device.type == "cuda":  # before the stage: DeviceViews turns the cache off for good before 0.17
                 extra["nvdec_cache"] = nvdec_cache_compare(batches, device)
-            stage = DeviceViews(aug.sizes, device)
-            extra["device_stage_ms"] = stage_breakdown(batches, stage)
+            extra["device_stage_ms"] = stage_breakdown(batches, DeviceViews(aug.sizes, device))
             write_json(args.out, report())
+            if args.decode_threads:
+                extra["device_stage_threads_ms"] = thread_scaling(plan_batches(plans, 2, 16), args.decode_threads,
+                                                                  device, aug.sizes)
+                write_json(args.out, report())
+            stage = DeviceViews(aug.sizes, device, threads)
             workers = max(args.workers)
             results[f"loader_device_{args.device_decode}_{workers}_workers"] = loader_rate(
                 Subset(plans, repeat[:loader_samples(args.samples, workers)]), workers, stage=stage,
                 max_s=args.max_s)
+            stage.close()
             extra["device_decode"] = device_record(stage)
             write_json(args.out, report())
         for workers in sorted(args.workers, reverse=True):
@@ -348,10 +394,21 @@ def main() -> None:
                 results[f"loader_{backend}_{workers}_workers"] = loader_rate(
                     Subset(datasets[backend], repeat[:loader_samples(args.samples, workers)]), workers)
                 write_json(args.out, report())
-        if stage is not None and args.feed_step:
-            extra["feed_step"] = fed_step(plans, stage, args.feed_step, args.feed_batch, args.feed_workers,
-                                          args.feed_steps, args.crop[0], cfg.DATA.NUM_FRAMES, args.max_s)
-            extra["device_decode"] = device_record(stage)
+        if args.feed_step:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if stage is None else stage.device
+            default = decoder.resolve_backend(get_cfg().DATA.DECODING_BACKEND)
+            feeds = {}
+            if default in datasets:  # the default CPU path, as train_ssl feeds it
+                feeds[default] = feed_cpu(datasets[default], device, args.feed_batch, args.feed_workers,
+                                          args.feed_steps)
+            if stage is not None:
+                feeds[f"device_{args.device_decode}"] = feed_plans(plans, stage, args.feed_batch, args.feed_workers,
+                                                                   args.feed_steps)
+            extra["feed_step"] = fed_steps(feeds, device, args.feed_step, args.feed_batch, args.feed_workers,
+                                           args.feed_steps, args.crop[0], cfg.DATA.NUM_FRAMES, args.max_s)
+            if stage is not None:
+                stage.close()
+                extra["device_decode"] = device_record(stage)
             write_json(args.out, report())
     print(json.dumps(report(), indent=2))
 
@@ -359,7 +416,7 @@ def main() -> None:
 def device_record(stage: DeviceViews) -> dict:
     """What the GPU decode path did other than decode on the device: NVDEC's CPU fallbacks, videos decoded
     sequentially on the CPU (torchcodec failed or disagreed with the probe), videos that did not decode."""
-    return {"device": str(stage.device), "nvdec_cpu_fallbacks": stage.cpu_fallbacks,
+    return {"device": str(stage.device), "threads": stage.threads, "nvdec_cpu_fallbacks": stage.cpu_fallbacks,
             "sequential_cpu_decodes": stage.sequential_total, "failed_videos": stage.failed}
 
 

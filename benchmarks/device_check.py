@@ -13,9 +13,11 @@ Stages, in order (the most telling first, torch.compile last as it takes longest
   fraction of the bf16 matmul peak measured in the same run, peak memory;
 - data: bench_data.py: for the GPU decode path (DATA.DECODE_DEVICE cuda) the CPU cost of a plan, where its
   main-process stage's time goes per sample (NVDEC decoder open, get frames, view rendering; open and decode
-  with torchcodec's NVDEC cache on and off) and its loader with all-core workers (cut at 15 s); DataLoader
-  samples/s with 1, 4 and all-core workers per CPU decoder (never cut); then the ViT-B step fed by the GPU
-  decode loader with min(8, cores) workers (share of the step spent waiting on data; cut at 15 s);
+  with torchcodec's NVDEC cache on and off), the stage with 1, 8 and 16 videos decoded at once
+  (DATA.DEVICE_DECODE_THREADS) and its loader with all-core workers (cut at 15 s); DataLoader samples/s
+  with 1, 4 and all-core workers per CPU decoder (never cut); then the ViT-B step fed by the default CPU
+  loader and by the GPU decode loader, each with min(8, cores) workers (share of the step spent waiting on
+  data; each cut at 15 s);
 - train_knn: a 1-GPU train_ssl.py run of ~100 steps on generated videos with the GPU decode path, then kNN:
   the loss must fall, kNN must report, and no video may fall back to CPU decoding;
 - cuda_capable_tests: the suite's device-generic tests with SVT_TEST_DEVICE=cuda (among them: CUDA-only tensors in
@@ -24,8 +26,8 @@ Stages, in order (the most telling first, torch.compile last as it takes longest
 - demo_gpu: DEMO_SCALE=gpu bash scripts/demo.sh, when demo.sh knows DEMO_SCALE (~5 minutes: it fits only
   in a larger --budget_s, or alone with --only demo_gpu).
 Verdict: per data path, "compute-bound" when its loader with all cores delivers at least the ViT-B step's
-clips/s at batch 16 (best of eager and compiled), else "data-bound"; for the GPU decode path, the measured
-wait share of the fed step decides (< 5 %: compute-bound).
+clips/s at batch 16 (best of eager and compiled), else "data-bound"; and per fed path, the measured wait
+share of the fed step (< 5 %: compute-bound).
 
 --dry-run: every stage tiny on the CPU (vit_tiny, 32 px crops, small videos, SVT_TEST_DEVICE=cpu; compile and
 demo stages skipped: minutes on a CPU), so that the script itself is tested without a GPU
@@ -148,7 +150,8 @@ def data_cmd(opt, out: Path) -> list[str]:
     if opt.dry_run:
         shape = ["--videos", "2", "--frames", "40", "--height", "64", "--width", "80", "--samples", "12",
                  "--rounds", "1",
-                 "--crop", "32", "16", "--workers", "0", "1", "--device_decode", "cpu", "--feed_step", "tiny",
+                 "--crop", "32", "16", "--workers", "0", "1", "--device_decode", "cpu", "--decode_threads", "1", "2",
+                 "--feed_step", "tiny",
                  "--feed_batch", "2", "--feed_workers", "1", "--feed_steps", "1", "--max_s", "20"]
     else:
         workers = sorted({1, 4, cores})
@@ -237,9 +240,10 @@ def verdicts(results: dict) -> dict:
         per_worker = rates.get(1) or rates[most] / max(most, 1)
         out[path] = {"samples_per_s": rates, "verdict": "compute-bound" if rates[most] >= clips else "data-bound",
                      "cores_per_gpu_needed": round(clips / per_worker, 1) if per_worker else None}
-    feed = (results.get("data", {}).get("result") or {}).get("feed_step")
-    if feed:
-        out["fed_step"] = {**feed, "verdict": "compute-bound" if feed["wait_fraction"] < WAIT_OK else "data-bound"}
+    feed = (results.get("data", {}).get("result") or {}).get("feed_step") or {}
+    for path, fed in feed.get("paths", {}).items():
+        out[f"fed_step_{path}"] = {**fed, "workers": feed["workers"],
+                                   "verdict": "compute-bound" if fed["wait_fraction"] < WAIT_OK else "data-bound"}
     return out
 
 
@@ -270,8 +274,11 @@ def table(report: dict) -> str:
             detail = ", ".join(f"{k} {v}" for k, v in res.get("samples_per_s", {}).items())
             if res.get("device_stage_ms"):
                 detail += "; " + stage_split(res["device_stage_ms"], res.get("nvdec_cache"))
-            if res.get("feed_step"):
-                detail += f"; fed step waits {res['feed_step']['wait_fraction']:.1%}"
+            if res.get("device_stage_threads_ms"):
+                detail += "; GPU stage ms/sample with " + ", ".join(
+                    f"{t} threads {ms:.1f}" for t, ms in res["device_stage_threads_ms"].items())
+            for path, fed in (res.get("feed_step") or {}).get("paths", {}).items():
+                detail += f"; fed step ({path}) waits {fed['wait_fraction']:.1%}"
         elif name == "train_knn" and r.get("checks"):
             c = r["checks"]
             losses = c["losses"]
@@ -294,7 +301,7 @@ def table(report: dict) -> str:
         for path, d in v.items():
             if isinstance(d, dict) and "verdict" in d:
                 extra = f", {d['cores_per_gpu_needed']} worker cores per GPU needed" if "cores_per_gpu_needed" in d \
-                    else f", step waits {d['wait_fraction']:.1%} on data"
+                    else f", step waits {d['wait_fraction']:.1%} on data with {d['workers']} workers"
                 rows.append(f"- {path}: **{d['verdict']}**{extra}")
     return "\n".join(rows) + "\n"
 

@@ -21,6 +21,8 @@ On a CPU device the same code runs (torchcodec's CPU decoder): tests/test_device
 the CPU path's views within interpolation tolerance for the same seed.
 """
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import torch
@@ -129,37 +131,102 @@ class DeviceViews:
     torchcodec decoded on the CPU instead of NVDEC (`cpu_fallbacks`, logged); a video torchcodec cannot
     decode or be trusted on is decoded sequentially on the CPU from the same bytes (`sequential`: the batch
     positions of the last call; `sequential_total`; logged); one that does not decode at all (`failed`) takes
-    another sample's views of the same batch and counts as skipped."""
+    another sample's views of the same batch and counts as skipped.
 
-    def __init__(self, sizes: Sequence[int], device: torch.device | str):
-        self.sizes, self.device = list(sizes), torch.device(device)
+    `threads` videos of a batch are decoded at once (DATA.DEVICE_DECODE_THREADS), each in a thread of its own
+    (torchcodec releases the GIL while it decodes). NVDEC decodes one frame at a time per video and the call
+    waits for each (torchcodec maps every frame as it is decoded), so one video at a time leaves its engines
+    mostly idle. On CUDA every thread decodes on a CUDA stream of its own: the frame copies and colour
+    conversion neither wait for the training step queued on the current stream nor hold it up, and the current
+    stream waits for each video's decode before the views are rendered on it."""
+
+    def __init__(self, sizes: Sequence[int], device: torch.device | str, threads: int = 1):
+        if threads < 1:
+            raise ValueError(f"DATA.DEVICE_DECODE_THREADS must be >= 1, got {threads}")
+        self.sizes, self.device, self.threads = list(sizes), torch.device(device), threads
         if self.device.type == "cuda":
             decoder.guard_nvdec_cache()
         self.cpu_fallbacks = 0
         self.failed = 0
         self.sequential: list[int] = []
         self.sequential_total = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
 
-    def decode(self, plans: dict, b: int) -> torch.Tensor:
-        """Sample b's union of frames on the device: decoded there from its bytes, or copied when the worker
-        decoded it (a file whose random access cannot be trusted), or decoded sequentially here on the CPU
-        when torchcodec fails on it."""
+    def _stream(self) -> torch.cuda.Stream:
+        """This thread's decode stream (made on first use)."""
+        if getattr(self._local, "stream", None) is None:
+            self._local.stream = torch.cuda.Stream(self.device)
+        return self._local.stream
+
+    def _decode_one(self, plans: dict, b: int) -> tuple:
+        """(frames, how, why, event) of sample b, frames being the DecodeError of a video that did not decode:
+        no shared state is touched, so samples decode in parallel threads. how: "" (decoded on the device),
+        "fallback" (torchcodec decoded it on the CPU) or "sequential" (decoded sequentially on the CPU here).
+        On CUDA the decode runs on this thread's stream (and device: a new thread starts on device 0), and
+        `event` marks its end there."""
+        if self.device.type != "cuda":
+            return (*self._decode_frames(plans, b), None)
+        stream = self._stream()
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            frames, how, why = self._decode_frames(plans, b)
+            return frames, how, why, stream.record_event()
+
+    def _decode_frames(self, plans: dict, b: int) -> tuple:
         if plans["decoded"][b] is not None:
-            return host_to_device(plans["decoded"][b], self.device)
+            return host_to_device(plans["decoded"][b], self.device), "", ""
         path, indices = plans["path"][b], plans["frames"][b].tolist()
         try:
             frames, fallback = decoder.decode_on_device(plans["video"][b], indices, plans["info"][b], self.device,
                                                         path)
         except decoder.DecodeError as err:
-            frames = decoder.decode_bytes_sequentially(plans["video"][b], indices, plans["info"][b], path)
+            try:
+                frames = decoder.decode_bytes_sequentially(plans["video"][b], indices, plans["info"][b], path)
+            except decoder.DecodeError as failed:
+                return failed, "", ""
+            return host_to_device(frames, self.device), "sequential", str(err)
+        return frames, "fallback" if fallback else "", fallback
+
+    def _collect(self, plans: dict, b: int, decoded: tuple) -> torch.Tensor:
+        """Sample b's frames, ready for the current stream, after counting and logging how they were decoded;
+        raises the DecodeError of a video that did not decode."""
+        frames, how, why, event = decoded
+        path = plans["path"][b]
+        if isinstance(frames, decoder.DecodeError):
+            raise frames
+        if how == "sequential":
             self.sequential.append(b)
             self.sequential_total += 1
-            self._log(path, f"decoded sequentially on the CPU instead ({err})")
-            return host_to_device(frames, self.device)
-        if fallback:
+            self._log(path, f"decoded sequentially on the CPU instead ({why})")
+        elif how == "fallback":
             self.cpu_fallbacks += 1
-            self._log(path, f"torchcodec decodes it on the CPU, not with NVDEC ({fallback})")
+            self._log(path, f"torchcodec decodes it on the CPU, not with NVDEC ({why})")
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            frames.record_stream(current)  # made on the decode stream, read and freed on this one
         return frames
+
+    def decode(self, plans: dict, b: int) -> torch.Tensor:
+        """Sample b's union of frames on the device, decoded in this thread: decoded there from its bytes, or
+        copied when the worker decoded it (a file whose random access cannot be trusted), or decoded
+        sequentially here on the CPU when torchcodec fails on it."""
+        return self._collect(plans, b, self._decode_one(plans, b))
+
+    def _decode_batch(self, plans: dict) -> list[tuple]:
+        num = len(plans["video"])
+        if self.threads == 1 or num == 1:
+            return [self._decode_one(plans, b) for b in range(num)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="svt-decode")
+        return list(self._pool.map(lambda b: self._decode_one(plans, b), range(num)))
+
+    def close(self) -> None:
+        """Stop the decode threads (made again on the next call): DeviceViewLoader does it at the end of each
+        pass, so that no idle thread is alive when the next pass's DataLoader forks its workers."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _log(self, path: str, message: str) -> None:
         if path not in _LOGGED:
@@ -171,9 +238,9 @@ class DeviceViews:
         num = len(plans["video"])
         frames, good = [None] * num, []
         self.sequential = []
-        for b in range(num):
+        for b, decoded in enumerate(self._decode_batch(plans)):
             try:
-                frames[b] = self.decode(plans, b)
+                frames[b] = self._collect(plans, b, decoded)
                 good.append(b)
             except decoder.DecodeError as err:
                 self.failed += 1
@@ -204,9 +271,12 @@ class DeviceViewLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator:
-        for plans, label, index, meta in self.loader:
-            views, skipped = self.stage(plans)
-            for b in self.stage.sequential:
-                mark_sequential(self.dataset, int(index[b]))
-            meta["skipped"] = meta["skipped"] + skipped
-            yield views, label, index, meta
+        try:
+            for plans, label, index, meta in self.loader:
+                views, skipped = self.stage(plans)
+                for b in self.stage.sequential:
+                    mark_sequential(self.dataset, int(index[b]))
+                meta["skipped"] = meta["skipped"] + skipped
+                yield views, label, index, meta
+        finally:
+            self.stage.close()

@@ -56,14 +56,16 @@ def test_verdicts_per_data_path_and_fed_step():
                   "samples_per_s": {"loader_decord_1_workers": 10.0, "loader_decord_16_workers": 70.0,
                                     "loader_device_cuda_1_workers": 100.0, "loader_device_cuda_16_workers": 300.0,
                                     "plan_sample": 150.0},
-                  "feed_step": {"wait_fraction": 0.02}}}}
+                  "feed_step": {"workers": 8, "paths": {"torchcodec": {"wait_fraction": 0.02},
+                                                        "device_cuda": {"wait_fraction": 0.3}}}}}}
     v = device_check.verdicts(stages)
     assert v["step_clips_per_s_b16"] == 80.0  # the best of eager and compiled
     assert v["decord"]["verdict"] == "data-bound" and v["decord"]["cores_per_gpu_needed"] == 8.0
     assert v["device_cuda"]["verdict"] == "compute-bound"
-    assert v["fed_step"]["verdict"] == "compute-bound"
-    stages["data"]["result"]["feed_step"]["wait_fraction"] = 0.3
-    assert device_check.verdicts(stages)["fed_step"]["verdict"] == "data-bound"
+    assert v["fed_step_torchcodec"]["verdict"] == "compute-bound"
+    assert v["fed_step_device_cuda"] == {"wait_fraction": 0.3, "workers": 8, "verdict": "data-bound"}
+    table = device_check.table({"install": "none", "install_rc": 0, "stages": {}, "verdict": v})
+    assert "- fed_step_device_cuda: **data-bound**, step waits 30.0% on data with 8 workers" in table
     assert device_check.verdicts({"step_b16": {"status": "timeout"}}) == {}
 
 
@@ -103,9 +105,11 @@ def test_dry_run_of_the_step_and_data_stages(tmp_path):
     assert stages["data"]["status"] == "ok", stages["data"]
     rates = stages["data"]["result"]["samples_per_s"]
     assert rates["plan_sample"] > 0 and rates["loader_device_cpu_1_workers"] > 0
-    assert stages["data"]["result"]["device_decode"] == {"device": "cpu", "nvdec_cpu_fallbacks": 0,
+    assert stages["data"]["result"]["device_decode"] == {"device": "cpu", "threads": 8, "nvdec_cpu_fallbacks": 0,
                                                          "sequential_cpu_decodes": 0, "failed_videos": 0}
     assert "device_cpu" in report["verdict"]
+    assert set(report["verdict"]) >= {"fed_step_torchcodec", "fed_step_device_cpu"}
+    assert list(stages["data"]["result"]["device_stage_threads_ms"]) == ["1", "2"]
     # the stage's time split: its parts are timed in separate passes over the same batches, so they add up to
     # the whole stage only if the split covers it (nothing left out, nothing counted twice)
     split = stages["data"]["result"]["device_stage_ms"]
@@ -117,6 +121,7 @@ def test_dry_run_of_the_step_and_data_stages(tmp_path):
     table = (tmp_path / "device_check.md").read_text()
     assert "| step_b16 | ok |" in table and "step at batch 16" in table
     assert f"GPU stage {split['stage_ms']:.1f} ms/sample = decode" in table
+    assert "GPU stage ms/sample with 1 threads" in table and "fed step (torchcodec) waits" in table
 
 
 def _tiny_wheel(folder: Path) -> Path:

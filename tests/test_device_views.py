@@ -2,6 +2,7 @@
 same code path must give the CPU path's views for the same per-sample seed (within the resize's rounding)."""
 import dataclasses
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -193,6 +194,59 @@ def test_frames_of_another_size_than_the_probes_are_decoded_sequentially(synthet
     assert stage.sequential == [0] and tuple(frames.shape[1:3]) == (info.height, info.width)
 
 
+def test_threads_give_the_one_thread_views_and_counts(synthetic_cfg, monkeypatch):
+    # A batch with a video torchcodec fails on (decoded sequentially instead) and one that does not decode at all,
+    # decoded one video at a time and four at once: the same views bit for bit, the same counts and flags.
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    batch = collate_plans([plans[(i % len(plans), 20 + i)] for i in range(6)])[0]
+    batch["video"][4] = torch.zeros(5000, dtype=torch.uint8)  # not a video any more
+    real, failing = decoder.decode_on_device, batch["path"][1]
+
+    def flaky(data, indices, info, device, path):
+        if path == failing:
+            raise decoder.DecodeError(f"{path}: torchcodec on cpu returned other frames than the probe's (test)")
+        return real(data, indices, info, device, path)
+
+    monkeypatch.setattr(decoder, "decode_on_device", flaky)
+    results = []
+    for threads in (1, 4):
+        stage = DeviceViews(aug.sizes, "cpu", threads=threads)
+        views, skipped = stage(batch)
+        stage.close()
+        results.append((views, skipped, stage.sequential, stage.sequential_total, stage.failed))
+    (views_1, *counts_1), (views_4, *counts_4) = results
+    assert all(torch.equal(a, b) for a, b in zip(views_1, views_4))
+    assert [c.tolist() if torch.is_tensor(c) else c for c in counts_1] == \
+        [c.tolist() if torch.is_tensor(c) else c for c in counts_4]
+    assert counts_4[0].tolist() == [0, 0, 0, 0, 1, 0] and counts_4[3] == 1
+    assert 1 in counts_4[1] and counts_4[2] == len(counts_4[1])
+
+
+def test_a_batch_decodes_its_videos_at_once_and_a_pass_ends_its_threads(synthetic_cfg, monkeypatch):
+    # NVDEC decodes one frame at a time per video, so the stage keeps DATA.DEVICE_DECODE_THREADS videos in
+    # flight: three decodes must be running together to pass the barrier (one at a time, it breaks).
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    barrier, real = threading.Barrier(3, timeout=20), decoder.decode_on_device
+
+    def together(*args):
+        barrier.wait()
+        return real(*args)
+
+    monkeypatch.setattr(decoder, "decode_on_device", together)
+    before = set(threading.enumerate())
+    stage = DeviceViews(aug.sizes, "cpu", threads=3)
+    order = [(i, 40 + i) for i in range(3)] * 2
+    loader = DeviceViewLoader(DataLoader(plans, sampler=order, batch_size=3, collate_fn=collate_plans), stage)
+    batches = list(loader)
+    assert len(batches) == 2 and all(meta["skipped"].sum() == 0 for *_, meta in batches)
+    # the threads end with the pass: none is alive when the next pass's DataLoader forks its workers
+    assert stage._pool is None and not [t for t in set(threading.enumerate()) - before if t.name.startswith("svt")]
+    with pytest.raises(ValueError, match="DATA.DEVICE_DECODE_THREADS must be >= 1, got 0"):
+        DeviceViews(aug.sizes, "cpu", threads=0)
+
+
 def test_device_view_loader_yields_what_the_cpu_loader_yields(synthetic_cfg):
     aug = _aug()
     cpu, plans = _datasets(synthetic_cfg, aug)
@@ -298,6 +352,26 @@ def test_nvdec_decodes_the_union_on_the_gpu_without_cpu_fallback(synthetic_cfg):
     views, skipped = stage(batch)
     assert stage.cpu_fallbacks == 0, "torchcodec fell back to CPU decoding (see the log for why)"
     assert all(v.is_cuda for v in views) and skipped.sum() == 0
+
+
+@pytest.mark.gpu
+def test_nvdec_threads_decode_beside_the_busy_training_stream(synthetic_cfg):
+    # Each decode thread has its own CUDA stream: with the current (training) stream busy for seconds, the stage
+    # decodes and queues the views without waiting for it, and gives the one-thread views.
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    batch = collate_plans([plans[(i % len(plans), 60 + i)] for i in range(4)])[0]
+    expected, _ = DeviceViews(aug.sizes, "cuda", threads=1)(batch)
+    stage = DeviceViews(aug.sizes, "cuda", threads=4)
+    stage(batch)  # warm-up: NVDEC sessions, streams
+    torch.cuda.synchronize()
+    torch.cuda._sleep(10 ** 10)  # ~5 s of GPU clock cycles on the current stream
+    views, skipped = stage(batch)
+    assert not torch.cuda.current_stream().query(), "the stage waited for the work queued on the current stream"
+    torch.cuda.synchronize()
+    stage.close()
+    assert skipped.sum() == 0 and stage.cpu_fallbacks == 0
+    assert all(torch.equal(a, b) for a, b in zip(views, expected))
 
 
 @pytest.mark.gpu

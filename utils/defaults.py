@@ -45,6 +45,9 @@ _C.DATA.DECODING_BACKEND = "auto"
 # cuda: the workers only read the bytes and draw the views' parameters; the main process decodes with
 # torchcodec's NVDEC decoder and augments on the GPU (datasets/device_views.py). Same views per seed.
 _C.DATA.DECODE_DEVICE = "cpu"
+# With DECODE_DEVICE cuda: videos of a batch the main process decodes at once, each in its own thread, NVDEC
+# session and CUDA stream (NVDEC decodes one frame at a time per video: one video at a time idles its engines).
+_C.DATA.DEVICE_DECODE_THREADS = 8
 # The original's variable frame rates: global views 4 and 8 frames, local views 2,2,4,4,8,8,16,16.
 _C.DATA.RAND_FR = False
 # Explicit frame counts per SSL view (override NUM_FRAMES / RAND_FR when non-empty). The paper's
