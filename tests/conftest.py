@@ -40,15 +40,31 @@ def log_records(folder: Path) -> list[dict]:
 
 class HostReads(TorchDispatchMode):
     """Counts aten._local_scalar_dense, which every `.item()` / `float(t)` / `int(t)` / `bool(t)` calls (on a CUDA
-    tensor: a host sync). `.tolist()` does not pass through the dispatcher and is not counted."""
+    tensor: a host sync), and `.tolist()` of a tensor off the CPU (a host sync too; it does not pass through the
+    dispatcher, so Tensor.tolist is wrapped while the mode is on; on CPU tensors it reads memory, not counted)."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
+        self._tolist = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func is torch.ops.aten._local_scalar_dense.default
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist, reads = torch.Tensor.tolist, self
+
+        def tolist(tensor):
+            reads.count += tensor.device.type != "cpu"
+            return reads._tolist(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
 
 def signal_at_call(monkeypatch, owner, name: str, nth: int, sig: signal.Signals = signal.SIGTERM) -> list:

@@ -378,3 +378,17 @@ def test_loader_workers_outlive_the_stop_signals_slurm_sends_to_every_process():
     root = str(Path(__file__).resolve().parents[1])
     run = subprocess.run([sys.executable, "-c", PARENT_TERMINATES, root], capture_output=True, text=True, timeout=120)
     assert "exitcode 0" in run.stdout, run.stdout + run.stderr
+
+
+def test_host_reads_counts_scalar_reads_and_tolist_off_the_cpu(device):
+    # tests/conftest.HostReads backs the "no host read per step" tests; on CUDA (SVT_TEST_DEVICE=cuda) a tolist()
+    # of a device tensor is a host sync too, which the dispatcher never sees.
+    from tests.conftest import HostReads
+    real, x = torch.Tensor.tolist, torch.ones(2, device=device)
+    with HostReads() as reads:
+        assert torch.ones(2).tolist() == [1.0, 1.0]  # a CPU tensor's memory: no sync
+        float(x[0])
+    assert reads.count == 1
+    with HostReads() as reads:
+        assert x.tolist() == [1.0, 1.0]
+    assert reads.count == int(device.type != "cpu") and torch.Tensor.tolist is real
