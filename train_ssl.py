@@ -149,8 +149,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log_freq", default=10, type=int, help="Print/tensorboard every x iterations.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int, help="""DataLoader worker processes per GPU
-        (decoding is CPU-bound: give it cores; with DATA.DECODE_DEVICE cuda the workers only read bytes and draw
-        parameters; log.txt's train_data_wait says whether the step waited for them).""")
+        (decoding is CPU-bound: give it cores; with DATA.AUGMENT_DEVICE cuda the workers only decode, with
+        DATA.DECODE_DEVICE cuda they only read bytes and draw parameters; log.txt's train_data_wait says whether
+        the step waited for them).""")
     utils.add_distributed_args(parser)
 
     # Online kNN on a held-out list
@@ -505,10 +506,13 @@ def build_optimizer(args, model: nn.Module, device: torch.device, fused: bool | 
 def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceViewLoader:
     """Kinetics train list with the SVT views, each sample drawn under its own seed (datasets/seeding.py);
     with DATA.DECODE_DEVICE cuda the views are made on the GPU in this process (datasets/device_views.py)."""
-    on_device = cfg.DATA.DECODE_DEVICE == "cuda"
+    on_device = "cuda" in (cfg.DATA.DECODE_DEVICE, cfg.DATA.AUGMENT_DEVICE)
     if on_device and device.type != "cuda":
-        raise ValueError("DATA.DECODE_DEVICE cuda decodes and augments the views on the GPU, but this run has "
-                         "no CUDA device; leave DATA.DECODE_DEVICE at cpu.")
+        key = "DECODE_DEVICE" if cfg.DATA.DECODE_DEVICE == "cuda" else "AUGMENT_DEVICE"
+        raise ValueError(f"DATA.{key} cuda makes the views on the GPU, but this run has no CUDA device; leave "
+                         f"DATA.{key} at cpu.")
+    # plans of bytes (DECODE_DEVICE cuda) are read on the host: no pinning; decoded frames are copied to the GPU
+    pin = device.type == "cuda" and cfg.DATA.DECODE_DEVICE == "cpu"
     global_frames, local_frames = ssl_view_frames(cfg, args.local_crops_number)
     transform = VideoDataAugmentationDINO(
         global_crops_scale=tuple(args.global_crops_scale),
@@ -530,8 +534,7 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceVi
         batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers,
         collate_fn=collate_plans if on_device else None,
-        # pinned batches copy to the GPU asynchronously; plans are bytes the decoder reads on the host: no pinning
-        pin_memory=cuda and not on_device,
+        pin_memory=pin,  # pinned batches copy to the GPU asynchronously
         drop_last=True,
         persistent_workers=cuda and args.num_workers > 0,
         worker_init_fn=utils.seed_worker,
@@ -545,8 +548,11 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceVi
     print(f"{len(dataset)} training videos, {len(loader)} steps per epoch; {args.num_workers} loader workers, "
           f"{utils.available_cores()} CPU cores available to this process.")
     if on_device:
-        # The workers hand over bytes + drawn parameters; this process decodes (NVDEC) and augments on the GPU.
-        return DeviceViewLoader(loader, DeviceViews(transform.sizes, device, cfg.DATA.DEVICE_DECODE_THREADS))
+        # The workers hand over bytes (or decoded frames) + drawn parameters; this process decodes with NVDEC
+        # (unless the worker decoded) and augments on the GPU.
+        stage = DeviceViews(transform.sizes, device, cfg.DATA.DEVICE_DECODE_THREADS,
+                            nvdec=cfg.DATA.DECODE_DEVICE == "cuda")
+        return DeviceViewLoader(loader, stage)
     return loader
 
 

@@ -10,7 +10,8 @@ rate of each kept, so a busy machine slows all of them alike):
   `full_window` (the original's loader: PyAV decodes every frame of the ~8.5 s window to RGB, then indexes);
 - the full sample (`dataset[i]`: decode once + the SVT spatial augmentation) per backend;
 - `plan_sample`: what a worker does with DATA.DECODE_DEVICE cuda (probe, read the bytes, draw the views'
-  parameters): its rate is the CPU cost per sample of the GPU decode path;
+  parameters): its rate is the CPU cost per sample of the GPU decode path; `decoded_plan_sample`: with
+  DATA.AUGMENT_DEVICE cuda (decode the union with the default decoder, draw the parameters);
 - with `--device_decode cpu|cuda`, the GPU decode path (plans from the workers, decoded and rendered by the
   main process on that device), first: `device_stage_ms`, where its main-process stage's time goes per
   sample, one video at a time (the whole stage; DeviceViews.decode; render_views; torchcodec's decoder open
@@ -20,13 +21,15 @@ rate of each kept, so a busy machine slows all of them alike):
   of videos decoded at once, then its loader (`loader_device_<device>_<n>_workers`, DATA.DEVICE_DECODE_THREADS
   threads) with the most `--workers` only: the stage runs in the main process, so once it is the bottleneck
   other worker counts measure the same rate (the H200 run, one video at a time: 3.4 samples/s with 1, 4 and
-  16), and `plan_sample` already gives the workers' cost; cut at `--max_s`;
+  16), and `plan_sample` already gives the workers' cost; cut at `--max_s`; then the same for
+  DATA.AUGMENT_DEVICE (`loader_augment_<device>_<n>_workers`: the workers decode, the stage renders);
 - a DataLoader for each `--workers` count, per backend (`loader_<backend>_<n>_workers`): what training sees,
   each timed on min(--samples, max(32, 16 x workers)) samples, most workers first, never cut;
 - with `--feed_step tiny|small|base` (a GPU run), last: `train_ssl.train_step` timed on a fixed batch, then
   fed by the default decoder's CPU loader (pinned batches, as train_ssl) and, with `--device_decode`, by
-  the GPU decode loader, each with `--feed_workers` workers (fed steps cut at `--max_s`); per path
-  `wait_fraction` = 1 - fixed / fed step time is the share of the step spent waiting on data.
+  the GPU decode loader and the AUGMENT_DEVICE loader, each with `--feed_workers` workers (fed steps cut at
+  `--max_s`); per path `wait_fraction` = 1 - fixed / fed step time is the share of the step spent waiting on
+  data.
 The JSON is rewritten after each measurement (a run stopped at a time limit keeps what it measured).
 
     python benchmarks/bench_data.py --videos 6 --samples 24 --out bench_data.json
@@ -121,11 +124,12 @@ def timed(fn, items, warmup: int = 2) -> float:
 
 
 def loader_rate(dataset, workers: int, batch_size: int = 4, stage: DeviceViews | None = None,
-                max_s: float = 0) -> float:
+                max_s: float = 0, pin: bool = False) -> float:
     """Samples per second of a DataLoader (after its first batch, so worker start-up is not counted); with
     `stage`, the dataset yields plans and the stage decodes and renders them (timed to the device's end).
-    With `max_s`, stops after the batch that passes max_s seconds (a slow stage does not eat a time limit)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+    With `max_s`, stops after the batch that passes max_s seconds (a slow stage does not eat a time limit).
+    `pin`: pinned batches (train_ssl pins the workers' decoded frames on a GPU)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin,
                                          collate_fn=collate_plans if stage else None)
     batches = iter(DeviceViewLoader(loader, stage) if stage else loader)
     next(batches)
@@ -235,10 +239,11 @@ def thread_scaling(batches: list[dict], stage_threads: Sequence[int], device: to
     return out
 
 
-def feed_plans(plans, stage: DeviceViews, batch: int, workers: int, steps: int) -> Iterator:
-    """Views on the device from the GPU decode path's loader (plans, decoded and rendered by `stage`)."""
+def feed_plans(plans, stage: DeviceViews, batch: int, workers: int, steps: int, pin: bool = False) -> Iterator:
+    """Views on the device from a loader of plans, decoded (unless the workers did) and rendered by `stage`;
+    pinned as train_ssl pins them (`pin`: the workers' decoded frames, not bytes)."""
     loader = torch.utils.data.DataLoader(plans, batch_size=batch, num_workers=workers, collate_fn=collate_plans,
-                                         persistent_workers=workers > 0,  # plans are not pinned (train_ssl)
+                                         persistent_workers=workers > 0, pin_memory=pin,
                                          sampler=feed_sampler(plans, batch, steps))
     return (views for views, *_ in DeviceViewLoader(loader, stage))
 
@@ -352,9 +357,14 @@ def main() -> None:
                 runs[f"{backend}_per_view"] = lambda b=backend: timed(lambda p: per_view(p, b, cfg, aug), items)
                 runs[f"{backend}_dataset_sample"] = lambda b=backend: timed(lambda i: datasets[b][i % len(paths)],
                                                                              list(range(args.samples)))
+        cfg.DATA.DECODING_BACKEND = get_cfg().DATA.DECODING_BACKEND
+        cfg.DATA.AUGMENT_DEVICE = "cuda"  # the workers decode, the main process augments
+        decoded_plans = build_dataset("kinetics400", cfg, "train", ssl_aug=aug)
         cfg.DATA.DECODE_DEVICE = "cuda"
         plans = build_dataset("kinetics400", cfg, "train", ssl_aug=aug)
         runs["plan_sample"] = lambda: timed(lambda i: plans[i % len(paths)], list(range(args.samples)))
+        runs["decoded_plan_sample"] = lambda: timed(lambda i: decoded_plans[i % len(paths)],
+                                                    list(range(args.samples)))
         results, extra = {}, {}
 
         def report() -> dict:
@@ -389,6 +399,13 @@ def main() -> None:
             stage.close()
             extra["device_decode"] = device_record(stage)
             write_json(args.out, report())
+            # DATA.AUGMENT_DEVICE: the workers decode, this process renders the views on the device
+            augment_stage = DeviceViews(aug.sizes, device, threads, nvdec=False)
+            results[f"loader_augment_{args.device_decode}_{workers}_workers"] = loader_rate(
+                Subset(decoded_plans, repeat[:loader_samples(args.samples, workers)]), workers, stage=augment_stage,
+                max_s=args.max_s, pin=device.type == "cuda")
+            augment_stage.close()
+            write_json(args.out, report())
         for workers in sorted(args.workers, reverse=True):
             for backend in backends:
                 results[f"loader_{backend}_{workers}_workers"] = loader_rate(
@@ -404,10 +421,14 @@ def main() -> None:
             if stage is not None:
                 feeds[f"device_{args.device_decode}"] = feed_plans(plans, stage, args.feed_batch, args.feed_workers,
                                                                    args.feed_steps)
+                feeds[f"augment_{args.device_decode}"] = feed_plans(decoded_plans, augment_stage, args.feed_batch,
+                                                                    args.feed_workers, args.feed_steps,
+                                                                    pin=device.type == "cuda")
             extra["feed_step"] = fed_steps(feeds, device, args.feed_step, args.feed_batch, args.feed_workers,
                                            args.feed_steps, args.crop[0], cfg.DATA.NUM_FRAMES, args.max_s)
             if stage is not None:
                 stage.close()
+                augment_stage.close()
                 extra["device_decode"] = device_record(stage)
             write_json(args.out, report())
     print(json.dumps(report(), indent=2))
@@ -436,6 +457,7 @@ def build_report(args, results: dict, extra: dict, backends: list, frames: tuple
                    "codec": "h264 yuv420p crf 23, default GOP", "generate_s": round(gen_s, 1)},
         "samples_per_s": {k: round(v, 2) for k, v in results.items()},
         "plan_cpu_ms_per_sample": round(1000 / results["plan_sample"], 2),
+        "decoded_plan_cpu_ms_per_sample": round(1000 / results["decoded_plan_sample"], 2),
         "default_backend": decoder.resolve_backend(get_cfg().DATA.DECODING_BACKEND),
         "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__,

@@ -14,10 +14,11 @@ Stages, in order (the most telling first, torch.compile last as it takes longest
 - data: bench_data.py: for the GPU decode path (DATA.DECODE_DEVICE cuda) the CPU cost of a plan, where its
   main-process stage's time goes per sample (NVDEC decoder open, get frames, view rendering; open and decode
   with torchcodec's NVDEC cache on and off), the stage with 1, 8 and 16 videos decoded at once
-  (DATA.DEVICE_DECODE_THREADS) and its loader with all-core workers (cut at 15 s); DataLoader samples/s
-  with 1, 4 and all-core workers per CPU decoder (never cut); then the ViT-B step fed by the default CPU
-  loader and by the GPU decode loader, each with min(8, cores) workers (share of the step spent waiting on
-  data; each cut at 15 s);
+  (DATA.DEVICE_DECODE_THREADS) and its loader with all-core workers (cut at 15 s), the same loader with
+  DATA.AUGMENT_DEVICE cuda (the workers decode, the GPU renders); DataLoader samples/s with 1, 4 and
+  all-core workers per CPU decoder (never cut); then the ViT-B step fed by the default CPU loader, the GPU
+  decode loader and the AUGMENT_DEVICE loader, each with min(8, cores) workers (share of the step spent
+  waiting on data; each cut at 15 s);
 - train_knn: a 1-GPU train_ssl.py run of ~100 steps on generated videos with the GPU decode path, then kNN:
   the loss must fall, kNN must report, and no video may fall back to CPU decoding;
 - cuda_capable_tests: the suite's device-generic tests with SVT_TEST_DEVICE=cuda (among them: CUDA-only tensors in

@@ -1,4 +1,5 @@
-"""SVT views decoded and augmented on the training device (DATA.DECODE_DEVICE cuda).
+"""SVT views decoded and augmented on the training device (DATA.DECODE_DEVICE cuda), or augmented there from
+frames the DataLoader workers decoded (DATA.AUGMENT_DEVICE cuda).
 
 Where each part runs:
 - DataLoader workers (CPU, no CUDA): probe the video (decoder.probe: its packets for the frame count, fps,
@@ -8,15 +9,16 @@ Where each part runs:
   {"path", "video" (the file's bytes), "decoded" (None; the union's frames, decoded sequentially on the
   CPU, for the rare file whose random access cannot be trusted), "frames" (the union of the views' frame
   indices), "positions" (per view, into the union), "info" (the probe's VideoInfo: the stream and frame table
-  torchcodec is given), "params" (V, 12)}.
+  torchcodec is given), "params" (V, 12)}. With DATA.AUGMENT_DEVICE cuda the worker decodes the union as the
+  CPU path does (DATA.DECODING_BACKEND) and its plan carries the frames ("decoded"; "video" and "info" None).
 - The main process (`DeviceViewLoader`, after the loader hands over a batch of plans): torchcodec decodes
-  each video's union of frames on the device (NVDEC on CUDA; a video it cannot decode, or whose frames'
-  timestamps are not the probe's, is decoded sequentially on the CPU from the same bytes and flagged in the
-  dataset's `sequential_videos`, as a worker flags the files it decodes so), then `render_views` makes every
-  view of the whole batch with tensor ops there: per sample and view a crop and an antialiased bicubic resize (two
-  passes rounded to uint8 levels, as the CPU path's uint8 resize), then flip, colour jitter, grayscale and the ImageNet
-  normalisation batched over the samples. No RNG is drawn here, so the views depend on the sample's seed
-  only, as on the CPU path.
+  each video's union of frames on the device (NVDEC on CUDA, DATA.DEVICE_DECODE_THREADS videos at once; a video
+  it cannot decode, or whose frames' timestamps are not the probe's, is decoded sequentially on the CPU from
+  the same bytes and flagged in the dataset's `sequential_videos`, as a worker flags the files it decodes so),
+  or copies the worker's frames there, then `render_views` makes every view of the whole batch with tensor ops
+  there: per sample and view a crop and an antialiased bicubic resize (two passes rounded to uint8 levels, as
+  the CPU path's uint8 resize), then flip, colour jitter, grayscale and the ImageNet normalisation batched over
+  the samples. No RNG is drawn here, so the views depend on the sample's seed only, as on the CPU path.
 On a CPU device the same code runs (torchcodec's CPU decoder): tests/test_device_views.py checks it gives
 the CPU path's views within interpolation tolerance for the same seed.
 """
@@ -140,11 +142,11 @@ class DeviceViews:
     conversion neither wait for the training step queued on the current stream nor hold it up, and the current
     stream waits for each video's decode before the views are rendered on it."""
 
-    def __init__(self, sizes: Sequence[int], device: torch.device | str, threads: int = 1):
+    def __init__(self, sizes: Sequence[int], device: torch.device | str, threads: int = 1, nvdec: bool = True):
         if threads < 1:
             raise ValueError(f"DATA.DEVICE_DECODE_THREADS must be >= 1, got {threads}")
         self.sizes, self.device, self.threads = list(sizes), torch.device(device), threads
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and nvdec:  # nvdec False: the workers decode (DATA.AUGMENT_DEVICE cuda)
             decoder.guard_nvdec_cache()
         self.cpu_fallbacks = 0
         self.failed = 0

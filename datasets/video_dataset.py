@@ -286,10 +286,13 @@ class VideoDataset(Dataset):
         self.cfg, self.mode, self.num_retries = cfg, mode, num_retries
         self.ssl_aug = ssl_aug if (mode == "train" and not cfg.DATA.NO_RGB_AUG) else None
         self.slowfast = slowfast
-        if cfg.DATA.DECODE_DEVICE not in DECODE_DEVICES:
-            raise ValueError(f"DATA.DECODE_DEVICE {cfg.DATA.DECODE_DEVICE!r} is not one of {DECODE_DEVICES}")
-        # DECODE_DEVICE cuda: training samples are plans that the main process decodes and augments on the GPU.
-        self.ssl_plans = self.ssl_aug is not None and cfg.DATA.DECODE_DEVICE == "cuda"
+        for key in ("DECODE_DEVICE", "AUGMENT_DEVICE"):
+            if cfg.DATA[key] not in DECODE_DEVICES:
+                raise ValueError(f"DATA.{key} {cfg.DATA[key]!r} is not one of {DECODE_DEVICES}")
+        # DECODE_DEVICE cuda: training samples are plans that the main process decodes and augments on the GPU;
+        # AUGMENT_DEVICE cuda (DECODE_DEVICE cpu): plans whose frames the worker decoded, augmented on the GPU.
+        self.ssl_plans = self.ssl_aug is not None and "cuda" in (cfg.DATA.DECODE_DEVICE, cfg.DATA.AUGMENT_DEVICE)
+        self.decode_plans = self.ssl_plans and cfg.DATA.DECODE_DEVICE == "cpu"
         self.backend = decoder.resolve_backend(cfg.DATA.DECODING_BACKEND)
         self.num_clips_per_video = (cfg.TEST.NUM_ENSEMBLE_VIEWS * cfg.TEST.NUM_SPATIAL_CROPS
                                     if mode == "test" else 1)
@@ -334,7 +337,7 @@ class VideoDataset(Dataset):
         path = self.video_paths[index // self.num_clips_per_video]
         data = self.cfg.DATA
         clip_idx, num_clips, spatial_idx = self._clip_position(index)
-        if self.ssl_plans:
+        if self.ssl_plans and not self.decode_plans:
             return self._ssl_plan(index // self.num_clips_per_video)
         with decoder.open_video(path, self.backend) as reader:
             clip_size = decoder.clip_size_frames(data.NUM_FRAMES, data.SAMPLING_RATE, data.TARGET_FPS, reader.fps)
@@ -349,9 +352,20 @@ class VideoDataset(Dataset):
                 clips = decoder.decode_views(reader, first, views)
             if reader.sequential:
                 mark_sequential(self, index)
+        if self.decode_plans:
+            return self._decoded_plan(path, *union)
         if self.ssl_aug is not None:
             return self.ssl_aug.from_union(*union)
         return self._eval_spatial(clips, spatial_idx)
+
+    def _decoded_plan(self, path: str, frames: torch.Tensor, positions: list[torch.Tensor]) -> dict:
+        """A plan (see `_ssl_plan`) of the SSL views of frames decoded here (DATA.AUGMENT_DEVICE cuda): the union
+        of the views' frames (K, H, W, 3), and the views' parameters drawn as `ssl_aug.from_union` draws them,
+        after the window and frame indices, so the views are the CPU path's for the same seed."""
+        params = self.ssl_aug.draw_params(frames.shape[1], frames.shape[2])
+        return {"path": path, "frames": torch.arange(len(frames)), "positions": positions, "info": None,
+                "params": torch.tensor([p.as_row() for p in params], dtype=torch.float64),
+                "video": None, "decoded": frames}
 
     def _ssl_plan(self, video: int) -> dict:
         """The SSL views of a video as a plan for the device (datasets/device_views.py): its bytes (or, for a

@@ -105,10 +105,12 @@ def test_dry_run_of_the_step_and_data_stages(tmp_path):
     assert stages["data"]["status"] == "ok", stages["data"]
     rates = stages["data"]["result"]["samples_per_s"]
     assert rates["plan_sample"] > 0 and rates["loader_device_cpu_1_workers"] > 0
+    assert rates["decoded_plan_sample"] > 0 and rates["loader_augment_cpu_1_workers"] > 0
+    assert rates["decoded_plan_sample"] > 0 and rates["loader_augment_cpu_1_workers"] > 0
     assert stages["data"]["result"]["device_decode"] == {"device": "cpu", "threads": 8, "nvdec_cpu_fallbacks": 0,
                                                          "sequential_cpu_decodes": 0, "failed_videos": 0}
     assert "device_cpu" in report["verdict"]
-    assert set(report["verdict"]) >= {"fed_step_torchcodec", "fed_step_device_cpu"}
+    assert set(report["verdict"]) >= {"fed_step_torchcodec", "fed_step_device_cpu", "fed_step_augment_cpu"}
     assert list(stages["data"]["result"]["device_stage_threads_ms"]) == ["1", "2"]
     # the stage's time split: its parts are timed in separate passes over the same batches, so they add up to
     # the whole stage only if the split covers it (nothing left out, nothing counted twice)
@@ -193,4 +195,5 @@ def test_data_stage_keeps_the_numbers_measured_before_its_time_limit(tmp_path):
         proc.wait()
     rates = json.loads(out.read_text())["samples_per_s"]
     assert rates["plan_sample"] > 0 and rates["loader_device_cpu_1_workers"] > 0
-    assert list(rates)[:2] == ["plan_sample", "loader_device_cpu_1_workers"]   # the GPU decode path, 1 worker first
+    # the workers' costs, then the GPU decode path's loader, first
+    assert list(rates)[:3] == ["plan_sample", "decoded_plan_sample", "loader_device_cpu_1_workers"]

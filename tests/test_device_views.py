@@ -26,9 +26,11 @@ def _aug(**kw):
                                      local_frames=(2, 2, 4, 4, 8, 8, 16, 16), **kw)
 
 
-def _datasets(synthetic_cfg, aug):
+def _datasets(synthetic_cfg, aug, key: str = "DATA.DECODE_DEVICE"):
+    """The CPU path's dataset and the plans' (DATA.DECODE_DEVICE cuda: bytes; DATA.AUGMENT_DEVICE cuda: frames
+    decoded by the worker), both seeded per sample."""
     cpu = build_dataset("kinetics400", synthetic_cfg(), "train", ssl_aug=aug)
-    plans = build_dataset("kinetics400", synthetic_cfg(**{"DATA.DECODE_DEVICE": "cuda"}), "train", ssl_aug=aug)
+    plans = build_dataset("kinetics400", synthetic_cfg(**{key: "cuda"}), "train", ssl_aug=aug)
     return SeededDataset(cpu), SeededDataset(plans)
 
 
@@ -39,10 +41,11 @@ def _assert_views_close(device_views, cpu_views):
         assert diff.max() < 3 * LEVEL and diff.mean() < 0.02 * LEVEL
 
 
+@pytest.mark.parametrize("key", ["DATA.DECODE_DEVICE", "DATA.AUGMENT_DEVICE"])
 @pytest.mark.parametrize("no_spatial", [False, True])
-def test_device_path_on_cpu_gives_the_cpu_views_for_the_same_seed(synthetic_cfg, device, no_spatial):
+def test_device_path_on_cpu_gives_the_cpu_views_for_the_same_seed(synthetic_cfg, device, no_spatial, key):
     aug = _aug(no_spatial=no_spatial)
-    cpu, plans = _datasets(synthetic_cfg, aug)
+    cpu, plans = _datasets(synthetic_cfg, aug, key)
     items = [(i % len(cpu), 1000 + i) for i in range(5)]
     expected = [torch.stack(views) for views in zip(*(cpu[item][0] for item in items))]
     batch = collate_plans([plans[item] for item in items])
@@ -78,6 +81,27 @@ def test_plan_holds_bytes_frames_and_the_cpu_path_draws(synthetic_cfg):
     union, _ = decoder.union_positions(first, views)
     expected = torch.tensor([p.as_row() for p in aug.draw_params(64, 64)], dtype=torch.float64)
     assert torch.equal(plan["frames"], union) and torch.equal(rows, expected)
+
+
+def test_augment_device_plan_holds_the_workers_frames_and_the_cpu_path_draws(synthetic_cfg):
+    # DATA.AUGMENT_DEVICE cuda: the worker decodes the union as the CPU path does and ships it with the parameters
+    # the CPU path draws (the NVDEC plan's, checked against the CPU path above), leaving the RNG where it does.
+    aug = _aug()
+    cpu, nvdec_plans = _datasets(synthetic_cfg, aug)
+    _, decoded_plans = _datasets(synthetic_cfg, aug, "DATA.AUGMENT_DEVICE")
+    reference = nvdec_plans[(2, 7)][0]
+    plan, label, index, meta = decoded_plans[(2, 7)]
+    assert (label, index, meta) == (cpu[(2, 7)][1], 2, {"skipped": 0})
+    assert plan["video"] is None and plan["info"] is None and plan["decoded"].dtype == torch.uint8
+    assert torch.equal(plan["params"], reference["params"])
+    assert all(torch.equal(a, b) for a, b in zip(plan["positions"], reference["positions"]))
+    with decoder.open_video(decoded_plans.dataset.video_paths[2]) as reader:
+        assert torch.equal(plan["decoded"], reader.get_frames(reference["frames"].tolist()))
+    for dataset in (cpu.dataset, decoded_plans.dataset):
+        torch.manual_seed(7)
+        dataset[2]
+        dataset.after = torch.rand(())
+    assert torch.equal(cpu.dataset.after, decoded_plans.dataset.after)
 
 
 def test_render_matches_cpu_apply_for_each_operation(device):
@@ -268,22 +292,33 @@ def test_decode_device_errors(synthetic_cfg, monkeypatch):
                                                    "--num_workers", "0"])
     with pytest.raises(ValueError, match="DECODE_DEVICE cuda .* no CUDA device"):
         train_ssl.build_train_loader(args, synthetic_cfg(**{"DATA.DECODE_DEVICE": "cuda"}), torch.device("cpu"))
+    with pytest.raises(ValueError, match="DATA.AUGMENT_DEVICE cuda .* no CUDA device; leave DATA.AUGMENT_DEVICE at"):
+        train_ssl.build_train_loader(args, synthetic_cfg(**{"DATA.AUGMENT_DEVICE": "cuda"}), torch.device("cpu"))
+    with pytest.raises(ValueError, match="DATA.AUGMENT_DEVICE 'gpu' is not one of"):
+        build_dataset("kinetics400", synthetic_cfg(**{"DATA.AUGMENT_DEVICE": "gpu"}), "train", ssl_aug=_aug())
 
 
-@pytest.mark.parametrize("decode", ["cpu", "cuda"])
-def test_only_the_cpu_decode_path_pins_its_batches(synthetic_cfg, decode):
-    # Pinned views copy to the GPU asynchronously. The GPU decode path's batches are plans: every video's bytes,
-    # which the decoder reads on the host; pinning them would only copy them once more per batch.
+@pytest.mark.parametrize("decode, augment", [("cpu", "cpu"), ("cuda", "cpu"), ("cpu", "cuda")])
+def test_only_the_cpu_decode_paths_pin_their_batches(synthetic_cfg, monkeypatch, decode, augment):
+    # Pinned batches copy to the GPU asynchronously: the CPU path's views, and the frames the workers decode with
+    # DATA.AUGMENT_DEVICE cuda. The GPU decode path's batches are plans: every video's bytes, which the decoder
+    # reads on the host; pinning them would only copy them once more per batch. Only that path touches NVDEC.
+    monkeypatch.setattr(decoder, "guard_nvdec_cache", lambda: guarded.append(1))
+    guarded = []
     args = train_ssl.get_args_parser().parse_args(["--local_crops_number", "8", "--batch_size_per_gpu", "2",
                                                    "--num_workers", "0"])
     dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
     try:
-        loader = train_ssl.build_train_loader(args, synthetic_cfg(**{"DATA.DECODE_DEVICE": decode}),
-                                              torch.device("cuda", 0))
+        cfg = synthetic_cfg(**{"DATA.DECODE_DEVICE": decode, "DATA.AUGMENT_DEVICE": augment,
+                               "DATA.DEVICE_DECODE_THREADS": 3})
+        loader = train_ssl.build_train_loader(args, cfg, torch.device("cuda", 0))
     finally:
         dist.destroy_process_group()
-    assert isinstance(loader, DeviceViewLoader) is (decode == "cuda")
+    assert isinstance(loader, DeviceViewLoader) is ("cuda" in (decode, augment))
     assert getattr(loader, "loader", loader).pin_memory is (decode == "cpu")
+    assert guarded == ([1] if decode == "cuda" else [])
+    if isinstance(loader, DeviceViewLoader):
+        assert loader.stage.threads == 3 and loader.dataset.dataset.decode_plans is (decode == "cpu")
 
 
 def test_nvdec_cache_is_emptied_or_refused_before_torchcodec_0_17(monkeypatch, caplog):

@@ -48,6 +48,10 @@ _C.DATA.DECODE_DEVICE = "cpu"
 # With DECODE_DEVICE cuda: videos of a batch the main process decodes at once, each in its own thread, NVDEC
 # session and CUDA stream (NVDEC decodes one frame at a time per video: one video at a time idles its engines).
 _C.DATA.DEVICE_DECODE_THREADS = 8
+# Where the SSL views are cropped, resized, jittered and normalised when DECODE_DEVICE is cpu. cpu: in the workers.
+# cuda: the workers decode the union of the views' frames (DECODING_BACKEND) and the main process augments on the
+# GPU (datasets/device_views.py): less CPU per sample. Same views per seed.
+_C.DATA.AUGMENT_DEVICE = "cpu"
 # The original's variable frame rates: global views 4 and 8 frames, local views 2,2,4,4,8,8,16,16.
 _C.DATA.RAND_FR = False
 # Explicit frame counts per SSL view (override NUM_FRAMES / RAND_FR when non-empty). The paper's

@@ -113,7 +113,7 @@ def derived_config(cfg, **overrides):
 
 # Config keys that shape only train_ssl.py's SSL views: an evaluation script notes them when set.
 SSL_VIEW_KEYS = ("DATA.RAND_FR", "DATA.GLOBAL_NUM_FRAMES", "DATA.LOCAL_NUM_FRAMES", "DATA.NO_SPATIAL",
-                 "DATA.DECODE_DEVICE", "DATA.DEVICE_DECODE_THREADS")
+                 "DATA.DECODE_DEVICE", "DATA.DEVICE_DECODE_THREADS", "DATA.AUGMENT_DEVICE")
 
 
 def note_ssl_view_keys(cfg) -> str | None:
