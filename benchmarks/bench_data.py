@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -239,32 +239,39 @@ def thread_scaling(batches: list[dict], stage_threads: Sequence[int], device: to
     return out
 
 
-def feed_plans(plans, stage: DeviceViews, batch: int, workers: int, steps: int, pin: bool = False) -> Iterator:
-    """Views on the device from a loader of plans, decoded (unless the workers did) and rendered by `stage`;
+def feed_plans(plans, stage: DeviceViews, batch: int, workers: int, steps: int, pin: bool = False) -> tuple:
+    """(loader, batch -> views on the device) of plans, decoded (unless the workers did) and rendered by `stage`;
     pinned as train_ssl pins them (`pin`: the workers' decoded frames, not bytes)."""
     loader = torch.utils.data.DataLoader(plans, batch_size=batch, num_workers=workers, collate_fn=collate_plans,
-                                         persistent_workers=workers > 0, pin_memory=pin,
-                                         sampler=feed_sampler(plans, batch, steps))
-    return (views for views, *_ in DeviceViewLoader(loader, stage))
+                                         pin_memory=pin, sampler=feed_sampler(plans, batch, steps, workers))
+    return loader, lambda batch: stage(batch[0])[0]
 
 
-def feed_cpu(dataset, device: torch.device, batch: int, workers: int, steps: int) -> Iterator:
-    """Views on the device from the CPU path's loader (pinned batches copied as train_ssl does)."""
+def feed_cpu(dataset, device: torch.device, batch: int, workers: int, steps: int) -> tuple:
+    """(loader, batch -> views on the device) of the CPU path (pinned batches copied as train_ssl does)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                         sampler=feed_sampler(dataset, batch, steps))
-    return ([v.to(device, non_blocking=True) for v in views] for views, *_ in loader)
+                                         pin_memory=device.type == "cuda",
+                                         sampler=feed_sampler(dataset, batch, steps, workers))
+    return loader, lambda batch: [v.to(device, non_blocking=True) for v in batch[0]]
 
 
-def feed_sampler(dataset, batch: int, steps: int):
-    return torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch * (steps + 2))
+PREFETCH = 2  # DataLoader's default prefetch_factor: batches each worker makes ahead
+
+
+def feed_sampler(dataset, batch: int, steps: int, workers: int):
+    """Samples for a fed run: the first batch, the batches the workers prefetch, two spare, `steps` timed."""
+    return torch.utils.data.RandomSampler(dataset, replacement=True,
+                                          num_samples=batch * (steps + 3 + PREFETCH * workers))
 
 
 def fed_steps(feeds: dict, device: torch.device, size: str, batch: int, workers: int, steps: int, crop: int,
               num_frames: int, max_s: float = 0) -> dict:
-    """train_step on a fixed batch vs fed by each loader of `feeds` ({path: iterator of views on the device}):
-    step times and, per path, the share of the step spent waiting on data. With `max_s`, each path's fed steps
-    stop after the one that passes max_s seconds (two at least). One model for all paths."""
+    """train_step on a fixed batch vs fed by each loader of `feeds` ({path: (loader, batch -> views on the
+    device)}, run one after the other, each loader's workers started at its turn and stopped after it): step times
+    and, per path, the share of the step spent waiting on data. Before timing, the batches the workers made
+    ahead while the first one was awaited are taken without a step, so the timed steps see the workers' steady
+    rate, not a full queue. With `max_s`, each path's fed steps stop after the one that passes max_s seconds
+    (two at least). One model for all paths."""
     from bench_train_step import build_state, get_parser
     opt = get_parser().parse_args(["--size", size, "--precision", "bf16" if device.type == "cuda" else "fp32",
                                    "--crop", str(crop), "--num_frames", str(num_frames),
@@ -283,12 +290,16 @@ def fed_steps(feeds: dict, device: torch.device, size: str, batch: int, workers:
         return (time.perf_counter() - start) / (it + 1), it + 1
 
     out = {"size": size, "batch": batch, "workers": workers, "device": str(device), "steps": steps, "paths": {}}
-    for path, batches in feeds.items():
-        first = next(batches)  # the workers' start-up is not timed
+    for path, (loader, to_views) in feeds.items():
+        batches = iter(loader)
+        first = to_views(next(batches))  # the workers' start-up is not timed
+        for _ in range(PREFETCH * workers):  # nor what they queued meanwhile
+            next(batches)
         if "fixed_batch_step_s" not in out:
             train_ssl.train_step(state, first, 0, 0, args)  # warm-up
             out["fixed_batch_step_s"], _ = timed_steps(lambda: first)
-        fed_s, fed = timed_steps(lambda: next(batches), max_s)
+        fed_s, fed = timed_steps(lambda: to_views(next(batches)), max_s)
+        del batches  # its workers stop before the next path's start
         out["paths"][path] = {"fed_steps": fed, "fed_step_s": fed_s,
                               "wait_fraction": max(0.0, 1 - out["fixed_batch_step_s"] / fed_s)}
     return out
