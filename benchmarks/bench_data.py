@@ -265,13 +265,13 @@ def feed_sampler(dataset, batch: int, steps: int, workers: int):
 
 
 def fed_steps(feeds: dict, device: torch.device, size: str, batch: int, workers: int, steps: int, crop: int,
-              num_frames: int, max_s: float = 0) -> dict:
+              num_frames: int, max_s: float = 0, measured=lambda out: None) -> dict:
     """train_step on a fixed batch vs fed by each loader of `feeds` ({path: (loader, batch -> views on the
     device)}, run one after the other, each loader's workers started at its turn and stopped after it): step times
     and, per path, the share of the step spent waiting on data. Before timing, the batches the workers made
     ahead while the first one was awaited are taken without a step, so the timed steps see the workers' steady
     rate, not a full queue. With `max_s`, each path's fed steps stop after the one that passes max_s seconds
-    (two at least). One model for all paths."""
+    (two at least). One model for all paths; `measured(out)` is called after each path."""
     from bench_train_step import build_state, get_parser
     opt = get_parser().parse_args(["--size", size, "--precision", "bf16" if device.type == "cuda" else "fp32",
                                    "--crop", str(crop), "--num_frames", str(num_frames),
@@ -302,6 +302,7 @@ def fed_steps(feeds: dict, device: torch.device, size: str, batch: int, workers:
         del batches  # its workers stop before the next path's start
         out["paths"][path] = {"fed_steps": fed, "fed_step_s": fed_s,
                               "wait_fraction": max(0.0, 1 - out["fixed_batch_step_s"] / fed_s)}
+        measured(out)
     return out
 
 
@@ -435,8 +436,12 @@ def main() -> None:
                 feeds[f"augment_{args.device_decode}"] = feed_plans(decoded_plans, augment_stage, args.feed_batch,
                                                                     args.feed_workers, args.feed_steps,
                                                                     pin=device.type == "cuda")
-            extra["feed_step"] = fed_steps(feeds, device, args.feed_step, args.feed_batch, args.feed_workers,
-                                           args.feed_steps, args.crop[0], cfg.DATA.NUM_FRAMES, args.max_s)
+            def measured(out: dict) -> None:  # a run stopped at its time limit keeps the paths timed so far
+                extra["feed_step"] = out
+                write_json(args.out, report())
+
+            fed_steps(feeds, device, args.feed_step, args.feed_batch, args.feed_workers, args.feed_steps,
+                      args.crop[0], cfg.DATA.NUM_FRAMES, args.max_s, measured)
             if stage is not None:
                 stage.close()
                 augment_stage.close()

@@ -14,11 +14,11 @@ Stages, in order (the most telling first, torch.compile last as it takes longest
 - data: bench_data.py: for the GPU decode path (DATA.DECODE_DEVICE cuda) the CPU cost of a plan, where its
   main-process stage's time goes per sample (NVDEC decoder open, get frames, view rendering; open and decode
   with torchcodec's NVDEC cache on and off), the stage with 1, 8 and 16 videos decoded at once
-  (DATA.DEVICE_DECODE_THREADS) and its loader with all-core workers (cut at 15 s), the same loader with
+  (DATA.DEVICE_DECODE_THREADS) and its loader with all-core workers (cut at 12 s), the same loader with
   DATA.AUGMENT_DEVICE cuda (the workers decode, the GPU renders); DataLoader samples/s with 1, 4 and
   all-core workers per CPU decoder (never cut); then the ViT-B step fed by the default CPU loader, the GPU
   decode loader and the AUGMENT_DEVICE loader, each with min(8, cores) workers (share of the step spent
-  waiting on data; each cut at 15 s);
+  waiting on data; each cut at 12 s);
 - train_knn: a 1-GPU train_ssl.py run of ~100 steps on generated videos with the GPU decode path, then kNN:
   the loss must fall, kNN must report, and no video may fall back to CPU decoding;
 - cuda_capable_tests: the suite's device-generic tests with SVT_TEST_DEVICE=cuda (among them: CUDA-only tensors in
@@ -56,7 +56,7 @@ WAIT_OK = 0.05  # a fed step waiting less than this share on data is compute-bou
 STAGES = ("env", "gpu_tests", "step_b16", "step_b8", "data", "train_knn", "cuda_capable_tests",
           "step_b16_compile", "step_b8_compile", "demo_gpu")
 # time limit of each stage (s) on a GPU; the overall budget cuts them further
-LIMITS = {"env": 30, "gpu_tests": 90, "step_b16": 90, "step_b8": 75, "data": 150, "train_knn": 120,
+LIMITS = {"env": 30, "gpu_tests": 90, "step_b16": 90, "step_b8": 75, "data": 180, "train_knn": 120,
           "cuda_capable_tests": 120, "step_b16_compile": 180, "step_b8_compile": 150, "demo_gpu": 420}
 MIN_STAGE_S = 15  # a stage is not started with less than this left of the budget
 
@@ -158,7 +158,7 @@ def data_cmd(opt, out: Path) -> list[str]:
         workers = sorted({1, 4, cores})
         shape = ["--videos", "8", "--samples", str(max(64, 8 * cores)), "--workers", *map(str, workers),
                  "--device_decode", "cuda", "--feed_step", "base", "--feed_batch", "16",
-                 "--feed_workers", str(min(8, cores)), "--feed_steps", "10", "--max_s", "15"]
+                 "--feed_workers", str(min(8, cores)), "--feed_steps", "10", "--max_s", "12"]
     return [sys.executable, "benchmarks/bench_data.py", "--loader_only", *shape, "--out", str(out / "data.json")]
 
 
