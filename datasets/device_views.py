@@ -24,7 +24,7 @@ the CPU path's views within interpolation tolerance for the same seed.
 """
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import torch
@@ -140,7 +140,8 @@ class DeviceViews:
     waits for each (torchcodec maps every frame as it is decoded), so one video at a time leaves its engines
     mostly idle. On CUDA every thread decodes on a CUDA stream of its own: the frame copies and colour
     conversion neither wait for the training step queued on the current stream nor hold it up, and the current
-    stream waits for each video's decode before the views are rendered on it."""
+    stream waits for each video's decode before the views are rendered on it. `submit` starts a batch's
+    decoding and `finish` renders it, so a caller can keep a batch decoding ahead (DeviceViewLoader)."""
 
     def __init__(self, sizes: Sequence[int], device: torch.device | str, threads: int = 1, nvdec: bool = True):
         if threads < 1:
@@ -215,13 +216,11 @@ class DeviceViews:
         sequentially here on the CPU when torchcodec fails on it."""
         return self._collect(plans, b, self._decode_one(plans, b))
 
-    def _decode_batch(self, plans: dict) -> list[tuple]:
-        num = len(plans["video"])
-        if self.threads == 1 or num == 1:
-            return [self._decode_one(plans, b) for b in range(num)]
+    def submit(self, plans: dict) -> list[Future]:
+        """Start decoding a batch of plans in the decode threads; `finish` takes the futures."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="svt-decode")
-        return list(self._pool.map(lambda b: self._decode_one(plans, b), range(num)))
+        return [self._pool.submit(self._decode_one, plans, b) for b in range(len(plans["video"]))]
 
     def close(self) -> None:
         """Stop the decode threads (made again on the next call): DeviceViewLoader does it at the end of each
@@ -237,10 +236,15 @@ class DeviceViews:
 
     def __call__(self, plans: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(views, per-sample count of replaced samples) of a collated batch of plans."""
+        return self.finish(plans, self.submit(plans))
+
+    def finish(self, plans: dict, pending: list[Future]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`__call__` of a batch whose decoding `submit` started: wait for it, count, render the views."""
         num = len(plans["video"])
         frames, good = [None] * num, []
         self.sequential = []
-        for b, decoded in enumerate(self._decode_batch(plans)):
+        for b, future in enumerate(pending):
+            decoded = future.result()
             try:
                 frames[b] = self._collect(plans, b, decoded)
                 good.append(b)
@@ -273,12 +277,23 @@ class DeviceViewLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator:
+        """One batch ahead: the next batch's videos are decoding in the stage's threads while this one is
+        rendered and trained on, so the decode's wall time hides behind the step's launch and GPU time."""
+        ahead = None
         try:
-            for plans, label, index, meta in self.loader:
-                views, skipped = self.stage(plans)
-                for b in self.stage.sequential:
-                    mark_sequential(self.dataset, int(index[b]))
-                meta["skipped"] = meta["skipped"] + skipped
-                yield views, label, index, meta
+            for plans, *rest in self.loader:
+                submitted = (plans, self.stage.submit(plans), *rest)
+                if ahead is not None:
+                    yield self._finish(*ahead)
+                ahead = submitted
+            if ahead is not None:
+                yield self._finish(*ahead)
         finally:
             self.stage.close()
+
+    def _finish(self, plans: dict, pending: list[Future], label, index, meta) -> tuple:
+        views, skipped = self.stage.finish(plans, pending)
+        for b in self.stage.sequential:
+            mark_sequential(self.dataset, int(index[b]))
+        meta["skipped"] = meta["skipped"] + skipped
+        return views, label, index, meta

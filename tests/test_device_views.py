@@ -271,6 +271,23 @@ def test_a_batch_decodes_its_videos_at_once_and_a_pass_ends_its_threads(syntheti
         DeviceViews(aug.sizes, "cpu", threads=0)
 
 
+def test_the_loader_decodes_the_next_batch_while_one_is_trained_on(synthetic_cfg, monkeypatch):
+    # One batch ahead: when a batch reaches the training step, the next one's videos are already decoding.
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    stage = DeviceViews(aug.sizes, "cpu", threads=2)
+    submitted, real = [], stage.submit
+    monkeypatch.setattr(stage, "submit", lambda batch: submitted.append(batch["path"]) or real(batch))
+    order = [(i % len(plans), 80 + i) for i in range(6)]
+    batches = iter(DeviceViewLoader(DataLoader(plans, sampler=order, batch_size=2, collate_fn=collate_plans), stage))
+    for yielded in (1, 2, 3):
+        next(batches)
+        assert len(submitted) == min(yielded + 1, 3)
+    with pytest.raises(StopIteration):
+        next(batches)
+    assert stage._pool is None
+
+
 def test_device_view_loader_yields_what_the_cpu_loader_yields(synthetic_cfg):
     aug = _aug()
     cpu, plans = _datasets(synthetic_cfg, aug)
