@@ -9,7 +9,9 @@ SIGTERM / SIGUSR1 (SLURM preemption, time limit, `--signal` warning) stop traini
 same iteration (at most preemption.CHECK_EVERY after the signal), the mid-epoch checkpoint.pth.tar is written and
 the process exits with status 3; a rerun of the same command continues exactly there. A signal during a
 validation or the final test abandons that pass (within 5 of its batches) after saving what training did; the
-rerun runs it again. `--evaluate` has nothing to save: a signal ends it as usual.
+rerun runs it again. `--evaluate` has nothing to save: a signal ends it as usual. With --saveckp_iters N the
+same mid-epoch checkpoint is also written every N iterations, so that a kill without a signal first (kill -9, a
+node crash) loses at most N iterations: the rerun continues exactly from the last one.
 
     torchrun --nproc_per_node=1 eval_linear.py --n_last_blocks 1 --arch vit_base \
         --pretrained_weights ckpt.pth --epochs 20 --lr 0.001 --batch_size_per_gpu 16 --num_labels 101 \
@@ -83,8 +85,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val_freq", default=1, type=int, help="Validate every N epochs (and after the last).")
     parser.add_argument("--output_dir", default=".",
                         help="checkpoint.pth.tar, log.txt and results are written here; a checkpoint.pth.tar found "
-                             "here is resumed, also one written mid-epoch on SIGTERM/SIGUSR1 (exit status 3: "
-                             "run the same command again, or requeue the job).")
+                             "here is resumed, also one written mid-epoch by --saveckp_iters or on SIGTERM/SIGUSR1 "
+                             "(exit status 3: run the same command again, or requeue the job).")
+    parser.add_argument("--saveckp_iters", default=0, type=int,
+                        help="Also rewrite checkpoint.pth.tar every N iterations inside an epoch (0: off), with "
+                             "what a stop signal's mid-epoch checkpoint holds, so that a run killed without a "
+                             "signal first (kill -9, a node crash, the OOM killer) resumes exactly from there "
+                             "instead of from the epoch's start. Each save is a host sync, a gather of the running "
+                             "means over the ranks and an atomic write of the classifier and its SGD state (no "
+                             "backbone: small). Use it when an epoch takes long (Kinetics-400: hours), e.g. every "
+                             "few hundred iterations.")
     parser.add_argument("--num_labels", default=None, type=int,
                         help="Classes of the classifier (101 UCF-101, 51 HMDB-51, 400 Kinetics-400, 174 SSv2). "
                              "Default: max label + 1 of the dataset (the original defaulted to 1000).")
@@ -137,7 +147,8 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
         trained_state = trained["state_dict"]
         trained_backbone = trained.get("backbone")
         if "iteration" in trained:
-            print(f"Note: {trained_path} was written in the middle of epoch {trained['epoch']} (a stopped run): "
+            print(f"Note: {trained_path} was written in the middle of epoch {trained['epoch']} (by a run that "
+                  "stopped, was killed or is still training): "
                   "evaluating a partly trained classifier; rerun without --evaluate to finish its training.")
         bias = trained_state.get("module.linear.bias", trained_state.get("linear.bias"))
         if args.num_labels is None and bias is not None:
@@ -184,7 +195,7 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
         start_epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
         skipped = ckpt.get("skipped_videos", {"train": 0, "val": []})  # for the summary when no epoch is left
         train_skipped, val_ids = skipped["train"], set(skipped["val"])
-        # a mid-epoch checkpoint (stop signal): `iteration` batches of `epoch` done
+        # a mid-epoch checkpoint (--saveckp_iters or a stop signal): `iteration` batches of `epoch` done
         start_iter = resume_start_iteration(ckpt.get("iteration", 0), ckpt.get("args"), args.batch_size_per_gpu,
                                             utils.get_world_size(), what=f"epoch {start_epoch}")
         epoch_meters = ckpt.get("epoch_meters")
@@ -257,10 +268,11 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
                     epoch_meters: list[dict] | None = None, save_mid_epoch=None,
                     stop: preemption.StopSignals | None = None) -> tuple[dict, dict]:
     """One epoch over the loader's `niter` batches (from `start_iter` when resuming mid-epoch, with the
-    `epoch_meters` of the interrupted part, so the means cover the whole epoch). A `stop` signal on any rank ends
-    the epoch at the same iteration on every rank (checked every preemption.CHECK_EVERY iterations and at the
-    last): `save_mid_epoch(iteration=, epoch_meters=)`, then preemption.Preempted. Returns the epoch means with
-    the skipped (replaced) training videos, and this rank's share of them for a checkpoint (`epoch_meters`)."""
+    `epoch_meters` of the interrupted part, so the means cover the whole epoch). `save_mid_epoch(iteration=,
+    epoch_meters=)` writes the mid-epoch checkpoint at each `is_save_step` (--saveckp_iters). A `stop` signal on
+    any rank ends the epoch at the same iteration on every rank (checked every preemption.CHECK_EVERY iterations
+    and at the last): the same save (one, also at a save step), then preemption.Preempted. Returns the epoch means
+    with the skipped (replaced) training videos, and this rank's share of them for a checkpoint (`epoch_meters`)."""
     stop = stop if stop is not None else preemption.StopSignals(())
     classifier.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -282,8 +294,10 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
         optimizer.step()
         metric_logger.update(loss=loss.detach())  # read back when a progress line is printed: no sync per step
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        if preemption.is_check_step(it + 1, niter) and stop.requested()[0]:
+        stop_now = preemption.is_check_step(it + 1, niter) and stop.requested()[0]
+        if stop_now or is_save_step(it + 1, niter, args.saveckp_iters):
             save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})
+        if stop_now:
             preemption.finish(preemption.stop_message(stop.names(), epoch, it + 1, niter,
                                                       os.path.join(args.output_dir, CHECKPOINT_NAME)), stop)
     own = {"meters": metric_logger.totals(), "skipped": int(skipped)}
@@ -293,6 +307,13 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
         dist.all_reduce(skipped)
     print("Averaged stats:", metric_logger, f" skipped (replaced) videos: {int(skipped)}")
     return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped)}, own
+
+
+def is_save_step(done: int, niter: int, every: int) -> bool:
+    """Whether the step after which `done` of the epoch's `niter` iterations are done writes a mid-epoch
+    checkpoint (--saveckp_iters `every`, 0: never): every `every` iterations counted from the epoch's start (a
+    resumed epoch saves where the uninterrupted one did), except at the last (the epoch-end save follows)."""
+    return every > 0 and done % every == 0 and done < niter
 
 
 def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args, fingerprint: str, train_set,

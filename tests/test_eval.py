@@ -3,6 +3,7 @@ multi-view / slow-fast aggregation, the linear classifier and strict checkpoint 
 import argparse
 import math
 import os
+import signal
 import types
 
 import pytest
@@ -16,7 +17,7 @@ import eval_linear
 from eval_linear import LinearClassifier, load_classifier_state
 from models import VisionTransformer, build_backbone
 from tests.conftest import HostReads
-from utils import evaluation
+from utils import evaluation, preemption
 from utils.evaluation import (ShardSampler, aggregate_views, clip_features, drop_skipped, extract_features_and_labels,
                               gather_rows, knn_classifier, knn_votes, load_backbone, multi_view_stats, run_knn,
                               video_labels)
@@ -230,7 +231,7 @@ def test_linear_probe_steps_never_read_a_value_back_to_the_host(device):
     model = VisionTransformer(img_size=32, embed_dim=48, depth=1, num_heads=2, num_frames=4).to(device).eval()
     classifier = LinearClassifier(48, 3).to(device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1)
-    args = argparse.Namespace(n_last_blocks=1, avgpool_patchtokens=False)
+    args = argparse.Namespace(n_last_blocks=1, avgpool_patchtokens=False, saveckp_iters=0)
 
     def host_reads(batches: int) -> int:
         loader = [(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 2]), torch.tensor([0, 1]),
@@ -264,9 +265,69 @@ def test_linear_probe_epoch_reduces_only_tensors_on_its_device(monkeypatch, devi
     frames = torch.randn(2, 3, 4, 32, 32)
     batch = (frames.pin_memory() if device.type == "cuda" else frames, torch.tensor([0, 2]), torch.tensor([0, 1]),
              {"skipped": torch.tensor([0, 1])})
-    args = argparse.Namespace(n_last_blocks=1, avgpool_patchtokens=False)
+    args = argparse.Namespace(n_last_blocks=1, avgpool_patchtokens=False, saveckp_iters=0)
     stats, _ = eval_linear.train_one_epoch(model, classifier, optimizer, [batch], 0, 1, args, device)
     assert stats["skipped_videos"] == 1 and len(reduced) == 2  # the stop check at the last step, the count
+
+
+class _Stopped(Exception):
+    """Stands for preemption.finish (the exit after a stop's checkpoint)."""
+
+
+def _probe_epoch(every: int, start: int = 0, signalled: bool = False, niter: int = 7) -> list[tuple]:
+    """eval_linear.train_one_epoch over batches `start`..`niter` - 1 of a fixed epoch (a resume starts at
+    `start`), --saveckp_iters `every`, SIGTERM received before it when `signalled`: each mid-epoch save as
+    (iteration, epoch_meters, classifier weight at that point), then ("stop", its message) if it stopped."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, embed_dim=48, depth=1, num_heads=2, num_frames=4).eval()
+    classifier = LinearClassifier(48, 3)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9)
+    batches = [(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, i % 3]), torch.tensor([0, 1]),
+                {"skipped": torch.tensor([0, int(i == 1)])}) for i in range(niter)]
+    args = argparse.Namespace(n_last_blocks=1, avgpool_patchtokens=False, saveckp_iters=every, output_dir="out")
+    events = []
+
+    def save_mid_epoch(iteration, epoch_meters):
+        events.append((iteration, epoch_meters, classifier.linear.weight.detach().clone()))
+
+    with preemption.StopSignals() as stop:
+        if signalled:
+            signal.raise_signal(signal.SIGTERM)
+        try:
+            eval_linear.train_one_epoch(model, classifier, optimizer, batches[start:], 0, niter, args,
+                                        torch.device("cpu"), start_iter=start, save_mid_epoch=save_mid_epoch,
+                                        stop=stop)
+        except _Stopped as stopped:
+            events.append(("stop", str(stopped)))
+    return events
+
+
+@pytest.mark.parametrize("every, start, saved", [(0, 0, []), (2, 0, [2, 4, 6]), (3, 0, [3, 6]), (7, 0, []),
+                                                 (8, 0, []), (2, 3, [4, 6]), (3, 6, [])])
+def test_linear_probe_saves_every_saveckp_iters_counted_from_the_epoch_start(monkeypatch, every, start, saved):
+    """7 iterations: a save after every `every`-th, counted from the epoch's start also in a resumed epoch (so it
+    saves where the uninterrupted one did), none at the last (the epoch-end save follows), none with 0 (off).
+    Each holds the running meters of the iterations this call ran and the 'skipped' count."""
+    monkeypatch.setattr(preemption, "finish", lambda message, stop: pytest.fail(message))
+    events = _probe_epoch(every, start)
+    assert [it for it, _, _ in events] == saved
+    for it, meters, _ in events:
+        assert meters["meters"]["loss"][0] == it - start and meters["skipped"] == int(start <= 1 < it)
+
+
+def test_a_saveckp_iters_save_is_the_mid_epoch_checkpoint_a_stop_signal_writes(monkeypatch):
+    """--saveckp_iters 5 and a SIGTERM (stop at the check after iteration 5) call the same save at the same
+    point with the same content: iteration, running meters, weights. Both at once: one save, then the stop."""
+    def finish(message, stop):
+        raise _Stopped(message)
+
+    monkeypatch.setattr(preemption, "finish", finish)
+    (by_iters,), (by_signal, stop) = _probe_epoch(5), _probe_epoch(0, signalled=True)
+    assert by_iters[0] == by_signal[0] == 5 and by_iters[1] == by_signal[1]
+    assert torch.equal(by_iters[2], by_signal[2])
+    assert stop[0] == "stop" and "after iteration 5/7 of epoch 0" in stop[1]
+    both = _probe_epoch(5, signalled=True)
+    assert [e[0] for e in both] == [5, "stop"] and torch.equal(both[0][2], by_signal[2])
 
 
 def test_num_labels_error_names_the_lists_and_spots_one_based_labels():
