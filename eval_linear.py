@@ -34,7 +34,8 @@ from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_sta
 from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
 from models import ARCHS
 from utils import preemption, utils
-from utils.checkpoint import atomic_save, gather_objects, restore_epoch_meters, safe_torch_load
+from utils.checkpoint import (atomic_save, gather_objects, remove_stale_temp_files, restore_epoch_meters,
+                              safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, clip_features, dataset_labels,
                               derived_config, extract_features_and_labels, load_backbone, make_loader, multi_view_stats,
                               note_ssl_view_keys, require_readable, resolve_num_labels, single_clip_config,
@@ -125,6 +126,8 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
     utils.check_writable_dir(args.output_dir)
     evaluate_only = args.evaluate or bool(args.lc_pretrained_weights)
     if utils.is_main_process():
+        if not evaluate_only:  # an --evaluate next to a training run must not delete the save it is writing
+            remove_stale_temp_files(args.output_dir)
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
 
