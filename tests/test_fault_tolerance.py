@@ -26,19 +26,20 @@ import models
 import train_ssl
 from utils import utils
 from tests.conftest import WALL_CLOCK_KEYS, log_records
+from tests.forked_runs import run_jobs
 from utils.checkpoint import atomic_save, remove_stale_temp_files, safe_torch_load
 
 ROOT = Path(__file__).resolve().parents[1]
 
 KILL_RUNNER = textwrap.dedent("""
-    # Runs train_ssl.train_svt once per job, each in a forked child (torch is imported once, here, and the
-    # parent runs no torch op), the child killed by SIGKILL at the N-th call of one function. argv[1]: a JSON
-    # list of [kill_at, log_file, train_ssl argv]; prints the children's exit statuses as JSON.
-    import functools, json, os, signal, sys, traceback
+    # Runs train_ssl.train_svt once per job (tests/forked_runs.py), the child killed by SIGKILL at the N-th call
+    # of one function. argv[1]: a JSON list of [kill_at, log_file, train_ssl argv]; prints the exit statuses.
+    import functools, json, os, signal, sys
     sys.path.insert(0, {root!r})
     import torch
     import models, train_ssl
     from models import DINOLoss
+    from tests.forked_runs import run_forked
 
     OWNERS = {{"step": (DINOLoss, "forward"), "save": (torch, "save"), "log": (train_ssl, "write_epoch_log"),
                "numbered": (train_ssl, "atomic_copy")}}
@@ -58,31 +59,15 @@ KILL_RUNNER = textwrap.dedent("""
 
         setattr(owner, name, dying)
 
-    def child(kill_at, log_file, argv):
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
+    def child(kill_at, argv):
         os.umask(0o022)
         train_ssl.build_backbone = functools.partial(models.build_backbone, embed_dim=48, num_heads=2)
         if kill_at:
             target, nth = kill_at.split(":")
             die_at(target, int(nth))
-        try:
-            train_ssl.train_svt(train_ssl.get_args_parser().parse_args(argv))
-        except BaseException:
-            traceback.print_exc()
-            os._exit(1)
-        sys.stdout.flush()
-        os._exit(0)
+        train_ssl.train_svt(train_ssl.get_args_parser().parse_args(argv))
 
-    statuses = []
-    for kill_at, log_file, argv in json.loads(sys.argv[1]):
-        pid = os.fork()
-        if pid == 0:
-            child(kill_at, log_file, argv)
-        _, status = os.waitpid(pid, 0)
-        statuses.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-    print(json.dumps(statuses))
+    print(json.dumps(run_forked(json.loads(sys.argv[1]), child)))
 """)
 
 
@@ -96,20 +81,6 @@ def _tiny_argv(root: Path, out: Path) -> list[str]:
             "--opts", "DATA.PATH_PREFIX", str(root / "videos"), "MODEL.DEPTH", "1", "DATA.NUM_FRAMES", "2",
             "DATA.SAMPLING_RATE", "2", "DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16",
             "DATA.LOCAL_NUM_FRAMES", "[2, 2]"]
-
-
-def _run_jobs(tmp_path: Path, jobs: list[tuple[str, Path, list[str]]]) -> list[int]:
-    """Exit statuses (-9: killed) of the (kill_at, log file, argv) jobs, run one after the other."""
-    runner = tmp_path / "kill_runner.py"
-    runner.write_text(KILL_RUNNER.format(root=str(ROOT)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    jobs = [(kill_at, str(log), argv) for kill_at, log, argv in jobs]
-    proc = subprocess.run([sys.executable, str(runner), json.dumps(jobs)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(proc.stdout.splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +119,7 @@ def test_kill_9_at_every_fragile_point_then_resume_ends_as_an_uninterrupted_run(
         ("", "the resume that finishes the run"),
     ]
     logs = [tmp_path / f"run{i}.log" for i in range(len(chain) + 1)]
-    statuses = _run_jobs(tmp_path, [("", logs[-1], _tiny_argv(synthetic_root, reference))] +
+    statuses = run_jobs(KILL_RUNNER, tmp_path, [("", logs[-1], _tiny_argv(synthetic_root, reference))] +
                          [(kill_at, log, argv) for (kill_at, _), log in zip(chain, logs)])
     assert statuses[0] == 0, logs[-1].read_text()[-3000:]
     for status, (kill_at, where), log in zip(statuses[1:], chain, logs):
