@@ -3,6 +3,7 @@ checkpoint, kNN with dumped/reloaded features, and a linear probe that trains, c
 evaluates (single view, multi-view, slow-fast; Kinetics lists too)."""
 import argparse
 import builtins
+import functools
 import json
 
 import pytest
@@ -13,6 +14,7 @@ import eval_knn
 import eval_linear
 from models import build_backbone
 from tests.conftest import assert_stopped, log_records, signal_at_call
+from tests.forked_runs import run_jobs
 from utils.parser import load_config_from
 
 # The tiny clips of tests/conftest.py: 4 frames, 32 px crops (16 px local), short side 36-40.
@@ -428,6 +430,19 @@ def _linear_state(out) -> dict:
     return torch.load(out / "checkpoint.pth.tar", weights_only=False)
 
 
+def _assert_same_trained_state(a: dict, b: dict) -> None:
+    """Two epoch-end checkpoint.pth.tar (no mid-epoch keys left) with the same classifier, SGD momentum,
+    scheduler, epoch and best accuracy, bit for bit."""
+    assert set(b) == set(a)
+    for key in ("state_dict", "scheduler"):
+        assert a[key].keys() == b[key].keys()
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]) if torch.is_tensor(value) else value == b[key][name], name
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    assert (b["epoch"], b["best_acc"]) == (a["epoch"], a["best_acc"])
+
+
 @pytest.fixture(scope="module")
 def stop_lists(synthetic_root, tmp_path_factory):
     """17 train videos (one unreadable, replaced) in batches of 2: 9 iterations an epoch; 9 val videos (one
@@ -490,15 +505,7 @@ def test_linear_probe_stops_on_sigterm_exits_3_and_resumes_as_an_uninterrupted_r
     assert not (tmp_path / "linear_results.json").exists()
 
     stats = linear(args)
-    a, b = _linear_state(reference), _linear_state(tmp_path)
-    assert set(b) == set(a)  # the epoch-end checkpoint: no mid-epoch keys left
-    for key in ("state_dict", "scheduler"):
-        assert a[key].keys() == b[key].keys()
-        for name, value in a[key].items():
-            assert torch.equal(value, b[key][name]) if torch.is_tensor(value) else value == b[key][name], name
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-    assert (b["epoch"], b["best_acc"]) == (a["epoch"], a["best_acc"])
+    _assert_same_trained_state(_linear_state(reference), _linear_state(tmp_path))
     assert log_records(tmp_path) == log_records(reference)
     assert log_records(tmp_path)[0]["train_skipped_videos"] >= 1
     assert stats == reference_stats
@@ -574,6 +581,90 @@ def test_linear_probe_mid_epoch_resume_with_another_global_batch_continues_after
     assert set(done) | set(seen) == set(range(16)) and len(set(done) & set(seen)) == 2
     assert ("global batch of 2 videos (1 process x 2), this run 4: 10 videos of epoch 0 were done; continuing at "
             "iteration 2 (2 videos are seen again)") in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# eval_linear.py --saveckp_iters: a kill -9 (no signal first) loses at most N iterations
+# ---------------------------------------------------------------------------------------------
+# Runs eval_linear.eval_linear once per job (tests/forked_runs.py), the child killed by SIGKILL at the N-th call of
+# clip_features ("batch:N", before that batch's step) or of torch.save ("save:N": the temporary file is complete,
+# the rename never happens). Each child logs its saves and its batch count; test code, no hook in eval_linear.py.
+# argv[1]: a JSON list of [kill_at, log file, eval_linear argv]; prints the exit statuses (-9: killed) as JSON.
+KILL_RUNNER = """
+import json, os, signal, sys
+sys.path.insert(0, {root!r})
+import torch
+import eval_linear
+from tests.forked_runs import run_forked
+
+def child(kill_at, argv):
+    target, nth = kill_at.split(":") if kill_at else ("", 0)
+    real_features, real_save, batches, saves = eval_linear.clip_features, torch.save, [], []
+
+    def features(*args, **kwargs):
+        batches.append(1)
+        if target == "batch" and len(batches) == int(nth):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_features(*args, **kwargs)
+
+    def save(obj, f, *args, **kwargs):
+        saves.append(1)
+        real_save(obj, f, *args, **kwargs)
+        if target == "save" and len(saves) == int(nth):
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        print("saved", obj["epoch"], obj.get("iteration"), flush=True)
+
+    eval_linear.clip_features, torch.save = features, save
+    eval_linear.eval_linear(eval_linear.get_args_parser().parse_args(argv))
+    print("batches:", len(batches))
+
+print(json.dumps(run_forked(json.loads(sys.argv[1]), child)))
+"""
+
+
+def _saves(log: str) -> list[tuple]:
+    """The (epoch, iteration) of each checkpoint a KILL_RUNNER child wrote (None: an epoch-end one)."""
+    return [(int(e), None if i == "None" else int(i)) for e, i in
+            (line.split()[1:] for line in log.splitlines() if line.startswith("saved "))]
+
+
+def test_linear_probe_killed_without_a_signal_resumes_from_its_last_saveckp_iters_checkpoint(
+        synthetic_root, checkpoint, stop_lists, tmp_path):
+    """--saveckp_iters 3, 9 iterations an epoch: checkpoint.pth.tar after iterations 3 and 6 of each epoch (not
+    9: the epoch-end save follows). A kill -9 in iteration 7 of epoch 1 keeps iteration 6: the rerun does only
+    iterations 7-9 of epoch 1, then validation and test. Killed again mid-save (the epoch-end save: a complete
+    temporary file, no rename), the iteration-6 checkpoint is intact, and the next rerun deletes the temporary
+    file and resumes it again. The result is the uninterrupted run's, bit for bit: classifier, SGD state,
+    scheduler, log.txt (whole-epoch means, skipped videos) and linear_results.json. Without --saveckp_iters only
+    the epoch-end checkpoints are written (a kill loses the epoch in progress) and the run ends the same."""
+    every, off, killed = tmp_path / "every3", tmp_path / "off", tmp_path / "killed"
+    args = functools.partial(_stop_args, synthetic_root, checkpoint, stop_lists)
+    jobs = [("", "every3", ["--saveckp_iters", "3"] + args(every)),
+            ("batch:21", "kill_step", ["--saveckp_iters", "3"] + args(killed)),  # epoch 1's 7th training batch
+            ("save:1", "kill_save", ["--saveckp_iters", "3"] + args(killed)),  # epoch 1's end
+            ("", "resume", ["--saveckp_iters", "3"] + args(killed)),
+            ("", "off", args(off))]
+    statuses = run_jobs(KILL_RUNNER, tmp_path, [(kill_at, tmp_path / f"{name}.log", a) for kill_at, name, a in jobs])
+    logs = [(tmp_path / f"{name}.log").read_text() for _, name, _ in jobs]
+    assert statuses == [0, -9, -9, 0, 0], logs
+    every_log, kill_step, kill_save, resume, off_log = logs
+    assert _saves(every_log) == [(0, 3), (0, 6), (1, None), (1, 3), (1, 6), (2, None)]
+    assert "batches: 42" in every_log  # 9 + 5 validation, 9 + 5, 14 test
+    assert _saves(kill_step) == [(0, 3), (0, 6), (1, None), (1, 3), (1, 6)]
+    resumed = f"Resumed from {killed / 'checkpoint.pth.tar'}: epoch 1 from iteration 6"
+    assert resumed in kill_save and _saves(kill_save) == []
+    assert resumed in resume and "Removed 1 temporary file(s)" in resume
+    assert _saves(resume) == [(2, None)] and "batches: 22" in resume  # 3 training, 5 validation, 14 test
+    assert _saves(off_log) == [(1, None), (2, None)] and "batches: 42" in off_log
+    assert not list(killed.glob(".*.tmp"))
+
+    for out in (killed, off):
+        _assert_same_trained_state(_linear_state(every), _linear_state(out))
+        assert _linear_state(out)["skipped_videos"] == _linear_state(every)["skipped_videos"]
+        assert log_records(out) == log_records(every)
+        assert (out / "linear_results.json").read_text() == (every / "linear_results.json").read_text()
+    assert log_records(every)[0]["train_skipped_videos"] >= 1
 
 
 # eval_linear.py's command line under torchrun, SIGTERM sent by rank `rank` to itself at its `nth` batch (training,
