@@ -188,7 +188,10 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
     res = finetune(common + ["--epochs", "2", "--output_dir", str(once), "--opts"] + data + OPTS)
     finetune(common + ["--epochs", "1", "--output_dir", str(resumed), "--opts"] + data + OPTS)
     assert torch.load(resumed / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    killed_save = resumed / ".checkpoint.pth.123.abcd.tmp"  # what a save killed mid-write leaves
+    killed_save.write_bytes(b"partial")
     res_resumed = finetune(common + ["--epochs", "2", "--output_dir", str(resumed), "--opts"] + data + OPTS)
+    assert not killed_save.exists()  # the next training run deletes it
 
     a = torch.load(once / "checkpoint.pth", weights_only=False)
     b = torch.load(resumed / "checkpoint.pth", weights_only=False)
