@@ -216,27 +216,15 @@ class DeviceViews:
         sequentially here on the CPU when torchcodec fails on it."""
         return self._collect(plans, b, self._decode_one(plans, b))
 
+    def __call__(self, plans: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(views, per-sample count of replaced samples) of a collated batch of plans."""
+        return self.finish(plans, self.submit(plans))
+
     def submit(self, plans: dict) -> list[Future]:
         """Start decoding a batch of plans in the decode threads; `finish` takes the futures."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="svt-decode")
         return [self._pool.submit(self._decode_one, plans, b) for b in range(len(plans["video"]))]
-
-    def close(self) -> None:
-        """Stop the decode threads (made again on the next call): DeviceViewLoader does it at the end of each
-        pass, so that no idle thread is alive when the next pass's DataLoader forks its workers."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def _log(self, path: str, message: str) -> None:
-        if path not in _LOGGED:
-            _LOGGED.add(path)
-            logger.warning("%s: %s", path, message)
-
-    def __call__(self, plans: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(views, per-sample count of replaced samples) of a collated batch of plans."""
-        return self.finish(plans, self.submit(plans))
 
     def finish(self, plans: dict, pending: list[Future]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """`__call__` of a batch whose decoding `submit` started: wait for it, count, render the views."""
@@ -262,6 +250,19 @@ class DeviceViews:
         views = render_views([frames[s] for s in source], [plans["positions"][s] for s in source], params,
                              self.sizes)
         return views, skipped
+
+
+    def close(self) -> None:
+        """Stop the decode threads (made again on the next call): DeviceViewLoader does it at the end of each
+        pass, so that no idle thread is alive when the next pass's DataLoader forks its workers."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _log(self, path: str, message: str) -> None:
+        if path not in _LOGGED:
+            _LOGGED.add(path)
+            logger.warning("%s: %s", path, message)
 
 
 class DeviceViewLoader:
