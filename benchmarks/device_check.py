@@ -4,13 +4,12 @@ missing first). Every stage runs as its own process under a time limit, inside o
 what is left of the budget is recorded as such and the next one runs. Results: OUT/device_check.json, a short
 table in OUT/device_check.md (also printed), each stage's log in OUT/logs/.
 
-Stages, in order (the most telling first, torch.compile last as it takes longest):
+Stages, in order (the most telling first: the data path, the open question of the last run, before the
+step; torch.compile last as it takes longest):
 - env: torch, CUDA, GPU and CPU names, core count;
 - gpu_tests: `pytest -m gpu` (the GPU-only tests: NVDEC decode, NVDEC's crop of videos sharing a coded size,
   no host sync and every tensor on the GPU in the train step, rendering views without host syncs, the CUDA RNG
   kept across seeded samples, SDPA past 65535 sequences);
-- step_b16, step_b8: bench_train_step.py, ViT-B, original views, bf16, SDPA, fused AdamW: step time, TFLOP/s,
-  fraction of the bf16 matmul peak measured in the same run, peak memory;
 - data: bench_data.py: for the GPU decode path (DATA.DECODE_DEVICE cuda) the CPU cost of a plan, where its
   main-process stage's time goes per sample (NVDEC decoder open, get frames, view rendering; open and decode
   with torchcodec's NVDEC cache on and off), the stage with 1, 8 and 16 videos decoded at once
@@ -19,6 +18,8 @@ Stages, in order (the most telling first, torch.compile last as it takes longest
   all-core workers per CPU decoder (never cut); then the ViT-B step fed by the default CPU loader, the GPU
   decode loader and the AUGMENT_DEVICE loader, each with min(8, cores) workers (share of the step spent
   waiting on data; each cut at 12 s);
+- step_b16, step_b8: bench_train_step.py, ViT-B, original views, bf16, SDPA, fused AdamW: step time, TFLOP/s,
+  fraction of the bf16 matmul peak measured in the same run, peak memory;
 - train_knn: a 1-GPU train_ssl.py run of ~100 steps on generated videos with the GPU decode path, then kNN:
   the loss must fall, kNN must report, and no video may fall back to CPU decoding;
 - cuda_capable_tests: the suite's device-generic tests with SVT_TEST_DEVICE=cuda (among them: CUDA-only tensors in
@@ -53,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # utils.collect_env, when run as a script
 WAIT_OK = 0.05  # a fed step waiting less than this share on data is compute-bound
-STAGES = ("env", "gpu_tests", "step_b16", "step_b8", "data", "train_knn", "cuda_capable_tests",
+STAGES = ("env", "gpu_tests", "data", "step_b16", "step_b8", "train_knn", "cuda_capable_tests",
           "step_b16_compile", "step_b8_compile", "demo_gpu")
 # time limit of each stage (s) on a GPU; the overall budget cuts them further
 LIMITS = {"env": 30, "gpu_tests": 90, "step_b16": 90, "step_b8": 75, "data": 180, "train_knn": 120,
