@@ -4,7 +4,8 @@
 #   DATA_PATH=/data/k400/annotations sbatch scripts/slurm_train.sh --opts DATA.PATH_PREFIX /data/k400/videos
 # Change the #SBATCH lines for your cluster (nodes x GPUs per node = processes). Environment: PROJECT_PATH
 # (default: the submit directory), DATA_PATH, EXP_NAME (svt_test), BATCH_SIZE (8), EPOCHS (100),
-# NUM_WORKERS (10), MASTER_PORT (29500), PYTHON (python3). Extra arguments are forwarded.
+# NUM_WORKERS (10), MASTER_PORT (default: one derived from the job id, so jobs packed on one node do not
+# collide), PYTHON (python3). Extra arguments are forwarded.
 # Time limit and preemption: 120 s before the limit SLURM signals this script (USR1, --signal below), which passes
 # it on to the tasks; they finish their step (at most 5 more), write checkpoint.pth and exit with status 3. The
 # job then requeues itself (scontrol requeue; same job id, the log is appended) and resumes there. Where the cluster
@@ -27,7 +28,7 @@ cd "$PROJECT_PATH"
 source scripts/common.sh  # sbatch runs a spooled copy: source from the repo
 check_deps
 recipe_defaults
-export MASTER_PORT="${MASTER_PORT:-29500}"
+export MASTER_PORT="${MASTER_PORT:-$((15000 + ${SLURM_JOB_ID:-0} % 15000))}"  # as scripts/slurm_eval.sh
 
 split_user_args "$@"
 

@@ -110,6 +110,27 @@ def test_slurm_script_requeues_a_job_stopped_on_a_signal(tmp_path, launcher, for
             ("not requeued" in err and "submit the same command again to resume" in err)
 
 
+def test_slurm_train_jobs_packed_on_one_node_get_their_own_port(tmp_path):
+    """Two 4-GPU scripts/slurm_train.sh jobs on one 8-GPU node: each rendezvous at its own MASTER_PORT (derived
+    from the job id, the same on every node of a job), not both at 29500. A fake srun records the port."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "$MASTER_PORT" >> {tmp_path / "ports.txt"}\n')
+    (bin_dir / "srun").chmod(0o755)
+    (tmp_path / "train.csv").write_text("a.mp4 0\n")
+    for job in ("77", "78"):
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PROJECT_PATH": str(ROOT),
+               "DATA_PATH": str(tmp_path), "EXP_NAME": f"port_{tmp_path.name}", "SLURM_JOB_ID": job}
+        env.pop("MASTER_PORT", None)
+        try:
+            run = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_train.sh")], env=env, capture_output=True,
+                                 text=True, timeout=120)
+        finally:
+            (ROOT / "checkpoints" / env["EXP_NAME"]).rmdir()
+        assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "ports.txt").read_text().split() == ["15077", "15078"]
+
+
 def test_every_environment_variable_a_script_reads_is_in_its_header():
     """`${NAME:-...}` / `${NAME:?...}` reads of each user-facing script, with those of the scripts/common.sh
     functions it calls, are documented in its header comment (train_paper.sh: "same environment as train.sh")."""
