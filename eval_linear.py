@@ -88,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="checkpoint.pth.tar, log.txt and results are written here; a checkpoint.pth.tar found "
                              "here is resumed, also one written mid-epoch by --saveckp_iters or on SIGTERM/SIGUSR1 "
                              "(exit status 3: run the same command again, or requeue the job).")
-    parser.add_argument("--saveckp_iters", default=0, type=int,
+    parser.add_argument("--saveckp_iters", default=0, type=utils.non_negative_int,
                         help="Also rewrite checkpoint.pth.tar every N iterations inside an epoch (0: off), with "
                              "what a stop signal's mid-epoch checkpoint holds, so that a run killed without a "
                              "signal first (kill -9, a node crash, the OOM killer) resumes exactly from there "

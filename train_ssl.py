@@ -144,7 +144,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Folder for checkpoints, log.txt, config and tensorboard.")
     parser.add_argument("--saveckp_freq", default=20, type=int,
                         help="Keep a numbered checkpointNNNN.pth every x epochs (0: none).")
-    parser.add_argument("--saveckp_iters", default=0, type=int, help="""Also rewrite checkpoint.pth every
+    parser.add_argument("--saveckp_iters", default=0, type=utils.non_negative_int, help="""Also rewrite checkpoint.pth every
         x iterations inside an epoch (0: off), so long epochs can resume mid-way.""")
     parser.add_argument("--log_freq", default=10, type=int, help="Print/tensorboard every x iterations.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")

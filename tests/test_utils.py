@@ -392,3 +392,15 @@ def test_host_reads_counts_scalar_reads_and_tolist_off_the_cpu(device):
     with HostReads() as reads:
         assert x.tolist() == [1.0, 1.0]
     assert reads.count == int(device.type != "cpu") and torch.Tensor.tolist is real
+
+
+@pytest.mark.parametrize("script", ["train_ssl", "eval_linear", "eval_finetune"])
+def test_saveckp_iters_is_zero_for_off_or_positive(script, capsys):
+    # A negative count was silently off in one script and a save every |N| iterations in another.
+    import importlib
+    parser = importlib.import_module(script).get_args_parser()
+    assert parser.parse_args(["--saveckp_iters", "0"]).saveckp_iters == 0
+    assert parser.parse_args(["--saveckp_iters", "50"]).saveckp_iters == 50
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--saveckp_iters", "-5"])
+    assert "argument --saveckp_iters: -5 is negative: give 0 (off) or a positive number" in capsys.readouterr().err

@@ -33,6 +33,14 @@ def bool_flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean {value!r}: use true/false (or on/off, 1/0)")
 
 
+def non_negative_int(value: str) -> int:
+    """argparse type of a count where 0 means off (--saveckp_iters)."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{number} is negative: give 0 (off) or a positive number")
+    return number
+
+
 def fix_random_seeds(seed: int = 31) -> None:
     """Seed torch (CPU and CUDA), numpy and python's random."""
     torch.manual_seed(seed)
