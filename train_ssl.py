@@ -144,8 +144,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Folder for checkpoints, log.txt, config and tensorboard.")
     parser.add_argument("--saveckp_freq", default=20, type=int,
                         help="Keep a numbered checkpointNNNN.pth every x epochs (0: none).")
-    parser.add_argument("--saveckp_iters", default=0, type=utils.non_negative_int, help="""Also rewrite checkpoint.pth every
-        x iterations inside an epoch (0: off), so long epochs can resume mid-way.""")
+    parser.add_argument("--saveckp_iters", default=0, type=utils.non_negative_int,
+                        help="""Also rewrite checkpoint.pth every x iterations inside an epoch (0: off), so long
+        epochs can resume mid-way.""")
     parser.add_argument("--log_freq", default=10, type=int, help="Print/tensorboard every x iterations.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int, help="""DataLoader worker processes per GPU
@@ -505,7 +506,8 @@ def build_optimizer(args, model: nn.Module, device: torch.device, fused: bool | 
 
 def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceViewLoader:
     """Kinetics train list with the SVT views, each sample drawn under its own seed (datasets/seeding.py);
-    with DATA.DECODE_DEVICE cuda the views are made on the GPU in this process (datasets/device_views.py)."""
+    with DATA.DECODE_DEVICE or DATA.AUGMENT_DEVICE cuda the views are made on the GPU in this process
+    (datasets/device_views.py)."""
     on_device = "cuda" in (cfg.DATA.DECODE_DEVICE, cfg.DATA.AUGMENT_DEVICE)
     if on_device and device.type != "cuda":
         key = "DECODE_DEVICE" if cfg.DATA.DECODE_DEVICE == "cuda" else "AUGMENT_DEVICE"
