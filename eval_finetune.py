@@ -126,8 +126,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "status 3: run the same command again, or requeue the job).")
     parser.add_argument("--saveckp_iters", default=0, type=utils.non_negative_int,
                         help="""Also rewrite checkpoint.pth every x iterations inside an epoch (0: off), so long
-        epochs can resume mid-way. With --accum_iter the save
-        waits for the optimizer step that ends the x-th iteration's accumulation group.""")
+        epochs can resume mid-way. With --accum_iter the save waits for the optimizer step that ends the x-th
+        iteration's accumulation group.""")
     parser.add_argument("--log_freq", default=20, type=int, help="Print / tensorboard every N iterations.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed (head init, data order, augmentation).")
     parser.add_argument("--num_workers", default=10, type=int,
