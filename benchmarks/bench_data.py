@@ -36,6 +36,7 @@ The JSON is rewritten after each measurement (a run stopped at a time limit keep
     python benchmarks/bench_data.py --loader_only --workers 1 4 16 --device_decode cuda --feed_step base --max_s 15
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -240,19 +241,20 @@ def thread_scaling(batches: list[dict], stage_threads: Sequence[int], device: to
 
 
 def feed_plans(plans, stage: DeviceViews, batch: int, workers: int, steps: int, pin: bool = False) -> tuple:
-    """(loader, batch -> views on the device) of plans, decoded (unless the workers did) and rendered by `stage`;
-    pinned as train_ssl pins them (`pin`: the workers' decoded frames, not bytes)."""
+    """(loader, views): a loader of plans and `views(iterator of its batches)`, the device views train_ssl gets
+    from them (DeviceViewLoader: decoded unless the workers did, rendered by `stage`, one batch ahead); pinned
+    as train_ssl pins them (`pin`: the workers' decoded frames, not bytes)."""
     loader = torch.utils.data.DataLoader(plans, batch_size=batch, num_workers=workers, collate_fn=collate_plans,
                                          pin_memory=pin, sampler=feed_sampler(plans, batch, steps, workers))
-    return loader, lambda batch: stage(batch[0])[0]
+    return loader, lambda batches: (views for views, *_ in DeviceViewLoader(loader, stage).views(batches))
 
 
 def feed_cpu(dataset, device: torch.device, batch: int, workers: int, steps: int) -> tuple:
-    """(loader, batch -> views on the device) of the CPU path (pinned batches copied as train_ssl does)."""
+    """(loader, views) of the CPU path: pinned batches copied to the device as train_ssl does."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
                                          pin_memory=device.type == "cuda",
                                          sampler=feed_sampler(dataset, batch, steps, workers))
-    return loader, lambda batch: [v.to(device, non_blocking=True) for v in batch[0]]
+    return loader, lambda batches: ([v.to(device, non_blocking=True) for v in b[0]] for b in batches)
 
 
 PREFETCH = 2  # DataLoader's default prefetch_factor: batches each worker makes ahead
@@ -266,12 +268,13 @@ def feed_sampler(dataset, batch: int, steps: int, workers: int):
 
 def fed_steps(feeds: dict, device: torch.device, size: str, batch: int, workers: int, steps: int, crop: int,
               num_frames: int, max_s: float = 0, measured=lambda out: None) -> dict:
-    """train_step on a fixed batch vs fed by each loader of `feeds` ({path: (loader, batch -> views on the
-    device)}, run one after the other, each loader's workers started at its turn and stopped after it): step times
-    and, per path, the share of the step spent waiting on data. Before timing, the batches the workers made
-    ahead while the first one was awaited are taken without a step, so the timed steps see the workers' steady
-    rate, not a full queue. With `max_s`, each path's fed steps stop after the one that passes max_s seconds
-    (two at least). One model for all paths; `measured(out)` is called after each path."""
+    """train_step on a fixed batch vs fed by each loader of `feeds` ({path: (loader, views)}, `views` making the
+    device views of an iterator of the loader's batches, as train_ssl gets them; run one after the other, each
+    loader's workers started at its turn and stopped after it): step times and, per path, the share of the step
+    spent waiting on data. Before timing, the batches the workers made ahead while the first one was awaited
+    are taken from the loader unused, so the timed steps see the workers' steady rate, not a full queue. With
+    `max_s`, each path's fed steps stop after the one that passes max_s seconds (two at least). One model for
+    all paths; `measured(out)` is called after each path."""
     from bench_train_step import build_state, get_parser
     opt = get_parser().parse_args(["--size", size, "--precision", "bf16" if device.type == "cuda" else "fp32",
                                    "--crop", str(crop), "--num_frames", str(num_frames),
@@ -290,17 +293,20 @@ def fed_steps(feeds: dict, device: torch.device, size: str, batch: int, workers:
         return (time.perf_counter() - start) / (it + 1), it + 1
 
     out = {"size": size, "batch": batch, "workers": workers, "device": str(device), "steps": steps, "paths": {}}
-    for path, (loader, to_views) in feeds.items():
+    for path, (loader, views) in feeds.items():
         batches = iter(loader)
-        first = to_views(next(batches))  # the workers' start-up is not timed
+        first = next(batches)  # the workers' start-up is not timed
         for _ in range(PREFETCH * workers):  # nor what they queued meanwhile
             next(batches)
+        fed = views(itertools.chain([first], batches))
+        first = next(fed)
         if "fixed_batch_step_s" not in out:
             train_ssl.train_step(state, first, 0, 0, args)  # warm-up
             out["fixed_batch_step_s"], _ = timed_steps(lambda: first)
-        fed_s, fed = timed_steps(lambda: to_views(next(batches)), max_s)
-        del batches  # its workers stop before the next path's start
-        out["paths"][path] = {"fed_steps": fed, "fed_step_s": fed_s,
+        fed_s, fed_count = timed_steps(lambda: next(fed), max_s)
+        fed.close()  # a GPU path's decode threads end here
+        del fed, batches  # its workers stop before the next path's start
+        out["paths"][path] = {"fed_steps": fed_count, "fed_step_s": fed_s,
                               "wait_fraction": max(0.0, 1 - out["fixed_batch_step_s"] / fed_s)}
         measured(out)
     return out

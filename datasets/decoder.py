@@ -571,6 +571,8 @@ def decode_on_device(data: torch.Tensor, indices: Sequence[int], info: VideoInfo
         fallback = str(video.cpu_fallback) if device.type == "cuda" and video.cpu_fallback else ""
     except _Untrusted as err:
         raise DecodeError(f"{path}: on {device}, {err}") from err
+    except torch.OutOfMemoryError:
+        raise  # the device's state, not the file's: not a reason to decode this video on the CPU from now on
     except Exception as err:  # torchcodec raises RuntimeError / ValueError for streams it cannot decode
         raise DecodeError(f"{path}: torchcodec cannot decode it on {device} ({err})") from err
     wrong = _wrong_frames(batch.pts_seconds, info, indices)

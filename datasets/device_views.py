@@ -147,6 +147,8 @@ class DeviceViews:
         if threads < 1:
             raise ValueError(f"DATA.DEVICE_DECODE_THREADS must be >= 1, got {threads}")
         self.sizes, self.device, self.threads = list(sizes), torch.device(device), threads
+        if self.device.type == "cuda" and self.device.index is None:  # a decode thread starts on device 0
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if self.device.type == "cuda" and nvdec:  # nvdec False: the workers decode (DATA.AUGMENT_DEVICE cuda)
             decoder.guard_nvdec_cache()
         self.cpu_fallbacks = 0
@@ -155,11 +157,22 @@ class DeviceViews:
         self.sequential_total = 0
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
+        self._streams: list[torch.cuda.Stream] = []  # made once: a pass's threads take them in turn
+        self._taken = 0
+        self._lock = threading.Lock()
 
     def _stream(self) -> torch.cuda.Stream:
-        """This thread's decode stream (made on first use)."""
+        """This thread's decode stream: one of `threads` streams made once for the stage, so that every pass
+        decodes on the same streams (the caching allocator reuses a freed block only on the stream it was made
+        on; streams new each pass would leave the last pass's cached blocks idle)."""
         if getattr(self._local, "stream", None) is None:
-            self._local.stream = torch.cuda.Stream(self.device)
+            with self._lock:
+                if len(self._streams) < self.threads:
+                    self._streams.append(torch.cuda.Stream(self.device))
+                    self._local.stream = self._streams[-1]
+                else:
+                    self._local.stream = self._streams[self._taken % self.threads]
+                self._taken += 1
         return self._local.stream
 
     def _decode_one(self, plans: dict, b: int) -> tuple:
@@ -256,8 +269,9 @@ class DeviceViews:
         """Stop the decode threads (made again on the next call): DeviceViewLoader does it at the end of each
         pass, so that no idle thread is alive when the next pass's DataLoader forks its workers."""
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(cancel_futures=True)  # a stopped run does not decode the batch it will not use
             self._pool = None
+            self._taken = 0
 
     def _log(self, path: str, message: str) -> None:
         if path not in _LOGGED:
@@ -278,11 +292,15 @@ class DeviceViewLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator:
-        """One batch ahead: the next batch's videos are decoding in the stage's threads while this one is
-        rendered and trained on, so the decode's wall time hides behind the step's launch and GPU time."""
+        return self.views(iter(self.loader))
+
+    def views(self, batches: Iterator) -> Iterator:
+        """What __iter__ yields, from `batches` (the wrapped loader's, e.g. an iterator a caller has advanced).
+        One batch ahead: the next batch's videos are decoding in the stage's threads while this one is rendered
+        and trained on, so the decode's wall time hides behind the step's launch and GPU time."""
         ahead = None
         try:
-            for plans, *rest in self.loader:
+            for plans, *rest in batches:
                 submitted = (plans, self.stage.submit(plans), *rest)
                 if ahead is not None:
                     yield self._finish(*ahead)

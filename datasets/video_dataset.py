@@ -54,6 +54,9 @@ MODES = ("train", "val", "test")
 _LOGGED_FAILURES: set = set()
 SKIPPED_LABEL = -1
 DECODE_DEVICES = ("cpu", "cuda")
+# DATA.AUGMENT_DEVICE cuda ships each sample's decoded frames through shared and pinned memory: above this many
+# bytes (a 256x340 union is ~18 MB; full-resolution 1080p, ~400 MB) a worker says once to resize the videos.
+LARGE_PLAN_BYTES = 100 * 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -363,6 +366,12 @@ class VideoDataset(Dataset):
         of the views' frames (K, H, W, 3), and the views' parameters drawn as `ssl_aug.from_union` draws them,
         after the window and frame indices, so the views are the CPU path's for the same seed."""
         params = self.ssl_aug.draw_params(frames.shape[1], frames.shape[2])
+        if frames.numel() > LARGE_PLAN_BYTES and "large plan" not in _LOGGED_FAILURES:
+            _LOGGED_FAILURES.add("large plan")
+            logger.warning("DATA.AUGMENT_DEVICE cuda: %s's %d decoded %dx%d frames take %d MB per sample through "
+                           "shared and pinned memory; resize the videos to short side 256 first (python -m "
+                           "datasets.preprocessing.resize_videos), as the original's Kinetics is.", path,
+                           len(frames), frames.shape[2], frames.shape[1], frames.numel() // 2 ** 20)
         return {"path": path, "frames": torch.arange(len(frames)), "positions": positions, "info": None,
                 "params": torch.tensor([p.as_row() for p in params], dtype=torch.float64),
                 "video": None, "decoded": frames}

@@ -104,6 +104,35 @@ def test_augment_device_plan_holds_the_workers_frames_and_the_cpu_path_draws(syn
     assert torch.equal(cpu.dataset.after, decoded_plans.dataset.after)
 
 
+def test_augment_device_says_once_to_resize_videos_whose_frames_are_large(synthetic_cfg, monkeypatch, caplog):
+    from datasets import video_dataset
+    monkeypatch.setattr(video_dataset, "LARGE_PLAN_BYTES", 1000)
+    monkeypatch.setattr(video_dataset, "_LOGGED_FAILURES", set())
+    _, plans = _datasets(synthetic_cfg, _aug(), "DATA.AUGMENT_DEVICE")
+    with caplog.at_level(logging.WARNING, logger="datasets.video_dataset"):
+        plans[(0, 1)], plans[(1, 2)]
+    warned = [r.getMessage() for r in caplog.records if "AUGMENT_DEVICE" in r.getMessage()]
+    assert len(warned) == 1 and "resize the videos to short side 256" in warned[0] and "64x64 frames" in warned[0]
+
+
+def test_a_device_out_of_memory_is_raised_not_decoded_on_the_cpu(synthetic_cfg, monkeypatch):
+    # An OOM is the device's state, not the file's: decoding the video sequentially on the CPU (and flagging it so
+    # for the rest of the run) would hide it.
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    batch = collate_plans([plans[(0, 3)]])[0]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(decoder, "_open_torchcodec", out_of_memory)
+    stage = DeviceViews(aug.sizes, "cpu")
+    with pytest.raises(torch.OutOfMemoryError):
+        stage(batch)
+    stage.close()
+    assert stage.sequential_total == 0 and stage.failed == 0
+
+
 def test_render_matches_cpu_apply_for_each_operation(device):
     torch.manual_seed(0)
     frames = torch.randint(0, 256, (6, 40, 56, 3), dtype=torch.uint8)
@@ -415,13 +444,16 @@ def test_nvdec_threads_decode_beside_the_busy_training_stream(synthetic_cfg):
     batch = collate_plans([plans[(i % len(plans), 60 + i)] for i in range(4)])[0]
     expected, _ = DeviceViews(aug.sizes, "cuda", threads=1)(batch)
     stage = DeviceViews(aug.sizes, "cuda", threads=4)
+    assert stage.device == torch.device("cuda", torch.cuda.current_device())  # decode threads start on device 0
     stage(batch)  # warm-up: NVDEC sessions, streams
+    stage.close()  # a pass ends: the next pass's threads decode on the same 4 streams
     torch.cuda.synchronize()
     torch.cuda._sleep(10 ** 10)  # ~5 s of GPU clock cycles on the current stream
     views, skipped = stage(batch)
     waited = torch.cuda.current_stream().query()
     torch.cuda.synchronize()
     stage.close()
+    assert len(stage._streams) == 4
     assert skipped.sum() == 0 and stage.cpu_fallbacks == 0
     assert all(torch.equal(a, b) for a, b in zip(views, expected))
     from torchcodec import __version__ as version
