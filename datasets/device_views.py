@@ -15,10 +15,11 @@ Where each part runs:
   each video's union of frames on the device (NVDEC on CUDA, DATA.DEVICE_DECODE_THREADS videos at once; a video
   it cannot decode, or whose frames' timestamps are not the probe's, is decoded sequentially on the CPU from
   the same bytes and flagged in the dataset's `sequential_videos`, as a worker flags the files it decodes so),
-  or copies the worker's frames there, then `render_views` makes every view of the whole batch with tensor ops
-  there: per sample and view a crop and an antialiased bicubic resize (two passes rounded to uint8 levels, as
-  the CPU path's uint8 resize), then flip, colour jitter, grayscale and the ImageNet normalisation batched over
-  the samples. No RNG is drawn here, so the views depend on the sample's seed only, as on the CPU path.
+  or copies the worker's frames there, then makes every view of the batch with tensor ops there: per sample
+  and view, in the same decode thread, a crop and an antialiased bicubic resize (`crop_and_resize`: two passes
+  rounded to uint8 levels, as the CPU path's uint8 resize), then in the training thread flip, colour jitter,
+  grayscale and the ImageNet normalisation batched over the samples (`colour_views`; `render_views` is the
+  two). No RNG is drawn here, so the views depend on the sample's seed only, as on the CPU path.
 On a CPU device the same code runs (torchcodec's CPU decoder): tests/test_device_views.py checks it gives
 the CPU path's views within interpolation tolerance for the same seed.
 """
@@ -88,30 +89,31 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def render_views(frames: Sequence[torch.Tensor], positions: Sequence[Sequence[torch.Tensor]],
-                 params: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    """Every view of a batch: frames[b] uint8 (K_b, H_b, W_b, 3) on the device, positions[b][v] (T_v,) into
-    them, params (B, V, 12) rows of transform.ViewParams.as_row on the CPU -> per view float (B, 3, T_v, S_v, S_v).
-    The batch's small tensors reach the device in two copies (positions; parameters with the normalisation)."""
-    device = frames[0].device
-    rows = params.tolist()
-    num, num_views = params.shape[:2]
-    lengths = [len(x) for p in positions for x in p]
-    pos_device = host_to_device(torch.cat([x for p in positions for x in p]), device).split(lengths)
-    pos_device = [pos_device[b * num_views:(b + 1) * num_views] for b in range(num)]
+def crop_and_resize(frames: torch.Tensor, positions: Sequence[torch.Tensor], rows: Sequence[Sequence[float]],
+                    sizes: Sequence[int]) -> list[torch.Tensor]:
+    """One sample's views before the colour operations: frames uint8 (K, H, W, 3) on the device, positions[v]
+    (T_v,) into them on the device, rows[v] its transform.ViewParams.as_row -> per view float (T_v, 3, S_v, S_v)
+    of uint8 levels: the crop box's frames resized (`resize_as_uint8`)."""
+    out = []
+    for v, size in enumerate(sizes):
+        top, left, h, w = (int(x) for x in rows[v][:4])
+        crop = frames[:, top:top + h, left:left + w].index_select(0, positions[v])
+        out.append(resize_as_uint8(crop.permute(0, 3, 1, 2).float(), size))
+    return out
+
+
+def colour_views(crops: Sequence[Sequence[torch.Tensor]], params: torch.Tensor) -> list[torch.Tensor]:
+    """crops[b][v] of `crop_and_resize` and params (B, V, 12) on the CPU -> per view float (B, 3, T_v, S_v, S_v):
+    flip, colour jitter, grayscale and the normalisation, batched over the samples. The parameters and the
+    normalisation reach the device in one copy."""
+    device = crops[0][0].device
     params = params.to(torch.float32)
     packed = host_to_device(torch.cat([params.flatten(), torch.tensor(IMAGENET_MEAN + IMAGENET_STD)]), device)
     params_device = packed[:params.numel()].view(params.shape)
     mean, std = (x.view(1, 3, 1, 1, 1) for x in packed[params.numel():].split(3))
     views = []
-    for v, size in enumerate(sizes):
-        steps = len(positions[0][v])
-        clip = torch.empty(num, steps, 3, size, size, device=device)
-        for b in range(num):
-            top, left, h, w = (int(x) for x in rows[b][v][:4])
-            crop = frames[b][:, top:top + h, left:left + w].index_select(0, pos_device[b][v])
-            clip[b] = resize_as_uint8(crop.permute(0, 3, 1, 2).float(), size)
-        clip = clip.div_(255)
+    for v in range(params.shape[1]):
+        clip = torch.stack([sample[v] for sample in crops]).div_(255)
         p, p_device = params[:, v], params_device[:, v]  # decisions on the host, factors from the device copy
         if p[:, 4].any():
             clip = torch.where(p_device[:, 4].bool().view(-1, 1, 1, 1, 1), clip.flip(-1), clip)
@@ -128,6 +130,22 @@ def render_views(frames: Sequence[torch.Tensor], positions: Sequence[Sequence[to
     return views
 
 
+def render_views(frames: Sequence[torch.Tensor], positions: Sequence[Sequence[torch.Tensor]],
+                 params: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Every view of a batch: frames[b] uint8 (K_b, H_b, W_b, 3) on the device, positions[b][v] (T_v,) into
+    them, params (B, V, 12) rows of transform.ViewParams.as_row on the CPU -> per view float (B, 3, T_v, S_v, S_v).
+    The batch's small tensors reach the device in two copies (positions; parameters with the normalisation).
+    (`crop_and_resize` of each sample, then `colour_views`; DeviceViews runs the first in its decode threads.)"""
+    device = frames[0].device
+    rows = params.tolist()
+    num, num_views = params.shape[:2]
+    lengths = [len(x) for p in positions for x in p]
+    pos_device = host_to_device(torch.cat([x for p in positions for x in p]), device).split(lengths)
+    crops = [crop_and_resize(frames[b], pos_device[b * num_views:(b + 1) * num_views], rows[b], sizes)
+             for b in range(num)]
+    return colour_views(crops, params)
+
+
 class DeviceViews:
     """The main-process stage: decode a batch of plans on `device` and render their views. Counts videos
     torchcodec decoded on the CPU instead of NVDEC (`cpu_fallbacks`, logged); a video torchcodec cannot
@@ -140,8 +158,10 @@ class DeviceViews:
     waits for each (torchcodec maps every frame as it is decoded), so one video at a time leaves its engines
     mostly idle. On CUDA every thread decodes on a CUDA stream of its own: the frame copies and colour
     conversion neither wait for the training step queued on the current stream nor hold it up, and the current
-    stream waits for each video's decode before the views are rendered on it. `submit` starts a batch's
-    decoding and `finish` renders it, so a caller can keep a batch decoding ahead (DeviceViewLoader)."""
+    stream waits for each video's decode before the views are rendered on it. A thread also crops and resizes
+    its sample's views (the per-sample part of the rendering, most of its kernel launches), so the training
+    thread only colours the batch. `submit` starts a batch's decoding and `finish` colours it, so a caller can
+    keep a batch decoding ahead (DeviceViewLoader)."""
 
     def __init__(self, sizes: Sequence[int], device: torch.device | str, threads: int = 1, nvdec: bool = True):
         if threads < 1:
@@ -175,18 +195,28 @@ class DeviceViews:
                 self._taken += 1
         return self._local.stream
 
-    def _decode_one(self, plans: dict, b: int) -> tuple:
-        """(frames, how, why, event) of sample b, frames being the DecodeError of a video that did not decode:
-        no shared state is touched, so samples decode in parallel threads. how: "" (decoded on the device),
-        "fallback" (torchcodec decoded it on the CPU) or "sequential" (decoded sequentially on the CPU here).
-        On CUDA the decode runs on this thread's stream (and device: a new thread starts on device 0), and
-        `event` marks its end there."""
+    def _on_stream(self, fn, *args) -> tuple:
+        """(fn(*args), event): on CUDA run on this thread's decode stream (and device: a new thread starts on
+        device 0), `event` marking the end of its work there; elsewhere (fn(*args), None)."""
         if self.device.type != "cuda":
-            return (*self._decode_frames(plans, b), None)
+            return fn(*args), None
         stream = self._stream()
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            return fn(*args), stream.record_event()
+
+    def _prepare(self, plans: dict, b: int) -> tuple:
+        """A decode thread's job: ((crops, how, why), event) of sample b, `crops` its views cropped and resized
+        (`crop_and_resize`) or the DecodeError of a video that did not decode. No shared state is touched, so
+        samples run in parallel threads. how: "" (decoded on the device), "fallback" (torchcodec decoded it on
+        the CPU) or "sequential" (decoded sequentially on the CPU here)."""
+        def decode_and_crop():
             frames, how, why = self._decode_frames(plans, b)
-            return frames, how, why, stream.record_event()
+            if isinstance(frames, decoder.DecodeError):
+                return frames, how, why
+            positions = plans["positions"][b]
+            pos = host_to_device(torch.cat(positions), self.device).split([len(x) for x in positions])
+            return crop_and_resize(frames, pos, plans["params"][b].tolist(), self.sizes), how, why
+        return self._on_stream(decode_and_crop)
 
     def _decode_frames(self, plans: dict, b: int) -> tuple:
         if plans["decoded"][b] is not None:
@@ -203,13 +233,13 @@ class DeviceViews:
             return host_to_device(frames, self.device), "sequential", str(err)
         return frames, "fallback" if fallback else "", fallback
 
-    def _collect(self, plans: dict, b: int, decoded: tuple) -> torch.Tensor:
-        """Sample b's frames, ready for the current stream, after counting and logging how they were decoded;
-        raises the DecodeError of a video that did not decode."""
-        frames, how, why, event = decoded
+    def _collect(self, plans: dict, b: int, prepared: tuple):
+        """Sample b's tensors (its frames or crops), ready for the current stream, after counting and logging how
+        they were decoded; raises the DecodeError of a video that did not decode."""
+        (out, how, why), event = prepared
         path = plans["path"][b]
-        if isinstance(frames, decoder.DecodeError):
-            raise frames
+        if isinstance(out, decoder.DecodeError):
+            raise out
         if how == "sequential":
             self.sequential.append(b)
             self.sequential_total += 1
@@ -220,14 +250,15 @@ class DeviceViews:
         if event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
-            frames.record_stream(current)  # made on the decode stream, read and freed on this one
-        return frames
+            for tensor in out if isinstance(out, list) else [out]:
+                tensor.record_stream(current)  # made on the decode stream, read and freed on this one
+        return out
 
     def decode(self, plans: dict, b: int) -> torch.Tensor:
         """Sample b's union of frames on the device, decoded in this thread: decoded there from its bytes, or
-        copied when the worker decoded it (a file whose random access cannot be trusted), or decoded
-        sequentially here on the CPU when torchcodec fails on it."""
-        return self._collect(plans, b, self._decode_one(plans, b))
+        copied when the worker decoded it (a file whose random access cannot be trusted, or DATA.AUGMENT_DEVICE
+        cuda), or decoded sequentially here on the CPU when torchcodec fails on it."""
+        return self._collect(plans, b, self._on_stream(self._decode_frames, plans, b))
 
     def __call__(self, plans: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(views, per-sample count of replaced samples) of a collated batch of plans."""
@@ -235,19 +266,21 @@ class DeviceViews:
 
     def submit(self, plans: dict) -> list[Future]:
         """Start decoding a batch of plans in the decode threads; `finish` takes the futures."""
+        if plans["params"].shape[-1] != PARAM_COLUMNS:
+            raise ValueError(f"plans carry {plans['params'].shape[-1]} parameter columns, expected {PARAM_COLUMNS}")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="svt-decode")
-        return [self._pool.submit(self._decode_one, plans, b) for b in range(len(plans["video"]))]
+        return [self._pool.submit(self._prepare, plans, b) for b in range(len(plans["video"]))]
 
     def finish(self, plans: dict, pending: list[Future]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """`__call__` of a batch whose decoding `submit` started: wait for it, count, render the views."""
         num = len(plans["video"])
-        frames, good = [None] * num, []
+        crops, good = [None] * num, []
         self.sequential = []
         for b, future in enumerate(pending):
-            decoded = future.result()
+            prepared = future.result()
             try:
-                frames[b] = self._collect(plans, b, decoded)
+                crops[b] = self._collect(plans, b, prepared)
                 good.append(b)
             except decoder.DecodeError as err:
                 self.failed += 1
@@ -255,14 +288,9 @@ class DeviceViews:
                                             "another sample's views of the batch")
         if not good:
             raise RuntimeError(f"no video of the batch decoded on {self.device}: {plans['path'][:4]}")
-        source = [b if frames[b] is not None else good[b % len(good)] for b in range(num)]
+        source = [b if crops[b] is not None else good[b % len(good)] for b in range(num)]
         skipped = torch.tensor([int(s != b) for b, s in enumerate(source)])
-        params = plans["params"][source]
-        if params.shape[-1] != PARAM_COLUMNS:
-            raise ValueError(f"plans carry {params.shape[-1]} parameter columns, expected {PARAM_COLUMNS}")
-        views = render_views([frames[s] for s in source], [plans["positions"][s] for s in source], params,
-                             self.sizes)
-        return views, skipped
+        return colour_views([crops[s] for s in source], plans["params"][source]), skipped
 
 
     def close(self) -> None:

@@ -300,6 +300,23 @@ def test_a_batch_decodes_its_videos_at_once_and_a_pass_ends_its_threads(syntheti
         DeviceViews(aug.sizes, "cpu", threads=0)
 
 
+def test_the_stage_renders_what_render_views_renders_from_its_frames(synthetic_cfg):
+    # The stage crops and resizes each sample in its decode threads and colours the batch in this one:
+    # bit for bit render_views of the same frames.
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    batch = collate_plans([plans[(i % len(plans), 30 + i)] for i in range(3)])[0]
+    stage = DeviceViews(aug.sizes, "cpu", threads=2)
+    views, _ = stage(batch)
+    stage.close()
+    frames = [stage.decode(batch, b) for b in range(3)]
+    expected = render_views(frames, batch["positions"], batch["params"], aug.sizes)
+    assert all(torch.equal(a, b) for a, b in zip(views, expected))
+    batch["params"] = batch["params"][..., :11]
+    with pytest.raises(ValueError, match="plans carry 11 parameter columns, expected 12"):
+        stage(batch)
+
+
 def test_the_loader_decodes_the_next_batch_while_one_is_trained_on(synthetic_cfg, monkeypatch):
     # One batch ahead: when a batch reaches the training step, the next one's videos are already decoding.
     aug = _aug()
