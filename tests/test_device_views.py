@@ -317,6 +317,27 @@ def test_the_stage_renders_what_render_views_renders_from_its_frames(synthetic_c
         stage(batch)
 
 
+def test_decode_streams_are_made_once_and_each_pass_gives_its_threads_distinct_ones(monkeypatch):
+    # The caching allocator reuses a freed block only on the stream it was made on: streams made anew each pass
+    # would leave the blocks cached on the last pass's streams idle. CUDA streams stand in for fakes here.
+    from concurrent.futures import ThreadPoolExecutor
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or object())
+    stage = DeviceViews([16], "cpu", threads=3)
+    for _ in range(2):  # two passes, each with three new threads
+        barrier = threading.Barrier(3, timeout=20)
+
+        def take(_):
+            barrier.wait()  # three distinct threads
+            return stage._stream()
+
+        stage._pool = ThreadPoolExecutor(3)
+        streams = list(stage._pool.map(take, range(3)))
+        stage.close()
+        assert len({id(s) for s in streams}) == 3
+    assert len(made) == 3
+
+
 def test_the_loader_decodes_the_next_batch_while_one_is_trained_on(synthetic_cfg, monkeypatch):
     # One batch ahead: when a batch reaches the training step, the next one's videos are already decoding.
     aug = _aug()
