@@ -512,6 +512,28 @@ class _NoCacheSetter:
 
 
 @pytest.mark.gpu
+def test_the_stages_training_thread_part_has_no_host_sync(synthetic_cfg):
+    # What the training thread runs per batch once the decode threads are done (the waits on their events,
+    # record_stream, the batched colour operations) must not hold the host up behind the queued step.
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    batch = collate_plans([plans[(i % len(plans), 90 + i)] for i in range(4)])[0]
+    stage = DeviceViews(aug.sizes, "cuda", threads=2)
+    stage(batch)  # warm-up
+    pending = stage.submit(batch)
+    for future in pending:
+        future.result()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        views, skipped = stage.finish(batch, pending)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        stage.close()
+    assert all(v.is_cuda for v in views) and skipped.sum() == 0
+
+
+@pytest.mark.gpu
 def test_render_views_on_cuda_has_no_host_sync():
     torch.manual_seed(0)
     frames = torch.randint(0, 256, (6, 40, 56, 3), dtype=torch.uint8, device="cuda")
