@@ -8,8 +8,8 @@ Stages, in order (the most telling first: the data path, the open question of th
 step; torch.compile last as it takes longest):
 - env: torch, CUDA, GPU and CPU names, core count;
 - gpu_tests: `pytest -m gpu` (the GPU-only tests: NVDEC decode, NVDEC's crop of videos sharing a coded size,
-  no host sync and every tensor on the GPU in the train step, rendering views without host syncs, the CUDA RNG
-  kept across seeded samples, SDPA past 65535 sequences);
+  no host sync and every tensor on the GPU in the train step, rendering views without host syncs, NVDEC threads
+  decoding beside a busy training stream, the CUDA RNG kept across seeded samples, SDPA past 65535 sequences);
 - data: bench_data.py: for the GPU decode path (DATA.DECODE_DEVICE cuda) the CPU cost of a plan, where its
   main-process stage's time goes per sample (NVDEC decoder open, get frames, view rendering; open and decode
   with torchcodec's NVDEC cache on and off), the stage with 1, 8 and 16 videos decoded at once
