@@ -442,17 +442,16 @@ def main() -> None:
                 feeds[f"augment_{args.device_decode}"] = feed_plans(decoded_plans, augment_stage, args.feed_batch,
                                                                     args.feed_workers, args.feed_steps,
                                                                     pin=device.type == "cuda")
+
             def measured(out: dict) -> None:  # a run stopped at its time limit keeps the paths timed so far
                 extra["feed_step"] = out
                 write_json(args.out, report())
 
             fed_steps(feeds, device, args.feed_step, args.feed_batch, args.feed_workers, args.feed_steps,
                       args.crop[0], cfg.DATA.NUM_FRAMES, args.max_s, measured)
-            if stage is not None:
-                stage.close()
-                augment_stage.close()
+            if stage is not None:  # each fed path closed its stage's threads
                 extra["device_decode"] = device_record(stage)
-            write_json(args.out, report())
+                write_json(args.out, report())
     print(json.dumps(report(), indent=2))
 
 

@@ -187,11 +187,10 @@ class DeviceViews:
         on; streams new each pass would leave the last pass's cached blocks idle)."""
         if getattr(self._local, "stream", None) is None:
             with self._lock:
-                if len(self._streams) < self.threads:
+                slot = self._taken % self.threads
+                if slot == len(self._streams):
                     self._streams.append(torch.cuda.Stream(self.device))
-                    self._local.stream = self._streams[-1]
-                else:
-                    self._local.stream = self._streams[self._taken % self.threads]
+                self._local.stream = self._streams[slot]
                 self._taken += 1
         return self._local.stream
 
@@ -291,7 +290,6 @@ class DeviceViews:
         source = [b if crops[b] is not None else good[b % len(good)] for b in range(num)]
         skipped = torch.tensor([int(s != b) for b, s in enumerate(source)])
         return colour_views([crops[s] for s in source], plans["params"][source]), skipped
-
 
     def close(self) -> None:
         """Stop the decode threads (made again on the next call): DeviceViewLoader does it at the end of each
