@@ -132,9 +132,10 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
             json.dump(vars(args), f, indent=2)
 
     # Data: linear-probe training clips (Kinetics: the plain clip, not the SSL views), single-view val,
-    # multi-view test (NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips per video).
+    # multi-view test (NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips per video) of the same val list (the
+    # original's multi_crop_val; Kinetics' test.csv is eval_finetune's).
     val_set = build_dataset(args.dataset, single_clip_config(cfg), "val", slowfast=args.slowfast_eval)
-    test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval)
+    test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval, list_mode="val")
     train_set = None
     if not evaluate_only:
         train_set = build_dataset(args.dataset, derived_config(cfg, DATA__NO_RGB_AUG=True), "train")
@@ -150,9 +151,7 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
         trained_state = trained["state_dict"]
         trained_backbone = trained.get("backbone")
         if "iteration" in trained:
-            print(f"Note: {trained_path} was written in the middle of epoch {trained['epoch']} (by a run that "
-                  "stopped, was killed or is still training): "
-                  "evaluating a partly trained classifier; rerun without --evaluate to finish its training.")
+            print(mid_epoch_note(trained, trained_path))
         bias = trained_state.get("module.linear.bias", trained_state.get("linear.bias"))
         if args.num_labels is None and bias is not None:
             args.num_labels = int(bias.shape[0])
@@ -213,7 +212,7 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
             resumed = epoch == start_epoch and start_iter > 0
             train_loader.sampler.set_epoch(epoch)
             train_loader.sampler.skip = start_iter * args.batch_size_per_gpu if resumed else 0
-            save_mid_epoch = functools.partial(save, epoch, best_acc)
+            save_mid_epoch = functools.partial(save, epoch, best_acc, epoch_iterations=niter)
             train_stats, own_meters = train_one_epoch(model, classifier, optimizer, train_loader, epoch, niter, args,
                                                       device, start_iter=start_iter if resumed else 0,
                                                       epoch_meters=epoch_meters if resumed else None,
@@ -246,6 +245,21 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
     write_log(args, {f"test_{k}": v for k, v in stats.items()})
     _write_results(args, stats)
     return stats
+
+
+def mid_epoch_note(trained: dict, path: str) -> str:
+    """What --evaluate of a mid-epoch checkpoint (a stop signal, a kill after a --saveckp_iters save, or a run
+    still training) evaluates: how much of which epoch it holds, and whether the classifier's training is done
+    (a stop in the last epoch's validation saves after its last iteration)."""
+    epoch, done, niter = trained["epoch"], trained["iteration"], trained.get("epoch_iterations")
+    epochs = getattr(trained.get("args"), "epochs", None)
+    held = f"{done} of {niter} iterations" if niter else f"{done} iterations"
+    where = f"epoch {epoch}" + (f" (of {epochs}, counted from 0)" if epochs else "")
+    if niter and done >= niter and epochs and epoch == epochs - 1:
+        return (f"Note: {path} holds all {niter} iterations of the last epoch ({epoch}); the run that wrote it "
+                "stopped in that epoch's validation: the classifier's training is complete.")
+    return (f"Note: {path} holds {held} of {where}, written by a run that stopped, was killed or is still "
+            "training: evaluating a partly trained classifier; rerun without --evaluate to finish its training.")
 
 
 def build_probe_optimizer(classifier: nn.Module, args):
@@ -320,14 +334,14 @@ def is_save_step(done: int, niter: int, every: int) -> bool:
 
 
 def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args, fingerprint: str, train_set,
-                    epoch: int, best_acc: float, iteration: int = 0, epoch_meters: dict | None = None,
-                    skipped: dict | None = None) -> None:
+                    epoch: int, best_acc: float, iteration: int = 0, epoch_iterations: int | None = None,
+                    epoch_meters: dict | None = None, skipped: dict | None = None) -> None:
     """checkpoint.pth.tar, written atomically by rank 0: the classifier, its optimizer and scheduler, the
     backbone's `fingerprint` (a resume checks it) and the `train_set` videos decoded sequentially so far. At an
     epoch end `epoch` is the next epoch to run and `skipped` the unreadable videos of its training (a count) and
     last validation (ids), which the final summary reports. A mid-epoch save (`iteration` batches of `epoch`
     done, this rank's `epoch_meters`) adds what an exact resume needs: `iteration`, every rank's running meters
-    and `args` (the global batch). Every rank calls it (parts are gathered from all ranks)."""
+    and `args` (the global batch), and the epoch's `epoch_iterations` for --evaluate's note. Every rank calls it (parts are gathered from all ranks)."""
     state = {"epoch": epoch, "state_dict": classifier.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "best_acc": best_acc, "backbone": fingerprint,
              "pretrained_weights": args.pretrained_weights,
@@ -335,7 +349,8 @@ def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args
     if skipped is not None:
         state["skipped_videos"] = skipped
     if iteration:
-        state.update(iteration=iteration, epoch_meters=gather_objects(epoch_meters), args=args)
+        state.update(iteration=iteration, epoch_iterations=epoch_iterations,
+                     epoch_meters=gather_objects(epoch_meters), args=args)
     if utils.is_main_process():
         atomic_save(state, path)
 

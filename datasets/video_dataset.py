@@ -275,13 +275,16 @@ def restore_sequential_videos(dataset, saved: dict | None) -> bool:
 
 
 class VideoDataset(Dataset):
-    """Dataset `dataset` (a key of DATASET_LISTS) in mode train/val/test. `__getitem__` -> (frames, label,
-    index, meta). `load_data_list` reads the list; override it for another list format."""
+    """Dataset `dataset` (a key of DATASET_LISTS) in mode train/val/test, read from the list of `list_mode`
+    (default: the mode's own; the linear probe's multi-view test reads the val list, as the original's).
+    `__getitem__` -> (frames, label, index, meta). `load_data_list` reads the list; override it for another
+    list format."""
 
     def __init__(self, cfg, mode: str, dataset: str = "kinetics400", num_retries: int = 10, ssl_aug=None,
-                 slowfast: bool = False):
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+                 slowfast: bool = False, list_mode: str | None = None):
+        list_mode = list_mode or mode
+        if mode not in MODES or list_mode not in MODES:
+            raise ValueError(f"mode {mode!r} / list_mode {list_mode!r}: each is one of {MODES}")
         self.lists = DATASET_LISTS[dataset]
         self.dataset_name = self.lists.name
         if ssl_aug is not None and self.lists.frame_folders:
@@ -300,7 +303,7 @@ class VideoDataset(Dataset):
         self.num_clips_per_video = (cfg.TEST.NUM_ENSEMBLE_VIEWS * cfg.TEST.NUM_SPATIAL_CROPS
                                     if mode == "test" else 1)
         self.num_skipped = 0
-        self.list_file = os.path.join(cfg.DATA.PATH_TO_DATA_DIR, getattr(self.lists, mode))
+        self.list_file = os.path.join(cfg.DATA.PATH_TO_DATA_DIR, getattr(self.lists, list_mode))
         records = self.load_data_list()
         self.video_paths = [r["path"] for r in records]
         self.video_labels = [r["label"] for r in records]

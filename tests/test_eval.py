@@ -330,6 +330,23 @@ def test_a_saveckp_iters_save_is_the_mid_epoch_checkpoint_a_stop_signal_writes(m
     assert [e[0] for e in both] == [5, "stop"] and torch.equal(both[0][2], by_signal[2])
 
 
+@pytest.mark.parametrize("epoch, done, niter, complete", [(1, 5, 9, False), (0, 9, 9, False), (1, 9, 9, True)])
+def test_evaluate_notes_how_much_of_which_epoch_a_mid_epoch_checkpoint_holds(epoch, done, niter, complete):
+    """--evaluate of a mid-epoch checkpoint of a 2-epoch run: a stop in training or in epoch 0's validation
+    leaves a partly trained classifier; a stop in the last epoch's validation (saved after its last iteration)
+    leaves a complete one, and the note says so instead of asking for a rerun."""
+    trained = {"epoch": epoch, "iteration": done, "epoch_iterations": niter, "args": argparse.Namespace(epochs=2)}
+    note = eval_linear.mid_epoch_note(trained, "ckpt.pth.tar")
+    if complete:
+        assert "all 9 iterations of the last epoch (1)" in note and "training is complete" in note
+        assert "rerun" not in note
+    else:
+        assert f"holds {done} of 9 iterations of epoch {epoch} (of 2, counted from 0)" in note
+        assert "partly trained" in note and "rerun without --evaluate" in note
+    old = eval_linear.mid_epoch_note({"epoch": 1, "iteration": 9, "args": None}, "ckpt.pth.tar")
+    assert "holds 9 iterations of epoch 1," in old and "partly trained" in old  # written before the count was kept
+
+
 def test_num_labels_error_names_the_lists_and_spots_one_based_labels():
     def lists(path, labels):
         return types.SimpleNamespace(list_file=path, labels=labels)

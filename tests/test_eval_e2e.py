@@ -187,12 +187,20 @@ def test_linear_probe_with_feature_bn_trains_and_evaluates_again(synthetic_root,
 
 
 def test_linear_probe_on_kinetics_lists_and_missing_classifier(synthetic_root, checkpoint, tmp_path):
+    """Kinetics' train.csv and val.csv are all the probe reads: its multi-view test is on the val list (the
+    original's multi_crop_val), test.csv is never opened (here: absent, and the val list cut to 6 videos)."""
+    lists = tmp_path / "annotations"
+    lists.mkdir()
+    (lists / "train.csv").write_text((synthetic_root / "annotations" / "train.csv").read_text())
+    val_lines = (synthetic_root / "annotations" / "val.csv").read_text().splitlines()[:6]
+    (lists / "val.csv").write_text("\n".join(val_lines) + "\n")
     common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "1",
               "--batch_size_per_gpu", "8", "--num_workers", "0", "--dataset", "kinetics400"]
     opts = ["--opts"] + _data_opts(synthetic_root, "annotations") + ["TEST.NUM_SPATIAL_CROPS", "1",
-                                                                     "TEST.NUM_ENSEMBLE_VIEWS", "2"]
+                                                                     "TEST.NUM_ENSEMBLE_VIEWS", "2",
+                                                                     "DATA.PATH_TO_DATA_DIR", str(lists)]
     stats = linear(common + ["--epochs", "1", "--num_labels", "4", "--output_dir", str(tmp_path / "k")] + opts)
-    assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 2
+    assert stats["num_videos"] == 6 and stats["num_clips_per_video"] == 2
     # --lc_pretrained_weights alone means: evaluate that classifier (num_labels read from it), train nothing.
     dist.destroy_process_group()
     ev = linear(common + ["--lc_pretrained_weights", str(tmp_path / "k" / "checkpoint.pth.tar"),
@@ -503,6 +511,11 @@ def test_linear_probe_stops_on_sigterm_exits_3_and_resumes_as_an_uninterrupted_r
     assert (ckpt["epoch"], ckpt.get("iteration")) == saved
     assert (len(log_records(tmp_path)) == log_lines) if log_lines else not (tmp_path / "log.txt").exists()
     assert not (tmp_path / "linear_results.json").exists()
+    if where == "validation":  # --evaluate of that checkpoint names what it holds
+        linear(["--lc_pretrained_weights", str(tmp_path / "checkpoint.pth.tar")]
+               + _stop_args(synthetic_root, checkpoint, stop_lists, tmp_path / "evaluated"))
+        dist.destroy_process_group()
+        assert "holds 9 of 9 iterations of epoch 0 (of 2, counted from 0)" in capsys.readouterr().out
 
     stats = linear(args)
     _assert_same_trained_state(_linear_state(reference), _linear_state(tmp_path))
