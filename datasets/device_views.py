@@ -16,7 +16,7 @@ Where each part runs:
   it cannot decode, or whose frames' timestamps are not the probe's, is decoded sequentially on the CPU from
   the same bytes and flagged in the dataset's `sequential_videos`, as a worker flags the files it decodes so),
   or copies the worker's frames there, then makes every view of the batch with tensor ops there: per sample
-  and view, in the same decode thread, a crop and an antialiased bicubic resize (`crop_and_resize`: two passes
+  and view, in the same decode thread, a crop and a bicubic resize (`crop_and_resize`: two passes
   rounded to uint8 levels, as the CPU path's uint8 resize), then in the training thread flip, colour jitter,
   grayscale and the ImageNet normalisation batched over the samples (`colour_views`; `render_views` is the
   two). No RNG is drawn here, so the views depend on the sample's seed only, as on the CPU path.
@@ -70,12 +70,12 @@ def _jitter_op(clip: torch.Tensor, op: int, factor: torch.Tensor) -> torch.Tenso
 
 
 def resize_as_uint8(clip: torch.Tensor, size: int) -> torch.Tensor:
-    """Float (T, 3, h, w) with uint8 values -> (T, 3, size, size), bicubic with antialiasing, as torchvision
+    """Float (T, 3, h, w) with uint8 values -> (T, 3, size, size), bicubic without antialiasing, as torchvision
     resizes uint8 images on the CPU (the CPU path): the horizontal pass, rounded to uint8 levels, then the
-    vertical pass, rounded (within 1-2 levels of it; one pass without the rounding differs by up to ~15)."""
+    vertical pass, rounded (within 1-2 levels of it; one pass without the rounding differs by up to ~30 on noise)."""
     for out in ((clip.shape[-2], size), (size, size)):
         if tuple(clip.shape[-2:]) != out:
-            clip = F.interpolate(clip, size=out, mode="bicubic", align_corners=False, antialias=True)
+            clip = F.interpolate(clip, size=out, mode="bicubic", align_corners=False)
             clip = clip.round_().clamp_(0, 255)
     return clip
 

@@ -67,11 +67,12 @@ def resize(clip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def resize_uint8(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> uint8 (T, 3, size, size): bicubic with antialiasing (torchvision's
-    RandomResizedCrop default), on a channels-last view, which torch's vectorised uint8 kernel handles
-    about 15x faster than a float bicubic resize. Values stay in [0, 255]."""
+    """uint8 (T, H, W, 3) -> uint8 (T, 3, size, size): bicubic without antialiasing, as the original's
+    F.interpolate of its float views (a downscaled crop keeps the original's aliasing), on a channels-last view,
+    which torch's vectorised uint8 kernel handles ~15x faster than a float resize: two separable passes, each
+    rounded to uint8 levels (within 1-2 levels of the float resize where it stays in [0, 255])."""
     return TF.resize(frames.permute(0, 3, 1, 2), [size, size], interpolation=InterpolationMode.BICUBIC,
-                     antialias=True)
+                     antialias=False)
 
 
 def random_resized_crop_params(height: int, width: int, scale: Sequence[float],
@@ -198,7 +199,7 @@ def _frame_chunks(frames: int, per_chunk: int) -> list[tuple[int, int]]:
 def apply_view_params(frames: torch.Tensor, params: ViewParams, size: int,
                       positions: torch.Tensor | slice = slice(None)) -> torch.Tensor:
     """One view on the CPU: uint8 (T, H, W, 3) -> float (3, T, size, size). The view is frames[positions],
-    cropped before the gather (only the crop is copied), resized in uint8 (bicubic, antialiased) and
+    cropped before the gather (only the crop is copied), resized in uint8 (bicubic, no antialiasing) and
     flipped in uint8. Then, a chunk of frames (<= CHUNK_BYTES of floats, so the ~10 passes of the colour
     operations stay in the cache) at a time, written straight into the output's (3, T, size, size)
     layout: float in [0, 1], colour jitter, grayscale and normalisation, in place. The values are those of
@@ -227,7 +228,7 @@ class VideoDataAugmentationDINO:
     views first; output: float (3, T_v, size, size) normalised with the ImageNet statistics.
 
     Per view: RandomResizedCrop (global scale (0.4, 1) to global_size, local (0.05, 0.4) to local_size,
-    bicubic with antialiasing, values kept in [0, 1]); flip p=0.5 (none without `random_flip`, DATA.RANDOM_FLIP);
+    bicubic without antialiasing as the original, values kept in [0, 1]); flip p=0.5 (none without `random_flip`, DATA.RANDOM_FLIP);
     colour jitter p=0.8 (0.4, 0.4, 0.2, no hue, random order); grayscale p=0.2. Blur and solarisation are off
     (no-ops in the original).
     The parameters of every view are drawn first (`draw_params`, what the device path receives), then
@@ -252,7 +253,10 @@ class VideoDataAugmentationDINO:
 
     @property
     def sizes(self) -> list[int]:
-        """Output side of every view, the globals first."""
+        """Output side of every view, the globals first; with `no_spatial` every view is global-sized (the full
+        frame resized to the global size, as the original's DATA.NO_SPATIAL)."""
+        if self.no_spatial:
+            return [self.global_size] * (2 + self.local_crops_number)
         return [self.global_size] * 2 + [self.local_size] * self.local_crops_number
 
     def draw_params(self, height: int, width: int) -> list[ViewParams]:

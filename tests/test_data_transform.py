@@ -127,14 +127,15 @@ def test_random_flip_key_reaches_the_ssl_views_and_off_only_drops_the_flips(synt
     assert drawn == (reference if random_flip else [dataclasses.replace(p, flip=False) for p in reference])
 
 
-def test_no_spatial_is_full_frame_resize_and_imagenet_normalised():
+def test_no_spatial_is_full_frame_resize_to_the_global_size_and_imagenet_normalised():
+    """The original's DATA.NO_SPATIAL: every view, the locals too, is the full frame resized to the global size."""
     aug = VideoDataAugmentationDINO(global_size=8, local_size=4, local_crops_number=1, local_frames=(2,),
                                     no_spatial=True)
     frames = torch.full((2, 16, 16, 3), 128, dtype=torch.uint8)
     out = aug.from_union(frames, [torch.arange(2)] * 3)
     mean = torch.tensor(transform.IMAGENET_MEAN).view(3, 1, 1, 1)
     std = torch.tensor(transform.IMAGENET_STD).view(3, 1, 1, 1)
-    assert out[0].shape == (3, 2, 8, 8) and out[2].shape == (3, 2, 4, 4)
+    assert out[0].shape == (3, 2, 8, 8) and out[2].shape == (3, 2, 8, 8) and aug.sizes == [8, 8, 8]
     assert torch.allclose(out[0], ((128 / 255 - mean) / std).expand(3, 2, 8, 8), atol=1e-5)
 
 
@@ -158,12 +159,31 @@ def test_apply_view_params_crop_positions_flip_jitter_gray_hand_computed():
         torch.testing.assert_close(out[:, t], expected, rtol=0, atol=1e-5)
 
 
+def test_view_resize_is_the_originals_float_bicubic_without_antialiasing():
+    """The original resizes its float views with F.interpolate(bicubic), no antialiasing. Ours, on uint8, is within
+    2 levels of it on a smooth image and keeps its aliasing: 1-pixel stripes downscaled 2.5x stay high-contrast
+    (an antialiased resize would average them to flat grey, ~110 levels off)."""
+    def original(frames, size):
+        clip = frames.permute(0, 3, 1, 2).float() / 255
+        return torch.nn.functional.interpolate(clip, size=(size, size), mode="bicubic", align_corners=False) * 255
+
+    torch.manual_seed(0)
+    coarse = torch.nn.functional.interpolate(torch.rand(3, 3, 8, 10), size=(90, 120), mode="bicubic",
+                                             align_corners=False)
+    smooth = (coarse.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert (transform.resize_uint8(smooth, 50).float() - original(smooth, 50)).abs().max() <= 2
+    stripes = torch.zeros(2, 100, 100, 3, dtype=torch.uint8)
+    stripes[:, :, ::2] = 255
+    ours, theirs = transform.resize_uint8(stripes, 40).float(), original(stripes, 40).clamp(0, 255)
+    assert (ours - theirs).abs().max() <= 1 and ours.std() > 80
+
+
 def _torchvision_view(frames, params, size, positions):
     """The view as torchvision's ops on the (T, 3, H, W) clip, one full-clip op after another: the
     reference apply_view_params must equal bit for bit."""
     top, left, h, w = params.box
     clip = TF.resize(frames[positions][:, top:top + h, left:left + w].permute(0, 3, 1, 2), [size, size],
-                     interpolation=InterpolationMode.BICUBIC, antialias=True).float() / 255
+                     interpolation=InterpolationMode.BICUBIC, antialias=False).float() / 255
     if params.flip:
         clip = TF.horizontal_flip(clip)
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)

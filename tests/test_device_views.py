@@ -17,7 +17,10 @@ from datasets.seeding import SeededDataset
 from datasets.synthetic import write_video
 
 # One uint8 level after normalisation is 1 / 255 / std ~ 0.0175; the device resize is within 1-2 levels of
-# torchvision's uint8 kernel, and jitter factors up to 1.4 scale that.
+# torchvision's uint8 kernel (its fixed-point weights: a level apart for ~0.3% of the values of a generic
+# downscale, ~5% of an upscale, as the small crops of these 64 x 64 videos do, ~13% of the exact halving and
+# quartering of DATA.NO_SPATIAL here), and jitter factors up to 1.4 scale that. A wrong crop, frame or jitter
+# is many levels off.
 LEVEL = 1 / 255 / min(transform.IMAGENET_STD)
 
 
@@ -38,7 +41,7 @@ def _assert_views_close(device_views, cpu_views):
     assert [tuple(v.shape) for v in device_views] == [tuple(v.shape) for v in cpu_views]
     for d, c in zip(device_views, cpu_views):
         diff = (d.cpu() - c).abs()
-        assert diff.max() < 3 * LEVEL and diff.mean() < 0.02 * LEVEL
+        assert diff.max() < 3 * LEVEL and diff.mean() < 0.2 * LEVEL
 
 
 @pytest.mark.parametrize("key", ["DATA.DECODE_DEVICE", "DATA.AUGMENT_DEVICE"])
