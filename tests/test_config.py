@@ -60,6 +60,16 @@ def test_odd_opts_is_an_error():
         load_config_from(DEFAULT_CFG, ["DATA.NUM_FRAMES"])
 
 
+def test_opts_given_twice_is_an_error():
+    # argparse's REMAINDER puts the second --opts among the first one's items, pair count even or odd
+    for argv in (["--opts", "DATA.NUM_FRAMES", "4", "--opts", "MODEL.DEPTH", "2"],
+                 ["--opts", "DATA.NUM_FRAMES", "--opts", "MODEL.DEPTH", "2"]):
+        args = _parse(argv)
+        assert "--opts" in args.opts
+        with pytest.raises(ValueError, match="--opts given twice: put all KEY VALUE pairs after one --opts"):
+            load_config(args)
+
+
 def test_yaml_with_unknown_key_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("SOLVER:\n  BASE_LR: 0.1\n")

@@ -96,6 +96,8 @@ def load_config_from(cfg_file: str | None = None, opts: Sequence[str] | None = N
         except KeyError as err:
             raise KeyError(_unknown_yaml_keys_message(cfg, cfg_file, err)) from None
     if opts:
+        if "--opts" in opts:  # argparse's REMAINDER hands a second --opts (and what follows) to the first
+            raise ValueError(f"--opts given twice: put all KEY VALUE pairs after one --opts (got {list(opts)})")
         if len(opts) % 2:
             raise ValueError(f"--opts takes KEY VALUE pairs, got an odd number of items: {list(opts)}")
         for key in opts[0::2]:
