@@ -17,7 +17,8 @@
 #   DRY_RUN      1: print the commands instead of running them
 # Precision is --amp_dtype auto: bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16 / AMX), fp32 on
 # other CPUs (emulated bf16 is ~60x slower there); the training log says which and why.
-# Extra arguments go to train_ssl.py (an `--opts KEY VALUE ...` of yours must come last).
+# Extra arguments go to train_ssl.py; an `--opts KEY VALUE ...` of yours is appended after the demo's own, so its
+# values win.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -69,6 +70,7 @@ stamp "1/5 dependencies"
 run env PYTHON="$PYTHON" bash scripts/install_deps.sh
 source scripts/common.sh
 lend_ffmpeg   # no system FFmpeg (no root for apt): torchcodec gets PyAV's
+split_user_args "$@"
 
 if [[ ! -f "$DATA_PATH/annotations/train.csv" ]]; then
     stamp "2/5 generating the synthetic motion videos in $DATA_PATH"
@@ -98,7 +100,8 @@ run "$PYTHON" train_ssl.py --arch "$ARCH" --out_dim "$OUT_DIM" --seed "$SEED" --
     --num_workers "$NUM_WORKERS" --log_freq 5 \
     --knn_freq 1 --nb_knn "${KNN_K[0]}" --knn_data_path "$DATA_PATH/knn_splits" --knn_path_prefix "$DATA_PATH/videos" \
     --eval_batch_size_per_gpu 64 \
-    --data_path "$DATA_PATH/annotations" --output_dir "$DEMO_OUT/ssl" "$@" --opts "${data_opts[@]}"
+    --data_path "$DATA_PATH/annotations" --output_dir "$DEMO_OUT/ssl" \
+    ${user_args[@]+"${user_args[@]}"} --opts "${data_opts[@]}" ${user_opts[@]+"${user_opts[@]}"}
 
 # The probe's own recipe (eval_linear.py's default stays the paper's raw features at lr 0.001): the features
 # standardised first (--feature_bn, MAE's linear probe; raw, they are dominated by a direction every video
