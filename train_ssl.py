@@ -72,8 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # teacher sharpening
     parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
-                        help="""Teacher temperature at the start of its warm-up. 0.04 is SVT's value;
-        if the loss does not go down (collapse), lower it.""")
+                        help="""Teacher temperature at the start of its warm-up (0.04 in SVT). Used only when
+        --warmup_teacher_temp_epochs > 0; with SVT's 0, --teacher_temp is the temperature from the first epoch, and
+        that is the one to lower if the loss does not go down (collapse).""")
     parser.add_argument("--teacher_temp", default=0.04, type=float, help="""Teacher temperature after the warm-up.
         Sharper (lower) targets avoid collapse; values above about 0.07 tend to be unstable.""")
     parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
@@ -238,7 +239,8 @@ def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS, exit_after_st
                                                    stop=stop)
 
             warning = "loss" in train_stats and collapse_warning(train_stats["loss"],
-                                                                 train_stats["target_mean_entropy"], args.out_dim)
+                                                                 train_stats["target_mean_entropy"], args.out_dim,
+                                                                 args.warmup_teacher_temp_epochs)
             if warning:
                 print(f"Epoch {epoch}: {warning}")
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
@@ -712,16 +714,19 @@ def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Te
     torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
 
 
-def collapse_warning(epoch_loss: float, mean_target_entropy: float, out_dim: int,
+def collapse_warning(epoch_loss: float, mean_target_entropy: float, out_dim: int, warmup_teacher_temp_epochs: int = 0,
                      tolerance: float = 0.005, one_prototype: float = 0.1) -> str | None:
     """A warning when the epoch shows one of DINO's two collapses: the mean loss within `tolerance`
     (relative) of ln(out_dim), the cross-entropy of uniform targets; or the entropy of the batch-mean
-    teacher target below `one_prototype` x ln(out_dim), i.e. every clip gets (almost) the same prototype."""
+    teacher target below `one_prototype` x ln(out_dim), i.e. every clip gets (almost) the same prototype.
+    --warmup_teacher_temp is advised only when its warm-up runs (`warmup_teacher_temp_epochs` > 0)."""
     uniform = math.log(out_dim)
     if abs(epoch_loss - uniform) <= tolerance * uniform:
+        warmup = (f", and --warmup_teacher_temp, where its {warmup_teacher_temp_epochs}-epoch warm-up starts"
+                  if warmup_teacher_temp_epochs > 0 else "")
         return (f"WARNING: the loss ({epoch_loss:.4f}) sits at ln(out_dim) = {uniform:.4f}: the teacher's targets "
-                "are uniform (collapse) and the features stop improving. Sharpen the teacher (lower "
-                "--teacher_temp / --warmup_teacher_temp), add --use_bn_in_head True, or give the data more "
+                f"are uniform (collapse) and the features stop improving. Sharpen the teacher (lower "
+                f"--teacher_temp{warmup}), add --use_bn_in_head True, or give the data more "
                 "variety (common with small, uniform-looking data sets and small batches).")
     if mean_target_entropy < one_prototype * uniform:
         return (f"WARNING: the batch-mean teacher target has an entropy of {mean_target_entropy:.3f} nats "

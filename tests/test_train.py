@@ -883,6 +883,9 @@ def test_collapse_warning_uniform_targets_and_one_prototype():
     assert train_ssl.collapse_warning(math.log(512) * 0.99, healthy, 512) is None
     msg = train_ssl.collapse_warning(6.2389, math.log(512), 512)
     assert msg and "ln(out_dim) = 6.2383" in msg and "--teacher_temp" in msg and "--use_bn_in_head" in msg
+    assert "--warmup_teacher_temp" not in msg  # SVT's default: no warm-up, so that flag does nothing
+    msg = train_ssl.collapse_warning(6.2389, math.log(512), 512, warmup_teacher_temp_epochs=30)
+    assert "lower --teacher_temp, and --warmup_teacher_temp, where its 30-epoch warm-up starts" in msg
     assert train_ssl.collapse_warning(math.log(65536), math.log(65536), 65536)
     # One prototype for every clip: a low loss, but the batch-mean target has (almost) no entropy.
     msg = train_ssl.collapse_warning(0.03, 0.005, 512)
