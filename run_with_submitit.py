@@ -43,8 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--nodes", default=1, type=int, help="Nodes to request.")
     group.add_argument("--timeout", default=4320, type=int, help="""Job time limit in minutes (4320 = 72 h, as
         scripts/slurm_train.sh). A job that reaches it is requeued and resumes from checkpoint.pth at most
-        --max_num_timeout times; preemptions are always requeued. Work since the last checkpoint.pth is
-        redone: with long epochs set --saveckp_iters.""")
+        --max_num_timeout times; preemptions are always requeued. Nothing is redone: on submitit's signal (120 s
+        before the end) every rank stops at the same step and writes checkpoint.pth first. --saveckp_iters only
+        guards against a kill that comes without that signal (a node failure, a job killed out of memory).""")
     group.add_argument("--max_num_timeout", default=3, type=int, help="""How many times a job that reached
         --timeout is requeued (submitit's default 3). Raise it when the run needs more than (1 + this) time
         limits, e.g. on a partition capped at 24 h.""")
