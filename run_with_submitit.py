@@ -19,6 +19,7 @@ import signal
 from pathlib import Path
 
 import train_ssl
+from datasets.video_dataset import read_video_list
 from utils import preemption, utils
 
 ROOT = Path(__file__).resolve().parent
@@ -122,9 +123,11 @@ def main(argv: list[str] | None = None, cluster: str | None = None):
     submitit = import_submitit()
     args.output_dir = os.path.abspath(args.output_dir)
     job_dir = os.path.abspath(args.job_dir or os.path.join(args.output_dir, "submitit"))
-    # Fail here rather than after the wait in the queue: the train list, the config and --opts keys, the flags,
-    # the folders.
-    train_ssl.prepare_config(copy.deepcopy(args))
+    # Fail here rather than after the wait in the queue: the train list and its video paths under
+    # DATA.PATH_PREFIX (checked to exist, not decoded), the config and --opts keys, the flags, the folders.
+    cfg = train_ssl.prepare_config(copy.deepcopy(args))
+    read_video_list(os.path.join(cfg.DATA.PATH_TO_DATA_DIR, "train.csv"), cfg.DATA.PATH_PREFIX,
+                    cfg.DATA.PATH_LABEL_SEPARATOR)
     train_ssl.check_args(args)
     utils.check_writable_dir(args.output_dir)
     utils.check_writable_dir(job_dir, "--job_dir")

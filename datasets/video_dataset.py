@@ -100,6 +100,14 @@ def check_paths_resolve(paths: list[str], list_file: str, prefix: str, probes: i
         f"list's paths are relative to (e.g. --opts DATA.PATH_PREFIX /data/k400/videos), or fix the list.")
 
 
+def read_video_list(list_file: str, prefix: str, separator: str = " ") -> list[dict]:
+    """The lines of a `path<sep>label` list as [{"path", "label"}], each path joined to `prefix` (DATA.PATH_PREFIX);
+    a prefix under which none of the checked paths is a file is an error (check_paths_resolve). Opens no video."""
+    records = [{"path": os.path.join(prefix, p), "label": y} for p, y in parse_list_file(list_file, separator)]
+    check_paths_resolve([r["path"] for r in records], list_file, prefix)
+    return records
+
+
 def _malformed_hint(line: str, number: int) -> str:
     """The likely cause of a malformed list line, and the fix."""
     if "youtube_id" in line:
@@ -318,10 +326,7 @@ class VideoDataset(Dataset):
         data = self.cfg.DATA
         if self.lists.frame_folders:
             return load_ssv2_list(data.PATH_TO_DATA_DIR, self.mode, self.list_file, data.PATH_PREFIX)
-        records = [{"path": os.path.join(data.PATH_PREFIX, p), "label": y}
-                   for p, y in parse_list_file(self.list_file, data.PATH_LABEL_SEPARATOR)]
-        check_paths_resolve([r["path"] for r in records], self.list_file, data.PATH_PREFIX)
-        return records
+        return read_video_list(self.list_file, data.PATH_PREFIX, data.PATH_LABEL_SEPARATOR)
 
     def __len__(self) -> int:
         return self.num_videos * self.num_clips_per_video

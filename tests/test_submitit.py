@@ -68,8 +68,12 @@ def _unset(monkeypatch, names) -> None:
 
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
+    """annotations/train.csv naming videos/a.mp4 by its absolute path (found with no DATA.PATH_PREFIX), an empty
+    file: the submission only checks that it exists, a decode would fail."""
     (tmp_path / "annotations").mkdir()
-    (tmp_path / "annotations" / "train.csv").write_text("a.mp4 0\n")
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").touch()
+    (tmp_path / "annotations" / "train.csv").write_text(f"{tmp_path / 'videos' / 'a.mp4'} 0\n")
     return tmp_path / "annotations"
 
 
@@ -154,6 +158,25 @@ def test_bad_input_fails_at_submission_not_in_the_queue(fake_submitit, data_dir,
     with pytest.raises((FileNotFoundError, KeyError, ValueError), match=error):
         run_with_submitit.main(["--output_dir", str(tmp_path / "run"), *argv])
     assert FakeExecutor.created == []
+
+
+def test_a_wrong_path_prefix_fails_at_submission_and_the_right_one_submits(fake_submitit, tmp_path):
+    """The train list's paths are relative (as Kinetics lists are): without DATA.PATH_PREFIX, or with a wrong one,
+    none of them exists and nothing is queued; with the videos' folder the job is submitted, its (empty) videos
+    never opened."""
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "videos" / "abseiling").mkdir(parents=True)
+    lines = [f"abseiling/{i}.mp4 0" for i in range(3)]
+    (tmp_path / "annotations" / "train.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "videos" / "abseiling" / "1.mp4").touch()
+    argv = ["--data_path", str(tmp_path / "annotations"), "--output_dir", str(tmp_path / "run")]
+    for prefix in ([], ["--opts", "DATA.PATH_PREFIX", str(tmp_path / "annotations")]):
+        with pytest.raises(FileNotFoundError, match=r"train\.csv: none of 3 checked videos exists, e\.g\. "
+                                                    r"'.*abseiling/0\.mp4'.*Set DATA\.PATH_PREFIX"):
+            run_with_submitit.main([*argv, *prefix])
+        assert FakeExecutor.created == []
+    job = run_with_submitit.main([*argv, "--opts", "DATA.PATH_PREFIX", str(tmp_path / "videos")])
+    assert job.job_id == "4242" and len(FakeExecutor.created[0].submitted) == 1
 
 
 def test_task_environment_is_what_init_distributed_mode_reads(fake_submitit, monkeypatch):
