@@ -103,6 +103,13 @@ def test_run_knn_takes_num_classes_from_labels():
     assert acc[3] == (pytest.approx(200 / 3), pytest.approx(100.0))
 
 
+def test_run_knn_notes_a_k_larger_than_the_train_bank(capsys):
+    acc = run_knn(TRAIN, TEST, TRAIN_LABELS, TEST_LABELS, [5, 7], 0.07, torch.device("cpu"))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note:")]
+    assert notes == ["Note: k=7 is larger than the train bank (5 videos): the 7-NN votes use all 5."]
+    assert acc[7] == acc[5]  # the whole bank either way
+
+
 # ------------------------------------------------------------------------------------------------------
 # Gathering and distributed extraction
 # ------------------------------------------------------------------------------------------------------

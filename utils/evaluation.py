@@ -350,11 +350,15 @@ def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, tes
 
 def run_knn(train_features, test_features, train_labels, test_labels, nb_knn: Sequence[int], T: float,
             device: torch.device) -> dict:
-    """{k: (top1, top5)} for each k; the bank is moved to `device` once."""
+    """{k: (top1, top5)} for each k; the bank is moved to `device` once. A k above the bank's size votes with the
+    whole bank (a note says so)."""
     num_classes = int(max(train_labels.max(), test_labels.max() if test_labels.numel() else 0)) + 1
     train_features = train_features.to(device)
+    bank = train_features.shape[0]
     results = {}
     for k in nb_knn:
+        if k > bank:
+            print(f"Note: k={k} is larger than the train bank ({bank} videos): the {k}-NN votes use all {bank}.")
         top1, top5 = knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes)
         print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
         results[k] = (top1, top5)
