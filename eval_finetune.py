@@ -50,7 +50,7 @@ from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, che
                               derived_config, extract_features_and_labels, make_loader, multi_view_stats,
                               note_ssl_view_keys, resolve_num_labels, single_clip_config, single_view_stats, to_device,
                               topk_hits)
-from utils.parser import add_config_args, load_config_from
+from utils.parser import add_config_args, check_clip_sizes, load_config_from
 
 CHECKPOINT_NAME = "checkpoint.pth"
 RESULTS_NAME = "finetune_results.json"
@@ -366,6 +366,7 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
     if args.accum_iter < 1:
         raise ValueError(f"--accum_iter must be at least 1, got {args.accum_iter}")
     cfg = finetune_config(args)
+    check_clip_sizes(cfg, args.patch_size, train_clips=not args.evaluate, slowfast=args.slowfast_eval)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     note_ssl_view_keys(cfg)
     device = utils.default_device()

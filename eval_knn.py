@@ -24,7 +24,7 @@ from utils import utils
 from utils.evaluation import (ReturnIndexLabelDataset, build_train_bank_dataset, drop_skipped,
                               extract_features_and_labels, load_backbone, make_loader, note_ssl_view_keys, run_knn,
                               single_clip_config)
-from utils.parser import add_config_args, load_config
+from utils.parser import add_config_args, check_clip_sizes, load_config
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -73,6 +73,8 @@ def main(args) -> dict | None:
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     cfg = load_config(args)
+    if not args.load_features:  # clips are decoded
+        check_clip_sizes(cfg, args.patch_size, train_clips=args.train_aug)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     note_ssl_view_keys(cfg)
     device = utils.default_device()

@@ -40,7 +40,7 @@ from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, cli
                               derived_config, extract_features_and_labels, load_backbone, make_loader, multi_view_stats,
                               note_ssl_view_keys, require_readable, resolve_num_labels, single_clip_config,
                               single_view_stats, skipped_video_ids, to_device)
-from utils.parser import add_config_args, load_config
+from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
@@ -120,11 +120,12 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     cfg = load_config(args)
+    evaluate_only = args.evaluate or bool(args.lc_pretrained_weights)
+    check_clip_sizes(cfg, args.patch_size, train_clips=not evaluate_only, slowfast=args.slowfast_eval)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     note_ssl_view_keys(cfg)
     device = utils.default_device()
     utils.check_writable_dir(args.output_dir)
-    evaluate_only = args.evaluate or bool(args.lc_pretrained_weights)
     if utils.is_main_process():
         if not evaluate_only:  # an --evaluate next to a training run must not delete the save it is writing
             remove_stale_temp_files(args.output_dir)

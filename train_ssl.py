@@ -40,7 +40,7 @@ from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_ob
                               load_imagenet_init, load_pretrained_weights, remove_stale_temp_files,
                               restart_from_checkpoint, restore_epoch_meters, restore_rng, safe_torch_load)
 from utils.evaluation import OnlineKNN
-from utils.parser import add_config_args, load_config, note_unused_keys
+from utils.parser import add_config_args, check_clip_sizes, load_config, note_unused_keys
 
 ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
 
@@ -578,6 +578,7 @@ def check_args(args) -> None:
 def prepare_config(args):
     """The fvcore config with --data_path applied; checks that the train list exists."""
     cfg = load_config(args).clone()
+    check_clip_sizes(cfg, args.patch_size, eval_clips=args.knn_freq > 0, ssl_views=True)
     cfg.defrost()
     if args.data_path:
         cfg.DATA.PATH_TO_DATA_DIR = args.data_path

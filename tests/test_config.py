@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.parser import DEFAULT_CFG, add_config_args, load_config, load_config_from
+from utils.parser import DEFAULT_CFG, add_config_args, check_clip_sizes, load_config, load_config_from
 
 ORIGINAL_TRAIN_OPTS = ["MODEL.TWO_STREAM", "False", "MODEL.TWO_TOKEN", "False", "DATA.NO_FLOW_AUG", "False",
                        "DATA.USE_FLOW", "False", "DATA.RAND_CONV", "False", "DATA.NO_SPATIAL", "False"]
@@ -272,17 +272,90 @@ def test_every_option_of_the_entry_scripts_is_read():
 def test_every_entry_script_rejects_an_unknown_opts_key_by_name(script, run, tmp_path):
     """Each job, run as its command line runs it, refuses a misspelt key before any work, naming it and the real
     one (run_with_submitit: tests/test_submitit.py)."""
+    with pytest.raises(KeyError, match=r"unknown config key 'DATA\.SAMPLING_RAT'\. Did you mean DATA\.SAMPLING_RATE"
+                       r"\?"):
+        _run_entry(script, run, ["--output_dir", str(tmp_path), "--opts", "DATA.SAMPLING_RAT", "4"])
+
+
+def _run_entry(script: str, run: str, argv: list[str]) -> None:
+    """Run an entry script's job in-process as its command line runs it, then undo its process-wide changes."""
     import builtins
 
     import torch.distributed as dist
     module = __import__(script)
-    args = module.get_args_parser().parse_args(["--output_dir", str(tmp_path), "--opts", "DATA.SAMPLING_RAT", "4"])
+    args = module.get_args_parser().parse_args(argv)
     print_ = builtins.print
     try:
-        with pytest.raises(KeyError, match=r"unknown config key 'DATA\.SAMPLING_RAT'\. Did you mean DATA\.SAMPLING_RATE"
-                           r"\?"):
-            getattr(module, run)(args)
+        getattr(module, run)(args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         builtins.print = print_  # init_distributed_mode silences non-main ranks by replacing print
+
+
+TINY_SIZES = ["DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16", "DATA.TEST_CROP_SIZE", "32",
+              "DATA.TRAIN_JITTER_SCALES", "[32,32]", "TEST.NUM_SPATIAL_CROPS", "1"]
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("DATA.SAMPLING_RATE", "0", "must be >= 1"), ("DATA.SAMPLING_RATE", "-4", "must be >= 1"),
+    ("DATA.NUM_FRAMES", "0", "must be >= 1"), ("DATA.TEST_CROP_SIZE", "0", "must be >= 1"),
+    ("TEST.NUM_ENSEMBLE_VIEWS", "0", "must be >= 1"), ("MODEL.DEPTH", "-1", "must be >= 0"),
+    ("DATA.TARGET_FPS", "0", "must be > 0"), ("DATA.LOCAL_NUM_FRAMES", "[2, 0]", "every frame count"),
+    ("MODEL.DROP_PATH_RATE", "1.5", "0 <= rate < 1"), ("MODEL.DROP_PATH_RATE", "-1.0", "0 <= rate < 1"),
+    ("MODEL.DROP_PATH_RATE", "1.0", "0 <= rate < 1"), ("TEST.NUM_SPATIAL_CROPS", "2", "1 .centre crop. or 3"),
+    ("DATA.MEAN", "[0.45, 0.45]", "3 in all"), ("DATA.STD", "[0.2, 0.2, 0.2, 0.2]", "3 in all"),
+    ("DATA.STD", "[0.2, 0.0, 0.2]", "must be > 0"),
+    ("DATA.TRAIN_JITTER_SCALES", "[320, 256]", "1 <= MIN <= MAX"), ("DATA.TRAIN_JITTER_SCALES", "[256]", "MIN"),
+])
+def test_a_value_no_run_can_use_is_an_error_naming_the_key(key, value, says):
+    with pytest.raises(ValueError, match=rf"^{key.replace('.', '[.]')} .*{says}"):
+        load_config_from(DEFAULT_CFG, [key, value])
+
+
+def test_edge_values_that_runs_use_still_load():
+    cfg = load_config_from(DEFAULT_CFG, TINY_SIZES + ["DATA.SAMPLING_RATE", "1", "MODEL.DROP_PATH_RATE", "0.0",
+                                                      "DATA.MEAN", "[0.0, 0.0, 0.0]", "DATA.STD", "[1.0, 1.0, 1.0]"])
+    assert (cfg.DATA.SAMPLING_RATE, cfg.MODEL.DROP_PATH_RATE, cfg.TEST.NUM_SPATIAL_CROPS) == (1, 0.0, 1)
+    check_clip_sizes(cfg, 16, train_clips=True, slowfast=True, ssl_views=True)
+    check_clip_sizes(load_config_from(DEFAULT_CFG), 16, train_clips=True, slowfast=True, ssl_views=True)
+
+
+def test_a_crop_larger_than_the_resized_short_side_names_both_keys():
+    cfg = load_config_from(DEFAULT_CFG, TINY_SIZES + ["DATA.TEST_CROP_SIZE", "64"])
+    with pytest.raises(ValueError, match=r"DATA\.TEST_CROP_SIZE 64 is larger than the short side "
+                                         r"DATA\.TRAIN_JITTER_SCALES\[0\] 32 .* \[64, 64\] or more"):
+        check_clip_sizes(cfg, 16)
+    cfg = load_config_from(DEFAULT_CFG, TINY_SIZES + ["DATA.TRAIN_CROP_SIZE", "48"])
+    check_clip_sizes(cfg, 16)  # only the clips the evaluation scripts train on are cut at TRAIN_CROP_SIZE
+    check_clip_sizes(cfg, 16, ssl_views=True)  # the SSL views are resized crops of any size
+    with pytest.raises(ValueError, match=r"DATA\.TRAIN_CROP_SIZE 48 is larger .* \[48, 48\]"):
+        check_clip_sizes(cfg, 16, train_clips=True)
+
+
+def test_a_crop_that_is_not_a_multiple_of_the_patch_size_names_the_key_and_the_flag():
+    cfg = load_config_from(DEFAULT_CFG, TINY_SIZES + ["DATA.LOCAL_CROP_SIZE", "20"])
+    check_clip_sizes(cfg, 16, train_clips=True)  # no fast clip, no SSL view: LOCAL_CROP_SIZE unused
+    for uses in ({"slowfast": True}, {"ssl_views": True}):
+        with pytest.raises(ValueError, match=r"DATA\.LOCAL_CROP_SIZE 20 is not a multiple of the patch size 16 "
+                                             r"\(--patch_size\): pass DATA\.LOCAL_CROP_SIZE 16"):
+            check_clip_sizes(cfg, 16, **uses)
+    check_clip_sizes(cfg, 4, slowfast=True)
+    cfg = load_config_from(DEFAULT_CFG, TINY_SIZES + ["DATA.TRAIN_JITTER_SCALES", "[16,16]",
+                                                      "DATA.TEST_CROP_SIZE", "8"])
+    with pytest.raises(ValueError, match=r"DATA\.TEST_CROP_SIZE 8 is not a multiple of the patch size 16 .* "
+                                         r"DATA\.TEST_CROP_SIZE 16 or another"):
+        check_clip_sizes(cfg, 16)
+
+
+@pytest.mark.parametrize("script, run, opts, says", [
+    ("train_ssl", "train_svt", ["DATA.LOCAL_CROP_SIZE", "20"], r"DATA\.LOCAL_CROP_SIZE 20 is not a multiple"),
+    ("eval_linear", "eval_linear", ["DATA.TEST_CROP_SIZE", "64"], r"DATA\.TEST_CROP_SIZE 64 is larger"),
+    ("eval_knn", "main", ["DATA.TEST_CROP_SIZE", "64"], r"DATA\.TEST_CROP_SIZE 64 is larger"),
+    ("eval_finetune", "eval_finetune", ["DATA.TRAIN_JITTER_SCALES", "[16,16]", "DATA.TEST_CROP_SIZE", "16"],
+     r"DATA\.TRAIN_CROP_SIZE 32 is larger .*\[0\] 16 "),
+])
+def test_every_entry_script_checks_its_clip_sizes_before_any_work(script, run, opts, says, tmp_path):
+    """The sizes are checked before any data is read (the lists here do not exist), with the script's --patch_size."""
+    with pytest.raises(ValueError, match=says):
+        _run_entry(script, run, ["--output_dir", str(tmp_path / "out"), "--opts", *TINY_SIZES, *opts])

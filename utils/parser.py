@@ -83,6 +83,67 @@ def _check(cfg: CfgNode) -> None:
     if cfg.DATA.DECODING_BACKEND not in ("auto", "torchcodec", "decord", "pyav"):
         raise ValueError(f"DATA.DECODING_BACKEND {cfg.DATA.DECODING_BACKEND!r} is not one of auto, torchcodec, "
                          "decord, pyav.")
+    _check_ranges(cfg)
+
+
+def _at_least(cfg: CfgNode, minimum: int, keys: Sequence[str], what: str) -> None:
+    for key in keys:
+        if _value(cfg, key) < minimum:
+            raise ValueError(f"{key} {_value(cfg, key)}: {what} must be >= {minimum}.")
+
+
+def _check_ranges(cfg: CfgNode) -> None:
+    """Values no run can use (a stride of 0 repeats one frame, a 2-entry mean fails later in a broadcast), each
+    an error naming the key and what it takes."""
+    data = cfg.DATA
+    _at_least(cfg, 1, ("DATA.NUM_FRAMES", "DATA.SAMPLING_RATE", "DATA.TRAIN_CROP_SIZE", "DATA.LOCAL_CROP_SIZE",
+                       "DATA.TEST_CROP_SIZE", "DATA.DEVICE_DECODE_THREADS", "TEST.NUM_ENSEMBLE_VIEWS"),
+              "a count or size in frames/pixels")
+    _at_least(cfg, 0, ("MODEL.DEPTH",), "a block count (0 keeps the architecture's)")
+    if data.TARGET_FPS <= 0:
+        raise ValueError(f"DATA.TARGET_FPS {data.TARGET_FPS}: a frame rate must be > 0 (SVT's: 30).")
+    for key in ("DATA.GLOBAL_NUM_FRAMES", "DATA.LOCAL_NUM_FRAMES"):
+        if any(int(n) < 1 for n in _value(cfg, key)):
+            raise ValueError(f"{key} {list(_value(cfg, key))}: every frame count must be >= 1.")
+    scales = list(data.TRAIN_JITTER_SCALES)
+    if len(scales) != 2 or not 1 <= scales[0] <= scales[1]:
+        raise ValueError(f"DATA.TRAIN_JITTER_SCALES {scales}: give the short-side range [MIN, MAX] in pixels with "
+                         "1 <= MIN <= MAX (SVT's: [256, 320]).")
+    if not 0 <= cfg.MODEL.DROP_PATH_RATE < 1:
+        raise ValueError(f"MODEL.DROP_PATH_RATE {cfg.MODEL.DROP_PATH_RATE}: a drop probability takes 0 <= rate < 1 "
+                         "(SVT's: 0.1).")
+    if cfg.TEST.NUM_SPATIAL_CROPS not in (1, 3):
+        raise ValueError(f"TEST.NUM_SPATIAL_CROPS {cfg.TEST.NUM_SPATIAL_CROPS}: 1 (centre crop) or 3 "
+                         "(left/centre/right) are supported, as in the original.")
+    for key, svt in (("DATA.MEAN", 0.45), ("DATA.STD", 0.225)):
+        if len(_value(cfg, key)) != 3:
+            raise ValueError(f"{key} {list(_value(cfg, key))}: give one value per RGB channel, 3 in all (SVT's: "
+                             f"{[svt] * 3}).")
+    if min(data.STD) <= 0:
+        raise ValueError(f"DATA.STD {list(data.STD)}: each value divides the clip, so it must be > 0.")
+
+
+def check_clip_sizes(cfg: CfgNode, patch_size: int, *, eval_clips: bool = True, train_clips: bool = False,
+                     slowfast: bool = False, ssl_views: bool = False) -> None:
+    """Crop sizes a run can cut and its backbone (patches of `patch_size`, the script's --patch_size) can take,
+    before any data is read. eval_clips: val/test clips (short side TRAIN_JITTER_SCALES[0], or TEST_CROP_SIZE with
+    3 spatial crops, then a TEST_CROP_SIZE crop); train_clips: the clips the evaluation scripts train on (short side
+    in TRAIN_JITTER_SCALES, then a TRAIN_CROP_SIZE crop); slowfast: the LOCAL_CROP_SIZE fast clip; ssl_views: the
+    SSL views (TRAIN_CROP_SIZE globals, LOCAL_CROP_SIZE locals)."""
+    data, scale = cfg.DATA, cfg.DATA.TRAIN_JITTER_SCALES[0]
+    crops = {"DATA.TEST_CROP_SIZE": eval_clips, "DATA.TRAIN_CROP_SIZE": train_clips or ssl_views,
+             "DATA.LOCAL_CROP_SIZE": slowfast or ssl_views}
+    for key, used in crops.items():
+        if used and _value(cfg, key) % patch_size:
+            size = _value(cfg, key)
+            raise ValueError(f"{key} {size} is not a multiple of the patch size {patch_size} (--patch_size): pass "
+                             f"{key} {max(patch_size, size // patch_size * patch_size)} or another multiple.")
+    for key, used in (("DATA.TEST_CROP_SIZE", eval_clips), ("DATA.TRAIN_CROP_SIZE", train_clips)):
+        if used and _value(cfg, key) > scale:
+            raise ValueError(f"{key} {_value(cfg, key)} is larger than the short side DATA.TRAIN_JITTER_SCALES[0] "
+                             f"{scale} the clips are resized to before that crop: raise DATA.TRAIN_JITTER_SCALES to "
+                             f"[{_value(cfg, key)}, {max(data.TRAIN_JITTER_SCALES[1], _value(cfg, key))}] or more, "
+                             f"or lower {key} (SVT's: TRAIN_JITTER_SCALES [256, 320], crops 224).")
 
 
 def load_config_from(cfg_file: str | None = None, opts: Sequence[str] | None = None) -> CfgNode:
