@@ -37,7 +37,7 @@ from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_h
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import preemption, utils
 from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_objects, gather_rng_states,
-                              load_imagenet_init, load_pretrained_weights, remove_stale_temp_files,
+                              image_model_advice, load_imagenet_init, load_pretrained_weights, remove_stale_temp_files,
                               restart_from_checkpoint, restore_epoch_meters, restore_rng, safe_torch_load)
 from utils.evaluation import OnlineKNN
 from utils.parser import add_config_args, check_clip_sizes, load_config, note_unused_keys
@@ -483,6 +483,8 @@ def load_pretrained_rgb(backbone: nn.Module, path: str) -> None:
     """--pretrained_rgb: the backbone of the checkpoint's teacher (or the released flat file), every weight, as
     the original's strict load; a file that lacks some (an image ViT, another depth) or has extra ones is an error."""
     summary = load_pretrained_weights(backbone, path, checkpoint_key="teacher")
+    if summary.image_model:
+        raise ValueError(image_model_advice(path, "--pretrained_rgb"))
     if summary.missing or summary.unexpected:
         raise ValueError(
             f"--pretrained_rgb {path}: its teacher backbone does not fit --arch with this config: "

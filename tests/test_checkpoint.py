@@ -109,7 +109,8 @@ def test_wrong_files_fail_loudly(tmp_path):
         load_pretrained_weights(tiny(0), tmp_path / "nowhere.pth")
     unrelated = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(3), "fc.bias": torch.zeros(2)}, unrelated)
-    with pytest.raises(ValueError, match="no key of .*resnet.pth"):
+    with pytest.raises(ValueError, match=r"no key of .*resnet.pth.*Pass an SVT checkpoint .*; an ImageNet/DINO ViT "
+                                         r"is the spatial init, --opts TIMESFORMER\.PRETRAINED_MODEL"):
         load_pretrained_weights(tiny(0), unrelated)
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"obj": NotAllowed()}, unsafe)
@@ -126,10 +127,10 @@ def test_shape_mismatch_names_the_key(tmp_path):
         load_pretrained_weights(tiny(0), path)
 
 
-def image_vit_state(seed: int, img_size: int = 32, num_classes: int = 10) -> dict:
+def image_vit_state(seed: int, img_size: int = 32, num_classes: int = 10, embed_dim: int = 48) -> dict:
     torch.manual_seed(seed)
     vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=img_size, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=num_classes)
+        img_size=img_size, patch_size=16, embed_dim=embed_dim, depth=2, num_heads=3, num_classes=num_classes)
     with torch.no_grad():
         for p in vit.parameters():
             p.normal_(0, 0.1)
@@ -163,6 +164,36 @@ def test_imagenet_init_mapping(tmp_path, layout):
     assert sorted(result.missing) == sorted(
         ["time_embed"] + [f"blocks.{i}.temporal_fc.{n}" for i in range(2) for n in ("weight", "bias")])
     assert result.unexpected == []  # the classifier head is dropped
+    assert result.image_model
+
+
+def test_an_image_vit_where_a_video_checkpoint_is_expected_points_to_the_spatial_init(tmp_path):
+    """An ImageNet/DINO ViT as --pretrained_weights, --pretrained_rgb or the hub's pretrained_path: an error saying
+    what the file is and that TIMESFORMER.PRETRAINED_MODEL takes it, not advice to change the model size."""
+    from train_ssl import load_pretrained_rgb
+    from utils.evaluation import load_backbone
+    from utils.parser import load_config_from
+    path = tmp_path / "vit_tiny_patch16_224.pth"
+    torch.save(image_vit_state(13, img_size=224, embed_dim=192), path)  # timm's vit_tiny_patch16_224, 2 blocks
+    image = rf"{path} is an image model \(an ImageNet/DINO ViT.*no time_embed or temporal_fc\), not a video checkpoint"
+    spatial_init = rf"--opts TIMESFORMER\.PRETRAINED_MODEL {path} \(scripts/train_paper\.sh: PRETRAINED={path}\)"
+    with pytest.raises(ValueError, match=rf"{image}, so pretrained_path cannot take it\. .*{spatial_init}.*"
+                                         r"Through torch\.hub: .*load_imagenet_init"):
+        hubconf.svt_vitb_k400(pretrained_path=str(path), embed_dim=192, depth=2, num_heads=3)
+    cfg = load_config_from(None, ["DATA.TRAIN_CROP_SIZE", "32", "MODEL.DEPTH", "2"])
+    with pytest.raises(ValueError, match=rf"{image}, so --pretrained_weights cannot take it\. .*{spatial_init}"):
+        load_backbone("vit_tiny", cfg, torch.device("cpu"), str(path))
+    with pytest.raises(ValueError, match=rf"{image}, so --pretrained_rgb cannot take it"):
+        load_pretrained_rgb(VisionTransformer(**{**TINY, "embed_dim": 192}), str(path))
+    with pytest.raises(ValueError, match=r"another model size.*It is an image ViT: pass it as the spatial init"):
+        load_backbone("vit_small", cfg, torch.device("cpu"), str(path))
+    # the way the error points to works, with nothing temporal trained
+    model = load_backbone("vit_tiny", load_config_from(None, ["DATA.TRAIN_CROP_SIZE", "32", "MODEL.DEPTH", "2",
+                                                              "TIMESFORMER.PRETRAINED_MODEL", str(path)]),
+                          torch.device("cpu"))
+    vit = image_vit_state(13, img_size=224, embed_dim=192)
+    assert torch.equal(model.blocks[1].attn.qkv.weight, vit["blocks.1.attn.qkv.weight"])
+    assert torch.count_nonzero(model.time_embed) == 0
 
 
 def test_imagenet_init_resizes_pos_embed_and_reports_errors(tmp_path):
@@ -180,7 +211,7 @@ def test_imagenet_init_resizes_pos_embed_and_reports_errors(tmp_path):
         load_imagenet_init(model, "https://example.com/vit.pth")
     other = tmp_path / "other.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, other)
-    with pytest.raises(ValueError, match="no key of .*other.pth"):
+    with pytest.raises(ValueError, match=r"no key of .*other.pth.*Pass an image ViT \(DINO or timm ImageNet"):
         load_imagenet_init(model, other)
 
 

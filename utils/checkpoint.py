@@ -1,5 +1,5 @@
-"""Checkpoint files: safe loading, backbone weights from any SVT / TimeSformer / ImageNet ViT file (the
-model's `checkpoint_filter_fn` maps the keys and shapes), atomic saves, DINO-style resume and the RNG
+"""Checkpoint files: safe loading, backbone weights from any SVT / TimeSformer file or, as the spatial init, an
+ImageNet ViT (the model's `checkpoint_filter_fn` maps the keys and shapes), atomic saves, DINO-style resume and the RNG
 state that makes a resume exact."""
 from __future__ import annotations
 
@@ -97,6 +97,24 @@ def file_model_hint(state: Mapping[str, torch.Tensor]) -> str:
     return f"The file holds a {width}-wide, {depth}-block model with {patch}-px patches ({flags})."
 
 
+def is_image_model(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a (mapped) backbone state dict is an image ViT (ImageNet / DINO weights): blocks with spatial
+    attention, but no `time_embed` and no `temporal_fc` (checkpoint_filter_fn copies `temporal_attn` /
+    `temporal_norm1` from the spatial ones, so those do not tell)."""
+    return ("time_embed" not in state and not any(".temporal_fc." in k for k in state)
+            and any(k.startswith("blocks.") and ".attn." in k for k in state))
+
+
+def image_model_advice(path: str, given_as: str) -> str:
+    """The error for an image ViT passed where a video checkpoint is expected (`given_as`: the flag or argument)."""
+    return (f"{path} is an image model (an ImageNet/DINO ViT: its blocks have attn/norm1 weights, but it has no "
+            f"time_embed or temporal_fc), not a video checkpoint, so {given_as} cannot take it. To start from it, "
+            f"pass it as the spatial init, --opts TIMESFORMER.PRETRAINED_MODEL {path} (scripts/train_paper.sh: "
+            f"PRETRAINED={path}): train_ssl.py then pretrains SVT from it, eval_finetune.py fine-tunes it, and "
+            "eval_linear.py / eval_knn.py evaluate its spatial weights as a video model in which nothing temporal "
+            "is trained (time_embed and temporal_fc stay at their zero init).")
+
+
 @dataclass
 class LoadSummary:
     """What `load_pretrained_weights` did."""
@@ -108,6 +126,7 @@ class LoadSummary:
     unexpected: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     file_model: str = ""   # file_model_hint of the file's backbone
+    image_model: bool = False  # is_image_model of the file's backbone
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.matched)} tensors from {self.path} ({self.source}); "
@@ -121,8 +140,12 @@ class LoadSummary:
         return "\n".join(lines)
 
 
+SVT_FILES = ("an SVT checkpoint (train_ssl.py checkpoint.pth, the released kinetics400_vitb_ssl.pth) or a "
+             "TimeSformer one; an ImageNet/DINO ViT is the spatial init, --opts TIMESFORMER.PRETRAINED_MODEL")
+
+
 def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
-                            checkpoint_key: str | None = "teacher") -> LoadSummary:
+                            checkpoint_key: str | None = "teacher", expected: str = SVT_FILES) -> LoadSummary:
     """Load backbone weights into `model` (a TimeSformer VisionTransformer) from any of:
 
     - the released `kinetics400_vitb_ssl.pth` (flat teacher state: `backbone.*` + `head.*`);
@@ -132,29 +155,32 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
 
     The keys and shapes are mapped by `models.timesformer.checkpoint_filter_fn` (prefixes, DINO head,
     nearest resize of `pos_embed` / `time_embed`, the image-to-video init). Raises when no key matches or
-    when any other shape differs.
+    when any other shape differs (`expected`: the files the caller takes, for that error). The summary says
+    whether the file is an image ViT: callers that need a video checkpoint reject one with `image_model_advice`.
     """
     path = os.fspath(path)
     entry, where = _select_state_dict(safe_torch_load(path), checkpoint_key, path)
     state, resized = checkpoint_filter_fn(entry, model)
     target = model.state_dict()
-    summary = LoadSummary(path=path, source=where, resized=resized, file_model=file_model_hint(state))
+    summary = LoadSummary(path=path, source=where, resized=resized, file_model=file_model_hint(state),
+                          image_model=is_image_model(state))
     summary.unexpected = [k for k in state if k not in target]
     summary.missing = [k for k in target if k not in state]
     summary.matched = [k for k in state if k in target]
     if not summary.matched:
         raise ValueError(
             f"no key of {path} ({where}) matches the model: file keys start with "
-            f"{sorted(state)[:5]}, model keys with {list(target)[:5]}.{_kind_hint(state)} Pass an SVT "
-            f"checkpoint (train_ssl.py checkpoint.pth, the released kinetics400_vitb_ssl.pth), a "
-            f"TimeSformer one or an ImageNet ViT (checkpoint_key={checkpoint_key!r}).")
+            f"{sorted(state)[:5]}, model keys with {list(target)[:5]}.{_kind_hint(state)} Pass {expected} "
+            f"(checkpoint_key={checkpoint_key!r}).")
     for k in summary.matched:
         if state[k].shape != target[k].shape:
             raise ValueError(f"{path}: shape of '{k}' is {tuple(state[k].shape)} in the file but "
                              f"{tuple(target[k].shape)} in the model: the checkpoint is of another model size; "
                              "pass the --arch (width), --patch_size and MODEL.DEPTH it was trained with (through "
                              "torch.hub, pass the model size as keyword arguments: embed_dim, depth, num_heads, "
-                             f"patch_size; ViT-B/16: 768, 12, 12, 16). {file_model_hint(state)}")
+                             f"patch_size; ViT-B/16: 768, 12, 12, 16). {file_model_hint(state)}"
+                             + (" It is an image ViT: pass it as the spatial init, --opts TIMESFORMER.PRETRAINED_MODEL,"
+                                " not as a video checkpoint." if summary.image_model and expected is SVT_FILES else ""))
     model.load_state_dict({k: state[k] for k in summary.matched}, strict=False)
     print(summary)
     return summary
@@ -173,7 +199,8 @@ def load_imagenet_init(model: nn.Module, path: str | os.PathLike) -> LoadSummary
             f"ViT-B/16 weights from {DINO_VITB16_URL} and put them at that path, or set "
             "TIMESFORMER.PRETRAINED_MODEL to '' for a random init.")
     print(f"ImageNet init from {path}:")
-    return load_pretrained_weights(model, path)
+    return load_pretrained_weights(model, path, expected="an image ViT (DINO or timm ImageNet weights, e.g. "
+                                                         "dino_vitbase16_pretrain.pth)")
 
 
 TEMP_PATTERN = ".checkpoint*.tmp"

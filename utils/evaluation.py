@@ -19,7 +19,7 @@ from datasets import ReturnIndexDataset, build_dataset
 from datasets.video_dataset import SKIPPED_LABEL
 from models import build_backbone
 from utils import preemption, utils
-from utils.checkpoint import load_imagenet_init, load_pretrained_weights
+from utils.checkpoint import image_model_advice, load_imagenet_init, load_pretrained_weights
 from utils.parser import note_unused_keys
 
 
@@ -68,6 +68,8 @@ def check_backbone_load(summary, path: str, arch: str) -> None:
     extra_blocks = [k for k in summary.unexpected if k.startswith("blocks.")]
     if not summary.missing and not extra_blocks:
         return
+    if summary.image_model:
+        raise ValueError(image_model_advice(path, "--pretrained_weights"))
     file_depth = _num_blocks(summary.matched + summary.unexpected)
     model_depth = _num_blocks(summary.matched + summary.missing)
     if file_depth != model_depth and all(k.startswith("blocks.") for k in summary.missing):
