@@ -794,7 +794,7 @@ def main(argv: list[str] | None = None) -> None:
     utils.line_buffered_output()
     parser = argparse.ArgumentParser("SVT", parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    utils.check_writable_dir(args.output_dir)
     with utils.named_rank_failures(args.dist_timeout):
         train_svt(args, exit_after_stop=True)
 

@@ -757,6 +757,9 @@ def test_unwritable_output_dir_fails_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "train.csv").write_text("a.mp4 0\n")
     with pytest.raises(PermissionError, match=r"--output_dir .*a_file/o is not writable"):
         _train(monkeypatch, ["--data_path", str(tmp_path), "--output_dir", str(blocker / "o")])
+    # the command line (main) too: its folder is made before the run, with the same error
+    with pytest.raises(PermissionError, match=r"--output_dir .*a_file/o/sub is not writable"):
+        train_ssl.main(["--data_path", str(tmp_path), "--output_dir", str(blocker / "o" / "sub")])
 
 
 def test_train_csv_given_as_data_path_names_its_folder(tmp_path, monkeypatch):
