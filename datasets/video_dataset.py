@@ -494,5 +494,6 @@ class VideoDataset(Dataset):
         raise RuntimeError(f"{self.dataset_name}: {len(tried)} videos failed to decode in a row "
                            f"(num_retries={self.num_retries}, {missing} of them missing on disk); tried: "
                            f"{tried[:4]}{' ...' if len(tried) > 4 else ''}. Check DATA.PATH_PREFIX "
-                           f"({self.cfg.DATA.PATH_PREFIX!r}) and run datasets/preprocessing/check_videos.py "
-                           f"on {self.list_file}.")
+                           f"({self.cfg.DATA.PATH_PREFIX!r}) and run python -m datasets.preprocessing.check_videos "
+                           f"--list {self.list_file}"
+                           + (f" --prefix {self.cfg.DATA.PATH_PREFIX}." if self.cfg.DATA.PATH_PREFIX else "."))

@@ -191,8 +191,10 @@ def test_missing_and_corrupt_are_skipped_counted_and_logged_once(tmp_path, synth
 def test_all_retries_failing_raises_with_paths(tmp_path, synthetic_root):
     cfg = _mixed_list(tmp_path, synthetic_root, good=0)
     ds = build_dataset("kinetics400", cfg, "train", num_retries=3)
-    with pytest.raises(RuntimeError, match=r"4 videos failed.*num_retries=3.*(missing|corrupt)\.mp4"):
+    with pytest.raises(RuntimeError, match=r"4 videos failed.*num_retries=3.*(missing|corrupt)\.mp4") as failed:
         ds[0]
+    assert str(failed.value).endswith(f"run python -m datasets.preprocessing.check_videos --list {ds.list_file} "
+                                      f"--prefix {cfg.DATA.PATH_PREFIX}.")
 
 
 # ----------------------------------------------------------------------------------------- indices

@@ -2,6 +2,7 @@
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -163,6 +164,16 @@ def test_check_videos_with_an_empty_list_names_it(tmp_path, capsys):
     assert check_videos.main(["--list", str(tmp_path / "list.csv"), "--workers", "1"]) == 1
     assert f"list file {tmp_path / 'list.csv'} has no entries" in capsys.readouterr().err
     assert not (tmp_path / "list.report.csv").exists()
+
+
+def test_preprocessing_scripts_run_by_path_too(tmp_path):
+    """The messages write `python -m datasets.preprocessing.X`; `python datasets/preprocessing/X.py` from another
+    folder works too."""
+    root = Path(__file__).resolve().parents[1]
+    for name in ("check_videos", "resize_videos"):
+        done = subprocess.run([sys.executable, str(root / "datasets" / "preprocessing" / f"{name}.py"), "--help"],
+                              cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: {name}.py"), done.stderr
 
 
 def test_resize_videos_short_side(tmp_path, make_video):

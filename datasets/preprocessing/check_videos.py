@@ -2,7 +2,7 @@
 training uses (DATA.DECODING_BACKEND, `auto` by default), and report every video as
 - ok: random access is trusted and the first, middle and last frames decode;
 - seek_unsafe: decoded sequentially (B-frames in AVI, damaged or truncated file, a seek error; the reason
-  is in the report): correct, but slower; re-encode with resize_videos.py to make it ok;
+  is in the report): correct, but slower; re-encode with python -m datasets.preprocessing.resize_videos to make it ok;
 - too_short: fewer than --min_frames frames; undecodable; missing;
 with fps, frame count, resolution (upright) and rotation; write a cleaned list with the lines of the ok
 and seek_unsafe videos (the ones training reads correctly).
@@ -17,8 +17,11 @@ import sys
 from collections import Counter
 from multiprocessing import Pool
 
-from datasets.decoder import BACKENDS, DecodeError, open_video, resolve_backend
-from datasets.video_dataset import parse_list_file
+if not __package__:  # run by path (python datasets/preprocessing/X.py): make the repo's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from datasets.decoder import BACKENDS, DecodeError, open_video, resolve_backend  # noqa: E402
+from datasets.video_dataset import parse_list_file  # noqa: E402
 
 STATUSES = ("ok", "seek_unsafe", "too_short", "undecodable", "missing")
 USABLE = ("ok", "seek_unsafe")

@@ -22,8 +22,11 @@ from multiprocessing import Pool
 import av
 import numpy as np
 
-from datasets.decoder import probe
-from datasets.video_dataset import parse_list_file
+if not __package__:  # run by path (python datasets/preprocessing/X.py): make the repo's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from datasets.decoder import probe  # noqa: E402
+from datasets.video_dataset import parse_list_file  # noqa: E402
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
