@@ -186,6 +186,48 @@ def test_resize_videos_short_side(tmp_path, make_video):
     assert resize_videos.target_size(340, 256, 256) == (340, 256)
 
 
+def test_resize_videos_rerun_counts_what_is_there_and_refuses_another_short_side(tmp_path, make_video, capsys):
+    make_video(tmp_path / "src" / "a" / "v.avi", num_frames=5, size=(48, 64))
+    make_video(tmp_path / "src" / "w.mp4", num_frames=5, size=(48, 64))
+    (tmp_path / "list.txt").write_text("a/v.avi 1\nw.mp4 0\n")
+
+    def run(short_side: int, *extra: str) -> int:
+        return resize_videos.main(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"), "--list",
+                                   str(tmp_path / "list.txt"), "--short_side", str(short_side), "--workers", "1",
+                                   *extra])
+
+    def short_side(name: str) -> int:
+        with av.open(str(tmp_path / "dst" / name)) as c:
+            return min(c.streams.video[0].width, c.streams.video[0].height)
+
+    assert run(32) == 0 and "2 videos: 2 written, 0 already there (short side 32), 0 failed." in capsys.readouterr().out
+    (tmp_path / "dst" / "w.mp4").unlink()  # an interrupted run: the rerun finishes it
+    assert run(32) == 0 and "2 videos: 1 written, 1 already there (short side 32), 0 failed." in capsys.readouterr().out
+    (tmp_path / "dst" / "w.mp4").unlink()
+    assert run(16) == 1
+    out = capsys.readouterr()
+    assert "2 videos: 1 written, 0 already there (short side 16), 1 failed." in out.out
+    assert (f"{tmp_path / 'src' / 'a' / 'v.avi'}: error: the output {tmp_path / 'dst' / 'a' / 'v.mp4'} is already "
+            "there with short side 32, not --short_side 16") in out.err and "--overwrite to re-encode it" in out.err
+    assert (tmp_path / "dst" / "list.txt").read_text() == "w.mp4 0\n"  # not a line naming a 32-px video
+    assert (short_side("a/v.mp4"), short_side("w.mp4")) == (32, 16)
+    assert run(16, "--overwrite") == 0 and "2 videos: 2 written, 0 already there" in capsys.readouterr().out
+    assert (short_side("a/v.mp4"), short_side("w.mp4")) == (16, 16)
+    assert (tmp_path / "dst" / "list.txt").read_text() == "a/v.mp4 1\nw.mp4 0\n"
+
+
+def test_resize_videos_two_inputs_of_one_output_name_both(tmp_path, make_video):
+    for ext in ("avi", "mkv"):
+        (tmp_path / "src" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "a" / f"x.{ext}").write_bytes(b"")  # never read: the check comes first
+    make_video(tmp_path / "src" / "y.mp4", num_frames=2, size=(48, 64))
+    src = tmp_path / "src"
+    with pytest.raises(ValueError, match=rf"1 output would be written by several inputs .*: {src / 'a' / 'x.avi'} and "
+                                         rf"{src / 'a' / 'x.mkv'} -> {tmp_path / 'dst' / 'a' / 'x.mp4'}\. Rename one"):
+        resize_videos.main(["--src", str(src), "--dst", str(tmp_path / "dst"), "--workers", "1"])
+    assert not (tmp_path / "dst").exists()
+
+
 def test_resize_videos_absolute_list_paths_are_resized_into_dst(tmp_path, make_video):
     # An absolute path used to be joined to --dst as itself: the input was "already there" and kept unresized.
     src = tmp_path / "src"

@@ -12,6 +12,11 @@ the same as before without needing a display matrix).
 With --list only the listed videos (paths relative to --src, or absolute under it) are converted, and the list
 is written again with the new file names relative to --dst (same labels and separator; a video that failed
 is reported and left out, so every line names a file); without it, every video under --src.
+
+An output that is already there is kept when its short side is --short_side (a rerun finishes an interrupted
+conversion) and is an error when it is another (an earlier run with another --short_side into the same --dst);
+--overwrite re-encodes every output. Two inputs that would give the same output (a/x.avi and a/x.mkv) are an
+error naming both, before any work.
 """
 import argparse
 import os
@@ -57,11 +62,38 @@ def relative_to_src(path: str, src: str, list_file: str) -> str:
     return relative
 
 
+def check_existing(dst: str, short_side: int) -> str:
+    """The status of an output that is already there: "exists" when its short side is `short_side`, else an
+    error message naming both sizes."""
+    try:
+        info = probe(dst)
+    except Exception as err:
+        return f"error: the output {dst} is already there but cannot be read ({err}); delete it or pass --overwrite."
+    if min(target_size(info.width, info.height, short_side)) == min(info.width, info.height):
+        return "exists"
+    return (f"error: the output {dst} is already there with short side {min(info.width, info.height)}, not "
+            f"--short_side {short_side} (an earlier run with another --short_side?); pass another --dst, or "
+            "--overwrite to re-encode it.")
+
+
+def output_collisions(jobs: list[tuple]) -> str:
+    """'' when every input has its own output, else a message naming the inputs that share one."""
+    sources: dict[str, list[str]] = {}
+    for src, dst, *_ in jobs:
+        sources.setdefault(dst, []).append(src)
+    shared = [f"{' and '.join(srcs)} -> {dst}" for dst, srcs in sources.items() if len(srcs) > 1]
+    if not shared:
+        return ""
+    return (f"{len(shared)} output{'' if len(shared) == 1 else 's'} would be written by several inputs (the output "
+            f"is the input's path with the extension .mp4): {'; '.join(shared[:4])}{' ...' if len(shared) > 4 else ''}. "
+            "Rename one input of each (and its list line), or convert them into separate --dst folders.")
+
+
 def resize_video(job: tuple) -> tuple[str, str]:
-    """job = (src, dst, short_side, crf) -> (src, "ok" / "skipped" / error message)."""
-    src, dst, short_side, crf = job
-    if os.path.exists(dst):
-        return src, "skipped"
+    """job = (src, dst, short_side, crf, overwrite) -> (src, "ok" / "exists" / error message)."""
+    src, dst, short_side, crf, overwrite = job
+    if os.path.exists(dst) and not overwrite:
+        return src, check_existing(dst, short_side)
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     tmp = f"{dst}.part.mp4"
     try:
@@ -105,6 +137,9 @@ def main(argv=None) -> int:
                         help="Short side of the output in pixels, aspect kept (256: the original's Kinetics size).")
     parser.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, larger).")
     parser.add_argument("--workers", type=int, default=4, help="Parallel encoding processes.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Re-encode outputs that are already there. Without it one of --short_side is kept "
+                             "(counted as already there) and one of another short side is an error.")
     args = parser.parse_args(argv)
     if args.list:
         entries = [(relative_to_src(p, args.src, args.list), label)
@@ -114,26 +149,31 @@ def main(argv=None) -> int:
         relative = [os.path.relpath(os.path.join(folder, name), args.src)
                     for folder, _, files in sorted(os.walk(args.src)) for name in sorted(files)
                     if name.lower().endswith(VIDEO_EXTS)]
-    jobs = [(os.path.join(args.src, p), os.path.join(args.dst, mp4_name(p)), args.short_side, args.crf)
-            for p in dict.fromkeys(relative)]
+    jobs = [(os.path.join(args.src, p), os.path.join(args.dst, mp4_name(p)), args.short_side, args.crf,
+             args.overwrite) for p in dict.fromkeys(relative)]
     if not jobs:
         print(f"no videos ({', '.join(VIDEO_EXTS)}) under {args.src}")
         return 1
+    collisions = output_collisions(jobs)
+    if collisions:
+        raise ValueError(collisions)
     with Pool(args.workers) as pool:
-        results = pool.map(resize_video, jobs, chunksize=1)
-    failed = [(s, r) for s, r in results if r.startswith("error")]
+        results = dict(pool.map(resize_video, jobs, chunksize=1))
+    failed = [(s, r) for s, r in results.items() if r.startswith("error")]
     if args.list:
         out_list = args.out_list or os.path.join(args.dst, os.path.basename(args.list))
         os.makedirs(os.path.dirname(out_list) or ".", exist_ok=True)
         sep = args.separator
-        written = [(p, label) for p, label in entries if os.path.exists(os.path.join(args.dst, mp4_name(p)))]
+        written = [(p, label) for p, label in entries if not results[os.path.join(args.src, p)].startswith("error")]
         with open(out_list, "w") as f:
             f.writelines(f"{mp4_name(p)}{sep}{label}\n" for p, label in written)
         left_out = f" ({len(entries) - len(written)} lines of videos that failed left out)" if failed else ""
         print(f"List with the new file names: {out_list}{left_out}")
     for src, msg in failed:
         print(f"{src}: {msg}", file=sys.stderr)
-    print(f"{len(jobs)} videos: {len(jobs) - len(failed)} written or already there, {len(failed)} failed.")
+    there = sum(r == "exists" for r in results.values())
+    print(f"{len(jobs)} videos: {len(jobs) - there - len(failed)} written, {there} already there (short side "
+          f"{args.short_side}), {len(failed)} failed.")
     return 1 if failed else 0
 
 
