@@ -114,6 +114,9 @@ def _malformed_hint(line: str, number: int) -> str:
         return ("This is the Kinetics annotation csv (label,youtube_id,time_start,time_end,split): it names "
                 "YouTube clips, not files. Write one line per downloaded video, '<class>/<file>.mp4 <label>', "
                 "labels indexing the sorted class names (datasets/DATASET.md).")
+    if len(line.replace(",", " ").split()) == 1 and ("/" in line or "\\" in line or os.path.splitext(line)[1]):
+        return ("The line is a path with no label: every line is '<path> <label>', the label the class index "
+                "(0-based: the position of the video's class in the sorted class names, datasets/DATASET.md).")
     if number == 1:
         return "Lists have no header line: if this is one, delete it (e.g. sed -i 1d <list>)."
     return ""

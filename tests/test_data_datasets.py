@@ -63,6 +63,17 @@ def test_kinetics_annotation_csv_is_named_with_the_list_to_write(tmp_path):
         parse_list_file(str(path))
 
 
+@pytest.mark.parametrize("content, number", [("move_left/move_left_002.mp4\n", 1), ("a/x.mp4 0\nb/y.avi,\n", 2),
+                                             ("clip.webm\n", 1)])
+def test_a_path_without_a_label_is_named_as_such_not_as_a_header(tmp_path, content, number):
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=rf"train\.csv:{number}: malformed line .*The line is a path with no label: "
+                                         r"every line is '<path> <label>'") as err:
+        parse_list_file(str(path))
+    assert "header" not in str(err.value)
+
+
 def test_a_malformed_line_past_the_first_is_not_called_a_header(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("x/a.mp4 3\ny/b.mp4 z\n")
