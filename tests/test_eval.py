@@ -354,7 +354,7 @@ def test_evaluate_notes_how_much_of_which_epoch_a_mid_epoch_checkpoint_holds(epo
     assert "holds 9 iterations of epoch 1," in old and "partly trained" in old  # written before the count was kept
 
 
-def test_num_labels_error_names_the_lists_and_spots_one_based_labels():
+def test_num_labels_error_names_the_lists_and_spots_one_based_labels(capsys):
     def lists(path, labels):
         return types.SimpleNamespace(list_file=path, labels=labels)
 
@@ -362,8 +362,12 @@ def test_num_labels_error_names_the_lists_and_spots_one_based_labels():
                 lists("/d/splits/ucf101_val_split_1_videos.txt", [3])]
     assert evaluation.resolve_num_labels(101, mmaction, "ucf101") == 101
     assert evaluation.resolve_num_labels(None, mmaction, "ucf101") == 101
+    assert "Note" not in capsys.readouterr().out
     official = [lists("/d/splits/ucf101_train_split_1_videos.txt", [1, 5, 101]),
                 lists("/d/splits/ucf101_val_split_1_videos.txt", [1])]
+    assert evaluation.resolve_num_labels(None, official, "ucf101") == 102  # without --num_labels: a note, not silence
+    assert ("Note: no label of the ucf101 lists ['/d/splits/ucf101_train_split_1_videos.txt', "
+            "'/d/splits/ucf101_val_split_1_videos.txt'] is 0: they look 1-based" in capsys.readouterr().out)
     with pytest.raises(ValueError, match=r"ucf101_train_split_1_videos.txt.*up to 101\. The labels look 1-based"
                                          r".*subtract 1"):
         evaluation.resolve_num_labels(101, official, "ucf101")

@@ -131,20 +131,25 @@ def single_clip_config(cfg):
 
 
 def resolve_num_labels(num_labels: int | None, datasets: Sequence, name: str) -> int:
-    """`num_labels`, or max label + 1 of the lists when None; an error when a list has a label the head lacks
-    (naming the lists, and saying so when the labels look 1-based)."""
+    """`num_labels`, or max label + 1 of the lists when None (with a note when no label is 0: 1-based lists give
+    a class that no video has); an error when a list has a label the head lacks (naming the lists, and saying so
+    when the labels look 1-based)."""
     labels = [dataset_labels(d) for d in datasets]
     needed = max(int(y.max()) for y in labels) + 1
+    no_zero = min(int(y.min()) for y in labels) == 1
+    files = sorted({getattr(getattr(d, "dataset", d), "list_file", name) for d in datasets})
+    one_based_fix = ("as in UCF-101's classInd.txt / trainlist01.txt: the lists take 0-based labels (MMAction2's "
+                     f"{name}_*_split_1_videos.txt); subtract 1 from every label.")
     if num_labels is None:
+        if no_zero:
+            print(f"Note: no label of the {name} lists {files} is 0: they look 1-based, {one_based_fix} As they are, "
+                  f"the head has {needed} classes (max label + 1), class 0 of which no video has.")
         return needed
     if needed > num_labels:
-        files = [getattr(getattr(d, "dataset", d), "list_file", name) for d in datasets]
-        one_based = min(int(y.min()) for y in labels) == 1 and needed - 1 == num_labels
-        hint = (" The labels look 1-based (none is 0, the largest equals the class count), as in UCF-101's "
-                "classInd.txt / trainlist01.txt: the lists take 0-based labels (MMAction2's "
-                f"{name}_*_split_1_videos.txt); subtract 1 from every label." if one_based else
+        hint = (f" The labels look 1-based (none is 0, the largest equals the class count), {one_based_fix}"
+                if no_zero and needed - 1 == num_labels else
                 " Pass the class count as --num_labels (NUM_LABELS in the launch scripts) or fix the labels.")
-        raise ValueError(f"--num_labels {num_labels} but the {name} lists {sorted(set(files))} have labels up to "
+        raise ValueError(f"--num_labels {num_labels} but the {name} lists {files} have labels up to "
                          f"{needed - 1}.{hint}")
     return num_labels
 
