@@ -2,8 +2,10 @@
 
 A val/test clip that cannot be decoded comes back with label -1: it is left out of the accuracy and of the
 per-video aggregation (a video whose clips all failed is left out). An unreadable train video is replaced by
-another. "skipped_videos" counts each unreadable video once per split (train, and val, whose list the
-multi-view test reads too unless it has its own); a split without any readable video is an error.
+another. The results count them apart: "train_replaced_samples" the training samples of the last epoch that were
+replaced (an unreadable video drawn twice counts twice), "eval_skipped_videos" each unreadable val/test video once
+(the multi-view test reads the val list unless it has its own); "skipped_videos", kept for earlier readers, is their
+sum. A split without any readable video is an error.
 
 SIGTERM / SIGUSR1 (SLURM preemption, time limit, `--signal` warning) stop training cleanly: every rank stops at the
 same iteration (at most preemption.CHECK_EVERY after the signal), the mid-epoch checkpoint.pth.tar is written and
@@ -324,7 +326,9 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
         skipped = skipped.to(device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(skipped)
     print("Averaged stats:", metric_logger, f" skipped (replaced) videos: {int(skipped)}")
-    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped)}, own
+    # skipped_videos (log.txt: train_skipped_videos) counts replaced samples, not videos: replaced_samples says so
+    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped),
+            "replaced_samples": int(skipped)}, own
 
 
 def is_save_step(done: int, niter: int, every: int) -> bool:
@@ -456,11 +460,15 @@ def write_log(args, stats: dict) -> None:
 
 def with_skipped_total(stats: dict, train_skipped: int, val_ids: set[int], test_ids: set[int], val_set,
                        test_set) -> dict:
-    """`stats` with train_/val_skipped_videos and skipped_videos: each unreadable video once per split (the
-    multi-view test of UCF-101/HMDB-51 reads the val list: a video left out of both counts once)."""
+    """`stats` with the unreadable videos: train_replaced_samples (`train_skipped`: replaced samples of the last
+    epoch, a count of draws, also under its earlier name train_skipped_videos), val_skipped_videos, and
+    eval_skipped_videos, each unreadable val/test video once (the multi-view test of UCF-101/HMDB-51 reads the val
+    list: a video left out of both counts once). skipped_videos, kept for earlier readers, is
+    train_replaced_samples + eval_skipped_videos: samples plus videos."""
     same_list = val_set.list_file == test_set.list_file
     evaluated = len(val_ids | test_ids) if same_list else len(val_ids) + len(test_ids)
-    return {**stats, "train_skipped_videos": train_skipped, "val_skipped_videos": len(val_ids),
+    return {**stats, "train_skipped_videos": train_skipped, "train_replaced_samples": train_skipped,
+            "val_skipped_videos": len(val_ids), "eval_skipped_videos": evaluated,
             "skipped_videos": train_skipped + evaluated}
 
 

@@ -360,9 +360,10 @@ def test_linear_probe_skips_unreadable_videos_once_per_split(synthetic_root, che
     assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 2
     assert (stats["val_skipped_videos"], stats["multiview_skipped_videos"], stats["multiview_skipped_clips"]) == (1, 1, 2)
     assert (stats["train_skipped_videos"], stats["skipped_videos"]) == (1, 2)
+    assert (stats["train_replaced_samples"], stats["eval_skipped_videos"]) == (1, 1)  # the sum's two kinds, apart
     assert json.loads((out / "linear_results.json").read_text())["skipped_videos"] == 2
     lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
-    assert (lines[0]["train_skipped_videos"], lines[0]["test_skipped_videos"]) == (1, 1)
+    assert (lines[0]["train_skipped_videos"], lines[0]["train_replaced_samples"], lines[0]["test_skipped_videos"]) == (1, 1, 1)
     assert lines[-1]["test_skipped_videos"] == 2
     # --evaluate scores the same as on the list without the unreadable video.
     ckpt = ["--lc_pretrained_weights", str(out / "checkpoint.pth.tar")]

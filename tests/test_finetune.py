@@ -108,12 +108,13 @@ def test_training_steps_never_read_a_value_back_to_the_host():
                               num_workers=0, output_dir=".")
 
     def host_reads(batches: int) -> int:
-        loader = [(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 2]), None, {"skipped": torch.tensor([0, 0])})
+        loader = [(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 2]), None, {"skipped": torch.tensor([0, 1])})
                   for _ in range(batches)]
         with HostReads() as reads:
             stats, _ = eval_finetune.train_one_epoch(model, loader, optimizer, None, 0, batches, args, None,
                                                      torch.device("cpu"))
         assert 0 <= stats["acc1"] <= stats["acc5"] == 100.0  # 3 classes: the top 5 hold every one
+        assert stats["skipped_videos"] == stats["replaced_samples"] == batches  # one replaced sample per batch
         return reads.count
 
     assert host_reads(6) == host_reads(2)
