@@ -86,20 +86,23 @@ def _check(cfg: CfgNode) -> None:
     _check_ranges(cfg)
 
 
-def _at_least(cfg: CfgNode, minimum: int, keys: Sequence[str], what: str) -> None:
-    for key in keys:
-        if _value(cfg, key) < minimum:
-            raise ValueError(f"{key} {_value(cfg, key)}: {what} must be >= {minimum}.")
+# Integer keys with their least value and what they are (for the error).
+_AT_LEAST = {
+    "DATA.NUM_FRAMES": (1, "frames per clip"), "DATA.SAMPLING_RATE": (1, "the stride between sampled frames"),
+    "DATA.TRAIN_CROP_SIZE": (1, "a crop side in pixels"), "DATA.LOCAL_CROP_SIZE": (1, "a crop side in pixels"),
+    "DATA.TEST_CROP_SIZE": (1, "a crop side in pixels"), "DATA.DEVICE_DECODE_THREADS": (1, "a thread count"),
+    "TEST.NUM_ENSEMBLE_VIEWS": (1, "temporal clips per video"),
+    "MODEL.DEPTH": (0, "a block count (0 keeps the architecture's 12)"),
+}
 
 
 def _check_ranges(cfg: CfgNode) -> None:
     """Values no run can use (a stride of 0 repeats one frame, a 2-entry mean fails later in a broadcast), each
     an error naming the key and what it takes."""
     data = cfg.DATA
-    _at_least(cfg, 1, ("DATA.NUM_FRAMES", "DATA.SAMPLING_RATE", "DATA.TRAIN_CROP_SIZE", "DATA.LOCAL_CROP_SIZE",
-                       "DATA.TEST_CROP_SIZE", "DATA.DEVICE_DECODE_THREADS", "TEST.NUM_ENSEMBLE_VIEWS"),
-              "a count or size in frames/pixels")
-    _at_least(cfg, 0, ("MODEL.DEPTH",), "a block count (0 keeps the architecture's)")
+    for key, (minimum, what) in _AT_LEAST.items():
+        if _value(cfg, key) < minimum:
+            raise ValueError(f"{key} {_value(cfg, key)}: {what}, must be >= {minimum}.")
     if data.TARGET_FPS <= 0:
         raise ValueError(f"DATA.TARGET_FPS {data.TARGET_FPS}: a frame rate must be > 0 (SVT's: 30).")
     for key in ("DATA.GLOBAL_NUM_FRAMES", "DATA.LOCAL_NUM_FRAMES"):
