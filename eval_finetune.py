@@ -44,8 +44,8 @@ from datasets.video_dataset import checkpoint_sequential_videos, restore_sequent
 from models import ARCHS, VisionTransformer, build_backbone
 from utils import preemption, utils
 from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, load_imagenet_init,
-                              load_pretrained_weights, remove_stale_temp_files, restore_epoch_meters, restore_rng,
-                              safe_torch_load)
+                              load_pretrained_weights, output_dir_lock, remove_stale_temp_files, restore_epoch_meters,
+                              restore_rng, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, dataset_labels,
                               derived_config, extract_features_and_labels, make_loader, multi_view_stats,
                               note_ssl_view_keys, resolve_num_labels, single_clip_config, single_view_stats, to_device,
@@ -372,9 +372,18 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
     note_ssl_view_keys(cfg)
     device = utils.default_device()
     output_dir = Path(args.output_dir)
-    ckpt_path = output_dir / CHECKPOINT_NAME
     if utils.is_main_process():
         utils.check_writable_dir(output_dir)
+    # one training run writes a folder (README "Reliability"); an --evaluate next to it writes only the results
+    with output_dir_lock(output_dir, enabled=not args.evaluate):
+        return finetune_in_output_dir(args, cfg, device, exit_after_stop)
+
+
+def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: bool) -> dict:
+    """eval_finetune's run, holding --output_dir unless --evaluate: data, model, resume, epochs, test."""
+    output_dir = Path(args.output_dir)
+    ckpt_path = output_dir / CHECKPOINT_NAME
+    if utils.is_main_process():
         if not args.evaluate:  # an --evaluate next to a training run must not delete the save it is writing
             remove_stale_temp_files(output_dir)
         (output_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")

@@ -36,8 +36,8 @@ from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_sta
 from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
 from models import ARCHS
 from utils import preemption, utils
-from utils.checkpoint import (atomic_save, gather_objects, remove_stale_temp_files, restore_epoch_meters,
-                              safe_torch_load)
+from utils.checkpoint import (atomic_save, gather_objects, output_dir_lock, remove_stale_temp_files,
+                              restore_epoch_meters, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, clip_features, dataset_labels,
                               derived_config, extract_features_and_labels, load_backbone, make_loader, multi_view_stats,
                               note_ssl_view_keys, require_readable, resolve_num_labels, single_clip_config,
@@ -128,6 +128,13 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
     note_ssl_view_keys(cfg)
     device = utils.default_device()
     utils.check_writable_dir(args.output_dir)
+    # one training run writes a folder (README "Reliability"); an --evaluate next to it writes only the results
+    with output_dir_lock(args.output_dir, enabled=not evaluate_only):
+        return probe_in_output_dir(args, cfg, device, evaluate_only, exit_after_stop)
+
+
+def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, exit_after_stop: bool) -> dict:
+    """eval_linear's run, holding --output_dir unless it only evaluates: data, backbone, probe, resume, test."""
     if utils.is_main_process():
         if not evaluate_only:  # an --evaluate next to a training run must not delete the save it is writing
             remove_stale_temp_files(args.output_dir)

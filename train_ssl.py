@@ -37,8 +37,9 @@ from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_h
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import preemption, utils
 from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_objects, gather_rng_states,
-                              image_model_advice, load_imagenet_init, load_pretrained_weights, remove_stale_temp_files,
-                              restart_from_checkpoint, restore_epoch_meters, restore_rng, safe_torch_load)
+                              image_model_advice, load_imagenet_init, load_pretrained_weights, output_dir_lock,
+                              remove_stale_temp_files, restart_from_checkpoint, restore_epoch_meters, restore_rng,
+                              safe_torch_load)
 from utils.evaluation import OnlineKNN
 from utils.parser import add_config_args, check_clip_sizes, load_config, note_unused_keys
 
@@ -187,6 +188,14 @@ def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS, exit_after_st
     output_dir = Path(args.output_dir)
     if utils.is_main_process():
         utils.check_writable_dir(output_dir)
+    with output_dir_lock(output_dir):  # one run writes a folder (README "Reliability")
+        train_in_output_dir(args, cfg, device, stop_signals, exit_after_stop)
+
+
+def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, exit_after_stop: bool) -> None:
+    """train_svt's run, holding --output_dir: config files, data, networks, resume, epochs."""
+    output_dir = Path(args.output_dir)
+    if utils.is_main_process():
         remove_stale_temp_files(output_dir)
         (output_dir / "config.txt").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         (output_dir / "config.yaml").write_text(cfg.dump())

@@ -1,6 +1,11 @@
 """Weights in and out: SVT/TimeSformer checkpoint layouts, ImageNet init, hub entry, save/resume."""
 import argparse
 import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -9,8 +14,8 @@ from torch import nn
 
 import hubconf
 from models import DINOHead, MultiCropWrapper, VisionTransformer, vit_tiny_patch16_224
-from utils.checkpoint import (atomic_save, load_imagenet_init, load_pretrained_weights, restart_from_checkpoint,
-                              safe_torch_load)
+from utils.checkpoint import (atomic_save, load_imagenet_init, load_pretrained_weights, output_dir_lock,
+                              restart_from_checkpoint, safe_torch_load)
 
 TINY = dict(embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.0, img_size=32)
 
@@ -315,3 +320,50 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_to_go_on(tmp_pat
     with pytest.raises(OSError, match="nothing was written"):
         monkeypatch.setattr(torch, "save", disk_full)
         atomic_save({"epoch": 1}, tmp_path / "new.pth")
+
+
+# A process that holds an output-folder lock and has forked a child (a DataLoader worker), both asleep.
+LOCK_HOLDER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from utils.checkpoint import output_dir_lock
+with output_dir_lock(sys.argv[1]):
+    child = os.fork()
+    if child == 0:
+        time.sleep(120)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_locked_output_dir_stops_a_second_run_until_its_holder_is_killed(tmp_path):
+    """The holder's pid and host are named; a second lock in the same process conflicts too (flock is per open
+    file), an evaluate-only run (enabled=False) takes none; the kernel frees the lock when the holder dies by
+    SIGKILL, although its forked child (which closed its copy of the descriptor) still lives."""
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER.format(root=str(root)), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        busy = (rf"--output_dir {tmp_path} is in use by another run \(pid {holder.pid} on {socket.gethostname()}, "
+                rf"since .*; lock: {tmp_path / '.lock'}\)\..*Wait for that run to end, stop it .*or pass another "
+                r"--output_dir\.")
+        with pytest.raises(RuntimeError, match=busy):
+            with output_dir_lock(tmp_path):
+                pass
+        with output_dir_lock(tmp_path, enabled=False):
+            pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        os.kill(child, 0)  # alive
+        with output_dir_lock(tmp_path):
+            assert (tmp_path / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+            with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {os.getpid()} "):
+                with output_dir_lock(tmp_path):
+                    pass
+        with output_dir_lock(tmp_path):  # released at the end of the block
+            pass
+    finally:
+        holder.kill()
+        os.kill(child, signal.SIGKILL)

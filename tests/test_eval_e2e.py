@@ -15,6 +15,7 @@ import eval_linear
 from models import build_backbone
 from tests.conftest import assert_stopped, log_records, signal_at_call
 from tests.forked_runs import run_jobs
+from utils.checkpoint import output_dir_lock
 from utils.parser import load_config_from
 
 # The tiny clips of tests/conftest.py: 4 frames, 32 px crops (16 px local), short side 36-40.
@@ -391,6 +392,18 @@ def test_unwritable_output_dir_fails_before_any_work(synthetic_root, tmp_path):
     dist.destroy_process_group()
     with pytest.raises(PermissionError, match=r"--output_dir .*a_file/out is not writable"):
         knn(common)
+
+
+def test_a_folder_another_probe_trains_in_is_refused_but_evaluate_is_not(synthetic_root, tmp_path):
+    common = ["--arch", "vit_tiny", "--num_workers", "0", "--output_dir", str(tmp_path), "--opts"]
+    common += _data_opts(synthetic_root, "splits")
+    with output_dir_lock(tmp_path):  # a run still writing there (README "Reliability")
+        with pytest.raises(RuntimeError, match=rf"--output_dir {tmp_path} is in use by another run"):
+            linear(common)
+        dist.destroy_process_group()
+        assert not (tmp_path / "config.json").exists()
+        with pytest.raises(FileNotFoundError, match="--evaluate: no trained classifier"):  # past the lock
+            linear(["--evaluate"] + common)
 
 
 def test_ssl_view_keys_given_to_an_evaluation_are_noted_by_name(synthetic_root, tmp_path, capsys):

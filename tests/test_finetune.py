@@ -13,6 +13,7 @@ import eval_finetune
 from models import build_backbone
 from tests.conftest import HostReads, assert_stopped, log_records, signal_at_call
 from utils import utils
+from utils.checkpoint import output_dir_lock
 from utils.parser import load_config_from
 
 # Tiny clips (tests/conftest.py videos): 4 frames, 32 px, a 2-block vit_tiny.
@@ -157,6 +158,18 @@ def test_unwritable_output_dir_fails_before_any_work(synthetic_root, tmp_path):
     with pytest.raises(PermissionError, match=r"--output_dir .*a_file/out is not writable"):
         finetune(["--arch", "vit_tiny", "--num_workers", "0", "--output_dir", str(blocker / "out"), "--opts"]
                  + _lists(synthetic_root, tmp_path))
+
+
+def test_a_folder_another_run_trains_in_is_refused_but_evaluate_is_not(synthetic_root, tmp_path):
+    argv = ["--arch", "vit_tiny", "--num_workers", "0", "--output_dir", str(tmp_path / "out"), "--opts"]
+    argv += _lists(synthetic_root, tmp_path)
+    with output_dir_lock(tmp_path / "out"):  # a run still writing there (README "Reliability")
+        with pytest.raises(RuntimeError, match=rf"--output_dir {tmp_path / 'out'} is in use by another run"):
+            finetune(argv)
+        dist.destroy_process_group()
+        assert not (tmp_path / "out" / "config.json").exists()
+        with pytest.raises(FileNotFoundError, match="--evaluate: no fine-tuned model"):  # past the lock
+            finetune(["--evaluate"] + argv)
 
 
 def _lists(synthetic_root, tmp_path, corrupt: bool = False, per_class: int | None = None, val_is_train=False):

@@ -23,7 +23,7 @@ from datasets.seeding import SeededDataset
 from models import DINOLoss
 from tests.conftest import HostReads, assert_stopped, log_records, signal_at_call
 from utils import evaluation, utils
-from utils.checkpoint import safe_torch_load
+from utils.checkpoint import output_dir_lock, safe_torch_load
 from utils.defaults import get_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -760,6 +760,14 @@ def test_unwritable_output_dir_fails_before_any_work(tmp_path, monkeypatch):
     # the command line (main) too: its folder is made before the run, with the same error
     with pytest.raises(PermissionError, match=r"--output_dir .*a_file/o/sub is not writable"):
         train_ssl.main(["--data_path", str(tmp_path), "--output_dir", str(blocker / "o" / "sub")])
+
+
+def test_a_folder_another_run_writes_fails_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "train.csv").write_text("a.mp4 0\n")
+    with output_dir_lock(tmp_path / "o"):  # a run still writing there (README "Reliability")
+        with pytest.raises(RuntimeError, match=rf"--output_dir {tmp_path / 'o'} is in use by another run \(pid "):
+            _train(monkeypatch, ["--data_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "config.txt").exists()
 
 
 def test_train_csv_given_as_data_path_names_its_folder(tmp_path, monkeypatch):

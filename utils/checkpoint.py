@@ -4,12 +4,15 @@ state that makes a resume exact."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import pickle
 import random
 import secrets
 import shutil
+import socket
+import time
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -21,6 +24,11 @@ from torch import nn
 
 from models.timesformer import checkpoint_filter_fn
 from utils import utils
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): output folders are not locked
+    fcntl = None
 
 DINO_VITB16_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
 
@@ -257,6 +265,63 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
     if removed:
         print(f"Removed {len(removed)} temporary file(s) of an interrupted save: {removed}")
     return removed
+
+
+LOCK_NAME = ".lock"
+_held_locks: set[int] = set()  # descriptors of the output-folder locks this process holds
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): drop its copy of the parent's lock descriptors, so that a lock
+    ends with the process that took it; a kill -9 frees it at once, not when the orphaned workers exit."""
+    for fd in _held_locks:
+        os.close(fd)
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+@contextlib.contextmanager
+def output_dir_lock(folder: str | os.PathLike, enabled: bool = True):
+    """Hold `folder`/.lock for the block (in the main process, the one that writes; not where `enabled` is
+    False): a second training run writing the same folder (a rerun while the first still runs, torchrun workers
+    that outlived a `kill -9` of torchrun) stops at once with an error naming the holder (pid, host), instead of
+    both overwriting each other's checkpoints. flock: the kernel frees it when its holder dies, even by SIGKILL.
+    A file system without flock gets a note and no lock."""
+    if not (enabled and fcntl is not None and utils.is_main_process()):
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(os.fspath(folder), LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a run that just started"
+        os.close(fd)
+        raise RuntimeError(f"--output_dir {folder} is in use by another run ({holder}; lock: {path}). Two runs "
+                           "writing one folder overwrite each other's checkpoints and logs. Wait for that run to "
+                           "end, stop it (after a kill of torchrun its worker processes may still run), or pass "
+                           "another --output_dir.") from None
+    except OSError as err:  # e.g. ENOLCK on a network file system without locks
+        os.close(fd)
+        fd = None
+        print(f"Note: could not lock {path} ({err.strerror or err}): nothing stops a second run from writing "
+              f"{folder} at the same time.")
+    if fd is None:
+        yield
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+              .encode(), 0)
+    _held_locks.add(fd)
+    try:
+        yield
+    finally:
+        _held_locks.discard(fd)
+        os.close(fd)  # releases the lock
 
 
 def restart_from_checkpoint(ckp_path: str | os.PathLike, run_variables: dict | None = None,
