@@ -39,12 +39,16 @@ from utils import preemption, utils
 from utils.checkpoint import (atomic_save, gather_objects, output_dir_lock, remove_stale_temp_files,
                               restore_epoch_meters, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, clip_features, dataset_labels,
-                              derived_config, extract_features_and_labels, load_backbone, make_loader, multi_view_stats,
-                              note_ssl_view_keys, require_readable, resolve_num_labels, single_clip_config,
-                              single_view_stats, skipped_video_ids, to_device)
+                              derived_config, extract_features_and_labels, list_fingerprint, load_backbone,
+                              make_loader, multi_view_stats, note_ssl_view_keys, require_readable, resolve_num_labels,
+                              single_clip_config, single_view_stats, skipped_video_ids, to_device)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
+# The config keys that shape the clips the probe sees, recorded with its run (probe_run).
+CLIP_KEYS = ("DATA.NUM_FRAMES", "DATA.SAMPLING_RATE", "DATA.TARGET_FPS", "DATA.TRAIN_JITTER_SCALES",
+             "DATA.TRAIN_CROP_SIZE", "DATA.LOCAL_CROP_SIZE", "DATA.TEST_CROP_SIZE", "DATA.MEAN", "DATA.STD",
+             "DATA.RANDOM_FLIP", "TIMESFORMER.ATTENTION_TYPE")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -195,12 +199,14 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     train_loader = build_train_loader(train_set, args, device)
     niter = len(train_loader)  # before any skip
     optimizer, scheduler = build_probe_optimizer(classifier, args)
+    run = probe_run(args, cfg, train_set, val_set)
 
     start_epoch, start_iter, epoch_meters, best_acc, val_ids, train_skipped = 0, 0, None, 0.0, set(), 0
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     if os.path.isfile(ckpt_path):
         ckpt = safe_torch_load(ckpt_path)
         check_same_backbone(ckpt.get("backbone"), fingerprint, ckpt_path, args.pretrained_weights)
+        check_same_run(ckpt.get("run"), run, ckpt_path)
         load_classifier_state(classifier.module if distributed else classifier, ckpt["state_dict"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -214,7 +220,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
         restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
         print(f"Resumed from {ckpt_path}: epoch {start_epoch} from iteration {start_iter}, best top-1 {best_acc:.2f}")
 
-    save = functools.partial(save_checkpoint, ckpt_path, classifier, optimizer, scheduler, args, fingerprint,
+    save = functools.partial(save_checkpoint, ckpt_path, classifier, optimizer, scheduler, args, fingerprint, run,
                              train_set)
     # A stop signal saves the training done and exits with status 3 (README "Reliability").
     with preemption.StopSignals(ignore_after_stop=exit_after_stop) as stop:
@@ -345,17 +351,17 @@ def is_save_step(done: int, niter: int, every: int) -> bool:
     return every > 0 and done % every == 0 and done < niter
 
 
-def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args, fingerprint: str, train_set,
-                    epoch: int, best_acc: float, iteration: int = 0, epoch_iterations: int | None = None,
+def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args, fingerprint: str, run: dict,
+                    train_set, epoch: int, best_acc: float, iteration: int = 0, epoch_iterations: int | None = None,
                     epoch_meters: dict | None = None, skipped: dict | None = None) -> None:
     """checkpoint.pth.tar, written atomically by rank 0: the classifier, its optimizer and scheduler, the
-    backbone's `fingerprint` (a resume checks it) and the `train_set` videos decoded sequentially so far. At an
-    epoch end `epoch` is the next epoch to run and `skipped` the unreadable videos of its training (a count) and
-    last validation (ids), which the final summary reports. A mid-epoch save (`iteration` batches of `epoch`
+    backbone's `fingerprint` and the probe's `run` (a resume checks both) and the `train_set` videos decoded
+    sequentially so far. At an epoch end `epoch` is the next epoch to run and `skipped` the unreadable videos of
+    its training (a count) and last validation (ids), which the final summary reports. A mid-epoch save (`iteration` batches of `epoch`
     done, this rank's `epoch_meters`) adds what an exact resume needs: `iteration`, every rank's running meters
     and `args` (the global batch), and the epoch's `epoch_iterations` for --evaluate's note. Every rank calls it (parts are gathered from all ranks)."""
     state = {"epoch": epoch, "state_dict": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "best_acc": best_acc, "backbone": fingerprint,
+             "scheduler": scheduler.state_dict(), "best_acc": best_acc, "backbone": fingerprint, "run": run,
              "pretrained_weights": args.pretrained_weights,
              "sequential_videos": checkpoint_sequential_videos(train_set)}
     if skipped is not None:
@@ -426,6 +432,48 @@ def check_same_backbone(saved: str | None, fingerprint: str, path: str, pretrain
                          f"(eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...), or delete {path} to train a new one.")
 
 
+def probe_run(args, cfg, train_set, val_set) -> dict:
+    """What a probe's score depends on besides the backbone, saved in its checkpoint (`run`): the dataset and
+    its train/val lists (content digests), the classes, the hyper-parameters of its training and validation
+    and the config keys that shape its clips. Not the batch size or process count: a resume may change them
+    (resume_start_iteration)."""
+    flags = ("dataset", "num_labels", "lr", "epochs", "n_last_blocks", "avgpool_patchtokens", "feature_bn",
+             "slowfast_eval", "seed")
+    run = {f"--{name}": getattr(args, name) for name in flags}
+    for key in CLIP_KEYS:
+        node, name = key.split(".")
+        run[key] = cfg[node][name]
+    run["train list"], run["val list"] = list_fingerprint(train_set.list_file), list_fingerprint(val_set.list_file)
+    return run
+
+
+def check_same_run(saved: dict | None, run: dict, path: str) -> None:
+    """Resume only the run this command describes (`probe_run`): with any other value, resuming would continue
+    another run's training (its lr schedule, its classes) and report its score as this one's. A list counts as
+    the same when its content is (a moved data folder resumes). Files written before runs were saved (no
+    `run`) cannot tell: a note."""
+    if saved is None:
+        print(f"Note: {path} was written before checkpoints recorded their run (dataset, lists, hyper-parameters): "
+              "resuming it unchecked.")
+        return
+
+    def same(key):
+        if isinstance(run[key], dict):
+            return saved[key]["sha1"] == run[key]["sha1"]
+        return saved[key] == run[key]
+
+    def show(value):
+        return f"{value['path']} (sha1 {value['sha1'][:12]})" if isinstance(value, dict) else repr(value)
+
+    differ = [f"{key}: checkpoint {show(saved[key])}, this run {show(run[key])}" for key in run
+              if key in saved and not same(key)]
+    if differ:
+        raise ValueError(f"{path} holds another linear probe run: {'; '.join(differ)}. Resuming it would continue "
+                         "that run's training and report its score as this one's. Give this run another --output_dir "
+                         "(eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...), or pass the checkpoint's values to "
+                         "continue it.")
+
+
 def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) -> None:
     """Load `linear.*` (or DDP's `module.linear.*`) weights; a shape mismatch is an error naming the fix."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -440,8 +488,10 @@ def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) 
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but this run builds "
-                             f"{tuple(expected[key].shape)} (num_labels x feature dim). Match --num_labels, "
-                             f"--n_last_blocks, --avgpool_patchtokens and --arch to the run that trained it.")
+                             f"{tuple(expected[key].shape)} (num_labels x feature dim): a classifier of another run "
+                             "(another dataset or list, --num_labels, --n_last_blocks, --avgpool_patchtokens or "
+                             "--arch). To resume or evaluate it, rerun the command that trained it; for this run, "
+                             "use another --output_dir (eval_linear.sh: EXP_NAME=...) or --lc_pretrained_weights.")
     classifier.load_state_dict(state)
 
 

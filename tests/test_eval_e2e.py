@@ -112,7 +112,7 @@ def test_a_backbone_pretrained_with_another_patch_size_is_evaluated_with_patch_s
         assert script.get_args_parser().parse_args(["--patch_size", "8"]).patch_size == 8
 
 
-def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, checkpoint, tmp_path):
+def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, checkpoint, tmp_path, capsys):
     out = tmp_path / "le"
     common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "2",
               "--avgpool_patchtokens", "True", "--lr", "0.5", "--batch_size_per_gpu", "4", "--num_workers", "0",
@@ -121,8 +121,8 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
     stats = linear(common + ["--epochs", "2"] + opts)
     assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 3
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=False)
-    assert set(ckpt) == {"epoch", "state_dict", "optimizer", "scheduler", "best_acc", "backbone", "pretrained_weights",
-                         "sequential_videos", "skipped_videos"}
+    assert set(ckpt) == {"epoch", "state_dict", "optimizer", "scheduler", "best_acc", "backbone", "run",
+                         "pretrained_weights", "sequential_videos", "skipped_videos"}
     # A process group always exists (as in the original), so the classifier is DDP-wrapped: `module.` keys.
     assert ckpt["epoch"] == 2 and list(ckpt["state_dict"]) == ["module.linear.weight", "module.linear.bias"]
     assert ckpt["state_dict"]["module.linear.weight"].shape == (4, 192 * 3)
@@ -131,13 +131,54 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
     assert "test_acc1" in lines[0] and "train_loss" in lines[0] and "test_multiview_acc1" in lines[2]
     assert ckpt["scheduler"]["last_epoch"] == 2
 
-    # Resume: one more epoch, starting from the saved epoch 2 with the saved classifier.
+    # The same --output_dir for another run (eval_linear.sh's default EXP_NAME for every dataset): refused,
+    # naming what differs, before anything is trained or written.
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for src in (synthetic_root / "splits").iterdir():
+        lines = src.read_text().splitlines()
+        (edited / src.name).write_text("\n".join(lines[:-1] if "train" in src.name else lines) + "\n")
+    train_list = synthetic_root / "splits" / "ucf101_train_split_1_videos.txt"
+    for other, differs in [
+            (["--epochs", "3"], r"--epochs: checkpoint 2, this run 3"),
+            (["--epochs", "2", "--lr", "5"], r"--lr: checkpoint 0.5, this run 5.0"),
+            (["--epochs", "2", "--dataset", "hmdb51"], r"--dataset: checkpoint 'ucf101', this run 'hmdb51'"),
+            (["--epochs", "2"] + opts + ["DATA.PATH_TO_DATA_DIR", str(edited)],
+             rf"train list: checkpoint {train_list} \(sha1 \w{{12}}\), this run {edited}/\S+ \(sha1 \w{{12}}\)")]:
+        dist.destroy_process_group()
+        with pytest.raises(ValueError, match=rf"checkpoint.pth.tar holds another linear probe run: {differs}\. "
+                                             r".*another --output_dir \(eval_linear.sh: EXP_NAME=.*or pass the "
+                                             r"checkpoint's values to continue it\."):
+            linear(common + other + ([] if "--opts" in other else opts))
+    assert torch.load(out / "checkpoint.pth.tar", weights_only=False)["epoch"] == 2
+    assert len((out / "log.txt").read_text().splitlines()) == 3
+
+    # The same run with its lists moved resumes (here: nothing left but the test); so does a checkpoint written
+    # before runs were recorded, unchecked.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for src in (synthetic_root / "splits").iterdir():
+        (moved / src.name).write_bytes(src.read_bytes())
     dist.destroy_process_group()
-    linear(common + ["--epochs", "3"] + opts)
+    linear(common + ["--epochs", "2"] + opts + ["DATA.PATH_TO_DATA_DIR", str(moved)])
+    legacy = torch.load(out / "checkpoint.pth.tar", weights_only=False)
+    del legacy["run"]
+    torch.save(legacy, out / "checkpoint.pth.tar")
+    dist.destroy_process_group()
+    capsys.readouterr()
+    linear(common + ["--epochs", "2"] + opts)
+    printed = capsys.readouterr().out
+    assert "written before checkpoints recorded their run (dataset, lists, hyper-parameters): resuming it " \
+           "unchecked" in printed and f"Resumed from {out / 'checkpoint.pth.tar'}: epoch 2" in printed
     lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
-    assert [l.get("epoch") for l in lines] == [0, 1, None, 2, None]
+    assert [l.get("epoch") for l in lines] == [0, 1, None, None, None]
     resumed = torch.load(out / "checkpoint.pth.tar", weights_only=False)
-    assert resumed["epoch"] == 3 and resumed["best_acc"] >= ckpt["best_acc"]
+    assert resumed["epoch"] == 2 and resumed["best_acc"] == ckpt["best_acc"]
+    dist.destroy_process_group()
+    with pytest.raises(ValueError, match=r"weight has shape \(4, 576\) but this run builds \(5, 576\) \(num_labels x "
+                                         r"feature dim\): a classifier of another run .*rerun the command that "
+                                         r"trained it; for this run, use another --output_dir"):
+        linear(common + ["--epochs", "2", "--num_labels", "5"] + opts)  # unchecked: only the shape tells
 
     # --evaluate: the saved classifier, nothing trained; --ensemble softmax changes only the aggregation.
     dist.destroy_process_group()
@@ -165,7 +206,7 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
         with pytest.raises(ValueError, match=r"checkpoint.pth.tar is a linear classifier trained on the features "
                                              r"of another backbone.*EXP_NAME=.*or delete"):
             linear([str(a) for a in swapped] + extra + opts)
-    assert torch.load(out / "checkpoint.pth.tar", weights_only=False)["epoch"] == 3
+    assert torch.load(out / "checkpoint.pth.tar", weights_only=False)["epoch"] == 2
 
 
 def test_linear_probe_with_feature_bn_trains_and_evaluates_again(synthetic_root, checkpoint, tmp_path):

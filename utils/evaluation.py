@@ -62,6 +62,16 @@ def backbone_fingerprint(model: nn.Module, exclude: tuple[str, ...] = ()) -> str
     return digest.hexdigest()
 
 
+def list_fingerprint(path: str) -> dict:
+    """A list file's path and the SHA-1 of its bytes: which videos and labels a classifier was trained or
+    validated on (the digest identifies them; the path is for messages: the same list elsewhere is the same)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": path, "sha1": digest.hexdigest()}
+
+
 def check_backbone_load(summary, path: str, arch: str) -> None:
     """Evaluation needs every backbone weight from the file: missing keys (random weights) or blocks the
     model does not have mean the checkpoint is of another depth (MODEL.DEPTH) or architecture (--arch)."""
