@@ -274,7 +274,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
     check_finite_loss(metric_logger.meters["loss"].global_avg, epoch, args)
     # skipped_videos (log.txt: train_skipped_videos) counts replaced samples, not videos: replaced_samples says so
     return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped),
-            "replaced_samples": int(skipped), "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers)}, own
+            "replaced_samples": int(skipped),
+            "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers)}, own
 
 
 def is_save_step(done: int, num_batches: int, args) -> bool:

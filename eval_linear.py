@@ -357,9 +357,10 @@ def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args
     """checkpoint.pth.tar, written atomically by rank 0: the classifier, its optimizer and scheduler, the
     backbone's `fingerprint` and the probe's `run` (a resume checks both) and the `train_set` videos decoded
     sequentially so far. At an epoch end `epoch` is the next epoch to run and `skipped` the unreadable videos of
-    its training (a count) and last validation (ids), which the final summary reports. A mid-epoch save (`iteration` batches of `epoch`
-    done, this rank's `epoch_meters`) adds what an exact resume needs: `iteration`, every rank's running meters
-    and `args` (the global batch), and the epoch's `epoch_iterations` for --evaluate's note. Every rank calls it (parts are gathered from all ranks)."""
+    its training (a count) and last validation (ids), which the final summary reports. A mid-epoch save
+    (`iteration` batches of `epoch` done, this rank's `epoch_meters`) adds what an exact resume needs:
+    `iteration`, every rank's running meters and `args` (the global batch), and the epoch's `epoch_iterations` for
+    --evaluate's note. Every rank calls it (parts are gathered from all ranks)."""
     state = {"epoch": epoch, "state_dict": classifier.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "best_acc": best_acc, "backbone": fingerprint, "run": run,
              "pretrained_weights": args.pretrained_weights,

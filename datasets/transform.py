@@ -228,9 +228,9 @@ class VideoDataAugmentationDINO:
     views first; output: float (3, T_v, size, size) normalised with the ImageNet statistics.
 
     Per view: RandomResizedCrop (global scale (0.4, 1) to global_size, local (0.05, 0.4) to local_size,
-    bicubic without antialiasing as the original, values kept in [0, 1]); flip p=0.5 (none without `random_flip`, DATA.RANDOM_FLIP);
-    colour jitter p=0.8 (0.4, 0.4, 0.2, no hue, random order); grayscale p=0.2. Blur and solarisation are off
-    (no-ops in the original).
+    bicubic without antialiasing as the original, values kept in [0, 1]); flip p=0.5 (none without `random_flip`,
+    DATA.RANDOM_FLIP); colour jitter p=0.8 (0.4, 0.4, 0.2, no hue, random order); grayscale p=0.2. Blur and
+    solarisation are off (no-ops in the original).
     The parameters of every view are drawn first (`draw_params`, what the device path receives), then
     applied (`apply_view_params`; datasets/device_views.py applies them batched on a device)."""
 

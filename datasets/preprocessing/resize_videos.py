@@ -84,8 +84,9 @@ def output_collisions(jobs: list[tuple]) -> str:
     shared = [f"{' and '.join(srcs)} -> {dst}" for dst, srcs in sources.items() if len(srcs) > 1]
     if not shared:
         return ""
+    more = " ..." if len(shared) > 4 else ""
     return (f"{len(shared)} output{'' if len(shared) == 1 else 's'} would be written by several inputs (the output "
-            f"is the input's path with the extension .mp4): {'; '.join(shared[:4])}{' ...' if len(shared) > 4 else ''}. "
+            f"is the input's path with the extension .mp4): {'; '.join(shared[:4])}{more}. "
             "Rename one input of each (and its list line), or convert them into separate --dst folders.")
 
 
