@@ -46,10 +46,10 @@ from utils import preemption, utils
 from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, load_imagenet_init,
                               load_pretrained_weights, output_dir_lock, remove_stale_temp_files, restore_epoch_meters,
                               restore_rng, safe_torch_load)
-from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, dataset_labels,
-                              derived_config, extract_features_and_labels, make_loader, multi_view_stats,
-                              note_ssl_view_keys, resolve_num_labels, single_clip_config, single_view_stats, to_device,
-                              topk_hits)
+from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, check_same_run,
+                              dataset_labels, derived_config, extract_features_and_labels, make_loader,
+                              multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
+                              single_view_stats, to_device, topk_hits)
 from utils.parser import add_config_args, check_clip_sizes, load_config_from
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -294,18 +294,27 @@ def check_finite_loss(loss: float, epoch: int, args) -> None:
                                  "--use_fp16 False, or --amp_dtype bf16 on a GPU with native bf16 (A100, H100).")
 
 
+def finetune_run(args, cfg, train_set, val_set) -> dict:
+    """What a fine-tuning's score depends on besides its initialisation, saved in its checkpoint (`run`, checked
+    on resume): the dataset and its train/val lists, the classes, the seed, the slow-fast test and the clip keys.
+    Not the lr, the epochs or the global batch: a resume applies new ones from its epoch on (README)."""
+    return run_record(args, cfg, ("dataset", "num_labels", "seed", "slowfast_eval"),
+                      {"train list": train_set.list_file, "val list": val_set.list_file})
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, best_acc1: float, args, cfg,
-                    init_backbone: str, iteration: int = 0, epoch_meters: dict | None = None,
+                    init_backbone: str, run: dict, iteration: int = 0, epoch_meters: dict | None = None,
                     train_set=None) -> None:
     """checkpoint.pth, written atomically by rank 0. At an epoch end `epoch` is the next epoch to run; a
     mid-epoch save (`iteration` batches of `epoch` done, this rank's `epoch_meters`) adds what an exact resume
     needs: `iteration`, every rank's RNG states and running meters, and the `train_set` videos decoded
-    sequentially; `init_backbone` is the fingerprint of the initialisation (a resume checks it). Every rank
+    sequentially; `init_backbone` is the fingerprint of the initialisation and `run` the fine-tuning's
+    (finetune_run; a resume checks both). Every rank
     calls it (the mid-epoch part is gathered from all ranks); a non-finite running loss on any rank stops every
     rank instead."""
     state = {"epoch": epoch, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
-             "best_acc1": best_acc1, "args": args, "cfg": cfg.dump(), "init_backbone": init_backbone}
+             "best_acc1": best_acc1, "args": args, "cfg": cfg.dump(), "init_backbone": init_backbone, "run": run}
     if iteration:
         per_rank = gather_objects(epoch_meters)
         for entry in per_rank:
@@ -436,7 +445,10 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     niter = len(train_loader)  # before any skip
     num_batches = niter // args.accum_iter * args.accum_iter  # those an epoch trains on (whole accumulation groups)
     start_epoch, start_iter, best_acc1, rng, epoch_meters = 0, 0, 0.0, None, None
+    run = finetune_run(args, cfg, train_set, val_set)
     if ckpt is not None:
+        check_same_run(ckpt.get("run"), run, str(ckpt_path), "fine-tuning",
+                       "finetune.sh: EXP_NAME=... or OUTPUT_DIR=...")
         optimizer.load_state_dict(ckpt["optimizer_state"])
         if scaler is not None and ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
@@ -466,7 +478,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_epoch(args, epoch)
             save_mid_epoch = functools.partial(save_checkpoint, ckpt_path, model, optimizer, scaler, epoch, best_acc1,
-                                               args, cfg, init_backbone, train_set=train_set)
+                                               args, cfg, init_backbone, run, train_set=train_set)
             train_stats, own_meters = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, niter, args,
                                                       precision, device, writer,
                                                       start_iter=start_iter if resumed else 0,
@@ -484,7 +496,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
                 print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}); skipped videos: "
                       f"{val_stats['skipped_videos']}")
                 log_stats.update({f"val_{k}": v for k, v in val_stats.items()})
-            save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, best_acc1, args, cfg, init_backbone)
+            save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, best_acc1, args, cfg, init_backbone, run)
             if utils.is_main_process():
                 for k, v in log_stats.items():
                     if k != "epoch" and isinstance(v, (int, float)):

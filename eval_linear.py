@@ -38,17 +38,13 @@ from models import ARCHS
 from utils import preemption, utils
 from utils.checkpoint import (atomic_save, gather_objects, output_dir_lock, remove_stale_temp_files,
                               restore_epoch_meters, safe_torch_load)
-from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, clip_features, dataset_labels,
-                              derived_config, extract_features_and_labels, list_fingerprint, load_backbone,
+from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_same_run, clip_features,
+                              dataset_labels, derived_config, extract_features_and_labels, load_backbone,
                               make_loader, multi_view_stats, note_ssl_view_keys, require_readable, resolve_num_labels,
-                              single_clip_config, single_view_stats, skipped_video_ids, to_device)
+                              run_record, single_clip_config, single_view_stats, skipped_video_ids, to_device)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
-# The config keys that shape the clips the probe sees, recorded with its run (probe_run).
-CLIP_KEYS = ("DATA.NUM_FRAMES", "DATA.SAMPLING_RATE", "DATA.TARGET_FPS", "DATA.TRAIN_JITTER_SCALES",
-             "DATA.TRAIN_CROP_SIZE", "DATA.LOCAL_CROP_SIZE", "DATA.TEST_CROP_SIZE", "DATA.MEAN", "DATA.STD",
-             "DATA.RANDOM_FLIP", "TIMESFORMER.ATTENTION_TYPE")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -206,7 +202,8 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     if os.path.isfile(ckpt_path):
         ckpt = safe_torch_load(ckpt_path)
         check_same_backbone(ckpt.get("backbone"), fingerprint, ckpt_path, args.pretrained_weights)
-        check_same_run(ckpt.get("run"), run, ckpt_path)
+        check_same_run(ckpt.get("run"), run, ckpt_path, "linear probe",
+                       "eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...")
         load_classifier_state(classifier.module if distributed else classifier, ckpt["state_dict"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -434,45 +431,12 @@ def check_same_backbone(saved: str | None, fingerprint: str, path: str, pretrain
 
 
 def probe_run(args, cfg, train_set, val_set) -> dict:
-    """What a probe's score depends on besides the backbone, saved in its checkpoint (`run`): the dataset and
-    its train/val lists (content digests), the classes, the hyper-parameters of its training and validation
-    and the config keys that shape its clips. Not the batch size or process count: a resume may change them
-    (resume_start_iteration)."""
+    """What a probe's score depends on besides the backbone, saved in its checkpoint (`run`, checked on resume):
+    the dataset and its train/val lists, the classes, the hyper-parameters of its training and validation and
+    the clip keys. Not the batch size or process count: a resume may change them (resume_start_iteration)."""
     flags = ("dataset", "num_labels", "lr", "epochs", "n_last_blocks", "avgpool_patchtokens", "feature_bn",
              "slowfast_eval", "seed")
-    run = {f"--{name}": getattr(args, name) for name in flags}
-    for key in CLIP_KEYS:
-        node, name = key.split(".")
-        run[key] = cfg[node][name]
-    run["train list"], run["val list"] = list_fingerprint(train_set.list_file), list_fingerprint(val_set.list_file)
-    return run
-
-
-def check_same_run(saved: dict | None, run: dict, path: str) -> None:
-    """Resume only the run this command describes (`probe_run`): with any other value, resuming would continue
-    another run's training (its lr schedule, its classes) and report its score as this one's. A list counts as
-    the same when its content is (a moved data folder resumes). Files written before runs were saved (no
-    `run`) cannot tell: a note."""
-    if saved is None:
-        print(f"Note: {path} was written before checkpoints recorded their run (dataset, lists, hyper-parameters): "
-              "resuming it unchecked.")
-        return
-
-    def same(key):
-        if isinstance(run[key], dict):
-            return saved[key]["sha1"] == run[key]["sha1"]
-        return saved[key] == run[key]
-
-    def show(value):
-        return f"{value['path']} (sha1 {value['sha1'][:12]})" if isinstance(value, dict) else repr(value)
-
-    differ = [f"{key}: checkpoint {show(saved[key])}, this run {show(run[key])}" for key in run
-              if key in saved and not same(key)]
-    if differ:
-        raise ValueError(f"{path} holds another linear probe run: {'; '.join(differ)}. Resuming it would continue "
-                         "that run's training and report its score as this one's. Give this run another --output_dir "
-                         "(eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...), or pass the checkpoint's values to "
-                         "continue it.")
+    return run_record(args, cfg, flags, {"train list": train_set.list_file, "val list": val_set.list_file})
 
 
 def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) -> None:

@@ -4,6 +4,7 @@ weight moves."""
 import argparse
 import builtins
 import json
+import shutil
 
 import pytest
 import torch
@@ -256,6 +257,18 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
         with pytest.raises(ValueError, match=r"checkpoint.pth is a fine-tuning of another initialisation than "
                                              r"--pretrained_weights .*other.pth.*EXP_NAME="):
             finetune(other + extra + ["--output_dir", str(once), "--opts"] + data + OPTS)
+        dist.destroy_process_group()
+    # Another run's lists (one train line less) or seed: an error naming what differs (a new --epochs does not).
+    edited = tmp_path / "edited"
+    shutil.copytree(data[1], edited)
+    train_list = edited / "ucf101_train_split_1_videos.txt"
+    train_list.write_text("".join(train_list.read_text().splitlines(keepends=True)[:-1]))
+    for extra, lists, differs in ((["--seed", "1"], data, r"--seed: checkpoint 0, this run 1\."),
+                                  ([], ["DATA.PATH_TO_DATA_DIR", str(edited)] + data[2:],
+                                   r"train list: checkpoint \S*lists/ucf101_train\S* \(sha1 \w+\), this run "
+                                   r"\S*edited/ucf101_train\S* \(sha1 \w+\)\.")):
+        with pytest.raises(ValueError, match=rf"checkpoint.pth holds another fine-tuning run: {differs} .*EXP_NAME="):
+            finetune(common + ["--epochs", "3"] + extra + ["--output_dir", str(once), "--opts"] + lists + OPTS)
         dist.destroy_process_group()
     assert torch.load(once / "checkpoint.pth", weights_only=False)["epoch"] == 2
 

@@ -72,6 +72,50 @@ def list_fingerprint(path: str) -> dict:
     return {"path": path, "sha1": digest.hexdigest()}
 
 
+# The config keys that shape the clips an evaluation trains and scores on, recorded with its run (`run_record`).
+CLIP_KEYS = ("DATA.NUM_FRAMES", "DATA.SAMPLING_RATE", "DATA.TARGET_FPS", "DATA.TRAIN_JITTER_SCALES",
+             "DATA.TRAIN_CROP_SIZE", "DATA.LOCAL_CROP_SIZE", "DATA.TEST_CROP_SIZE", "DATA.MEAN", "DATA.STD",
+             "DATA.RANDOM_FLIP", "TIMESFORMER.ATTENTION_TYPE")
+
+
+def run_record(args, cfg, flags: Sequence[str], lists: dict[str, str]) -> dict:
+    """What a trained evaluation's score depends on besides its initial weights, saved in its checkpoint (`run`):
+    the `flags` (argparse names) of `args`, the CLIP_KEYS of `cfg` and the `lists` ({name: list file}) as
+    list_fingerprint's digests."""
+    run = {f"--{name}": getattr(args, name) for name in flags}
+    for key in CLIP_KEYS:
+        node, name = key.split(".")
+        run[key] = cfg[node][name]
+    run.update({name: list_fingerprint(path) for name, path in lists.items()})
+    return run
+
+
+def check_same_run(saved: dict | None, run: dict, path: str, what: str, output_hint: str) -> None:
+    """Resume only the run this command describes (`run_record`): with any other value, resuming would continue
+    another run's training and report its score as this one's. A list counts as the same when its content does
+    (a moved data folder resumes). Files written before runs were saved (no `run`) cannot tell: a note.
+    `what`: the kind of run, `output_hint`: how the launch script names another output folder."""
+    if saved is None:
+        print(f"Note: {path} was written before checkpoints recorded their run (dataset, lists, hyper-parameters): "
+              "resuming it unchecked.")
+        return
+
+    def same(key):
+        if isinstance(run[key], dict):
+            return saved[key]["sha1"] == run[key]["sha1"]
+        return saved[key] == run[key]
+
+    def show(value):
+        return f"{value['path']} (sha1 {value['sha1'][:12]})" if isinstance(value, dict) else repr(value)
+
+    differ = [f"{key}: checkpoint {show(saved[key])}, this run {show(run[key])}" for key in run
+              if key in saved and not same(key)]
+    if differ:
+        raise ValueError(f"{path} holds another {what} run: {'; '.join(differ)}. Resuming it would continue that "
+                         f"run's training and report its score as this one's. Give this run another --output_dir "
+                         f"({output_hint}), or pass the checkpoint's values to continue it.")
+
+
 def check_backbone_load(summary, path: str, arch: str) -> None:
     """Evaluation needs every backbone weight from the file: missing keys (random weights) or blocks the
     model does not have mean the checkpoint is of another depth (MODEL.DEPTH) or architecture (--arch)."""
