@@ -396,8 +396,10 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     if utils.is_main_process():
         if not args.evaluate:  # an --evaluate next to a training run must not delete the save it is writing
             remove_stale_temp_files(output_dir)
-        (output_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-        (output_dir / "config.yaml").write_text(cfg.dump())
+        # ... nor replace the training's config files: an evaluation's go beside them
+        name = "config_evaluate" if args.evaluate else "config"
+        (output_dir / f"{name}.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        (output_dir / f"{name}.yaml").write_text(cfg.dump())
 
     # Data: training clips (Kinetics: the plain clip, not the SSL views), single-view val, multi-view test.
     val_set = build_dataset(args.dataset, single_clip_config(cfg),

@@ -138,7 +138,8 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     if utils.is_main_process():
         if not evaluate_only:  # an --evaluate next to a training run must not delete the save it is writing
             remove_stale_temp_files(args.output_dir)
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+        # ... nor replace the training's config.json: an evaluation's arguments go beside it
+        with open(os.path.join(args.output_dir, "config_evaluate.json" if evaluate_only else "config.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
 
     # Data: linear-probe training clips (Kinetics: the plain clip, not the SSL views), single-view val,

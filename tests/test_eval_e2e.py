@@ -188,6 +188,9 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
     assert {"acc1", "multiview_acc1"} <= set(ev) and "multiview_acc5" not in set(ev)  # 4 classes: no top-5
     results = json.loads((out / "linear_results.json").read_text())
     assert results["ensemble"] == "softmax" and results["multiview_acc1"] == ev["multiview_acc1"]
+    # the training's config.json stays; the evaluation's arguments go beside it
+    assert not json.loads((out / "config.json").read_text())["evaluate"]
+    assert json.loads((out / "config_evaluate.json").read_text())["ensemble"] == "softmax"
 
     # Slow-fast evaluation of the same classifier: NUM_FRAMES x 32 and 8*NUM_FRAMES x 16 clips per video.
     dist.destroy_process_group()

@@ -244,6 +244,10 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
     ev = finetune(common + ["--evaluate", "--slowfast_eval", "True", "--output_dir", str(once), "--opts"]
                   + data + OPTS)
     assert ev["slowfast_eval"] and ev["test_num_videos"] == 8 and ev["epoch"] == 2 and ev["sequential_decodes"] == 0
+    # the training's config files stay; the evaluation's arguments go beside them
+    assert not json.loads((once / "config.json").read_text())["evaluate"]
+    assert json.loads((once / "config_evaluate.json").read_text())["evaluate"]
+    assert (once / "config_evaluate.yaml").exists()
     assert torch.equal(torch.load(once / "checkpoint.pth", weights_only=False)["model_state"]["head.weight"],
                        a["model_state"]["head.weight"])
 
