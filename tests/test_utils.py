@@ -187,12 +187,47 @@ def test_cpu_has_native_bf16_without_onednn(monkeypatch):
     assert utils.cpu_has_native_bf16() is False
 
 
-def test_lars_step_matches_formula():
-    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
-    opt = utils.LARS([w], lr=0.1, weight_decay=0.0, momentum=0.9, eta=0.001)
-    w.grad = torch.tensor([[0.0, 2.0]])  # norm 2 -> trust ratio 0.001 * 5 / 2
-    opt.step()
-    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0 - 0.1 * 2.0 * 0.0025]]))
+def reference_lars(params: list[list[float]], matrix: list[bool], grads: list[list[list[float]]], lr: float,
+                   weight_decay: float, momentum: float, eta: float) -> list[list[float]]:
+    """DINO's LARS on flat lists of floats, one step per entry of `grads`: a >1-D (`matrix`) parameter's update
+    is (g + wd p) times eta |p| / |g + wd p| (1 when either norm is 0); a 1-D one's is g alone. The update goes
+    into a momentum buffer that starts at zero (mu = momentum mu + update), and p -= lr mu."""
+    params = [list(p) for p in params]
+    buffers = [[0.0] * len(p) for p in params]
+    for step in grads:
+        for p, mu, g, is_matrix in zip(params, buffers, step, matrix):
+            update = list(g)
+            if is_matrix:
+                update = [gi + weight_decay * pi for gi, pi in zip(g, p)]
+                p_norm = math.sqrt(sum(x * x for x in p))
+                u_norm = math.sqrt(sum(x * x for x in update))
+                trust = eta * p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0
+                update = [trust * x for x in update]
+            for i, u in enumerate(update):
+                mu[i] = momentum * mu[i] + u
+                p[i] -= lr * mu[i]
+    return params
+
+
+def test_lars_steps_match_dinos_definition():
+    # A weight matrix, a zero matrix (trust ratio 1 at its first step) and a bias (1-D: no decay, no trust
+    # ratio) in one group with weight decay, over three steps: decay, trust ratio and momentum all show.
+    start = [[3.0, 4.0, -1.0, 2.0], [0.0, 0.0, 0.0, 0.0], [1.0, -2.0, 0.5]]
+    shapes = [(2, 2), (2, 2), (3,)]
+    grads = [[[0.5, -1.0, 2.0, 0.0], [1.0, 0.0, -1.0, 2.0], [0.3, -0.2, 1.0]],
+             [[-1.5, 0.5, 0.5, 1.0], [0.5, 0.5, 0.0, -1.0], [-0.4, 0.1, 0.2]],
+             [[0.2, 0.2, -0.3, 0.7], [0.0, 1.0, 1.0, 0.0], [0.6, 0.6, -0.6]]]
+    hyper = dict(lr=0.5, weight_decay=0.3, momentum=0.9, eta=0.02)
+    params = [nn.Parameter(torch.tensor(v, dtype=torch.float64).reshape(s)) for v, s in zip(start, shapes)]
+    opt = utils.LARS(params, **hyper)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = torch.tensor(g, dtype=torch.float64).reshape(p.shape)
+        opt.step()
+    expected = reference_lars(start, [len(s) > 1 for s in shapes], grads, **hyper)
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.detach().flatten(), torch.tensor(want, dtype=torch.float64), rtol=1e-12,
+                                   atol=1e-12)
 
 
 def test_first_slurm_host():
