@@ -7,6 +7,8 @@
   sampling rate 2) for fast tests; opts are "DATA.KEY"-style overrides, e.g. {"DATA.RAND_FR": True}.
 - `make_video(path, frames=None, num_frames=16, size=(48, 64), fps=30, levels=None)`: write an mp4;
   `levels` makes frame i a flat grey image of that level (frame identity readable after decoding).
+- `damaged_video(path)`: a 24-frame H.264 mp4 that opens (its index is intact) but whose middle third of
+  packet bytes is random (a damaged download or disk); returns the frames whose packets lie wholly in it.
 - `log_records(folder)`: the JSON lines of folder/log.txt without the wall-clock keys (`WALL_CLOCK_KEYS`).
 - `HostReads`: a dispatch mode counting the reads of a tensor's value by the host (`.item()`, `float()`,
   `bool()`, ...), each of which waits for the GPU on CUDA: a training loop's count must not grow with its steps.
@@ -21,6 +23,7 @@ import os
 import signal
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -131,6 +134,25 @@ def _make_video(path, frames=None, num_frames: int = 16, size=(48, 64), fps: int
 @pytest.fixture
 def make_video():
     return _make_video
+
+
+DAMAGED_FRAMES = 24
+
+
+def damaged_video(path) -> list[int]:
+    """Write a noise H.264 mp4 of DAMAGED_FRAMES frames (one keyframe, so every later frame refers back) to
+    `path` and overwrite the middle third of its packet bytes with random ones (seeded); the container and its
+    index stay intact, so the file opens and its first frames decode. Returns the frames whose packets lie
+    wholly inside the damaged bytes, in display order."""
+    _make_video(path, num_frames=DAMAGED_FRAMES)
+    with av.open(str(path)) as video:
+        packets = [(p.pos, p.size, round(float(p.pts * p.time_base) * 30)) for p in video.demux(video=0) if p.size]
+    first, last = packets[0][0], packets[-1][0] + packets[-1][1]
+    lo, hi = first + (last - first) // 3, first + 2 * (last - first) // 3
+    data = bytearray(Path(path).read_bytes())
+    data[lo:hi] = np.random.default_rng(7).integers(0, 256, hi - lo, dtype=np.uint8).tobytes()
+    Path(path).write_bytes(bytes(data))
+    return sorted(index for pos, size, index in packets if lo <= pos and pos + size <= hi)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,7 @@ from datasets import DATASETS, ReturnIndexDataset, build_dataset, decoder, video
 from datasets.synthetic import write_video
 from datasets.transform import IMAGENET_MEAN, IMAGENET_STD, VideoDataAugmentationDINO, ssl_view_frames
 from datasets.video_dataset import parse_list_file
-from tests.conftest import build_cfg
+from tests.conftest import DAMAGED_FRAMES, build_cfg, damaged_video
 
 LEVELS = [10 + 6 * i for i in range(40)]   # frame i is a flat grey image of level 10 + 6 i
 
@@ -332,10 +332,20 @@ def test_wrong_path_prefix_fails_at_construction_naming_the_key(synthetic_root, 
         build_dataset("kinetics400", cfg, "train")
 
 
-def _list_with_a_missing_video(synthetic_root, tmp_path, split):
+def _list_with_a_missing_video(synthetic_root, tmp_path, split, first="gone/absent.mp4", **opts):
+    """The synthetic `split` list with `first` (label 0) in front of it."""
     lines = (synthetic_root / "annotations" / f"{split}.csv").read_text().splitlines()
-    (tmp_path / f"{split}.csv").write_text("\n".join(["gone/absent.mp4 0"] + lines) + "\n")
-    return build_cfg(tmp_path, synthetic_root / "videos"), len(lines) + 1
+    (tmp_path / f"{split}.csv").write_text("\n".join([f"{first} 0"] + lines) + "\n")
+    return build_cfg(tmp_path, synthetic_root / "videos", **opts), len(lines) + 1
+
+
+def _list_with_a_damaged_video(synthetic_root, tmp_path, split):
+    """The synthetic `split` list with a video damaged mid-stream (conftest.damaged_video) in front, and clips
+    of 8 frames spread over its 24 (sampling rate 3), so every clip asks for frames inside the damage."""
+    inside = damaged_video(tmp_path / "damaged.mp4")
+    assert set(decoder.temporal_indices(0, DAMAGED_FRAMES - 1, 8, DAMAGED_FRAMES).tolist()) & set(inside)
+    return _list_with_a_missing_video(synthetic_root, tmp_path, split, tmp_path / "damaged.mp4",
+                                      **{"DATA.NUM_FRAMES": 8, "DATA.SAMPLING_RATE": 3})[0]
 
 
 def test_a_missing_training_video_is_replaced_and_counted(synthetic_root, tmp_path):
@@ -344,6 +354,25 @@ def test_a_missing_training_video_is_replaced_and_counted(synthetic_root, tmp_pa
     assert len(ds) == n
     _, label, index, meta = ds[0]
     assert meta["skipped"] == 1 and index != 0 and label == ds.video_labels[index]
+
+
+def test_a_training_video_damaged_mid_stream_is_replaced_and_counted(synthetic_root, tmp_path):
+    # It opens, then frames of the clip do not decode: another video, as for one that does not open.
+    ds = build_dataset("kinetics400", _list_with_a_damaged_video(synthetic_root, tmp_path, "train"), "train")
+    torch.manual_seed(0)
+    frames, label, index, meta = ds[0]
+    assert meta["skipped"] == 1 and index != 0 and label == ds.video_labels[index] and ds.num_skipped == 1
+    assert frames.shape == (3, 8, 32, 32)
+
+
+@pytest.mark.parametrize("mode", ["val", "test"])
+def test_an_evaluation_video_damaged_mid_stream_is_a_label_minus_one_placeholder(synthetic_root, tmp_path, mode):
+    cfg = _list_with_a_damaged_video(synthetic_root, tmp_path, mode)
+    ds = build_dataset("kinetics400", cfg, mode)
+    frames, label, index, meta = ds[0]
+    assert label == -1 and index == 0 and meta == {"skipped": 1} and ds.num_skipped == 1
+    assert frames.shape == (3, 8, 32, 32) and not frames.any()
+    assert ds[ds.num_clips_per_video][1] >= 0  # the next video is read
 
 
 @pytest.mark.parametrize("slowfast", [False, True])

@@ -1,8 +1,11 @@
 """Decoding backends and the frame-index maths of the original."""
+import re
+
 import pytest
 import torch
 
 from datasets import decoder
+from tests.conftest import DAMAGED_FRAMES, damaged_video
 from tests.frame_code import BACKENDS, require_backend
 
 
@@ -43,6 +46,22 @@ def test_missing_and_corrupt_files_raise_decode_error(tmp_path, backend):
     with pytest.raises(decoder.DecodeError, match="bad.mp4"):
         with decoder.open_video(str(bad), backend) as reader:
             reader.get_frames([0])
+
+
+@pytest.mark.parametrize("backend", decoder.BACKENDS)
+def test_a_video_damaged_mid_stream_names_the_frames_that_do_not_decode(tmp_path, backend):
+    # It opens and its first frames decode; the frames inside the damage are an error naming them, not
+    # frames made up (black or repeated) that would train or score as real ones.
+    require_backend(backend)
+    path = tmp_path / "damaged.mp4"
+    inside = damaged_video(path)
+    assert len(inside) >= 3 and inside[0] > 2
+    with decoder.open_video(str(path), backend) as reader:
+        assert reader.num_frames == DAMAGED_FRAMES
+        assert reader.get_frames([0, 1, 2]).shape == (3, 48, 64, 3)
+        message = f"{path}: frames {inside[:3]} of {DAMAGED_FRAMES} do not decode"
+        with pytest.raises(decoder.DecodeError, match=re.escape(message)):
+            reader.get_frames([0] + inside[:3])
 
 
 def test_start_end_idx():
