@@ -96,9 +96,9 @@ def reference_block(blk, z: torch.Tensor, b: int, t: int) -> torch.Tensor:
     return z + blk.mlp(blk.norm2(z))
 
 
-def reference_forward(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """The divided space-time forward written with plain reshapes/permutes and explicit nearest
-    indices, following the original step by step (eval mode: no dropout / drop path)."""
+def reference_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The embedded clip (B, 1 + hw*T, D) with plain reshapes/permutes and explicit nearest indices, following
+    the original step by step: patches + pos_embed per frame, + time_embed per patch, one CLS per clip."""
     b, _, t, hh, ww = x.shape
     h, w, d = hh // 16, ww // 16, model.embed_dim
     frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, 3, hh, ww)
@@ -111,10 +111,41 @@ def reference_forward(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor
     te = model.time_embed[0, [math.floor(i * 8 / t) for i in range(t)]]  # (t, d)
     p = p.reshape(b, t, h * w, d) + te[None, :, None]
     tokens = p.permute(0, 2, 1, 3).reshape(b, h * w * t, d)  # index n * t + frame
-    z = torch.cat([cls.expand(b, 1, d), tokens], dim=1)
+    return torch.cat([cls.expand(b, 1, d), tokens], dim=1)
+
+
+def reference_forward(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The divided space-time forward (eval mode: no dropout / drop path)."""
+    b, t = x.shape[0], x.shape[2]
+    z = reference_tokens(model, x)
     for blk in model.blocks:
         z = reference_block(blk, z, b, t)
     return model.norm(z)
+
+
+def reference_joint_block(blk, z: torch.Tensor, heads: int) -> torch.Tensor:
+    """A plain pre-norm ViT block over all 1 + hw*T tokens at once (joint space-time attention), with the
+    attention written out: rows [q; k; v] of qkv, heads of D / heads, softmax(q k^T / sqrt(D / heads)) v."""
+    b, n, d = z.shape
+    qkv = blk.norm1(z) @ blk.attn.qkv.weight.T + blk.attn.qkv.bias
+    q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, n, heads, d // heads).transpose(1, 2) for i in range(3))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
+    mixed = (weights @ v).transpose(1, 2).reshape(b, n, d)
+    z = z + mixed @ blk.attn.proj.weight.T + blk.attn.proj.bias
+    return z + blk.mlp(blk.norm2(z))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 32, 48), (1, 3, 4, 32, 32), (1, 3, 16, 32, 32)])
+def test_joint_forward_matches_reference(shape):
+    model = tiny(attention_type="joint_space_time")
+    with torch.no_grad():
+        model.time_embed.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))  # zero at init
+    x = torch.randn(shape)
+    with torch.no_grad():
+        z = reference_tokens(model, x)
+        for blk in model.blocks:
+            z = reference_joint_block(blk, z, heads=TINY["num_heads"])
+        torch.testing.assert_close(model.forward_features(x), model.norm(z), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 32, 48), (1, 3, 4, 96, 96), (1, 3, 16, 32, 32)])
