@@ -95,9 +95,14 @@ VFR_TICKS = (1, 2, 3, 1)      # frame durations in 1/60 s, cycled
 BACKENDS = ("torchcodec", "decord", "pyav")
 
 
+def backend_unavailable(backend: str) -> str:
+    """Why `backend` cannot be used here ("" when it can; PyAV always can)."""
+    return {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}.get(backend, lambda: "")()
+
+
 def require_backend(backend: str) -> None:
     """Skip the calling test when `backend` cannot be used here (saying why)."""
-    why = {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}.get(backend, lambda: "")()
+    why = backend_unavailable(backend)
     if why:
         pytest.skip(f"{backend} unavailable here: {why}")
 

@@ -13,8 +13,8 @@ from datasets.transform import VideoDataAugmentationDINO
 from datasets.video_dataset import sequential_decodes
 from tests.conftest import build_cfg
 from tests.frame_code import (BACKENDS, BFRAMES_HELD, COVER_CODE, CUT_PREROLL, FIXTURES, FORMAT_FRAMES, FORMATS,
-                              FORMATS_MADE, MADE, NUM_FRAMES, ODD_SIZE, SHORT_FRAMES, TRUNCATED_AT, bars_rgb,
-                              code_frame, encode_frames, missing_encoder, read_bars, read_clip, read_index,
+                              FORMATS_MADE, MADE, NUM_FRAMES, ODD_SIZE, SHORT_FRAMES, TRUNCATED_AT,
+                              backend_unavailable, bars_rgb, code_frame, encode_frames, missing_encoder, read_bars, read_clip, read_index,
                               require_backend, truncate_inside, write_colour_bars, write_fixtures,
                               write_format_fixtures)
 
@@ -247,7 +247,7 @@ def test_backends_convert_colour_alike(tmp_path, case):
     write_colour_bars(path, codec, pix_fmt, options, colorspace, color_range)
     expected, got = bars_rgb(matrix, full_range), {}
     for backend in BACKENDS:
-        if backend != "pyav" and {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}[backend]():
+        if backend_unavailable(backend):
             continue
         with decoder.open_video(path, backend) as reader:
             got[backend] = read_bars(reader.get_frames([1])[0])
@@ -291,7 +291,7 @@ def test_open_gop_frames_shown_before_a_keyframe(frame_videos, name):
     assert len(leading) >= 4 and decoder.probe(path).open_gop
     assert not any(decoder.probe(str(frame_videos / n)).open_gop for n in ("h264_bframes.mp4", "vfr.mp4", "h264.mkv"))
     for backend in BACKENDS:
-        if backend != "pyav" and {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}[backend]():
+        if backend_unavailable(backend):
             continue
         for k in leading:
             with decoder.open_video(path, backend) as reader:
@@ -340,7 +340,7 @@ def test_truncated_inside_a_bframe_keeps_the_frames_that_decode(tmp_path):
     truncate_inside(path, 31)
     held = list(range(31)) + [32, 34]
     for backend in BACKENDS:
-        if backend != "pyav" and {"torchcodec": decoder.torchcodec_status, "decord": decoder.decord_status}[backend]():
+        if backend_unavailable(backend):
             continue
         with decoder.open_video(path, backend) as reader:
             assert reader.num_frames == len(held)
