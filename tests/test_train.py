@@ -498,9 +498,13 @@ def _assert_same_state(a: dict, b: dict):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for name in sa:
-            assert torch.equal(sa[name], sb[name])
+    # every trainable parameter has its AdamW state (step, both moments), the same in both, step counts included
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) == sum(len(g["params"]) for g in a["optimizer"]["param_groups"])
+    for index in sa:
+        assert sa[index].keys() == sb[index].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for name in sa[index]:
+            assert torch.equal(sa[index][name], sb[index][name]), f"optimizer state {index} {name}"
 
 
 def test_two_epoch_run_outputs(full_run):
@@ -516,6 +520,9 @@ def test_two_epoch_run_outputs(full_run):
     assert "LOCAL_NUM_FRAMES" in (full_run / "config.yaml").read_text()
     ckpt = safe_torch_load(full_run / "checkpoint.pth")
     assert ORIGINAL_KEYS <= ckpt.keys() and ckpt["epoch"] == 2 and "fp16_scaler" not in ckpt
+    # 2 epochs of 4 steps; the last layer's direction is frozen in epoch 0 (no gradient: AdamW skips it)
+    steps = sorted(int(state["step"]) for state in ckpt["optimizer"]["state"].values())
+    assert steps == [4] + [8] * (len(steps) - 1)
     assert all(k.startswith(("module.backbone.", "module.head.")) for k in ckpt["student"])
     assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
     assert ckpt["dino_loss"]["center"].shape == (1, 256) and ckpt["args"].out_dim == 256
