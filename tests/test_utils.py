@@ -310,6 +310,25 @@ def test_init_distributed_single_process(fake_dist):
     assert isinstance(kw["store"], utils.dist.HashStore)
 
 
+@pytest.mark.parametrize("argv", [["--local_rank", "1"], ["--local-rank=1"]])
+def test_legacy_local_rank_without_a_launcher_is_one_process_on_device_0(fake_dist, monkeypatch, argv):
+    # --local_rank as torch.distributed.launch passes it, but no launcher environment (LOCAL_RANK, RANK and
+    # SLURM_* unset): one process, rank 0, on GPU 0 of a 4-GPU node (the flag is ignored, not GPU 1).
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    parser = argparse.ArgumentParser()
+    utils.add_distributed_args(parser)
+    args = parser.parse_args(argv)
+    assert args.local_rank == 1
+    utils.init_distributed_mode(args)
+    assert (args.rank, args.world_size, args.gpu) == (0, 1, 0)
+    (a, kw), = fake_dist
+    assert (kw["world_size"], kw["rank"], kw["device_id"]) == (1, 0, torch.device("cuda", 0))
+    assert current == [torch.device("cuda", 0)]
+
+
 def test_collect_env_reports_versions_precision_and_the_decoder_auto_picks(monkeypatch):
     import importlib.metadata
     import torch
