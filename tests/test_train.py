@@ -164,25 +164,42 @@ def run_steps(state, args, steps=3):
     return torch.stack(losses).cpu(), {k: v.cpu() for k, v in state.teacher.state_dict().items()}
 
 
-def test_fused_adamw_matches_foreach(monkeypatch, device):
+@pytest.fixture(scope="module")
+def fp32_steps():
+    """`run_steps` of `step_state(fused, "--use_fp16", "false", *extra, device=device)`, each computed once per
+    module: several tests compare with the same fp32 reference. The results are shared: read them only."""
+    runs = {}
+
+    def get(fused: bool, *extra: str, device: torch.device = torch.device("cpu")):
+        key = (fused, extra, str(device))
+        if key not in runs:
+            with pytest.MonkeyPatch.context() as mp:
+                runs[key] = run_steps(*step_state(mp, fused, "--use_fp16", "false", *extra, device=device))
+        return runs[key]
+
+    return get
+
+
+def test_fused_adamw_matches_foreach(fp32_steps, device):
     # in fp32: under bf16 autocast the two optimizers' last-bit differences reach the loss through bf16 rounding
     # (6e-4 of a 0.04 loss at the third step on an H200)
-    losses_f, teacher_f = run_steps(*step_state(monkeypatch, True, "--use_fp16", "false", device=device))
-    losses_r, teacher_r = run_steps(*step_state(monkeypatch, False, "--use_fp16", "false", device=device))
+    losses_f, teacher_f = fp32_steps(True, device=device)
+    losses_r, teacher_r = fp32_steps(False, device=device)
     torch.testing.assert_close(losses_f, losses_r, rtol=1e-5, atol=1e-6)
     for k in teacher_r:
         torch.testing.assert_close(teacher_f[k], teacher_r[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_loss_scaled_step_clips_the_true_gradients_and_skips_overflows(monkeypatch, fused):
+def test_loss_scaled_step_clips_the_true_gradients_and_skips_overflows(monkeypatch, fp32_steps, fused):
     # The fp16 path (V100 / T4, --amp_dtype fp16) on the CPU: a GradScaler in fp32 isolates the scaler's part.
     # The gradients are unscaled before the per-parameter clipping (clip 0.01: every tensor is clipped, so
     # clipping the scaled ones would give other weights), the frozen last layer stays put, and a step whose
-    # scaled gradients overflow changes no student weight and halves the scale.
-    extra = ("--use_fp16", "false", "--clip_grad", "0.01", "--freeze_last_layer", "1")
-    losses_ref, teacher_ref = run_steps(*step_state(monkeypatch, fused, *extra))
-    state, args = step_state(monkeypatch, fused, *extra)
+    # scaled gradients overflow changes no student weight and halves the scale. The reference is the foreach
+    # run without a scaler for both (fused equals foreach: test_fused_adamw_matches_foreach).
+    extra = ("--clip_grad", "0.01", "--freeze_last_layer", "1")
+    losses_ref, teacher_ref = fp32_steps(False, *extra)
+    state, args = step_state(monkeypatch, fused, "--use_fp16", "false", *extra)
     state.fp16_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     last_layer = state.student_without_ddp.head.last_layer.weight_v.detach().clone()
     losses, teacher = run_steps(state, args)
@@ -294,9 +311,9 @@ def test_recipe_schedules_param_groups_and_teacher_match_the_original(monkeypatc
     assert (opt.param_groups[0]["weight_decay"], opt.param_groups[1]["weight_decay"]) == (pytest.approx(wd[5]), 0)
 
 
-def test_train_step_auto_precision_and_grad_checkpointing(monkeypatch, device):
+def test_train_step_auto_precision_and_grad_checkpointing(monkeypatch, fp32_steps, device):
     # auto: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs (then the first check is exact)
-    losses_32, _ = run_steps(*step_state(monkeypatch, False, "--use_fp16", "false", device=device))
+    losses_32, _ = fp32_steps(False, device=device)
     state, args = step_state(monkeypatch, False, "--amp_dtype", "auto", device=device)
     assert state.precision == (torch.bfloat16 if device.type == "cuda" or utils.cpu_has_native_bf16() else None)
     losses_bf, _ = run_steps(state, args)
