@@ -504,8 +504,11 @@ def _assert_same_trained_state(a: dict, b: dict) -> None:
         assert a[key].keys() == b[key].keys()
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]) if torch.is_tensor(value) else value == b[key][name], name
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]  # a momentum buffer for each classifier parameter
+    assert sa.keys() == sb.keys() and len(sa) == sum(len(g["params"]) for g in a["optimizer"]["param_groups"])
+    for index in sa:
+        assert sa[index].keys() == sb[index].keys() == {"momentum_buffer"}
+        assert torch.equal(sa[index]["momentum_buffer"], sb[index]["momentum_buffer"]), index
     assert (b["epoch"], b["best_acc"]) == (a["epoch"], a["best_acc"])
 
 
