@@ -18,9 +18,10 @@ from tests.forked_runs import run_jobs
 from utils.checkpoint import output_dir_lock
 from utils.parser import load_config_from
 
-# The tiny clips of tests/conftest.py: 4 frames, 32 px crops (16 px local), short side 36-40.
+# The tiny clips of tests/conftest.py: 4 frames, 32 px crops (16 px local), short side 36-40; a ViT-Ti of 2 blocks
+# (the checkpoint and every run read these).
 OPTS = ["DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16", "DATA.TEST_CROP_SIZE", "32",
-        "DATA.TRAIN_JITTER_SCALES", "[36,40]", "DATA.NUM_FRAMES", "4", "DATA.SAMPLING_RATE", "2"]
+        "DATA.TRAIN_JITTER_SCALES", "[36,40]", "DATA.NUM_FRAMES", "4", "DATA.SAMPLING_RATE", "2", "MODEL.DEPTH", "2"]
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +94,7 @@ def test_knn_end_to_end_with_dump_and_load(synthetic_root, checkpoint, tmp_path)
 def test_a_backbone_pretrained_with_another_patch_size_is_evaluated_with_patch_size(synthetic_root, tmp_path):
     from utils.evaluation import load_backbone
     import eval_finetune
-    cfg = load_config_from(None, OPTS + ["MODEL.DEPTH", "2"])
+    cfg = load_config_from(None, OPTS)
     torch.manual_seed(0)
     backbone = build_backbone("vit_tiny", cfg, patch_size=8)  # train_ssl.py --patch_size 8
     path = tmp_path / "p8.pth"
@@ -106,7 +107,7 @@ def test_a_backbone_pretrained_with_another_patch_size_is_evaluated_with_patch_s
         load_backbone("vit_tiny", cfg, torch.device("cpu"), str(path))  # built with 16
     res = knn(["--arch", "vit_tiny", "--patch_size", "8", "--pretrained_weights", str(path), "--nb_knn", "1",
                "--batch_size_per_gpu", "8", "--num_workers", "0", "--dataset", "ucf101", "--output_dir",
-               str(tmp_path), "--opts"] + _data_opts(synthetic_root, "knn_splits") + ["MODEL.DEPTH", "2"])
+               str(tmp_path), "--opts"] + _data_opts(synthetic_root, "knn_splits"))
     assert (res["num_train"], res["num_test"]) == (16, 8)
     for script in (eval_linear, eval_finetune):  # the same flag, passed to the same loader
         assert script.get_args_parser().parse_args(["--patch_size", "8"]).patch_size == 8
@@ -259,9 +260,9 @@ def test_linear_probe_on_kinetics_lists_and_missing_classifier(synthetic_root, c
 
 @pytest.mark.slow
 def test_more_last_blocks_than_the_backbone_has_names_the_value_to_pass(synthetic_root, checkpoint, tmp_path):
-    with pytest.raises(ValueError, match=r"--n_last_blocks 13: the backbone has 12 blocks; pass --n_last_blocks 12 "
+    with pytest.raises(ValueError, match=r"--n_last_blocks 3: the backbone has 2 blocks; pass --n_last_blocks 2 "
                                          r"or less \(SVT's scripts pass 1\)"):
-        linear(["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "13", "--num_workers",
+        linear(["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "3", "--num_workers",
                 "0", "--output_dir", str(tmp_path), "--opts"] + _data_opts(synthetic_root, "splits"))
 
 
@@ -483,7 +484,7 @@ def test_no_readable_val_video_is_an_error(synthetic_root, checkpoint, tmp_path)
     common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--num_workers", "0", "--dataset", "ucf101",
               "--batch_size_per_gpu", "8", "--output_dir", str(tmp_path / "out")]
     with pytest.raises(RuntimeError, match=r"none of the 2 videos of .*ucf101_val_split_1_videos.txt could be read"):
-        linear(common + ["--epochs", "1", "--num_labels", "4"] + opts)
+        linear(common + ["--epochs", "1", "--num_labels", "4", "--n_last_blocks", "1"] + opts)
     dist.destroy_process_group()
     with pytest.raises(RuntimeError, match="no val video of ucf101 could be decoded"):
         knn(common + ["--nb_knn", "1", "--use_cuda", "False"] + opts)
