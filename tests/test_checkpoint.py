@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import hubconf
-from models import DINOHead, MultiCropWrapper, VisionTransformer, vit_tiny_patch16_224
+from models import DINOHead, MultiCropWrapper, VisionTransformer, build_backbone, vit_tiny_patch16_224
 from utils.checkpoint import (atomic_save, load_imagenet_init, load_pretrained_weights, output_dir_lock,
                               restart_from_checkpoint, safe_torch_load)
 
@@ -182,11 +182,12 @@ def test_an_image_vit_where_a_video_checkpoint_is_expected_points_to_the_spatial
     torch.save(image_vit_state(13, img_size=224, embed_dim=192), path)  # timm's vit_tiny_patch16_224, 2 blocks
     image = rf"{path} is an image model \(an ImageNet/DINO ViT.*no time_embed or temporal_fc\), not a video checkpoint"
     spatial_init = rf"--opts TIMESFORMER\.PRETRAINED_MODEL {path} \(scripts/train_paper\.sh: PRETRAINED={path}\)"
-    with pytest.raises(ValueError, match=rf"{image}, so pretrained_path cannot take it\. .*{spatial_init}.*"
+    space_only = r" \(if it is a space-only TimeSformer, build that model: --opts TIMESFORMER\.ATTENTION_TYPE space_only\)"
+    with pytest.raises(ValueError, match=rf"{image}, so pretrained_path cannot take it{space_only}\. .*{spatial_init}.*"
                                          r"Through torch\.hub: .*load_imagenet_init"):
         hubconf.svt_vitb_k400(pretrained_path=str(path), embed_dim=192, depth=2, num_heads=3)
     cfg = load_config_from(None, ["DATA.TRAIN_CROP_SIZE", "32", "MODEL.DEPTH", "2"])
-    with pytest.raises(ValueError, match=rf"{image}, so --pretrained_weights cannot take it\. .*{spatial_init}"):
+    with pytest.raises(ValueError, match=rf"{image}, so --pretrained_weights cannot take it{space_only}\. .*{spatial_init}"):
         load_backbone("vit_tiny", cfg, torch.device("cpu"), str(path))
     with pytest.raises(ValueError, match=rf"{image}, so --pretrained_rgb cannot take it"):
         load_pretrained_rgb(VisionTransformer(**{**TINY, "embed_dim": 192}), str(path))
@@ -199,6 +200,17 @@ def test_an_image_vit_where_a_video_checkpoint_is_expected_points_to_the_spatial
     vit = image_vit_state(13, img_size=224, embed_dim=192)
     assert torch.equal(model.blocks[1].attn.qkv.weight, vit["blocks.1.attn.qkv.weight"])
     assert torch.count_nonzero(model.time_embed) == 0
+    # a space-only TimeSformer has no temporal weights either: into a space-only model it loads, whole
+    space_cfg = load_config_from(None, ["DATA.TRAIN_CROP_SIZE", "32", "MODEL.DEPTH", "2",
+                                        "TIMESFORMER.ATTENTION_TYPE", "space_only"])
+    space_path = tmp_path / "space_only.pth"
+    space_state = build_backbone("vit_tiny", space_cfg).state_dict()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in space_state.items()}}, space_path)
+    model = load_backbone("vit_tiny", space_cfg, torch.device("cpu"), str(space_path))
+    assert model.attention_type == "space_only" and not hasattr(model, "time_embed")
+    hub = hubconf.svt_vitb_k400(pretrained_path=str(space_path), embed_dim=192, depth=2, num_heads=3, img_size=32,
+                                attention_type="space_only")
+    assert torch.equal(hub.blocks[1].attn.qkv.weight, space_state["blocks.1.attn.qkv.weight"])
 
 
 def test_imagenet_init_resizes_pos_embed_and_reports_errors(tmp_path):

@@ -116,8 +116,9 @@ def is_image_model(state: Mapping[str, torch.Tensor]) -> bool:
 def image_model_advice(path: str, given_as: str) -> str:
     """The error for an image ViT passed where a video checkpoint is expected (`given_as`: the flag or argument)."""
     return (f"{path} is an image model (an ImageNet/DINO ViT: its blocks have attn/norm1 weights, but it has no "
-            f"time_embed or temporal_fc), not a video checkpoint, so {given_as} cannot take it. To start from it, "
-            f"pass it as the spatial init, --opts TIMESFORMER.PRETRAINED_MODEL {path} (scripts/train_paper.sh: "
+            f"time_embed or temporal_fc), not a video checkpoint, so {given_as} cannot take it (if it is a "
+            "space-only TimeSformer, build that model: --opts TIMESFORMER.ATTENTION_TYPE space_only). To start from "
+            f"it, pass it as the spatial init, --opts TIMESFORMER.PRETRAINED_MODEL {path} (scripts/train_paper.sh: "
             f"PRETRAINED={path}): train_ssl.py then pretrains SVT from it, eval_finetune.py fine-tunes it, and "
             "eval_linear.py / eval_knn.py evaluate its spatial weights as a video model in which nothing temporal "
             "is trained (time_embed and temporal_fc stay at their zero init).")
@@ -134,7 +135,7 @@ class LoadSummary:
     unexpected: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     file_model: str = ""   # file_model_hint of the file's backbone
-    image_model: bool = False  # is_image_model of the file's backbone
+    image_model: bool = False  # is_image_model of the file's backbone, for a model with temporal weights
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.matched)} tensors from {self.path} ({self.source}); "
@@ -170,8 +171,10 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
     entry, where = _select_state_dict(safe_torch_load(path), checkpoint_key, path)
     state, resized = checkpoint_filter_fn(entry, model)
     target = model.state_dict()
+    # an image ViT only where the model has temporal weights to miss (a space-only TimeSformer has none)
+    temporal = any(k == "time_embed" or ".temporal_fc." in k for k in target)
     summary = LoadSummary(path=path, source=where, resized=resized, file_model=file_model_hint(state),
-                          image_model=is_image_model(state))
+                          image_model=temporal and is_image_model(state))
     summary.unexpected = [k for k in state if k not in target]
     summary.missing = [k for k in target if k not in state]
     summary.matched = [k for k in state if k in target]
