@@ -294,6 +294,15 @@ def check_finite_loss(loss: float, epoch: int, args) -> None:
                                  "--use_fp16 False, or --amp_dtype bf16 on a GPU with native bf16 (A100, H100).")
 
 
+def write_config(args, cfg) -> None:
+    """The run's arguments and config, written once the checkpoint it continues or tests was accepted (a refused
+    run leaves the folder's record alone): config.json / .yaml, or config_evaluate.* beside the training's."""
+    if utils.is_main_process():
+        name = Path(args.output_dir) / ("config_evaluate" if args.evaluate else "config")
+        name.with_suffix(".json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        name.with_suffix(".yaml").write_text(cfg.dump())
+
+
 def finetune_run(args, cfg, train_set, val_set) -> dict:
     """What a fine-tuning's score depends on besides its initialisation, saved in its checkpoint (`run`, checked
     on resume): the dataset and its train/val lists, the classes, the seed, the slow-fast test and the clip keys.
@@ -393,13 +402,8 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     """eval_finetune's run, holding --output_dir unless --evaluate: data, model, resume, epochs, test."""
     output_dir = Path(args.output_dir)
     ckpt_path = output_dir / CHECKPOINT_NAME
-    if utils.is_main_process():
-        if not args.evaluate:  # an --evaluate next to a training run must not delete the save it is writing
-            remove_stale_temp_files(output_dir)
-        # ... nor replace the training's config files: an evaluation's go beside them
-        name = "config_evaluate" if args.evaluate else "config"
-        (output_dir / f"{name}.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-        (output_dir / f"{name}.yaml").write_text(cfg.dump())
+    if utils.is_main_process() and not args.evaluate:
+        remove_stale_temp_files(output_dir)  # not next to a training run, whose save it could be
 
     # Data: training clips (Kinetics: the plain clip, not the SSL views), single-view val, multi-view test.
     val_set = build_dataset(args.dataset, single_clip_config(cfg),
@@ -434,6 +438,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     model.to(device)
 
     if args.evaluate:
+        write_config(args, cfg)
         return final_test(model, test_set, args, precision, device, output_dir,
                           {"epoch": ckpt["epoch"], "sequential_decodes": sequential_decodes(test_set)})
 
@@ -462,6 +467,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
         restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
         print(f"Resumed from {ckpt_path}: epoch {start_epoch} from iteration {start_iter}, best val top-1 "
               f"{best_acc1:.2f}")
+    write_config(args, cfg)
     del ckpt
     writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
 

@@ -135,12 +135,8 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
 
 def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, exit_after_stop: bool) -> dict:
     """eval_linear's run, holding --output_dir unless it only evaluates: data, backbone, probe, resume, test."""
-    if utils.is_main_process():
-        if not evaluate_only:  # an --evaluate next to a training run must not delete the save it is writing
-            remove_stale_temp_files(args.output_dir)
-        # ... nor replace the training's config.json: an evaluation's arguments go beside it
-        with open(os.path.join(args.output_dir, "config_evaluate.json" if evaluate_only else "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+    if utils.is_main_process() and not evaluate_only:
+        remove_stale_temp_files(args.output_dir)  # not next to a training run, whose save it could be
 
     # Data: linear-probe training clips (Kinetics: the plain clip, not the SSL views), single-view val,
     # multi-view test (NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips per video) of the same val list (the
@@ -181,6 +177,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     if evaluate_only:
         check_same_backbone(trained_backbone, fingerprint, trained_path, args.pretrained_weights)
         load_classifier_state(classifier, trained_state, trained_path)
+        write_config(args, evaluate_only)
         val_stats, val_ids = validate_network(model, classifier, val_set, args, device)
         test_stats, test_ids = final_test(model, classifier, test_set, args, device)
         print(f"Single-view val top-1: {val_stats['acc1']:.2f}; skipped videos: {len(val_ids)}")
@@ -217,6 +214,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
         epoch_meters = ckpt.get("epoch_meters")
         restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
         print(f"Resumed from {ckpt_path}: epoch {start_epoch} from iteration {start_iter}, best top-1 {best_acc:.2f}")
+    write_config(args, evaluate_only)
 
     save = functools.partial(save_checkpoint, ckpt_path, classifier, optimizer, scheduler, args, fingerprint, run,
                              train_set)
@@ -259,6 +257,14 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     write_log(args, {f"test_{k}": v for k, v in stats.items()})
     _write_results(args, stats)
     return stats
+
+
+def write_config(args, evaluate_only: bool) -> None:
+    """The run's arguments, written once the checkpoint it continues or evaluates was accepted (a refused run
+    leaves the folder's record alone): config.json, or config_evaluate.json beside the training's."""
+    if utils.is_main_process():
+        with open(os.path.join(args.output_dir, "config_evaluate.json" if evaluate_only else "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
 
 
 def mid_epoch_note(trained: dict, path: str) -> str:

@@ -153,6 +153,7 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
             linear(common + other + ([] if "--opts" in other else opts))
     assert torch.load(out / "checkpoint.pth.tar", weights_only=False)["epoch"] == 2
     assert len((out / "log.txt").read_text().splitlines()) == 3
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2  # the record of the run that trained it
 
     # The same run with its lists moved resumes (here: nothing left but the test); so does a checkpoint written
     # before runs were recorded, unchecked.

@@ -274,6 +274,7 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
         with pytest.raises(ValueError, match=rf"checkpoint.pth holds another fine-tuning run: {differs} .*EXP_NAME="):
             finetune(common + ["--epochs", "3"] + extra + ["--output_dir", str(once), "--opts"] + lists + OPTS)
         dist.destroy_process_group()
+    assert json.loads((once / "config.json").read_text())["epochs"] == 2  # the record of the run that trained it
     assert torch.load(once / "checkpoint.pth", weights_only=False)["epoch"] == 2
 
 
