@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import hubconf
@@ -182,12 +183,14 @@ def test_an_image_vit_where_a_video_checkpoint_is_expected_points_to_the_spatial
     torch.save(image_vit_state(13, img_size=224, embed_dim=192), path)  # timm's vit_tiny_patch16_224, 2 blocks
     image = rf"{path} is an image model \(an ImageNet/DINO ViT.*no time_embed or temporal_fc\), not a video checkpoint"
     spatial_init = rf"--opts TIMESFORMER\.PRETRAINED_MODEL {path} \(scripts/train_paper\.sh: PRETRAINED={path}\)"
-    space_only = r" \(if it is a space-only TimeSformer, build that model: --opts TIMESFORMER\.ATTENTION_TYPE space_only\)"
+    space_only = (r" \(if it is a space-only TimeSformer, build that model: --opts TIMESFORMER\.ATTENTION_TYPE "
+                  r"space_only\)")
     with pytest.raises(ValueError, match=rf"{image}, so pretrained_path cannot take it{space_only}\. .*{spatial_init}.*"
                                          r"Through torch\.hub: .*load_imagenet_init"):
         hubconf.svt_vitb_k400(pretrained_path=str(path), embed_dim=192, depth=2, num_heads=3)
     cfg = load_config_from(None, ["DATA.TRAIN_CROP_SIZE", "32", "MODEL.DEPTH", "2"])
-    with pytest.raises(ValueError, match=rf"{image}, so --pretrained_weights cannot take it{space_only}\. .*{spatial_init}"):
+    with pytest.raises(ValueError,
+                       match=rf"{image}, so --pretrained_weights cannot take it{space_only}\. .*{spatial_init}"):
         load_backbone("vit_tiny", cfg, torch.device("cpu"), str(path))
     with pytest.raises(ValueError, match=rf"{image}, so --pretrained_rgb cannot take it"):
         load_pretrained_rgb(VisionTransformer(**{**TINY, "embed_dim": 192}), str(path))
@@ -379,3 +382,44 @@ def test_a_locked_output_dir_stops_a_second_run_until_its_holder_is_killed(tmp_p
     finally:
         holder.kill()
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_lock_held_from_another_host_says_how_to_clear_it(tmp_path, monkeypatch):
+    """A network file system can keep the lock of a crashed node: when the holder is another host, the error
+    also says to delete the lock file if that host is down."""
+    with monkeypatch.context() as patch:
+        patch.setattr(socket, "gethostname", lambda: "deadnode")
+        held = output_dir_lock(tmp_path)
+        held.__enter__()
+    try:
+        with pytest.raises(RuntimeError, match=rf"\(pid {os.getpid()} on deadnode, .*If deadnode is down \(a network "
+                                               rf"file system can keep a crashed node's lock\), delete "
+                                               rf"{tmp_path / '.lock'} and rerun\."):
+            with output_dir_lock(tmp_path):
+                pass
+    finally:
+        held.__exit__(None, None, None)
+
+
+def _lock_worker(rank: int, init_file: str, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        with output_dir_lock(folder):
+            result = "locked"
+    except RuntimeError as err:
+        result = str(err)
+    finally:
+        dist.destroy_process_group()
+    (Path(folder) / f"rank{rank}.txt").write_text(result)
+
+
+def test_every_rank_stops_when_the_main_process_cannot_lock(tmp_path):
+    """Two gloo ranks on a folder this process holds: the main process raises the holder's error and the other
+    rank raises too (one all-reduce), instead of waiting at its first collective until --dist_timeout."""
+    folder = tmp_path / "out"
+    with output_dir_lock(folder):
+        torch.multiprocessing.spawn(_lock_worker, args=(str(tmp_path / "init"), str(folder)), nprocs=2, join=True)
+    assert (folder / "rank0.txt").read_text().startswith(f"--output_dir {folder} is in use by another run "
+                                                         f"(pid {os.getpid()} on ")
+    assert (folder / "rank1.txt").read_text() == (f"--output_dir {folder} is in use by another run: the main process "
+                                                  "could not lock it (its error).")

@@ -9,6 +9,7 @@ import glob
 import os
 import pickle
 import random
+import re
 import secrets
 import shutil
 import socket
@@ -286,16 +287,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
-@contextlib.contextmanager
-def output_dir_lock(folder: str | os.PathLike, enabled: bool = True):
-    """Hold `folder`/.lock for the block (in the main process, the one that writes; not where `enabled` is
-    False): a second training run writing the same folder (a rerun while the first still runs, torchrun workers
-    that outlived a `kill -9` of torchrun) stops at once with an error naming the holder (pid, host), instead of
-    both overwriting each other's checkpoints. flock: the kernel frees it when its holder dies, even by SIGKILL.
-    A file system without flock gets a note and no lock."""
-    if not (enabled and fcntl is not None and utils.is_main_process()):
-        yield
-        return
+def _take_lock(folder: str | os.PathLike) -> tuple[int | None, str | None]:
+    """(descriptor holding `folder`/.lock, None), (None, None) where the file system has no flock (a note), or
+    (None, the error) when another process holds it."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(os.fspath(folder), LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -304,21 +298,46 @@ def output_dir_lock(folder: str | os.PathLike, enabled: bool = True):
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a run that just started"
         os.close(fd)
-        raise RuntimeError(f"--output_dir {folder} is in use by another run ({holder}; lock: {path}). Two runs "
-                           "writing one folder overwrite each other's checkpoints and logs. Wait for that run to "
-                           "end, stop it (after a kill of torchrun its worker processes may still run), or pass "
-                           "another --output_dir.") from None
+        host = re.match(r"pid \d+ on (\S+),", holder)
+        stale = (f" If {host[1]} is down (a network file system can keep a crashed node's lock), delete {path} and "
+                 "rerun." if host and host[1] != socket.gethostname() else "")
+        return None, (f"--output_dir {folder} is in use by another run ({holder}; lock: {path}). Two runs writing "
+                      "one folder overwrite each other's checkpoints and logs. Wait for that run to end, stop it "
+                      "(after a kill of torchrun its worker processes may still run), or pass another --output_dir."
+                      + stale)
     except OSError as err:  # e.g. ENOLCK on a network file system without locks
         os.close(fd)
-        fd = None
         print(f"Note: could not lock {path} ({err.strerror or err}): nothing stops a second run from writing "
               f"{folder} at the same time.")
-    if fd is None:
-        yield
-        return
+        return None, None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
               .encode(), 0)
+    return fd, None
+
+
+@contextlib.contextmanager
+def output_dir_lock(folder: str | os.PathLike, enabled: bool = True):
+    """Hold `folder`/.lock for the block (in the main process, the one that writes; not where `enabled` is
+    False): a second training run writing the same folder (a rerun while the first still runs, torchrun workers
+    that outlived a `kill -9` of torchrun) stops at once with an error naming the holder (pid, host), instead of
+    both overwriting each other's checkpoints; every rank raises (one all-reduce), not only the main process.
+    flock: the kernel frees it when its holder dies, even by SIGKILL (a network file system may keep a crashed
+    node's lock: the error then says how to clear it). A file system without flock gets a note and no lock."""
+    if not (enabled and fcntl is not None):
+        yield
+        return
+    fd, refused = _take_lock(folder) if utils.is_main_process() else (None, None)
+    if utils.get_world_size() > 1:  # the other ranks stop now, not at their first collective (--dist_timeout)
+        flag = torch.tensor(int(refused is not None), device=utils.comm_device())
+        dist.all_reduce(flag)
+        if flag.item() and refused is None:
+            refused = f"--output_dir {folder} is in use by another run: the main process could not lock it (its error)."
+    if refused is not None:
+        raise RuntimeError(refused)
+    if fd is None:
+        yield
+        return
     _held_locks.add(fd)
     try:
         yield
