@@ -37,6 +37,7 @@ A video whose random access cannot be trusted is decoded sequentially (datasets/
 import json
 import logging
 import os
+import shlex
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -494,9 +495,12 @@ class VideoDataset(Dataset):
             label = self.video_labels[index // self.num_clips_per_video]
             return frames, label, index, {"skipped": len(tried)}
         missing = sum(not os.path.isfile(p) for p in tried)
+        data = self.cfg.DATA
+        check = ["python", "-m", "datasets.preprocessing.check_videos", "--list", self.list_file]
+        check += ["--prefix", data.PATH_PREFIX] if data.PATH_PREFIX else []
+        check += ["--separator", data.PATH_LABEL_SEPARATOR] if data.PATH_LABEL_SEPARATOR != " " else []
         raise RuntimeError(f"{self.dataset_name}: {len(tried)} videos failed to decode in a row "
                            f"(num_retries={self.num_retries}, {missing} of them missing on disk); tried: "
                            f"{tried[:4]}{' ...' if len(tried) > 4 else ''}. Check DATA.PATH_PREFIX "
-                           f"({self.cfg.DATA.PATH_PREFIX!r}) and run python -m datasets.preprocessing.check_videos "
-                           f"--list {self.list_file}"
-                           + (f" --prefix {self.cfg.DATA.PATH_PREFIX}." if self.cfg.DATA.PATH_PREFIX else "."))
+                           f"({data.PATH_PREFIX!r}) and the videos, which this command reports on:\n"
+                           f"  {shlex.join(check)}")

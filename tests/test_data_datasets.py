@@ -1,6 +1,7 @@
 """Datasets: list formats, errors, retries, view indices through the whole pipeline, eval modes, loader."""
 import json
 import logging
+import shlex
 
 import numpy as np
 import pytest
@@ -204,8 +205,10 @@ def test_all_retries_failing_raises_with_paths(tmp_path, synthetic_root):
     ds = build_dataset("kinetics400", cfg, "train", num_retries=3)
     with pytest.raises(RuntimeError, match=r"4 videos failed.*num_retries=3.*(missing|corrupt)\.mp4") as failed:
         ds[0]
-    assert str(failed.value).endswith(f"run python -m datasets.preprocessing.check_videos --list {ds.list_file} "
-                                      f"--prefix {cfg.DATA.PATH_PREFIX}.")
+    # a command to paste: the paths quoted where they need it, nothing after them
+    command = str(failed.value).splitlines()[-1].strip()
+    assert shlex.split(command) == ["python", "-m", "datasets.preprocessing.check_videos", "--list", ds.list_file,
+                                    "--prefix", cfg.DATA.PATH_PREFIX]
 
 
 # ----------------------------------------------------------------------------------------- indices
