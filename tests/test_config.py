@@ -333,6 +333,18 @@ def test_a_crop_larger_than_the_resized_short_side_names_both_keys():
         check_clip_sizes(cfg, 16, train_clips=True)
 
 
+def test_local_crop_size_is_checked_only_where_a_clip_is_cut_at_it():
+    """DATA.LOCAL_CROP_SIZE sizes the SSL local views and the slow-fast clip; with DATA.NO_SPATIAL every SSL view
+    is global-sized, so an odd local size is no error there."""
+    odd = TINY_SIZES + ["DATA.LOCAL_CROP_SIZE", "20"]
+    with pytest.raises(ValueError, match=r"DATA\.LOCAL_CROP_SIZE 20 is not a multiple of the patch size 16"):
+        check_clip_sizes(load_config_from(DEFAULT_CFG, odd), 16, ssl_views=True)
+    with pytest.raises(ValueError, match=r"DATA\.LOCAL_CROP_SIZE 20 is not a multiple"):
+        check_clip_sizes(load_config_from(DEFAULT_CFG, odd), 16, slowfast=True)
+    check_clip_sizes(load_config_from(DEFAULT_CFG, odd + ["DATA.NO_SPATIAL", "True"]), 16, ssl_views=True)
+    check_clip_sizes(load_config_from(DEFAULT_CFG, odd), 16, train_clips=True)
+
+
 def test_a_crop_that_is_not_a_multiple_of_the_patch_size_names_the_key_and_the_flag():
     cfg = load_config_from(DEFAULT_CFG, TINY_SIZES + ["DATA.LOCAL_CROP_SIZE", "20"])
     check_clip_sizes(cfg, 16, train_clips=True)  # no fast clip, no SSL view: LOCAL_CROP_SIZE unused

@@ -354,6 +354,22 @@ def test_evaluate_notes_how_much_of_which_epoch_a_mid_epoch_checkpoint_holds(epo
     assert "holds 9 iterations of epoch 1," in old and "partly trained" in old  # written before the count was kept
 
 
+def test_run_record_holds_the_local_crop_size_only_for_slow_fast(tmp_path):
+    """DATA.LOCAL_CROP_SIZE sizes only the slow-fast clip of an evaluation: a resume without --slowfast_eval is not
+    refused over it; with it, another size is. Lists are recorded by the SHA-1 of their bytes."""
+    (tmp_path / "train.csv").write_text("a.mp4 0\n")
+    cfg = load_config_from(None, ["DATA.LOCAL_CROP_SIZE", "64"])
+    plain = evaluation.run_record(argparse.Namespace(slowfast_eval=False), cfg, ("slowfast_eval",),
+                                  {"train list": str(tmp_path / "train.csv")})
+    assert "DATA.LOCAL_CROP_SIZE" not in plain and plain["DATA.TEST_CROP_SIZE"] == 224
+    assert plain["train list"]["sha1"] == "6b474fc3247c4b8f612f93f09773fe5120756461"
+    slowfast = evaluation.run_record(argparse.Namespace(slowfast_eval=True), cfg, ("slowfast_eval",), {})
+    assert slowfast["DATA.LOCAL_CROP_SIZE"] == 64
+    evaluation.check_same_run({**plain, "DATA.LOCAL_CROP_SIZE": 96}, plain, "ckpt", "linear probe", "hint")
+    with pytest.raises(ValueError, match=r"DATA.LOCAL_CROP_SIZE: checkpoint 96, this run 64"):
+        evaluation.check_same_run({**slowfast, "DATA.LOCAL_CROP_SIZE": 96}, slowfast, "ckpt", "linear probe", "hint")
+
+
 def test_num_labels_error_names_the_lists_and_spots_one_based_labels(capsys):
     def lists(path, labels):
         return types.SimpleNamespace(list_file=path, labels=labels)

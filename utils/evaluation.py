@@ -72,10 +72,11 @@ def list_fingerprint(path: str) -> dict:
     return {"path": path, "sha1": digest.hexdigest()}
 
 
-# The config keys that shape the clips an evaluation trains and scores on, recorded with its run (`run_record`).
+# The config keys that shape the clips an evaluation trains and scores on, recorded with its run (`run_record`;
+# DATA.LOCAL_CROP_SIZE only with --slowfast_eval, whose fast clip is the only one it sizes).
 CLIP_KEYS = ("DATA.NUM_FRAMES", "DATA.SAMPLING_RATE", "DATA.TARGET_FPS", "DATA.TRAIN_JITTER_SCALES",
-             "DATA.TRAIN_CROP_SIZE", "DATA.LOCAL_CROP_SIZE", "DATA.TEST_CROP_SIZE", "DATA.MEAN", "DATA.STD",
-             "DATA.RANDOM_FLIP", "TIMESFORMER.ATTENTION_TYPE")
+             "DATA.TRAIN_CROP_SIZE", "DATA.TEST_CROP_SIZE", "DATA.MEAN", "DATA.STD", "DATA.RANDOM_FLIP",
+             "TIMESFORMER.ATTENTION_TYPE")
 
 
 def run_record(args, cfg, flags: Sequence[str], lists: dict[str, str]) -> dict:
@@ -83,7 +84,7 @@ def run_record(args, cfg, flags: Sequence[str], lists: dict[str, str]) -> dict:
     the `flags` (argparse names) of `args`, the CLIP_KEYS of `cfg` and the `lists` ({name: list file}) as
     list_fingerprint's digests."""
     run = {f"--{name}": getattr(args, name) for name in flags}
-    for key in CLIP_KEYS:
+    for key in CLIP_KEYS + (("DATA.LOCAL_CROP_SIZE",) if args.slowfast_eval else ()):
         node, name = key.split(".")
         run[key] = cfg[node][name]
     run.update({name: list_fingerprint(path) for name, path in lists.items()})

@@ -135,7 +135,7 @@ def check_clip_sizes(cfg: CfgNode, patch_size: int, *, eval_clips: bool = True, 
     SSL views (TRAIN_CROP_SIZE globals, LOCAL_CROP_SIZE locals)."""
     data, scale = cfg.DATA, cfg.DATA.TRAIN_JITTER_SCALES[0]
     crops = {"DATA.TEST_CROP_SIZE": eval_clips, "DATA.TRAIN_CROP_SIZE": train_clips or ssl_views,
-             "DATA.LOCAL_CROP_SIZE": slowfast or ssl_views}
+             "DATA.LOCAL_CROP_SIZE": slowfast or (ssl_views and not data.NO_SPATIAL)}  # NO_SPATIAL: all global
     for key, used in crops.items():
         if used and _value(cfg, key) % patch_size:
             size = _value(cfg, key)
