@@ -318,9 +318,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int,
     mid-epoch save (`iteration` batches of `epoch` done, this rank's `epoch_meters`) adds what an exact resume
     needs: `iteration`, every rank's RNG states and running meters, and the `train_set` videos decoded
     sequentially; `init_backbone` is the fingerprint of the initialisation and `run` the fine-tuning's
-    (finetune_run; a resume checks both). Every rank
-    calls it (the mid-epoch part is gathered from all ranks); a non-finite running loss on any rank stops every
-    rank instead."""
+    (finetune_run; a resume checks both). Every rank calls it (the mid-epoch part is gathered from all ranks); a
+    non-finite running loss on any rank stops every rank instead."""
     state = {"epoch": epoch, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
              "best_acc1": best_acc1, "args": args, "cfg": cfg.dump(), "init_backbone": init_backbone, "run": run}
