@@ -17,8 +17,8 @@
 #   DRY_RUN      1: print the commands instead of running them
 # Precision is --amp_dtype auto: bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16 / AMX), fp32 on
 # other CPUs (emulated bf16 is ~60x slower there); the training log says which and why.
-# Extra arguments go to train_ssl.py; an `--opts KEY VALUE ...` of yours is appended after the demo's own, so its
-# values win.
+# Extra arguments go to train_ssl.py; an `--opts KEY VALUE ...` of yours is appended after the demo's own in the
+# training and in every evaluation, so its values win (a MODEL.DEPTH or DATA.NUM_FRAMES of yours reaches all three).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -113,17 +113,25 @@ for model in ssl random; do
     if [[ "$model" == ssl ]]; then weights=(--pretrained_weights "$DEMO_OUT/ssl/checkpoint.pth"); fi
     run "$PYTHON" eval_knn.py --arch "$ARCH" "${weights[@]}" --seed "$SEED" --nb_knn "${KNN_K[@]}" --dataset ucf101 \
         --batch_size_per_gpu 64 --num_workers "$NUM_WORKERS" --output_dir "$DEMO_OUT/knn_$model" \
-        --opts "${data_opts[@]}" DATA.PATH_TO_DATA_DIR "$DATA_PATH/knn_splits"
+        --opts "${data_opts[@]}" DATA.PATH_TO_DATA_DIR "$DATA_PATH/knn_splits" ${user_opts[@]+"${user_opts[@]}"}
     run "$PYTHON" eval_linear.py --arch "$ARCH" "${weights[@]}" --seed "$SEED" --epochs "$LINEAR_EPOCHS" --lr "$LINEAR_LR" \
         --feature_bn True --batch_size_per_gpu 16 --val_freq "$LINEAR_EPOCHS" --dataset ucf101 --num_workers "$NUM_WORKERS" \
         --output_dir "$DEMO_OUT/linear_$model" \
-        --opts "${data_opts[@]}" DATA.PATH_TO_DATA_DIR "$DATA_PATH/splits" DATA.RANDOM_FLIP False
+        --opts "${data_opts[@]}" DATA.PATH_TO_DATA_DIR "$DATA_PATH/splits" DATA.RANDOM_FLIP False \
+        ${user_opts[@]+"${user_opts[@]}"}
 done
 
 stamp "5/5 report"
+num_frames="${model_opts[1]}"; sampling_rate="${model_opts[3]}"
+for ((i = 0; i + 1 < ${#user_opts[@]}; i += 2)); do
+    case "${user_opts[i]}" in
+        DATA.NUM_FRAMES) num_frames="${user_opts[i + 1]}" ;;
+        DATA.SAMPLING_RATE) sampling_rate="${user_opts[i + 1]}" ;;
+    esac
+done
 notes="{\"scale\": \"$DEMO_SCALE\", \"reduced\": $REDUCED, \"arch\": \"$ARCH\", \"out_dim\": $OUT_DIM, \"epochs\": $EPOCHS,"
 notes+=" \"batch_size\": $BATCH_SIZE, \"linear_lr\": $LINEAR_LR, \"linear_feature_bn\": true, \"linear_epochs\": $LINEAR_EPOCHS, \"online_knn_k\": ${KNN_K[0]}}"
 run "$PYTHON" scripts/demo_report.py --demo_out "$DEMO_OUT" --data_path "$DATA_PATH" --seed "$SEED" \
-    --seconds "$(( $(date +%s) - start ))" --num_frames "${model_opts[1]}" --sampling_rate "${model_opts[3]}" \
+    --seconds "$(( $(date +%s) - start ))" --num_frames "$num_frames" --sampling_rate "$sampling_rate" \
     --image_size 64 --notes "$notes"
 stamp "done"

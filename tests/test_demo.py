@@ -84,7 +84,7 @@ def test_demo_reduced_end_to_end(tmp_path):
 
 def test_demo_gpu_scale_commands_parse(tmp_path):
     """DEMO_SCALE=gpu DRY_RUN=1 prints the commands; each must parse with its script's own parser and config, with
-    the user's arguments and `--opts` passed on to train_ssl.py (their opts after the demo's, so they win)."""
+    the user's arguments passed on to train_ssl.py and their `--opts` to every step (after the demo's, so they win)."""
     import eval_knn
     import eval_linear
     import train_ssl
@@ -93,7 +93,7 @@ def test_demo_gpu_scale_commands_parse(tmp_path):
 
     env = {**os.environ, "DEMO_SCALE": "gpu", "DRY_RUN": "1", "DEMO_OUT": str(tmp_path / "out"),
            "DATA_PATH": str(tmp_path / "data"), "PYTHON": "python3"}
-    user = ["--saveckp_freq", "5", "--opts", "MODEL.DROP_PATH_RATE", "0.1"]
+    user = ["--saveckp_freq", "5", "--opts", "MODEL.DROP_PATH_RATE", "0.1", "MODEL.DEPTH", "6", "DATA.NUM_FRAMES", "4"]
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), *user], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -115,11 +115,12 @@ def test_demo_gpu_scale_commands_parse(tmp_path):
     assert train.saveckp_freq == 5 and train.knn_freq == 1  # extra arguments reach train_ssl.py
     assert train.opts.count("MODEL.DROP_PATH_RATE") == 2  # the demo's 0.0, then the user's 0.1
     cfg = load_config(train)
-    assert (cfg.DATA.NUM_FRAMES, cfg.DATA.SAMPLING_RATE, cfg.MODEL.DEPTH) == (8, 8, 12)
+    assert (cfg.DATA.NUM_FRAMES, cfg.DATA.SAMPLING_RATE, cfg.MODEL.DEPTH) == (4, 8, 6)
     assert cfg.MODEL.DROP_PATH_RATE == 0.1 and cfg.DATA.PATH_PREFIX == str(tmp_path / "data" / "videos")
-    for args in parsed["eval_knn.py"] + parsed["eval_linear.py"]:
-        assert args.arch == "vit_small" and load_config(args).MODEL.DEPTH == 12
+    for args in parsed["eval_knn.py"] + parsed["eval_linear.py"]:  # the user's model reaches the evaluations
+        eval_cfg = load_config(args)
+        assert args.arch == "vit_small" and (eval_cfg.MODEL.DEPTH, eval_cfg.DATA.NUM_FRAMES) == (6, 4)
     assert [bool(a.pretrained_weights) for a in parsed["eval_linear.py"]] == [True, False]
     assert load_config(parsed["eval_linear.py"][0]).DATA.RANDOM_FLIP is False
     report = parsed["scripts/demo_report.py"][0]
-    assert (report.num_frames, report.sampling_rate) == (8, 8) and json.loads(report.notes)["scale"] == "gpu"
+    assert (report.num_frames, report.sampling_rate) == (4, 8) and json.loads(report.notes)["scale"] == "gpu"
