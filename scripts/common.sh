@@ -120,7 +120,10 @@ run_requeueable() {
     local preempted=3  # the entry points' exit status after a stop signal (utils/preemption.py)
     _stop_signalled=0
     _stop_pid=
-    trap '_stop_signalled=1; [ -n "$_stop_pid" ] && kill -'"$forward"' "$_stop_pid" 2>/dev/null || true' USR1
+    # passed on once: a second warning (a user's `scancel --signal=USR1` besides SLURM's) would cut torchrun's
+    # shutdown wait short, and the processes would be killed before their checkpoint is written
+    trap 'if [ "$_stop_signalled" -eq 0 ]; then _stop_signalled=1
+              [ -n "$_stop_pid" ] && kill -'"$forward"' "$_stop_pid" 2>/dev/null || true; fi' USR1
     "$@" &
     _stop_pid=$!
     # the warning came before the pid was known

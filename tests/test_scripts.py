@@ -179,3 +179,39 @@ def test_slurm_eval_jobs_sharing_a_node_get_their_own_rendezvous_port(tmp_path):
     ports = [next(a for a in line.split() if a.startswith("--master_port="))
              for line in (tmp_path / "torchrun.txt").read_text().splitlines()]
     assert len(ports) == 2 and ports[0] != ports[1], ports
+
+
+def test_slurm_eval_passes_a_repeated_warning_on_once(tmp_path):
+    """Two USR1s to scripts/slurm_eval.sh (SLURM's warning and a user's `scancel --signal=USR1`) reach torchrun as
+    one TERM: a second TERM would end torchrun's shutdown wait and kill the processes before their checkpoint."""
+    import signal
+    import time
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ready, got = tmp_path / "launcher_started", tmp_path / "launcher_got"
+    (bin_dir / "torchrun").write_text(f"#!/bin/bash\nn=0\ntrap 'echo TERM >> {got}; n=$((n + 1))' TERM\n"
+                                      f"touch {ready}\nfor i in $(seq 40); do sleep 0.05; done\nexit 3\n")
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "python").write_text(f'#!/bin/sh\nif [ "$1" = "-m" ] && [ "$2" = "torch.distributed.run" ]; then '
+                                    f'exec {bin_dir / "torchrun"}; fi\nexec {sys.executable} "$@"\n')
+    for name in ("torchrun", "scontrol", "python"):
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "c.pth").touch()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PROJECT_PATH": str(ROOT),
+           "DATA_PATH": str(tmp_path), "EXP_NAME": f"review_{tmp_path.name}", "SLURM_JOB_ID": "77",
+           "REQUEUE": "0", "CHECKPOINT": str(tmp_path / "c.pth"), "PYTHON": str(bin_dir / "python")}
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm_eval.sh"), "scripts/eval_linear.sh"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, out + err
+    assert got.read_text() == "TERM\n"
