@@ -19,18 +19,22 @@ rate of each kept, so a busy machine slows all of them alike):
   `nvdec_cache` (open and get-frames with torchcodec's NVDEC decoder cache on, then off), then
   `device_stage_threads_ms`: the whole stage per sample on a batch of 16 with each `--decode_threads` count
   of videos decoded at once, then its loader (`loader_device_<device>_<n>_workers`, DATA.DEVICE_DECODE_THREADS
-  threads) with the most `--workers` only: the stage runs in the main process, so once it is the bottleneck
-  other worker counts measure the same rate (the H200 run, one video at a time: 3.4 samples/s with 1, 4 and
-  16), and `plan_sample` already gives the workers' cost; cut at `--max_s`; then the same for
-  DATA.AUGMENT_DEVICE (`loader_augment_<device>_<n>_workers`: the workers decode, the stage renders);
-- a DataLoader for each `--workers` count, per backend (`loader_<backend>_<n>_workers`): what training sees,
-  each timed on min(--samples, max(32, 16 x workers)) samples, most workers first, never cut;
-- with `--feed_step tiny|small|base` (a GPU run), last: `train_ssl.train_step` timed on a fixed batch, then
-  fed by the default decoder's CPU loader (pinned batches, as train_ssl) and, with `--device_decode`, by
-  the GPU decode loader and the AUGMENT_DEVICE loader, each with `--feed_workers` workers (fed steps cut at
-  `--max_s`); per path `wait_fraction` = 1 - fixed / fed step time is the share of the step spent waiting on
-  data.
-The JSON is rewritten after each measurement (a run stopped at a time limit keeps what it measured).
+  threads, batches of `--feed_batch` clips as the step it feeds) with the most `--workers` only: the stage runs
+  in the main process, so once it is the bottleneck other worker counts measure the same rate (the H200 run,
+  one video at a time: 3.4 samples/s with 1, 4 and 16), and `plan_sample` already gives the workers' cost; cut
+  at `--max_s`; then the same for DATA.AUGMENT_DEVICE (`loader_augment_<device>_<n>_workers`: the workers
+  decode, the stage renders);
+- with `--feed_step tiny|small|base` (a GPU run): `train_ssl.train_step` timed on a fixed batch, then fed by
+  the default decoder's CPU loader (pinned batches, as train_ssl) and, with `--device_decode`, by the GPU
+  decode loader and the AUGMENT_DEVICE loader, each with `--feed_workers` workers (fed steps cut at `--max_s`;
+  bf16 autocast on a GPU, fp16 on one without bf16); per path `wait_fraction` = 1 - fixed / fed step time is
+  the share of the step spent waiting on data;
+- last, a DataLoader for each `--workers` count, per backend (`loader_<backend>_<n>_workers`, batches of 4):
+  what training sees, each timed on min(--samples, max(32, 16 x workers)) samples, most workers first, never
+  cut.
+Each measurement runs on its own: one that raises is recorded in `errors` and the next one runs; `seconds`
+gives each one's time. The JSON is rewritten after each measurement (a run stopped at a time limit keeps what
+it measured).
 
     python benchmarks/bench_data.py --videos 6 --samples 24 --out bench_data.json
     python benchmarks/bench_data.py --loader_only --workers 1 4 16 --device_decode cuda --feed_step base --max_s 15
@@ -43,6 +47,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
@@ -124,7 +129,10 @@ def timed(fn, items, warmup: int = 2) -> float:
     return len(items) / (time.perf_counter() - start)
 
 
-def loader_rate(dataset, workers: int, batch_size: int = 4, stage: DeviceViews | None = None,
+CPU_LOADER_BATCH = 4  # clips per batch of the CPU loaders (comparable with the earlier runs)
+
+
+def loader_rate(dataset, workers: int, batch_size: int = CPU_LOADER_BATCH, stage: DeviceViews | None = None,
                 max_s: float = 0, pin: bool = False) -> float:
     """Samples per second of a DataLoader (after its first batch, so worker start-up is not counted); with
     `stage`, the dataset yields plans and the stage decodes and renders them (timed to the device's end).
@@ -175,7 +183,10 @@ def stage_breakdown(batches: list[dict], stage: DeviceViews) -> dict:
     warm-up), each timed to the device's end in its own pass over the same batches: the whole stage
     (`stage_ms`), its two parts (`decode_ms`: DeviceViews.decode of each sample, i.e. torchcodec open + get
     frames + the frame checks; `render_ms`: render_views of the batch) and torchcodec's two calls alone
-    (`open_ms`, `get_frames_ms`). The parts are separate runs, so decode + render ~ stage is a measurement."""
+    (`open_ms`, `get_frames_ms`). The parts are separate runs, so decode + render ~ stage is a measurement.
+    `nvdec_cpu_fallbacks`: the stage's videos torchcodec decoded on the CPU (a CUDA device without NVDEC: it
+    falls back quietly), `sequential_cpu_decodes`: those it could not decode there; either makes the times
+    those of the CPU, not of NVDEC."""
     device = stage.device
     stage(batches[0])
     parts = dict.fromkeys(("stage_ms", "decode_ms", "render_ms", "open_ms", "get_frames_ms"), 0.0)
@@ -194,7 +205,8 @@ def stage_breakdown(batches: list[dict], stage: DeviceViews) -> dict:
             parts["open_ms"] += open_s
             parts["get_frames_ms"] += get_s
     count = sum(len(plans["video"]) for plans in batches[1:])
-    return {"samples": count, **{k: round(1000 * v / count, 2) for k, v in parts.items()}}
+    return {"samples": count, **{k: round(1000 * v / count, 2) for k, v in parts.items()}, "device": str(device),
+            "nvdec_cpu_fallbacks": stage.cpu_fallbacks, "sequential_cpu_decodes": stage.sequential_total}
 
 
 def nvdec_cache_compare(batches: list[dict], device: torch.device) -> dict:
@@ -226,10 +238,11 @@ def nvdec_cache_compare(batches: list[dict], device: torch.device) -> dict:
     return out
 
 
-def thread_scaling(batches: list[dict], stage_threads: Sequence[int], device: torch.device, sizes) -> dict:
+def thread_scaling(batches: list[dict], stage_threads: Sequence[int], device: torch.device, sizes,
+                   measured=lambda out: None) -> dict:
     """Milliseconds per sample of the whole main-process stage decoding `t` videos of a batch at once
     (DATA.DEVICE_DECODE_THREADS) for each t, on the same batch (batches[1]; batches[0] warms up NVDEC's
-    sessions and the streams), timed to the device's end."""
+    sessions and the streams), timed to the device's end; `measured(out)` after each t."""
     out = {}
     for threads in stage_threads:
         stage = DeviceViews(sizes, device, threads)
@@ -237,6 +250,7 @@ def thread_scaling(batches: list[dict], stage_threads: Sequence[int], device: to
         seconds, _ = clock(device, lambda: stage(batches[1]))
         stage.close()
         out[str(threads)] = round(1000 * seconds / len(batches[1]["video"]), 2)
+        measured(out)
     return out
 
 
@@ -274,11 +288,12 @@ def fed_steps(feeds: dict, device: torch.device, size: str, batch: int, workers:
     spent waiting on data. Before timing, the batches the workers made ahead while the first one was awaited
     are taken from the loader unused, so the timed steps see the workers' steady rate, not a full queue. With
     `max_s`, each path's fed steps stop after the one that passes max_s seconds (two at least). One model for
-    all paths; `measured(out)` is called after each path."""
+    all paths; a path that fails is recorded as {"error": ...} and the next one runs; `measured(out)` is called
+    after each path."""
     from bench_train_step import build_state, get_parser
-    opt = get_parser().parse_args(["--size", size, "--precision", "bf16" if device.type == "cuda" else "fp32",
-                                   "--crop", str(crop), "--num_frames", str(num_frames),
-                                   "--fused_adamw", "on"])
+    precision = step_precision(device)
+    opt = get_parser().parse_args(["--size", size, "--precision", precision, "--crop", str(crop),
+                                   "--num_frames", str(num_frames), "--fused_adamw", "on"])
     state, args = build_state(opt, device)
 
     def timed_steps(source, limit: float = 0) -> tuple[float, int]:
@@ -292,24 +307,40 @@ def fed_steps(feeds: dict, device: torch.device, size: str, batch: int, workers:
         sync()
         return (time.perf_counter() - start) / (it + 1), it + 1
 
-    out = {"size": size, "batch": batch, "workers": workers, "device": str(device), "steps": steps, "paths": {}}
+    out = {"size": size, "batch": batch, "workers": workers, "device": str(device), "precision": precision,
+           "steps": steps, "paths": {}}
     for path, (loader, views) in feeds.items():
-        batches = iter(loader)
-        first = next(batches)  # the workers' start-up is not timed
-        for _ in range(PREFETCH * workers):  # nor what they queued meanwhile
-            next(batches)
-        fed = views(itertools.chain([first], batches))
-        first = next(fed)
-        if "fixed_batch_step_s" not in out:
-            train_ssl.train_step(state, first, 0, 0, args)  # warm-up
-            out["fixed_batch_step_s"], _ = timed_steps(lambda: first)
-        fed_s, fed_count = timed_steps(lambda: next(fed), max_s)
-        fed.close()  # a GPU path's decode threads end here
-        del fed, batches  # its workers stop before the next path's start
-        out["paths"][path] = {"fed_steps": fed_count, "fed_step_s": fed_s,
-                              "wait_fraction": max(0.0, 1 - out["fixed_batch_step_s"] / fed_s)}
+        batches = fed = None
+        try:
+            batches = iter(loader)
+            first = next(batches)  # the workers' start-up is not timed
+            for _ in range(PREFETCH * workers):  # nor what they queued meanwhile
+                next(batches)
+            fed = views(itertools.chain([first], batches))
+            first = next(fed)
+            if "fixed_batch_step_s" not in out:
+                train_ssl.train_step(state, first, 0, 0, args)  # warm-up
+                out["fixed_batch_step_s"], _ = timed_steps(lambda: first)
+            fed_s, fed_count = timed_steps(lambda: next(fed), max_s)
+            out["paths"][path] = {"fed_steps": fed_count, "fed_step_s": fed_s,
+                                  "wait_fraction": max(0.0, 1 - out["fixed_batch_step_s"] / fed_s)}
+        except Exception as err:  # e.g. no NVDEC decoder: the other paths are still measured
+            traceback.print_exc()
+            out["paths"][path] = {"error": f"{type(err).__name__}: {err}"}
+        finally:
+            if fed is not None:
+                fed.close()  # a GPU path's decode threads end here
+            fed = batches = None  # its workers stop before the next path's start
         measured(out)
     return out
+
+
+def step_precision(device: torch.device) -> str:
+    """Autocast of the fed step: bf16 on a GPU with native bf16, fp16 on one without (a V100: bf16 would be
+    emulated or refused), fp32 on the CPU (as the CPU runs of this benchmark)."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def main() -> None:
@@ -336,7 +367,9 @@ def main() -> None:
     parser.add_argument("--feed_step", default=None, choices=["tiny", "small", "base"],
                         help="Also time train_step fed by the default decoder's CPU loader and, with "
                              "--device_decode, by the GPU decode loader.")
-    parser.add_argument("--feed_batch", type=int, default=16, help="Clips per step of --feed_step.")
+    parser.add_argument("--feed_batch", type=int, default=16,
+                        help="Clips per step of --feed_step, and per batch of the GPU decode and AUGMENT_DEVICE "
+                             "loaders (the step's batch: their stage renders a batch at once).")
     parser.add_argument("--feed_workers", type=int, default=8, help="Loader workers of --feed_step.")
     parser.add_argument("--feed_steps", type=int, default=10, help="Timed steps of --feed_step.")
     parser.add_argument("--max_s", type=float, default=0,
@@ -383,75 +416,98 @@ def main() -> None:
         runs["plan_sample"] = lambda: timed(lambda i: plans[i % len(paths)], list(range(args.samples)))
         runs["decoded_plan_sample"] = lambda: timed(lambda i: decoded_plans[i % len(paths)],
                                                     list(range(args.samples)))
-        results, extra = {}, {}
+        results, extra, errors, seconds = {}, {}, {}, {}
 
         def report() -> dict:
-            return build_report(args, results, extra, backends, (g, loc), gen_s)
+            return build_report(args, results, extra, backends, (g, loc), gen_s, errors, seconds)
+
+        def keep(name: str):
+            """A callback storing a measurement's results so far under `name` and rewriting the JSON."""
+            def store(value) -> None:
+                extra[name] = value
+                write_json(args.out, report())
+            return store
+
+        def attempt(name: str, fn, into: dict | None = None):
+            """fn(), stored under `name` in `into` (results or extra), its seconds added to `seconds`. One that
+            raises (a CPU-only torchcodec, no FFmpeg, no NVDEC, ...) is recorded in `errors` and the run goes on
+            with the next measurement. The JSON is rewritten after each, so a run killed at its time limit keeps
+            what it measured."""
+            start = time.perf_counter()
+            value = None
+            try:
+                value = fn()
+                if into is not None:
+                    into[name] = value
+            except Exception as err:
+                traceback.print_exc()
+                errors[name] = f"{type(err).__name__}: {err}"
+            seconds[name] = round(seconds.get(name, 0) + time.perf_counter() - start, 1)
+            write_json(args.out, report())
+            return value
+
+        def best(name: str, run) -> float:
+            torch.manual_seed(0)
+            return max(results.get(name, 0.0), run())
 
         for _ in range(args.rounds):
             for name, run in runs.items():
-                torch.manual_seed(0)
-                results[name] = max(results.get(name, 0.0), run())
-        write_json(args.out, report())
-        # The GPU decode path first (its stage's time split, then its loader, time-bounded by --max_s), then
-        # the CPU loaders (most workers first), then the fed step; the JSON is rewritten after each, so a run
-        # stopped at a time limit keeps what it measured.
-        stage = None
-        threads = cfg.DATA.DEVICE_DECODE_THREADS
+                if name not in errors:
+                    attempt(name, lambda: best(name, run), results)
+        # The GPU decode path first (its stage's time split, then its loader, time-bounded by --max_s), then the
+        # fed step (the question a GPU run answers), then the CPU loaders (most workers first), each measurement
+        # on its own: one that fails is recorded and the next one runs.
+        stages: dict[str, DeviceViews] = {}
+        workers = max(args.workers)
         if args.device_decode != "none":
             device = torch.device(args.device_decode)
             batches = plan_batches(plans, 3)
-            if device.type == "cuda":  # before the stage: DeviceViews turns the cache off for good before 0.17
-                extra["nvdec_cache"] = nvdec_cache_compare(batches, device)
-            extra["device_stage_ms"] = stage_breakdown(batches, DeviceViews(aug.sizes, device))
-            write_json(args.out, report())
+            if device.type == "cuda":  # before any stage: DeviceViews turns the cache off for good before 0.17
+                attempt("nvdec_cache", lambda: nvdec_cache_compare(batches, device), extra)
+            attempt("device_stage_ms", lambda: stage_breakdown(batches, DeviceViews(aug.sizes, device)), extra)
             if args.decode_threads:
-                extra["device_stage_threads_ms"] = thread_scaling(plan_batches(plans, 2, 16), args.decode_threads,
-                                                                  device, aug.sizes)
-                write_json(args.out, report())
-            stage = DeviceViews(aug.sizes, device, threads)
-            workers = max(args.workers)
-            results[f"loader_device_{args.device_decode}_{workers}_workers"] = loader_rate(
-                Subset(plans, repeat[:loader_samples(args.samples, workers)]), workers, stage=stage,
-                max_s=args.max_s)
-            stage.close()
-            extra["device_decode"] = device_record(stage)
-            write_json(args.out, report())
-            # DATA.AUGMENT_DEVICE: the workers decode, this process renders the views on the device
-            augment_stage = DeviceViews(aug.sizes, device, threads, nvdec=False)
-            results[f"loader_augment_{args.device_decode}_{workers}_workers"] = loader_rate(
-                Subset(decoded_plans, repeat[:loader_samples(args.samples, workers)]), workers, stage=augment_stage,
-                max_s=args.max_s, pin=device.type == "cuda")
-            augment_stage.close()
-            write_json(args.out, report())
-        for workers in sorted(args.workers, reverse=True):
-            for backend in backends:
-                results[f"loader_{backend}_{workers}_workers"] = loader_rate(
-                    Subset(datasets[backend], repeat[:loader_samples(args.samples, workers)]), workers)
-                write_json(args.out, report())
+                attempt("device_stage_threads_ms", lambda: thread_scaling(
+                    plan_batches(plans, 2, 16), args.decode_threads, device, aug.sizes,
+                    keep("device_stage_threads_ms")), extra)
+
+            def stage_loader(kind: str, dataset, pin: bool) -> float:
+                """The GPU decode (kind "device") or AUGMENT_DEVICE ("augment": the workers decode, this process
+                renders) loader with the most workers, batches of --feed_batch clips (the step's)."""
+                stages[kind] = DeviceViews(aug.sizes, device, cfg.DATA.DEVICE_DECODE_THREADS, nvdec=kind == "device")
+                try:
+                    return loader_rate(Subset(dataset, repeat[:loader_samples(args.samples, workers)]), workers,
+                                       args.feed_batch, stage=stages[kind], max_s=args.max_s, pin=pin)
+                finally:
+                    stages[kind].close()
+
+            attempt(f"loader_device_{args.device_decode}_{workers}_workers",
+                    lambda: stage_loader("device", plans, False), results)
+            if "device" in stages:
+                keep("device_decode")(device_record(stages["device"]))
+            attempt(f"loader_augment_{args.device_decode}_{workers}_workers",
+                    lambda: stage_loader("augment", decoded_plans, device.type == "cuda"), results)
         if args.feed_step:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if stage is None else stage.device
+            device = torch.device(args.device_decode if args.device_decode != "none" else
+                                  "cuda" if torch.cuda.is_available() else "cpu")
             default = decoder.resolve_backend(get_cfg().DATA.DECODING_BACKEND)
             feeds = {}
             if default in datasets:  # the default CPU path, as train_ssl feeds it
                 feeds[default] = feed_cpu(datasets[default], device, args.feed_batch, args.feed_workers,
                                           args.feed_steps)
-            if stage is not None:
-                feeds[f"device_{args.device_decode}"] = feed_plans(plans, stage, args.feed_batch, args.feed_workers,
-                                                                   args.feed_steps)
-                feeds[f"augment_{args.device_decode}"] = feed_plans(decoded_plans, augment_stage, args.feed_batch,
-                                                                    args.feed_workers, args.feed_steps,
-                                                                    pin=device.type == "cuda")
-
-            def measured(out: dict) -> None:  # a run stopped at its time limit keeps the paths timed so far
-                extra["feed_step"] = out
-                write_json(args.out, report())
-
-            fed_steps(feeds, device, args.feed_step, args.feed_batch, args.feed_workers, args.feed_steps,
-                      args.crop[0], cfg.DATA.NUM_FRAMES, args.max_s, measured)
-            if stage is not None:  # each fed path closed its stage's threads
-                extra["device_decode"] = device_record(stage)
-                write_json(args.out, report())
+            for kind, dataset in (("device", plans), ("augment", decoded_plans)):
+                if kind in stages:
+                    feeds[f"{kind}_{args.device_decode}"] = feed_plans(
+                        dataset, stages[kind], args.feed_batch, args.feed_workers, args.feed_steps,
+                        pin=kind == "augment" and device.type == "cuda")
+            attempt("feed_step", lambda: fed_steps(feeds, device, args.feed_step, args.feed_batch, args.feed_workers,
+                                                   args.feed_steps, args.crop[0], cfg.DATA.NUM_FRAMES, args.max_s,
+                                                   keep("feed_step")), extra)
+            if "device" in stages:  # each fed path closed its stage's threads
+                keep("device_decode")(device_record(stages["device"]))
+        for count in sorted(args.workers, reverse=True):
+            for backend in backends:
+                attempt(f"loader_{backend}_{count}_workers", lambda: loader_rate(
+                    Subset(datasets[backend], repeat[:loader_samples(args.samples, count)]), count), results)
     print(json.dumps(report(), indent=2))
 
 
@@ -468,27 +524,33 @@ def loader_samples(samples: int, workers: int) -> int:
     return min(samples, max(32, 16 * max(1, workers)))
 
 
-def build_report(args, results: dict, extra: dict, backends: list, frames: tuple, gen_s: float) -> dict:
+def build_report(args, results: dict, extra: dict, backends: list, frames: tuple, gen_s: float, errors: dict,
+                 seconds: dict) -> dict:
     g, loc = frames
+    per_sample = {key: round(1000 / results[run], 2) for key, run in (
+        ("plan_cpu_ms_per_sample", "plan_sample"), ("decoded_plan_cpu_ms_per_sample", "decoded_plan_sample"))
+        if results.get(run)}
     report = {
         "unit": "10-view samples per second, torch threads 1 (loader_*: DataLoader with that many workers)",
+        "loader_batch": {"loader_<decoder>_*": CPU_LOADER_BATCH, "loader_device_*, loader_augment_*": args.feed_batch},
         "views": {"global_frames": list(g), "local_frames": list(loc), "global_size": args.crop[0],
                   "local_size": args.crop[1]},
         "videos": {"count": args.videos, "frames": args.frames, "fps": 30, "size": [args.height, args.width],
                    "codec": "h264 yuv420p crf 23, default GOP", "generate_s": round(gen_s, 1)},
         "samples_per_s": {k: round(v, 2) for k, v in results.items()},
-        "plan_cpu_ms_per_sample": round(1000 / results["plan_sample"], 2),
-        "decoded_plan_cpu_ms_per_sample": round(1000 / results["decoded_plan_sample"], 2),
+        **per_sample,
         "default_backend": decoder.resolve_backend(get_cfg().DATA.DECODING_BACKEND),
         "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
     }
     if not args.loader_only:
-        report["speedup_decode_once_vs_per_view"] = {
-            b: round(results[f"{b}_decode_once"] / results[f"{b}_per_view"], 2) for b in backends}
-        report["speedup_decode_once_vs_original_loader"] = {
-            b: round(results[f"{b}_decode_once"] / results["pyav_full_window"], 2) for b in backends}
+        for key, slow in (("speedup_decode_once_vs_per_view", "{}_per_view"),
+                          ("speedup_decode_once_vs_original_loader", "pyav_full_window")):
+            report[key] = {b: round(results[f"{b}_decode_once"] / results[slow.format(b)], 2) for b in backends
+                           if results.get(f"{b}_decode_once") and results.get(slow.format(b))}
+    report["errors"] = errors  # measurement -> the error it raised (the others were still measured)
+    report["seconds"] = seconds  # measurement -> the seconds it took (all rounds)
     return {**report, **extra}
 
 

@@ -183,7 +183,8 @@ def test_data_stage_keeps_the_numbers_measured_before_its_time_limit(tmp_path):
     proc = subprocess.Popen([sys.executable, "benchmarks/bench_data.py", "--loader_only", "--videos", "2",
                              "--frames", "40", "--height", "64", "--width", "80", "--samples", "8", "--rounds", "1",
                              "--crop", "32", "16", "--workers", "0", "1", "--device_decode", "cpu",
-                             "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--feed_batch", "2", "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -197,3 +198,52 @@ def test_data_stage_keeps_the_numbers_measured_before_its_time_limit(tmp_path):
     assert rates["plan_sample"] > 0 and rates["loader_device_cpu_1_workers"] > 0
     # the workers' costs, then the GPU decode path's loader, first
     assert list(rates)[:3] == ["plan_sample", "decoded_plan_sample", "loader_device_cpu_1_workers"]
+
+
+@pytest.mark.slow
+def test_data_stage_goes_on_after_a_failed_measurement_and_feeds_the_step_before_the_cpu_loaders(tmp_path):
+    # torchcodec unable to open the plans' bytes on the stage's device (a CPU-only build on a GPU machine, no
+    # FFmpeg for it): the stage's time split fails; every other measurement, the fed step's three paths among
+    # them, is still made (the stage decodes those videos sequentially on the CPU and counts them)
+    out = tmp_path / "data.json"
+    wrapper = tmp_path / "broken_torchcodec.py"
+    wrapper.write_text(
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from datasets import decoder\n"
+        "opens = decoder._open_torchcodec\n"
+        "def broken(source, info, device='cpu'):\n"
+        "    if isinstance(source, str):\n"
+        "        return opens(source, info, device)  # the CPU path's readers (paths) keep working\n"
+        "    raise RuntimeError('Unsupported device (simulated)')\n"
+        "decoder._open_torchcodec = broken\n"
+        "sys.argv = ['bench_data.py'] + sys.argv[1:]\n"
+        f"runpy.run_path({str(ROOT / 'benchmarks' / 'bench_data.py')!r}, run_name='__main__')\n")
+    import subprocess
+    run = subprocess.run([sys.executable, str(wrapper), "--loader_only", "--videos", "2", "--frames", "40",
+                          "--height", "64", "--width", "80", "--samples", "8", "--rounds", "1", "--crop", "32", "16",
+                          "--workers", "0", "--backends", "torchcodec", "--device_decode", "cpu",
+                          "--decode_threads", "1", "--feed_step", "tiny", "--feed_batch", "2", "--feed_workers", "0",
+                          "--feed_steps", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert list(data["errors"]) == ["device_stage_ms"] and "simulated" in data["errors"]["device_stage_ms"]
+    assert set(data["samples_per_s"]) == {"plan_sample", "decoded_plan_sample", "loader_device_cpu_0_workers",
+                                          "loader_augment_cpu_0_workers", "loader_torchcodec_0_workers"}
+    assert set(data["feed_step"]["paths"]) == {"torchcodec", "device_cpu", "augment_cpu"}
+    assert all("wait_fraction" in fed for fed in data["feed_step"]["paths"].values())
+    assert data["device_decode"]["sequential_cpu_decodes"] > 0 and data["device_stage_threads_ms"]["1"] > 0
+    # the fed step is measured before the CPU loaders (what a stage cut at its limit loses first)
+    order = list(data["seconds"])
+    assert order.index("feed_step") < order.index("loader_torchcodec_0_workers")
+    # the GPU loaders batch as the step they feed; the CPU loaders as before
+    assert data["loader_batch"] == {"loader_<decoder>_*": 4, "loader_device_*, loader_augment_*": 2}
+
+
+def test_the_fed_step_runs_fp16_on_a_gpu_without_bf16(monkeypatch):
+    import torch
+    import bench_data
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert bench_data.step_precision(torch.device("cuda", 0)) == "fp16"
+    assert bench_data.step_precision(torch.device("cpu")) == "fp32"
