@@ -30,6 +30,32 @@ def test_run_stage_records_ok_failure_and_timeout_and_kills_the_process_group(tm
     assert state in ("gone", "Z", "X")
 
 
+def test_a_stage_at_its_limit_writes_every_threads_stack_to_its_log_then_is_killed(tmp_path):
+    # a hang: SIGABRT first, so that faulthandler (PYTHONFAULTHANDLER=1, set for every stage) writes where each
+    # thread hangs to the stage's log; no core file (a GPU process's is GiBs)
+    script = ("import resource, threading, time\n"
+              "print('core limit', resource.getrlimit(resource.RLIMIT_CORE), flush=True)\n"
+              "def waits_in_a_thread(): time.sleep(60)\n"
+              "def hangs_in_main(): time.sleep(60)\n"
+              "threading.Thread(target=waits_in_a_thread, daemon=True).start()\n"
+              "hangs_in_main()\n")
+    hung = device_check.run_stage("hang", [sys.executable, "-c", script], 4, tmp_path)
+    log = Path(hung["log"]).read_text()
+    assert hung["status"] == "timeout" and "core limit (0, 0)" in log
+    assert "Fatal Python error: Aborted" in log and "waits_in_a_thread" in log and "hangs_in_main" in log
+    assert any("hangs_in_main" in line for line in hung["tail"])  # the main thread's stack is the log's end
+    # a process that ignores SIGABRT is killed ABORT_GRACE_S later
+    script = "import signal, time; signal.signal(signal.SIGABRT, signal.SIG_IGN); print('ready', flush=True); " \
+             "time.sleep(60)"
+    deaf = device_check.run_stage("deaf", [sys.executable, "-c", script], 4, tmp_path)
+    assert deaf["status"] == "timeout" and 4 + device_check.ABORT_GRACE_S - 0.5 < deaf["seconds"] < 20
+
+
+def test_pytest_stages_dump_the_stacks_of_a_test_that_hangs(tmp_path):
+    cmd = device_check.pytest_cmd(tmp_path, "gpu_tests", "gpu")
+    assert cmd[cmd.index("-o") + 1] == "faulthandler_timeout=60"
+
+
 def test_wait_group_gone_waits_for_a_killed_group_and_gives_up_on_a_live_one():
     import os, signal, subprocess, time
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
@@ -61,12 +87,33 @@ def test_verdicts_per_data_path_and_fed_step():
     v = device_check.verdicts(stages)
     assert v["step_clips_per_s_b16"] == 80.0  # the best of eager and compiled
     assert v["decord"]["verdict"] == "data-bound" and v["decord"]["cores_per_gpu_needed"] == 8.0
-    assert v["device_cuda"]["verdict"] == "compute-bound"
+    # the GPU decode path's rate is its stage's in the training process: no worker cores per GPU from it
+    assert v["device_cuda"]["verdict"] == "compute-bound" and "cores_per_gpu_needed" not in v["device_cuda"]
     assert v["fed_step_torchcodec"]["verdict"] == "compute-bound"
     assert v["fed_step_device_cuda"] == {"wait_fraction": 0.3, "workers": 8, "verdict": "data-bound"}
     table = device_check.table({"install": "none", "install_rc": 0, "stages": {}, "verdict": v})
     assert "- fed_step_device_cuda: **data-bound**, step waits 30.0% on data with 8 workers" in table
+    assert "- decord: **data-bound**, 8.0 worker cores per GPU needed" in table
+    assert "- device_cuda: **compute-bound**, limited by the training process's stage" in table
     assert device_check.verdicts({"step_b16": {"status": "timeout"}}) == {}
+    # a fed path that failed has no verdict; the data row says why
+    stages["data"]["result"]["feed_step"]["paths"]["augment_cuda"] = {"error": "RuntimeError: no NVDEC"}
+    assert "fed_step_augment_cuda" not in device_check.verdicts(stages)
+    row = device_check.data_detail(stages["data"]["result"])
+    assert "fed step (augment_cuda) failed: RuntimeError: no NVDEC" in row
+
+
+def test_the_data_row_says_when_torchcodec_decoded_on_the_cpu_instead_of_nvdec():
+    split = {"samples": 8, "stage_ms": 40.0, "decode_ms": 30.0, "render_ms": 10.0, "open_ms": 5.0,
+             "get_frames_ms": 20.0, "device": "cuda:0", "nvdec_cpu_fallbacks": 0, "sequential_cpu_decodes": 0}
+    assert device_check.data_detail({"device_stage_ms": split}).startswith("GPU stage 40.0 ms/sample = decode 30.0")
+    quiet_fallback = {**split, "nvdec_cpu_fallbacks": 20}
+    row = device_check.data_detail({"device_stage_ms": quiet_fallback, "device_stage_threads_ms": {"1": 41.0},
+                                    "device_decode": {"nvdec_cpu_fallbacks": 64, "sequential_cpu_decodes": 0}})
+    assert "GPU stage" not in row
+    assert row.startswith("stage on cuda:0 (torchcodec decoded on the CPU: 20 NVDEC fallbacks, 0 sequential "
+                          "decodes) 40.0 ms/sample")
+    assert "GPU decode loader: 64 NVDEC CPU fallbacks" in row
 
 
 def test_train_knn_check_needs_a_falling_loss_knn_and_no_cpu_fallback(tmp_path):
@@ -87,13 +134,118 @@ def test_train_knn_check_needs_a_falling_loss_knn_and_no_cpu_fallback(tmp_path):
 
 
 def test_out_of_budget_stages_are_skipped_not_run(tmp_path):
-    report = device_check.main(["--dry-run", "--out", str(tmp_path), "--budget_s", "1", "--only", "env", "step_b8",
-                                "demo_gpu"])
+    # the budget counts from --started (device_check.sh's start: its install is in the budget); env always runs
+    import time
+    report = device_check.main(["--dry-run", "--out", str(tmp_path), "--budget_s", "300", "--started",
+                                str(time.time() - 295), "--only", "env", "step_b8", "demo_gpu"])
     stages = report["stages"]
-    assert stages["env"]["status"] == "ok" and stages["env"]["result"]["cpu_count"] >= 1
+    env = stages["env"]
+    assert env["status"] == "ok" and env["result"]["cpu_count"] >= 1 and env["seconds"] > 0.5  # its real time
+    assert 0 <= env["result"]["dev_shm"]["free_gib"] <= env["result"]["dev_shm"]["total_gib"]
     assert stages["step_b8"]["status"] == "skipped" and "out of budget" in stages["step_b8"]["reason"]
     assert stages["demo_gpu"]["status"] == "skipped"
     assert json.loads((tmp_path / "device_check.json").read_text())["stages"].keys() == stages.keys()
+
+
+def test_a_failing_env_stage_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch, capsys):
+    # the env record runs in a process of its own: a broken install (here `import av` fails) is the stage's
+    # failure, with its error printed and in the report, not the end of the check
+    fake = tmp_path / "noav"
+    fake.mkdir()
+    (fake / "av.py").write_text("raise ImportError('No module named av (simulated: the wheels did not install)')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{fake}:{ROOT}")
+    out = tmp_path / "out"
+    report = device_check.main(["--dry-run", "--out", str(out), "--budget_s", "1", "--only", "env", "step_b8"])
+    env = report["stages"]["env"]
+    assert env["status"] == "failed" and "simulated: the wheels did not install" in env["tail"][-1]
+    assert env["result"]["dev_shm"]["total_gib"] > 0 and env["seconds"] > 0
+    assert report["stages"]["step_b8"]["status"] == "skipped"  # the check went on
+    assert "| env | failed |" in (out / "device_check.md").read_text()
+    assert "simulated: the wheels did not install" in capsys.readouterr().out
+
+
+def test_the_report_and_export_are_rewritten_at_every_stage(tmp_path, monkeypatch, capsys):
+    # the device returns only what is in the export dir: it must hold every finished stage and the running
+    # one's logs at any time, also when the check is then killed
+    out, exported = tmp_path / "out", tmp_path / "exported"
+    seen = {}
+
+    def exported_report() -> dict:
+        return json.loads((exported / "device_check.json").read_text())["stages"]
+
+    def fake_run_stage(name, cmd, limit, out_dir, env=None, tick=lambda: None):
+        log = out_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        seen[name] = exported_report()
+        if name == "env":
+            (out_dir / "env.json").write_text(json.dumps({"cpu": "test cpu", "cpu_count": 3}))
+            log.write_text("env ok\n")
+            return {"status": "ok", "rc": 0, "seconds": 1.0, "log": str(log)}
+        if name == "data":
+            (out_dir / "data.json").write_text(json.dumps({"samples_per_s": {"plan_sample": 99.0}}))
+            log.write_text("measured plan_sample\n")
+            tick()  # while the stage runs: its log so far is exported
+            import tarfile
+            with tarfile.open(exported / "logs.tar.gz") as tar:
+                seen["data_log_while_running"] = tar.extractfile("logs/data.log").read().decode()
+            log.write_text("measured plan_sample\nTraceback: the stage failed here\n")
+            return {"status": "failed", "rc": 1, "seconds": 2.0, "log": str(log),
+                    "tail": ["measured plan_sample", "Traceback: the stage failed here"]}
+        raise device_check.Stopped("SIGTERM")  # the device's timeout, during train_knn
+
+    monkeypatch.setattr(device_check, "run_stage", fake_run_stage)
+    with pytest.raises(SystemExit):
+        device_check.main(["--dry-run", "--out", str(out), "--export", str(exported), "--only", "env", "data",
+                           "train_knn", "step_b8"])
+    assert seen["env"]["env"]["status"] == "running"
+    assert seen["data"]["env"]["result"]["cpu"] == "test cpu" and seen["data"]["data"]["status"] == "running"
+    assert seen["data_log_while_running"] == "measured plan_sample\n"
+    assert seen["train_knn"]["data"]["result"] == {"samples_per_s": {"plan_sample": 99.0}}
+    final = exported_report()
+    assert final["data"]["status"] == "failed" and final["train_knn"]["status"] == "stopped"
+    assert "step_b8" not in final
+    assert "| data | failed | 2.0 | plan_sample 99.0 (log: Traceback: the stage failed here) |" in \
+        (exported / "device_check.md").read_text()
+    assert "Traceback: the stage failed here" in capsys.readouterr().out  # a failed stage's log tail is printed
+
+
+def test_export_takes_the_end_of_a_long_log_and_leaves_caches_out(tmp_path):
+    import tarfile
+    out, dest = tmp_path / "out", tmp_path / "dest"
+    (out / "logs").mkdir(parents=True)
+    (out / "inductor_cache").mkdir()
+    (out / "inductor_cache" / "graph.txt").write_text("cache")
+    (out / "device_check.json").write_text("{}")
+    (out / "device_check.md").write_text("table")
+    big = b"x" * (5 * 2 ** 20) + b"the stack of the hang\n"
+    (out / "logs" / "data.log").write_bytes(big)
+    device_check.export(out, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["device_check.json", "device_check.md", "logs.tar.gz"]
+    with tarfile.open(dest / "logs.tar.gz") as tar:
+        assert "inductor_cache/graph.txt" not in tar.getnames()
+        assert tar.extractfile("logs/data.log").read() == big[-device_check.EXPORT_MAX_BYTES:]
+
+
+def test_the_stages_up_to_train_knn_fit_in_the_budget_by_their_limits():
+    # the next device run gets one try of ~8 minutes: the stages that answer its questions come first, and
+    # their limits (with the install) add up to the default budget, whatever they do
+    stages = device_check.STAGES
+    assert stages[:5] == ("env", "gpu_tests", "data", "step_b16", "train_knn") and "step_b8" in stages[5:]
+    assert sum(device_check.LIMITS[s] for s in stages[:5]) + device_check.INSTALL_S <= device_check.BUDGET_S
+    # the budget, a last stage's stop (SIGABRT, the grace, SIGKILL, its group's exit) and the report: < 8 min
+    assert device_check.BUDGET_S + device_check.ABORT_GRACE_S + 10 + 5 < 8 * 60
+    opt = type("Opt", (), {"dry_run": False})()
+    cmd = device_check.data_cmd(opt, Path("/tmp/out"))
+    assert cmd[cmd.index("--rounds") + 1] == "1"
+
+
+def test_steps_run_fp16_on_a_gpu_without_bf16():
+    opt = type("Opt", (), {"dry_run": False})()
+    assert device_check.step_precision({"cuda_bf16": True}) == "bf16"
+    assert device_check.step_precision({}) == "bf16"  # no env record: as before
+    precision = device_check.step_precision({"cuda_bf16": False})
+    cmd = device_check.step_cmd(opt, Path("/tmp/out"), 16, False, precision)
+    assert cmd[cmd.index("--precision") + 1] == "fp16"
 
 
 @pytest.mark.slow
@@ -106,7 +258,7 @@ def test_dry_run_of_the_step_and_data_stages(tmp_path):
     rates = stages["data"]["result"]["samples_per_s"]
     assert rates["plan_sample"] > 0 and rates["loader_device_cpu_1_workers"] > 0
     assert rates["decoded_plan_sample"] > 0 and rates["loader_augment_cpu_1_workers"] > 0
-    assert rates["decoded_plan_sample"] > 0 and rates["loader_augment_cpu_1_workers"] > 0
+    assert stages["data"]["result"]["errors"] == {}
     assert stages["data"]["result"]["device_decode"] == {"device": "cpu", "threads": 8, "nvdec_cpu_fallbacks": 0,
                                                          "sequential_cpu_decodes": 0, "failed_videos": 0}
     assert "device_cpu" in report["verdict"]
@@ -122,22 +274,24 @@ def test_dry_run_of_the_step_and_data_stages(tmp_path):
     assert "nvdec_cache" not in stages["data"]["result"]  # NVDEC's cache only on CUDA
     table = (tmp_path / "device_check.md").read_text()
     assert "| step_b16 | ok |" in table and "step at batch 16" in table
-    assert f"GPU stage {split['stage_ms']:.1f} ms/sample = decode" in table
-    assert "GPU stage ms/sample with 1 threads" in table and "fed step (torchcodec) waits" in table
+    assert f"stage on cpu {split['stage_ms']:.1f} ms/sample = decode" in table  # not "GPU stage": a CPU run
+    assert "stage on cpu ms/sample with 1 threads" in table and "fed step (torchcodec, fp32) waits" in table
 
 
-def _tiny_wheel(folder: Path) -> Path:
-    """A one-module wheel (what benchmarks/device_wheels.sh would carry), written by hand."""
+def _tiny_wheel(folder: Path, name: str = "svt_probe_pkg", version: str = "1.0", modules: dict | None = None) -> Path:
+    """A pure-Python wheel of `modules` ({path in the wheel: text}; by default one module), what
+    benchmarks/device_wheels.sh would carry, written by hand."""
     import zipfile
-    wheel = folder / "svt_probe_pkg-1.0-py3-none-any.whl"
-    files = {"svt_probe_pkg/__init__.py": "VALUE = 7\n",
-             "svt_probe_pkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: svt-probe-pkg\nVersion: 1.0\n",
-             "svt_probe_pkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                                  "Tag: py3-none-any\n"}
-    record = "".join(f"{name},,\n" for name in files) + "svt_probe_pkg-1.0.dist-info/RECORD,,\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {**(modules or {f"{name}/__init__.py": "VALUE = 7\n"}),
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
     with zipfile.ZipFile(wheel, "w") as z:
-        for name, text in {**files, "svt_probe_pkg-1.0.dist-info/RECORD": record}.items():
-            z.writestr(name, text)
+        for path, text in {**files, f"{info}/RECORD": record}.items():
+            z.writestr(path, text)
     return wheel
 
 
@@ -161,12 +315,37 @@ def test_sh_installs_carried_wheels_offline_and_exports_three_files(tmp_path):
     assert report["install"].startswith(f"wheels from {tmp_path / 'whl'} (1 files)") and report["install_rc"] == 0
     assert (tmp_path / "svt_device_site" / "svt_probe_pkg" / "__init__.py").read_text() == "VALUE = 7\n"
     assert report["stages"]["env"]["result"]["torchcodec"]          # decoder versions recorded
+    assert report["stages"]["env"]["result"]["torchcodec_wheel"].startswith("torchcodec ")  # checked after install
     # what a device's $OUT takes back: at most 8 plain files, simple names, one folder down at most
     assert sorted(p.name for p in got["exported"].iterdir()) == ["device_check.json", "device_check.md",
                                                                   "logs.tar.gz"]
     with tarfile.open(got["exported"] / "logs.tar.gz") as tar:
         assert "device_check.json" in tar.getnames()
     assert (got["exported"] / "device_check.md").read_text().startswith("Installed: wheels from")
+
+
+def test_sh_installs_the_fallback_torchcodec_when_the_carried_one_does_not_decode(tmp_path):
+    # fake torchcodecs: the main wheel's fails as one built for another torch would; the fallback's decodes
+    # (a stand-in returning frames of the right shape for decoder.torchcodec_status's test video)
+    broken = {"torchcodec/__init__.py": "__version__ = '0.17.0'\n",
+              "torchcodec/decoders/__init__.py": "raise RuntimeError('undefined symbol: a torch 2.12 function')\n"}
+    works = {"torchcodec/__init__.py": "__version__ = '0.16.0'\n",
+             "torchcodec/decoders/__init__.py": (
+                 "import torch\n"
+                 "class VideoDecoder:\n"
+                 "    def __init__(self, source, **kwargs): pass\n"
+                 "    def get_frames_at(self, indices):\n"
+                 "        return type('Batch', (), {'data': torch.zeros(len(indices), 3, 32, 32)})()\n")}
+    _tiny_wheel(tmp_path / "whl", "svt_probe_pkg")
+    _tiny_wheel(tmp_path / "whl", "torchcodec", "0.17.0", broken)
+    _tiny_wheel(tmp_path / "whl" / "fallback", "torchcodec", "0.16.0", works)
+    got = _run_sh(tmp_path, ["--wheels", str(tmp_path / "whl")], {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null"})
+    assert got["report"]["stages"]["env"]["result"]["torchcodec_wheel"] == (
+        "torchcodec 0.16.0: decodes, from fallback/ (the main wheel's torchcodec 0.17.0: RuntimeError: undefined "
+        "symbol: a torch 2.12 function)")
+    site = tmp_path / "svt_device_site"
+    assert (site / "torchcodec-0.16.0.dist-info").is_dir() and not (site / "torchcodec-0.17.0.dist-info").exists()
+    assert (site / "svt_probe_pkg").is_dir()  # the other wheels stay
 
 
 def test_sh_installs_nothing_and_says_why_when_no_index_is_reachable(tmp_path):
