@@ -530,7 +530,24 @@ def main(argv=None) -> dict:
         except Exception as err:  # a report that cannot be written must not end the check
             print(f"[device_check] writing the report failed: {type(err).__name__}: {err}", flush=True)
 
-    name = None
+    def collect(name: str, result: dict) -> dict:
+        """A stage's result with what it wrote: the env record, the junit counts, its JSON, train_knn's checks."""
+        nonlocal env_record
+        if name == "env":
+            env_record = {**(load_json(out / "env.json") or {}), "dev_shm": shm_space(),
+                          "torchcodec_wheel": opt.torchcodec_wheel}
+            result["result"] = env_record
+        elif name.endswith("tests"):
+            result["result"] = junit_counts(out / f"{name}.xml")
+        elif name.startswith("step_"):
+            result["result"] = load_json(out / f"{name}.json")
+        elif name == "data":
+            result["result"] = load_json(out / "data.json")
+        elif name == "train_knn":
+            result = check_train_knn(out, result)
+        return result
+
+    running = None
     try:
         for name in STAGES:
             if opt.only is not None and name not in opt.only:
@@ -552,30 +569,25 @@ def main(argv=None) -> dict:
                 report["stages"][name] = {"status": "running", "limit_s": round(limit),
                                           "started_utc": time.strftime("%H:%M:%S", time.gmtime())}
                 save()
-                result = run_stage(name, commands[name](), limit, out, env, tick=save)
-                if name == "env":
-                    env_record = {**(load_json(out / "env.json") or {}), "dev_shm": shm_space(),
-                                  "torchcodec_wheel": opt.torchcodec_wheel}
-                    result["result"] = env_record
-                elif name.endswith("tests"):
-                    result["result"] = junit_counts(out / f"{name}.xml")
-                elif name.startswith("step_"):
-                    result["result"] = load_json(out / f"{name}.json")
-                elif name == "data":
-                    result["result"] = load_json(out / "data.json")
-                elif name == "train_knn":
-                    result = check_train_knn(out, result)
+                running = name
+                result = collect(name, run_stage(name, commands[name](), limit, out, env, tick=save))
+                running = None
             report["stages"][name] = result
             save()
             print(f"[device_check] {name}: {result['status']} ({result.get('seconds', 0)} s)", flush=True)
             if result.get("tail"):  # what comes back of a device run whose files are lost: its printed output
                 print("\n".join(f"    {line[:200]}" for line in result["tail"]), flush=True)
     except (Stopped, KeyboardInterrupt) as err:
-        report["stages"][name] = {**report["stages"].get(name, {}), "status": "stopped",
-                                  "reason": f"the check was stopped ({type(err).__name__} {err})"}
+        if running:  # run_stage stopped it: keep what it wrote and its log's end, as for a timeout
+            log = out / "logs" / f"{running}.log"
+            tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log.is_file() else []
+            report["stages"][running] = collect(running, {
+                **report["stages"][running], "status": "stopped", "log": str(log), "tail": tail,
+                "reason": f"the check was stopped ({type(err).__name__} {err})"})
+            print("\n".join(f"    {line[:200]}" for line in tail), flush=True)
         save()
         print(table(report))
-        raise SystemExit(f"[device_check] stopped during {name}")
+        raise SystemExit(f"[device_check] stopped during {running or 'the report'}")
     text = table(report)
     print(text)
     return report

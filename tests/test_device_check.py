@@ -191,6 +191,7 @@ def test_the_report_and_export_are_rewritten_at_every_stage(tmp_path, monkeypatc
             log.write_text("measured plan_sample\nTraceback: the stage failed here\n")
             return {"status": "failed", "rc": 1, "seconds": 2.0, "log": str(log),
                     "tail": ["measured plan_sample", "Traceback: the stage failed here"]}
+        log.write_text("epoch 0 ...\nThread 0x7f (most recent call first): where train_knn was\n")
         raise device_check.Stopped("SIGTERM")  # the device's timeout, during train_knn
 
     monkeypatch.setattr(device_check, "run_stage", fake_run_stage)
@@ -203,10 +204,12 @@ def test_the_report_and_export_are_rewritten_at_every_stage(tmp_path, monkeypatc
     assert seen["train_knn"]["data"]["result"] == {"samples_per_s": {"plan_sample": 99.0}}
     final = exported_report()
     assert final["data"]["status"] == "failed" and final["train_knn"]["status"] == "stopped"
+    assert final["train_knn"]["tail"][-1] == "Thread 0x7f (most recent call first): where train_knn was"
     assert "step_b8" not in final
     assert "| data | failed | 2.0 | plan_sample 99.0 (log: Traceback: the stage failed here) |" in \
         (exported / "device_check.md").read_text()
-    assert "Traceback: the stage failed here" in capsys.readouterr().out  # a failed stage's log tail is printed
+    printed = capsys.readouterr().out  # a failed or stopped stage's log tail is printed
+    assert "Traceback: the stage failed here" in printed and "where train_knn was" in printed
 
 
 def test_export_takes_the_end_of_a_long_log_and_leaves_caches_out(tmp_path):
