@@ -425,7 +425,8 @@ def env_detail(res: dict) -> str:
 
 
 def table(report: dict) -> str:
-    rows = [f"Installed: {report.get('install')} (rc {report.get('install_rc')})", "",
+    rows = [f"Installed: {report.get('install')} (rc {report.get('install_rc')}); "
+            f"{report.get('torchcodec_wheel', 'torchcodec not recorded')}", "",
             "| stage | status | s | result |", "|---|---|---|---|"]
     for name, r in report["stages"].items():
         res = r.get("result") or {}
@@ -517,7 +518,8 @@ def main(argv=None) -> dict:
     stage_env = {"SVT_TEST_DEVICE": test_device, "HF_HUB_OFFLINE": "1",
                  "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor_cache"),
                  "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    report = {"install": opt.install, "install_rc": opt.install_rc, "budget_s": opt.budget_s, "stages": {}}
+    report = {"install": opt.install, "install_rc": opt.install_rc, "torchcodec_wheel": opt.torchcodec_wheel,
+              "budget_s": opt.budget_s, "stages": {}}
 
     def save() -> None:
         """device_check.json and .md, and the export, as they stand (a check killed later keeps them)."""

@@ -298,11 +298,11 @@ def _tiny_wheel(folder: Path, name: str = "svt_probe_pkg", version: str = "1.0",
     return wheel
 
 
-def _run_sh(tmp_path: Path, extra: list[str], env: dict) -> dict:
+def _run_sh(tmp_path: Path, extra: list[str], env: dict, stages: tuple = ("env", "step_b8")) -> dict:
     import os, subprocess
     out, exported = tmp_path / "out", tmp_path / "exported"
     run = subprocess.run(["bash", "benchmarks/device_check.sh", *extra, "--dry-run", "--budget_s", "1", "--only",
-                          "env", "step_b8", "--out", str(out), "--export", str(exported)],
+                          *stages, "--out", str(out), "--export", str(exported)],
                          cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path), **env}, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -318,7 +318,8 @@ def test_sh_installs_carried_wheels_offline_and_exports_three_files(tmp_path):
     assert report["install"].startswith(f"wheels from {tmp_path / 'whl'} (1 files)") and report["install_rc"] == 0
     assert (tmp_path / "svt_device_site" / "svt_probe_pkg" / "__init__.py").read_text() == "VALUE = 7\n"
     assert report["stages"]["env"]["result"]["torchcodec"]          # decoder versions recorded
-    assert report["stages"]["env"]["result"]["torchcodec_wheel"].startswith("torchcodec ")  # checked after install
+    wheel = report["torchcodec_wheel"]  # checked after the install, in the report and the env record
+    assert wheel.startswith("torchcodec ") and report["stages"]["env"]["result"]["torchcodec_wheel"] == wheel
     # what a device's $OUT takes back: at most 8 plain files, simple names, one folder down at most
     assert sorted(p.name for p in got["exported"].iterdir()) == ["device_check.json", "device_check.md",
                                                                   "logs.tar.gz"]
@@ -342,8 +343,9 @@ def test_sh_installs_the_fallback_torchcodec_when_the_carried_one_does_not_decod
     _tiny_wheel(tmp_path / "whl", "svt_probe_pkg")
     _tiny_wheel(tmp_path / "whl", "torchcodec", "0.17.0", broken)
     _tiny_wheel(tmp_path / "whl" / "fallback", "torchcodec", "0.16.0", works)
-    got = _run_sh(tmp_path, ["--wheels", str(tmp_path / "whl")], {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null"})
-    assert got["report"]["stages"]["env"]["result"]["torchcodec_wheel"] == (
+    got = _run_sh(tmp_path, ["--wheels", str(tmp_path / "whl")], {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null"},
+                  ("step_b8",))
+    assert got["report"]["torchcodec_wheel"] == (
         "torchcodec 0.16.0: decodes, from fallback/ (the main wheel's torchcodec 0.17.0: RuntimeError: undefined "
         "symbol: a torch 2.12 function)")
     site = tmp_path / "svt_device_site"
@@ -352,7 +354,8 @@ def test_sh_installs_the_fallback_torchcodec_when_the_carried_one_does_not_decod
 
 
 def test_sh_installs_nothing_and_says_why_when_no_index_is_reachable(tmp_path):
-    got = _run_sh(tmp_path, [], {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_FIND_LINKS": ""})
+    got = _run_sh(tmp_path, [], {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_FIND_LINKS": ""},
+                  ("step_b8",))
     assert got["report"]["install"].startswith("nothing: pip reaches no index here and no --wheels was given")
     assert got["report"]["stages"]["step_b8"]["status"] == "skipped"
 
