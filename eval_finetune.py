@@ -50,13 +50,10 @@ from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, che
                               dataset_labels, derived_config, extract_features_and_labels, make_loader,
                               multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
                               single_view_stats, to_device, topk_hits)
-from utils.parser import add_config_args, check_clip_sizes, load_config_from
+from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth"
 RESULTS_NAME = "finetune_results.json"
-# Where the protocol differs from the default config (applied before --opts, which win): SSv2 labels
-# tell left from right, so TimeSformer's SSv2 recipe trains without horizontal flips.
-DATASET_OPTS = {"ssv2": ["DATA.RANDOM_FLIP", "False"]}
 # The batch the reference lr is given for (TimeSformer: 8 clips over 8 GPUs).
 REFERENCE_BATCH = 8
 
@@ -140,11 +137,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Config, data and model
 # ---------------------------------------------------------------------------------------------
-def finetune_config(args):
-    """Defaults, the YAML, the dataset's protocol differences (DATASET_OPTS), then --opts."""
-    return load_config_from(args.cfg_file, DATASET_OPTS.get(args.dataset, []) + list(args.opts or []))
-
-
 def build_model(args, cfg, num_labels: int) -> VisionTransformer:
     """The backbone of `args.arch` initialised from `args.pretrained_weights` (or TIMESFORMER.PRETRAINED_MODEL),
     with a new linear head."""
@@ -384,7 +376,7 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
     utils.fix_random_seeds(args.seed)
     if args.accum_iter < 1:
         raise ValueError(f"--accum_iter must be at least 1, got {args.accum_iter}")
-    cfg = finetune_config(args)
+    cfg = load_config(args)
     check_clip_sizes(cfg, args.patch_size, train_clips=not args.evaluate, slowfast=args.slowfast_eval)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     note_ssl_view_keys(cfg)

@@ -62,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int,
                         help="Seed of the random-init backbone (no --pretrained_weights).")
     parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS,
-                        help="Evaluation dataset (train split = bank, val split = queries).")
+                        help="Evaluation dataset (train split = bank, val split = queries; ssv2: a --train_aug bank "
+                             "without flips, DATASET_OPTS in utils/parser.py).")
     parser.add_argument("--output_dir", default=".", type=str, help="Where knn_results.json is written.")
     utils.add_distributed_args(parser)
     add_config_args(parser)

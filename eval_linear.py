@@ -101,7 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_labels", default=None, type=int,
                         help="Classes of the classifier (101 UCF-101, 51 HMDB-51, 400 Kinetics-400, 174 SSv2). "
                              "Default: max label + 1 of the dataset (the original defaulted to 1000).")
-    parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS, help="Evaluation dataset.")
+    parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS,
+                        help="Evaluation dataset (ssv2 trains without flips: DATASET_OPTS, utils/parser.py).")
     parser.add_argument("--evaluate", action="store_true",
                         help="Only evaluate a trained classifier (--lc_pretrained_weights, else the "
                              "output_dir checkpoint): single-view val and the multi-view test.")

@@ -371,3 +371,31 @@ def test_every_entry_script_checks_its_clip_sizes_before_any_work(script, run, o
     """The sizes are checked before any data is read (the lists here do not exist), with the script's --patch_size."""
     with pytest.raises(ValueError, match=says):
         _run_entry(script, run, ["--output_dir", str(tmp_path / "out"), "--opts", *TINY_SIZES, *opts])
+
+
+class _ConfigLoaded(Exception):
+    """Raised by the stand-in for a script's check_clip_sizes: the config is loaded, the run goes no further."""
+
+
+@pytest.mark.parametrize("script, entry", [("eval_linear", "eval_linear"), ("eval_knn", "main"),
+                                           ("eval_finetune", "eval_finetune")])
+def test_every_evaluation_script_loads_the_dataset_protocol(script, entry, monkeypatch, tmp_path):
+    """The per-dataset protocol defaults (DATASET_OPTS) reach the config each evaluation script runs with: SSv2
+    (whose labels tell left from right) trains without flips in the linear probe, the kNN's --train_aug bank and
+    the fine-tuning alike, the others with them; the user's --opts win."""
+    import importlib
+    from datasets import DATASETS
+    module = importlib.import_module(script)
+    loaded = []
+
+    def capture(cfg, *args, **kwargs):
+        loaded.append(cfg)
+        raise _ConfigLoaded
+
+    monkeypatch.setattr(module, "check_clip_sizes", capture)
+    monkeypatch.setattr(module.utils, "init_distributed_mode", lambda args: None)  # no process group is needed
+    parser = argparse.ArgumentParser(parents=[module.get_args_parser()])
+    for dataset, opts in [(name, []) for name in DATASETS] + [("ssv2", ["--opts", "DATA.RANDOM_FLIP", "True"])]:
+        with pytest.raises(_ConfigLoaded):
+            getattr(module, entry)(parser.parse_args(["--dataset", dataset, "--output_dir", str(tmp_path)] + opts))
+        assert loaded[-1].DATA.RANDOM_FLIP is (dataset != "ssv2" or bool(opts)), (dataset, opts)

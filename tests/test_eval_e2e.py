@@ -16,7 +16,7 @@ from models import build_backbone
 from tests.conftest import assert_stopped, log_records, signal_at_call
 from tests.forked_runs import run_jobs
 from utils.checkpoint import output_dir_lock
-from utils.parser import load_config_from
+from utils.parser import load_config, load_config_from
 
 # The tiny clips of tests/conftest.py: 4 frames, 32 px crops (16 px local), short side 36-40; a ViT-Ti of 2 blocks
 # (the checkpoint and every run read these).
@@ -347,7 +347,7 @@ def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
     one = eval_finetune.eval_finetune(argparse.Namespace(**{**vars(model_args), "evaluate": True}))
     test = json.loads((tmp_path / "ft" / "finetune_results.json").read_text())
     assert (test["test_multiview_acc1"], test["test_num_videos"]) == (one["test_multiview_acc1"], 7)
-    cfg = eval_finetune.finetune_config(model_args)
+    cfg = load_config(model_args)
     model = eval_finetune.build_model(model_args, cfg, 4)
     model.load_state_dict(torch.load(tmp_path / "ft1" / "checkpoint.pth", weights_only=False)["model_state"])
     val_set = eval_finetune.build_dataset("ucf101", eval_finetune.single_clip_config(cfg), "val")

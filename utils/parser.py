@@ -189,6 +189,14 @@ def _value(cfg: CfgNode, key: str):
     return cfg[node][name]
 
 
+# Where a dataset's evaluation protocol differs from the defaults, applied by load_config to every script with a
+# --dataset (after the YAML, before --opts, which win). SSv2's labels tell left from right ("Pushing something from
+# left to right"), so TimeSformer's SSv2 config trains without horizontal flips.
+DATASET_OPTS = {"ssv2": ["DATA.RANDOM_FLIP", "False"]}
+
+
 def load_config(args) -> CfgNode:
-    """The config for a parsed argparse namespace with `cfg_file` and `opts`."""
-    return load_config_from(getattr(args, "cfg_file", None), getattr(args, "opts", None))
+    """The config for a parsed argparse namespace with `cfg_file` and `opts`: the defaults, the YAML, the
+    DATASET_OPTS of its `dataset` (if it has one), then `opts`."""
+    opts = DATASET_OPTS.get(getattr(args, "dataset", None), []) + list(getattr(args, "opts", None) or [])
+    return load_config_from(getattr(args, "cfg_file", None), opts)
