@@ -49,7 +49,7 @@ from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, lo
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, check_same_run,
                               dataset_labels, derived_config, extract_features_and_labels, make_loader,
                               multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
-                              single_view_stats, to_device, topk_hits)
+                              single_view_stats, split_files, to_device, topk_hits)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -297,10 +297,11 @@ def write_config(args, cfg) -> None:
 
 def finetune_run(args, cfg, train_set, val_set) -> dict:
     """What a fine-tuning's score depends on besides its initialisation, saved in its checkpoint (`run`, checked
-    on resume): the dataset and its train/val lists, the classes, the seed, the slow-fast test and the clip keys.
-    Not the lr, the epochs or the global batch: a resume applies new ones from its epoch on (README)."""
+    on resume): the dataset and its train/val lists (SSv2: and annotation JSONs), the classes, the seed, the
+    slow-fast test and the clip keys. Not the lr, the epochs or the global batch: a resume applies new ones from
+    its epoch on (README)."""
     return run_record(args, cfg, ("dataset", "num_labels", "seed", "slowfast_eval"),
-                      {"train list": train_set.list_file, "val list": val_set.list_file})
+                      split_files(train=train_set, val=val_set))
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, best_acc1: float, args, cfg,

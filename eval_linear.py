@@ -41,7 +41,8 @@ from utils.checkpoint import (atomic_save, gather_objects, output_dir_lock, remo
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_same_run, clip_features,
                               dataset_labels, derived_config, extract_features_and_labels, load_backbone,
                               make_loader, multi_view_stats, note_ssl_view_keys, require_readable, resolve_num_labels,
-                              run_record, single_clip_config, single_view_stats, skipped_video_ids, to_device)
+                              run_record, single_clip_config, single_view_stats, skipped_video_ids, split_files,
+                              to_device)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -440,11 +441,12 @@ def check_same_backbone(saved: str | None, fingerprint: str, path: str, pretrain
 
 def probe_run(args, cfg, train_set, val_set) -> dict:
     """What a probe's score depends on besides the backbone, saved in its checkpoint (`run`, checked on resume):
-    the dataset and its train/val lists, the classes, the hyper-parameters of its training and validation and
-    the clip keys. Not the batch size or process count: a resume may change them (resume_start_iteration)."""
+    the dataset and its train/val lists (SSv2: and annotation JSONs), the classes, the hyper-parameters of its
+    training and validation and the clip keys. Not the batch size or process count: a resume may change them
+    (resume_start_iteration)."""
     flags = ("dataset", "num_labels", "lr", "epochs", "n_last_blocks", "avgpool_patchtokens", "feature_bn",
              "slowfast_eval", "seed")
-    return run_record(args, cfg, flags, {"train list": train_set.list_file, "val list": val_set.list_file})
+    return run_record(args, cfg, flags, split_files(train=train_set, val=val_set))
 
 
 def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) -> None:

@@ -190,12 +190,19 @@ def load_frame_lists(csv_file: str, prefix: str) -> dict[str, list[str]]:
     return frames
 
 
+def ssv2_annotation_files(root: str, mode: str) -> dict[str, str]:
+    """The SSv2 annotation JSONs in `root` that the labels of `mode` come from, by name: the class ids of the
+    templates ("labels json") and the split's videos with their templates ("train json"; val and test read the
+    "validation json")."""
+    split = "train" if mode == "train" else "validation"
+    return {"labels json": os.path.join(root, "something-something-v2-labels.json"),
+            f"{split} json": os.path.join(root, f"something-something-v2-{split}.json")}
+
+
 def load_ssv2_list(root: str, mode: str, frame_list: str, prefix: str) -> list[dict]:
     """[{"path": video id, "label", "frames": JPEG paths}] of the SSv2 annotation of `mode` (val and test
     read validation), each video's frames taken from the frame-list csv `frame_list`."""
-    split = "train" if mode == "train" else "validation"
-    label_file = os.path.join(root, "something-something-v2-labels.json")
-    anno_file = os.path.join(root, f"something-something-v2-{split}.json")
+    label_file, anno_file = ssv2_annotation_files(root, mode).values()
     for f in (label_file, anno_file):
         if not os.path.isfile(f):
             raise FileNotFoundError(f"SSv2 annotation {f} not found; check DATA.PATH_TO_DATA_DIR.")
@@ -316,6 +323,9 @@ class VideoDataset(Dataset):
                                     if mode == "test" else 1)
         self.num_skipped = 0
         self.list_file = os.path.join(cfg.DATA.PATH_TO_DATA_DIR, getattr(self.lists, list_mode))
+        # the files the labels come from besides the list (SSv2's frame lists have none): a run record holds them
+        self.annotation_files = (ssv2_annotation_files(cfg.DATA.PATH_TO_DATA_DIR, mode) if self.lists.frame_folders
+                                 else {})
         records = self.load_data_list()
         self.video_paths = [r["path"] for r in records]
         self.video_labels = [r["label"] for r in records]

@@ -9,6 +9,7 @@
   `levels` makes frame i a flat grey image of that level (frame identity readable after decoding).
 - `damaged_video(path)`: a 24-frame H.264 mp4 that opens (its index is intact) but whose middle third of
   packet bytes is random (a damaged download or disk); returns the frames whose packets lie wholly in it.
+- `write_ssv2(root, num_videos=3, frames=12)`: a tiny SSv2 layout (annotation JSONs, frame lists, JPEG frames).
 - `log_records(folder)`: the JSON lines of folder/log.txt without the wall-clock keys (`WALL_CLOCK_KEYS`).
 - `HostReads`: a dispatch mode counting the reads of a tensor's value by the host (`.item()`, `float()`,
   `bool()`, ...), each of which waits for the GPU on CUDA: a training loop's count must not grow with its steps.
@@ -27,6 +28,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from datasets.synthetic import generate, write_video
@@ -153,6 +155,30 @@ def damaged_video(path) -> list[int]:
     data[lo:hi] = np.random.default_rng(7).integers(0, 256, hi - lo, dtype=np.uint8).tobytes()
     Path(path).write_bytes(bytes(data))
     return sorted(index for pos, size, index in packets if lo <= pos and pos + size <= hi)
+
+
+SSV2_LABELS = {"Pushing something": "0", "Pulling something": "1"}
+
+
+def write_ssv2(root, num_videos: int = 3, frames: int = 12) -> None:
+    """TimeSformer's SSv2 layout in `root`: the labels JSON (SSV2_LABELS), train and validation JSONs of the same
+    videos (ids 100, 101, ...; class v % 2, templates with brackets as the official files'), the frame lists
+    `{train,val}.csv` (header line, then `id index frame path ""`) and the frames root/frames/<id>/<f>.jpg, frame f
+    a flat grey 48x40 image of level 10 + 6 f."""
+    annos = [{"id": str(100 + v), "template": ["[Pushing] something", "Pulling [something]"][v % 2]}
+             for v in range(num_videos)]
+    rows = ["original_vido_id video_id frame_id path labels"]
+    for v in range(num_videos):
+        folder = Path(root) / "frames" / str(100 + v)
+        folder.mkdir(parents=True)
+        for f in range(frames):
+            Image.new("RGB", (48, 40), (10 + 6 * f,) * 3).save(folder / f"{f:06d}.jpg", quality=100)
+            rows.append(f"{100 + v} {v} {f} {100 + v}/{f:06d}.jpg \"\"")
+    (Path(root) / "something-something-v2-labels.json").write_text(json.dumps(SSV2_LABELS))
+    for split in ("train", "validation"):
+        (Path(root) / f"something-something-v2-{split}.json").write_text(json.dumps(annos))
+    for split in ("train", "val"):
+        (Path(root) / f"{split}.csv").write_text("\n".join(rows) + "\n")
 
 
 def pytest_collection_modifyitems(config, items):

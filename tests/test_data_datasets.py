@@ -13,7 +13,7 @@ from datasets import DATASETS, ReturnIndexDataset, build_dataset, decoder, video
 from datasets.synthetic import write_video
 from datasets.transform import IMAGENET_MEAN, IMAGENET_STD, VideoDataAugmentationDINO, ssl_view_frames
 from datasets.video_dataset import parse_list_file
-from tests.conftest import DAMAGED_FRAMES, build_cfg, damaged_video
+from tests.conftest import DAMAGED_FRAMES, build_cfg, damaged_video, write_ssv2
 
 LEVELS = [10 + 6 * i for i in range(40)]   # frame i is a flat grey image of level 10 + 6 i
 
@@ -143,26 +143,8 @@ def test_every_video_list_layout_is_read(synthetic_cfg):
         build_dataset("k700", synthetic_cfg(), "train")
 
 
-def _write_ssv2(root, num_videos=3, frames=12):
-    labels = {"Pushing something": "0", "Pulling something": "1"}
-    annos = [{"id": str(100 + v), "template": ["[Pushing] something", "Pulling [something]"][v % 2]}
-             for v in range(num_videos)]
-    rows = ["original_vido_id video_id frame_id path labels"]
-    for v in range(num_videos):
-        folder = root / "frames" / str(100 + v)
-        folder.mkdir(parents=True)
-        for f in range(frames):
-            Image.new("RGB", (48, 40), (LEVELS[f],) * 3).save(folder / f"{f:06d}.jpg", quality=100)
-            rows.append(f"{100 + v} {v} {f} {100 + v}/{f:06d}.jpg \"\"")
-    (root / "something-something-v2-labels.json").write_text(json.dumps(labels))
-    for split in ("train", "validation"):
-        (root / f"something-something-v2-{split}.json").write_text(json.dumps(annos))
-    for split in ("train", "val"):
-        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
-
-
 def test_ssv2_layout(tmp_path):
-    _write_ssv2(tmp_path)
+    write_ssv2(tmp_path)
     cfg = build_cfg(tmp_path, tmp_path / "frames", **{"DATA.MEAN": [0.0] * 3, "DATA.STD": [1.0] * 3})
     val = build_dataset("ssv2", cfg, "val")
     assert val.num_videos == 3 and val.video_labels == [0, 1, 0]

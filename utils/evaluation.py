@@ -91,6 +91,17 @@ def run_record(args, cfg, flags: Sequence[str], lists: dict[str, str]) -> dict:
     return run
 
 
+def split_files(**splits) -> dict[str, str]:
+    """The `lists` of run_record for datasets given by split name (train=..., val=...): each one's list file
+    ("<split> list") and the annotation files its labels come from besides (SSv2, whose frame lists hold no
+    labels: "labels json", "train json", "validation json")."""
+    files = {}
+    for split, dataset in splits.items():
+        files[f"{split} list"] = dataset.list_file
+        files.update(dataset.annotation_files)
+    return files
+
+
 def check_same_run(saved: dict | None, run: dict, path: str, what: str, output_hint: str) -> None:
     """Resume only the run this command describes (`run_record`): with any other value, resuming would continue
     another run's training and report its score as this one's. A list counts as the same when its content does
