@@ -60,6 +60,14 @@ DECODE_DEVICES = ("cpu", "cuda")
 LARGE_PLAN_BYTES = 100 * 2 ** 20
 
 
+class FrameError(decoder.DecodeError):
+    """A JPEG frame of a frame-folder video (SSv2) that cannot be read; `path` names it."""
+
+    def __init__(self, path: str, err: Exception):
+        super().__init__(f"{path}: cannot read the frame ({err})")
+        self.path = path
+
+
 @dataclass(frozen=True)
 class DatasetLists:
     """The list file of each mode (in DATA.PATH_TO_DATA_DIR) and whether the lists name videos or folders
@@ -88,13 +96,21 @@ DATASET_LISTS = {
 }
 
 
-def check_paths_resolve(paths: list[str], list_file: str, prefix: str, probes: int = 16) -> None:
+def check_paths_resolve(paths: list[str], list_file: str, prefix: str, probes: int = 16,
+                        frames: bool = False) -> None:
     """Fail early when none of a spread of `probes` list entries exists on disk: that is a wrong
-    DATA.PATH_PREFIX (or a list written for another machine), not a few corrupt videos."""
+    DATA.PATH_PREFIX (or a list written for another machine), not a few corrupt videos. `frames`: the paths are
+    the first frames of frame-folder videos (SSv2), joined to the frame list's path column."""
     step = max(len(paths) // probes, 1)
     sample = paths[::step][:probes]
     if any(os.path.isfile(p) for p in sample):
         return
+    if frames:
+        raise FileNotFoundError(
+            f"{list_file}: none of the first frames of {len(sample)} checked videos exists, e.g. {sample[0]!r} "
+            f"(DATA.PATH_PREFIX={prefix!r} joined to the frame list's path column). Set DATA.PATH_PREFIX to the "
+            f"folder of the extracted JPEG frames, which holds a folder per video id (e.g. --opts DATA.PATH_PREFIX "
+            f"/data/ssv2/frames; the scripts' VIDEO_DIR), or extract the frames (datasets/DATASET.md).")
     raise FileNotFoundError(
         f"{list_file}: none of {len(sample)} checked videos exists, e.g. {sample[0]!r} "
         f"(DATA.PATH_PREFIX={prefix!r} joined to the list path). Set DATA.PATH_PREFIX to the folder the "
@@ -223,6 +239,7 @@ def load_ssv2_list(root: str, mode: str, frame_list: str, prefix: str) -> list[d
         if label < 0:
             raise ValueError(f"{label_file}: class {template!r} has the negative id {label}; ids are 0, 1, ...")
         records.append({"path": vid, "label": label, "frames": frame_lists[vid]})
+    check_paths_resolve([r["frames"][0] for r in records], frame_list, prefix, frames=True)
     return records
 
 
@@ -434,7 +451,7 @@ class VideoDataset(Dataset):
                 with Image.open(paths[i]) as image:
                     images.append(torch.from_numpy(np.array(image.convert("RGB"))))
             except OSError as err:
-                raise decoder.DecodeError(f"{paths[i]}: cannot read the frame ({err})") from err
+                raise FrameError(paths[i], err) from err
         frames = torch.stack(images)
         clips, pos = [], 0
         for v in views:
@@ -498,7 +515,7 @@ class VideoDataset(Dataset):
                     # evaluation drops (label -1) and count the video as skipped.
                     self._log_failure(path, err, f"{self.mode} clip left out of the evaluation (label -1)")
                     return self.placeholder_frames(), SKIPPED_LABEL, index, {"skipped": 1}
-                tried.append(path)
+                tried.append(getattr(err, "path", path))  # a frame folder's: the frame that failed
                 self._log_failure(path, err, "using another sample")
                 index = self._replacement(index)
                 continue
@@ -506,6 +523,13 @@ class VideoDataset(Dataset):
             return frames, label, index, {"skipped": len(tried)}
         missing = sum(not os.path.isfile(p) for p in tried)
         data = self.cfg.DATA
+        if self.frame_paths is not None:
+            raise RuntimeError(f"{self.dataset_name}: {len(tried)} videos failed to read in a row "
+                               f"(num_retries={self.num_retries}); the frames that failed, {missing} of them missing "
+                               f"on disk: {tried[:4]}{' ...' if len(tried) > 4 else ''}. Check DATA.PATH_PREFIX "
+                               f"({data.PATH_PREFIX!r}): joined to the frame lists' paths, it must be the folder of "
+                               "the extracted JPEG frames; and that the frames were extracted as the frame lists name "
+                               "them (datasets/DATASET.md).")
         check = ["python", "-m", "datasets.preprocessing.check_videos", "--list", self.list_file]
         check += ["--prefix", data.PATH_PREFIX] if data.PATH_PREFIX else []
         check += ["--separator", data.PATH_LABEL_SEPARATOR] if data.PATH_LABEL_SEPARATOR != " " else []

@@ -40,3 +40,30 @@ def test_ssv2_run_record_holds_the_annotation_jsons(tmp_path, script, record):
     with pytest.raises(ValueError, match=r"holds another linear probe run: validation json: checkpoint \S+validation"):
         check_same_run(run, subset, "ckpt", "linear probe", "hint")
     check_same_run(subset, getattr(script, record)(args, *_ssv2_sets(tmp_path)), "ckpt", "linear probe", "hint")
+
+
+def test_ssv2_wrong_prefix_fails_at_build_naming_it(tmp_path):
+    """A DATA.PATH_PREFIX under which no first frame of the frame lists exists fails when the dataset is built,
+    naming the prefix and a frame path, not after num_retries failed samples in the middle of a run."""
+    write_ssv2(tmp_path)
+    wrong = tmp_path / "videos"
+    with pytest.raises(FileNotFoundError, match=rf"train.csv: none of the first frames of 3 checked videos exists, "
+                                                rf"e.g. '{wrong}/100/000000.jpg' \(DATA.PATH_PREFIX='{wrong}' joined "
+                                                r"to the frame list's path column\)\. Set DATA.PATH_PREFIX to the "
+                                                r"folder of the extracted JPEG frames"):
+        build_dataset("ssv2", build_cfg(tmp_path, wrong), "train")
+
+
+def test_ssv2_frames_failing_in_a_row_name_the_frames(tmp_path):
+    """Frames that the frame lists name but that are not on disk: the error after num_retries names the frames
+    and counts the missing ones (not the video ids, which are no files), with no check_videos command (it reads
+    video lists, not frame lists)."""
+    write_ssv2(tmp_path)
+    for frame in (tmp_path / "frames").glob("*/*.jpg"):
+        if int(frame.stem) >= 3:  # the first frames stay: the prefix is right
+            frame.unlink()
+    train = build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "train", num_retries=2)
+    with pytest.raises(RuntimeError, match=r"ssv2: 3 videos failed to read in a row \(num_retries=2\); the frames "
+                                           r"that failed, 3 of them missing on disk: \['\S+/1\d\d/0000\d\d.jpg'") as err:
+        train[0]
+    assert "check_videos" not in str(err.value) and "DATA.PATH_PREFIX" in str(err.value)
