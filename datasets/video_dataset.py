@@ -37,6 +37,7 @@ A video whose random access cannot be trusted is decoded sequentially (datasets/
 import json
 import logging
 import os
+import re
 import shlex
 from collections import defaultdict
 from dataclasses import dataclass
@@ -125,18 +126,71 @@ def read_video_list(list_file: str, prefix: str, separator: str = " ") -> list[d
     return records
 
 
-def _malformed_hint(line: str, number: int) -> str:
-    """The likely cause of a malformed list line, and the fix."""
+_SEPARATORS = (",", None)  # tried after DATA.PATH_LABEL_SEPARATOR: a comma, then whitespace
+
+
+def _fields(line: str, separator: str, label_ok=bool) -> tuple[str, str] | None:
+    """(path, label) of a list line, the label split off the right (a path may hold spaces, e.g. Kinetics' 'air
+    drumming/') at the first of `separator`, a comma or whitespace that leaves a non-empty path and a label
+    for which `label_ok` holds; None if none does."""
+    for sep in dict.fromkeys((separator,) + _SEPARATORS):
+        fields = [f.strip() for f in line.rsplit(sep, 1)]
+        if len(fields) == 2 and fields[0] and label_ok(fields[1]):
+            return fields[0], fields[1]
+    return None
+
+
+def _split_line(line: str, separator: str) -> tuple[str, int] | None:
+    """(path, integer label) of a `path<sep>label` line; None when the line is not one."""
+    fields = _fields(line, separator, lambda label: label.lstrip("-").isdigit())
+    return None if fields is None else (fields[0], int(fields[1]))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _malformed_hint(line: str, number: int, separator: str, next_parses: bool) -> str:
+    """The likely cause of a malformed list line, and the fix. `next_parses`: the line after it is a good one
+    (a first line is then called a header only when it looks like one)."""
+    words = line.replace(",", " ").split()
     if "youtube_id" in line:
         return ("This is the Kinetics annotation csv (label,youtube_id,time_start,time_end,split): it names "
                 "YouTube clips, not files. Write one line per downloaded video, '<class>/<file>.mp4 <label>', "
                 "labels indexing the sorted class names (datasets/DATASET.md).")
-    if len(line.replace(",", " ").split()) == 1 and ("/" in line or "\\" in line or os.path.splitext(line)[1]):
-        return ("The line is a path with no label: every line is '<path> <label>', the label the class index "
-                "(0-based: the position of the video's class in the sorted class names, datasets/DATASET.md).")
-    if number == 1:
+    if line.startswith("original_vido_id") or (len(words) == 5 and all(w.isdigit() for w in words[:3])
+                                               and words[3].lower().endswith((".jpg", ".jpeg", ".png"))):
+        return ("This is an SSv2 frame list (original_vido_id video_id frame_id path labels): it names JPEG frames "
+                "and holds no labels. SSv2 is evaluated with --dataset ssv2 of eval_linear.py, eval_knn.py or "
+                "eval_finetune.py, which read it with the annotation JSONs (datasets/DATASET.md); train_ssl.py "
+                "pretrains on a video list ('<path> <label>', e.g. Kinetics-400's train.csv).")
+    odd = re.fullmatch(r"(.*[^\s;|:])\s*([;|:])\s*-?\d+", line)
+    if odd:
+        sep = odd.group(2)
+        return (f"Its fields are separated by {sep!r}: lists take DATA.PATH_LABEL_SEPARATOR ({separator!r}), a "
+                f"comma or whitespace. Pass --opts DATA.PATH_LABEL_SEPARATOR '{sep}', or rewrite the list (e.g. "
+                f"sed -i 's/{sep}/ /' <list>).")
+    if len(words) == 1:
+        if "/" in line or "\\" in line or os.path.splitext(line)[1] and not _is_number(line):
+            return ("The line is a path with no label: every line is '<path> <label>', the label the class index "
+                    "(0-based: the position of the video's class in the sorted class names, datasets/DATASET.md).")
+        return "The line has one field: every line is '<path> <label>' (datasets/DATASET.md)."
+    looks_like_header = not any(_is_number(w) or os.path.splitext(w)[1] for w in words)
+    if number == 1 and looks_like_header and next_parses:
         return "Lists have no header line: if this is one, delete it (e.g. sed -i 1d <list>)."
-    return ""
+    label = _fields(line, separator)[1]
+    if _is_number(label):
+        return (f"The label {label!r} is not an integer: labels are class indices 0, 1, ..., written as "
+                "integers.")
+    if any(w.lstrip("-").isdigit() for w in words[1:-1]):
+        return (f"The line has {len(words)} fields: lists have two, '<path> <label>', the integer label last "
+                "(datasets/DATASET.md).")
+    return (f"The label {label!r} is not an integer: class names must be mapped to 0-based class ids, the position "
+            "of each class in the sorted class names (datasets/DATASET.md).")
 
 
 def missing_list_hint(list_file: str) -> str:
@@ -162,27 +216,20 @@ def parse_list_file(list_file: str, separator: str = " ") -> list[tuple[str, int
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"list file {list_file} not found; check DATA.PATH_TO_DATA_DIR. "
                                 + missing_list_hint(list_file))
-    items = []
     with open(list_file, encoding="utf-8-sig") as f:
-        for number, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line:
-                continue
-            parts = None
-            for sep in dict.fromkeys((separator, ",", None)):
-                fields = line.rsplit(sep, 1) if sep else line.split()
-                if len(fields) == 2 and fields[0].strip() and fields[1].strip().lstrip("-").isdigit():
-                    parts = fields
-                    break
-            if parts is None:
-                raise ValueError(f"{list_file}:{number}: malformed line {line!r}; expected "
-                                 f"'<path><separator><integer label>' (separator {separator!r} or ','). "
-                                 + _malformed_hint(line, number))
-            label = int(parts[1])
-            if label < 0:
-                raise ValueError(f"{list_file}:{number}: label {label} in {line!r} is negative; labels are class "
-                                 "indices 0, 1, ... (the first class is 0).")
-            items.append((parts[0].strip(), label))
+        lines = [(number, raw.strip()) for number, raw in enumerate(f, start=1) if raw.strip()]
+    items = []
+    for i, (number, line) in enumerate(lines):
+        parts = _split_line(line, separator)
+        if parts is None:
+            next_parses = i + 1 < len(lines) and _split_line(lines[i + 1][1], separator) is not None
+            raise ValueError(f"{list_file}:{number}: malformed line {line!r}; expected "
+                             f"'<path><separator><integer label>' (separator {separator!r}, a comma or whitespace). "
+                             + _malformed_hint(line, number, separator, next_parses))
+        if parts[1] < 0:
+            raise ValueError(f"{list_file}:{number}: label {parts[1]} in {line!r} is negative; labels are class "
+                             "indices 0, 1, ... (the first class is 0).")
+        items.append(parts)
     if not items:
         raise ValueError(f"list file {list_file} has no entries.")
     return items

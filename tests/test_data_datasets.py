@@ -75,6 +75,43 @@ def test_a_path_without_a_label_is_named_as_such_not_as_a_header(tmp_path, conte
     assert "header" not in str(err.value)
 
 
+SSV2_FRAME_LINE = '1007 0 0 1007/1007_000001.jpg ""'
+
+
+@pytest.mark.parametrize("content, hint", [
+    ("abseiling/a.mp4 abseiling\nzumba/b.mp4 zumba\n",
+     r"The label 'abseiling' is not an integer: class names must be mapped to 0-based class ids, the position of "
+     r"each class in the sorted class names"),
+    ("path label\nabseiling/a.mp4 abseiling\n", r"The label 'label' is not an integer: class names must be mapped"),
+    ("a.mp4 0 x\nb.mp4 1 y\n", r"The line has 3 fields: lists have two, '<path> <label>', the integer label last"),
+    ("a.mp4 1.0\nb.mp4 2.0\n", r"The label '1\.0' is not an integer: labels are class indices 0, 1, \.\.\., written"),
+    ("1.0\n2.0\n", r"The line has one field: every line is '<path> <label>'"),
+    ("abseiling/a.mp4;0\nzumba/b.mp4;1\n", r"Its fields are separated by ';': lists take DATA.PATH_LABEL_SEPARATOR "
+                                            r"\(' '\), a comma or whitespace\. Pass --opts DATA.PATH_LABEL_SEPARATOR ';'"),
+    (f"original_vido_id video_id frame_id path labels\n{SSV2_FRAME_LINE}\n", r"This is an SSv2 frame list"),
+    (f"{SSV2_FRAME_LINE}\n{SSV2_FRAME_LINE}\n", r"This is an SSv2 frame list .* --dataset ssv2 of eval_linear.py"),
+])
+def test_a_malformed_first_line_is_told_what_is_wrong_not_called_a_header(tmp_path, content, hint):
+    """Only a first line that looks like a header (no number, no file name) before good lines is called one;
+    any other gets what is wrong with it: a class name or a float for the label, a third field, an unknown
+    separator, an SSv2 frame list (header or not) given as a video list."""
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=rf"train\.csv:1: malformed line .*{hint}") as err:
+        parse_list_file(str(path))
+    assert "header line" not in str(err.value)
+
+
+@pytest.mark.parametrize("separator", [" ", "\t"])
+def test_paths_with_spaces_parse_with_tab_and_space_separators(tmp_path, separator):
+    """Kinetics class folders hold spaces ('air drumming'): the label is split off the right, so a tab- or
+    space-separated list reads whatever DATA.PATH_LABEL_SEPARATOR says."""
+    for sep in (" ", "\t"):
+        path = tmp_path / "train.csv"
+        path.write_text(f"air drumming/x.mp4{sep}1\nabseiling/y z.mp4{sep}0\n")
+        assert parse_list_file(str(path), separator) == [("air drumming/x.mp4", 1), ("abseiling/y z.mp4", 0)]
+
+
 def test_a_malformed_line_past_the_first_is_not_called_a_header(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("x/a.mp4 3\ny/b.mp4 z\n")

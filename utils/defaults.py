@@ -15,7 +15,8 @@ _C.DATA = CfgNode()
 _C.DATA.PATH_TO_DATA_DIR = ""
 # Prefix joined to every path of a list file (videos, or SSv2 frame folders).
 _C.DATA.PATH_PREFIX = ""
-# Separator between path and label in a list line; a comma also works for csv files.
+# Separator between path and label in a list line; a comma or whitespace also works (the label is split off the
+# right: a path may hold spaces).
 _C.DATA.PATH_LABEL_SEPARATOR = " "
 # Frames of an evaluation clip (and of every SSL view unless the frame lists below say otherwise).
 _C.DATA.NUM_FRAMES = 8
