@@ -392,6 +392,24 @@ def test_num_labels_error_names_the_lists_and_spots_one_based_labels(capsys):
     assert "1-based" not in str(err.value)
 
 
+def test_one_based_label_advice_fits_the_dataset(capsys):
+    """The 1-based advice names the dataset's own label convention: MMAction2's split lists for UCF/HMDB, the
+    sorted class names for Kinetics (no MMAction2 file); none for SSv2, whose ids are its labels JSON's (a subset
+    may leave class 0 unused: subtracting 1 would be wrong)."""
+    one_based = [types.SimpleNamespace(list_file="/d/train.csv", labels=[1, 2, 4])]
+    with pytest.raises(ValueError, match=r"look 1-based .*the lists take 0-based labels, the position of the "
+                                         r"video's class in the sorted class names .* subtract 1") as err:
+        evaluation.resolve_num_labels(4, one_based, "kinetics400")
+    assert "MMAction2" not in str(err.value) and "UCF" not in str(err.value)
+    assert evaluation.resolve_num_labels(None, one_based, "kinetics400") == 5
+    assert "sorted class names" in capsys.readouterr().out
+    assert evaluation.resolve_num_labels(None, one_based, "ssv2") == 5
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match=r"up to 4\. Pass the class count as --num_labels") as err:
+        evaluation.resolve_num_labels(4, one_based, "ssv2")
+    assert "1-based" not in str(err.value)
+
+
 def test_load_classifier_state_strips_ddp_prefix_and_checks_shape():
     src = LinearClassifier(10, 4)
     dst = LinearClassifier(10, 4)

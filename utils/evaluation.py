@@ -196,23 +196,34 @@ def single_clip_config(cfg):
     return derived_config(cfg, TEST__NUM_ENSEMBLE_VIEWS=1, TEST__NUM_SPATIAL_CROPS=1)
 
 
+def _one_based_fix(name: str) -> str | None:
+    """How to make the `name` lists' 1-based labels 0-based (the end of a sentence); None for SSv2, whose labels
+    are the ids of its labels JSON (a subset may leave class 0 unused)."""
+    if name == "ssv2":
+        return None
+    if name in ("ucf101", "hmdb51"):
+        return ("as in UCF-101's classInd.txt / trainlist01.txt: the lists take 0-based labels (MMAction2's "
+                f"{name}_*_split_1_videos.txt); subtract 1 from every label.")
+    return ("the lists take 0-based labels, the position of the video's class in the sorted class names "
+            "(datasets/DATASET.md); subtract 1 from every label.")
+
+
 def resolve_num_labels(num_labels: int | None, datasets: Sequence, name: str) -> int:
     """`num_labels`, or max label + 1 of the lists when None (with a note when no label is 0: 1-based lists give
     a class that no video has); an error when a list has a label the head lacks (naming the lists, and saying so
-    when the labels look 1-based)."""
+    when the labels look 1-based). `name`: the --dataset (SSv2's ids come from its labels JSON: no 1-based note)."""
     labels = [dataset_labels(d) for d in datasets]
     needed = max(int(y.max()) for y in labels) + 1
-    no_zero = min(int(y.min()) for y in labels) == 1
+    fix = _one_based_fix(name)
+    no_zero = min(int(y.min()) for y in labels) == 1 and fix is not None
     files = sorted({getattr(getattr(d, "dataset", d), "list_file", name) for d in datasets})
-    one_based_fix = ("as in UCF-101's classInd.txt / trainlist01.txt: the lists take 0-based labels (MMAction2's "
-                     f"{name}_*_split_1_videos.txt); subtract 1 from every label.")
     if num_labels is None:
         if no_zero:
-            print(f"Note: no label of the {name} lists {files} is 0: they look 1-based, {one_based_fix} As they are, "
+            print(f"Note: no label of the {name} lists {files} is 0: they look 1-based, {fix} As they are, "
                   f"the head has {needed} classes (max label + 1), class 0 of which no video has.")
         return needed
     if needed > num_labels:
-        hint = (f" The labels look 1-based (none is 0, the largest equals the class count), {one_based_fix}"
+        hint = (f" The labels look 1-based (none is 0, the largest equals the class count), {fix}"
                 if no_zero and needed - 1 == num_labels else
                 " Pass the class count as --num_labels (NUM_LABELS in the launch scripts) or fix the labels.")
         raise ValueError(f"--num_labels {num_labels} but the {name} lists {files} have labels up to "
