@@ -292,13 +292,19 @@ def uniform_crop_offsets(height: int, width: int, size: int, spatial_idx: int) -
 
 
 def eval_crop_box(height: int, width: int, spatial_idx: int, min_scale: int, max_scale: int,
-                  crop_size: int, random_flip: bool) -> tuple[tuple[int, int], tuple[int, int], bool]:
+                  crop_size: int, random_flip: bool,
+                  inverse_uniform: bool = False) -> tuple[tuple[int, int], tuple[int, int], bool]:
     """Spatial sampling of an evaluation clip: ((resized h, w), (top, left), flip).
 
-    spatial_idx -1 (train): short side round(U(min_scale, max_scale)), random crop, random flip.
-    0/1/2: short side min_scale, uniform crop spatial_idx, no flip."""
+    spatial_idx -1 (train): short side round(U(min_scale, max_scale)), or with `inverse_uniform`
+    (DATA.INV_UNIFORM_SAMPLE, TimeSformer's SSv2 setting) round(1 / U(1 / max_scale, 1 / min_scale)), which
+    favours the small sides; random crop, random flip. 0/1/2: short side min_scale, uniform crop spatial_idx,
+    no flip."""
     if spatial_idx == -1:
-        short = int(round(float(torch.empty(()).uniform_(min_scale, max_scale))))
+        if inverse_uniform:
+            short = int(round(1.0 / float(torch.empty(()).uniform_(1.0 / max_scale, 1.0 / min_scale))))
+        else:
+            short = int(round(float(torch.empty(()).uniform_(min_scale, max_scale))))
         rh, rw = short_side_size(height, width, short)
         top = int(torch.randint(0, rh - crop_size + 1, ()))
         left = int(torch.randint(0, rw - crop_size + 1, ()))

@@ -17,11 +17,12 @@ List layouts in DATA.PATH_TO_DATA_DIR (paths joined to DATA.PATH_PREFIX):
 Modes:
 - "train" with an SSL augmentation: the SVT views (2 globals first), cut from one decode; with
   DATA.DECODE_DEVICE cuda a plan of them instead (bytes + parameters; datasets/device_views.py).
-- "train" without: one linear-probe clip (random window, short side U(TRAIN_JITTER_SCALES), random
-  crop TRAIN_CROP_SIZE, flip).
+- "train" without: one linear-probe clip (random window, short side U(TRAIN_JITTER_SCALES) (1 / U(1 / max,
+  1 / min) with DATA.INV_UNIFORM_SAMPLE), random crop TRAIN_CROP_SIZE, flip).
 - "val": one clip per video from frame 0, short side TRAIN_JITTER_SCALES[0], centre crop.
 - "test": NUM_ENSEMBLE_VIEWS temporal x NUM_SPATIAL_CROPS spatial clips per video; 3 crops are
-  left/centre/right at short side TEST_CROP_SIZE, 1 crop is the "val" centre crop.
+  left/centre/right at short side TEST_CROP_SIZE, 1 crop is the "val" centre crop (SSv2: at short side
+  TEST_CROP_SIZE, as TimeSformer's ssv2.py).
 Evaluation clips use DATA.MEAN/STD; `slowfast=True` gives [NUM_FRAMES x TEST_CROP_SIZE,
 8*NUM_FRAMES x LOCAL_CROP_SIZE] clips of the same window and crop.
 A video that cannot be read is skipped and counted, never a crash in the middle of a run: in "train" it
@@ -510,14 +511,15 @@ class VideoDataset(Dataset):
         data = self.cfg.DATA
         if spatial_idx == -1:
             (min_scale, max_scale), crop = data.TRAIN_JITTER_SCALES, data.TRAIN_CROP_SIZE
-        elif self.mode == "test" and self.cfg.TEST.NUM_SPATIAL_CROPS > 1:
+        elif self.mode == "test" and (self.cfg.TEST.NUM_SPATIAL_CROPS > 1 or self.dataset_name == "ssv2"):
+            # TimeSformer's ssv2.py resizes every test clip to short side TEST_CROP_SIZE, also with 1 crop
             min_scale = max_scale = crop = data.TEST_CROP_SIZE
         else:
             min_scale = max_scale = data.TRAIN_JITTER_SCALES[0]
             crop = data.TEST_CROP_SIZE
         height, width = clips[0].shape[1:3]
         resized, offset, flip = transform.eval_crop_box(height, width, spatial_idx, min_scale, max_scale, crop,
-                                                        data.RANDOM_FLIP)
+                                                        data.RANDOM_FLIP, data.INV_UNIFORM_SAMPLE)
         sizes = [crop, data.LOCAL_CROP_SIZE]
         out = [transform.apply_eval_crop(c, resized, offset, flip, crop, size, data.MEAN, data.STD)
                for c, size in zip(clips, sizes)]

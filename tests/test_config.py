@@ -382,7 +382,8 @@ class _ConfigLoaded(Exception):
 def test_every_evaluation_script_loads_the_dataset_protocol(script, entry, monkeypatch, tmp_path):
     """The per-dataset protocol defaults (DATASET_OPTS) reach the config each evaluation script runs with: SSv2
     (whose labels tell left from right) trains without flips in the linear probe, the kNN's --train_aug bank and
-    the fine-tuning alike, the others with them; the user's --opts win."""
+    the fine-tuning alike, the others with them, and with TimeSformer's inverse-uniform scale jitter; the user's
+    --opts win."""
     import importlib
     from datasets import DATASETS
     module = importlib.import_module(script)
@@ -399,3 +400,4 @@ def test_every_evaluation_script_loads_the_dataset_protocol(script, entry, monke
         with pytest.raises(_ConfigLoaded):
             getattr(module, entry)(parser.parse_args(["--dataset", dataset, "--output_dir", str(tmp_path)] + opts))
         assert loaded[-1].DATA.RANDOM_FLIP is (dataset != "ssv2" or bool(opts)), (dataset, opts)
+        assert loaded[-1].DATA.INV_UNIFORM_SAMPLE is (dataset == "ssv2"), (dataset, opts)

@@ -1,5 +1,6 @@
 """SSL view augmentation and evaluation spatial sampling."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -254,3 +255,17 @@ def test_eval_crop_box_train_jitter_range():
         assert 256 <= rh <= 320 and rw == int(320 * rh / 240)
         assert 0 <= top <= rh - 224 and 0 <= left <= rw - 224
     assert transform.eval_crop_box(240, 320, 1, 256, 256, 224, True) == ((256, 341), (16, 59), False)
+
+
+def test_inverse_uniform_scale_jitter_draws_one_over_a_uniform_reciprocal():
+    """DATA.INV_UNIFORM_SAMPLE (TimeSformer's SSv2 setting): the short side is 1 / U(1/320, 1/256), so the mean of
+    1 / side is the midpoint of 1/320 and 1/256; the plain jitter U(256, 320) has mean side 288 and mean 1 / side
+    ln(1.25) / 64 (20000 draws: the tolerance is ~4 standard errors, a fifth of the gap between the two)."""
+    torch.manual_seed(0)
+    sides = {inverse: torch.tensor([transform.eval_crop_box(256, 300, -1, 256, 320, 224, False, inverse)[0][0]
+                                    for _ in range(20000)], dtype=torch.float64) for inverse in (False, True)}
+    for drawn in sides.values():
+        assert drawn.min() == 256 and drawn.max() == 320
+    assert float((1 / sides[True]).mean()) == pytest.approx((1 / 256 + 1 / 320) / 2, abs=6e-6)
+    assert float((1 / sides[False]).mean()) == pytest.approx(math.log(1.25) / 64, abs=6e-6)
+    assert float(sides[False].mean()) == pytest.approx(288, abs=0.5)

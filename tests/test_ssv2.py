@@ -7,7 +7,7 @@ import pytest
 
 import eval_finetune
 import eval_linear
-from datasets import build_dataset
+from datasets import build_dataset, transform
 from tests.conftest import build_cfg, write_ssv2
 from utils.evaluation import check_same_run
 
@@ -67,3 +67,21 @@ def test_ssv2_frames_failing_in_a_row_name_the_frames(tmp_path):
                                            r"that failed, 3 of them missing on disk: \['\S+/1\d\d/0000\d\d.jpg'") as err:
         train[0]
     assert "check_videos" not in str(err.value) and "DATA.PATH_PREFIX" in str(err.value)
+
+
+def test_ssv2_test_clips_are_resized_to_the_crop_size_also_with_one_crop(tmp_path, monkeypatch):
+    """TimeSformer's ssv2.py resizes every test clip to short side TEST_CROP_SIZE (then the centre crop with
+    TEST.NUM_SPATIAL_CROPS 1); Kinetics' 1-crop test keeps the val clip's short side TRAIN_JITTER_SCALES[0]."""
+    write_ssv2(tmp_path)
+    boxes = []
+    real = transform.eval_crop_box
+
+    def spy(*args):
+        boxes.append(real(*args))
+        return boxes[-1]
+
+    monkeypatch.setattr(transform, "eval_crop_box", spy)
+    cfg = build_cfg(tmp_path, tmp_path / "frames", **{"TEST.NUM_SPATIAL_CROPS": 1})  # 48x40 frames, crops 32
+    for mode in ("val", "test"):
+        assert build_dataset("ssv2", cfg, mode)[0][0].shape == (3, 4, 32, 32)
+    assert boxes == [((36, 43), (2, 6), False), ((32, 38), (0, 3), False)]

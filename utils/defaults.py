@@ -27,6 +27,9 @@ _C.DATA.TARGET_FPS = 30
 # Short-side jitter range of the clips the evaluation scripts train on (linear probe, fine-tuning); [0] is the
 # short side of a one-crop val/test clip.
 _C.DATA.TRAIN_JITTER_SCALES = [256, 320]
+# Short side of those training clips drawn as 1 / U(1 / MAX, 1 / MIN) instead of U(MIN, MAX): smaller sides are
+# likelier (TimeSformer's SSv2 config sets it; utils/parser.py DATASET_OPTS does so for --dataset ssv2).
+_C.DATA.INV_UNIFORM_SAMPLE = False
 # Model input size: the global SSL views and the crop of the evaluation scripts' training clips.
 _C.DATA.TRAIN_CROP_SIZE = 224
 # Size of the local SSL views (the original hard-codes 96) and of the fast clip of --slowfast_eval.

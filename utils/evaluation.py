@@ -75,8 +75,8 @@ def list_fingerprint(path: str) -> dict:
 # The config keys that shape the clips an evaluation trains and scores on, recorded with its run (`run_record`;
 # DATA.LOCAL_CROP_SIZE only with --slowfast_eval, whose fast clip is the only one it sizes).
 CLIP_KEYS = ("DATA.NUM_FRAMES", "DATA.SAMPLING_RATE", "DATA.TARGET_FPS", "DATA.TRAIN_JITTER_SCALES",
-             "DATA.TRAIN_CROP_SIZE", "DATA.TEST_CROP_SIZE", "DATA.MEAN", "DATA.STD", "DATA.RANDOM_FLIP",
-             "TIMESFORMER.ATTENTION_TYPE")
+             "DATA.INV_UNIFORM_SAMPLE", "DATA.TRAIN_CROP_SIZE", "DATA.TEST_CROP_SIZE", "DATA.MEAN", "DATA.STD",
+             "DATA.RANDOM_FLIP", "TIMESFORMER.ATTENTION_TYPE")
 
 
 def run_record(args, cfg, flags: Sequence[str], lists: dict[str, str]) -> dict:

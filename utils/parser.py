@@ -190,9 +190,9 @@ def _value(cfg: CfgNode, key: str):
 
 
 # Where a dataset's evaluation protocol differs from the defaults, applied by load_config to every script with a
-# --dataset (after the YAML, before --opts, which win). SSv2's labels tell left from right ("Pushing something from
-# left to right"), so TimeSformer's SSv2 config trains without horizontal flips.
-DATASET_OPTS = {"ssv2": ["DATA.RANDOM_FLIP", "False"]}
+# --dataset (after the YAML, before --opts, which win). TimeSformer's SSv2 config: no horizontal flips (SSv2's labels
+# tell left from right, "Pushing something from left to right") and inverse-uniform short-side jitter.
+DATASET_OPTS = {"ssv2": ["DATA.RANDOM_FLIP", "False", "DATA.INV_UNIFORM_SAMPLE", "True"]}
 
 
 def load_config(args) -> CfgNode:
