@@ -277,16 +277,24 @@ def load_ssv2_list(root: str, mode: str, frame_list: str, prefix: str) -> list[d
     frame_lists = load_frame_lists(frame_list, prefix)
     records = []
     for item in annotations:
+        if "template" not in item:
+            raise ValueError(f"{anno_file}: video {item.get('id')!r} has no 'template' (its label): this is the shape "
+                             "of the SSv2 test JSON (ids only, no labels), which cannot be scored. Put the labelled "
+                             f"{os.path.basename(anno_file)} of the dataset there.")
         template = item["template"].replace("[", "").replace("]", "")
         if template not in label_dict:
             raise ValueError(f"{anno_file}: video {item['id']}: template {template!r} is not in {label_file}")
-        vid = str(item["id"])
-        if vid not in frame_lists:
-            raise ValueError(f"{anno_file}: video {vid} has no frames in {frame_list}")
         label = int(label_dict[template])
         if label < 0:
             raise ValueError(f"{label_file}: class {template!r} has the negative id {label}; ids are 0, 1, ...")
-        records.append({"path": vid, "label": label, "frames": frame_lists[vid]})
+        vid = str(item["id"])
+        records.append({"path": vid, "label": label, "frames": frame_lists.get(vid)})
+    missing = [r["path"] for r in records if r["frames"] is None]
+    if missing:
+        raise ValueError(f"{anno_file}: {len(missing)} of its {len(records)} videos have no frames in {frame_list}, "
+                         f"e.g. {missing[:5]}. Use the frame list of this split (train.csv for the train JSON, "
+                         "val.csv for validation), extract and list the frames of these videos (datasets/DATASET.md), "
+                         "or, to use a subset, remove them from the JSON.")
     check_paths_resolve([r["frames"][0] for r in records], frame_list, prefix, frames=True)
     return records
 

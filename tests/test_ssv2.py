@@ -63,8 +63,8 @@ def test_ssv2_frames_failing_in_a_row_name_the_frames(tmp_path):
         if int(frame.stem) >= 3:  # the first frames stay: the prefix is right
             frame.unlink()
     train = build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "train", num_retries=2)
-    with pytest.raises(RuntimeError, match=r"ssv2: 3 videos failed to read in a row \(num_retries=2\); the frames "
-                                           r"that failed, 3 of them missing on disk: \['\S+/1\d\d/0000\d\d.jpg'") as err:
+    failed = r"ssv2: 3 videos failed to read in a row \(num_retries=2\); the frames that failed, 3 of them missing"
+    with pytest.raises(RuntimeError, match=failed + r" on disk: \['\S+/1\d\d/0000\d\d.jpg'") as err:
         train[0]
     assert "check_videos" not in str(err.value) and "DATA.PATH_PREFIX" in str(err.value)
 
@@ -85,3 +85,27 @@ def test_ssv2_test_clips_are_resized_to_the_crop_size_also_with_one_crop(tmp_pat
     for mode in ("val", "test"):
         assert build_dataset("ssv2", cfg, mode)[0][0].shape == (3, 4, 32, 32)
     assert boxes == [((36, 43), (2, 6), False), ((32, 38), (0, 3), False)]
+
+
+def test_ssv2_annotated_videos_without_frames_are_counted_and_named(tmp_path):
+    """Annotated videos missing from the frame list: the error counts them, names a few and says the fix (not the
+    first one alone)."""
+    write_ssv2(tmp_path, num_videos=4)
+    frame_list = tmp_path / "train.csv"
+    lines = frame_list.read_text().splitlines()
+    frame_list.write_text("\n".join(line for line in lines if not line.startswith(("101 ", "103 "))) + "\n")
+    with pytest.raises(ValueError, match=r"something-something-v2-train.json: 2 of its 4 videos have no frames in "
+                                         rf"{frame_list}, e.g. \['101', '103'\]\. Use the frame list of this split "
+                                         r".*or, to use a subset, remove them from the JSON"):
+        build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "train")
+
+
+def test_ssv2_test_json_as_validation_is_named(tmp_path):
+    """The official test JSON (ids only) put in place of the validation JSON: an error naming the file and saying
+    the test JSON has no labels, not a bare KeyError 'template'."""
+    write_ssv2(tmp_path)
+    (tmp_path / "something-something-v2-validation.json").write_text(json.dumps([{"id": "100"}, {"id": "101"}]))
+    with pytest.raises(ValueError, match=r"something-something-v2-validation.json: video '100' has no 'template' "
+                                         r"\(its label\): this is the shape of the SSv2 test JSON \(ids only, no "
+                                         r"labels\)"):
+        build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "val")
