@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from datasets import DATASETS, build_dataset
+from datasets import DATASET_LISTS, DATASETS, build_dataset
 from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_start_iteration
 from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
 from models import ARCHS, VisionTransformer, build_backbone
@@ -267,7 +267,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
     # skipped_videos (log.txt: train_skipped_videos) counts replaced samples, not videos: replaced_samples says so
     return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped),
             "replaced_samples": int(skipped),
-            "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers)}, own
+            "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers,
+                                         frames=DATASET_LISTS[args.dataset].frame_folders)}, own
 
 
 def is_save_step(done: int, num_batches: int, args) -> bool:

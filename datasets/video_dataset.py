@@ -206,6 +206,10 @@ def missing_list_hint(list_file: str) -> str:
     if not os.path.isdir(folder):
         return f"The folder {folder} does not exist."
     lists = sorted(f for f in os.listdir(folder) if f.endswith((".csv", ".txt", ".json")))
+    if os.path.basename(list_file) == "test.csv" and "val.csv" in lists:
+        return (f"{folder} holds val.csv but no test.csv: Kinetics-400 has no labelled test split, so, as "
+                f"TimeSformer, test on val: cp {shlex.quote(os.path.join(folder, 'val.csv'))} "
+                f"{shlex.quote(list_file)} (datasets/DATASET.md).")
     return (f"{folder} holds {', '.join(lists)} (lists of another --dataset?)." if lists
             else f"{folder} holds no list files (.csv/.txt).")
 
@@ -570,7 +574,8 @@ class VideoDataset(Dataset):
                 if self.mode != "train":
                     # A substitute would be scored under the wrong label: return a placeholder that the
                     # evaluation drops (label -1) and count the video as skipped.
-                    self._log_failure(path, err, f"{self.mode} clip left out of the evaluation (label -1)")
+                    self._log_failure(path, err, f"its clips of {os.path.basename(self.list_file)} are left out of "
+                                                 "the evaluation (label -1)")
                     return self.placeholder_frames(), SKIPPED_LABEL, index, {"skipped": 1}
                 tried.append(getattr(err, "path", path))  # a frame folder's: the frame that failed
                 self._log_failure(path, err, "using another sample")

@@ -93,7 +93,7 @@ require_eval_inputs() {
         echo "$script: list folder $list_dir not found. DATA_PATH is the dataset root (e.g. DATA_PATH=/data/ucf101" \
              "holding splits/, knn_splits/ and videos/); LIST_DIR names the folder of the list files itself (e.g." \
              "LIST_DIR=/data/k400/annotations for Kinetics' train.csv and val.csv) and VIDEO_DIR the folder their" \
-             "paths are joined to." >&2
+             "paths are joined to (SSv2: the folder of the extracted JPEG frames, not of the .webm videos)." >&2
         exit 2
     fi
 }

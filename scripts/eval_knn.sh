@@ -10,6 +10,8 @@
 #   OUTPUT_DIR  results folder                   (default: <repo>/checkpoints/eval/$EXP_NAME)
 #   LIST_DIR    folder of the list files                     (default: $DATA_PATH/knn_splits)
 #   VIDEO_DIR   prefix of the list paths (DATA.PATH_PREFIX)   (default: $DATA_PATH/videos)
+#               SSv2: LIST_DIR the folder of its JSONs and frame lists, VIDEO_DIR that of the extracted JPEG
+#               frames (a folder per video id), not of the .webm videos (datasets/DATASET.md)
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "DATA.NUM_FRAMES 16"
 #   GPUS        processes (GPUs) to use                               (default: 1)
 #   MASTER_PORT rendezvous port                                       (default: 29511)

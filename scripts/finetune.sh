@@ -14,6 +14,7 @@
 #   OUTPUT_DIR  checkpoints, logs, results   (default: <repo>/checkpoints/finetune/$EXP_NAME); rerun to resume
 #   LIST_DIR    folder of the list files     (default: $DATA_PATH/splits; K400: $DATA_PATH/annotations)
 #   VIDEO_DIR   prefix of the list paths     (default: $DATA_PATH/videos; SSv2: $DATA_PATH/frames)
+#               SSv2: the folder of the extracted JPEG frames (a folder per video id), not of the .webm videos
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "TEST.NUM_ENSEMBLE_VIEWS 3"
 #   MASTER_PORT rendezvous port                                (default: 29513)
 #   PYTHON      interpreter (runs torch.distributed.run)       (default: python3)

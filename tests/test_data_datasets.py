@@ -165,6 +165,18 @@ def test_missing_list_names_the_lists_the_folder_holds(tmp_path, synthetic_root)
         parse_list_file(str(tmp_path / "nope" / "train.csv"))
 
 
+def test_kinetics_without_test_csv_is_told_to_copy_val(tmp_path, synthetic_root):
+    """eval_finetune's final test reads test.csv, which Kinetics-400 does not have: copy val.csv (TimeSformer's
+    convention), not 'lists of another --dataset?'."""
+    for name in ("train.csv", "val.csv"):
+        (tmp_path / name).write_text((synthetic_root / "annotations" / name).read_text())
+    with pytest.raises(FileNotFoundError, match=rf"holds val.csv but no test.csv: Kinetics-400 has no labelled test "
+                                                rf"split, so, as TimeSformer, test on val: cp {tmp_path}/val.csv "
+                                                rf"{tmp_path}/test.csv") as err:
+        build_dataset("kinetics400", build_cfg(tmp_path, synthetic_root / "videos"), "test")
+    assert "another --dataset" not in str(err.value)
+
+
 def test_every_video_list_layout_is_read(synthetic_cfg):
     kin = {m: build_dataset("kinetics400", synthetic_cfg("annotations"), m) for m in ("train", "val", "test")}
     assert [kin[m].num_videos for m in ("train", "val", "test")] == [16, 8, 8]
@@ -217,6 +229,18 @@ def test_missing_and_corrupt_are_skipped_counted_and_logged_once(tmp_path, synth
     logged = [r.getMessage() for r in caplog.records]
     assert sum("missing.mp4" in m for m in logged) <= 1 and sum("corrupt.mp4" in m for m in logged) <= 1
     assert any("missing.mp4" in m for m in logged) and any("corrupt.mp4" in m for m in logged)
+
+
+def test_a_train_list_video_skipped_by_the_knn_bank_is_logged_as_such(tmp_path, synthetic_root, caplog):
+    """The kNN bank reads the train list in val mode: an unreadable video is logged as a clip of train.csv left
+    out, not as a 'val clip'."""
+    from utils.evaluation import build_train_bank_dataset
+    bank = build_train_bank_dataset("kinetics400", _mixed_list(tmp_path, synthetic_root))
+    with caplog.at_level(logging.WARNING, logger="datasets.video_dataset"):
+        assert bank[0][1] == -1
+    message = caplog.records[-1].getMessage()
+    assert "missing.mp4" in message and "its clips of train.csv are left out of the evaluation" in message
+    assert "val clip" not in message
 
 
 def test_all_retries_failing_raises_with_paths(tmp_path, synthetic_root):

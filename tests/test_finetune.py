@@ -107,7 +107,7 @@ def test_training_steps_never_read_a_value_back_to_the_host():
     model = build_backbone("vit_tiny", load_config_from(None, OPTS), num_classes=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     args = argparse.Namespace(accum_iter=1, epochs=1, log_freq=100, num_labels=5, saveckp_iters=0,
-                              num_workers=0, output_dir=".")
+                              num_workers=0, output_dir=".", dataset="ucf101")
 
     def host_reads(batches: int) -> int:
         loader = [(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 2]), None, {"skipped": torch.tensor([0, 1])})
@@ -132,7 +132,7 @@ def test_training_top1_top5_means_are_the_exact_percentages_of_each_batch(capsys
         model[1].bias.copy_(torch.arange(8, 0, -1.0))  # every clip ranks the classes 0, 1, 2, ...
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     args = argparse.Namespace(accum_iter=1, epochs=1, log_freq=1, num_labels=8, saveckp_iters=0, num_workers=0,
-                              output_dir=".")
+                              output_dir=".", dataset="ucf101")
     # batches of 3 clips: class 0 (top-1), class 1 (top-5), class 7 (neither); then one of 7 clips
     targets = [torch.tensor([0, 1, 7])] * 2 + [torch.tensor([0, 0, 0, 4, 4, 5, 6])]
     loader = [(torch.zeros(len(t), 3, 4, 2, 2), t, None, {"skipped": torch.zeros(len(t), dtype=torch.long)})

@@ -114,6 +114,10 @@ def test_data_wait_is_the_loop_time_spent_waiting_for_batches(monkeypatch, capsy
     assert ("3 loader workers and may use" in out) == warned
     # GPU decoding is not advised: on an H200 it fed 3.4 samples/s, less than a few CPU workers
     assert ("or resize the videos to short side 256" in out) == warned and "DECODE_DEVICE" not in out
+    # JPEG frames (SSv2) are not videos to resize
+    utils.data_wait(logger, "Epoch 0", num_workers=3, frames=True)
+    out = capsys.readouterr().out
+    assert "resize" not in out and ("copy the JPEG frames to a local disk" in out) == warned
 
 
 def test_choose_precision_explicit_dtypes_and_autocast():

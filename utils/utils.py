@@ -359,21 +359,23 @@ class MetricLogger:
 DATA_WAIT_WARNING = 0.2
 
 
-def data_wait(logger: MetricLogger, header: str, num_workers: int) -> float:
+def data_wait(logger: MetricLogger, header: str, num_workers: int, frames: bool = False) -> float:
     """The fraction of `logger.log_every`'s loop spent waiting for the next batch, on the process that waited
     most (the others wait for it in their gradient all-reduce); a collective when distributed. From
     DATA_WAIT_WARNING on, prints what to do about it (not DATA.DECODE_DEVICE cuda: measured on an H200 it feeds
-    less than the CPU path, benchmarks/README.md)."""
+    less than the CPU path, benchmarks/README.md). `frames`: the data are JPEG frames (SSv2), not videos."""
     frac = torch.tensor(logger.waited_s / logger.looped_s if logger.looped_s > 0 else 0.0, dtype=torch.float64,
                         device=comm_device())
     if is_dist_avail_and_initialized():
         dist.all_reduce(frac, op=dist.ReduceOp.MAX)
     frac = round(float(frac), 3)
     if frac >= DATA_WAIT_WARNING:
+        faster = ("or copy the JPEG frames to a local disk (many small files read slowly from network storage)"
+                   if frames else "or resize the videos to short side 256 (python -m "
+                                  "datasets.preprocessing.resize_videos)")
         print(f"{header}: the training step waited for data {frac:.0%} of the time: loading limits this run. This "
               f"process has {num_workers} loader workers and may use {available_cores()} CPU cores; give it more "
-              "cores (SLURM --cpus-per-task) and --num_workers up to them, or resize the videos to short side 256 "
-              "(python -m datasets.preprocessing.resize_videos).")
+              f"cores (SLURM --cpus-per-task) and --num_workers up to them, {faster}.")
     return frac
 
 
