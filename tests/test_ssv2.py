@@ -4,11 +4,13 @@ import argparse
 import json
 
 import pytest
+import torch
 
 import eval_finetune
 import eval_linear
 from datasets import build_dataset, transform
 from tests.conftest import build_cfg, write_ssv2
+from tests.test_eval_e2e import OPTS, linear, single_process_group  # noqa: F401 (a fixture)
 from utils.evaluation import check_same_run
 
 
@@ -109,3 +111,43 @@ def test_ssv2_test_json_as_validation_is_named(tmp_path):
                                          r"\(its label\): this is the shape of the SSv2 test JSON \(ids only, no "
                                          r"labels\)"):
         build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "val")
+
+
+def test_linear_probe_end_to_end_on_ssv2(tmp_path, monkeypatch, capsys):
+    """eval_linear.py on a tiny SSv2 layout (JSONs, frame lists, JPEG frames) with a 2-block ViT-Ti: every split has
+    its clips (4 videos; the test 3 crops each, at short side TEST_CROP_SIZE), no training clip is flipped and
+    their short side is drawn inverse-uniformly (SSv2's protocol, without any --opts), and a rerun after the labels
+    JSON's ids changed is refused instead of resumed."""
+    root = tmp_path / "ssv2"
+    root.mkdir()
+    write_ssv2(root, num_videos=4)
+    calls = []
+    real = transform.eval_crop_box
+
+    def spy(height, width, spatial_idx, min_scale, max_scale, crop, random_flip, inverse_uniform=False):
+        box = real(height, width, spatial_idx, min_scale, max_scale, crop, random_flip, inverse_uniform)
+        calls.append({"spatial_idx": spatial_idx, "short": min(box[0]), "random_flip": random_flip,
+                      "inverse_uniform": inverse_uniform, "flipped": box[2]})
+        return box
+
+    monkeypatch.setattr(transform, "eval_crop_box", spy)
+    out = tmp_path / "probe"
+    args = ["--arch", "vit_tiny", "--n_last_blocks", "1", "--epochs", "2", "--batch_size_per_gpu", "4",
+            "--num_workers", "0", "--dataset", "ssv2", "--output_dir", str(out),
+            "--opts", "DATA.PATH_TO_DATA_DIR", str(root), "DATA.PATH_PREFIX", str(root / "frames")] + OPTS
+    stats = linear(args)
+    assert "Data loaded: 4 train clips, 4 val clips, 12 test clips (3 per video); 2 classes." in capsys.readouterr().out
+    assert (stats["num_videos"], stats["num_clips_per_video"], stats["skipped_videos"]) == (4, 3, 0)
+    train = [c for c in calls if c["spatial_idx"] == -1]
+    assert len(train) == 2 * 4  # 2 epochs of the 4 training videos
+    assert not any(c["random_flip"] or c["flipped"] for c in train) and all(c["inverse_uniform"] for c in train)
+    assert all(36 <= c["short"] <= 40 for c in train)
+    test = [c for c in calls if c["spatial_idx"] in (0, 2)]  # the 3-crop test's side crops, at TEST_CROP_SIZE
+    assert len(test) == 2 * 4 and all(c["short"] == 32 for c in test)
+    assert set(torch.load(out / "checkpoint.pth.tar", weights_only=False)["run"]) >= {"labels json", "train json"}
+
+    torch.distributed.destroy_process_group()
+    labels = root / "something-something-v2-labels.json"
+    labels.write_text(json.dumps(dict(zip(json.loads(labels.read_text()), ["1", "0"]))))
+    with pytest.raises(ValueError, match=r"holds another linear probe run: labels json: checkpoint"):
+        linear(args)
