@@ -3,7 +3,8 @@ and Something-Something-v2. What differs between them is data (DATASET_LISTS): t
 and, for SSv2, lists of JPEG frame folders instead of videos.
 
 List layouts in DATA.PATH_TO_DATA_DIR (paths joined to DATA.PATH_PREFIX):
-- Kinetics-400: `{train,val,test}.csv`, lines `path label` (space or comma).
+- Kinetics-400: `{train,val,test}.csv`, lines `path label` (space, tab or comma; the label is split off the
+  right, so a path may hold spaces).
 - UCF-101 / HMDB-51: the MMAction2 split lists `{ucf101,hmdb51}_{train,val}_split_1_videos.txt`
   (`Class/video.avi label`, 0-based); mode "test" reads the val list (multi-view).
 - SSv2 (TimeSformer's layout): `something-something-v2-labels.json` ({template: "class id"}),
@@ -207,8 +208,8 @@ def missing_list_hint(list_file: str) -> str:
         return f"The folder {folder} does not exist."
     lists = sorted(f for f in os.listdir(folder) if f.endswith((".csv", ".txt", ".json")))
     if os.path.basename(list_file) == "test.csv" and "val.csv" in lists:
-        return (f"{folder} holds val.csv but no test.csv: Kinetics-400 has no labelled test split, so, as "
-                f"TimeSformer, test on val: cp {shlex.quote(os.path.join(folder, 'val.csv'))} "
+        return (f"{folder} holds val.csv but no test.csv: Kinetics-400 has no labelled test split, so test on val "
+                f"as TimeSformer does: cp {shlex.quote(os.path.join(folder, 'val.csv'))} "
                 f"{shlex.quote(list_file)} (datasets/DATASET.md).")
     return (f"{folder} holds {', '.join(lists)} (lists of another --dataset?)." if lists
             else f"{folder} holds no list files (.csv/.txt).")

@@ -86,8 +86,9 @@ SSV2_FRAME_LINE = '1007 0 0 1007/1007_000001.jpg ""'
     ("a.mp4 0 x\nb.mp4 1 y\n", r"The line has 3 fields: lists have two, '<path> <label>', the integer label last"),
     ("a.mp4 1.0\nb.mp4 2.0\n", r"The label '1\.0' is not an integer: labels are class indices 0, 1, \.\.\., written"),
     ("1.0\n2.0\n", r"The line has one field: every line is '<path> <label>'"),
-    ("abseiling/a.mp4;0\nzumba/b.mp4;1\n", r"Its fields are separated by ';': lists take DATA.PATH_LABEL_SEPARATOR "
-                                            r"\(' '\), a comma or whitespace\. Pass --opts DATA.PATH_LABEL_SEPARATOR ';'"),
+    ("abseiling/a.mp4;0\nzumba/b.mp4;1\n",
+     r"Its fields are separated by ';': lists take DATA.PATH_LABEL_SEPARATOR \(' '\), a comma or whitespace\. Pass "
+     r"--opts DATA.PATH_LABEL_SEPARATOR ';'"),
     (f"original_vido_id video_id frame_id path labels\n{SSV2_FRAME_LINE}\n", r"This is an SSv2 frame list"),
     (f"{SSV2_FRAME_LINE}\n{SSV2_FRAME_LINE}\n", r"This is an SSv2 frame list .* --dataset ssv2 of eval_linear.py"),
 ])
@@ -171,7 +172,7 @@ def test_kinetics_without_test_csv_is_told_to_copy_val(tmp_path, synthetic_root)
     for name in ("train.csv", "val.csv"):
         (tmp_path / name).write_text((synthetic_root / "annotations" / name).read_text())
     with pytest.raises(FileNotFoundError, match=rf"holds val.csv but no test.csv: Kinetics-400 has no labelled test "
-                                                rf"split, so, as TimeSformer, test on val: cp {tmp_path}/val.csv "
+                                                rf"split, so test on val as TimeSformer does: cp {tmp_path}/val.csv "
                                                 rf"{tmp_path}/test.csv") as err:
         build_dataset("kinetics400", build_cfg(tmp_path, synthetic_root / "videos"), "test")
     assert "another --dataset" not in str(err.value)
