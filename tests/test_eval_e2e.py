@@ -5,6 +5,7 @@ import argparse
 import builtins
 import functools
 import json
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from models import build_backbone
 from tests.conftest import assert_stopped, log_records, signal_at_call
 from tests.forked_runs import run_jobs
 from utils.checkpoint import output_dir_lock
+from utils.evaluation import OnlineKNN
 from utils.parser import load_config, load_config_from
 
 # The tiny clips of tests/conftest.py: 4 frames, 32 px crops (16 px local), short side 36-40; a ViT-Ti of 2 blocks
@@ -484,11 +486,36 @@ def test_no_readable_val_video_is_an_error(synthetic_root, checkpoint, tmp_path)
     opts = ["--opts", "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(synthetic_root / "videos")] + OPTS
     common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--num_workers", "0", "--dataset", "ucf101",
               "--batch_size_per_gpu", "8", "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(RuntimeError, match=r"none of the 2 videos of .*ucf101_val_split_1_videos.txt could be read"):
+    error = r"none of the 2 videos of .*ucf101_val_split_1_videos.txt \(DATA.PATH_PREFIX=.*\) could be read"
+    with pytest.raises(RuntimeError, match=error):
         linear(common + ["--epochs", "1", "--num_labels", "4", "--n_last_blocks", "1"] + opts)
     dist.destroy_process_group()
-    with pytest.raises(RuntimeError, match="no val video of ucf101 could be decoded"):
+    with pytest.raises(RuntimeError, match=error):
         knn(common + ["--nb_knn", "1", "--use_cuda", "False"] + opts)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_knn_split_without_a_readable_video_is_an_error_naming_its_list(synthetic_root, checkpoint, tmp_path, split):
+    """eval_knn.py and train_ssl.py's online kNN alike: an empty bank once divided by zero in the kNN vote, and no
+    query scored top-1 0.0 (log.txt's knn_top1); both are the error naming the list and the prefix."""
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00not a video" * 64)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for src in (synthetic_root / "knn_splits").iterdir():
+        (lists / src.name).write_text(f"{corrupt} 0\n{corrupt} 1\n" if split in src.name else src.read_text())
+    prefix = synthetic_root / "videos"
+    error = (rf"none of the 2 videos of .*ucf101_{split}_split_1_videos.txt "
+             + re.escape(f"(DATA.PATH_PREFIX='{prefix}') could be read"))
+    with pytest.raises(RuntimeError, match=error):
+        knn(["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--num_workers", "0", "--dataset", "ucf101",
+             "--nb_knn", "1", "--use_cuda", "False", "--output_dir", str(tmp_path / "out"), "--opts",
+             "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(prefix)] + OPTS)
+    cfg = load_config_from(None, OPTS)
+    online = OnlineKNN(cfg, torch.device("cpu"), "ucf101", str(lists), str(prefix), k=1, temperature=0.07,
+                       batch_size=8, num_workers=0)
+    with pytest.raises(RuntimeError, match=error):
+        online.evaluate(build_backbone("vit_tiny", cfg))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -357,6 +357,14 @@ def drop_skipped(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return features[keep], labels[keep], int((~keep).sum())
 
 
+def drop_unreadable(features: torch.Tensor, labels: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """drop_skipped of a kNN bank or query set of one row per video, `split` naming it (describe_split): an error
+    when no row is left (require_readable), where a kNN would divide by zero or score 0 over 0 videos."""
+    features, labels, skipped = drop_skipped(features, labels)
+    require_readable(features.shape[0] + skipped, skipped, split)
+    return features, labels, skipped
+
+
 def clip_features(model: nn.Module, frames, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
     """CLS of the last n blocks (+ mean patch token of the last), concatenated: (B, D * (n + avgpool)).
 
@@ -486,12 +494,18 @@ def skipped_video_ids(returned: torch.Tensor, num_clips: int) -> set[int]:
     return set(failed.all(dim=1).nonzero().flatten().tolist())
 
 
-def require_readable(dataset, num_skipped: int) -> None:
-    """An evaluation split in which no video could be read is an error, not an accuracy of 0 over 0 videos."""
-    if num_skipped >= dataset.num_videos:
-        raise RuntimeError(f"none of the {dataset.num_videos} videos of {dataset.list_file} could be read "
-                           f"(DATA.PATH_PREFIX={dataset.cfg.DATA.PATH_PREFIX!r}); check the prefix and run "
-                           "python -m datasets.preprocessing.check_videos on the list.")
+def describe_split(dataset) -> str:
+    """The list file of `dataset` (or of the dataset it wraps) and its DATA.PATH_PREFIX, for require_readable."""
+    inner = getattr(dataset, "dataset", dataset)
+    return f"{inner.list_file} (DATA.PATH_PREFIX={inner.cfg.DATA.PATH_PREFIX!r})"
+
+
+def require_readable(num_videos: int, num_skipped: int, split: str) -> None:
+    """An evaluation split in which no video could be read is an error, not an accuracy of 0 over 0 videos nor a
+    kNN vote of an empty bank. `split` names its list (describe_split)."""
+    if num_skipped >= num_videos:
+        raise RuntimeError(f"none of the {num_videos} videos of {split} could be read; check DATA.PATH_PREFIX and "
+                           "run python -m datasets.preprocessing.check_videos on the list.")
 
 
 def single_view_stats(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict:
@@ -542,6 +556,7 @@ class OnlineKNN:
                     ReturnIndexLabelDataset(build_dataset(dataset, knn_cfg, "val")))
         self.device, self.k, self.temperature = device, k, temperature
         self.loaders = [make_loader(ds, batch_size, num_workers) for ds in datasets]
+        self.splits = [describe_split(ds) for ds in datasets]
         self.num_classes = int(max(int(dataset_labels(ds).max()) for ds in datasets)) + 1
         print(f"Online kNN on {dataset}: {len(datasets[0])} train and {len(datasets[1])} val videos.")
 
@@ -555,8 +570,8 @@ class OnlineKNN:
         with utils.autocast_context(precision, self.device):
             # label -1 marks an unreadable video: left out of the bank and the queries, as in eval_knn.py
             (bank, bank_labels, _), (queries, query_labels, _) = [
-                drop_skipped(*extract_features_and_labels(backbone, loader, self.device, check_stop))
-                for loader in self.loaders]
+                drop_unreadable(*extract_features_and_labels(backbone, loader, self.device, check_stop), split)
+                for loader, split in zip(self.loaders, self.splits)]
         backbone.train(was_training)
         return knn_classifier(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1), query_labels,
                               self.k, self.temperature, self.num_classes)
