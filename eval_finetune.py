@@ -49,7 +49,7 @@ from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, lo
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, check_same_run,
                               dataset_labels, derived_config, extract_features_and_labels, make_loader,
                               multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
-                              single_view_stats, split_files, to_device, topk_hits)
+                              single_view_stats, split_files, to_device, topk_hits, unreadable_videos)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -342,6 +342,7 @@ def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.d
 
     loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers)
     logits, returned = extract_features_and_labels(score, loader, device, check_stop)
+    unreadable_videos(dataset, returned)
     if dataset.mode != "test":
         return single_view_stats(logits, returned, args.num_labels)
     return multi_view_stats(logits, returned, dataset_labels(dataset), dataset.num_clips_per_video, args.ensemble,

@@ -39,10 +39,9 @@ from utils import preemption, utils
 from utils.checkpoint import (atomic_save, gather_objects, output_dir_lock, remove_stale_temp_files,
                               restore_epoch_meters, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_same_run, clip_features,
-                              dataset_labels, derived_config, describe_split, extract_features_and_labels,
-                              load_backbone, make_loader, multi_view_stats, note_ssl_view_keys, require_readable,
-                              resolve_num_labels, run_record, single_clip_config, single_view_stats,
-                              skipped_video_ids, split_files, to_device)
+                              dataset_labels, derived_config, extract_features_and_labels, load_backbone, make_loader,
+                              multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
+                              single_view_stats, split_files, to_device, unreadable_videos)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -384,8 +383,7 @@ def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args
 def validate_network(model, classifier, dataset, args, device, check_stop=None) -> tuple[dict, set[int]]:
     """Single-view accuracy: one clip per video; undecodable videos (label -1) are left out and returned."""
     logits, labels = clip_logits(model, classifier, dataset, args, device, check_stop)
-    skipped = skipped_video_ids(labels, 1)
-    require_readable(dataset.num_videos, len(skipped), describe_split(dataset))
+    skipped = unreadable_videos(dataset, labels)
     return single_view_stats(logits, labels, args.num_labels), skipped
 
 
@@ -394,8 +392,7 @@ def validate_network_multi_view(model, classifier, dataset, args, device, check_
     """Per-video accuracy over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips, aggregated by `args.ensemble`;
     also the videos without any decoded clip."""
     logits, returned = clip_logits(model, classifier, dataset, args, device, check_stop)
-    skipped = skipped_video_ids(returned, dataset.num_clips_per_video)
-    require_readable(dataset.num_videos, len(skipped), describe_split(dataset))
+    skipped = unreadable_videos(dataset, returned)
     return multi_view_stats(logits, returned, dataset_labels(dataset), dataset.num_clips_per_video, args.ensemble,
                             args.num_labels), skipped
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import eval_finetune
+from datasets import build_dataset
 from models import build_backbone
 from tests.conftest import HostReads, assert_stopped, log_records, signal_at_call
 from utils import utils
@@ -191,6 +192,20 @@ def _lists(synthetic_root, tmp_path, corrupt: bool = False, per_class: int | Non
             lines.insert(len(lines) // 2, f"{bad} 1")
         (out / f"ucf101_{name}_split_1_videos.txt").write_text("\n".join(lines) + "\n")
     return ["DATA.PATH_TO_DATA_DIR", str(out), "DATA.PATH_PREFIX", str(synthetic_root / "videos")]
+
+
+@pytest.mark.parametrize("mode", ["val", "test"])
+def test_a_split_without_a_readable_video_is_an_error_not_top1_0(synthetic_root, released, tmp_path, mode):
+    """As in eval_linear.py: the validation or test of a list none of whose videos can be read stops, naming it."""
+    bad = tmp_path / "corrupt.mp4"
+    bad.write_bytes(b"\x00not a video" * 64)
+    (tmp_path / "ucf101_val_split_1_videos.txt").write_text(f"{bad} 0\n{bad} 1\n")
+    cfg = load_config_from(None, OPTS + ["DATA.PATH_TO_DATA_DIR", str(tmp_path), "TEST.NUM_SPATIAL_CROPS", "1"])
+    dataset = build_dataset("ucf101", cfg, mode)
+    args = argparse.Namespace(batch_size_per_gpu=4, num_workers=0, num_labels=4, ensemble="sum")
+    with pytest.raises(RuntimeError, match=r"none of the 2 videos of .*ucf101_val_split_1_videos.txt .*could be read"):
+        eval_finetune.evaluate(eval_finetune.build_model(_args(released), cfg, 4), dataset, args, None,
+                               torch.device("cpu"))
 
 
 def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, tmp_path):

@@ -494,6 +494,14 @@ def skipped_video_ids(returned: torch.Tensor, num_clips: int) -> set[int]:
     return set(failed.all(dim=1).nonzero().flatten().tolist())
 
 
+def unreadable_videos(dataset, returned: torch.Tensor) -> set[int]:
+    """skipped_video_ids of the labels `dataset` returned (its num_clips_per_video clips per video); an error when
+    they are all of its videos (require_readable)."""
+    skipped = skipped_video_ids(returned, dataset.num_clips_per_video)
+    require_readable(dataset.num_videos, len(skipped), describe_split(dataset))
+    return skipped
+
+
 def describe_split(dataset) -> str:
     """The list file of `dataset` (or of the dataset it wraps) and its DATA.PATH_PREFIX, for require_readable."""
     inner = getattr(dataset, "dataset", dataset)
