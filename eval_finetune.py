@@ -8,8 +8,9 @@ are the defaults here; the lr is scaled with the global batch (lr x batch / 8). 
 TEST.NUM_ENSEMBLE_VIEWS x TEST.NUM_SPATIAL_CROPS clips per video (1 x 3) with summed logits, as
 eval_linear.py; `--slowfast_eval True` uses the paper's slow-fast clips.
 
-An undecodable training video is replaced by another and counted; an undecodable val/test video is left
-out of the accuracy and counted ("skipped_videos"), as in the other evaluation scripts.
+An undecodable training video is replaced by another, each replaced draw counted ("train_replaced_samples"); an
+undecodable val/test video is left out of the accuracy and counted once ("val_skipped_videos",
+"test_multiview_skipped_videos"), as in the other evaluation scripts.
 
 SIGTERM / SIGUSR1 (SLURM preemption, time limit, `--signal` warning) stop the run cleanly, as in eval_linear.py:
 every rank stops at the same optimizer step of training, or batch of a validation or the final test (which it
@@ -202,8 +203,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
     `accum_iter` batches (a trailing group of fewer batches is dropped). A mid-epoch resume starts at
     `start_iter` (the loader skips the consumed batches) with the `epoch_meters` of the interrupted part;
     `save_mid_epoch(iteration=, epoch_meters=)` is called every --saveckp_iters iterations, at an optimizer step.
-    Returns the epoch means (loss, top-1/5 on the training clips, lr) with the number of training videos that
-    could not be decoded (replaced by others), and this rank's share of them for a checkpoint (`epoch_meters`).
+    Returns the epoch means (loss, top-1/5 on the training clips, lr) with `replaced_samples` (the draws replaced
+    because their video could not be read), and this rank's share of them for a checkpoint (`epoch_meters`).
     A `stop` signal on any rank ends the epoch at an optimizer step
     (checked every preemption.CHECK_EVERY of them and at the last): mid-epoch checkpoint, then
     preemption.Preempted."""
@@ -212,9 +213,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
     metric_logger = utils.MetricLogger(delimiter="  ")
     num_batches = niter // args.accum_iter * args.accum_iter
     header = f"Epoch: [{epoch}/{args.epochs}]"
-    skipped = torch.zeros((), dtype=torch.long)
+    replaced = torch.zeros((), dtype=torch.long)
     if epoch_meters is not None:
-        skipped += restore_epoch_meters(metric_logger, epoch_meters)
+        replaced += restore_epoch_meters(metric_logger, epoch_meters)
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     optimizer.zero_grad(set_to_none=True)
     for it, (frames, target, _, meta) in enumerate(
@@ -245,7 +246,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
         metric_logger.meters["acc1"].update(top1, n=target.numel())
         if args.num_labels >= 5:
             metric_logger.meters["acc5"].update(top5, n=target.numel())
-        skipped += meta["skipped"].sum()
+        replaced += meta["skipped"].sum()
         metric_logger.update(loss=loss.detach())
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if writer is not None and it % args.log_freq == 0:
@@ -253,20 +254,18 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
         stop_now = step and preemption.is_check_step((it + 1) // args.accum_iter, num_batches // args.accum_iter) \
             and stop.requested()[0]
         if step and (stop_now or is_save_step(it + 1, num_batches, args)):
-            save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})
+            save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(replaced)})
         if stop_now:
             preemption.finish(preemption.stop_message(stop.names(), epoch, it + 1, num_batches,
                                                       Path(args.output_dir) / CHECKPOINT_NAME), stop)
-    own = {"meters": metric_logger.totals(), "skipped": int(skipped)}
+    own = {"meters": metric_logger.totals(), "skipped": int(replaced)}
     metric_logger.synchronize_between_processes()
     if utils.get_world_size() > 1:
-        skipped = skipped.to(device)
-        dist.all_reduce(skipped)
+        replaced = replaced.to(device)
+        dist.all_reduce(replaced)
     print("Averaged stats:", metric_logger)
     check_finite_loss(metric_logger.meters["loss"].global_avg, epoch, args)
-    # skipped_videos (log.txt: train_skipped_videos) counts replaced samples, not videos: replaced_samples says so
-    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped),
-            "replaced_samples": int(skipped),
+    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "replaced_samples": int(replaced),
             "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers,
                                          frames=DATASET_LISTS[args.dataset].frame_folders)}, own
 

@@ -2,10 +2,9 @@
 
 A val/test clip that cannot be decoded comes back with label -1: it is left out of the accuracy and of the
 per-video aggregation (a video whose clips all failed is left out). An unreadable train video is replaced by
-another. The results count them apart: "train_replaced_samples" the training samples of the last epoch that were
-replaced (an unreadable video drawn twice counts twice), "eval_skipped_videos" each unreadable val/test video once
-(the multi-view test reads the val list unless it has its own); "skipped_videos", kept for earlier readers, is their
-sum. A split without any readable video is an error.
+another. The results count them apart: "train_replaced_samples" the training draws of the last epoch that were
+replaced (an unreadable video drawn twice counts twice), "skipped_videos" the val/test videos left out, each once
+(the multi-view test reads the val list unless it has its own). A split without any readable video is an error.
 
 SIGTERM / SIGUSR1 (SLURM preemption, time limit, `--signal` warning) stop training cleanly: every rank stops at the
 same iteration (at most preemption.CHECK_EVERY after the signal), the mid-epoch checkpoint.pth.tar is written and
@@ -182,7 +181,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
         val_stats, val_ids = validate_network(model, classifier, val_set, args, device)
         test_stats, test_ids = final_test(model, classifier, test_set, args, device)
         print(f"Single-view val top-1: {val_stats['acc1']:.2f}; skipped videos: {len(val_ids)}")
-        stats = with_skipped_total({**val_stats, **test_stats}, 0, val_ids, test_ids, val_set, test_set)
+        stats = with_unreadable_counts({**val_stats, **test_stats}, 0, val_ids, test_ids, val_set, test_set)
         stats["sequential_decodes"] = sequential_decodes(val_set, test_set)
         _write_results(args, stats)
         return stats
@@ -196,7 +195,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     optimizer, scheduler = build_probe_optimizer(classifier, args)
     run = probe_run(args, cfg, train_set, val_set)
 
-    start_epoch, start_iter, epoch_meters, best_acc, val_ids, train_skipped = 0, 0, None, 0.0, set(), 0
+    start_epoch, start_iter, epoch_meters, best_acc, val_ids, train_replaced = 0, 0, None, 0.0, set(), 0
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     if os.path.isfile(ckpt_path):
         ckpt = safe_torch_load(ckpt_path)
@@ -208,7 +207,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
         skipped = ckpt.get("skipped_videos", {"train": 0, "val": []})  # for the summary when no epoch is left
-        train_skipped, val_ids = skipped["train"], set(skipped["val"])
+        train_replaced, val_ids = skipped["train"], set(skipped["val"])
         # a mid-epoch checkpoint (--saveckp_iters or a stop signal): `iteration` batches of `epoch` done
         start_iter = resume_start_iteration(ckpt.get("iteration", 0), ckpt.get("args"), args.batch_size_per_gpu,
                                             utils.get_world_size(), what=f"epoch {start_epoch}")
@@ -230,7 +229,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
                                                       device, start_iter=start_iter if resumed else 0,
                                                       epoch_meters=epoch_meters if resumed else None,
                                                       save_mid_epoch=save_mid_epoch, stop=stop)
-            train_skipped = train_stats["skipped_videos"]
+            train_replaced = train_stats["replaced_samples"]
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
                 # a stop here keeps the epoch's training: a checkpoint after its last iteration, as a stop there
@@ -245,13 +244,13 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
             with warnings.catch_warnings():  # after a resume past epoch 0's last step no optimizer step came first
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
                 scheduler.step()
-            save(epoch + 1, best_acc, skipped={"train": train_skipped, "val": sorted(val_ids)})
+            save(epoch + 1, best_acc, skipped={"train": train_replaced, "val": sorted(val_ids)})
             write_log(args, log_stats)
 
         check = preemption.stop_check(stop, ckpt_path, args.epochs - 1, niter, "the multi-view test")
         stats, test_ids = final_test(model, classifier, test_set, args, device, check)
     stats["best_acc"] = best_acc
-    stats = with_skipped_total(stats, train_skipped, val_ids, test_ids, val_set, test_set)
+    stats = with_unreadable_counts(stats, train_replaced, val_ids, test_ids, val_set, test_set)
     stats["sequential_decodes"] = sequential_decodes(*(d for d in (train_set, val_set, test_set) if d is not None))
     print(f"Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy (best single view): {best_acc:.1f}")
@@ -310,18 +309,19 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
     epoch_meters=)` writes the mid-epoch checkpoint at each `is_save_step` (--saveckp_iters). A `stop` signal on
     any rank ends the epoch at the same iteration on every rank (checked every preemption.CHECK_EVERY iterations
     and at the last): the same save (one, also at a save step), then preemption.Preempted. Returns the epoch means
-    with the skipped (replaced) training videos, and this rank's share of them for a checkpoint (`epoch_meters`)."""
+    with `replaced_samples` (the draws replaced because their video could not be read), and this rank's share of
+    them for a checkpoint (`epoch_meters`)."""
     stop = stop if stop is not None else preemption.StopSignals(())
     classifier.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
-    skipped = torch.zeros((), dtype=torch.long)
+    replaced = torch.zeros((), dtype=torch.long)
     if epoch_meters is not None:
-        skipped += restore_epoch_meters(metric_logger, epoch_meters)
+        replaced += restore_epoch_meters(metric_logger, epoch_meters)
     for it, (frames, target, _, meta) in enumerate(
             metric_logger.log_every(loader, 20, header, total=niter, start=start_iter), start=start_iter):
-        skipped += meta["skipped"].sum()
+        replaced += meta["skipped"].sum()
         frames = to_device(frames, device)
         target = target.to(device, non_blocking=True)
         with torch.no_grad():
@@ -334,19 +334,18 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         stop_now = preemption.is_check_step(it + 1, niter) and stop.requested()[0]
         if stop_now or is_save_step(it + 1, niter, args.saveckp_iters):
-            save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})
+            save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(replaced)})
         if stop_now:
             preemption.finish(preemption.stop_message(stop.names(), epoch, it + 1, niter,
                                                       os.path.join(args.output_dir, CHECKPOINT_NAME)), stop)
-    own = {"meters": metric_logger.totals(), "skipped": int(skipped)}
+    own = {"meters": metric_logger.totals(), "skipped": int(replaced)}
     metric_logger.synchronize_between_processes()
     if utils.get_world_size() > 1:
-        skipped = skipped.to(device)  # NCCL reduces CUDA tensors only
-        dist.all_reduce(skipped)
-    print("Averaged stats:", metric_logger, f" skipped (replaced) videos: {int(skipped)}")
-    # skipped_videos (log.txt: train_skipped_videos) counts replaced samples, not videos: replaced_samples says so
-    return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "skipped_videos": int(skipped),
-            "replaced_samples": int(skipped)}, own
+        replaced = replaced.to(device)  # NCCL reduces CUDA tensors only
+        dist.all_reduce(replaced)
+    print("Averaged stats:", metric_logger, f" replaced samples (unreadable videos): {int(replaced)}")
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    return {**stats, "replaced_samples": int(replaced)}, own
 
 
 def is_save_step(done: int, niter: int, every: int) -> bool:
@@ -361,8 +360,9 @@ def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args
                     epoch_meters: dict | None = None, skipped: dict | None = None) -> None:
     """checkpoint.pth.tar, written atomically by rank 0: the classifier, its optimizer and scheduler, the
     backbone's `fingerprint` and the probe's `run` (a resume checks both) and the `train_set` videos decoded
-    sequentially so far. At an epoch end `epoch` is the next epoch to run and `skipped` the unreadable videos of
-    its training (a count) and last validation (ids), which the final summary reports. A mid-epoch save
+    sequentially so far. At an epoch end `epoch` is the next epoch to run and `skipped` the draws its training
+    replaced (a count, "train") and the videos its last validation left out (ids, "val"), which the final summary
+    reports. A mid-epoch save
     (`iteration` batches of `epoch` done, this rank's `epoch_meters`) adds what an exact resume needs:
     `iteration`, every rank's running meters and `args` (the global batch), and the epoch's `epoch_iterations` for
     --evaluate's note. Every rank calls it (parts are gathered from all ranks)."""
@@ -487,18 +487,15 @@ def write_log(args, stats: dict) -> None:
             f.write(json.dumps(stats) + "\n")
 
 
-def with_skipped_total(stats: dict, train_skipped: int, val_ids: set[int], test_ids: set[int], val_set,
+def with_unreadable_counts(stats: dict, train_replaced: int, val_ids: set[int], test_ids: set[int], val_set,
                        test_set) -> dict:
-    """`stats` with the unreadable videos: train_replaced_samples (`train_skipped`: replaced samples of the last
-    epoch, a count of draws, also under its earlier name train_skipped_videos), val_skipped_videos, and
-    eval_skipped_videos, each unreadable val/test video once (the multi-view test of UCF-101/HMDB-51 reads the val
-    list: a video left out of both counts once). skipped_videos, kept for earlier readers, is
-    train_replaced_samples + eval_skipped_videos: samples plus videos."""
+    """`stats` with the unreadable videos: train_replaced_samples (`train_replaced`: the draws of the last epoch
+    replaced, not videos), val_skipped_videos (`val_ids`) and skipped_videos, each val/test video left out once
+    (the multi-view test of UCF-101/HMDB-51 reads the val list: a video left out of both counts once)."""
     same_list = val_set.list_file == test_set.list_file
     evaluated = len(val_ids | test_ids) if same_list else len(val_ids) + len(test_ids)
-    return {**stats, "train_skipped_videos": train_skipped, "train_replaced_samples": train_skipped,
-            "val_skipped_videos": len(val_ids), "eval_skipped_videos": evaluated,
-            "skipped_videos": train_skipped + evaluated}
+    return {**stats, "train_replaced_samples": train_replaced, "val_skipped_videos": len(val_ids),
+            "skipped_videos": evaluated}
 
 
 def _write_results(args, stats: dict) -> None:

@@ -242,10 +242,9 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
             epoch_start = time.time()
 
             resumed = epoch == start_epoch and start_iter > 0
-            train_stats, skipped = train_one_epoch(state, data_loader, epoch, niter, args,
-                                                   start_iter=start_iter if resumed else 0,
-                                                   epoch_meters=to_restore["epoch_meters"] if resumed else None,
-                                                   stop=stop)
+            train_stats = train_one_epoch(state, data_loader, epoch, niter, args,
+                                          start_iter=start_iter if resumed else 0,
+                                          epoch_meters=to_restore["epoch_meters"] if resumed else None, stop=stop)
 
             warning = "loss" in train_stats and collapse_warning(train_stats["loss"],
                                                                  train_stats["target_mean_entropy"], args.out_dim,
@@ -253,7 +252,7 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
             if warning:
                 print(f"Epoch {epoch}: {warning}")
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                         "skipped_videos": skipped, "sequential_decodes": sequential_decodes(data_loader.dataset),
+                         "sequential_decodes": sequential_decodes(data_loader.dataset),
                          "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(state.precision, "fp32"),
                          "epoch_time": round(time.time() - epoch_start, 3)}
             # The epoch-end checkpoint comes before the (possibly long) kNN pass and carries the epoch's log record:
@@ -271,9 +270,10 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
 
 def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, niter: int, args,
                     start_iter: int = 0, epoch_meters: list[dict] | None = None,
-                    stop: preemption.StopSignals | None = None) -> tuple[dict, int]:
+                    stop: preemption.StopSignals | None = None) -> dict:
     """One epoch (from `start_iter` when resuming mid-epoch, with the `epoch_meters` of the interrupted part,
-    so the means cover the whole epoch). Returns the averaged meters and skipped videos. When a `stop` signal
+    so the means cover the whole epoch). Returns the averaged meters, the wait for data and `replaced_samples`: the
+    draws replaced because their video could not be read (a video drawn twice counts twice). When a `stop` signal
     reached any rank, every rank ends the step where they learn it (at most preemption.CHECK_EVERY iterations
     later), writes the mid-epoch checkpoint and raises preemption.Preempted."""
     stop = stop if stop is not None else preemption.StopSignals(())
@@ -284,9 +284,9 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
     set_teacher_mode(state.teacher, state.teacher_without_ddp.backbone, args.teacher_drop_path)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     recent_losses: list[torch.Tensor] = []
-    skipped = torch.zeros((), dtype=torch.long)
+    replaced = torch.zeros((), dtype=torch.long)
     if epoch_meters is not None:
-        skipped += restore_epoch_meters(metric_logger, epoch_meters)
+        replaced += restore_epoch_meters(metric_logger, epoch_meters)
     global_batch = args.batch_size_per_gpu * utils.get_world_size()
     last_log_time, last_log_it = time.time(), start_iter
     for it_in_epoch, (views, _, _, meta) in enumerate(
@@ -303,7 +303,7 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
         metric_logger.update(target_entropy=target_entropy[0], target_mean_entropy=target_entropy[1])
         metric_logger.update(lr=state.optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=state.optimizer.param_groups[0]["weight_decay"])
-        skipped += meta["skipped"].sum()
+        replaced += meta["skipped"].sum()
         log_step = (it_in_epoch - start_iter) % args.log_freq == 0 or it_in_epoch == niter - 1
         save_step = bool(args.saveckp_iters) and (it_in_epoch + 1) % args.saveckp_iters == 0 \
             and it_in_epoch + 1 < niter
@@ -325,7 +325,7 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
         if save_step or stop_now:
             # a stop at the epoch's last iteration saves iteration == niter: the resumed run only ends the epoch
             save_checkpoint(state, args, epoch, it_in_epoch + 1, data_loader.dataset,
-                            epoch_meters={"meters": metric_logger.totals(), "skipped": int(skipped)})
+                            epoch_meters={"meters": metric_logger.totals(), "skipped": int(replaced)})
         if stop_now:
             if state.writer is not None:
                 state.writer.flush()
@@ -335,12 +335,13 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
     # average the meters over ranks
     metric_logger.synchronize_between_processes()
     if utils.get_world_size() > 1:
-        skipped = skipped.to(device)
-        dist.all_reduce(skipped)
+        replaced = replaced.to(device)
+        dist.all_reduce(replaced)
     print("Epoch means:", metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["data_wait"] = utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers)
-    return stats, int(skipped.item())
+    stats["replaced_samples"] = int(replaced.item())
+    return stats
 
 
 def train_step(state: TrainState, views: list[torch.Tensor], epoch: int, it: int, args) -> tuple[torch.Tensor, float]:

@@ -245,7 +245,7 @@ def test_linear_probe_steps_never_read_a_value_back_to_the_host(device):
                    {"skipped": torch.tensor([0, 1])}) for _ in range(batches)]
         with HostReads() as reads:
             stats, _ = eval_linear.train_one_epoch(model, classifier, optimizer, loader, 0, batches, args, device)
-        assert stats["skipped_videos"] == stats["replaced_samples"] == batches and math.isfinite(stats["loss"])
+        assert stats["replaced_samples"] == batches and "skipped_videos" not in stats and math.isfinite(stats["loss"])
         return reads.count
 
     assert host_reads(6) == host_reads(2)
@@ -274,7 +274,7 @@ def test_linear_probe_epoch_reduces_only_tensors_on_its_device(monkeypatch, devi
              {"skipped": torch.tensor([0, 1])})
     args = argparse.Namespace(n_last_blocks=1, avgpool_patchtokens=False, saveckp_iters=0)
     stats, _ = eval_linear.train_one_epoch(model, classifier, optimizer, [batch], 0, 1, args, device)
-    assert stats["skipped_videos"] == 1 and len(reduced) == 2  # the stop check at the last step, the count
+    assert stats["replaced_samples"] == 1 and len(reduced) == 2  # the stop check at the last step, the count
 
 
 class _Stopped(Exception):
@@ -525,12 +525,11 @@ def test_parsers_accept_legacy_local_rank():
 
 
 def test_linear_results_count_replaced_train_samples_and_skipped_eval_videos_apart():
-    """skipped_videos adds replaced training samples (draws) to unreadable val/test videos: the parts are written
-    under their own keys. A video left out of the val pass and of the multi-view test of the same list counts once."""
+    """Replaced training draws and val/test videos left out are two counts under their own keys, never added. A
+    video left out of the val pass and of the multi-view test of the same list counts once."""
     same = types.SimpleNamespace(list_file="/d/ucf101_val_split_1_videos.txt")
     other = types.SimpleNamespace(list_file="/d/test.csv")
-    stats = eval_linear.with_skipped_total({"acc1": 50.0}, 6, {3, 4}, {4, 7, 9}, same, same)
-    assert (stats["train_replaced_samples"], stats["eval_skipped_videos"], stats["val_skipped_videos"]) == (6, 4, 2)
-    assert (stats["skipped_videos"], stats["train_skipped_videos"], stats["acc1"]) == (10, 6, 50.0)
-    stats = eval_linear.with_skipped_total({}, 0, {3, 4}, {4}, same, other)
-    assert (stats["eval_skipped_videos"], stats["skipped_videos"]) == (3, 3)
+    stats = eval_linear.with_unreadable_counts({"acc1": 50.0}, 6, {3, 4}, {4, 7, 9}, same, same)
+    assert stats == {"acc1": 50.0, "train_replaced_samples": 6, "val_skipped_videos": 2, "skipped_videos": 4}
+    stats = eval_linear.with_unreadable_counts({}, 0, {3, 4}, {4}, same, other)
+    assert (stats["val_skipped_videos"], stats["skipped_videos"]) == (2, 3)

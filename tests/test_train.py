@@ -333,7 +333,7 @@ def test_train_step_returns_without_host_sync_value(monkeypatch, device):
 
 
 def test_training_loop_never_reads_a_value_back_to_the_host(monkeypatch):
-    # The CUDA test above checks one step; this checks the loop around it (meters, skipped-video count, the
+    # The CUDA test above checks one step; this checks the loop around it (meters, replaced-sample count, the
     # non-finite and stop checks) on the CPU: .item() / float(t) reads, each a host sync on CUDA, do not grow
     # with the number of iterations.
     # fused AdamW, the CUDA default, keeps its step counts on the device (the foreach one reads its CPU ones)
@@ -342,8 +342,8 @@ def test_training_loop_never_reads_a_value_back_to_the_host(monkeypatch):
     def host_reads(batches: int) -> int:
         loader = [(step_views(), None, None, {"skipped": torch.tensor([0, 1])}) for _ in range(batches)]
         with HostReads() as reads:
-            stats, skipped = train_ssl.train_one_epoch(state, loader, 0, batches, args)
-        assert skipped == batches and math.isfinite(stats["loss"])
+            stats = train_ssl.train_one_epoch(state, loader, 0, batches, args)
+        assert stats["replaced_samples"] == batches and math.isfinite(stats["loss"])
         return reads.count
 
     assert host_reads(3) == host_reads(1)
@@ -528,9 +528,9 @@ def test_two_epoch_run_outputs(full_run):
     lines = [json.loads(l) for l in (full_run / "log.txt").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [0, 1]
     for line in lines:
-        assert {"train_loss", "train_lr", "train_wd", "epoch", "skipped_videos", "epoch_time"} <= line.keys()
+        assert {"train_loss", "train_lr", "train_wd", "epoch", "train_replaced_samples", "epoch_time"} <= line.keys()
         assert 0 <= line["train_data_wait"] < 1
-        assert np.isfinite(line["train_loss"]) and line["skipped_videos"] == 0
+        assert np.isfinite(line["train_loss"]) and line["train_replaced_samples"] == 0
         assert 0 <= line["knn_top1"] <= line["knn_top5"] <= 100  # online kNN on the held-out lists
     assert list((full_run / "tb").glob("events.out.tfevents.*"))
     assert json.loads((full_run / "config.txt").read_text())["out_dim"] == 256
