@@ -48,9 +48,9 @@ from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, lo
                               load_pretrained_weights, output_dir_lock, remove_stale_temp_files, restore_epoch_meters,
                               restore_rng, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, check_same_run,
-                              dataset_labels, derived_config, extract_features_and_labels, make_loader,
-                              multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
-                              single_view_stats, split_files, to_device, topk_hits, unreadable_videos)
+                              dataset_labels, extract_features_and_labels, make_loader, multi_view_stats,
+                              note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config, single_view_stats,
+                              split_files, to_device, topk_hits, unreadable_videos)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -399,11 +399,9 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
         remove_stale_temp_files(output_dir)  # not next to a training run, whose save it could be
 
     # Data: training clips (Kinetics: the plain clip, not the SSL views), single-view val, multi-view test.
-    val_set = build_dataset(args.dataset, single_clip_config(cfg),
-                            "val", slowfast=args.slowfast_eval)
+    val_set = build_dataset(args.dataset, single_clip_config(cfg), "val", slowfast=args.slowfast_eval)
     test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval)
-    train_set = None if args.evaluate else build_dataset(args.dataset, derived_config(cfg, DATA__NO_RGB_AUG=True),
-                                                         "train")
+    train_set = None if args.evaluate else build_dataset(args.dataset, cfg, "train")
     ckpt = safe_torch_load(ckpt_path) if ckpt_path.is_file() else None
     if args.evaluate and ckpt is None:
         raise FileNotFoundError(f"--evaluate: no fine-tuned model at {ckpt_path}; train one first (same --output_dir).")

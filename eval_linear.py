@@ -38,7 +38,7 @@ from utils import preemption, utils
 from utils.checkpoint import (atomic_save, gather_objects, output_dir_lock, remove_stale_temp_files,
                               restore_epoch_meters, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_same_run, clip_features,
-                              dataset_labels, derived_config, extract_features_and_labels, load_backbone, make_loader,
+                              dataset_labels, extract_features_and_labels, load_backbone, make_loader,
                               multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
                               single_view_stats, split_files, to_device, unreadable_videos)
 from utils.parser import add_config_args, check_clip_sizes, load_config
@@ -145,7 +145,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval, list_mode="val")
     train_set = None
     if not evaluate_only:
-        train_set = build_dataset(args.dataset, derived_config(cfg, DATA__NO_RGB_AUG=True), "train")
+        train_set = build_dataset(args.dataset, cfg, "train")
     labelled = [d for d in (train_set, val_set) if d is not None]
     trained_state, trained_path = None, args.lc_pretrained_weights or os.path.join(args.output_dir, CHECKPOINT_NAME)
     if evaluate_only:

@@ -600,8 +600,9 @@ def prepare_config(args):
                                 f"with the Kinetics train.csv ('path label' per line). "
                                 + missing_list_hint(str(train_csv)))
     if cfg.DATA.NO_RGB_AUG:
-        raise ValueError("DATA.NO_RGB_AUG True makes Kinetics train return one plain clip; self-supervised "
-                         "training needs the multi-view clips, so leave it False.")
+        raise ValueError("DATA.NO_RGB_AUG True asks for one plain clip per video instead of the SSL views (the "
+                         "original's Kinetics linear probe needed it); self-supervised training needs the views, so "
+                         "leave it False.")
     note_unused_keys(cfg, ("DATA.MEAN", "DATA.STD"), "the SSL views are normalised with the ImageNet statistics, "
                      "as in the original; DATA.MEAN/STD normalise evaluation clips (the online kNN, eval_*.py).")
     cfg.freeze()

@@ -387,7 +387,7 @@ class VideoDataset(Dataset):
         if ssl_aug is not None and self.lists.frame_folders:
             raise ValueError(f"{self.dataset_name} has no SSL mode (SVT pretrains on Kinetics); pass ssl_aug=None.")
         self.cfg, self.mode, self.num_retries = cfg, mode, num_retries
-        self.ssl_aug = ssl_aug if (mode == "train" and not cfg.DATA.NO_RGB_AUG) else None
+        self.ssl_aug = ssl_aug if mode == "train" else None
         self.slowfast = slowfast
         for key in ("DECODE_DEVICE", "AUGMENT_DEVICE"):
             if cfg.DATA[key] not in DECODE_DEVICES:

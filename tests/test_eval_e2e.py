@@ -456,7 +456,8 @@ def test_a_folder_another_probe_trains_in_is_refused_but_evaluate_is_not(synthet
 
 def test_ssl_view_keys_given_to_an_evaluation_are_noted_by_name(synthetic_root, tmp_path, capsys):
     """Keys that only shape train_ssl.py's SSL views do nothing in an evaluation: each script says so, naming
-    them (a shared option list still runs), before its first check."""
+    them (a shared option list still runs), before its first check. So does DATA.NO_RGB_AUG True, which the
+    original's Kinetics probe needed and which changes nothing here."""
     import eval_finetune
 
     def finetune(args: list[str]) -> dict:
@@ -466,12 +467,14 @@ def test_ssl_view_keys_given_to_an_evaluation_are_noted_by_name(synthetic_root, 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     common = ["--arch", "vit_tiny", "--num_workers", "0", "--output_dir", str(blocker / "out"), "--opts",
-              *_data_opts(synthetic_root, "splits"), "DATA.RAND_FR", "True", "DATA.DECODE_DEVICE", "cuda"]
+              *_data_opts(synthetic_root, "splits"), "DATA.RAND_FR", "True", "DATA.DECODE_DEVICE", "cuda",
+              "DATA.NO_RGB_AUG", "True"]
     for run in (linear, knn, finetune):
         with pytest.raises(PermissionError):
             run(common)
-        assert ("Note: DATA.RAND_FR, DATA.DECODE_DEVICE are set, but only train_ssl.py's SSL views read them"
-                in capsys.readouterr().out)
+        out = capsys.readouterr().out
+        assert "Note: DATA.RAND_FR, DATA.DECODE_DEVICE are set, but only train_ssl.py's SSL views read them" in out
+        assert "Note: DATA.NO_RGB_AUG is set, but the evaluation scripts train on one plain clip per sample" in out
         dist.destroy_process_group()
 
 

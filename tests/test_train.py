@@ -770,6 +770,14 @@ def test_eval_normalisation_keys_given_to_pretraining_are_noted(synthetic_root, 
     assert "Note:" not in capsys.readouterr().out
 
 
+def test_no_rgb_aug_which_would_leave_no_ssl_views_is_an_error(synthetic_root):
+    """DATA.NO_RGB_AUG True (the original's plain Kinetics train clip) is read nowhere: pretraining refuses it."""
+    args = train_ssl.get_args_parser().parse_args(["--data_path", str(synthetic_root / "annotations"), "--opts",
+                                                   "DATA.NO_RGB_AUG", "True"])
+    with pytest.raises(ValueError, match="DATA.NO_RGB_AUG True asks for one plain clip per video instead of the SSL"):
+        train_ssl.prepare_config(args)
+
+
 def test_missing_train_csv_names_the_path(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "train.csv")):
         _train(monkeypatch, ["--data_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])

@@ -64,7 +64,9 @@ _C.DATA.GLOBAL_NUM_FRAMES = []
 _C.DATA.LOCAL_NUM_FRAMES = []
 # SSL views without spatial augmentation: every view is the full frame resized to its size.
 _C.DATA.NO_SPATIAL = False
-# Kinetics train mode returns one plain clip (linear-probe style) instead of the SSL views.
+# The original's switch of its Kinetics train mode from the SSL views to one plain clip (its linear probe on Kinetics
+# needed True). Nothing reads it here: train_ssl.py always cuts the SSL views (True is an error there) and the
+# evaluation scripts always train on plain clips (True is accepted there, with a note, for the original's commands).
 _C.DATA.NO_RGB_AUG = False
 # Experimental branches of the original that are not ported; accepted only as False.
 _C.DATA.USE_FLOW = False

@@ -185,10 +185,14 @@ SSL_VIEW_KEYS = ("DATA.RAND_FR", "DATA.GLOBAL_NUM_FRAMES", "DATA.LOCAL_NUM_FRAME
 
 
 def note_ssl_view_keys(cfg) -> str | None:
-    """The note of an evaluation script whose config sets SSL_VIEW_KEYS (they have no effect there)."""
-    return note_unused_keys(cfg, SSL_VIEW_KEYS, "only train_ssl.py's SSL views read them: evaluation clips have "
-                                                "DATA.NUM_FRAMES frames and are decoded in the DataLoader workers "
-                                                "(DATA.DECODING_BACKEND).")
+    """The notes of an evaluation script whose config sets SSL_VIEW_KEYS or DATA.NO_RGB_AUG (no effect there)."""
+    notes = [note_unused_keys(cfg, SSL_VIEW_KEYS, "only train_ssl.py's SSL views read them: evaluation clips have "
+                                                  "DATA.NUM_FRAMES frames and are decoded in the DataLoader workers "
+                                                  "(DATA.DECODING_BACKEND)."),
+             note_unused_keys(cfg, ("DATA.NO_RGB_AUG",), "the evaluation scripts train on one plain clip per sample "
+                                                         "whatever it says (what True asked of the original's Kinetics "
+                                                         "train mode).")]
+    return "\n".join(note for note in notes if note) or None
 
 
 def single_clip_config(cfg):
