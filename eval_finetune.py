@@ -253,7 +253,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
             writer.add_scalar("train/loss", loss.item(), epoch * num_batches + it)
         stop_now = step and preemption.is_check_step((it + 1) // args.accum_iter, num_batches // args.accum_iter) \
             and stop.requested()[0]
-        if step and (stop_now or is_save_step(it + 1, num_batches, args)):
+        save_step = step and preemption.is_save_step(it + 1, num_batches, args.saveckp_iters, args.accum_iter)
+        if stop_now or save_step:
             save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(replaced)})
         if stop_now:
             preemption.finish(preemption.stop_message(stop.names(), epoch, it + 1, num_batches,
@@ -268,14 +269,6 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
     return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "replaced_samples": int(replaced),
             "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers,
                                          frames=DATASET_LISTS[args.dataset].frame_folders)}, own
-
-
-def is_save_step(done: int, num_batches: int, args) -> bool:
-    """Whether the optimizer step after `done` batches of the epoch writes a mid-epoch checkpoint: the
-    accumulation group it ends reached a multiple of --saveckp_iters (saves happen only at optimizer steps, so
-    no half-accumulated gradient is lost), and the epoch is not over (the epoch-end save follows)."""
-    every = args.saveckp_iters
-    return every > 0 and done < num_batches and done // every > (done - args.accum_iter) // every
 
 
 def check_finite_loss(loss: float, epoch: int, args) -> None:

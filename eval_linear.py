@@ -306,11 +306,11 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
                     stop: preemption.StopSignals | None = None) -> tuple[dict, dict]:
     """One epoch over the loader's `niter` batches (from `start_iter` when resuming mid-epoch, with the
     `epoch_meters` of the interrupted part, so the means cover the whole epoch). `save_mid_epoch(iteration=,
-    epoch_meters=)` writes the mid-epoch checkpoint at each `is_save_step` (--saveckp_iters). A `stop` signal on
-    any rank ends the epoch at the same iteration on every rank (checked every preemption.CHECK_EVERY iterations
-    and at the last): the same save (one, also at a save step), then preemption.Preempted. Returns the epoch means
-    with `replaced_samples` (the draws replaced because their video could not be read), and this rank's share of
-    them for a checkpoint (`epoch_meters`)."""
+    epoch_meters=)` writes the mid-epoch checkpoint at each preemption.is_save_step (--saveckp_iters). A `stop`
+    signal on any rank ends the epoch at the same iteration on every rank (checked every preemption.CHECK_EVERY
+    iterations and at the last): the same save (one, also at a save step), then preemption.Preempted. Returns the
+    epoch means with `replaced_samples` (the draws replaced because their video could not be read), and this rank's
+    share of them for a checkpoint (`epoch_meters`)."""
     stop = stop if stop is not None else preemption.StopSignals(())
     classifier.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -333,7 +333,7 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
         metric_logger.update(loss=loss.detach())  # read back when a progress line is printed: no sync per step
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         stop_now = preemption.is_check_step(it + 1, niter) and stop.requested()[0]
-        if stop_now or is_save_step(it + 1, niter, args.saveckp_iters):
+        if stop_now or preemption.is_save_step(it + 1, niter, args.saveckp_iters):
             save_mid_epoch(iteration=it + 1, epoch_meters={"meters": metric_logger.totals(), "skipped": int(replaced)})
         if stop_now:
             preemption.finish(preemption.stop_message(stop.names(), epoch, it + 1, niter,
@@ -346,13 +346,6 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
     print("Averaged stats:", metric_logger, f" replaced samples (unreadable videos): {int(replaced)}")
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     return {**stats, "replaced_samples": int(replaced)}, own
-
-
-def is_save_step(done: int, niter: int, every: int) -> bool:
-    """Whether the step after which `done` of the epoch's `niter` iterations are done writes a mid-epoch
-    checkpoint (--saveckp_iters `every`, 0: never): every `every` iterations counted from the epoch's start (a
-    resumed epoch saves where the uninterrupted one did), except at the last (the epoch-end save follows)."""
-    return every > 0 and done % every == 0 and done < niter
 
 
 def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args, fingerprint: str, run: dict,

@@ -305,8 +305,7 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
         metric_logger.update(wd=state.optimizer.param_groups[0]["weight_decay"])
         replaced += meta["skipped"].sum()
         log_step = (it_in_epoch - start_iter) % args.log_freq == 0 or it_in_epoch == niter - 1
-        save_step = bool(args.saveckp_iters) and (it_in_epoch + 1) % args.saveckp_iters == 0 \
-            and it_in_epoch + 1 < niter
+        save_step = preemption.is_save_step(it_in_epoch + 1, niter, args.saveckp_iters)
         stop_now = False
         if log_step or save_step or preemption.is_check_step(it_in_epoch + 1, niter):
             # the only host sync of the loop: one all-reduce for "a non-finite loss" and "a stop signal"

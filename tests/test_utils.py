@@ -361,6 +361,16 @@ def test_comm_device_is_the_gpu_under_nccl_else_the_cpu(monkeypatch):
     assert utils.comm_device() == torch.device("cuda", 3)
 
 
+def test_save_steps_are_the_multiples_of_saveckp_iters_the_steps_reach_before_the_last():
+    """--saveckp_iters 3 over 10 iterations: after 3, 6 and 9 (not the last: the epoch-end save follows); off at 0.
+    With steps of 4 batches (eval_finetune's --accum_iter 4, 12 batches) the step that reaches or passes a multiple
+    of 3 saves: after 4 (3), 8 (6), not 12 (the last)."""
+    from utils import preemption
+    assert [d for d in range(1, 11) if preemption.is_save_step(d, 10, 3)] == [3, 6, 9]
+    assert not any(preemption.is_save_step(d, 10, 0) for d in range(1, 11))
+    assert [d for d in range(4, 13, 4) if preemption.is_save_step(d, 12, 3, group=4)] == [4, 8]
+
+
 def test_stop_check_without_flags_reduces_on_the_comm_device(monkeypatch):
     """eval_finetune asks `requested()` with no device flag; under NCCL (which reduces no CPU tensor) its
     all-reduce must still get a tensor on the collective's device."""

@@ -116,6 +116,14 @@ def is_check_step(done: int, total: int) -> bool:
     return done % CHECK_EVERY == 0 or done == total
 
 
+def is_save_step(done: int, total: int, every: int, group: int = 1) -> bool:
+    """Whether the step after which `done` of the epoch's `total` iterations are done writes a mid-epoch checkpoint
+    (--saveckp_iters `every`, 0: never): the `group` iterations the step ended (eval_finetune.py's --accum_iter
+    batches of an optimizer step, 1 elsewhere) reached a multiple of `every`, counted from the epoch's start (a
+    resumed epoch saves where the uninterrupted one did), and the epoch is not over (the epoch-end save follows)."""
+    return every > 0 and done < total and done // every > (done - group) // every
+
+
 def stop_message(names: str, epoch: int, done: int, total: int, path, interrupted: str = "") -> str:
     """What every rank prints after a stop; `interrupted`: the evaluation pass the stop abandoned (a resume runs
     it again)."""
