@@ -20,16 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 from datasets.decoder import BACKENDS, open_video
-from datasets.transform import normalize, short_side_size, to_float_clip
-from models import VisionTransformer, vit_base_patch16_224, vit_small_patch16_224, vit_tiny_patch16_224
-from utils.checkpoint import _select_state_dict, load_pretrained_weights, safe_torch_load
-
-FACTORY_BY_WIDTH = {192: vit_tiny_patch16_224, 384: vit_small_patch16_224, 768: vit_base_patch16_224}
-EVAL_MEAN, EVAL_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)  # the evaluation normalisation (DATA.MEAN/STD)
+from datasets.transform import apply_eval_crop, eval_crop_box
+from models import VisionTransformer, build_backbone, vit_base_patch16_224
+from models.timesformer import ARCH_OF_WIDTH
+from utils.checkpoint import load_pretrained_weights, read_backbone_state
+from utils.defaults import get_cfg
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,7 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Stride between sampled frames, the clip centred in the video; 0 spreads the "
                              "frames evenly over the whole video.")
     parser.add_argument("--image_size", default=224, type=int,
-                        help="Short side resize and centre crop size (a multiple of the patch size).")
+                        help="Short side the frames are resized to and side of their centre crop, cut and "
+                             "normalised as an evaluation's val clip (a multiple of the patch size).")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="Video decoder (auto: the first of torchcodec, decord, PyAV that loads).")
     parser.add_argument("--output_dir", default=".", type=str, help="attention.png and attention.gif go here.")
@@ -58,16 +57,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def sized_like(path: str, checkpoint_key: str = "teacher") -> VisionTransformer:
     """A randomly initialised TimeSformer of the size of the weights in `path`: width (tiny/small/base),
     blocks, patch size, frames and image size are read from them."""
-    entry, _ = _select_state_dict(safe_torch_load(path), checkpoint_key, path)
-    # backbone keys without their DDP / MultiCropWrapper / TimeSformer prefixes (the DINO head is left out)
-    state = {re.sub(r"^(module\.)?(backbone\.|model\.)?", "", k): v for k, v in entry.items()
-             if isinstance(v, torch.Tensor) and not re.match(r"^(module\.)?head\.", k)}
+    state, _ = read_backbone_state(path, checkpoint_key)
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         raise ValueError(f"{path}: no backbone weights (pos_embed, patch_embed.proj.weight) found; pass an SVT, "
                          f"TimeSformer or backbone checkpoint (--checkpoint_key teacher/student for training ones).")
     width, patch = state["pos_embed"].shape[-1], state["patch_embed.proj.weight"].shape[-1]
-    if width not in FACTORY_BY_WIDTH:
-        raise ValueError(f"{path}: embedding width {width} is none of vit_tiny/small/base {sorted(FACTORY_BY_WIDTH)}")
+    if width not in ARCH_OF_WIDTH:
+        raise ValueError(f"{path}: embedding width {width} is none of vit_tiny/small/base {sorted(ARCH_OF_WIDTH)}")
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
     kwargs = {"depth": depth, "patch_size": patch, "img_size": grid * patch, "drop_path_rate": 0.0}
@@ -75,7 +71,7 @@ def sized_like(path: str, checkpoint_key: str = "teacher") -> VisionTransformer:
         kwargs["num_frames"] = state["time_embed"].shape[1]
     else:
         kwargs["attention_type"] = "space_only"
-    return FACTORY_BY_WIDTH[width](**kwargs).eval()
+    return build_backbone(ARCH_OF_WIDTH[width][0], get_cfg(), **kwargs).eval()
 
 
 def backbone_from_checkpoint(path: str, checkpoint_key: str = "teacher", seed: int = 0) -> VisionTransformer:
@@ -94,8 +90,9 @@ def backbone_from_checkpoint(path: str, checkpoint_key: str = "teacher", seed: i
 
 def read_clip(path: str, num_frames: int, size: int, sampling_rate: int = 0,
               backend: str = "auto") -> tuple[np.ndarray, torch.Tensor]:
-    """uint8 frames (T, size, size, 3) (short side resized to `size`, centre crop) and the normalised clip
-    (1, 3, T, size, size) the model takes."""
+    """The normalised clip (1, 3, T, size, size) the model takes, cut as an evaluation cuts a val clip whose short
+    side and crop are `size` (DATA.TRAIN_JITTER_SCALES[0] and TEST_CROP_SIZE: bilinear resize without antialiasing,
+    centre crop, DATA.MEAN/STD), and its pixels as uint8 frames (T, size, size, 3)."""
     with open_video(path, backend) as reader:
         n = reader.num_frames
         if sampling_rate > 0:
@@ -106,13 +103,12 @@ def read_clip(path: str, num_frames: int, size: int, sampling_rate: int = 0,
         frames = reader.get_frames(np.unique(idx.astype(int)).tolist())
         # repeated indices (a video shorter than the clip) read once, then repeated
         frames = frames[torch.as_tensor(np.searchsorted(np.unique(idx), idx))]
-    clip = to_float_clip(frames)
-    h, w = short_side_size(*clip.shape[-2:], size)
-    clip = F.interpolate(clip, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (h - size) // 2, (w - size) // 2
-    clip = clip[..., top:top + size, left:left + size].clamp(0, 1)
-    shown = (clip.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-    return shown, normalize(clip, EVAL_MEAN, EVAL_STD).unsqueeze(0)
+    data = get_cfg().DATA
+    resized, offset, flip = eval_crop_box(frames.shape[1], frames.shape[2], 1, size, size, size, False)
+    clip = apply_eval_crop(frames, resized, offset, flip, size, size, data.MEAN, data.STD)
+    mean, std = (torch.tensor(v).view(3, 1, 1, 1) for v in (data.MEAN, data.STD))
+    shown = (clip * std + mean).clamp(0, 1).permute(1, 2, 3, 0).mul(255).round().to(torch.uint8).numpy()
+    return shown, clip.unsqueeze(0)
 
 
 @torch.no_grad()

@@ -299,12 +299,21 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
+def backbone_state(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The backbone tensors of a foreign state dict under the keys of this model: of a MultiCropWrapper state (a
+    training checkpoint's entry, the released teacher file) only the backbone (the DINO head is dropped), and the
+    prefixes `module.`, `backbone.` and `model.` stripped."""
+    state = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if any(k.removeprefix("module.").startswith("backbone.") for k in state):
+        state = {k: v for k, v in state.items() if k.removeprefix("module.").startswith("backbone.")}
+    return {_strip_prefixes(k): v for k, v in state.items()}
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, Any],
                          model: VisionTransformer) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map a foreign state dict (SVT, DINO, TimeSformer or an image ViT) onto the keys and shapes of `model`.
 
-    - Tensors only. Of a MultiCropWrapper state (training checkpoint, released teacher file) only the backbone
-      is kept (the DINO head is dropped); the prefixes `module.`, `backbone.` and `model.` are stripped.
+    - `backbone_state`: tensors only, the backbone of a MultiCropWrapper state, prefixes stripped.
     - An image ViT (no `time_embed`: DINO or timm ImageNet weights): a flattened patch projection is reshaped
       to the conv, a classifier head that does not fit the model is dropped, and with divided attention each
       block's `attn` / `norm1` also initialise `temporal_attn` / `temporal_norm1` (TimeSformer's init);
@@ -315,10 +324,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any],
     Returns the mapped dict and the resized entries as "key (old shape)->(new shape)". Keys the model lacks
     and other shape mismatches are left in for the caller to report.
     """
-    state = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    if any(k.removeprefix("module.").startswith("backbone.") for k in state):
-        state = {k: v for k, v in state.items() if k.removeprefix("module.").startswith("backbone.")}
-    state = {_strip_prefixes(k): v for k, v in state.items()}
+    state = backbone_state(state_dict)
     target = model.state_dict()
     if "time_embed" not in state:  # an image ViT
         w = state.get("patch_embed.proj.weight")
@@ -374,6 +380,8 @@ _FACTORIES: dict[str, Callable[..., VisionTransformer]] = {
     "vit_tiny": vit_tiny_patch16_224,
 }
 ARCHS = tuple(_FACTORIES)
+# The architecture of each width (embed_dim) of the factories, and its heads: what a checkpoint of that width holds.
+ARCH_OF_WIDTH = {192: ("vit_tiny", 3), 384: ("vit_small", 6), 768: ("vit_base", 12)}
 
 
 def build_backbone(arch: str, cfg, **overrides) -> VisionTransformer:

@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 
 import visualize_attention as va
+from datasets import build_dataset
 from datasets.synthetic import render_particles, write_video
 from models import DINOHead, MultiCropWrapper, vit_tiny_patch16_224
+from tests.conftest import build_cfg
 
 
 def _model(**kwargs):
@@ -89,3 +91,20 @@ def test_cli_writes_grid_and_gif(tmp_path):
     args.image_size = 40
     with pytest.raises(ValueError, match="not a multiple of the patch size 16"):
         va.visualize(args)
+
+
+def test_the_clip_shown_is_the_evaluation_pipelines_val_clip_of_the_video(tmp_path):
+    """read_clip cuts what an evaluation's val clip of the same frames is (short side 48, centre crop 48 of a 64 x 80
+    video: bilinear without antialiasing, DATA.MEAN/STD), so the attention shown is that of the evaluated input."""
+    rng = np.random.default_rng(0)
+    write_video(str(tmp_path / "v.mp4"), rng.integers(0, 256, (25, 64, 80, 3), dtype=np.uint8))
+    (tmp_path / "ucf101_val_split_1_videos.txt").write_text("v.mp4 0\n")
+    # 5 frames x stride 5 at 30 fps span the 25 frames: the val clip's frames 0, 6, 12, 18, 24 are read_clip's
+    cfg = build_cfg(tmp_path, tmp_path, tiny=False, **{"DATA.NUM_FRAMES": 5, "DATA.SAMPLING_RATE": 5,
+                                                       "DATA.TRAIN_JITTER_SCALES": [48, 48], "DATA.TEST_CROP_SIZE": 48})
+    val_clip = build_dataset("ucf101", cfg, "val")[0][0]
+    shown, clip = va.read_clip(str(tmp_path / "v.mp4"), 5, 48)
+    assert clip.shape == (1, 3, 5, 48, 48) and torch.equal(clip[0], val_clip)
+    pixels = torch.from_numpy(shown).permute(3, 0, 1, 2).float() / 255  # the same pixels, de-normalised
+    torch.testing.assert_close((pixels - 0.45) / 0.225, val_clip.clamp((0 - 0.45) / 0.225, (1 - 0.45) / 0.225),
+                               rtol=0, atol=0.5 / 255 / 0.225 + 1e-6)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.timesformer import checkpoint_filter_fn
+from models.timesformer import ARCH_OF_WIDTH, backbone_state, checkpoint_filter_fn
 from utils import utils
 
 try:
@@ -76,6 +76,14 @@ def _select_state_dict(ckpt: Any, checkpoint_key: str | None, path: str) -> tupl
     return ckpt, where
 
 
+def read_backbone_state(path: str | os.PathLike, checkpoint_key: str | None = "teacher") -> tuple[dict, str]:
+    """The backbone state of a checkpoint file (models.timesformer.backbone_state of its `checkpoint_key` entry, or
+    else of its model_state / state_dict / model entry or its top level) and a word on where it was found."""
+    path = os.fspath(path)
+    entry, where = _select_state_dict(safe_torch_load(path), checkpoint_key, path)
+    return backbone_state(entry), where
+
+
 def _kind_hint(state: Mapping[str, Any]) -> str:
     """A sentence naming what a non-matching state dict looks like, or ''."""
     keys = list(state)
@@ -87,10 +95,6 @@ def _kind_hint(state: Mapping[str, Any]) -> str:
     return ""
 
 
-# Heads of the standard widths (models/timesformer.py's factories), to name the model a file holds.
-_ARCH_OF_WIDTH = {192: ("vit_tiny", 3), 384: ("vit_small", 6), 768: ("vit_base", 12)}
-
-
 def file_model_hint(state: Mapping[str, torch.Tensor]) -> str:
     """'The file holds ...': width, depth and patch size of a (mapped) backbone state dict, with the options
     and torch.hub keyword arguments that build that model; '' when the state does not tell."""
@@ -99,7 +103,7 @@ def file_model_hint(state: Mapping[str, torch.Tensor]) -> str:
         return ""
     width, patch = cls.shape[-1], proj.shape[-1]
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    arch, heads = _ARCH_OF_WIDTH.get(width, (None, None))
+    arch, heads = ARCH_OF_WIDTH.get(width, (None, None))
     flags = (f"--arch {arch} --patch_size {patch} --opts MODEL.DEPTH {depth}; torch.hub: embed_dim={width}, "
              f"depth={depth}, num_heads={heads}, patch_size={patch}" if arch else
              f"torch.hub: embed_dim={width}, depth={depth}, patch_size={patch} and its num_heads")
@@ -169,7 +173,7 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
     whether the file is an image ViT: callers that need a video checkpoint reject one with `image_model_advice`.
     """
     path = os.fspath(path)
-    entry, where = _select_state_dict(safe_torch_load(path), checkpoint_key, path)
+    entry, where = read_backbone_state(path, checkpoint_key)
     state, resized = checkpoint_filter_fn(entry, model)
     target = model.state_dict()
     # an image ViT only where the model has temporal weights to miss (a space-only TimeSformer has none)
