@@ -35,8 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", default=0.07, type=float, help="Temperature of the exp(cos / T) votes.")
     parser.add_argument("--pretrained_weights", default="", type=str,
                         help="Checkpoint to evaluate: a full train_ssl.py checkpoint.pth, the released flat "
-                             "file, a TimeSformer `model_state` file or a bare backbone dict. Empty: a randomly "
-                             "initialised backbone (a baseline; a warning is printed).")
+                             "file, a TimeSformer `model_state` file or a bare backbone dict. Empty: random init "
+                             "(a warning is printed), or the ImageNet init of TIMESFORMER.PRETRAINED_MODEL (a "
+                             "baseline).")
     parser.add_argument("--use_cuda", default=True, type=utils.bool_flag,
                         help="Keep the feature bank and the similarity on the GPU (when there is one).")
     parser.add_argument("--arch", default="vit_base", type=str, choices=ARCHS,

@@ -60,7 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "pretrained with (16 for the released checkpoint).")
     parser.add_argument("--pretrained_weights", default="", type=str,
                         help="Checkpoint to evaluate (full train_ssl.py checkpoint, released flat file, "
-                             "TimeSformer `model_state` file or bare backbone dict). Empty: random backbone.")
+                             "TimeSformer `model_state` file or bare backbone dict). Empty: random init, or the "
+                             "ImageNet init of TIMESFORMER.PRETRAINED_MODEL (a baseline).")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help='Entry of a full training checkpoint to evaluate ("teacher" or "student").')
     parser.add_argument("--lc_pretrained_weights", default="", type=str,

@@ -116,3 +116,11 @@ def test_readme_config_keys_exist():
 def test_readme_links_exist():
     for target in re.findall(r"\]\(((?!https?:|#)[^)]+)\)", README):
         assert (ROOT / target).exists(), target
+
+
+def test_no_library_module_imports_an_entry_script():
+    """README "Layout": the modules of models/, datasets/ and utils/ import none of the scripts at the root."""
+    scripts = {p.stem for p in ROOT.glob("*.py")}
+    for module in [p for folder in ("models", "datasets", "utils") for p in (ROOT / folder).rglob("*.py")]:
+        imported = set(re.findall(r"^\s*(?:from|import)\s+(\w+)", module.read_text(), flags=re.M))
+        assert not imported & scripts, f"{module.relative_to(ROOT)} imports {sorted(imported & scripts)}"

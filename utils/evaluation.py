@@ -1,6 +1,7 @@
-"""Evaluation of frozen backbones, shared by eval_knn.py, eval_linear.py and train_ssl.py's online kNN:
-backbone loading, sharded feature extraction gathered on every rank, the weighted kNN vote, top-k accuracy
-and the multi-view aggregation of clip scores.
+"""Evaluation shared by eval_knn.py, eval_linear.py, eval_finetune.py and train_ssl.py's online kNN: frozen
+backbone loading, the run record a resumed evaluation checks, sharded extraction of per-clip outputs (features, or
+the fine-tuned model's logits) gathered on every rank, the weighted kNN vote, top-k accuracy, the multi-view
+aggregation of clip scores and the checks and counts of unreadable videos.
 
 A video that cannot be decoded comes back from the dataset with label -1 (datasets/video_dataset.py): it is
 left out of banks, queries and accuracies, and counted.
