@@ -51,12 +51,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datasets import decoder, transform
+from utils import utils
 
 logger = logging.getLogger(__name__)
 
 MODES = ("train", "val", "test")
 _LOGGED_FAILURES: set = set()
 SKIPPED_LABEL = -1
+# The values of DATA.DECODE_DEVICE and DATA.AUGMENT_DEVICE (utils/parser.py checks them).
 DECODE_DEVICES = ("cpu", "cuda")
 # DATA.AUGMENT_DEVICE cuda ships each sample's decoded frames through shared and pinned memory: above this many
 # bytes (a 256x340 union is ~18 MB; full-resolution 1080p, ~400 MB) a worker says once to resize the videos.
@@ -339,9 +341,8 @@ def sequential_video_flags(*datasets) -> torch.Tensor:
     """One int32 flag per video of these datasets (concatenated): 1 when some rank decoded it sequentially.
     A collective when distributed: every rank calls it."""
     flags = torch.cat([_flags(d) for d in datasets])
-    if dist.is_available() and dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flags = flags.to(device)
+    if utils.is_dist_avail_and_initialized():
+        flags = flags.to(utils.comm_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags.cpu()
 
@@ -389,9 +390,6 @@ class VideoDataset(Dataset):
         self.cfg, self.mode, self.num_retries = cfg, mode, num_retries
         self.ssl_aug = ssl_aug if mode == "train" else None
         self.slowfast = slowfast
-        for key in ("DECODE_DEVICE", "AUGMENT_DEVICE"):
-            if cfg.DATA[key] not in DECODE_DEVICES:
-                raise ValueError(f"DATA.{key} {cfg.DATA[key]!r} is not one of {DECODE_DEVICES}")
         # DECODE_DEVICE cuda: training samples are plans that the main process decodes and augments on the GPU;
         # AUGMENT_DEVICE cuda (DECODE_DEVICE cpu): plans whose frames the worker decoded, augmented on the GPU.
         self.ssl_plans = self.ssl_aug is not None and "cuda" in (cfg.DATA.DECODE_DEVICE, cfg.DATA.AUGMENT_DEVICE)

@@ -47,6 +47,21 @@ eval_defaults() {
     : "${CHECKPOINT:?set CHECKPOINT to the checkpoint to evaluate}"
 }
 
+# dataset_defaults: what DATASET implies: DEFAULT_LABELS, its class count (101 UCF-101, 51 HMDB-51, 400
+# Kinetics-400, 174 SSv2), and the folders under DATA_PATH its lists and videos are usually in, LISTS (splits;
+# Kinetics and SSv2: annotations) and VIDEOS (videos; SSv2: frames). Another DATASET stops the launch.
+dataset_defaults() {
+    LISTS=splits
+    VIDEOS=videos
+    case "$DATASET" in
+        ucf101) DEFAULT_LABELS=101 ;;
+        hmdb51) DEFAULT_LABELS=51 ;;
+        kinetics400|kinetics) DEFAULT_LABELS=400; LISTS=annotations ;;
+        ssv2) DEFAULT_LABELS=174; LISTS=annotations; VIDEOS=frames ;;
+        *) echo "unknown DATASET=$DATASET (ucf101, hmdb51, kinetics400, ssv2)" >&2; exit 2 ;;
+    esac
+}
+
 # split_user_args ARGS...: user_args = the arguments before a `--opts`, user_opts = the KEY VALUE pairs
 # after it, so a script can put its own options first and the user's `--opts` last (where argparse needs it).
 split_user_args() {

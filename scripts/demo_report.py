@@ -9,7 +9,6 @@ attention on one held-out video (visualize_attention.py).
 import argparse
 import json
 import math
-import platform
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import visualize_attention as va  # noqa: E402  (the repository root is on the path now)
+from utils.collect_env import cpu_name  # noqa: E402
 
 NETWORKS = (("ssl", "SVT (SSL)"), ("random", "random init"))
 
@@ -32,16 +32,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", default=64, type=int, help="Its crop size (DATA.TEST_CROP_SIZE).")
     parser.add_argument("--notes", default="{}", type=str, help="JSON object of run facts copied into results.json.")
     return parser
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def collect(out: Path, data: Path, seed: int, seconds: int, notes: dict) -> dict:

@@ -24,13 +24,7 @@ source "$ROOT/scripts/common.sh"
 check_deps
 split_user_args "$@"
 eval_defaults le_001
-case "$DATASET" in
-  ucf101) DEFAULT_LABELS=101 ;;
-  hmdb51) DEFAULT_LABELS=51 ;;
-  kinetics400|kinetics) DEFAULT_LABELS=400 ;;
-  ssv2) DEFAULT_LABELS=174 ;;
-  *) echo "unknown DATASET=$DATASET (ucf101, hmdb51, kinetics400, ssv2)" >&2; exit 2 ;;
-esac
+dataset_defaults  # DEFAULT_LABELS; the lists stay in $DATA_PATH/splits (the original's layout)
 NUM_LABELS="${NUM_LABELS:-$DEFAULT_LABELS}"
 
 LIST_DIR="${LIST_DIR:-$DATA_PATH/splits}"

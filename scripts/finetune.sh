@@ -28,15 +28,7 @@ DATA_PATH="${DATA_PATH:-data/ucf101}"
 DATASET="${DATASET:-ucf101}"
 GPUS="${GPUS:-8}"
 : "${CHECKPOINT:?set CHECKPOINT to the checkpoint to fine-tune (e.g. checkpoints/kinetics400_vitb_ssl.pth)}"
-LISTS=splits
-VIDEOS=videos
-case "$DATASET" in
-  ucf101) DEFAULT_LABELS=101 ;;
-  hmdb51) DEFAULT_LABELS=51 ;;
-  kinetics400|kinetics) DEFAULT_LABELS=400; LISTS=annotations ;;
-  ssv2) DEFAULT_LABELS=174; LISTS=annotations; VIDEOS=frames ;;
-  *) echo "unknown DATASET=$DATASET (ucf101, hmdb51, kinetics400, ssv2)" >&2; exit 2 ;;
-esac
+dataset_defaults  # DEFAULT_LABELS, LISTS, VIDEOS
 if (( GPUS > 8 || 8 % GPUS )); then DEFAULT_BATCH=1; else DEFAULT_BATCH=$(( 8 / GPUS )); fi
 LIST_DIR="${LIST_DIR:-$DATA_PATH/$LISTS}"
 require_eval_inputs "$LIST_DIR"

@@ -313,6 +313,18 @@ def test_a_value_no_run_can_use_is_an_error_naming_the_key(key, value, says):
         load_config_from(DEFAULT_CFG, [key, value])
 
 
+@pytest.mark.parametrize("key, value, says", [
+    ("TIMESFORMER.ATTENTION_TYPE", "divided", "divided_space_time, space_only, joint_space_time"),
+    ("DATA.DECODING_BACKEND", "nvdec", "auto, torchcodec, decord, pyav"),
+    ("DATA.DECODE_DEVICE", "gpu", "cpu, cuda"), ("DATA.AUGMENT_DEVICE", "GPU", "cpu, cuda"),
+])
+def test_a_value_outside_a_keys_choices_is_an_error_when_the_config_loads(key, value, says):
+    """Every key of a few values is checked with the config, before any work: an evaluation given a DECODE_DEVICE
+    typo (a key only pretraining reads) stops at once too."""
+    with pytest.raises(ValueError, match=rf"^{key.replace('.', '[.]')} '{value}' is not one of {says}\.$"):
+        load_config_from(DEFAULT_CFG, [key, value])
+
+
 def test_edge_values_that_runs_use_still_load():
     cfg = load_config_from(DEFAULT_CFG, TINY_SIZES + ["DATA.SAMPLING_RATE", "1", "MODEL.DROP_PATH_RATE", "0.0",
                                                       "DATA.MEAN", "[0.0, 0.0, 0.0]", "DATA.STD", "[1.0, 1.0, 1.0]"])

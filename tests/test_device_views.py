@@ -373,16 +373,12 @@ def test_device_view_loader_yields_what_the_cpu_loader_yields(synthetic_cfg):
 
 
 def test_decode_device_errors(synthetic_cfg, monkeypatch):
-    with pytest.raises(ValueError, match="DATA.DECODE_DEVICE 'gpu' is not one of"):
-        build_dataset("kinetics400", synthetic_cfg(**{"DATA.DECODE_DEVICE": "gpu"}), "train", ssl_aug=_aug())
     args = train_ssl.get_args_parser().parse_args(["--local_crops_number", "8", "--batch_size_per_gpu", "2",
                                                    "--num_workers", "0"])
     with pytest.raises(ValueError, match="DECODE_DEVICE cuda .* no CUDA device"):
         train_ssl.build_train_loader(args, synthetic_cfg(**{"DATA.DECODE_DEVICE": "cuda"}), torch.device("cpu"))
     with pytest.raises(ValueError, match="DATA.AUGMENT_DEVICE cuda .* no CUDA device; leave DATA.AUGMENT_DEVICE at"):
         train_ssl.build_train_loader(args, synthetic_cfg(**{"DATA.AUGMENT_DEVICE": "cuda"}), torch.device("cpu"))
-    with pytest.raises(ValueError, match="DATA.AUGMENT_DEVICE 'gpu' is not one of"):
-        build_dataset("kinetics400", synthetic_cfg(**{"DATA.AUGMENT_DEVICE": "gpu"}), "train", ssl_aug=_aug())
 
 
 @pytest.mark.parametrize("decode, augment", [("cpu", "cpu"), ("cuda", "cpu"), ("cpu", "cuda")])

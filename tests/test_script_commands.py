@@ -103,6 +103,17 @@ def test_eval_scripts_pass_the_originals_settings(tmp_path):
         == ("vit_base", [5], 0.07, 128, 4)
 
 
+@pytest.mark.parametrize("script", ["eval_linear.sh", "finetune.sh"])
+def test_eval_scripts_take_the_class_count_of_the_dataset(tmp_path, script):
+    (tmp_path / "data" / "annotations").mkdir(parents=True)  # finetune.sh's Kinetics lists
+    for dataset, labels in (("hmdb51", 51), ("kinetics400", 400), ("ssv2", 174)):
+        argv, program, _ = _launch(tmp_path, script, DATASET=dataset)
+        assert _parse(program, argv)[0].num_labels == labels
+    argv, program, _ = _launch(tmp_path, script, DATASET="hmdb51", NUM_LABELS="7")  # NUM_LABELS wins
+    assert _parse(program, argv)[0].num_labels == 7
+    assert "unknown DATASET=ucf" in _launch(tmp_path, script, expect_rc=2, DATASET="ucf")
+
+
 def test_train_script_runs_the_originals_recipe(tmp_path):
     argv, program, _ = _launch(tmp_path, "train.sh", ["--opts", "DATA.PATH_PREFIX", "/videos"])
     args, cfg = _parse(program, argv)

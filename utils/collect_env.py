@@ -20,11 +20,12 @@ from utils.utils import choose_precision, cpu_has_native_bf16, default_device
 
 
 def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows of it."""
     try:
         return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name"))
     except (OSError, StopIteration):
-        return platform.processor()
+        return platform.processor() or platform.machine()
 
 
 def _version(package: str) -> str:

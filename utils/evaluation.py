@@ -560,11 +560,8 @@ class OnlineKNN:
 
     def __init__(self, cfg, device: torch.device, dataset: str, data_path: str, path_prefix: str, k: int,
                  temperature: float, batch_size: int, num_workers: int):
-        knn_cfg = cfg.clone()
-        knn_cfg.defrost()
-        knn_cfg.DATA.PATH_TO_DATA_DIR = data_path
-        knn_cfg.DATA.PATH_PREFIX = path_prefix
-        knn_cfg = single_clip_config(knn_cfg)
+        knn_cfg = single_clip_config(derived_config(cfg, DATA__PATH_TO_DATA_DIR=data_path,
+                                                    DATA__PATH_PREFIX=path_prefix))
         datasets = (ReturnIndexLabelDataset(build_train_bank_dataset(dataset, knn_cfg)),
                     ReturnIndexLabelDataset(build_dataset(dataset, knn_cfg, "val")))
         self.device, self.k, self.temperature = device, k, temperature

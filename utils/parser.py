@@ -5,6 +5,9 @@ from typing import Sequence
 
 from fvcore.common.config import CfgNode
 
+from datasets.decoder import BACKENDS
+from datasets.video_dataset import DECODE_DEVICES
+from models.timesformer import ATTENTION_TYPES
 from utils.defaults import UNSUPPORTED_TRUE_KEYS, get_cfg
 
 DEFAULT_CFG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -77,13 +80,15 @@ def _check(cfg: CfgNode) -> None:
         if cfg[node][name]:
             raise ValueError(f"{key} True selects an experimental branch of the original code that is not "
                              f"supported in this reimplementation; leave it False.")
-    if cfg.TIMESFORMER.ATTENTION_TYPE not in ("divided_space_time", "space_only", "joint_space_time"):
-        raise ValueError(f"TIMESFORMER.ATTENTION_TYPE {cfg.TIMESFORMER.ATTENTION_TYPE!r} is not one of "
-                         "divided_space_time, space_only, joint_space_time.")
-    if cfg.DATA.DECODING_BACKEND not in ("auto", "torchcodec", "decord", "pyav"):
-        raise ValueError(f"DATA.DECODING_BACKEND {cfg.DATA.DECODING_BACKEND!r} is not one of auto, torchcodec, "
-                         "decord, pyav.")
+    for key, choices in _CHOICES.items():
+        if _value(cfg, key) not in choices:
+            raise ValueError(f"{key} {_value(cfg, key)!r} is not one of {', '.join(choices)}.")
     _check_ranges(cfg)
+
+
+# Keys that take one of a few values, each list from the code that reads the key.
+_CHOICES = {"TIMESFORMER.ATTENTION_TYPE": ATTENTION_TYPES, "DATA.DECODING_BACKEND": BACKENDS,
+            "DATA.DECODE_DEVICE": DECODE_DEVICES, "DATA.AUGMENT_DEVICE": DECODE_DEVICES}
 
 
 # Integer keys with their least value and what they are (for the error).
