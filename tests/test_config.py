@@ -3,7 +3,9 @@ import argparse
 from pathlib import Path
 
 import pytest
+from fvcore.common.config import CfgNode
 
+from utils.defaults import get_cfg
 from utils.parser import DEFAULT_CFG, add_config_args, check_clip_sizes, load_config, load_config_from
 
 ORIGINAL_TRAIN_OPTS = ["MODEL.TWO_STREAM", "False", "MODEL.TWO_TOKEN", "False", "DATA.NO_FLOW_AUG", "False",
@@ -25,6 +27,21 @@ def test_default_yaml_values():
     assert cfg.TIMESFORMER.ATTENTION_TYPE == "divided_space_time"
     assert cfg.TEST.NUM_SPATIAL_CROPS == 3 and cfg.TEST.NUM_ENSEMBLE_VIEWS == 1
     assert cfg.TIMESFORMER.PRETRAINED_MODEL == ""
+
+
+def test_the_default_yaml_holds_the_values_of_defaults_py():
+    """The --cfg default sets the original's YAML keys to utils/defaults.py's values: a default changed in one of the
+    two files alone would be overridden by the YAML (every script loads it) or differ between them."""
+    def flat(node, prefix=""):
+        for name, value in node.items():
+            yield from flat(value, f"{prefix}{name}.") if isinstance(value, dict) else [(f"{prefix}{name}", value)]
+
+    defaults = dict(flat(get_cfg()))
+    yaml = dict(flat(CfgNode.load_yaml_with_base(DEFAULT_CFG)))
+    assert yaml and yaml.keys() <= defaults.keys()
+    differ = [f"{key}: {DEFAULT_CFG} has {value!r}, utils/defaults.py {defaults[key]!r}" for key, value in yaml.items()
+              if value != defaults[key]]
+    assert not differ, "; ".join(differ)
 
 
 def test_original_train_sh_opts_are_accepted():
