@@ -413,7 +413,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
         if ckpt["model_state"]["head.bias"].shape[0] != args.num_labels:
             raise ValueError(f"{ckpt_path} has a {ckpt['model_state']['head.bias'].shape[0]}-class head but this "
                              f"run has {args.num_labels} classes; use another --output_dir or --num_labels.")
-        if ckpt.get("init_backbone", init_backbone) != init_backbone:  # files of before the key: cannot tell
+        if ckpt.get("init_backbone", init_backbone) != init_backbone:  # a file without it (an older svt one) passes
             raise ValueError(f"{ckpt_path} is a fine-tuning of another initialisation than --pretrained_weights "
                              f"{args.pretrained_weights or '(none)'}; resuming or testing it would report its scores "
                              "for this checkpoint. Give this run its own --output_dir (finetune.sh: EXP_NAME=... or "

@@ -420,9 +420,9 @@ class LinearClassifier(nn.Module):
 
 
 def check_same_backbone(saved: str | None, fingerprint: str, path: str, pretrained_weights: str) -> None:
-    """A classifier is only scored on the backbone it was trained on (`backbone_fingerprint`; files written
-    before the fingerprint was saved cannot tell and pass). Otherwise resuming or testing it would report its
-    numbers as this checkpoint's."""
+    """A classifier is only scored on the backbone it was trained on (`backbone_fingerprint`; a file without one,
+    the original SVT's checkpoint.pth.tar or an older svt one, cannot tell and passes). Otherwise resuming or
+    testing it would report its numbers as this checkpoint's."""
     if saved is not None and saved != fingerprint:
         raise ValueError(f"{path} is a linear classifier trained on the features of another backbone than "
                          f"--pretrained_weights {pretrained_weights or '(none: random init)'}; resuming or testing it "

@@ -696,6 +696,10 @@ def online_knn(knn: OnlineKNN | None, state: TrainState, args, niter: int, stop:
     return {"knn_top1": top1, "knn_top5": top5}
 
 
+# The flags that shape the trained model (and its optimizer state): a checkpoint of other values does not load.
+MODEL_FLAGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "optimizer")
+
+
 def resume_checkpoint(state: TrainState, path: str | Path | None, to_restore: dict, args) -> None:
     """Load `path` (if any) into the state and `to_restore`; a checkpoint of another model is an error that
     names the flags that differ."""
@@ -715,9 +719,6 @@ def resume_checkpoint(state: TrainState, path: str | Path | None, to_restore: di
         raise ValueError(f"{err}\nThat checkpoint was written by another model: {', '.join(flags) or 'see above'}."
                          f"{opts} Resume with the same flags, or use a new --output_dir for a new model "
                          f"(--pretrained_rgb {path} starts it from that checkpoint's teacher backbone).") from err
-
-
-MODEL_FLAGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "optimizer")
 
 
 @torch.no_grad()

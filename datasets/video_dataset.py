@@ -537,7 +537,7 @@ class VideoDataset(Dataset):
         return out if self.slowfast else out[0]
 
     # ----------------------------------------------------------------------------------- retries
-    def _replacement(self, index: int) -> int:
+    def _replacement(self) -> int:
         """Another random training video (evaluation modes never substitute)."""
         return int(torch.randint(0, self.num_videos, ()))
 
@@ -578,7 +578,7 @@ class VideoDataset(Dataset):
                     return self.placeholder_frames(), SKIPPED_LABEL, index, {"skipped": 1}
                 tried.append(getattr(err, "path", path))  # a frame folder's: the frame that failed
                 self._log_failure(path, err, "using another sample")
-                index = self._replacement(index)
+                index = self._replacement()
                 continue
             label = self.video_labels[index // self.num_clips_per_video]
             return frames, label, index, {"skipped": len(tried)}

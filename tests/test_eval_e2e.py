@@ -172,8 +172,8 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
     capsys.readouterr()
     linear(common + ["--epochs", "2"] + opts)
     printed = capsys.readouterr().out
-    assert "written before checkpoints recorded their run (dataset, lists, hyper-parameters): resuming it " \
-           "unchecked" in printed and f"Resumed from {out / 'checkpoint.pth.tar'}: epoch 2" in printed
+    assert "has no run record (dataset, lists, hyper-parameters): an original SVT file or an older svt one; " \
+           "resuming it unchecked" in printed and f"Resumed from {out / 'checkpoint.pth.tar'}: epoch 2" in printed
     lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
     assert [l.get("epoch") for l in lines] == [0, 1, None, None, None]
     resumed = torch.load(out / "checkpoint.pth.tar", weights_only=False)

@@ -106,11 +106,12 @@ def split_files(**splits) -> dict[str, str]:
 def check_same_run(saved: dict | None, run: dict, path: str, what: str, output_hint: str) -> None:
     """Resume only the run this command describes (`run_record`): with any other value, resuming would continue
     another run's training and report its score as this one's. A list counts as the same when its content does
-    (a moved data folder resumes). Files written before runs were saved (no `run`) cannot tell: a note.
+    (a moved data folder resumes). A file without a run record (the original SVT's, an older svt one) cannot
+    tell: a note.
     `what`: the kind of run, `output_hint`: how the launch script names another output folder."""
     if saved is None:
-        print(f"Note: {path} was written before checkpoints recorded their run (dataset, lists, hyper-parameters): "
-              "resuming it unchecked.")
+        print(f"Note: {path} has no run record (dataset, lists, hyper-parameters): an original SVT file or an older "
+              "svt one; resuming it unchecked.")
         return
 
     def same(key):

@@ -354,7 +354,7 @@ class MetricLogger:
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed
+# Waiting for data (log_every's timings)
 # ---------------------------------------------------------------------------------------------
 DATA_WAIT_WARNING = 0.2
 
@@ -384,6 +384,9 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# ---------------------------------------------------------------------------------------------
+# Distributed
+# ---------------------------------------------------------------------------------------------
 def comm_device() -> torch.device:
     """Where tensors of a collective live: the current GPU under NCCL (which cannot reduce CPU tensors), else the CPU."""
     if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
