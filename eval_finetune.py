@@ -341,12 +341,6 @@ def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.d
                             args.num_labels)
 
 
-def write_log(output_dir: Path, stats: dict) -> None:
-    if utils.is_main_process():
-        with (output_dir / "log.txt").open("a") as f:
-            f.write(json.dumps(stats) + "\n")
-
-
 def final_test(model, test_set, args, precision, device, output_dir: Path, extra: dict, check_stop=None) -> dict:
     """The multi-view test, printed and written to finetune_results.json (rank 0)."""
     stats = evaluate(model, test_set, args, precision, device, check_stop)
@@ -384,6 +378,41 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
         return finetune_in_output_dir(args, cfg, device, exit_after_stop)
 
 
+def load_finetuned(model: VisionTransformer, ckpt: dict, path: Path, init_backbone: str, args) -> None:
+    """The fine-tuned weights of `ckpt` (the run's checkpoint.pth, read from `path`) into `model`, for a resume or
+    --evaluate: an error when its head has another class count or it fine-tuned another initialisation than this
+    run's (`init_backbone`, the fingerprint of --pretrained_weights' backbone; a file without one passes)."""
+    if ckpt["model_state"]["head.bias"].shape[0] != args.num_labels:
+        raise ValueError(f"{path} has a {ckpt['model_state']['head.bias'].shape[0]}-class head but this run has "
+                         f"{args.num_labels} classes; use another --output_dir or --num_labels.")
+    if ckpt.get("init_backbone", init_backbone) != init_backbone:
+        raise ValueError(f"{path} is a fine-tuning of another initialisation than --pretrained_weights "
+                         f"{args.pretrained_weights or '(none)'}; resuming or testing it would report its scores "
+                         "for this checkpoint. Give this run its own --output_dir (finetune.sh: EXP_NAME=... or "
+                         f"OUTPUT_DIR=...), or delete {path} to start a new one.")
+    model.load_state_dict(ckpt["model_state"])
+
+
+def resume_finetune(ckpt: dict | None, path: Path, optimizer, scaler, run: dict, train_set,
+                    args) -> tuple[int, int, float, list[dict] | None, list[dict] | None]:
+    """Where training starts: (epoch, iteration, best val top-1, the interrupted epoch's RNG states and meters).
+    From scratch without `ckpt`; else from it (the run's checkpoint.pth, read from `path`, checked to be of this
+    run), whose state the optimizer and the fp16 `scaler` get."""
+    if ckpt is None:
+        return 0, 0, 0.0, None, None
+    check_same_run(ckpt.get("run"), run, str(path), "fine-tuning", "finetune.sh: EXP_NAME=... or OUTPUT_DIR=...")
+    optimizer.load_state_dict(ckpt["optimizer_state"])
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    epoch, best_acc1 = ckpt["epoch"], ckpt["best_acc1"]
+    # a mid-epoch checkpoint (--saveckp_iters or a stop signal): `iteration` batches of `epoch` done
+    iteration = resume_start_iteration(ckpt.get("iteration", 0), ckpt.get("args"), args.batch_size_per_gpu,
+                                       utils.get_world_size(), args.accum_iter, f"epoch {epoch}")
+    restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
+    print(f"Resumed from {path}: epoch {epoch} from iteration {iteration}, best val top-1 {best_acc1:.2f}")
+    return epoch, iteration, best_acc1, ckpt.get("rng"), ckpt.get("epoch_meters")
+
+
 def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: bool) -> dict:
     """eval_finetune's run, holding --output_dir unless --evaluate: data, model, resume, epochs, test."""
     output_dir = Path(args.output_dir)
@@ -410,15 +439,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     model = build_model(args, cfg, args.num_labels)
     init_backbone = backbone_fingerprint(model, exclude=("head.",))
     if ckpt is not None:  # resume or --evaluate: the saved weights replace the initialisation
-        if ckpt["model_state"]["head.bias"].shape[0] != args.num_labels:
-            raise ValueError(f"{ckpt_path} has a {ckpt['model_state']['head.bias'].shape[0]}-class head but this "
-                             f"run has {args.num_labels} classes; use another --output_dir or --num_labels.")
-        if ckpt.get("init_backbone", init_backbone) != init_backbone:  # a file without it (an older svt one) passes
-            raise ValueError(f"{ckpt_path} is a fine-tuning of another initialisation than --pretrained_weights "
-                             f"{args.pretrained_weights or '(none)'}; resuming or testing it would report its scores "
-                             "for this checkpoint. Give this run its own --output_dir (finetune.sh: EXP_NAME=... or "
-                             f"OUTPUT_DIR=...), or delete {ckpt_path} to start a new one.")
-        model.load_state_dict(ckpt["model_state"])
+        load_finetuned(model, ckpt, ckpt_path, init_backbone, args)
     model.to(device)
 
     if args.evaluate:
@@ -435,22 +456,9 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     train_loader = build_train_loader(train_set, args, device)
     niter = len(train_loader)  # before any skip
     num_batches = niter // args.accum_iter * args.accum_iter  # those an epoch trains on (whole accumulation groups)
-    start_epoch, start_iter, best_acc1, rng, epoch_meters = 0, 0, 0.0, None, None
     run = finetune_run(args, cfg, train_set, val_set)
-    if ckpt is not None:
-        check_same_run(ckpt.get("run"), run, str(ckpt_path), "fine-tuning",
-                       "finetune.sh: EXP_NAME=... or OUTPUT_DIR=...")
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-        if scaler is not None and ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best_acc1 = ckpt["epoch"], ckpt["best_acc1"]
-        # a mid-epoch checkpoint (--saveckp_iters): `iteration` batches of `epoch` done
-        rng, epoch_meters = ckpt.get("rng"), ckpt.get("epoch_meters")
-        start_iter = resume_start_iteration(ckpt.get("iteration", 0), ckpt.get("args"), args.batch_size_per_gpu,
-                                            utils.get_world_size(), args.accum_iter, f"epoch {start_epoch}")
-        restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
-        print(f"Resumed from {ckpt_path}: epoch {start_epoch} from iteration {start_iter}, best val top-1 "
-              f"{best_acc1:.2f}")
+    start_epoch, start_iter, best_acc1, rng, epoch_meters = resume_finetune(ckpt, ckpt_path, optimizer, scaler, run,
+                                                                              train_set, args)
     write_config(args, cfg)
     del ckpt
     writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
@@ -489,12 +497,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
                       f"{val_stats['skipped_videos']}")
                 log_stats.update({f"val_{k}": v for k, v in val_stats.items()})
             save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, best_acc1, args, cfg, init_backbone, run)
-            if utils.is_main_process():
-                for k, v in log_stats.items():
-                    if k != "epoch" and isinstance(v, (int, float)):
-                        writer.add_scalar(f"epoch/{k}", v, epoch)
-                writer.flush()
-            write_log(output_dir, log_stats)
+            utils.write_epoch_log(output_dir, log_stats, writer)
         print(f"Fine-tuning took {datetime.timedelta(seconds=int(time.time() - start_time))}.")
         if writer is not None:
             writer.close()
@@ -505,7 +508,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
                              {"epoch": args.epochs, "best_val_acc1": best_acc1,
                               "sequential_decodes": sequential_decodes(*(d for d in (train_set, val_set, test_set)
                                                                          if d is not None))}, check)
-    write_log(output_dir, {k: v for k, v in results.items() if k.startswith("test_")})
+    utils.write_epoch_log(output_dir, {k: v for k, v in results.items() if k.startswith("test_")})
     if utils.is_dist_avail_and_initialized():
         dist.barrier()
     return results

@@ -144,25 +144,13 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     # original's multi_crop_val; Kinetics' test.csv is eval_finetune's).
     val_set = build_dataset(args.dataset, single_clip_config(cfg), "val", slowfast=args.slowfast_eval)
     test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval, list_mode="val")
-    train_set = None
-    if not evaluate_only:
-        train_set = build_dataset(args.dataset, cfg, "train")
+    train_set = None if evaluate_only else build_dataset(args.dataset, cfg, "train")
+    trained_path = args.lc_pretrained_weights or os.path.join(args.output_dir, CHECKPOINT_NAME)
+    trained = load_trained_classifier(trained_path) if evaluate_only else None
+    if trained is not None and args.num_labels is None:
+        bias = trained["state_dict"].get("module.linear.bias", trained["state_dict"].get("linear.bias"))
+        args.num_labels = None if bias is None else int(bias.shape[0])
     labelled = [d for d in (train_set, val_set) if d is not None]
-    trained_state, trained_path = None, args.lc_pretrained_weights or os.path.join(args.output_dir, CHECKPOINT_NAME)
-    if evaluate_only:
-        if not os.path.isfile(trained_path):
-            raise FileNotFoundError(f"--evaluate: no trained classifier at {trained_path}; train one first or "
-                                    "pass --lc_pretrained_weights.")
-        trained = safe_torch_load(trained_path)
-        if not isinstance(trained, dict) or "state_dict" not in trained:
-            raise KeyError(f"{trained_path} has no 'state_dict' entry; pass a checkpoint.pth.tar of eval_linear.py.")
-        trained_state = trained["state_dict"]
-        trained_backbone = trained.get("backbone")
-        if "iteration" in trained:
-            print(mid_epoch_note(trained, trained_path))
-        bias = trained_state.get("module.linear.bias", trained_state.get("linear.bias"))
-        if args.num_labels is None and bias is not None:
-            args.num_labels = int(bias.shape[0])
     args.num_labels = resolve_num_labels(args.num_labels, labelled, args.dataset)
     print(f"Data loaded: {len(train_set) if train_set else 0} train clips, {len(val_set)} val clips, "
           f"{len(test_set)} test clips ({test_set.num_clips_per_video} per video); {args.num_labels} classes.")
@@ -176,16 +164,8 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     fingerprint = backbone_fingerprint(model)
 
     if evaluate_only:
-        check_same_backbone(trained_backbone, fingerprint, trained_path, args.pretrained_weights)
-        load_classifier_state(classifier, trained_state, trained_path)
-        write_config(args, evaluate_only)
-        val_stats, val_ids = validate_network(model, classifier, val_set, args, device)
-        test_stats, test_ids = final_test(model, classifier, test_set, args, device)
-        print(f"Single-view val top-1: {val_stats['acc1']:.2f}; skipped videos: {len(val_ids)}")
-        stats = with_unreadable_counts({**val_stats, **test_stats}, 0, val_ids, test_ids, val_set, test_set)
-        stats["sequential_decodes"] = sequential_decodes(val_set, test_set)
-        _write_results(args, stats)
-        return stats
+        return evaluate_trained(model, classifier, fingerprint, trained, trained_path, val_set, test_set, args,
+                                device)
 
     distributed = utils.is_dist_avail_and_initialized()
     if distributed:
@@ -196,25 +176,10 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     optimizer, scheduler = build_probe_optimizer(classifier, args)
     run = probe_run(args, cfg, train_set, val_set)
 
-    start_epoch, start_iter, epoch_meters, best_acc, val_ids, train_replaced = 0, 0, None, 0.0, set(), 0
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    if os.path.isfile(ckpt_path):
-        ckpt = safe_torch_load(ckpt_path)
-        check_same_backbone(ckpt.get("backbone"), fingerprint, ckpt_path, args.pretrained_weights)
-        check_same_run(ckpt.get("run"), run, ckpt_path, "linear probe",
-                       "eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...")
-        load_classifier_state(classifier.module if distributed else classifier, ckpt["state_dict"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
-        skipped = ckpt.get("skipped_videos", {"train": 0, "val": []})  # for the summary when no epoch is left
-        train_replaced, val_ids = skipped["train"], set(skipped["val"])
-        # a mid-epoch checkpoint (--saveckp_iters or a stop signal): `iteration` batches of `epoch` done
-        start_iter = resume_start_iteration(ckpt.get("iteration", 0), ckpt.get("args"), args.batch_size_per_gpu,
-                                            utils.get_world_size(), what=f"epoch {start_epoch}")
-        epoch_meters = ckpt.get("epoch_meters")
-        restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
-        print(f"Resumed from {ckpt_path}: epoch {start_epoch} from iteration {start_iter}, best top-1 {best_acc:.2f}")
+    start_epoch, start_iter, epoch_meters, best_acc, val_ids, train_replaced = resume_probe(
+        ckpt_path, classifier.module if distributed else classifier, optimizer, scheduler, fingerprint, run,
+        train_set, args)
     write_config(args, evaluate_only)
 
     save = functools.partial(save_checkpoint, ckpt_path, classifier, optimizer, scheduler, args, fingerprint, run,
@@ -246,7 +211,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
                 scheduler.step()
             save(epoch + 1, best_acc, skipped={"train": train_replaced, "val": sorted(val_ids)})
-            write_log(args, log_stats)
+            utils.write_epoch_log(args.output_dir, log_stats)
 
         check = preemption.stop_check(stop, ckpt_path, args.epochs - 1, niter, "the multi-view test")
         stats, test_ids = final_test(model, classifier, test_set, args, device, check)
@@ -255,9 +220,63 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     stats["sequential_decodes"] = sequential_decodes(*(d for d in (train_set, val_set, test_set) if d is not None))
     print(f"Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy (best single view): {best_acc:.1f}")
-    write_log(args, {f"test_{k}": v for k, v in stats.items()})
+    utils.write_epoch_log(args.output_dir, {f"test_{k}": v for k, v in stats.items()})
     _write_results(args, stats)
     return stats
+
+
+def load_trained_classifier(path: str) -> dict:
+    """The checkpoint.pth.tar that --evaluate scores (the run's own or --lc_pretrained_weights), checked to hold a
+    classifier; a note says how much training a mid-epoch one holds."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--evaluate: no trained classifier at {path}; train one first or pass "
+                                "--lc_pretrained_weights.")
+    trained = safe_torch_load(path)
+    if not isinstance(trained, dict) or "state_dict" not in trained:
+        raise KeyError(f"{path} has no 'state_dict' entry; pass a checkpoint.pth.tar of eval_linear.py.")
+    if "iteration" in trained:
+        print(mid_epoch_note(trained, path))
+    return trained
+
+
+def evaluate_trained(model, classifier, fingerprint: str, trained: dict, path: str, val_set, test_set, args,
+                     device) -> dict:
+    """--evaluate: the classifier of `trained` (read from `path`) on the features of its own backbone (`fingerprint`
+    checked), scored on one val clip and the multi-view test clips of each video; written to linear_results.json."""
+    check_same_backbone(trained.get("backbone"), fingerprint, path, args.pretrained_weights)
+    load_classifier_state(classifier, trained["state_dict"], path)
+    write_config(args, evaluate_only=True)
+    val_stats, val_ids = validate_network(model, classifier, val_set, args, device)
+    test_stats, test_ids = final_test(model, classifier, test_set, args, device)
+    print(f"Single-view val top-1: {val_stats['acc1']:.2f}; skipped videos: {len(val_ids)}")
+    stats = with_unreadable_counts({**val_stats, **test_stats}, 0, val_ids, test_ids, val_set, test_set)
+    stats["sequential_decodes"] = sequential_decodes(val_set, test_set)
+    _write_results(args, stats)
+    return stats
+
+
+def resume_probe(path: str, classifier: nn.Module, optimizer, scheduler, fingerprint: str, run: dict, train_set,
+                 args) -> tuple[int, int, list[dict] | None, float, set[int], int]:
+    """Where training starts: (epoch, iteration, the interrupted epoch's meters, best top-1, the val videos its last
+    validation left out, the draws its last epoch replaced), the last two for the summary when no epoch is left.
+    From scratch without `path` (this run's checkpoint.pth.tar); else from that checkpoint, checked to be of this
+    backbone and run, whose state the classifier (not DDP-wrapped), optimizer and scheduler get."""
+    if not os.path.isfile(path):
+        return 0, 0, None, 0.0, set(), 0
+    ckpt = safe_torch_load(path)
+    check_same_backbone(ckpt.get("backbone"), fingerprint, path, args.pretrained_weights)
+    check_same_run(ckpt.get("run"), run, path, "linear probe", "eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...")
+    load_classifier_state(classifier, ckpt["state_dict"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
+    skipped = ckpt.get("skipped_videos", {"train": 0, "val": []})
+    # a mid-epoch checkpoint (--saveckp_iters or a stop signal): `iteration` batches of `epoch` done
+    iteration = resume_start_iteration(ckpt.get("iteration", 0), ckpt.get("args"), args.batch_size_per_gpu,
+                                       utils.get_world_size(), what=f"epoch {epoch}")
+    restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
+    print(f"Resumed from {path}: epoch {epoch} from iteration {iteration}, best top-1 {best_acc:.2f}")
+    return epoch, iteration, ckpt.get("epoch_meters"), best_acc, set(skipped["val"]), skipped["train"]
 
 
 def write_config(args, evaluate_only: bool) -> None:
@@ -473,12 +492,6 @@ def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args, device: 
 
     loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers)
     return extract_features_and_labels(score, loader, device, check_stop)
-
-
-def write_log(args, stats: dict) -> None:
-    if utils.is_main_process():
-        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(stats) + "\n")
 
 
 def with_unreadable_counts(stats: dict, train_replaced: int, val_ids: set[int], test_ids: set[int], val_set,

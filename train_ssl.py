@@ -260,8 +260,8 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
             # resumed run does what is left, kNN pass included, and trains no step again (finish_epoch_end).
             save_checkpoint(state, args, epoch + 1, 0, data_loader.dataset, numbered=is_numbered(epoch, args),
                             epoch_log=log_stats)
-            write_epoch_log(output_dir, {**log_stats, **knn_pass(epoch),
-                                         "epoch_time": round(time.time() - epoch_start, 3)}, writer)
+            utils.write_epoch_log(output_dir, {**log_stats, **knn_pass(epoch),
+                                               "epoch_time": round(time.time() - epoch_start, 3)}, writer)
     if writer is not None:
         writer.close()
     total_time = time.time() - start_time
@@ -644,18 +644,6 @@ def is_numbered(epoch: int, args) -> bool:
     return bool(args.saveckp_freq) and epoch % args.saveckp_freq == 0
 
 
-def write_epoch_log(output_dir: Path, log_stats: dict, writer: SummaryWriter | None) -> None:
-    """Append the epoch's record to log.txt (one JSON line) and its scalars to tensorboard (main process)."""
-    if not utils.is_main_process():
-        return
-    with (output_dir / "log.txt").open("a") as f:
-        f.write(json.dumps(log_stats) + "\n")
-    for k, v in log_stats.items():
-        if k != "epoch" and isinstance(v, (int, float)):
-            writer.add_scalar(f"epoch/{k}", v, log_stats["epoch"])
-    writer.flush()
-
-
 def finish_epoch_end(output_dir: Path, epoch_log: dict, args, writer: SummaryWriter | None, knn_pass) -> None:
     """On resume from an epoch-end checkpoint: do what a stop or kill after its save left undone, so the run ends
     as an uninterrupted one: the numbered copy and, unless log.txt has the epoch's line (a partial last line is
@@ -675,7 +663,7 @@ def finish_epoch_end(output_dir: Path, epoch_log: dict, args, writer: SummaryWri
             log.write_text(text)
         logged = epoch in {json.loads(line).get("epoch") for line in text.splitlines() if line.strip()}
     if not gather_objects(logged)[0]:
-        write_epoch_log(output_dir, {**epoch_log, **knn_pass(epoch)}, writer)
+        utils.write_epoch_log(output_dir, {**epoch_log, **knn_pass(epoch)}, writer)
         print(f"Wrote the log.txt line of epoch {epoch}, missing after an interrupted end of epoch.")
 
 

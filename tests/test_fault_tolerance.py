@@ -5,7 +5,7 @@ line-buffered output.
 The kills happen in forked children of one subprocess. KILL_RUNNER (test code, no hook in train_ssl.py)
 wraps one function of the run so that its N-th call sends SIGKILL to its own process: DINOLoss.forward
 (mid-step), torch.save (mid-save: the temporary file is complete, the rename never happens),
-train_ssl.write_epoch_log (between the epoch-end checkpoint and its log.txt line) or train_ssl.atomic_copy
+utils.write_epoch_log (between train_ssl's epoch-end checkpoint and its log.txt line) or train_ssl.atomic_copy
 (between checkpoint.pth and checkpointNNNN.pth).
 """
 import functools
@@ -41,7 +41,7 @@ KILL_RUNNER = textwrap.dedent("""
     from models import DINOLoss
     from tests.forked_runs import run_forked
 
-    OWNERS = {{"step": (DINOLoss, "forward"), "save": (torch, "save"), "log": (train_ssl, "write_epoch_log"),
+    OWNERS = {{"step": (DINOLoss, "forward"), "save": (torch, "save"), "log": (train_ssl.utils, "write_epoch_log"),
                "numbered": (train_ssl, "atomic_copy")}}
 
     def die_at(target, nth):

@@ -353,6 +353,20 @@ class MetricLogger:
         print(f"{header} Total time: {total_time} ({(time.time() - start_time) / max(i - start, 1):.4f} s / it)")
 
 
+def write_epoch_log(output_dir: str | os.PathLike, stats: dict, writer=None) -> None:
+    """On the main process: append `stats` to output_dir/log.txt as one JSON line and, with a tensorboard `writer`,
+    add its numbers as epoch/<key> scalars at step stats["epoch"] (flushed)."""
+    if not is_main_process():
+        return
+    with open(os.path.join(output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+    if writer is not None:
+        for k, v in stats.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                writer.add_scalar(f"epoch/{k}", v, stats["epoch"])
+        writer.flush()
+
+
 # ---------------------------------------------------------------------------------------------
 # Waiting for data (log_every's timings)
 # ---------------------------------------------------------------------------------------------
