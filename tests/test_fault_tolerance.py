@@ -162,11 +162,16 @@ def test_atomic_save_follows_the_umask_and_stale_temp_files_are_removed(tmp_path
 # A stalled rank: 2 gloo processes, rank 1 stops itself (SIGSTOP), --dist_timeout 0.05 min (3 s)
 # ---------------------------------------------------------------------------------------------
 STALL_LAUNCHER = textwrap.dedent("""
-    import argparse, os, signal, sys
+    import argparse, os, signal, sys, time
     sys.path.insert(0, {root!r})
     import torch, torch.distributed as dist
     from utils import utils
 
+    # --dist_timeout bounds the rendezvous too (rank 0 waits that long for rank 1 to connect): both ranks start
+    # it together, whatever the skew of their imports on a loaded machine
+    open(os.path.join({folder!r}, "imported." + os.environ["RANK"]), "w").close()
+    while not all(os.path.exists(os.path.join({folder!r}, f"imported.{{r}}")) for r in (0, 1)):
+        time.sleep(0.01)
     parser = argparse.ArgumentParser()
     utils.add_distributed_args(parser)
     args = parser.parse_args()
@@ -188,7 +193,7 @@ def _free_port() -> int:
 
 def test_a_stopped_rank_ends_the_job_with_a_message_naming_it(tmp_path):
     launcher = tmp_path / "stall.py"
-    launcher.write_text(STALL_LAUNCHER.format(root=str(ROOT)))
+    launcher.write_text(STALL_LAUNCHER.format(root=str(ROOT), folder=str(tmp_path)))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(launcher), "--dist_timeout", "0.05"], env={**env, "RANK": str(r)},
