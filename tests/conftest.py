@@ -18,7 +18,11 @@
 - `device`: the device of the cuda-capable tests: cpu, or cuda with SVT_TEST_DEVICE=cuda
   (benchmarks/device_check.sh runs them so: `SVT_TEST_DEVICE=cuda pytest -m cuda_capable`). Tests that
   take it are marked `cuda_capable`; tests marked `gpu` skip without CUDA.
+- Every test, whatever the order: one intra-op thread (a test that needs more sets and restores it), no model
+  hub download (HF_HUB_OFFLINE=1 unless set, also under a plain `pytest`), and no process group or DINO print
+  wrapper left by an entry point run in-process (removed after each test).
 """
+import builtins
 import json
 import os
 import signal
@@ -28,11 +32,16 @@ import av
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from datasets.synthetic import generate, write_video
 from utils.defaults import get_cfg
+
+# before any test module imports timm (huggingface_hub reads it once, at its import)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_PRINT = builtins.print
 
 WALL_CLOCK_KEYS = ("epoch_time", "train_data_wait")
 
@@ -93,6 +102,27 @@ def assert_stopped(stopped: pytest.ExceptionInfo, out: str, message: str, checkp
     assert stopped.value.code == 3
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
     assert f"Stop signal SIGTERM: every rank stopped {message} {checkpoint} holds it. Exiting with status 3" in out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """One intra-op thread for the whole session: the tests' models are tiny and gain nothing from more, and on a
+    busy 2-core machine OpenMP's spinning threads make each step several times slower. Set once, so that every
+    test computes alike whatever ran before it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_process_group():
+    """The entry points run in-process create a (one-process) group and replace print (setup_for_distributed):
+    after each test, destroy a group still there and put the builtin print back."""
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    builtins.print = _PRINT
 
 
 TINY_OPTS = {"DATA.TRAIN_CROP_SIZE": 32, "DATA.LOCAL_CROP_SIZE": 16, "DATA.TEST_CROP_SIZE": 32,

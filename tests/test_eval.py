@@ -162,7 +162,6 @@ def _extract_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
 
 
 def test_distributed_extraction_matches_single_process(tmp_path):
-    torch.set_num_threads(1)
     mp.spawn(_extract_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     dataset = TinyLabelledClips()
     single, labels = extract_features_and_labels(tiny_vit(), DataLoader(dataset, batch_size=3), torch.device("cpu"))

@@ -26,16 +26,6 @@ OPTS = ["DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16", "DATA.TEST_C
         "DATA.TRAIN_JITTER_SCALES", "[36,40]", "DATA.NUM_FRAMES", "4", "DATA.SAMPLING_RATE", "2", "MODEL.DEPTH", "2"]
 
 
-@pytest.fixture(autouse=True)
-def single_process_group():
-    """The scripts create a one-process group and redirect print; undo both after each test."""
-    print_ = builtins.print
-    yield
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    builtins.print = print_
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A train_ssl-style checkpoint of a tiny vit_tiny backbone (teacher `backbone.*` + a head entry)."""

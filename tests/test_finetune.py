@@ -23,19 +23,6 @@ OPTS = ["DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16", "DATA.TEST_C
         "DATA.TRAIN_JITTER_SCALES", "[36,40]", "DATA.NUM_FRAMES", "4", "DATA.SAMPLING_RATE", "2", "MODEL.DEPTH", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_process_one_thread():
-    """The script creates a one-process group and redirects print: undo both. One intra-op thread: the
-    tiny model gains nothing from more, and on a busy 2-core machine OpenMP spinning makes steps 10x slower."""
-    print_, threads = builtins.print, torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    builtins.print = print_
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     """A tiny teacher backbone's state (what the released file holds under `backbone.`). As in a trained
@@ -415,13 +402,11 @@ def stop_reference(synthetic_root, released, tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune_stop")
     argv = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "2", "--num_workers",
             "0", "--lr", "0.01", "--epochs", "2", "--opts"] + _lists(synthetic_root, root, corrupt=True) + OPTS
-    print_, threads = builtins.print, torch.get_num_threads()
-    torch.set_num_threads(1)  # the tests' thread count (one_process_one_thread): the same float summation order
+    print_ = builtins.print
     try:
         results = finetune(["--output_dir", str(root / "reference")] + argv)
     finally:
         builtins.print = print_
-        torch.set_num_threads(threads)
     return argv, root / "reference", results
 
 

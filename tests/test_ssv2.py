@@ -10,7 +10,7 @@ import eval_finetune
 import eval_linear
 from datasets import build_dataset, transform
 from tests.conftest import build_cfg, write_ssv2
-from tests.test_eval_e2e import OPTS, linear, single_process_group  # noqa: F401 (a fixture)
+from tests.test_eval_e2e import OPTS, linear
 from utils.evaluation import check_same_run
 
 
