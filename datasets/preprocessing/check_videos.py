@@ -51,7 +51,7 @@ def check_video(job: tuple) -> dict:
     return row
 
 
-def main(argv=None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Check the videos of a list file and write a cleaned list.")
     parser.add_argument("--list", required=True, help="List file: lines 'path label' (space or comma).")
     parser.add_argument("--prefix", default="", help="Folder joined to every path (DATA.PATH_PREFIX).")
@@ -62,7 +62,11 @@ def main(argv=None) -> int:
     parser.add_argument("--min_frames", type=int, default=8, help="Videos with fewer frames are 'too_short'.")
     parser.add_argument("--report", default=None, help="Report csv (default: <list>.report.csv).")
     parser.add_argument("--out_list", default=None, help="Cleaned list (default: <list>.clean<ext>).")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
 
     backend = resolve_backend(args.backend)
     print(f"Checking with backend {backend}.")

@@ -126,7 +126,7 @@ def resize_video(job: tuple) -> tuple[str, str]:
         return src, f"error: {err}"
 
 
-def main(argv=None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Re-encode videos to H.264 MP4 at a given short side.")
     parser.add_argument("--src", required=True, help="Input folder (searched recursively unless --list).")
     parser.add_argument("--dst", required=True, help="Output folder (same relative paths, extension .mp4).")
@@ -141,7 +141,11 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="Re-encode outputs that are already there. Without it one of --short_side is kept "
                              "(counted as already there) and one of another short side is an error.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
     if args.list:
         entries = [(relative_to_src(p, args.src, args.list), label)
                    for p, label in parse_list_file(args.list, args.separator)]
