@@ -418,7 +418,9 @@ def test_every_rank_stops_when_the_main_process_cannot_lock(tmp_path):
     rank raises too (one all-reduce), instead of waiting at its first collective until --dist_timeout."""
     folder = tmp_path / "out"
     with output_dir_lock(folder):
-        torch.multiprocessing.spawn(_lock_worker, args=(str(tmp_path / "init"), str(folder)), nprocs=2, join=True)
+        # forked, not spawned: a spawned child imports this module (torch, ...) again, seconds each under load
+        torch.multiprocessing.start_processes(_lock_worker, args=(str(tmp_path / "init"), str(folder)), nprocs=2,
+                                              join=True, start_method="fork")
     assert (folder / "rank0.txt").read_text().startswith(f"--output_dir {folder} is in use by another run "
                                                          f"(pid {os.getpid()} on ")
     assert (folder / "rank1.txt").read_text() == (f"--output_dir {folder} is in use by another run: the main process "

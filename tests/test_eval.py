@@ -162,7 +162,9 @@ def _extract_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
 
 
 def test_distributed_extraction_matches_single_process(tmp_path):
-    mp.spawn(_extract_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # forked, not spawned: a spawned child imports this module (eval_linear, torch, ...) again, seconds each
+    mp.start_processes(_extract_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     dataset = TinyLabelledClips()
     single, labels = extract_features_and_labels(tiny_vit(), DataLoader(dataset, batch_size=3), torch.device("cpu"))
     with torch.no_grad():
