@@ -37,15 +37,15 @@ def run_forked(jobs: list, child) -> list[int]:
     return statuses
 
 
-def run_jobs(runner: str, folder: Path, jobs: list[tuple[str, Path, list[str]]]) -> list[int]:
+def run_jobs(runner: str, folder: Path, jobs: list[tuple[str, Path, list[str]]], env: dict | None = None) -> list[int]:
     """Run the `runner` script (its source: formatted with root=, it reads a JSON list of (kill_at, log file, argv)
     jobs from argv[1], calls run_forked and prints the statuses as JSON) in a fresh one-thread process outside any
-    torchrun environment; returns the exit statuses (-9: killed)."""
+    torchrun environment, `env` added to its environment; returns the exit statuses (-9: killed)."""
     path = folder / "kill_runner.py"
     path.write_text(runner.format(root=str(ROOT)))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env = {**base, "OMP_NUM_THREADS": "1", **(env or {})}
     jobs = [(kill_at, str(log), argv) for kill_at, log, argv in jobs]
     proc = subprocess.run([sys.executable, str(path), json.dumps(jobs)], env=env, capture_output=True, text=True,
                           timeout=300)

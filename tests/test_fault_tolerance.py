@@ -309,29 +309,40 @@ def test_nonfinite_weights_are_never_saved_and_the_run_continues_in_a_fresh_dir(
 # ---------------------------------------------------------------------------------------------
 # Output reaches a pipe or file line by line: what an entry point printed survives a kill -9
 # ---------------------------------------------------------------------------------------------
-PRINT_THEN_DIE = textwrap.dedent("""
-    import os, runpy, signal, sys
+FLUSH_RUNNER = textwrap.dedent("""
+    # Runs each entry point by path as __main__ (tests/forked_runs.py: one forked child per job, its stdout a log
+    # file), its process group set-up replaced by a print and a SIGKILL. argv[1]: a JSON list of
+    # [unused, log file, [script, output dir]]; prints the exit statuses.
+    import json, os, runpy, signal, sys
     sys.path.insert(0, {root!r})
+    import eval_finetune, eval_knn, eval_linear, train_ssl  # what they import (torch, ...), once for every child
+    from tests.forked_runs import run_forked
     from utils import utils
 
     def dies_after_init(args):
         print("printed before the kill")
         os.kill(os.getpid(), signal.SIGKILL)
 
-    utils.init_distributed_mode = dies_after_init
-    sys.argv = [sys.argv[1], "--output_dir", sys.argv[2]]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    def child(unused, argv):
+        utils.init_distributed_mode = dies_after_init
+        sys.argv = [argv[0], "--output_dir", argv[1]]
+        runpy.run_path(argv[0], run_name="__main__")
+
+    print(json.dumps(run_forked(json.loads(sys.argv[1]), child)))
 """)
 
 
-@pytest.mark.parametrize("script", ["train_ssl.py", "eval_knn.py", "eval_linear.py", "eval_finetune.py"])
-def test_entry_points_flush_each_line_before_a_kill(script, tmp_path):
-    runner = tmp_path / "print_then_die.py"
-    runner.write_text(PRINT_THEN_DIE.format(root=str(ROOT)))
-    proc = subprocess.run([sys.executable, str(runner), str(ROOT / script), str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": ""})
-    assert proc.returncode == -signal.SIGKILL
-    assert "printed before the kill" in proc.stdout
+def test_entry_points_flush_each_line_before_a_kill(tmp_path):
+    """Each entry point's command line, its output a file and Python not told to leave it unbuffered
+    (PYTHONUNBUFFERED, which the launch scripts set, cleared): a line printed right before a kill -9 is there."""
+    scripts = ["train_ssl.py", "eval_knn.py", "eval_linear.py", "eval_finetune.py"]
+    logs = [tmp_path / f"{script}.log" for script in scripts]
+    statuses = run_jobs(FLUSH_RUNNER, tmp_path, [("", log, [str(ROOT / script), str(tmp_path / "out")])
+                                                 for script, log in zip(scripts, logs)],
+                        env={"PYTHONUNBUFFERED": ""})
+    for script, status, log in zip(scripts, statuses, logs):
+        assert status == -signal.SIGKILL, f"{script}: {log.read_text()[-3000:]}"
+        assert "printed before the kill" in log.read_text(), script
 
 
 def test_sequential_video_flags_round_trip_through_a_checkpoint_and_ignore_another_list():
