@@ -852,7 +852,7 @@ def _torchrun(launcher: Path, nproc: int, argv: list[str], status: int = 0) -> s
     return proc.stdout + proc.stderr
 
 
-def test_two_process_loss_matches_one_process(synthetic_root, tmp_path):
+def test_two_process_loss_matches_one_process(synthetic_root, tmp_path, monkeypatch):
     launcher = tmp_path / "launch_tiny.py"
     launcher.write_text(LAUNCHER.format(root=str(ROOT)))
     opts = ("MODEL.DROP_PATH_RATE", "0.0")  # drop path draws differ per process; everything else is shared
@@ -862,7 +862,10 @@ def test_two_process_loss_matches_one_process(synthetic_root, tmp_path):
         # fp32: bf16 rounding (auto on a CPU with native bf16) differs between batches of 8 and 2 x 4
         argv = _argv(synthetic_root, out, "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu",
                      str(batch), "--use_fp16", "false", opts=opts)
-        _torchrun(launcher, nproc, argv)
+        if nproc == 1:  # in this process (one thread, as torchrun's): the same run as LAUNCHER's, without a launch
+            _train(monkeypatch, argv)
+        else:
+            _torchrun(launcher, nproc, argv)
         logs[nproc] = json.loads((out / "log.txt").read_text().splitlines()[0])
     # the loss (its centre all-reduced), and the collapse diagnostics: the entropy of the mean target is
     # that of the global batch, not of each process's share (lower: fewer clips to spread over prototypes)
