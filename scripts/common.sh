@@ -13,11 +13,20 @@ check_deps() {
 
 # lend_ffmpeg: with no system FFmpeg, torchcodec (the default decoder, and the only one for DATA.DECODE_DEVICE
 # cuda) loads none; PyAV's wheel carries one (8.x, with NVDEC). datasets/pyav_ffmpeg.py links it under FFmpeg's
-# usual names and prints the LD_LIBRARY_PATH entries, which this launch (and its workers) then uses.
+# usual names and prints the LD_LIBRARY_PATH entries, which this launch (and its workers) then uses. A launch
+# started by one that lent it (scripts/test.sh running the launch scripts) inherits them and checks nothing again.
 lend_ffmpeg() {
     # a system FFmpeg 4-9 (libavcodec 58-63) is one torchcodec loads: nothing to lend
     if ldconfig -p 2>/dev/null | grep -qE "libavcodec\.so\.(5[89]|6[0-3])( |$)"; then return 0; fi
-    local entries
+    local entries dirs dir link
+    IFS=: read -r -a dirs <<< "${LD_LIBRARY_PATH:-}"
+    for dir in ${dirs[@]+"${dirs[@]}"}; do  # pyav_ffmpeg.link_dir's folder of links: lent already
+        if [[ "${dir##*/}" == pyav-ffmpeg-* ]]; then
+            for link in "$dir"/libavcodec.so.*; do
+                if [[ -e "$link" ]]; then return 0; fi
+            done
+        fi
+    done
     entries=$("${PYTHON:-python3}" "$(dirname "${BASH_SOURCE[0]}")/../datasets/pyav_ffmpeg.py" 2>/dev/null) || return 0
     if [[ -n "$entries" ]]; then
         export LD_LIBRARY_PATH="$entries${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

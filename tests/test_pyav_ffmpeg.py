@@ -96,20 +96,41 @@ def test_torchcodec_decodes_frame_exact_on_pyavs_ffmpeg(tmp_path):
     assert got == {"ffmpeg": got["ffmpeg"], "sequential": False, "read": [0, 5, 11, 23]}
 
 
-def test_launch_scripts_lend_ffmpeg_only_without_a_system_one(tmp_path):
+def _lend(tmp_path: Path, ldconfig: str, ld_library_path: str) -> subprocess.CompletedProcess:
+    """scripts/common.sh's lend_ffmpeg in bash, `ldconfig -p` printing `ldconfig`; its python a stand-in for
+    `python datasets/pyav_ffmpeg.py` that prints /links:/av.libs and leaves the file `python_ran`. Prints LD=<the
+    LD_LIBRARY_PATH it leaves>."""
     fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\necho /links:/av.libs\n")   # stands for `python datasets/pyav_ffmpeg.py`
+    fake.write_text(f"#!/bin/sh\ntouch {tmp_path / 'python_ran'}\necho /links:/av.libs\n")
     fake.chmod(0o755)
-    lend = "source scripts/common.sh; lend_ffmpeg; echo \"LD=$LD_LIBRARY_PATH\""
-    env = {**os.environ, "PYTHON": str(fake), "LD_LIBRARY_PATH": "/opt/cuda/lib64"}
-    no_system = subprocess.run(["bash", "-c", "ldconfig() { :; }; " + lend], env=env, capture_output=True,
-                               text=True, cwd=ROOT)
+    lend = f"ldconfig() {{ echo '{ldconfig}'; }}; source scripts/common.sh; lend_ffmpeg; echo \"LD=$LD_LIBRARY_PATH\""
+    env = {**os.environ, "PYTHON": str(fake), "LD_LIBRARY_PATH": ld_library_path}
+    return subprocess.run(["bash", "-c", lend], env=env, capture_output=True, text=True, cwd=ROOT)
+
+
+def test_launch_scripts_lend_ffmpeg_only_without_a_system_one(tmp_path):
+    no_system = _lend(tmp_path, "", "/opt/cuda/lib64")
     assert no_system.stdout.strip() == "LD=/links:/av.libs:/opt/cuda/lib64"
     assert "torchcodec uses PyAV's bundled FFmpeg" in no_system.stderr
-    system = subprocess.run(["bash", "-c", "ldconfig() { echo 'libavcodec.so.59 (libc6) => /usr/lib/x'; }; " + lend],
-                            env=env, capture_output=True, text=True, cwd=ROOT)
+    system = _lend(tmp_path, "libavcodec.so.59 (libc6) => /usr/lib/x", "/opt/cuda/lib64")
     assert system.stdout.strip() == "LD=/opt/cuda/lib64" and system.stderr == ""
     # FFmpeg 3 (libavcodec 57) is too old for torchcodec: datasets/pyav_ffmpeg.py decides
-    too_old = subprocess.run(["bash", "-c", "ldconfig() { echo 'libavcodec.so.57 (libc6) => /usr/lib/x'; }; " + lend],
-                             env=env, capture_output=True, text=True, cwd=ROOT)
+    too_old = _lend(tmp_path, "libavcodec.so.57 (libc6) => /usr/lib/x", "/opt/cuda/lib64")
     assert too_old.stdout.strip() == "LD=/links:/av.libs:/opt/cuda/lib64"
+
+
+def test_a_launch_started_by_one_that_lent_ffmpeg_checks_nothing_again(tmp_path):
+    """scripts/test.sh lends FFmpeg, then runs the launch scripts, which inherit its LD_LIBRARY_PATH: they find
+    pyav_ffmpeg.link_dir's folder there and run no Python (its torchcodec probe took seconds per launch)."""
+    libs = tmp_path / "av.libs"
+    libs.mkdir()
+    (libs / "libavcodec-0123abcd.so.62.28.102").write_bytes(b"")
+    lent = pyav_ffmpeg.link_dir(tmp_path / "cache", libs)
+    inherited = f"{lent}:{libs}:/opt/cuda/lib64"
+    again = _lend(tmp_path, "", inherited)
+    assert again.stdout.strip() == f"LD={inherited}" and again.stderr == ""
+    assert not (tmp_path / "python_ran").exists()
+    # the folder of an uninstalled PyAV (its links lead nowhere) is no FFmpeg: checked again
+    (libs / "libavcodec-0123abcd.so.62.28.102").unlink()
+    again = _lend(tmp_path, "", inherited)
+    assert again.stdout.strip() == f"LD=/links:/av.libs:{inherited}" and (tmp_path / "python_ran").exists()
