@@ -18,6 +18,8 @@
 - `device`: the device of the cuda-capable tests: cpu, or cuda with SVT_TEST_DEVICE=cuda
   (benchmarks/device_check.sh runs them so: `SVT_TEST_DEVICE=cuda pytest -m cuda_capable`). Tests that
   take it are marked `cuda_capable`; tests marked `gpu` skip without CUDA.
+- `on_free_port(launch)`: `launch(port)` (a subprocess.CompletedProcess) on a port free a moment ago, once more
+  on another when something took it first (TCPStore's EADDRINUSE); for a launch that rendezvous at MASTER_PORT.
 - Every test, whatever the order: one intra-op thread (a test that needs more sets and restores it), no model
   hub download (HF_HUB_OFFLINE=1 unless set, also under a plain `pytest`), and no process group or DINO print
   wrapper left by an entry point run in-process (removed after each test).
@@ -26,6 +28,8 @@ import builtins
 import json
 import os
 import signal
+import socket
+import subprocess
 from pathlib import Path
 
 import av
@@ -123,6 +127,22 @@ def no_leftover_process_group():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     builtins.print = _PRINT
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free a moment ago (bound, then closed: another process may take it meanwhile)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_free_port(launch) -> subprocess.CompletedProcess:
+    """`launch(port)` on a free_port(); when its output says the port was taken before it bound it (TCPStore's
+    EADDRINUSE), once more on another one. Returns the last launch's CompletedProcess."""
+    proc = launch(free_port())
+    if "EADDRINUSE" in (proc.stdout or "") + (proc.stderr or ""):
+        proc = launch(free_port())
+    return proc
 
 
 TINY_OPTS = {"DATA.TRAIN_CROP_SIZE": 32, "DATA.LOCAL_CROP_SIZE": 16, "DATA.TEST_CROP_SIZE": 32,

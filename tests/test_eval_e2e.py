@@ -14,7 +14,7 @@ import torch.distributed as dist
 import eval_knn
 import eval_linear
 from models import build_backbone
-from tests.conftest import assert_stopped, log_records, signal_at_call
+from tests.conftest import assert_stopped, log_records, on_free_port, signal_at_call
 from tests.forked_runs import run_jobs
 from utils.checkpoint import output_dir_lock
 from utils.evaluation import OnlineKNN
@@ -275,7 +275,6 @@ def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
     single-view val and multi-view test (3 clips a video, split over the ranks) score every video once, as one
     process does on the classifier they saved."""
     import os
-    import socket
     import subprocess
     from pathlib import Path
 
@@ -287,16 +286,10 @@ def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
     small = ["--arch", "vit_tiny", "--num_workers", "0", "--batch_size_per_gpu", "3"]
     knn_lists, lists = _odd_lists(synthetic_root, tmp_path, "knn_splits"), _odd_lists(synthetic_root, tmp_path, "splits")
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     def run(script, out, list_dir, *args):
-        proc = subprocess.run(["bash", str(repo / "scripts" / script), *small, *args],
-                              env={**env, "OUTPUT_DIR": str(tmp_path / out), "MASTER_PORT": str(free_port()),
-                                   "LIST_DIR": str(list_dir)},
-                              capture_output=True, text=True, timeout=300)
+        proc = on_free_port(lambda port: subprocess.run(
+            ["bash", str(repo / "scripts" / script), *small, *args], capture_output=True, text=True, timeout=300,
+            env={**env, "OUTPUT_DIR": str(tmp_path / out), "MASTER_PORT": str(port), "LIST_DIR": str(list_dir)}))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     def one_process(lists_dir) -> list[str]:

@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,7 +24,7 @@ import torch
 import models
 import train_ssl
 from utils import utils
-from tests.conftest import WALL_CLOCK_KEYS, log_records
+from tests.conftest import WALL_CLOCK_KEYS, log_records, on_free_port
 from tests.forked_runs import run_jobs
 from utils.checkpoint import atomic_save, remove_stale_temp_files, safe_torch_load
 
@@ -185,32 +184,35 @@ STALL_LAUNCHER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_stopped_rank_ends_the_job_with_a_message_naming_it(tmp_path):
-    launcher = tmp_path / "stall.py"
-    launcher.write_text(STALL_LAUNCHER.format(root=str(ROOT), folder=str(tmp_path)))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(launcher), "--dist_timeout", "0.05"], env={**env, "RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    try:
-        start = time.time()
-        out, err = procs[0].communicate(timeout=120)
-        elapsed = time.time() - start
-    finally:
-        procs[1].kill()  # SIGKILL also ends a stopped process
-        procs[1].wait()
-        procs[0].kill()
-    assert procs[0].returncode == 1, out + err
+    def launch(port: int) -> subprocess.CompletedProcess:
+        ready = tmp_path / f"ready_{port}"  # the import barrier's folder, one per try
+        ready.mkdir()
+        launcher = tmp_path / f"stall_{port}.py"
+        launcher.write_text(STALL_LAUNCHER.format(root=str(ROOT), folder=str(ready)))
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, str(launcher), "--dist_timeout", "0.05"],
+                                  env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for r in (0, 1)]
+        try:
+            start = time.time()
+            out, err = procs[0].communicate(timeout=120)
+            elapsed.append(time.time() - start)
+        finally:
+            procs[1].kill()  # SIGKILL also ends a stopped process
+            procs[1].wait()
+            procs[0].kill()
+        return subprocess.CompletedProcess(launcher, procs[0].returncode, out, err)
+
+    elapsed = []
+    proc = on_free_port(launch)
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 1, out + err
     assert "rank 0/2: a collective operation failed" in err
     assert "rank(s) [1] did not answer" in err and "--dist_timeout 0.05" in err
     assert "not reached" not in out
-    assert elapsed < 60
+    assert elapsed[-1] < 60
 
 
 @pytest.mark.parametrize("program", ["eval_knn.py", "train_ssl.py"])
