@@ -9,7 +9,7 @@
 #   EXP_NAME    run name                                      (default: knn_001)
 #   OUTPUT_DIR  results folder                   (default: <repo>/checkpoints/eval/$EXP_NAME)
 #   LIST_DIR    folder of the list files                     (default: $DATA_PATH/knn_splits)
-#   VIDEO_DIR   prefix of the list paths (DATA.PATH_PREFIX)   (default: $DATA_PATH/videos)
+#   VIDEO_DIR   prefix of the list paths (DATA.PATH_PREFIX)   (default: $DATA_PATH/videos; SSv2: $DATA_PATH/frames)
 #               SSv2: LIST_DIR the folder of its JSONs and frame lists, VIDEO_DIR that of the extracted JPEG
 #               frames (a folder per video id), not of the .webm videos (datasets/DATASET.md)
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "DATA.NUM_FRAMES 16"
@@ -23,6 +23,7 @@ source "$ROOT/scripts/common.sh"
 check_deps
 split_user_args "$@"
 eval_defaults knn_001
+dataset_defaults  # VIDEOS; the lists stay in $DATA_PATH/knn_splits (the original's layout)
 
 LIST_DIR="${LIST_DIR:-$DATA_PATH/knn_splits}"
 require_eval_inputs "$LIST_DIR"
@@ -38,5 +39,5 @@ require_eval_inputs "$LIST_DIR"
   --dataset "$DATASET" \
   --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/eval/$EXP_NAME}" \
   ${user_args[@]+"${user_args[@]}"} \
-  --opts DATA.PATH_TO_DATA_DIR "$LIST_DIR" DATA.PATH_PREFIX "${VIDEO_DIR:-${DATA_PATH}/videos}" \
+  --opts DATA.PATH_TO_DATA_DIR "$LIST_DIR" DATA.PATH_PREFIX "${VIDEO_DIR:-${DATA_PATH}/${VIDEOS}}" \
   ${EXTRA_OPTS:-} ${user_opts[@]+"${user_opts[@]}"}

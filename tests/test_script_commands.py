@@ -136,3 +136,12 @@ def test_paper_script_keeps_the_papers_global_batch(tmp_path, gpus, nnodes, batc
     assert cfg.DATA.PATH_PREFIX == "/videos"
     argv, program, _ = _launch(tmp_path, "train_paper.sh", GPUS=gpus, BATCH_SIZE="2", **extra)
     assert _parse(program, argv)[0].batch_size_per_gpu == 2  # an explicit BATCH_SIZE wins
+
+
+@pytest.mark.parametrize("script", ["eval_knn.sh", "eval_linear.sh", "finetune.sh"])
+def test_eval_scripts_read_ssv2_frames_from_the_frames_folder(tmp_path, script):
+    """DATASET=ssv2: DATA.PATH_PREFIX defaults to $DATA_PATH/frames (the extracted JPEG frames DATASET.md puts
+    there), not videos/, in every evaluation launcher."""
+    (tmp_path / "data" / "annotations").mkdir(parents=True)  # finetune.sh's SSv2 lists
+    argv, program, _ = _launch(tmp_path, script, DATASET="ssv2")
+    assert _parse(program, argv)[1].DATA.PATH_PREFIX == str(tmp_path / "data" / "frames")
