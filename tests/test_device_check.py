@@ -21,7 +21,7 @@ def test_run_stage_records_ok_failure_and_timeout_and_kills_the_process_group(tm
     script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
               f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
     hung = device_check.run_stage("hang", [sys.executable, "-c", script], 2, tmp_path)  # no torch: starts fast
-    assert hung["status"] == "timeout" and hung["seconds"] < 20
+    assert hung["status"] == "timeout" and hung["seconds"] < 60
     child = int(pid_file.read_text())
     try:  # run_stage returns only once the whole group has exited: the child is gone or a zombie
         state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -48,7 +48,7 @@ def test_a_stage_at_its_limit_writes_every_threads_stack_to_its_log_then_is_kill
     script = "import signal, time; signal.signal(signal.SIGABRT, signal.SIG_IGN); print('ready', flush=True); " \
              "time.sleep(60)"
     deaf = device_check.run_stage("deaf", [sys.executable, "-c", script], 4, tmp_path)
-    assert deaf["status"] == "timeout" and 4 + device_check.ABORT_GRACE_S - 0.5 < deaf["seconds"] < 20
+    assert deaf["status"] == "timeout" and 4 + device_check.ABORT_GRACE_S - 0.5 < deaf["seconds"] < 60
 
 
 def test_pytest_stages_dump_the_stacks_of_a_test_that_hangs(tmp_path):

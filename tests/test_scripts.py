@@ -189,8 +189,9 @@ def test_slurm_eval_passes_a_repeated_warning_on_once(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     ready, got = tmp_path / "launcher_started", tmp_path / "launcher_got"
-    (bin_dir / "torchrun").write_text(f"#!/bin/bash\nn=0\ntrap 'echo TERM >> {got}; n=$((n + 1))' TERM\n"
-                                      f"touch {ready}\nfor i in $(seq 40); do sleep 0.05; done\nexit 3\n")
+    release = tmp_path / "release"
+    (bin_dir / "torchrun").write_text(f"#!/bin/bash\ntrap 'echo TERM >> {got}' TERM\ntouch {ready}\n"
+                                      f"for i in $(seq 1200); do [ -e {release} ] && exit 3; sleep 0.05; done\n")
     (bin_dir / "scontrol").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "python").write_text(f'#!/bin/sh\nif [ "$1" = "-m" ] && [ "$2" = "torch.distributed.run" ]; then '
                                     f'exec {bin_dir / "torchrun"}; fi\nexec {sys.executable} "$@"\n')
@@ -208,8 +209,11 @@ def test_slurm_eval_passes_a_repeated_warning_on_once(tmp_path):
         while not ready.exists() and time.time() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGUSR1)
-        time.sleep(0.3)
+        while not got.exists() and time.time() < deadline:  # the first warning reached torchrun
+            time.sleep(0.05)
         proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)  # room for a second TERM to arrive (none must)
+        release.touch()
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
