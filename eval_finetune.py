@@ -48,9 +48,9 @@ from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, lo
                               load_pretrained_weights, output_dir_lock, remove_stale_temp_files, restore_epoch_meters,
                               restore_rng, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, check_same_run,
-                              dataset_labels, extract_features_and_labels, make_loader, multi_view_stats,
-                              note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config, single_view_stats,
-                              split_files, to_device, topk_hits, unreadable_videos)
+                              dataset_labels, extract_features_and_labels, keeping_the_epoch, make_loader,
+                              multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
+                              single_view_stats, split_files, to_device, topk_hits, unreadable_videos)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -491,7 +491,9 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
                 check = preemption.stop_check(stop, ckpt_path, epoch, num_batches, f"the validation of epoch {epoch}",
                                               functools.partial(save_mid_epoch, iteration=num_batches,
                                                                 epoch_meters=own_meters))
-                val_stats = evaluate(model, val_set, args, precision, device, check)
+                with keeping_the_epoch(functools.partial(save_mid_epoch, iteration=num_batches,
+                                                                    epoch_meters=own_meters), ckpt_path, epoch):
+                    val_stats = evaluate(model, val_set, args, precision, device, check)
                 best_acc1 = max(best_acc1, val_stats["acc1"])
                 print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}); skipped videos: "
                       f"{val_stats['skipped_videos']}")

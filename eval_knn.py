@@ -23,7 +23,7 @@ from models import ARCHS
 from utils import utils
 from utils.evaluation import (ReturnIndexLabelDataset, build_train_bank_dataset, describe_split, drop_unreadable,
                               extract_features_and_labels, load_backbone, make_loader, note_ssl_view_keys, run_knn,
-                              single_clip_config)
+                              single_clip_config, unreadable_advice)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 
@@ -86,13 +86,15 @@ def main(args) -> dict | None:
     if args.load_features:
         train_features, test_features, train_labels, test_labels = load_dumped_features(args.load_features)
         sequential = 0
-        splits = [f"the {split} split dumped in --load_features {args.load_features}" for split in ("train", "val")]
+        splits = [(f"the {split} split dumped in --load_features {args.load_features}",
+                   "they were dumped so: fix the data, then extract the features again (--dump_features)")
+                  for split in ("train", "val")]
     else:
         train_features, test_features, train_labels, test_labels, sequential, splits = \
             extract_feature_pipeline(args, cfg, device)
     # Every rank holds the same gathered labels, so every rank drops the same rows.
-    train_features, train_labels, skipped_train = drop_unreadable(train_features, train_labels, splits[0])
-    test_features, test_labels, skipped_test = drop_unreadable(test_features, test_labels, splits[1])
+    train_features, train_labels, skipped_train = drop_unreadable(train_features, train_labels, *splits[0])
+    test_features, test_labels, skipped_test = drop_unreadable(test_features, test_labels, *splits[1])
     skipped = skipped_train + skipped_test
     print(f"Skipped videos (unreadable, left out): {skipped} ({skipped_train} of the train bank, "
           f"{skipped_test} of the val queries).")
@@ -119,7 +121,7 @@ def main(args) -> dict | None:
 def extract_feature_pipeline(args, cfg, device: torch.device):
     """L2-normalised CLS features and returned labels of the train bank and the val queries (rows in list
     order; label -1 marks an unreadable video), dumped to --dump_features when set; also the number of videos
-    decoded sequentially and the two splits' names (describe_split)."""
+    decoded sequentially and the two splits' (name, advice when unreadable): describe_split, unreadable_advice."""
     cfg = single_clip_config(cfg)
     dataset_train = ReturnIndexLabelDataset(build_train_bank_dataset(args.dataset, cfg, args.train_aug))
     dataset_val = ReturnIndexLabelDataset(build_dataset(args.dataset, cfg, "val"))
@@ -141,7 +143,7 @@ def extract_feature_pipeline(args, cfg, device: torch.device):
         for name, tensor in (("trainfeat", train_features), ("testfeat", test_features),
                              ("trainlabels", train_labels), ("testlabels", test_labels)):
             torch.save(tensor.cpu(), os.path.join(args.dump_features, f"{name}.pth"))
-    splits = [describe_split(d) for d in (dataset_train, dataset_val)]
+    splits = [(describe_split(d), unreadable_advice(d)) for d in (dataset_train, dataset_val)]
     return train_features, test_features, train_labels, test_labels, sequential, splits
 
 

@@ -38,9 +38,9 @@ from utils import preemption, utils
 from utils.checkpoint import (atomic_save, gather_objects, output_dir_lock, remove_stale_temp_files,
                               restore_epoch_meters, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_same_run, clip_features,
-                              dataset_labels, extract_features_and_labels, load_backbone, make_loader,
-                              multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
-                              single_view_stats, split_files, to_device, unreadable_videos)
+                              dataset_labels, extract_features_and_labels, keeping_the_epoch, load_backbone,
+                              make_loader, multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record,
+                              single_clip_config, single_view_stats, split_files, to_device, unreadable_videos)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -202,7 +202,9 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
                 check = preemption.stop_check(stop, ckpt_path, epoch, niter, f"the validation of epoch {epoch}",
                                               functools.partial(save_mid_epoch, iteration=niter,
                                                                 epoch_meters=own_meters))
-                test_stats, val_ids = validate_network(model, classifier, val_set, args, device, check)
+                with keeping_the_epoch(functools.partial(save_mid_epoch, iteration=niter,
+                                                                    epoch_meters=own_meters), ckpt_path, epoch):
+                    test_stats, val_ids = validate_network(model, classifier, val_set, args, device, check)
                 best_acc = max(best_acc, test_stats["acc1"])
                 print(f"Accuracy at epoch {epoch} of the network on the {len(val_set) - len(val_ids)} val clips: "
                       f"{test_stats['acc1']:.1f}%  (max {best_acc:.2f}%); skipped videos: {len(val_ids)}")
@@ -495,7 +497,7 @@ def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args, device: 
 
 
 def with_unreadable_counts(stats: dict, train_replaced: int, val_ids: set[int], test_ids: set[int], val_set,
-                       test_set) -> dict:
+                           test_set) -> dict:
     """`stats` with the unreadable videos: train_replaced_samples (`train_replaced`: the draws of the last epoch
     replaced, not videos), val_skipped_videos (`val_ids`) and skipped_videos, each val/test video left out once
     (the multi-view test of UCF-101/HMDB-51 reads the val list: a video left out of both counts once)."""

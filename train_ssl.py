@@ -604,6 +604,9 @@ def prepare_config(args):
                          "leave it False.")
     note_unused_keys(cfg, ("DATA.MEAN", "DATA.STD"), "the SSL views are normalised with the ImageNet statistics, "
                      "as in the original; DATA.MEAN/STD normalise evaluation clips (the online kNN, eval_*.py).")
+    note_unused_keys(cfg, ("DATA.INV_UNIFORM_SAMPLE",), "it draws the short side of the clips the evaluation scripts "
+                     "train on; the SSL views are sized by their crop scales (--global_crops_scale, "
+                     "--local_crops_scale).")
     cfg.freeze()
     return cfg
 

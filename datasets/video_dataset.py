@@ -186,7 +186,11 @@ def _malformed_hint(line: str, number: int, separator: str, next_parses: bool) -
     looks_like_header = not any(_is_number(w) or os.path.splitext(w)[1] for w in words)
     if number == 1 and looks_like_header and next_parses:
         return "Lists have no header line: if this is one, delete it (e.g. sed -i 1d <list>)."
-    label = _fields(line, separator)[1]
+    fields = _fields(line, separator)
+    if fields is None:  # every split leaves an empty field, e.g. a trailing comma ('a.mp4,0,')
+        return ("The line ends with a separator or has an empty field: every line is '<path> <label>', nothing "
+                "after the label (datasets/DATASET.md).")
+    label = fields[1]
     if _is_number(label):
         return (f"The label {label!r} is not an integer: labels are class indices 0, 1, ..., written as "
                 "integers.")
@@ -296,6 +300,9 @@ def load_ssv2_list(root: str, mode: str, frame_list: str, prefix: str) -> list[d
             raise ValueError(f"{label_file}: class {template!r} has the negative id {label}; ids are 0, 1, ...")
         vid = str(item["id"])
         records.append({"path": vid, "label": label, "frames": frame_lists.get(vid)})
+    if not records:
+        raise ValueError(f"{anno_file} lists no videos: the {mode} split of SSv2 is something-something-v2-"
+                         f"{'train' if mode == 'train' else 'validation'}.json from the official download.")
     missing = [r["path"] for r in records if r["frames"] is None]
     if missing:
         raise ValueError(f"{anno_file}: {len(missing)} of its {len(records)} videos have no frames in {frame_list}, "

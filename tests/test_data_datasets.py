@@ -91,6 +91,7 @@ SSV2_FRAME_LINE = '1007 0 0 1007/1007_000001.jpg ""'
      r"--opts DATA.PATH_LABEL_SEPARATOR ';'"),
     (f"original_vido_id video_id frame_id path labels\n{SSV2_FRAME_LINE}\n", r"This is an SSv2 frame list"),
     (f"{SSV2_FRAME_LINE}\n{SSV2_FRAME_LINE}\n", r"This is an SSv2 frame list .* --dataset ssv2 of eval_linear.py"),
+    ("abseiling/a.mp4,0,\nzumba/b.mp4,1,\n", r"The line ends with a separator or has an empty field"),
 ])
 def test_a_malformed_first_line_is_told_what_is_wrong_not_called_a_header(tmp_path, content, hint):
     """Only a first line that looks like a header (no number, no file name) before good lines is called one;

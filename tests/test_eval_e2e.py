@@ -6,6 +6,7 @@ import builtins
 import functools
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -461,7 +462,7 @@ def test_ssl_view_keys_given_to_an_evaluation_are_noted_by_name(synthetic_root, 
         dist.destroy_process_group()
 
 
-def test_no_readable_val_video_is_an_error(synthetic_root, checkpoint, tmp_path):
+def test_no_readable_val_video_is_an_error(synthetic_root, checkpoint, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"\x00not a video" * 64)
     lists = tmp_path / "lists"
@@ -473,9 +474,22 @@ def test_no_readable_val_video_is_an_error(synthetic_root, checkpoint, tmp_path)
     common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--num_workers", "0", "--dataset", "ucf101",
               "--batch_size_per_gpu", "8", "--output_dir", str(tmp_path / "out")]
     error = r"none of the 2 videos of .*ucf101_val_split_1_videos.txt \(DATA.PATH_PREFIX=.*\) could be read"
-    with pytest.raises(RuntimeError, match=error):
-        linear(common + ["--epochs", "1", "--num_labels", "4", "--n_last_blocks", "1"] + opts)
+    probe = common + ["--epochs", "1", "--num_labels", "4", "--n_last_blocks", "1"] + opts
+    with pytest.raises(RuntimeError, match=error + r".* The training of epoch 0 is kept in .*checkpoint.pth.tar"):
+        linear(probe)
     dist.destroy_process_group()
+    # the epoch's training was saved before the error: once the video reads, the rerun only validates it
+    kept = torch.load(tmp_path / "out" / "checkpoint.pth.tar", weights_only=False)
+    assert (kept["epoch"], kept["iteration"]) == (0, kept["epoch_iterations"]) and kept["iteration"] > 0
+    shutil.copy(next((synthetic_root / "videos").rglob("*.mp4")), corrupt)
+    capsys.readouterr()
+    results = linear(probe)
+    dist.destroy_process_group()
+    assert f"epoch 0 from iteration {kept['iteration']}" in capsys.readouterr().out
+    assert torch.equal(torch.load(tmp_path / "out" / "checkpoint.pth.tar", weights_only=False)["state_dict"]
+                       ["module.linear.weight"], kept["state_dict"]["module.linear.weight"])
+    assert 0 <= results["multiview_acc1"] <= 100
+    corrupt.write_bytes(b"\x00not a video" * 64)
     with pytest.raises(RuntimeError, match=error):
         knn(common + ["--nb_knn", "1", "--use_cuda", "False"] + opts)
 

@@ -195,6 +195,22 @@ def test_a_split_without_a_readable_video_is_an_error_not_top1_0(synthetic_root,
                                torch.device("cpu"))
 
 
+def test_an_unreadable_val_split_keeps_the_epochs_training(synthetic_root, released, tmp_path):
+    """No val video readable after an epoch's training: the error comes after a checkpoint at the epoch's last
+    iteration, so the rerun after the fix validates that epoch instead of training it again."""
+    data = _lists(synthetic_root, tmp_path, per_class=2)
+    bad = tmp_path / "corrupt.mp4"
+    bad.write_bytes(b"\x00not a video" * 64)
+    (tmp_path / "lists" / "ucf101_val_split_1_videos.txt").write_text(f"{bad} 0\n{bad} 1\n")
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"none of the 2 videos of .*ucf101_val_split_1_videos.txt .*could be read"
+                                           rf".* The training of epoch 0 is kept in {out / 'checkpoint.pth'}"):
+        finetune(["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "4",
+                  "--num_workers", "0", "--epochs", "1", "--output_dir", str(out), "--opts"] + data + OPTS)
+    kept = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert kept["epoch"] == 0 and kept["iteration"] == 2  # 8 train videos (2 per class) in batches of 4
+
+
 def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, tmp_path):
     """2 epochs in one go vs 1 epoch + resume: identical weights and optimizer state. The lists hold an
     unreadable video: replaced (and counted) in training, left out (and counted) in val and test."""

@@ -11,7 +11,8 @@ import eval_linear
 from datasets import build_dataset, transform
 from tests.conftest import build_cfg, write_ssv2
 from tests.test_eval_e2e import OPTS, linear
-from utils.evaluation import check_same_run
+from utils.evaluation import check_same_run, list_fingerprint, run_record
+from utils.parser import load_config_from
 
 
 def _ssv2_sets(root):
@@ -102,6 +103,15 @@ def test_ssv2_annotated_videos_without_frames_are_counted_and_named(tmp_path):
         build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "train")
 
 
+def test_ssv2_empty_annotation_json_is_named(tmp_path):
+    """A split JSON with no videos: an error naming it and the official file, not an IndexError."""
+    write_ssv2(tmp_path)
+    (tmp_path / "something-something-v2-validation.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"something-something-v2-validation.json lists no videos: the val split of "
+                                         r"SSv2 is something-something-v2-validation.json"):
+        build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "val")
+
+
 def test_ssv2_test_json_as_validation_is_named(tmp_path):
     """The official test JSON (ids only) put in place of the validation JSON: an error naming the file and saying
     the test JSON has no labels, not a bare KeyError 'template'."""
@@ -151,3 +161,35 @@ def test_linear_probe_end_to_end_on_ssv2(tmp_path, monkeypatch, capsys):
     labels.write_text(json.dumps(dict(zip(json.loads(labels.read_text()), ["1", "0"]))))
     with pytest.raises(ValueError, match=r"holds another linear probe run: labels json: checkpoint"):
         linear(args)
+
+
+def test_ssv2_split_with_no_readable_video_points_at_the_frames(tmp_path):
+    """No SSv2 video readable: the advice is the frames folder and the frame lists, not check_videos (which reads
+    video lists, not frame lists)."""
+    from utils.evaluation import UnreadableSplit, unreadable_videos
+    write_ssv2(tmp_path)
+    _, _, val = _ssv2_sets(tmp_path)
+    all_skipped = torch.full((len(val),), -1)
+    with pytest.raises(UnreadableSplit, match=r"none of the 3 videos of .*val.csv .* could be read; check that "
+                                              r"DATA.PATH_PREFIX is the folder of the extracted frames") as error:
+        unreadable_videos(val, all_skipped)
+    assert "check_videos" not in str(error.value)
+
+
+def test_a_run_record_of_before_a_key_is_checked_against_its_old_value(tmp_path, capsys):
+    """A checkpoint whose run record predates DATA.INV_UNIFORM_SAMPLE sampled uniformly: resumed with it on, the
+    resume is refused (not a silent switch of protocol mid-run); off, it resumes. A key with no known earlier value
+    (an SSv2 labels JSON a record did not hold yet) is named in a note, not skipped in silence."""
+    cfg = load_config_from(None, ["DATA.INV_UNIFORM_SAMPLE", "True"])
+    run = run_record(argparse.Namespace(slowfast_eval=False), cfg, ("slowfast_eval",), {})
+    old = {key: value for key, value in run.items() if key != "DATA.INV_UNIFORM_SAMPLE"}
+    with pytest.raises(ValueError, match=r"DATA.INV_UNIFORM_SAMPLE: checkpoint False, this run True"):
+        check_same_run(old, run, "ckpt", "fine-tuning", "hint")
+    check_same_run(old, {**run, "DATA.INV_UNIFORM_SAMPLE": False}, "ckpt", "fine-tuning", "hint")
+    assert "Note" not in capsys.readouterr().out
+    (tmp_path / "labels.json").write_text("{}")
+    with_json = {**old, "DATA.INV_UNIFORM_SAMPLE": False,
+                 "labels json": list_fingerprint(str(tmp_path / "labels.json"))}
+    check_same_run(old, with_json, "ckpt", "fine-tuning", "hint")
+    assert "ckpt's run record has no labels json (written by an older svt): resuming without checking them" in \
+        capsys.readouterr().out

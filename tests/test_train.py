@@ -765,6 +765,11 @@ def test_eval_normalisation_keys_given_to_pretraining_are_noted(synthetic_root, 
     train_ssl.prepare_config(args)
     assert "Note: DATA.MEAN is set, but the SSL views are normalised with the ImageNet statistics" in \
         capsys.readouterr().out
+    args = train_ssl.get_args_parser().parse_args(["--data_path", str(synthetic_root / "annotations"), "--opts",
+                                                   "DATA.INV_UNIFORM_SAMPLE", "True"])
+    train_ssl.prepare_config(args)
+    assert "Note: DATA.INV_UNIFORM_SAMPLE is set, but it draws the short side of the clips the evaluation scripts " \
+           "train on" in capsys.readouterr().out
     args = train_ssl.get_args_parser().parse_args(["--data_path", str(synthetic_root / "annotations")])
     train_ssl.prepare_config(args)
     assert "Note:" not in capsys.readouterr().out

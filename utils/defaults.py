@@ -25,7 +25,7 @@ _C.DATA.SAMPLING_RATE = 32
 # Videos are resampled to this frame rate before sampling (fps-independent clip length).
 _C.DATA.TARGET_FPS = 30
 # Short-side jitter range of the clips the evaluation scripts train on (linear probe, fine-tuning); [0] is the
-# short side of a one-crop val/test clip.
+# short side of a one-crop val/test clip (SSv2's one-crop test clip: TEST_CROP_SIZE, as TimeSformer's).
 _C.DATA.TRAIN_JITTER_SCALES = [256, 320]
 # Short side of those training clips drawn as 1 / U(1 / MAX, 1 / MIN) instead of U(MIN, MAX): smaller sides are
 # likelier (TimeSformer's SSv2 config sets it; utils/parser.py DATASET_OPTS does so for --dataset ssv2).
@@ -34,7 +34,8 @@ _C.DATA.INV_UNIFORM_SAMPLE = False
 _C.DATA.TRAIN_CROP_SIZE = 224
 # Size of the local SSL views (the original hard-codes 96) and of the fast clip of --slowfast_eval.
 _C.DATA.LOCAL_CROP_SIZE = 96
-# Crop of the val/test clips; with TEST.NUM_SPATIAL_CROPS 3 also the short side they are resized to.
+# Crop of the val/test clips; with TEST.NUM_SPATIAL_CROPS 3 (SSv2's test: always) also the short side they are
+# resized to.
 _C.DATA.TEST_CROP_SIZE = 224
 # Evaluation normalisation. The original evaluates with 0.45/0.225 although pretraining uses the
 # ImageNet statistics; we keep that to reproduce its numbers.

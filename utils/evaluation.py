@@ -6,6 +6,7 @@ aggregation of clip scores and the checks and counts of unreadable videos.
 A video that cannot be decoded comes back from the dataset with label -1 (datasets/video_dataset.py): it is
 left out of banks, queries and accuracies, and counted.
 """
+import contextlib
 import hashlib
 import math
 from typing import Callable, Iterable, Sequence
@@ -78,6 +79,30 @@ def list_fingerprint(path: str) -> dict:
 CLIP_KEYS = ("DATA.NUM_FRAMES", "DATA.SAMPLING_RATE", "DATA.TARGET_FPS", "DATA.TRAIN_JITTER_SCALES",
              "DATA.INV_UNIFORM_SAMPLE", "DATA.TRAIN_CROP_SIZE", "DATA.TEST_CROP_SIZE", "DATA.MEAN", "DATA.STD",
              "DATA.RANDOM_FLIP", "TIMESFORMER.ATTENTION_TYPE")
+# Keys a run record gained after svt's first releases, with the value every run had before: a record without one
+# is compared with that value (an SSv2 run of before INV_UNIFORM_SAMPLE sampled uniformly).
+RECORD_VALUE_BEFORE = {"DATA.INV_UNIFORM_SAMPLE": False}
+
+
+class UnreadableSplit(RuntimeError):
+    """No video of an evaluation split could be read."""
+
+
+@contextlib.contextmanager
+def keeping_the_epoch(save: Callable[[], None], path, epoch: int):
+    """Around the validation after `epoch`'s training: when no val video can be read (UnreadableSplit, raised on
+    every rank alike), `save` the checkpoint after the epoch's last iteration first, so the rerun after the fix
+    validates it without training the epoch again."""
+    try:
+        yield
+    except UnreadableSplit as error:
+        save()
+        raise UnreadableSplit(f"{error} The training of epoch {epoch} is kept in {path}: once the videos can be read "
+                              "(the same lists; DATA.PATH_PREFIX may change), the same command resumes there and "
+                              "validates it.") from error
+
+
+CHECK_VIDEOS_ADVICE = "check DATA.PATH_PREFIX and run python -m datasets.preprocessing.check_videos on the list"
 
 
 def run_record(args, cfg, flags: Sequence[str], lists: dict[str, str]) -> dict:
@@ -122,8 +147,13 @@ def check_same_run(saved: dict | None, run: dict, path: str, what: str, output_h
     def show(value):
         return f"{value['path']} (sha1 {value['sha1'][:12]})" if isinstance(value, dict) else repr(value)
 
+    saved = {**{key: value for key, value in RECORD_VALUE_BEFORE.items() if key in run}, **saved}
     differ = [f"{key}: checkpoint {show(saved[key])}, this run {show(run[key])}" for key in run
               if key in saved and not same(key)]
+    unchecked = [key for key in run if key not in saved]
+    if unchecked and not differ:
+        print(f"Note: {path}'s run record has no {', '.join(unchecked)} (written by an older svt): resuming "
+              "without checking them.")
     if differ:
         raise ValueError(f"{path} holds another {what} run: {'; '.join(differ)}. Resuming it would continue that "
                          f"run's training and report its score as this one's. Give this run another --output_dir "
@@ -363,11 +393,13 @@ def drop_skipped(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return features[keep], labels[keep], int((~keep).sum())
 
 
-def drop_unreadable(features: torch.Tensor, labels: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+def drop_unreadable(features: torch.Tensor, labels: torch.Tensor, split: str,
+                    advice: str = CHECK_VIDEOS_ADVICE) -> tuple[torch.Tensor, torch.Tensor, int]:
     """drop_skipped of a kNN bank or query set of one row per video, `split` naming it (describe_split): an error
-    when no row is left (require_readable), where a kNN would divide by zero or score 0 over 0 videos."""
+    when no row is left (require_readable, with `advice`), where a kNN would divide by zero or score 0 over 0
+    videos."""
     features, labels, skipped = drop_skipped(features, labels)
-    require_readable(features.shape[0] + skipped, skipped, split)
+    require_readable(features.shape[0] + skipped, skipped, split, advice)
     return features, labels, skipped
 
 
@@ -504,7 +536,7 @@ def unreadable_videos(dataset, returned: torch.Tensor) -> set[int]:
     """skipped_video_ids of the labels `dataset` returned (its num_clips_per_video clips per video); an error when
     they are all of its videos (require_readable)."""
     skipped = skipped_video_ids(returned, dataset.num_clips_per_video)
-    require_readable(dataset.num_videos, len(skipped), describe_split(dataset))
+    require_readable(dataset.num_videos, len(skipped), describe_split(dataset), unreadable_advice(dataset))
     return skipped
 
 
@@ -514,12 +546,20 @@ def describe_split(dataset) -> str:
     return f"{inner.list_file} (DATA.PATH_PREFIX={inner.cfg.DATA.PATH_PREFIX!r})"
 
 
-def require_readable(num_videos: int, num_skipped: int, split: str) -> None:
-    """An evaluation split in which no video could be read is an error, not an accuracy of 0 over 0 videos nor a
-    kNN vote of an empty bank. `split` names its list (describe_split)."""
+def unreadable_advice(dataset) -> str:
+    """What to check when no video of `dataset` could be read: its videos (check_videos), or for a dataset of
+    extracted frames (SSv2), the frames folder."""
+    if getattr(getattr(dataset, "dataset", dataset), "frame_paths", None) is not None:
+        return ("check that DATA.PATH_PREFIX is the folder of the extracted frames and that the frames match the "
+                "frame lists (datasets/DATASET.md, SSv2)")
+    return CHECK_VIDEOS_ADVICE
+
+
+def require_readable(num_videos: int, num_skipped: int, split: str, advice: str = CHECK_VIDEOS_ADVICE) -> None:
+    """An evaluation split in which no video could be read is an error (UnreadableSplit), not an accuracy of 0 over
+    0 videos nor a kNN vote of an empty bank. `split` names its list (describe_split), `advice` what to check."""
     if num_skipped >= num_videos:
-        raise RuntimeError(f"none of the {num_videos} videos of {split} could be read; check DATA.PATH_PREFIX and "
-                           "run python -m datasets.preprocessing.check_videos on the list.")
+        raise UnreadableSplit(f"none of the {num_videos} videos of {split} could be read; {advice}.")
 
 
 def single_view_stats(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict:
@@ -567,7 +607,7 @@ class OnlineKNN:
                     ReturnIndexLabelDataset(build_dataset(dataset, knn_cfg, "val")))
         self.device, self.k, self.temperature = device, k, temperature
         self.loaders = [make_loader(ds, batch_size, num_workers) for ds in datasets]
-        self.splits = [describe_split(ds) for ds in datasets]
+        self.splits = [(describe_split(ds), unreadable_advice(ds)) for ds in datasets]
         self.num_classes = int(max(int(dataset_labels(ds).max()) for ds in datasets)) + 1
         print(f"Online kNN on {dataset}: {len(datasets[0])} train and {len(datasets[1])} val videos.")
 
@@ -581,7 +621,7 @@ class OnlineKNN:
         with utils.autocast_context(precision, self.device):
             # label -1 marks an unreadable video: left out of the bank and the queries, as in eval_knn.py
             (bank, bank_labels, _), (queries, query_labels, _) = [
-                drop_unreadable(*extract_features_and_labels(backbone, loader, self.device, check_stop), split)
+                drop_unreadable(*extract_features_and_labels(backbone, loader, self.device, check_stop), *split)
                 for loader, split in zip(self.loaders, self.splits)]
         backbone.train(was_training)
         return knn_classifier(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1), query_labels,
