@@ -465,7 +465,8 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dist_timeout", default=DEFAULT_DIST_TIMEOUT_MIN, type=float, help="""Minutes a
         collective (all-reduce, barrier, ...) may wait for the other processes before the job ends with an
         error naming the process that stopped answering (a stalled or dead rank would otherwise hang the job).
-        Raise it if one rank legitimately works alone for longer (e.g. a very large kNN on rank 0).""")
+        Raise it if one rank legitimately works alone for longer (e.g. a very large kNN on rank 0). It also
+        bounds the start-up rendezvous: every process must have started within this time.""")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="Ignored (torch.distributed.launch passes it; torchrun sets LOCAL_RANK instead).")
 
