@@ -108,7 +108,7 @@ def main(args) -> dict | None:
             "checkpoint_key": args.checkpoint_key, "temperature": args.temperature,
             "train_aug": args.train_aug, "num_train": int(train_features.shape[0]),
             "num_test": int(test_features.shape[0]), "skipped_videos": skipped, "sequential_decodes": sequential,
-            "skipped_train_videos": skipped_train, "skipped_val_videos": skipped_test,
+            "train_skipped_videos": skipped_train, "val_skipped_videos": skipped_test,
             "results": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in acc.items()},
         }
         with open(os.path.join(args.output_dir, "knn_results.json"), "w") as f:

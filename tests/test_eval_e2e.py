@@ -367,7 +367,7 @@ def test_knn_skips_unreadable_train_and_val_videos(synthetic_root, checkpoint, t
     res = knn(common + ["--output_dir", str(tmp_path / "skip"), "--dump_features", str(tmp_path / "feats"),
                         "--opts"] + opts)
     assert clean["skipped_videos"] == 0 and res["skipped_videos"] == 2
-    assert (res["skipped_train_videos"], res["skipped_val_videos"]) == (1, 1)
+    assert (res["train_skipped_videos"], res["val_skipped_videos"]) == (1, 1)
     assert (res["num_train"], res["num_test"]) == (clean["num_train"], clean["num_test"]) == (16, 8)
     assert res["results"] == clean["results"]
     assert json.loads((tmp_path / "skip" / "knn_results.json").read_text())["skipped_videos"] == 2
