@@ -2,9 +2,10 @@
 
 The paper's fine-tuning numbers come from TimeSformer's recipe (the authors ran it in the TimeSformer
 repository): SGD, momentum 0.9 (Nesterov, TimeSformer's default), weight decay 1e-4 on every parameter,
-lr 0.005 for a batch of 8, x0.1 at epochs 11 and 14, 15 epochs, drop path 0.1, plain cross-entropy (no
-label smoothing, no mixup), 8 frames x stride 32 at 224, random short side 256-320 + crop + flip. Those
-are the defaults here; the lr is scaled with the global batch (lr x batch / 8). The test scores
+lr 0.005 for an effective batch of 64 (8 clips per iteration, gradients accumulated over 8 iterations), x0.1 at
+epochs 11 and 14, 15 epochs, drop path 0.1, plain cross-entropy (no label smoothing, no mixup), 8 frames x stride 32
+at 224, random short side 256-320 + crop + flip. Those are the defaults here; the lr is scaled with the effective
+batch (lr x batch / 64; scripts/finetune.sh picks --accum_iter to reach 64). The test scores
 TEST.NUM_ENSEMBLE_VIEWS x TEST.NUM_SPATIAL_CROPS clips per video (1 x 3) with summed logits, as
 eval_linear.py; `--slowfast_eval True` uses the paper's slow-fast clips.
 
@@ -20,7 +21,7 @@ continues exactly there and runs the abandoned pass again. `--evaluate` has noth
 usual.
 
     torchrun --nproc_per_node=8 eval_finetune.py --arch vit_base --pretrained_weights kinetics400_vitb_ssl.pth \
-        --batch_size_per_gpu 1 --dataset ucf101 --output_dir checkpoints/finetune/ucf101 \
+        --batch_size_per_gpu 1 --accum_iter 8 --dataset ucf101 --output_dir checkpoints/finetune/ucf101 \
         --opts DATA.PATH_TO_DATA_DIR data/ucf101/splits DATA.PATH_PREFIX data/ucf101/videos
 """
 import argparse
@@ -55,8 +56,11 @@ from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth"
 RESULTS_NAME = "finetune_results.json"
-# The batch the reference lr is given for (TimeSformer: 8 clips over 8 GPUs).
-REFERENCE_BATCH = 8
+# The effective batch the reference lr is given for: TimeSformer's GLOBAL_BATCH_SIZE (64 in its config defaults,
+# not overridden by its Kinetics YAMLs). Its train_net.py accumulates the gradients of GLOBAL_BATCH_SIZE //
+# (NUM_SHARDS x TRAIN.BATCH_SIZE) iterations, divided by their number, before each SGD step: with the YAML's
+# TRAIN.BATCH_SIZE 8 (one clip on each of 8 GPUs), lr 0.005 is for 8 iterations of 8 clips.
+REFERENCE_BATCH = 64
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -81,8 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "Default: max label + 1 of the lists.")
     parser.add_argument("--epochs", default=15, type=int, help="Training epochs (TimeSformer's recipe: 15).")
     parser.add_argument("--lr", default=0.005, type=float,
-                        help="Learning rate for a global batch of 8 (the recipe's); the run uses "
-                             "lr * batch_size_per_gpu * GPUs * accum_iter / 8.")
+                        help="Learning rate for an effective batch of 64 (TimeSformer's recipe: 8 clips per "
+                             "iteration, 8 iterations accumulated per step); the run uses "
+                             "lr * batch_size_per_gpu * GPUs * accum_iter / 64.")
     parser.add_argument("--lr_decay_epochs", default=[11, 14], type=int, nargs="*",
                         help="Epochs at whose start the learning rate is multiplied by --lr_decay.")
     parser.add_argument("--lr_decay", default=0.1, type=float, help="Factor of each learning-rate step.")
@@ -93,11 +98,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="L2 weight decay, applied to every parameter as in TimeSformer (which decays "
                              "only non-BatchNorm parameters, i.e. all of a ViT's).")
     parser.add_argument("--batch_size_per_gpu", default=8, type=int,
-                        help="Clips per GPU per forward. The recipe's global batch is 8 (one per GPU on 8 GPUs; "
-                             "scripts/finetune.sh passes 8 / GPUS); the lr scales with the global batch.")
+                        help="Clips per GPU per forward (TimeSformer's recipe: 8 per iteration over all GPUs, "
+                             "one per GPU on 8; scripts/finetune.sh passes 8 / GPUS); the lr scales with the "
+                             "effective batch, batch_size_per_gpu * GPUs * accum_iter.")
     parser.add_argument("--accum_iter", default=1, type=int,
-                        help="Forwards whose gradients are summed before each optimizer step: the effective "
-                             "batch is batch_size_per_gpu * GPUs * accum_iter (for small GPUs).")
+                        help="Forwards whose gradients are averaged before each optimizer step: the effective "
+                             "batch is batch_size_per_gpu * GPUs * accum_iter. The recipe's is 64 (TimeSformer "
+                             "accumulates 8 iterations of 8 clips): e.g. 8 with 8 GPUs x 1 clip, 8 with 1 GPU x 8 "
+                             "clips; scripts/finetune.sh picks it.")
     parser.add_argument("--use_fp16", default=True, type=utils.bool_flag,
                         help="Mixed precision (type chosen by --amp_dtype); off: fp32.")
     parser.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"],
@@ -178,11 +186,16 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
+def effective_batch(args) -> int:
+    """Clips per optimizer step: batch_size_per_gpu x processes x accum_iter."""
+    return args.batch_size_per_gpu * utils.get_world_size() * args.accum_iter
+
+
 def lr_at_epoch(args, epoch: int) -> float:
-    """The recipe's steps: lr (scaled to the global batch) x lr_decay per decay epoch reached."""
-    global_batch = args.batch_size_per_gpu * utils.get_world_size() * args.accum_iter
+    """The recipe's steps: --lr scaled linearly from REFERENCE_BATCH to the effective batch, x lr_decay per decay
+    epoch reached."""
     steps = sum(epoch >= e for e in args.lr_decay_epochs)
-    return args.lr * global_batch / REFERENCE_BATCH * args.lr_decay ** steps
+    return args.lr * effective_batch(args) / REFERENCE_BATCH * args.lr_decay ** steps
 
 
 def predict(model: VisionTransformer, frames) -> torch.Tensor:
@@ -464,7 +477,10 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
 
     print(f"Fine-tuning from epoch {start_epoch} to {args.epochs}: {len(train_loader) // args.accum_iter} steps "
-          f"per epoch, global batch {args.batch_size_per_gpu * utils.get_world_size() * args.accum_iter}.")
+          f"per epoch, effective batch {effective_batch(args)} ({args.batch_size_per_gpu} clips x "
+          f"{utils.get_world_size()} processes x {args.accum_iter} accumulated): lr --lr {args.lr:g} x "
+          f"{effective_batch(args)} / {REFERENCE_BATCH} = {args.lr * effective_batch(args) / REFERENCE_BATCH:g} "
+          "before its decay steps.")
     start_time = time.time()
     # A stop signal saves the training done and exits with status 3 (README "Reliability").
     with preemption.StopSignals(ignore_after_stop=exit_after_stop) as stop:

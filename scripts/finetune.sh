@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Fine-tune an SVT checkpoint end to end with the paper's recipe (TimeSformer's: SGD, lr 0.005 for a batch
-# of 8, x0.1 at epochs 11 and 14, 15 epochs, 8x32 clips at 224, 1 x 3 test views). Every path comes from
-# the environment; extra arguments are forwarded to eval_finetune.py (a `--opts KEY VALUE ...` of yours goes
-# after the script's own), e.g. `./scripts/finetune.sh --slowfast_eval True` or `./scripts/finetune.sh --evaluate`.
+# Fine-tune an SVT checkpoint end to end with the paper's recipe (TimeSformer's: SGD, lr 0.005 for an effective
+# batch of 64, x0.1 at epochs 11 and 14, 15 epochs, 8x32 clips at 224, 1 x 3 test views). TimeSformer reaches 64 by
+# accumulating the gradients of 8 iterations of 8 clips (its GLOBAL_BATCH_SIZE); with the defaults below so does
+# this script: 8 GPUs x 1 clip x 8 accumulated. Every path comes from the environment; extra arguments are forwarded
+# to eval_finetune.py (a `--opts KEY VALUE ...` of yours goes after the script's own), e.g.
+# `./scripts/finetune.sh --slowfast_eval True` or `./scripts/finetune.sh --evaluate`.
 #   DATA_PATH   dataset root with splits/ and videos/ (SSv2: annotations/ and frames/)  (default: data/ucf101)
 #   CHECKPOINT  initialisation (the released file or a train_ssl.py checkpoint.pth)     [required]
 #   DATASET     ucf101 | hmdb51 | kinetics400 | ssv2          (default: ucf101)
 #   NUM_LABELS  classes (101 UCF, 51 HMDB, 400 K400, 174 SSv2; default: from DATASET)
 #   GPUS        processes (GPUs) to use                        (default: 8, the paper's)
-#   BATCH_SIZE  clips per GPU                                  (default: 8 / GPUS, i.e. the paper's batch 8)
-#   ACCUM_ITER  batches per optimizer step (effective batch = BATCH_SIZE x GPUS x ACCUM_ITER)  (default: 1)
+#   BATCH_SIZE  clips per GPU per iteration                    (default: 8 / GPUS, TimeSformer's 8 per iteration)
+#   ACCUM_ITER  iterations per optimizer step (effective batch = BATCH_SIZE x GPUS x ACCUM_ITER; the lr scales
+#               with it)        (default: 64 / (GPUS x BATCH_SIZE), rounded up: the recipe's 64, or the nearest above)
 #   EXP_NAME    run name                                       (default: ft_$DATASET)
 #   OUTPUT_DIR  checkpoints, logs, results   (default: <repo>/checkpoints/finetune/$EXP_NAME); rerun to resume
 #   LIST_DIR    folder of the list files     (default: $DATA_PATH/splits; K400: $DATA_PATH/annotations)
@@ -30,6 +33,14 @@ GPUS="${GPUS:-8}"
 : "${CHECKPOINT:?set CHECKPOINT to the checkpoint to fine-tune (e.g. checkpoints/kinetics400_vitb_ssl.pth)}"
 dataset_defaults  # DEFAULT_LABELS, LISTS, VIDEOS
 if (( GPUS > 8 || 8 % GPUS )); then DEFAULT_BATCH=1; else DEFAULT_BATCH=$(( 8 / GPUS )); fi
+BATCH_SIZE="${BATCH_SIZE:-$DEFAULT_BATCH}"
+per_iteration=$(( GPUS * BATCH_SIZE ))
+ACCUM_ITER="${ACCUM_ITER:-$(( (64 + per_iteration - 1) / per_iteration ))}"
+if (( per_iteration * ACCUM_ITER != 64 )); then
+    echo "finetune.sh: $GPUS GPUs x $BATCH_SIZE clips x $ACCUM_ITER accumulated = an effective batch of" \
+         "$(( per_iteration * ACCUM_ITER )), not TimeSformer's 64 (the lr scales with it); set BATCH_SIZE and" \
+         "ACCUM_ITER to choose." >&2
+fi
 LIST_DIR="${LIST_DIR:-$DATA_PATH/$LISTS}"
 require_eval_inputs "$LIST_DIR"
 
@@ -39,8 +50,8 @@ exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$GPUS" --master_port="
   --pretrained_weights "$CHECKPOINT" \
   --dataset "$DATASET" \
   --num_labels "${NUM_LABELS:-$DEFAULT_LABELS}" \
-  --batch_size_per_gpu "${BATCH_SIZE:-$DEFAULT_BATCH}" \
-  --accum_iter "${ACCUM_ITER:-1}" \
+  --batch_size_per_gpu "$BATCH_SIZE" \
+  --accum_iter "$ACCUM_ITER" \
   --num_workers 8 \
   --output_dir "${OUTPUT_DIR:-$ROOT/checkpoints/finetune/${EXP_NAME:-ft_$DATASET}}" \
   ${user_args[@]+"${user_args[@]}"} \

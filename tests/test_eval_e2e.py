@@ -321,9 +321,10 @@ def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
     assert val["test_loss"] == pytest.approx(ev["loss"], rel=1e-5) and val["test_acc1"] == ev["acc1"]
     assert (results["multiview_acc1"], results["num_videos"]) == (ev["multiview_acc1"], ev["num_videos"])
 
-    run("finetune.sh", "ft", lists, "--epochs", "1", "--use_fp16", "false", "--num_labels", "4")
+    # 2 batches of 3 per process: one optimizer step of 2 accumulated (the script's default, 8, needs 64 clips)
+    run("finetune.sh", "ft", lists, "--epochs", "1", "--use_fp16", "false", "--num_labels", "4", "--accum_iter", "2")
     ft = json.loads((tmp_path / "ft" / "log.txt").read_text().splitlines()[0])
-    assert ft["train_lr"] == pytest.approx(0.005 * 6 / 8)  # the global batch: 2 processes x 3
+    assert ft["train_lr"] == pytest.approx(0.005 * 12 / 64)  # the effective batch: 2 processes x 3 x 2
     (tmp_path / "ft1").mkdir()
     (tmp_path / "ft1" / "checkpoint.pth").write_bytes((tmp_path / "ft" / "checkpoint.pth").read_bytes())
     args = ["--arch", "vit_tiny", "--num_workers", "0", "--batch_size_per_gpu", "2", "--use_fp16", "false",

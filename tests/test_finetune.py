@@ -134,6 +134,21 @@ def test_training_top1_top5_means_are_the_exact_percentages_of_each_batch(capsys
     assert "acc1: 33.333333 (33.333333)" in capsys.readouterr().out
 
 
+def test_lr_is_timesformers_0_005_at_an_effective_batch_of_64_and_scales_linearly():
+    """TimeSformer's lr 0.005 is for GLOBAL_BATCH_SIZE 64 (its train_net.py accumulates 8 iterations of 8 clips),
+    not for the 8 clips of one iteration: 0.005 at 64 clips per step however they are made up, linear in between,
+    x0.1 at epochs 11 and 14."""
+    def lr(batch: int, accum: int, epoch: int = 0) -> float:
+        args = argparse.Namespace(lr=0.005, lr_decay_epochs=[11, 14], lr_decay=0.1, batch_size_per_gpu=batch,
+                                  accum_iter=accum)
+        return eval_finetune.lr_at_epoch(args, epoch)
+
+    assert lr(8, 8) == lr(1, 64) == lr(64, 1) == 0.005
+    assert lr(8, 1) == pytest.approx(0.005 / 8) and lr(4, 8) == pytest.approx(0.0025)
+    assert lr(16, 8) == pytest.approx(0.01)
+    assert [lr(8, 8, e) for e in (10, 11, 13, 14)] == pytest.approx([0.005, 0.0005, 0.0005, 0.00005])
+
+
 def finetune(args: list[str]) -> dict:
     parser = argparse.ArgumentParser(parents=[eval_finetune.get_args_parser()])
     results = eval_finetune.eval_finetune(parser.parse_args(args))
@@ -216,7 +231,7 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
     unreadable video: replaced (and counted) in training, left out (and counted) in val and test."""
     data = _lists(synthetic_root, tmp_path, corrupt=True)
     common = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "4",
-              "--accum_iter", "2", "--num_workers", "0", "--lr", "0.01", "--log_freq", "2"]
+              "--accum_iter", "2", "--num_workers", "0", "--lr", "0.08", "--log_freq", "2"]
     once, resumed = tmp_path / "once", tmp_path / "resumed"
     res = finetune(common + ["--epochs", "2", "--output_dir", str(once), "--opts"] + data + OPTS)
     finetune(common + ["--epochs", "1", "--output_dir", str(resumed), "--opts"] + data + OPTS)
@@ -234,7 +249,7 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
         assert torch.equal(a["model_state"][key], b["model_state"][key]), key
     for pa, pb in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-    # lr 0.01 x global batch (4 x 1 process x 2 accumulated) / 8; the recipe's SGD settings.
+    # lr 0.08 x effective batch (4 x 1 process x 2 accumulated) / 64; the recipe's SGD settings.
     group = a["optimizer_state"]["param_groups"][0]
     assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.01, 0.9, 1e-4, True)
     assert res_resumed == res
@@ -303,7 +318,7 @@ def test_short_finetune_fits_a_small_training_set_and_moves_every_weight(synthet
     easy = ["DATA.TRAIN_JITTER_SCALES", "[32,32]", "DATA.RANDOM_FLIP", "False", "TEST.NUM_SPATIAL_CROPS", "1"]
     out = tmp_path / "fit"
     args = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "4", "--num_workers",
-            "0", "--lr", "0.02", "--weight_decay", "0", "--epochs", "14", "--val_freq", "100",
+            "0", "--lr", "0.16", "--weight_decay", "0", "--epochs", "14", "--val_freq", "100",
             "--output_dir", str(out), "--opts"] + data + OPTS + easy
     res = finetune(args)
     log = log_records(out)
@@ -334,7 +349,7 @@ def test_mid_epoch_checkpoint_resumes_as_an_uninterrupted_run(synthetic_root, re
     optimizer step: after batch 4, not 3. Drop path 0.1 and an unreadable training video are on."""
     data = _lists(synthetic_root, tmp_path, corrupt=True)
     common = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "2",
-              "--accum_iter", str(accum_iter), "--saveckp_iters", "3", "--num_workers", "0", "--lr", "0.01",
+              "--accum_iter", str(accum_iter), "--saveckp_iters", "3", "--num_workers", "0", "--lr", "0.08",
               "--epochs", "2", "--opts"] + data + OPTS
     once, stopped = tmp_path / "once", tmp_path / "stopped"
     finetune(["--output_dir", str(once)] + common)
@@ -380,7 +395,7 @@ def test_sigterm_saves_the_step_reached_exits_3_and_resumes_as_an_uninterrupted_
     import signal
     data = _lists(synthetic_root, tmp_path, corrupt=True)
     common = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "2",
-              "--num_workers", "0", "--lr", "0.01", "--epochs", "2", "--opts"] + data + OPTS
+              "--num_workers", "0", "--lr", "0.08", "--epochs", "2", "--opts"] + data + OPTS
     once, stopped = tmp_path / "once", tmp_path / "stopped"
     finetune(["--output_dir", str(once)] + common)
 
@@ -417,7 +432,7 @@ def stop_reference(synthetic_root, released, tmp_path_factory):
     batches, 14 test batches (3 clips of 9 videos), 2 epochs."""
     root = tmp_path_factory.mktemp("finetune_stop")
     argv = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "2", "--num_workers",
-            "0", "--lr", "0.01", "--epochs", "2", "--opts"] + _lists(synthetic_root, root, corrupt=True) + OPTS
+            "0", "--lr", "0.08", "--epochs", "2", "--opts"] + _lists(synthetic_root, root, corrupt=True) + OPTS
     print_ = builtins.print
     try:
         results = finetune(["--output_dir", str(root / "reference")] + argv)

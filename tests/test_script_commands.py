@@ -145,3 +145,17 @@ def test_eval_scripts_read_ssv2_frames_from_the_frames_folder(tmp_path, script):
     (tmp_path / "data" / "annotations").mkdir(parents=True)  # finetune.sh's SSv2 lists
     argv, program, _ = _launch(tmp_path, script, DATASET="ssv2")
     assert _parse(program, argv)[1].DATA.PATH_PREFIX == str(tmp_path / "data" / "frames")
+
+
+@pytest.mark.parametrize("env, batch, accum, effective", [
+    ({"GPUS": "8"}, 1, 8, 64), ({"GPUS": "4"}, 2, 8, 64), ({"GPUS": "4", "BATCH_SIZE": "1"}, 1, 16, 64),
+    ({"GPUS": "1"}, 8, 8, 64), ({"GPUS": "1", "BATCH_SIZE": "4"}, 4, 16, 64), ({"GPUS": "16"}, 1, 4, 64),
+    ({"GPUS": "3"}, 1, 22, 66), ({"GPUS": "128"}, 1, 1, 128), ({"GPUS": "8", "ACCUM_ITER": "2"}, 1, 2, 16)])
+def test_finetune_script_reaches_timesformers_effective_batch_of_64(tmp_path, env, batch, accum, effective):
+    """TimeSformer accumulates gradients to GLOBAL_BATCH_SIZE 64 (8 clips an iteration x 8 iterations) for its lr
+    0.005: finetune.sh's defaults do the same on any GPU count, rounding the accumulation up (and saying so) where
+    64 clips do not divide; an explicit ACCUM_ITER wins. The run's lr is then --lr x effective / 64."""
+    argv, program, stderr = _launch(tmp_path, "finetune.sh", **env)
+    args, _ = _parse(program, argv)
+    assert (args.batch_size_per_gpu, args.accum_iter, args.lr) == (batch, accum, 0.005)
+    assert (f"an effective batch of {effective}, not TimeSformer's 64" in stderr) == (effective != 64)
