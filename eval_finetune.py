@@ -123,7 +123,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Multi-view aggregation per video: sum of the clip logits (the original's "
                              "TestMeter) or the mean of the clip softmax probabilities.")
     parser.add_argument("--evaluate", action="store_true",
-                        help="Only run the multi-view test of the model in output_dir/checkpoint.pth.")
+                        help="Only run the multi-view test of the model in output_dir/checkpoint.pth, which holds "
+                             "every weight (no --pretrained_weights needed).")
     parser.add_argument("--val_freq", default=1, type=int,
                         help="Single-view validation every N epochs (and after the last).")
     parser.add_argument("--output_dir", default=".", type=str,
@@ -146,16 +147,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Config, data and model
 # ---------------------------------------------------------------------------------------------
-def build_model(args, cfg, num_labels: int) -> VisionTransformer:
+def build_model(args, cfg, num_labels: int, initialise: bool = True) -> VisionTransformer:
     """The backbone of `args.arch` initialised from `args.pretrained_weights` (or TIMESFORMER.PRETRAINED_MODEL),
-    with a new linear head."""
+    with a new linear head; without `initialise` (a model whose every weight a checkpoint then replaces) only
+    from --pretrained_weights, when given."""
     model = build_backbone(args.arch, cfg, patch_size=args.patch_size)
     if args.pretrained_weights:  # the model has no head yet: a file's head is left out
         summary = load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
         check_backbone_load(summary, args.pretrained_weights, args.arch)
-    elif cfg.TIMESFORMER.PRETRAINED_MODEL:
+    elif initialise and cfg.TIMESFORMER.PRETRAINED_MODEL:
         load_imagenet_init(model, cfg.TIMESFORMER.PRETRAINED_MODEL)
-    else:
+    elif initialise:
         print("WARNING: no --pretrained_weights and no TIMESFORMER.PRETRAINED_MODEL: fine-tuning from a "
               "random initialisation.")
     model.reset_classifier(num_labels)
@@ -393,16 +395,23 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
 
 def load_finetuned(model: VisionTransformer, ckpt: dict, path: Path, init_backbone: str, args) -> None:
     """The fine-tuned weights of `ckpt` (the run's checkpoint.pth, read from `path`) into `model`, for a resume or
-    --evaluate: an error when its head has another class count or it fine-tuned another initialisation than this
-    run's (`init_backbone`, the fingerprint of --pretrained_weights' backbone; a file without one passes)."""
+    --evaluate: an error when its head has another class count, or when a resume would continue the fine-tuning of
+    another initialisation than this run's (`init_backbone`, the fingerprint of --pretrained_weights' backbone; a
+    file without one passes). --evaluate tests the checkpoint's weights, every one of which it holds: it needs no
+    --pretrained_weights, and another one only gets a note."""
     if ckpt["model_state"]["head.bias"].shape[0] != args.num_labels:
         raise ValueError(f"{path} has a {ckpt['model_state']['head.bias'].shape[0]}-class head but this run has "
                          f"{args.num_labels} classes; use another --output_dir or --num_labels.")
     if ckpt.get("init_backbone", init_backbone) != init_backbone:
-        raise ValueError(f"{path} is a fine-tuning of another initialisation than --pretrained_weights "
-                         f"{args.pretrained_weights or '(none)'}; resuming or testing it would report its scores "
-                         "for this checkpoint. Give this run its own --output_dir (finetune.sh: EXP_NAME=... or "
-                         f"OUTPUT_DIR=...), or delete {path} to start a new one.")
+        if not args.evaluate:
+            raise ValueError(f"{path} is a fine-tuning of another initialisation than --pretrained_weights "
+                             f"{args.pretrained_weights or '(none)'}; resuming it would report its scores for this "
+                             "checkpoint. Give this run its own --output_dir (finetune.sh: EXP_NAME=... or "
+                             f"OUTPUT_DIR=...), or delete {path} to start a new one.")
+        if args.pretrained_weights:
+            print(f"Note: {path} is a fine-tuning of another initialisation than --pretrained_weights "
+                  f"{args.pretrained_weights}; --evaluate tests the weights of {path} (all of them), so "
+                  "--pretrained_weights is not used.")
     model.load_state_dict(ckpt["model_state"])
 
 
@@ -449,7 +458,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
 
     precision, why = utils.choose_precision(args.use_fp16, args.amp_dtype, device)
     print(f"Mixed precision: {utils.PRECISION_NAMES[precision]} ({why})")
-    model = build_model(args, cfg, args.num_labels)
+    model = build_model(args, cfg, args.num_labels, initialise=not args.evaluate)
     init_backbone = backbone_fingerprint(model, exclude=("head.",))
     if ckpt is not None:  # resume or --evaluate: the saved weights replace the initialisation
         load_finetuned(model, ckpt, ckpt_path, init_backbone, args)

@@ -226,7 +226,7 @@ def test_an_unreadable_val_split_keeps_the_epochs_training(synthetic_root, relea
     assert kept["epoch"] == 0 and kept["iteration"] == 2  # 8 train videos (2 per class) in batches of 4
 
 
-def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, tmp_path):
+def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, tmp_path, capsys):
     """2 epochs in one go vs 1 epoch + resume: identical weights and optimizer state. The lists hold an
     unreadable video: replaced (and counted) in training, left out (and counted) in val and test."""
     data = _lists(synthetic_root, tmp_path, corrupt=True)
@@ -285,16 +285,28 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
                        a["model_state"]["head.weight"])
 
     # Another initialisation with the same --output_dir (finetune.sh's default EXP_NAME ft_$DATASET): an
-    # error, not the first run's model resumed or tested under the new checkpoint's name.
+    # error, not the first run's model resumed under the new checkpoint's name.
     state = torch.load(released, weights_only=True)
     state["backbone.norm.bias"] = state["backbone.norm.bias"] + 0.5
     torch.save(state, tmp_path / "other.pth")
     other = [str(tmp_path / "other.pth") if a == released else a for a in common]
-    for extra in (["--epochs", "3"], ["--evaluate"]):
-        with pytest.raises(ValueError, match=r"checkpoint.pth is a fine-tuning of another initialisation than "
-                                             r"--pretrained_weights .*other.pth.*EXP_NAME="):
-            finetune(other + extra + ["--output_dir", str(once), "--opts"] + data + OPTS)
-        dist.destroy_process_group()
+    with pytest.raises(ValueError, match=r"checkpoint.pth is a fine-tuning of another initialisation than "
+                                         r"--pretrained_weights .*other.pth.*EXP_NAME="):
+        finetune(other + ["--epochs", "3", "--output_dir", str(once), "--opts"] + data + OPTS)
+    dist.destroy_process_group()
+    # --evaluate tests the checkpoint, which holds every weight: no --pretrained_weights is needed, another one
+    # gets a note (and no advice to delete the checkpoint); both score the model as the training's own test did.
+    capsys.readouterr()
+    noted = finetune(other + ["--evaluate", "--output_dir", str(once), "--opts"] + data + OPTS)
+    out = capsys.readouterr().out
+    assert f"Note: {once / 'checkpoint.pth'} is a fine-tuning of another initialisation than --pretrained_weights " \
+           f"{tmp_path / 'other.pth'}; --evaluate tests the weights" in out and "delete" not in out
+    bare = [a for a in common if a not in ("--pretrained_weights", released)]
+    alone = finetune(bare + ["--evaluate", "--output_dir", str(once), "--opts"] + data + OPTS)
+    assert "Note:" not in capsys.readouterr().out and alone["pretrained_weights"] == ""
+    tested = {k: v for k, v in res.items() if k.startswith("test_")}
+    assert {k: v for k, v in noted.items() if k.startswith("test_")} == tested
+    assert {k: v for k, v in alone.items() if k.startswith("test_")} == tested
     # Another run's lists (one train line less) or seed: an error naming what differs (a new --epochs does not).
     edited = tmp_path / "edited"
     shutil.copytree(data[1], edited)
