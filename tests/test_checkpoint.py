@@ -309,6 +309,31 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
         load_pretrained_weights(model, path)
 
 
+def test_safetensors_weights_load_as_the_imagenet_init_and_as_pretrained_weights(tmp_path):
+    """timm >= 0.9 and the Hugging Face Hub ship weights as model.safetensors: the ImageNet init and
+    --pretrained_weights take them (told by the suffix or by the header: its 8-byte length, then its JSON), and a
+    truncated one is an error saying so, not advice about torch.save."""
+    from safetensors.torch import save_file
+    vit = image_vit_state(8)
+    path = tmp_path / "model.safetensors"
+    save_file(vit, path)
+    model = VisionTransformer(**TINY)
+    assert load_imagenet_init(model, path).image_model
+    assert torch.equal(model.blocks[1].temporal_attn.qkv.weight, vit["blocks.1.attn.qkv.weight"])
+    video = tiny(9)
+    unnamed = tmp_path / "svt_weights.bin"  # no suffix: the header tells
+    save_file({f"backbone.{k}": v for k, v in video.state_dict().items()}, unnamed)
+    model = tiny(0)
+    assert load_pretrained_weights(model, unnamed).missing == []
+    assert_same_backbone(model, video)
+    data = path.read_bytes()
+    for name, size in (("cut.safetensors", len(data) // 2), ("cut.safetensors", 5), ("cut_unnamed", len(data) - 4)):
+        (tmp_path / name).write_bytes(data[:size])
+        with pytest.raises(RuntimeError, match=rf"could not read safetensors file .*{name} .*not complete or is "
+                                               r"damaged: re-download"):
+            load_imagenet_init(VisionTransformer(**TINY), tmp_path / name)
+
+
 def test_non_dict_entry_points_to_checkpoint_key(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"teacher": 0, "student": {}}, path)

@@ -34,17 +34,40 @@ except ImportError:  # not POSIX (Windows): output folders are not locked
 DINO_VITB16_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
 
 
+def _is_safetensors(path: str, head: bytes) -> bool:
+    """Whether a file that is not in a torch.save format (`head`: its first bytes) is a safetensors file, as timm
+    (>= 0.9) and the Hugging Face Hub ship weights (model.safetensors): named *.safetensors, or an 8-byte
+    little-endian header length then the JSON header's '{'."""
+    return path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"
+                                              and 0 < int.from_bytes(head[:8], "little") < os.path.getsize(path))
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on CPU; a truncated or damaged one is an error saying so."""
+    from safetensors.torch import load_file  # a dependency of timm >= 0.9
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:
+        raise RuntimeError(f"could not read safetensors file {path} ({type(e).__name__}: {e}); it is not complete "
+                           "or is damaged: re-download or re-copy it (compare its size).") from e
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """`torch.load` on CPU with `weights_only=True`, allowing the pickled `argparse.Namespace` that
-    training checkpoints carry under `args`."""
+    training checkpoints carry under `args`; a safetensors file (timm / Hugging Face Hub weights) gives its
+    tensors."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(2)
+        head = f.read(9)
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch.save format
-        raise RuntimeError(f"{path} is not a complete file written by torch.save (it starts with {head!r}): "
-                           "re-download or re-copy it, e.g. not an HTML error page or a partial download.")
+        if _is_safetensors(path, head):
+            return _load_safetensors(path)
+        raise RuntimeError(f"{path} is not a complete file written by torch.save or safetensors (it starts with "
+                           f"{head[:2]!r}): re-download or re-copy it, e.g. not an HTML error page or a partial "
+                           "download.")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
