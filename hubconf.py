@@ -2,32 +2,74 @@
 
     model = torch.hub.load("/path/to/svt", "svt_vitb_k400", source="local",
                            pretrained_path="checkpoints/kinetics400_vitb_ssl.pth")
+
+svt's top-level packages are named `models` and `utils`, as many projects' own are. The entry points import and
+use svt's while the caller's modules of those names are set aside, and put the caller's back when they return, so
+a project's `utils` neither hides svt's nor is hidden by it afterwards.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from types import ModuleType
+
 dependencies = ["torch", "timm", "einops"]
 
-from models.timesformer import VisionTransformer, vit_base_patch16_224  # noqa: E402
-from utils.checkpoint import image_model_advice, load_pretrained_weights  # noqa: E402
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGES = ("models", "utils")  # svt's packages the entry points import
+_set_aside: dict[str, ModuleType] = {}  # svt's modules of those packages, out of sys.modules between calls
 
 
-def svt_vitb_k400(pretrained_path: str | None = None, checkpoint_key: str = "teacher",
-                  **kwargs) -> VisionTransformer:
-    """SVT TimeSformer-B/16 backbone (divided space-time, 8 frames, 224 px), returning the 768-d CLS
-    feature. `pretrained_path`: a local SVT checkpoint, e.g. the released `kinetics400_vitb_ssl.pth`
-    or a training `checkpoint.pth` (`checkpoint_key` picks teacher or student); None = random init.
-    `kwargs` go to the model (num_frames, img_size, attention_type, ...)."""
-    model = vit_base_patch16_224(**kwargs)
-    if pretrained_path:
-        summary = load_pretrained_weights(model, pretrained_path, checkpoint_key=checkpoint_key)
-        extra_blocks = [k for k in summary.unexpected if k.startswith("blocks.")]
-        if summary.image_model:
-            raise ValueError(image_model_advice(pretrained_path, "pretrained_path") + " Through torch.hub: build the "
-                             "model without pretrained_path, then load_imagenet_init(model, path) of the repo's "
-                             "utils/checkpoint.py.")
-        if summary.missing or extra_blocks:  # another depth: part of the model would stay random
-            raise ValueError(f"{pretrained_path}: {len(summary.missing)} weights of the model are not in the file "
-                             f"{summary.missing[:3]}, {len(extra_blocks)} block weights of the file are not in the "
-                             f"model {extra_blocks[:3]}; pass the model size as keyword arguments (embed_dim, depth, "
-                             f"num_heads, patch_size). {summary.file_model}")
+def _of_packages(name: str) -> bool:
+    return name.partition(".")[0] in _PACKAGES
+
+
+def _is_svt(module: ModuleType) -> bool:
+    return os.path.abspath(getattr(module, "__file__", None) or os.sep).startswith(_HERE + os.sep)
+
+
+@contextlib.contextmanager
+def _svt_packages():
+    """sys.modules with svt's `models` and `utils` (this folder first on sys.path) for the time of the block. Where
+    svt's are loaded already (its own scripts and tests) they stay; otherwise the caller's modules of those names
+    are set aside and put back at the end, and svt's kept aside for the next call."""
+    before = {name: module for name, module in sys.modules.items() if _of_packages(name)}
+    theirs = {name: module for name, module in before.items() if not _is_svt(module)}
+    for name in theirs:
+        del sys.modules[name]
+    for name, module in _set_aside.items():
+        sys.modules.setdefault(name, module)
+    sys.path.insert(0, _HERE)
+    try:
+        yield
+    finally:
+        sys.path.remove(_HERE)
+        for name in [name for name in sys.modules if _of_packages(name) and name not in before]:
+            _set_aside[name] = sys.modules.pop(name)
+        sys.modules.update(theirs)
+
+
+def svt_vitb_k400(pretrained_path: str | None = None, checkpoint_key: str = "teacher", **kwargs):
+    """SVT TimeSformer-B/16 backbone (divided space-time, 8 frames, 224 px; a models.timesformer.VisionTransformer),
+    returning the 768-d CLS feature. `pretrained_path`: a local SVT checkpoint, e.g. the released
+    `kinetics400_vitb_ssl.pth` or a training `checkpoint.pth` (`checkpoint_key` picks teacher or student); None =
+    random init. `kwargs` go to the model (num_frames, img_size, attention_type, ...)."""
+    with _svt_packages():
+        from models.timesformer import vit_base_patch16_224
+        from utils.checkpoint import image_model_advice, load_pretrained_weights
+
+        model = vit_base_patch16_224(**kwargs)
+        if pretrained_path:
+            summary = load_pretrained_weights(model, pretrained_path, checkpoint_key=checkpoint_key)
+            extra_blocks = [k for k in summary.unexpected if k.startswith("blocks.")]
+            if summary.image_model:
+                raise ValueError(image_model_advice(pretrained_path, "pretrained_path") + " Through torch.hub: build "
+                                 "the model without pretrained_path, then load_imagenet_init(model, path) of the "
+                                 "repo's utils/checkpoint.py.")
+            if summary.missing or extra_blocks:  # another depth: part of the model would stay random
+                raise ValueError(f"{pretrained_path}: {len(summary.missing)} weights of the model are not in the "
+                                 f"file {summary.missing[:3]}, {len(extra_blocks)} block weights of the file are not "
+                                 f"in the model {extra_blocks[:3]}; pass the model size as keyword arguments "
+                                 f"(embed_dim, depth, num_heads, patch_size). {summary.file_model}")
     return model.eval()

@@ -258,6 +258,37 @@ def test_hub_entry_loads_local_file(tmp_path):
         hubconf.svt_vitb_k400(pretrained_path=str(path), embed_dim=48, depth=1, num_heads=3)
 
 
+def test_hub_load_beside_a_projects_own_utils_and_models(tmp_path):
+    """A project with its own `utils` (imported) and `models` (imported after): torch.hub.load works, twice, and
+    leaves the project's modules in place, none of svt's in sys.modules to hide the project's `models` later."""
+    teacher = MultiCropWrapper(tiny(10, img_size=224), DINOHead(48, 32, hidden_dim=16, bottleneck_dim=8))
+    weights = tmp_path / "kinetics400_vitb_ssl.pth"
+    torch.save(teacher.state_dict(), weights)
+    project = tmp_path / "project"
+    (project / "utils").mkdir(parents=True)
+    (project / "utils" / "__init__.py").write_text("WHOSE = 'project'\n")
+    (project / "models.py").write_text("WHOSE = 'project'\n")
+    repo = os.path.dirname(os.path.abspath(hubconf.__file__))
+    script = f"""
+import sys
+import torch
+import utils
+for _ in range(2):
+    model = torch.hub.load({repo!r}, "svt_vitb_k400", source="local", pretrained_path={str(weights)!r},
+                           embed_dim=48, depth=2, num_heads=3)
+import models
+assert sys.modules["utils"] is utils and utils.WHOSE == models.WHOSE == "project", (utils, models)
+assert not [name for name in sys.modules if name.startswith(("utils.", "models."))]
+torch.save(model.state_dict(), {str(tmp_path / "hub.pth")!r})
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(project)})
+    assert run.returncode == 0, run.stderr
+    loaded = torch.load(tmp_path / "hub.pth", weights_only=True)
+    for key, value in teacher.backbone.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+
+
 def test_atomic_save_and_restart_round_trip(tmp_path):
     model = tiny(11)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
