@@ -82,6 +82,26 @@ def test_released_flat_teacher_file_loads(tmp_path, capsys):
     assert "loaded 47 tensors" in capsys.readouterr().out
 
 
+def test_a_requested_entry_the_file_lacks_is_named_with_what_is_used(tmp_path, training_checkpoint, capsys):
+    """--checkpoint_key student on the released flat file (the teacher's weights) or a TimeSformer file loads
+    what the file has, with a note saying so; the default (teacher) on a flat file, and an entry the file has, get
+    none."""
+    flat = tmp_path / "kinetics400_vitb_ssl.pth"
+    torch.save(wrapper(3).state_dict(), flat)
+    timesformer = tmp_path / "timesformer.pyth"
+    torch.save({"model_state": {f"model.{k}": v for k, v in tiny(4).state_dict().items()}}, timesformer)
+    for path, key, note in ((flat, "student", f"Note: checkpoint key 'student': {flat} has no such entry; its top "
+                             "level is used instead (a flat file such as the released kinetics400_vitb_ssl.pth is "
+                             "the teacher's weights).\n"),
+                            (timesformer, "student", f"Note: checkpoint key 'student': {timesformer} has no such "
+                             "entry; its 'model_state' is used instead.\n"),
+                            (flat, "teacher", None), (training_checkpoint[0], "student", None)):
+        capsys.readouterr()
+        load_pretrained_weights(tiny(0), path, checkpoint_key=key)
+        out = capsys.readouterr().out
+        assert (note in out) if note else "Note:" not in out
+
+
 def test_timesformer_and_bare_state_dicts_load(tmp_path):
     source = tiny(4, num_classes=7)
     path = tmp_path / "TimeSformer_divST_8x32_224_K400.pyth"

@@ -96,6 +96,11 @@ def _select_state_dict(ckpt: Any, checkpoint_key: str | None, path: str) -> tupl
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path}: entry {where} is a {type(ckpt).__name__}, not a state dict; pick another "
                          f"entry with the checkpoint key (--checkpoint_key student / teacher).")
+    # a key other than the default: asked for on purpose (the default, teacher, is what a flat file holds)
+    if checkpoint_key and checkpoint_key != "teacher" and where != f"'{checkpoint_key}'":
+        flat = " (a flat file such as the released kinetics400_vitb_ssl.pth is the teacher's weights)"
+        print(f"Note: checkpoint key '{checkpoint_key}': {path} has no such entry; its {where} is used instead"
+              f"{flat if where == 'top level' else ''}.")
     return ckpt, where
 
 
