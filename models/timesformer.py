@@ -351,8 +351,13 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any],
         else:
             side = round((v.shape[1] - 1) ** 0.5)
             if side * side != v.shape[1] - 1:
-                raise ValueError(f"pos_embed with {v.shape[1]} tokens cannot be resized to {want[1]}: only "
-                                 "square patch grids are supported")
+                patches = round((v.shape[1] - 2) ** 0.5)  # DeiT-distilled: class + distillation token + grid
+                distilled = "dist_token" in state or patches * patches == v.shape[1] - 2
+                raise ValueError(f"pos_embed with {v.shape[1]} tokens cannot be resized to {want[1]}: only square "
+                                 "patch grids are supported" + (
+                                     f"; {v.shape[1]} tokens are a class token, a distillation token and "
+                                     f"{patches}x{patches} patches: DeiT-distilled weights are not supported, use "
+                                     "the non-distilled DeiT or ViT weights" if distilled else ""))
             state[key] = resample_pos_embed(v, (side, side), model.patch_embed.grid_size)
         resized.append(f"{key} {tuple(v.shape)}->{tuple(want)}")
     return state, resized

@@ -255,6 +255,25 @@ def test_imagenet_init_resizes_pos_embed_and_reports_errors(tmp_path):
         load_imagenet_init(model, other)
 
 
+def test_deit_distilled_weights_are_named_as_the_cause(tmp_path):
+    """A DeiT-distilled ImageNet file: its pos_embed holds a distillation token besides the class token, so its
+    grid is not square; the error names the file, that cause and the weights to use instead."""
+    torch.manual_seed(0)
+    deit = timm.models.deit.VisionTransformerDistilled(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3)
+    path = tmp_path / "deit_tiny_distilled_patch16_224.pth"
+    torch.save({"model": deit.state_dict()}, path)
+    with pytest.raises(ValueError, match=rf"{path} \('model'\): pos_embed with 6 tokens cannot be resized to 5: only "
+                                         r"square patch grids are supported; 6 tokens are a class token, a "
+                                         r"distillation token and 2x2 patches: DeiT-distilled weights are not "
+                                         r"supported, use the non-distilled DeiT or ViT weights"):
+        load_imagenet_init(VisionTransformer(**TINY), path)
+    state = image_vit_state(9)  # a grid that is not square, no distillation token: no such advice
+    state["pos_embed"] = state["pos_embed"][:, :4]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"4 tokens cannot be resized to 5: only square patch grids are supported$"):
+        load_imagenet_init(VisionTransformer(**TINY), path)
+
+
 def test_hub_entry_loads_local_file(tmp_path):
     teacher = MultiCropWrapper(tiny(10, img_size=224), DINOHead(48, 32, hidden_dim=16, bottleneck_dim=8))
     path = tmp_path / "kinetics400_vitb_ssl.pth"

@@ -202,7 +202,10 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
     """
     path = os.fspath(path)
     entry, where = read_backbone_state(path, checkpoint_key)
-    state, resized = checkpoint_filter_fn(entry, model)
+    try:
+        state, resized = checkpoint_filter_fn(entry, model)
+    except ValueError as e:  # an embedding it cannot resize: name the file
+        raise ValueError(f"{path} ({where}): {e}") from e
     target = model.state_dict()
     # an image ViT only where the model has temporal weights to miss (a space-only TimeSformer has none)
     temporal = any(k == "time_embed" or ".temporal_fc." in k for k in target)
