@@ -297,6 +297,20 @@ def test_hub_entry_loads_local_file(tmp_path):
         hubconf.svt_vitb_k400(pretrained_path=str(path), embed_dim=48, depth=1, num_heads=3)
 
 
+def test_hub_entry_loads_a_finetuning_checkpoint_with_or_without_its_head(tmp_path):
+    """README "The fine-tuned model": eval_finetune's checkpoint.pth (model_state, keys without a prefix) through
+    torch.hub: with num_classes its classifier, whose logits are the fine-tuned model's; without, the CLS feature."""
+    finetuned = tiny(11, img_size=224, num_classes=5).eval()
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 15, "model_state": finetuned.state_dict(), "optimizer_state": {}, "best_acc1": 50.0}, path)
+    kw = dict(embed_dim=48, depth=2, num_heads=3)
+    x = torch.randn(1, 3, 8, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(hubconf.svt_vitb_k400(pretrained_path=str(path), num_classes=5, **kw)(x), finetuned(x))
+        features = hubconf.svt_vitb_k400(pretrained_path=str(path), **kw)(x)
+        assert torch.equal(features, finetuned.forward_features(x)[:, 0])
+
+
 def test_hub_load_beside_a_projects_own_utils_and_models(tmp_path):
     """A project with its own `utils` (imported) and `models` (imported after): torch.hub.load works, twice, and
     leaves the project's modules in place, none of svt's in sys.modules to hide the project's `models` later."""
