@@ -916,6 +916,36 @@ def test_a_signal_on_one_rank_in_the_knn_pass_stops_both_and_both_run_it_again(s
     assert line["epoch"] == 0 and 0 <= line["knn_top1"] <= line["knn_top5"] <= 100
 
 
+def test_a_stop_at_the_epochs_last_iteration_resumes_with_more_processes(synthetic_root, tmp_path, monkeypatch):
+    """One process, 8 iterations of 2 clips, SIGUSR1 at the last: the checkpoint holds iteration 8/8 and the
+    epoch's meters. Two processes of 1 clip resume it: no iteration is left, rank 0 starts from all the saved
+    means, rank 1 from none; both sync the same meters (it hung until --dist_timeout, each rerun again) and
+    log.txt has the epoch's means of the first run."""
+    import signal
+    argv = _argv(synthetic_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu", "2",
+                 "--dist_timeout", "0.25")
+    signal_at_call(monkeypatch, train_ssl, "train_step", 8, signal.SIGUSR1)
+    with pytest.raises(SystemExit) as stopped:
+        _train(monkeypatch, argv)
+    assert stopped.value.code == 3
+    ckpt = safe_torch_load(tmp_path / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 8)
+    (saved,) = ckpt["epoch_meters"]
+    launcher = tmp_path.parent / f"{tmp_path.name}_launch.py"
+    launcher.write_text(LAUNCHER.format(root=str(ROOT)))
+    out = _torchrun(launcher, 2, _set_batch(argv, "1"))
+    (line,) = log_records(tmp_path)
+    for name in ("loss", "target_entropy", "lr"):
+        count, total = saved["meters"][name]
+        assert count == 8 and line[f"train_{name}"] == pytest.approx(total / count, rel=1e-12), name
+    assert line["epoch"] == 0 and line["train_replaced_samples"] == 0
+
+
+def _set_batch(argv: list[str], batch: str) -> list[str]:
+    i = argv.index("--batch_size_per_gpu")
+    return argv[:i + 1] + [batch] + argv[i + 2:]
+
+
 def test_auto_precision_grad_checkpointing_lars_run(synthetic_root, tmp_path, monkeypatch):
     # auto: bf16 autocast on CPUs with native bf16, fp32 elsewhere (never emulated bf16 in a test)
     _train(monkeypatch, _argv(synthetic_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--amp_dtype", "auto",

@@ -91,6 +91,67 @@ def test_smoothed_value_and_metric_logger(capsys):
     assert "eta: " in out and "loss: 0.500000" in out and "time: " in out and "data: " in out
 
 
+# One rank of test_metric_logger_sync_reduces_the_union_of_the_ranks_meters: a 2-process gloo group (file://
+# rendezvous, 20 s collective timeout), two syncs, each rank's meters after each printed as a JSON line.
+SYNC_RANK = """
+import datetime, json, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from utils import utils
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=20))
+def report(logger):
+    str(logger)  # the log line of meters with no value anywhere
+    print(json.dumps({{n: [m.count, m.total, m.global_avg] for n, m in logger.meters.items()}}), flush=True)
+# a resumed epoch with no iteration left, after a change of world size: rank 0 has the saved means, rank 1 nothing
+logger = utils.MetricLogger()
+if rank == 0:
+    logger.add_totals({{"loss": [6, 3.0], "acc": [6, 60.0]}})
+logger.synchronize_between_processes()
+report(logger)
+# other names and insertion orders on each rank, and a meter that no rank updated
+logger = utils.MetricLogger()
+logger.add_meter("idle", utils.SmoothedValue(window_size=1, fmt="{{value:.6f}}"))
+if rank == 0:
+    logger.update(loss=torch.tensor(2.0), acc=50.0)
+else:
+    logger.update(lr=0.5)
+    logger.update(loss=1.0)
+logger.synchronize_between_processes()
+report(logger)
+dist.destroy_process_group()
+"""
+
+
+def test_metric_logger_sync_reduces_the_union_of_the_ranks_meters(tmp_path):
+    """synchronize_between_processes sums each meter over the ranks by name, whatever meters each rank holds and in
+    whatever order it made them: every rank ends with the union, summed (a meter no rank updated: count 0, mean 0,
+    not a division by zero). Per-meter all-reduces in each rank's own order hung when a rank had fewer meters."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "sync_rank.py"
+    script.write_text(SYNC_RANK.format(root=str(Path(__file__).resolve().parents[1])))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "rendezvous")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err[-3000:]
+        outs.append([json.loads(line) for line in out.splitlines()])
+    first = {"acc": [6, 60.0, 10.0], "loss": [6, 3.0, 0.5]}
+    second = {"acc": [1, 50.0, 50.0], "idle": [0, 0.0, 0.0], "loss": [2, 3.0, 1.5], "lr": [1, 0.5, 0.5]}
+    for rank_out in outs:
+        assert rank_out == [first, second]
+
+
 @pytest.mark.parametrize("loader_s, step_s, warned", [(3.0, 1.0, True), (0.1, 0.9, False)])
 def test_data_wait_is_the_loop_time_spent_waiting_for_batches(monkeypatch, capsys, loader_s, step_s, warned):
     # A fake clock: the loader takes `loader_s` per batch (the first, with the workers' start, 10 s more and

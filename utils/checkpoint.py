@@ -482,7 +482,8 @@ def restore_epoch_meters(metric_logger: utils.MetricLogger, per_rank: list[dict]
     """Start `metric_logger` from this rank's share of a mid-epoch checkpoint's `epoch_meters` (one
     {"meters": MetricLogger.totals(), "skipped": n} per rank), so the resumed epoch's means cover the whole
     epoch; returns this rank's skipped-video count. With another world size, rank 0 takes the sum of all (the
-    epoch means stay whole) and the others start from zero."""
+    epoch means stay whole) and the others start from zero: they may then hold no meter at all (no iteration of the
+    epoch left), which MetricLogger.synchronize_between_processes allows for."""
     rank, world = utils.get_rank(), utils.get_world_size()
     if len(per_rank) == world:
         mine = per_rank[rank]

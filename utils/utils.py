@@ -233,16 +233,6 @@ class SmoothedValue:
             self._add(value, n)
         self._pending = []
 
-    def synchronize_between_processes(self) -> None:
-        """Sum count and total over ranks (the window is not synced)."""
-        self.flush()
-        if not is_dist_avail_and_initialized() or get_world_size() == 1:
-            return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=comm_device())
-        dist.all_reduce(t)
-        self.count = int(t[0].item())
-        self.total = t[1].item()
-
     @property
     def median(self) -> float:
         self.flush()
@@ -294,8 +284,25 @@ class MetricLogger:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def synchronize_between_processes(self) -> None:
+        """Sum every meter's count and total over the ranks (the windows are not synced). The ranks first agree
+        on the sorted union of their meter names and add the ones they lack with a zero count: a rank may hold
+        meters the others have not (a mid-epoch resume with another number of processes gives rank 0 the saved
+        means of the epoch; when none of its iterations is left, the other ranks have no meter at all), and
+        every rank must reduce the same meters in the same order."""
         for meter in self.meters.values():
-            meter.synchronize_between_processes()
+            meter.flush()
+        if not is_dist_avail_and_initialized() or get_world_size() == 1:
+            return
+        names = [None] * get_world_size()
+        dist.all_gather_object(names, sorted(self.meters))
+        union = sorted(set().union(*names))
+        if not union:
+            return
+        sums = torch.tensor([[self.meters[name].count, self.meters[name].total] for name in union],
+                            dtype=torch.float64, device=comm_device())
+        dist.all_reduce(sums)
+        for name, (count, total) in zip(union, sums.tolist()):
+            self.meters[name].count, self.meters[name].total = int(count), total
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
