@@ -279,7 +279,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, epo
     if utils.get_world_size() > 1:
         replaced = replaced.to(device)
         dist.all_reduce(replaced)
-    print("Averaged stats:", metric_logger)
+    print("Averaged stats:", metric_logger.global_averages())
     check_finite_loss(metric_logger.meters["loss"].global_avg, epoch, args)
     return {**{k: meter.global_avg for k, meter in metric_logger.meters.items()}, "replaced_samples": int(replaced),
             "data_wait": utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers,

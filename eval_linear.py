@@ -365,7 +365,8 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
     if utils.get_world_size() > 1:
         replaced = replaced.to(device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(replaced)
-    print("Averaged stats:", metric_logger, f" replaced samples (unreadable videos): {int(replaced)}")
+    print("Averaged stats:", metric_logger.global_averages(),
+          f" replaced samples (unreadable videos): {int(replaced)}")
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     return {**stats, "replaced_samples": int(replaced)}, own
 

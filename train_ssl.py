@@ -336,7 +336,7 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
     if utils.get_world_size() > 1:
         replaced = replaced.to(device)
         dist.all_reduce(replaced)
-    print("Epoch means:", metric_logger)
+    print("Epoch means:", metric_logger.global_averages())
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["data_wait"] = utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers)
     stats["replaced_samples"] = int(replaced.item())

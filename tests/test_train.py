@@ -920,7 +920,7 @@ def test_a_stop_at_the_epochs_last_iteration_resumes_with_more_processes(synthet
     """One process, 8 iterations of 2 clips, SIGUSR1 at the last: the checkpoint holds iteration 8/8 and the
     epoch's meters. Two processes of 1 clip resume it: no iteration is left, rank 0 starts from all the saved
     means, rank 1 from none; both sync the same meters (it hung until --dist_timeout, each rerun again) and
-    log.txt has the epoch's means of the first run."""
+    log.txt and the printed line have the epoch's means of the first run."""
     import signal
     argv = _argv(synthetic_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu", "2",
                  "--dist_timeout", "0.25")
@@ -935,6 +935,8 @@ def test_a_stop_at_the_epochs_last_iteration_resumes_with_more_processes(synthet
     launcher.write_text(LAUNCHER.format(root=str(ROOT)))
     out = _torchrun(launcher, 2, _set_batch(argv, "1"))
     (line,) = log_records(tmp_path)
+    # the printed means are the epoch's, not the medians of rank 0's empty windows (0.000000)
+    assert f"Epoch means: loss: {line['train_loss']:.6f}  target_entropy: " in out
     for name in ("loss", "target_entropy", "lr"):
         count, total = saved["meters"][name]
         assert count == 8 and line[f"train_{name}"] == pytest.approx(total / count, rel=1e-12), name

@@ -304,6 +304,12 @@ class MetricLogger:
         for name, (count, total) in zip(union, sums.tolist()):
             self.meters[name].count, self.meters[name].total = int(count), total
 
+    def global_averages(self) -> str:
+        """`name: mean` of every meter over all its values (after synchronize_between_processes: the epoch's, on
+        every rank). Not the window medians of the progress line, which a resumed epoch with no iteration left has
+        none of on a rank."""
+        return self.delimiter.join(f"{name}: {meter.global_avg:.6f}" for name, meter in self.meters.items())
+
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
 
