@@ -71,6 +71,17 @@ dataset_defaults() {
     esac
 }
 
+# one_node_rendezvous: the rendezvous arguments of a one-node torch.distributed.run launch, in `rendezvous`: at
+# MASTER_PORT when it is set (scripts/slurm_eval.sh sets one from the job id), else --standalone, which takes a free
+# port of its own, so launches side by side on one machine (one evaluation per GPU) do not collide on a fixed port.
+one_node_rendezvous() {
+    if [[ -n "${MASTER_PORT:-}" ]]; then
+        rendezvous=(--master_port="$MASTER_PORT")
+    else
+        rendezvous=(--standalone --nnodes=1)
+    fi
+}
+
 # split_user_args ARGS...: user_args = the arguments before a `--opts`, user_opts = the KEY VALUE pairs
 # after it, so a script can put its own options first and the user's `--opts` last (where argparse needs it).
 split_user_args() {

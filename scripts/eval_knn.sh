@@ -14,7 +14,7 @@
 #               frames (a folder per video id), not of the .webm videos (datasets/DATASET.md)
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "DATA.NUM_FRAMES 16"
 #   GPUS        processes (GPUs) to use                               (default: 1)
-#   MASTER_PORT rendezvous port                                       (default: 29511)
+#   MASTER_PORT rendezvous port       (default: a free one, so that evaluations can share a machine)
 #   PYTHON      interpreter (runs torch.distributed.run)              (default: python3)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +28,8 @@ dataset_defaults  # VIDEOS; the lists stay in $DATA_PATH/knn_splits (the origina
 LIST_DIR="${LIST_DIR:-$DATA_PATH/knn_splits}"
 require_eval_inputs "$LIST_DIR"
 
-"$PYTHON" -m torch.distributed.run --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29511}" \
+one_node_rendezvous
+"$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$GPUS" \
   "$ROOT/eval_knn.py" \
   --arch vit_base \
   --pretrained_weights "$CHECKPOINT" \

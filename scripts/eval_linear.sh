@@ -15,7 +15,7 @@
 #               frames (a folder per video id), not of the .webm videos (datasets/DATASET.md)
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "DATA.NUM_FRAMES 16"
 #   GPUS        processes (GPUs) to use                      (default: 1)
-#   MASTER_PORT rendezvous port                              (default: 29512)
+#   MASTER_PORT rendezvous port       (default: a free one, so that evaluations can share a machine)
 #   PYTHON      interpreter (runs torch.distributed.run)     (default: python3)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,7 +30,8 @@ NUM_LABELS="${NUM_LABELS:-$DEFAULT_LABELS}"
 LIST_DIR="${LIST_DIR:-$DATA_PATH/splits}"
 require_eval_inputs "$LIST_DIR"
 
-exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29512}" \
+one_node_rendezvous
+exec "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$GPUS" \
   "$ROOT/eval_linear.py" \
   --n_last_blocks 1 \
   --arch vit_base \

@@ -19,7 +19,7 @@
 #   VIDEO_DIR   prefix of the list paths     (default: $DATA_PATH/videos; SSv2: $DATA_PATH/frames)
 #               SSv2: the folder of the extracted JPEG frames (a folder per video id), not of the .webm videos
 #   EXTRA_OPTS  more KEY VALUE config overrides, e.g. "TEST.NUM_ENSEMBLE_VIEWS 3"
-#   MASTER_PORT rendezvous port                                (default: 29513)
+#   MASTER_PORT rendezvous port       (default: a free one, so that evaluations can share a machine)
 #   PYTHON      interpreter (runs torch.distributed.run)       (default: python3)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,7 +44,8 @@ fi
 LIST_DIR="${LIST_DIR:-$DATA_PATH/$LISTS}"
 require_eval_inputs "$LIST_DIR"
 
-exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$GPUS" --master_port="${MASTER_PORT:-29513}" \
+one_node_rendezvous
+exec "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$GPUS" \
   "$ROOT/eval_finetune.py" \
   --arch vit_base \
   --pretrained_weights "$CHECKPOINT" \

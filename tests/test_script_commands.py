@@ -39,7 +39,7 @@ def _launch(tmp_path, script, args=(), expect_rc=0, **env_vars):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(python), "GPUS": "1",
            "PROJECT_PATH": str(project), "DATA_PATH": str(data), "CHECKPOINT": str(tmp_path / "c.pth"),
            "ARGV_OUT": str(tmp_path / "argv.txt"), **env_vars}
-    for name in ("BATCH_SIZE", "EPOCHS", "NNODES", "EXTRA_OPTS", "LIST_DIR", "VIDEO_DIR", "OUTPUT_DIR"):
+    for name in ("BATCH_SIZE", "EPOCHS", "NNODES", "EXTRA_OPTS", "LIST_DIR", "VIDEO_DIR", "OUTPUT_DIR", "MASTER_PORT"):
         if name not in env_vars:
             env.pop(name, None)
     run = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], env=env, capture_output=True, text=True,
@@ -159,3 +159,17 @@ def test_finetune_script_reaches_timesformers_effective_batch_of_64(tmp_path, en
     args, _ = _parse(program, argv)
     assert (args.batch_size_per_gpu, args.accum_iter, args.lr) == (batch, accum, 0.005)
     assert (f"an effective batch of {effective}, not TimeSformer's 64" in stderr) == (effective != 64)
+
+
+@pytest.mark.parametrize("script", ["eval_knn.sh", "eval_linear.sh", "finetune.sh"])
+def test_eval_scripts_rendezvous_on_a_free_port_unless_master_port_is_set(tmp_path, script):
+    """Evaluations side by side on one machine (checkpoints scored in parallel, one per GPU): without MASTER_PORT
+    each launch is --standalone (torchrun takes a free port); a fixed default port failed the second one with
+    EADDRINUSE. A MASTER_PORT that is set (scripts/slurm_eval.sh's, from the job id) is used."""
+    def launcher_args(**env_vars) -> list[str]:
+        _launch(tmp_path, script, **env_vars)
+        argv = (tmp_path / "argv.txt").read_text().splitlines()
+        return argv[:next(i for i, a in enumerate(argv) if a.endswith(".py"))]
+
+    assert launcher_args() == ["--standalone", "--nnodes=1", "--nproc_per_node=1"]
+    assert launcher_args(MASTER_PORT="15077", GPUS="2") == ["--master_port=15077", "--nproc_per_node=2"]
