@@ -302,16 +302,23 @@ def test_first_slurm_host():
 
 
 @pytest.fixture
-def fake_dist(monkeypatch):
+def launcher_env(monkeypatch):
+    """No launcher variable set; each one restored after the test, also one that init_distributed_mode sets
+    (MASTER_ADDR, MASTER_PORT; monkeypatch.delenv alone restores only the variables that were set before)."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+                "SLURM_NODELIST", "SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+
+
+@pytest.fixture
+def fake_dist(monkeypatch, launcher_env):
     """Record init_process_group calls instead of creating a group."""
     calls = []
     monkeypatch.setattr(utils.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(utils.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
     monkeypatch.setattr(utils.dist, "barrier", lambda: None)
     monkeypatch.setattr(utils, "setup_for_distributed", lambda is_master: None)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-                "SLURM_NODELIST", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
     return calls
 
 
@@ -327,21 +334,69 @@ def test_init_distributed_torchrun_env(fake_dist, monkeypatch):
     assert kw == {"init_method": "env://", "world_size": 8, "rank": 3, "timeout": datetime.timedelta(minutes=30)}
 
 
+def _setenv(monkeypatch, **values: str) -> None:
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_init_distributed_slurm_env(fake_dist, monkeypatch):
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_NODELIST", "gpu[12-13]")
+    _setenv(monkeypatch, SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_NODELIST="gpu[12-13]",
+            SLURM_JOB_ID="123456")
     args = argparse.Namespace(dist_url="env://")
     utils.init_distributed_mode(args)
     assert (args.rank, args.world_size, args.gpu) == (5, 8, 1)
     import os
-    assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == "29500"
+    # the port scripts/slurm_*.sh derive from the job id (15000 + 123456 % 15000), not a fixed 29500 that two
+    # jobs sharing a node would both bind
+    assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == "18456"
     (a, kw), = fake_dist
     assert kw["world_size"] == 8 and kw["rank"] == 5
-    monkeypatch.setenv("MASTER_ADDR", "head")  # an explicit address wins
+    _setenv(monkeypatch, MASTER_ADDR="head", MASTER_PORT="29400")  # an explicit address and port win
     utils.init_distributed_mode(args)
-    assert os.environ["MASTER_ADDR"] == "head"
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("head", "29400")
+
+
+def test_slurm_default_port_is_the_slurm_scripts_one(launcher_env, monkeypatch):
+    import subprocess
+    from pathlib import Path
+    line = next(l for l in (Path(__file__).resolve().parents[1] / "scripts" / "slurm_train.sh").read_text()
+                .splitlines() if l.startswith("export MASTER_PORT="))
+    for job in ("0", "77", "14999", "15000", "987654"):
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        script = subprocess.run(["bash", "-c", f"{line.split('#')[0]}\necho $MASTER_PORT"], capture_output=True,
+                                text=True, timeout=30, env={"SLURM_JOB_ID": job, "PATH": "/usr/bin:/bin"})
+        assert str(utils.slurm_default_port()) == script.stdout.strip(), job
+
+
+def test_a_one_task_slurm_job_needs_no_rendezvous_port(fake_dist, monkeypatch):
+    """SLURM_NTASKS=1 (a one-GPU job): the in-memory store of a one-process run, not a TCP rendezvous at a
+    MASTER_PORT that another one-GPU job packed on the node may hold."""
+    import os
+    _setenv(monkeypatch, SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_JOB_ID="77")
+    args = argparse.Namespace(dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert (args.rank, args.world_size, args.gpu) == (0, 1, 0)
+    (a, kw), = fake_dist
+    assert isinstance(kw["store"], utils.dist.HashStore) and kw["world_size"] == 1
+    assert "MASTER_PORT" not in os.environ and "MASTER_ADDR" not in os.environ
+
+
+def test_slurm_ntasks_without_srun_names_the_fix(launcher_env, monkeypatch):
+    """SLURM_NTASKS=2 in a batch script run without srun (one process, SLURM_PROCID 0): the rendezvous times out
+    after --dist_timeout with an error that says why and what to do, not a bare DistStoreError '1/2 clients
+    joined'."""
+    from tests.conftest import free_port
+    port = free_port()
+    _setenv(monkeypatch, SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port))
+    args = argparse.Namespace(dist_url="env://", dist_timeout=0.05)
+    with pytest.raises(RuntimeError, match=rf"^SLURM_NTASKS=2 but only 1 process joined the rendezvous at "
+                                           rf"127\.0\.0\.1:{port} within --dist_timeout 0\.05 min: start the job "
+                                           r"with srun \(one task per GPU\), or unset SLURM_NTASKS for a single "
+                                           r"process\.$") as err:
+        utils.init_distributed_mode(args)
+    assert isinstance(err.value.__cause__, utils.dist.DistStoreError)
+    assert not utils.dist.is_initialized()
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm", "single"])

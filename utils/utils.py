@@ -473,8 +473,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     """--dist_url, --dist_timeout and the legacy --local_rank, shared by every entry point."""
     parser.add_argument("--dist_url", default="env://", type=str, help="""Rendezvous URL of a run with
         several processes (torchrun or SLURM): env:// (MASTER_ADDR/MASTER_PORT, set by torchrun; under SLURM
-        the first host of SLURM_NODELIST and port 29500 unless set), or e.g. file:///shared/dir/init or
-        tcp://host:port. A one-process run needs none.""")
+        the first host of SLURM_NODELIST and port 15000 + SLURM_JOB_ID %% 15000 unless set, as
+        scripts/slurm_train.sh), or e.g. file:///shared/dir/init or tcp://host:port. A one-process run (also a
+        one-task SLURM job) needs none.""")
     parser.add_argument("--dist_timeout", default=DEFAULT_DIST_TIMEOUT_MIN, type=float, help="""Minutes a
         collective (all-reduce, barrier, ...) may wait for the other processes before the job ends with an
         error naming the process that stopped answering (a stalled or dead rank would otherwise hang the job).
@@ -484,13 +485,20 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                         help="Ignored (torch.distributed.launch passes it; torchrun sets LOCAL_RANK instead).")
 
 
+def slurm_default_port() -> int:
+    """The rendezvous port of a SLURM job without MASTER_PORT: 15000 + SLURM_JOB_ID % 15000, as scripts/slurm_*.sh
+    set it (one per job, below Linux's ephemeral ports), so jobs sharing a node do not collide."""
+    return 15000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 15000
+
+
 def init_distributed_mode(args) -> None:
     """Set args.rank / args.world_size / args.gpu and create the process group.
 
-    Order: torchrun / torch.distributed.launch env (RANK, WORLD_SIZE, LOCAL_RANK); SLURM (SLURM_PROCID,
-    SLURM_NTASKS, SLURM_LOCALID; for env:// MASTER_ADDR from the env or the first host of SLURM_NODELIST,
-    MASTER_PORT from the env or 29500); else one process. Both multi-process cases rendezvous at
-    `args.dist_url`. A group is always created (nccl on CUDA, gloo on CPU), so
+    Order: torchrun / torch.distributed.launch env (RANK, WORLD_SIZE, LOCAL_RANK); SLURM with SLURM_NTASKS > 1
+    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; for env:// MASTER_ADDR from the env or the first host of
+    SLURM_NODELIST, MASTER_PORT from the env or slurm_default_port()); else one process (no rendezvous). Both
+    multi-process cases rendezvous at `args.dist_url`; under SLURM, tasks missing there (a job started without
+    srun) are an error that says so. A group is always created (nccl on CUDA, gloo on CPU), so
     collectives work the same everywhere. Collectives time out after `args.dist_timeout` minutes (default
     DEFAULT_DIST_TIMEOUT_MIN); NCCL's asynchronous error handling is on unless the environment says otherwise.
     """
@@ -507,18 +515,30 @@ def init_distributed_mode(args) -> None:
         args.gpu = int(os.environ.get("LOCAL_RANK", 0))
         dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
                                 timeout=timeout, **_set_device(args.gpu))
-    elif "SLURM_PROCID" in os.environ:
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
         args.rank = int(os.environ["SLURM_PROCID"])
-        args.world_size = int(os.environ.get("SLURM_NTASKS", 1))
+        args.world_size = int(os.environ["SLURM_NTASKS"])
         args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = first_slurm_host(os.environ.get("SLURM_NODELIST", "127.0.0.1"))
-        os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
-                                timeout=timeout, **_set_device(args.gpu))
+        os.environ.setdefault("MASTER_PORT", str(slurm_default_port()))
+        try:
+            dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+                                    timeout=timeout, **_set_device(args.gpu))
+        except dist.DistStoreError as err:  # the rendezvous timed out: not every task came
+            joined = re.search(r"(\d+)/\d+ clients joined", str(err))
+            who = (f"only {joined.group(1)} process{'es' if joined.group(1) != '1' else ''}" if joined else
+                   "not every process")
+            where = (f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" if args.dist_url == "env://"
+                     else args.dist_url)
+            raise RuntimeError(
+                f"SLURM_NTASKS={args.world_size} but {who} joined the rendezvous at {where} within --dist_timeout "
+                f"{timeout.total_seconds() / 60:g} min: start the job with srun (one task per GPU), or unset "
+                "SLURM_NTASKS for a single process.") from err
     else:
         args.rank, args.world_size, args.gpu = 0, 1, 0
-        # A one-process group needs no rendezvous: an in-memory store avoids port clashes.
+        # A one-process group (also a one-task SLURM job) needs no rendezvous: an in-memory store avoids port
+        # clashes, e.g. between one-GPU jobs packed on one node.
         dist.init_process_group(backend, store=dist.HashStore(), world_size=1, rank=0, timeout=timeout,
                                 **_set_device(args.gpu))
     print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {backend}, local device "
