@@ -65,7 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         256). Very short runs (a few hundred steps, like the CPU demo) need a lower one (0.99), or the teacher
         barely leaves its initialisation (docs/demo_notes.md).""")
     parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
-                        help="BatchNorm after the hidden layers of the DINO head (off in SVT).")
+                        help="""BatchNorm after the hidden layers of the DINO head (off in SVT). With several
+        processes it is SyncBatchNorm on GPUs (statistics of the global batch); on CPU each process normalises
+        with its own batch (SyncBatchNorm needs CUDA).""")
     parser.add_argument("--teacher_drop_path", default=True, type=utils.bool_flag, help="""True (the original):
         the teacher's backbone keeps MODEL.DROP_PATH_RATE (train mode), so its forward is stochastic.
         False: DINO's deterministic teacher (backbone in eval mode: no drop path; the head stays in train mode, so
@@ -451,8 +453,12 @@ def build_networks(args, cfg, device: torch.device):
     distributed = utils.get_world_size() > 1
     device_ids = [device.index] if device.type == "cuda" else None
     if utils.has_batchnorms(student) and distributed:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        if device.type == "cuda":
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        else:  # SyncBatchNorm runs on GPUs only
+            print(f"Note: on CPU the head's BatchNorm statistics are per process (each of the {utils.get_world_size()} "
+                  "normalises with its own batch); SyncBatchNorm, which pools them, needs CUDA.")
         teacher = nn.parallel.DistributedDataParallel(teacher, device_ids=device_ids)
         teacher_without_ddp = teacher.module
     else:

@@ -948,6 +948,51 @@ def _set_batch(argv: list[str], batch: str) -> list[str]:
     return argv[:i + 1] + [batch] + argv[i + 2:]
 
 
+# LAUNCHER that also saves each rank's student and teacher (DDP-wrapped or not) after the run, to rank<R>.pt.
+NETWORKS_LAUNCHER = textwrap.dedent("""
+    import functools, os, sys, torch
+    sys.path.insert(0, {root!r})
+    import models, train_ssl
+    train_ssl.build_backbone = functools.partial(models.build_backbone, depth=2, embed_dim=48, num_heads=2)
+    real, built = train_ssl.build_networks, []
+
+    def recording(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    train_ssl.build_networks = recording
+    args = train_ssl.get_args_parser().parse_args()
+    train_ssl.train_svt(args)
+    student, teacher = built[0][2:]
+    torch.save({{"student": student.state_dict(), "teacher": teacher.state_dict()}},
+               os.path.join(args.output_dir, "rank" + os.environ["RANK"] + ".pt"))
+""")
+
+
+def test_batchnorm_head_with_two_cpu_processes_trains_with_per_process_statistics(synthetic_root, tmp_path):
+    """--use_bn_in_head True with 2 gloo processes (README: the demo's fix for collapse): SyncBatchNorm runs on GPUs
+    only (it failed every rank with 'SyncBatchNorm layers only work with GPU modules'), so on CPU the head keeps a
+    BatchNorm per process, says so, and the 2 steps train: both ranks end with the same student and teacher weights
+    (gradients all-reduced, the same EMA), each BatchNorm with its running statistics."""
+    launcher = tmp_path.parent / f"{tmp_path.name}_networks.py"
+    launcher.write_text(NETWORKS_LAUNCHER.format(root=str(ROOT)))
+    argv = _argv(synthetic_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--use_bn_in_head", "True",
+                 "--dist_timeout", "1")
+    out = _torchrun(launcher, 2, argv)
+    assert out.count("Note: on CPU the head's BatchNorm statistics are per process (each of the 2 normalises with "
+                     "its own batch); SyncBatchNorm, which pools them, needs CUDA.") == 1
+    (line,) = log_records(tmp_path)
+    assert np.isfinite(line["train_loss"])
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for net in ("student", "teacher"):
+        state = ranks[0][net]
+        norms = [k.removesuffix(".running_mean") for k in state if k.endswith(".running_mean")]
+        assert norms and all(state[f"{n}.num_batches_tracked"] == 2 for n in norms), net
+        for name, value in state.items():
+            if "running_" not in name:
+                assert torch.equal(ranks[1][net][name], value), f"{net}.{name}"
+
+
 def test_auto_precision_grad_checkpointing_lars_run(synthetic_root, tmp_path, monkeypatch):
     # auto: bf16 autocast on CPUs with native bf16, fp32 elsewhere (never emulated bf16 in a test)
     _train(monkeypatch, _argv(synthetic_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0", "--amp_dtype", "auto",
