@@ -112,13 +112,14 @@ require_train_csv() {
     fi
 }
 
-# require_eval_inputs LIST_DIR: stop before launching an evaluation when CHECKPOINT is not a file or the list folder
-# does not exist, naming the variables that set them. A --pretrained_weights among user_args, or a
+# require_eval_inputs LIST_DIR: stop before launching an evaluation when CHECKPOINT is set but not a file or the list
+# folder does not exist, naming the variables that set them. A --pretrained_weights among user_args, or a
 # DATA.PATH_TO_DATA_DIR among user_opts / EXTRA_OPTS, replaces the script's own: the program checks it.
 require_eval_inputs() {
     local list_dir="$1" script
     script="$(basename "$0")"
-    if [[ ! -f "$CHECKPOINT" ]] && ! has_arg --pretrained_weights ${user_args[@]+"${user_args[@]}"}; then
+    if [[ -n "${CHECKPOINT:-}" && ! -f "$CHECKPOINT" ]] \
+        && ! has_arg --pretrained_weights ${user_args[@]+"${user_args[@]}"}; then
         echo "$script: CHECKPOINT=$CHECKPOINT is not a file. Set CHECKPOINT to a train_ssl.py checkpoint.pth or" \
              "the released kinetics400_vitb_ssl.pth." >&2
         exit 2

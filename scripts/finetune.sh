@@ -6,7 +6,7 @@
 # to eval_finetune.py (a `--opts KEY VALUE ...` of yours goes after the script's own), e.g.
 # `./scripts/finetune.sh --slowfast_eval True` or `./scripts/finetune.sh --evaluate`.
 #   DATA_PATH   dataset root with splits/ and videos/ (SSv2: annotations/ and frames/)  (default: data/ucf101)
-#   CHECKPOINT  initialisation (the released file or a train_ssl.py checkpoint.pth)     [required]
+#   CHECKPOINT  initialisation (the released file or a train_ssl.py checkpoint.pth)     [required; not with --evaluate]
 #   DATASET     ucf101 | hmdb51 | kinetics400 | ssv2          (default: ucf101)
 #   NUM_LABELS  classes (101 UCF, 51 HMDB, 400 K400, 174 SSv2; default: from DATASET)
 #   GPUS        processes (GPUs) to use                        (default: 8, the paper's)
@@ -30,7 +30,12 @@ split_user_args "$@"
 DATA_PATH="${DATA_PATH:-data/ucf101}"
 DATASET="${DATASET:-ucf101}"
 GPUS="${GPUS:-8}"
-: "${CHECKPOINT:?set CHECKPOINT to the checkpoint to fine-tune (e.g. checkpoints/kinetics400_vitb_ssl.pth)}"
+if [[ -z "${CHECKPOINT:-}" ]] && has_arg --evaluate ${user_args[@]+"${user_args[@]}"}; then
+    init=()  # --evaluate tests OUTPUT_DIR's checkpoint.pth, which holds every weight
+else
+    : "${CHECKPOINT:?set CHECKPOINT to the checkpoint to fine-tune (e.g. checkpoints/kinetics400_vitb_ssl.pth)}"
+    init=(--pretrained_weights "$CHECKPOINT")
+fi
 dataset_defaults  # DEFAULT_LABELS, LISTS, VIDEOS
 if (( GPUS > 8 || 8 % GPUS )); then DEFAULT_BATCH=1; else DEFAULT_BATCH=$(( 8 / GPUS )); fi
 BATCH_SIZE="${BATCH_SIZE:-$DEFAULT_BATCH}"
@@ -48,7 +53,7 @@ one_node_rendezvous
 exec "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$GPUS" \
   "$ROOT/eval_finetune.py" \
   --arch vit_base \
-  --pretrained_weights "$CHECKPOINT" \
+  ${init[@]+"${init[@]}"} \
   --dataset "$DATASET" \
   --num_labels "${NUM_LABELS:-$DEFAULT_LABELS}" \
   --batch_size_per_gpu "$BATCH_SIZE" \

@@ -173,3 +173,15 @@ def test_eval_scripts_rendezvous_on_a_free_port_unless_master_port_is_set(tmp_pa
 
     assert launcher_args() == ["--standalone", "--nnodes=1", "--nproc_per_node=1"]
     assert launcher_args(MASTER_PORT="15077", GPUS="2") == ["--master_port=15077", "--nproc_per_node=2"]
+
+
+def test_finetune_script_evaluates_without_checkpoint(tmp_path):
+    """`finetune.sh --evaluate` tests OUTPUT_DIR's checkpoint.pth, which holds every weight: it needs no CHECKPOINT
+    and passes no --pretrained_weights then; a fine-tuning without CHECKPOINT still stops, naming it."""
+    argv, program, _ = _launch(tmp_path, "finetune.sh", ["--evaluate"], CHECKPOINT="")
+    args, _ = _parse(program, argv)
+    assert args.evaluate and args.pretrained_weights == ""
+    argv, program, _ = _launch(tmp_path, "finetune.sh", ["--evaluate"])
+    assert _parse(program, argv)[0].pretrained_weights == str(tmp_path / "c.pth")
+    stderr = _launch(tmp_path, "finetune.sh", expect_rc=1, CHECKPOINT="")
+    assert "set CHECKPOINT to the checkpoint to fine-tune" in stderr
