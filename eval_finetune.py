@@ -110,8 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Mixed precision (type chosen by --amp_dtype); off: fp32.")
     parser.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"],
                         help="auto: bf16 on GPUs that support it, else fp16 with loss scaling; on CPU bf16 where "
-                             "the CPU has it natively (AVX-512 BF16 / AMX), else fp32 (emulated bf16 is many times "
-                             "slower). The run prints its choice.")
+                             "the CPU has it natively (AVX-512 BF16 / AMX), else fp32 (emulated bf16, e.g. on AVX-512 "
+                             "CPUs without BF16 or AVX2-only ones, is many times slower). The run prints its choice.")
     parser.add_argument("--grad_checkpointing", default=False, type=utils.bool_flag,
                         help="Recompute each block in the backward pass: far less activation memory "
                              "(ViT-B fits 16 GB cards), about 30%% slower.")

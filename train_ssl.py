@@ -95,7 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"], help="""Mixed
         precision type when --use_fp16 is on. auto: bf16 on GPUs that support it (no loss scaling needed),
         else fp16 with a GradScaler; on CPU bf16 only where the CPU has native bf16 (AVX-512 BF16 / AMX),
-        else fp32 (emulated bf16, e.g. on AVX2-only CPUs, is ~60x slower). The run prints its choice.""")
+        else fp32 (emulated bf16 is 3-5x slower on AVX-512 CPUs without BF16, e.g. Skylake to Ice Lake Xeons,
+        ~60x on AVX2-only ones). The run prints its choice.""")
     parser.add_argument("--weight_decay", type=float, default=0.04, help="""Weight decay at the start of
         its cosine schedule (biases and norm parameters are never decayed).""")
     parser.add_argument("--weight_decay_end", type=float, default=0.4, help="""Weight decay at the end of

@@ -16,7 +16,7 @@
 #   PYTHON       interpreter                                (default: python3)
 #   DRY_RUN      1: print the commands instead of running them
 # Precision is --amp_dtype auto: bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16 / AMX), fp32 on
-# other CPUs (emulated bf16 is ~60x slower there); the training log says which and why.
+# other CPUs (emulated bf16 is 3-60x slower there); the training log says which and why.
 # Extra arguments go to train_ssl.py; an `--opts KEY VALUE ...` of yours is appended after the demo's own in the
 # training and in every evaluation, so its values win (a MODEL.DEPTH or DATA.NUM_FRAMES of yours reaches all three).
 set -euo pipefail

@@ -195,16 +195,59 @@ def test_choose_precision_explicit_dtypes_and_autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native):
-    # AVX-512 BF16 / AMX CPUs get bf16; AVX2-only CPUs (emulated bf16, ~60x slower) get fp32, and say why.
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+def simulate_cpu(monkeypatch, machine="x86_64", onednn=True, avx512_bf16=False, amx=False, isa_cap=None):
+    """Make this process see another CPU: its architecture, oneDNN's bf16 check (true for any AVX-512 core CPU),
+    the AVX-512 BF16 / AMX flags, and an ONEDNN_MAX_CPU_ISA cap (None: unset)."""
+    monkeypatch.setattr(utils.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if isa_cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
+
+
+NATIVE_REASON = "auto: this CPU has native bf16 (AVX-512 BF16, AMX or ARM bf16)"
+EMULATED_REASON = "auto: no native bf16 on this CPU (bf16 would be emulated, many times slower than fp32)"
+
+
+@pytest.mark.parametrize("cpu, native", [
+    # Skylake / Cascade Lake / Ice Lake Xeons: AVX-512 core, so oneDNN's check says yes, but bf16 is emulated
+    # there (measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE: a train step 3x slower than fp32)
+    (dict(onednn=True), False),
+    (dict(onednn=True, avx512_bf16=True), True),  # Cooper Lake, Zen 4
+    (dict(onednn=True, amx=True), True),  # Sapphire Rapids and later
+    (dict(onednn=True, avx512_bf16=True, amx=True), True),
+    (dict(onednn=False), False),  # AVX2 only
+    # oneDNN capped below its bf16 ISA emulates bf16 on any CPU
+    (dict(onednn=True, avx512_bf16=True, amx=True, isa_cap="avx512_core"), False),
+    (dict(onednn=True, avx512_bf16=True, amx=True, isa_cap="AVX512_CORE_VNNI"), False),
+    (dict(onednn=False, avx512_bf16=True, amx=True, isa_cap="AVX2"), False),
+    (dict(onednn=True, avx512_bf16=True, amx=True, isa_cap="AVX512_CORE_AMX"), True),
+    (dict(onednn=True, avx512_bf16=True, isa_cap="AVX512_CORE_BF16"), True),
+    (dict(machine="AMD64", onednn=True), False),  # Windows' name for x86-64
+    (dict(machine="AMD64", onednn=True, amx=True), True),
+    # ARM: oneDNN's check is the one that knows (the x86 flags say no there)
+    (dict(machine="aarch64", onednn=True), True),
+    (dict(machine="arm64", onednn=False), False),
+])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, cpu, native):
+    simulate_cpu(monkeypatch, **cpu)
     assert utils.cpu_has_native_bf16() is native
     dtype, why = utils.choose_precision(True, "auto", torch.device("cpu"))
     assert dtype is (torch.bfloat16 if native else None)
-    assert why == ("auto: this CPU has native bf16 (AVX-512 BF16 / AMX)" if native else
-                   "auto: no native bf16 on this CPU (bf16 would be emulated, many times slower than fp32)")
+    assert why == (NATIVE_REASON if native else EMULATED_REASON)
     assert utils.choose_precision(False, "auto", torch.device("cpu")) == (None, "--use_fp16 false")
+
+
+def test_cpu_flags_missing_from_an_older_torch_leave_onednn_to_decide(monkeypatch):
+    simulate_cpu(monkeypatch, onednn=True)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert utils.cpu_has_native_bf16() is True
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert utils.cpu_has_native_bf16() is False
 
 
 @pytest.mark.parametrize("bf16_ok", [True, False])
@@ -248,6 +291,7 @@ def test_explicit_bf16_on_a_gpu_without_native_bf16_is_an_error(monkeypatch, nat
 def test_cpu_has_native_bf16_without_onednn(monkeypatch):
     def missing():
         raise RuntimeError("mkldnn not built")
+    simulate_cpu(monkeypatch, avx512_bf16=True, amx=True)  # the CPU has bf16, but torch cannot use it
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing)
     assert utils.cpu_has_native_bf16() is False
 

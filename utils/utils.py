@@ -5,6 +5,7 @@ import contextlib
 import datetime
 import json
 import os
+import platform
 import random
 import re
 import sys
@@ -138,13 +139,27 @@ class LARS(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------
 # Mixed precision
 # ---------------------------------------------------------------------------------------------
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686")
+# Values of oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, or its old name DNNL_MAX_CPU_ISA) below AVX512_CORE_BF16:
+# under them oneDNN emulates bf16 even on a CPU that has it.
+ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bf16 matmuls natively (AVX-512 BF16 or AMX). Elsewhere (e.g. AVX2-only CPUs)
-    bf16 is emulated and a bf16 matmul is ~60x slower than an fp32 one."""
+    """True where this CPU runs bf16 matmuls natively. On x86: it has AVX-512 BF16 or AMX and oneDNN may use
+    them (no ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16). oneDNN's own check
+    (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`) says yes for any AVX-512 core CPU (Skylake, Cascade Lake,
+    Ice Lake Xeons), where it emulates bf16: ~3-5x slower than fp32 there, ~60x on AVX2-only CPUs. Elsewhere
+    (ARM bf16) oneDNN's check decides, as it does on x86 with a torch that lacks the CPU flag queries."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch built without oneDNN
         return False
+    flags = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if platform.machine().lower() not in X86_MACHINES or None in flags:
+        return onednn
+    isa_cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    return onednn and isa_cap not in ONEDNN_ISAS_WITHOUT_BF16 and any(flag() for flag in flags)
 
 
 PRECISION_NAMES = {None: "off, fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -166,7 +181,7 @@ def choose_precision(use_fp16: bool, amp_dtype: str, device: torch.device) -> tu
                 return torch.bfloat16, "auto: this GPU supports bf16"
             return torch.float16, "auto: this GPU has no native bf16, fp16 with loss scaling"
         if device.type == "cpu" and cpu_has_native_bf16():
-            return torch.bfloat16, "auto: this CPU has native bf16 (AVX-512 BF16 / AMX)"
+            return torch.bfloat16, "auto: this CPU has native bf16 (AVX-512 BF16, AMX or ARM bf16)"
         return None, (f"auto: no native bf16 on this {device.type.upper()} (bf16 would be emulated, "
                       "many times slower than fp32)")
     if amp_dtype == "bf16":
