@@ -242,6 +242,23 @@ def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, cpu, native):
     assert utils.choose_precision(False, "auto", torch.device("cpu")) == (None, "--use_fp16 false")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_explicit_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, capsys, native):
+    # An AVX-512 core CPU (oneDNN says yes) with or without the BF16 extension: bf16 runs either way, as asked,
+    # but where it is emulated the run says so and how to get fp32.
+    simulate_cpu(monkeypatch, onednn=True, avx512_bf16=native)
+    assert utils.choose_precision(True, "bf16", torch.device("cpu")) == (torch.bfloat16, "--amp_dtype bf16")
+    out = capsys.readouterr().out
+    if native:
+        assert out == ""
+    else:
+        assert out.count("\n") == 1
+        assert out.startswith("WARNING: --amp_dtype bf16: this CPU has no native bf16")
+        assert "emulated, several times slower than fp32; use --amp_dtype auto or --use_fp16 false" in out
+    assert utils.choose_precision(False, "bf16", torch.device("cpu"))[0] is None
+    assert capsys.readouterr().out == ""  # --use_fp16 false: fp32, nothing to warn about
+
+
 def test_cpu_flags_missing_from_an_older_torch_leave_onednn_to_decide(monkeypatch):
     simulate_cpu(monkeypatch, onednn=True)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")

@@ -170,7 +170,7 @@ def choose_precision(use_fp16: bool, amp_dtype: str, device: torch.device) -> tu
 
     auto: on CUDA bf16 where the GPU has it natively (Ampere and later), else fp16 (with a GradScaler); on CPU
     bf16 only where the CPU has native bf16 (`cpu_has_native_bf16`), else fp32. An explicit bf16 on a GPU
-    without native bf16 is an error (on CPU it runs, emulated where the CPU lacks it).
+    without native bf16 is an error; on a CPU without it, it runs emulated, with a warning.
     """
     if not use_fp16:
         return None, "--use_fp16 false"
@@ -190,6 +190,9 @@ def choose_precision(use_fp16: bool, amp_dtype: str, device: torch.device) -> tu
                              "or T4): emulated bf16 is slower than fp32, and cuDNN has no bf16 convolution there "
                              "(the patch embedding). Use --amp_dtype auto (fp16 with loss scaling here) or "
                              "--use_fp16 false (fp32).")
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            print("WARNING: --amp_dtype bf16: this CPU has no native bf16 (AVX-512 BF16 / AMX), so bf16 is emulated, "
+                  "several times slower than fp32; use --amp_dtype auto or --use_fp16 false for fp32.")
         return torch.bfloat16, "--amp_dtype bf16"
     if amp_dtype == "fp16":
         if device.type != "cuda":
