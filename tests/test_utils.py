@@ -356,6 +356,30 @@ def test_lars_steps_match_dinos_definition():
                                    atol=1e-12)
 
 
+def test_lars_resumes_the_momentum_of_a_dino_checkpoint():
+    # DINO's LARS keeps its momentum as state["mu"]: loaded from such a checkpoint, the next step continues it.
+    matrix = nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))
+    bias = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = utils.LARS([matrix, bias])
+    saved = {"state": {0: {"mu": torch.tensor([[1.0, 1.0]], dtype=torch.float64)},
+                       1: {"mu": torch.tensor([2.0, -4.0], dtype=torch.float64)}},
+             "param_groups": [{"lr": 0.1, "weight_decay": 0.5, "momentum": 0.9, "eta": 0.02, "params": [0, 1],
+                               "weight_decay_filter": None, "lars_adaptation_filter": None}]}
+    opt.load_state_dict(saved)
+    matrix.grad = torch.tensor([[0.5, -2.0]], dtype=torch.float64)
+    bias.grad = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    opt.step()
+    # matrix: update g + 0.5 p = (2, 0), trust 0.02 * |p| 5 / |update| 2 = 0.05 -> (0.1, 0);
+    # mu = 0.9 (1, 1) + (0.1, 0) = (1, 0.9); p = (3, 4) - 0.1 mu
+    torch.testing.assert_close(opt.state[matrix]["mu"], torch.tensor([[1.0, 0.9]], dtype=torch.float64))
+    torch.testing.assert_close(matrix.detach(), torch.tensor([[2.9, 3.91]], dtype=torch.float64))
+    # bias (1-D: no decay, no trust ratio): mu = 0.9 (2, -4) + (0.5, 0.25) = (2.3, -3.35); p = (1, -2) - 0.1 mu
+    torch.testing.assert_close(opt.state[bias]["mu"], torch.tensor([2.3, -3.35], dtype=torch.float64))
+    torch.testing.assert_close(bias.detach(), torch.tensor([0.77, -1.665], dtype=torch.float64))
+    assert all(state.keys() == {"mu"} for state in opt.state.values())
+    assert opt.state_dict()["state"].keys() == {0, 1}
+
+
 def test_first_slurm_host():
     assert utils.first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
     assert utils.first_slurm_host("node17") == "node17"

@@ -112,7 +112,8 @@ def has_batchnorms(model: nn.Module) -> bool:
 
 class LARS(torch.optim.Optimizer):
     """LARS (DINO's version): SGD with momentum and a layer-wise trust ratio; 1-D params get neither
-    weight decay nor the trust ratio."""
+    weight decay nor the trust ratio. The momentum is kept under DINO's state key `mu`, so a DINO / SVT LARS
+    checkpoint resumes with its momentum."""
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
                  eta: float = 0.001):
@@ -131,9 +132,9 @@ class LARS(torch.optim.Optimizer):
                     trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
                                         torch.ones_like(w_norm))
                     update = update * trust
-                buf = self.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
-                buf.mul_(group["momentum"]).add_(update)
-                param.add_(buf, alpha=-group["lr"])
+                mu = self.state[param].setdefault("mu", torch.zeros_like(param))  # DINO's state key
+                mu.mul_(group["momentum"]).add_(update)
+                param.add_(mu, alpha=-group["lr"])
 
 
 # ---------------------------------------------------------------------------------------------
