@@ -17,6 +17,7 @@ import hubconf
 from models import DINOHead, MultiCropWrapper, VisionTransformer, build_backbone, vit_tiny_patch16_224
 from utils.checkpoint import (atomic_save, load_imagenet_init, load_pretrained_weights, output_dir_lock,
                               restart_from_checkpoint, safe_torch_load)
+from utils.utils import get_params_groups
 
 TINY = dict(embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.0, img_size=32)
 
@@ -374,6 +375,51 @@ def test_atomic_save_and_restart_round_trip(tmp_path):
     fresh = {"epoch": 0}
     restart_from_checkpoint(tmp_path / "none.pth", run_variables=fresh, student=model2)
     assert fresh == {"epoch": 0}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_resume_keeps_the_runs_fused_or_foreach_adamw(tmp_path, fused):
+    # An AdamW checkpoint of the original code (torch 1.x): param groups without fused / foreach, integer steps.
+    # load_state_dict alone would take their absence as None, leaving this run's fused AdamW (build_optimizer's
+    # choice on CPU and CUDA) or its foreach one on the default kernels.
+    import train_ssl
+    model, model2 = tiny(5), tiny(5)
+    groups = [{**g, "lr": 1e-2, "weight_decay": 0.04 * i} for i, g in enumerate(get_params_groups(model))]
+    writer = torch.optim.AdamW(groups, foreach=False)
+    for _ in range(2):
+        model(torch.randn(1, 3, 2, 32, 32)).square().mean().backward()
+        writer.step()
+    saved = writer.state_dict()
+    old_keys = ("params", "lr", "betas", "eps", "weight_decay", "amsgrad")
+    saved["param_groups"] = [{k: g[k] for k in old_keys} for g in saved["param_groups"]]
+    saved["state"] = {i: {**s, "step": int(s["step"])} for i, s in saved["state"].items()}
+    atomic_save({"optimizer": saved}, tmp_path / "checkpoint.pth")
+
+    model2.load_state_dict(model.state_dict())
+    optimizer = train_ssl.build_optimizer(argparse.Namespace(optimizer="adamw"), model2, torch.device("cpu"),
+                                          fused=None if fused else False)
+    kernels = [(g["fused"], g["foreach"]) for g in optimizer.param_groups]
+    assert kernels == [(True, None) if fused else (None, True)] * 2
+    restart_from_checkpoint(tmp_path / "checkpoint.pth", optimizer=optimizer)
+    assert [(g["fused"], g["foreach"]) for g in optimizer.param_groups] == kernels
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-2, 0.0), (1e-2, 0.04)]
+    for state in optimizer.state.values():
+        assert state["step"].dtype == torch.float32 and state["step"].item() == 2.0
+    # the next step continues the written one, on this run's kernel
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    for m in (model, model2):
+        for p, g in zip(m.parameters(), grads):
+            p.grad = g.clone()
+    writer.step()
+    optimizer.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+    # a checkpoint of other param groups is still refused, not loaded group by group
+    saved["param_groups"] = [{**saved["param_groups"][0], "params": list(saved["state"])}]
+    atomic_save({"optimizer": saved}, tmp_path / "checkpoint.pth")
+    with pytest.raises(ValueError, match="checkpoint.pth: its 'optimizer' does not fit this run .*parameter groups"):
+        restart_from_checkpoint(tmp_path / "checkpoint.pth", optimizer=optimizer)
 
 
 def test_linear_probe_checkpoint_is_named_as_such(tmp_path):

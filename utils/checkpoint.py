@@ -381,12 +381,30 @@ def output_dir_lock(folder: str | os.PathLike, enabled: bool = True):
         os.close(fd)  # releases the lock
 
 
+# Param-group options that pick an optimizer's kernels, not its maths. Optimizer.load_state_dict takes the
+# checkpoint's, None where its writer had none (the original code's AdamW), which left this run's fused AdamW
+# unfused after a resume; this run's choice (train_ssl.build_optimizer's) stands instead.
+KERNEL_OPTIONS = ("fused", "foreach")
+
+
+def with_kernel_options(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state dict `state` with `optimizer`'s own KERNEL_OPTIONS in its param groups: loading it
+    keeps them, and gives a fused optimizer its step counts where its kernel needs them (float32 on the
+    parameter's device). A state of another group count is returned as is, for load_state_dict to refuse."""
+    saved = state.get("param_groups")
+    if not isinstance(saved, list) or len(saved) != len(optimizer.param_groups):
+        return state
+    groups = [{**old, **{k: group[k] for k in KERNEL_OPTIONS if k in group}}
+              for old, group in zip(saved, optimizer.param_groups)]
+    return {**state, "param_groups": groups}
+
+
 def restart_from_checkpoint(ckp_path: str | os.PathLike, run_variables: dict | None = None,
                             **objects: Any) -> dict | None:
     """Resume: each keyword object (module, optimizer, GradScaler, DINOLoss, ...) loads the entry of
-    the same name (modules strictly: every key, every shape); `run_variables` entries (e.g. `epoch`) are
-    filled from the checkpoint. An entry that does not fit raises ValueError naming it. A missing file does
-    nothing (a fresh run). Returns the loaded checkpoint or None."""
+    the same name (modules strictly: every key, every shape; optimizers keep their fused / foreach choice);
+    `run_variables` entries (e.g. `epoch`) are filled from the checkpoint. An entry that does not fit raises
+    ValueError naming it. A missing file does nothing (a fresh run). Returns the loaded checkpoint or None."""
     ckp_path = os.fspath(ckp_path)
     if not os.path.isfile(ckp_path):
         return None
@@ -398,8 +416,11 @@ def restart_from_checkpoint(ckp_path: str | os.PathLike, run_variables: dict | N
         if key not in ckpt or ckpt[key] is None:
             print(f"  {key}: not in the checkpoint, left as built")
             continue
+        value = ckpt[key]
+        if isinstance(obj, torch.optim.Optimizer) and isinstance(value, dict):
+            value = with_kernel_options(value, obj)
         try:
-            obj.load_state_dict(ckpt[key])
+            obj.load_state_dict(value)
         except (RuntimeError, ValueError, KeyError) as err:
             detail = str(err).strip().splitlines()
             raise ValueError(f"{ckp_path}: its '{key}' does not fit this run "
