@@ -27,7 +27,8 @@ Modes:
 Evaluation clips use DATA.MEAN/STD; `slowfast=True` gives [NUM_FRAMES x TEST_CROP_SIZE,
 8*NUM_FRAMES x LOCAL_CROP_SIZE] clips of the same window and crop.
 A video that cannot be read is skipped and counted, never a crash in the middle of a run: in "train" it
-is replaced by a random other one (logged once, counted in meta["skipped"] and `num_skipped`); in
+is replaced by a random other one (logged once, counted in meta["skipped"] and `num_skipped`; only a list that is
+(almost) entirely unreadable exhausts the NUM_RETRIES replacements of a sample, an error naming check_videos); in
 "val"/"test" (where a substitute would carry the wrong label) each of its clips is a placeholder of zeros
 of the clip shape with label SKIPPED_LABEL (-1) and meta {"skipped": 1}, logged once and counted in
 `num_skipped` (per process: DataLoader workers count in their own copy). Consumers drop label -1 rows.
@@ -63,6 +64,13 @@ DECODE_DEVICES = ("cpu", "cuda")
 # DATA.AUGMENT_DEVICE cuda ships each sample's decoded frames through shared and pinned memory: above this many
 # bytes (a 256x340 union is ~18 MB; full-resolution 1080p, ~400 MB) a worker says once to resize the videos.
 LARGE_PLAN_BYTES = 100 * 2 ** 20
+# A training sample whose video cannot be read draws a random other one, up to NUM_RETRIES times; then the run
+# stops. With a fraction q of the list unreadable, all NUM_RETRIES + 1 draws fail with probability q^501: 1e-23
+# at q = 0.9 (a list 10 % readable), 7e-12 at q = 0.95 (2e-4 over 100 Kinetics epochs of 240k samples), while an
+# entirely unreadable list stops at its first sample (~0.1 ms a draw of a file that does not open). The draws are
+# seeded per sample (datasets/seeding.py), so a rerun replays the same chain: a limit that a mostly readable list
+# could reach would stop every resume at the same sample. The original retries 10 times, then raises.
+NUM_RETRIES = 500
 
 
 class FrameError(decoder.DecodeError):
@@ -385,7 +393,7 @@ class VideoDataset(Dataset):
     `__getitem__` -> (frames, label, index, meta). `load_data_list` reads the list; override it for another
     list format."""
 
-    def __init__(self, cfg, mode: str, dataset: str = "kinetics400", num_retries: int = 10, ssl_aug=None,
+    def __init__(self, cfg, mode: str, dataset: str = "kinetics400", num_retries: int = NUM_RETRIES, ssl_aug=None,
                  slowfast: bool = False, list_mode: str | None = None):
         list_mode = list_mode or mode
         if mode not in MODES or list_mode not in MODES:
@@ -405,6 +413,7 @@ class VideoDataset(Dataset):
         self.num_clips_per_video = (cfg.TEST.NUM_ENSEMBLE_VIEWS * cfg.TEST.NUM_SPATIAL_CROPS
                                     if mode == "test" else 1)
         self.num_skipped = 0
+        self.num_draws = 0  # "train": the videos drawn by this process (DataLoader worker) so far, failed ones included
         self.list_file = os.path.join(cfg.DATA.PATH_TO_DATA_DIR, getattr(self.lists, list_mode))
         # the files the labels come from besides the list (SSv2's frame lists have none): a run record holds them
         self.annotation_files = (ssv2_annotation_files(cfg.DATA.PATH_TO_DATA_DIR, mode) if self.lists.frame_folders
@@ -570,9 +579,20 @@ class VideoDataset(Dataset):
             _LOGGED_FAILURES.add(path)
             logger.warning("skipping unreadable video %s (%s); %s", path, err, action)
 
+    def check_command(self) -> str | None:
+        """The check_videos command that reports on this dataset's list (None for frame folders: it reads videos)."""
+        if self.frame_paths is not None:
+            return None
+        data = self.cfg.DATA
+        check = ["python", "-m", "datasets.preprocessing.check_videos", "--list", self.list_file]
+        check += ["--prefix", data.PATH_PREFIX] if data.PATH_PREFIX else []
+        check += ["--separator", data.PATH_LABEL_SEPARATOR] if data.PATH_LABEL_SEPARATOR != " " else []
+        return shlex.join(check)
+
     def __getitem__(self, index: int):
         tried = []
         for _ in range(self.num_retries + 1):
+            self.num_draws += self.mode == "train"
             try:
                 frames = self._load(index)
             except decoder.DecodeError as err:
@@ -589,20 +609,18 @@ class VideoDataset(Dataset):
                 continue
             label = self.video_labels[index // self.num_clips_per_video]
             return frames, label, index, {"skipped": len(tried)}
-        missing = sum(not os.path.isfile(p) for p in tried)
+        distinct = list(dict.fromkeys(tried))
+        missing = sum(not os.path.isfile(p) for p in distinct)
         data = self.cfg.DATA
+        failed = (f"{self.dataset_name}: the {len(tried)} draws of a sample (num_retries={self.num_retries}) all "
+                  f"failed, as {self.num_skipped} of the {self.num_draws} draws of this loader process did "
+                  f"({self.num_skipped / self.num_draws:.0%}): the list is (almost) entirely unreadable. ")
+        shown = f"{distinct[:4]}{' ...' if len(distinct) > 4 else ''}"
         if self.frame_paths is not None:
-            raise RuntimeError(f"{self.dataset_name}: {len(tried)} videos failed to read in a row "
-                               f"(num_retries={self.num_retries}); the frames that failed, {missing} of them missing "
-                               f"on disk: {tried[:4]}{' ...' if len(tried) > 4 else ''}. Check DATA.PATH_PREFIX "
-                               f"({data.PATH_PREFIX!r}): joined to the frame lists' paths, it must be the folder of "
-                               "the extracted JPEG frames; and that the frames were extracted as the frame lists name "
-                               "them (datasets/DATASET.md).")
-        check = ["python", "-m", "datasets.preprocessing.check_videos", "--list", self.list_file]
-        check += ["--prefix", data.PATH_PREFIX] if data.PATH_PREFIX else []
-        check += ["--separator", data.PATH_LABEL_SEPARATOR] if data.PATH_LABEL_SEPARATOR != " " else []
-        raise RuntimeError(f"{self.dataset_name}: {len(tried)} videos failed to decode in a row "
-                           f"(num_retries={self.num_retries}, {missing} of them missing on disk); tried: "
-                           f"{tried[:4]}{' ...' if len(tried) > 4 else ''}. Check DATA.PATH_PREFIX "
-                           f"({data.PATH_PREFIX!r}) and the videos, which this command reports on:\n"
-                           f"  {shlex.join(check)}")
+            raise RuntimeError(f"{failed}The {len(distinct)} frames that failed, {missing} of them missing on disk: "
+                               f"{shown}. Check DATA.PATH_PREFIX ({data.PATH_PREFIX!r}): joined to the frame lists' "
+                               "paths, it must be the folder of the extracted JPEG frames; and that the frames were "
+                               "extracted as the frame lists name them (datasets/DATASET.md).")
+        raise RuntimeError(f"{failed}The {len(distinct)} videos tried, {missing} of them missing on disk: {shown}. "
+                           f"Check DATA.PATH_PREFIX ({data.PATH_PREFIX!r}) and the videos, which this command reports "
+                           f"on:\n  {self.check_command()}")

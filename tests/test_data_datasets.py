@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from datasets import DATASETS, ReturnIndexDataset, build_dataset, decoder, video_dataset
 from datasets.synthetic import write_video
 from datasets.transform import IMAGENET_MEAN, IMAGENET_STD, VideoDataAugmentationDINO, ssl_view_frames
+from datasets.seeding import SeededDataset, SeededDistributedSampler
 from datasets.video_dataset import parse_list_file
 from tests.conftest import DAMAGED_FRAMES, build_cfg, damaged_video, write_ssv2
 
@@ -248,12 +249,65 @@ def test_a_train_list_video_skipped_by_the_knn_bank_is_logged_as_such(tmp_path, 
 def test_all_retries_failing_raises_with_paths(tmp_path, synthetic_root):
     cfg = _mixed_list(tmp_path, synthetic_root, good=0)
     ds = build_dataset("kinetics400", cfg, "train", num_retries=3)
-    with pytest.raises(RuntimeError, match=r"4 videos failed.*num_retries=3.*(missing|corrupt)\.mp4") as failed:
+    with pytest.raises(RuntimeError, match=r"the 4 draws of a sample \(num_retries=3\) all failed, as 4 of the 4 "
+                                           r"draws of this loader process did \(100%\).*The [12] videos? tried, [01] "
+                                           r"of them missing on disk: \['\S+/(missing|corrupt)\.mp4'") as failed:
         ds[0]
     # a command to paste: the paths quoted where they need it, nothing after them
     command = str(failed.value).splitlines()[-1].strip()
     assert shlex.split(command) == ["python", "-m", "datasets.preprocessing.check_videos", "--list", ds.list_file,
                                     "--prefix", cfg.DATA.PATH_PREFIX]
+
+
+def _mostly_unreadable(tmp_path, synthetic_root, good: int, bad: int):
+    """A train list of `good` synthetic videos and `bad` files that do not open (garbage bytes), shuffled."""
+    videos = sorted((synthetic_root / "videos").rglob("*.mp4"))[:good]
+    for i in range(bad):
+        (tmp_path / f"junk{i}.mp4").write_bytes(b"\x00garbage" * 64)
+    lines = [f"{v} 1" for v in videos] + [f"junk{i}.mp4 0" for i in range(bad)]
+    np.random.default_rng(0).shuffle(lines)
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    return build_cfg(tmp_path, tmp_path)
+
+
+def _seeded_epoch(ds, epoch: int, seed: int = 1, skip: int = 0) -> list[tuple[int, int]]:
+    """(index read, replaced draws) of each sample of `epoch` drawn as train_ssl.py draws them (per-sample seeds)."""
+    sampler = SeededDistributedSampler(ds, seed=seed, num_replicas=1, rank=0, shuffle=True)
+    sampler.set_epoch(epoch)
+    sampler.skip = skip
+    loader = DataLoader(SeededDataset(ds), sampler=sampler, batch_size=5, num_workers=0)
+    return [(i, s) for _, _, index, meta in loader for i, s in zip(index.tolist(), meta["skipped"].tolist())]
+
+
+def test_a_mostly_unreadable_training_list_goes_through_an_epoch(tmp_path, synthetic_root):
+    """80 % of the list does not open: every sample is a readable video, found by replaced draws (the original's
+    10 retries would stop this epoch: ~8 % of its samples fail 11 draws in a row)."""
+    ds = build_dataset("kinetics400", _mostly_unreadable(tmp_path, synthetic_root, 10, 40), "train")
+    samples = _seeded_epoch(ds, epoch=0)
+    assert len(samples) == 50 and all(ds.video_labels[i] == 1 for i, _ in samples)
+    assert sum(s for _, s in samples) == ds.num_skipped == ds.num_draws - 50 > 100
+
+
+def test_replaced_draws_replay_per_seed_epoch_and_position(tmp_path, synthetic_root):
+    """The replacement chain of a sample is a function of (seed, epoch, position): a rerun, and a resume that
+    skips the first samples, read the same videos; another epoch draws others."""
+    ds = build_dataset("kinetics400", _mostly_unreadable(tmp_path, synthetic_root, 5, 15), "train")
+    first = _seeded_epoch(ds, epoch=0)
+    assert _seeded_epoch(ds, epoch=0) == first and _seeded_epoch(ds, epoch=0, skip=10) == first[10:]
+    assert sum(s for _, s in first) > 20 and _seeded_epoch(ds, epoch=1) != first
+
+
+def test_an_entirely_unreadable_training_list_stops_naming_the_fraction_and_check_videos(tmp_path, synthetic_root):
+    ds = build_dataset("kinetics400", _mostly_unreadable(tmp_path, synthetic_root, 0, 8), "train")
+    assert ds.num_retries == video_dataset.NUM_RETRIES == 500
+    with pytest.raises(RuntimeError, match=r"kinetics400: the 501 draws of a sample \(num_retries=500\) all failed, "
+                                           r"as 501 of the 501 draws of this loader process did \(100%\): the list "
+                                           r"is \(almost\) entirely unreadable\. The 8 videos tried, 0 of them "
+                                           r"missing on disk: \['\S+/junk\d\.mp4', .* \.\.\.\. Check "
+                                           r"DATA\.PATH_PREFIX") as failed:
+        _seeded_epoch(ds, epoch=0)
+    assert str(failed.value).splitlines()[-1].split()[:4] == ["python", "-m", "datasets.preprocessing.check_videos",
+                                                             "--list"]
 
 
 # ----------------------------------------------------------------------------------------- indices

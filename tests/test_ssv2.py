@@ -66,7 +66,9 @@ def test_ssv2_frames_failing_in_a_row_name_the_frames(tmp_path):
         if int(frame.stem) >= 3:  # the first frames stay: the prefix is right
             frame.unlink()
     train = build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "train", num_retries=2)
-    failed = r"ssv2: 3 videos failed to read in a row \(num_retries=2\); the frames that failed, 3 of them missing"
+    failed = (r"ssv2: the 3 draws of a sample \(num_retries=2\) all failed, as 3 of the 3 draws of this loader "
+              r"process did \(100%\): the list is \(almost\) entirely unreadable\. The ([123]) frames that failed, "
+              r"\1 of them missing")
     with pytest.raises(RuntimeError, match=failed + r" on disk: \['\S+/1\d\d/0000\d\d.jpg'") as err:
         train[0]
     assert "check_videos" not in str(err.value) and "DATA.PATH_PREFIX" in str(err.value)
