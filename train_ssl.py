@@ -32,8 +32,8 @@ from datasets import build_dataset
 from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans
 from datasets.seeding import SeededDataset, SeededDistributedSampler, preserved_rng_state, resume_start_iteration
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
-from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_hint, restore_sequential_videos,
-                                     sequential_decodes)
+from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_hint, replaced_warning,
+                                     restore_sequential_videos, sequential_decodes)
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import preemption, utils
 from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_objects, gather_rng_states,
@@ -276,7 +276,8 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
                     stop: preemption.StopSignals | None = None) -> dict:
     """One epoch (from `start_iter` when resuming mid-epoch, with the `epoch_meters` of the interrupted part,
     so the means cover the whole epoch). Returns the averaged meters, the wait for data and `replaced_samples`: the
-    draws replaced because their video could not be read (a video drawn twice counts twice). When a `stop` signal
+    draws replaced because their video could not be read (a video drawn twice counts twice; past 5 % of the draws a
+    warning names check_videos). When a `stop` signal
     reached any rank, every rank ends the step where they learn it (at most preemption.CHECK_EVERY iterations
     later), writes the mid-epoch checkpoint and raises preemption.Preempted."""
     stop = stop if stop is not None else preemption.StopSignals(())
@@ -343,6 +344,10 @@ def train_one_epoch(state: TrainState, data_loader: DataLoader, epoch: int, nite
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["data_wait"] = utils.data_wait(metric_logger, f"Epoch {epoch}", args.num_workers)
     stats["replaced_samples"] = int(replaced.item())
+    warning = replaced_warning(f"Epoch {epoch}", stats["replaced_samples"], niter * global_batch,
+                               getattr(data_loader, "dataset", None))
+    if warning:
+        print(warning)
     return stats
 
 

@@ -71,6 +71,8 @@ LARGE_PLAN_BYTES = 100 * 2 ** 20
 # seeded per sample (datasets/seeding.py), so a rerun replays the same chain: a limit that a mostly readable list
 # could reach would stop every resume at the same sample. The original retries 10 times, then raises.
 NUM_RETRIES = 500
+# An epoch whose training draws were replaced more often than this prints a warning naming check_videos.
+REPLACED_WARNING = 0.05
 
 
 class FrameError(decoder.DecodeError):
@@ -624,3 +626,19 @@ class VideoDataset(Dataset):
         raise RuntimeError(f"{failed}The {len(distinct)} videos tried, {missing} of them missing on disk: {shown}. "
                            f"Check DATA.PATH_PREFIX ({data.PATH_PREFIX!r}) and the videos, which this command reports "
                            f"on:\n  {self.check_command()}")
+
+
+def replaced_warning(header: str, replaced: int, samples: int, dataset=None) -> str | None:
+    """The warning of an epoch of `samples` training samples of which `replaced` draws hit an unreadable video
+    (None up to REPLACED_WARNING of the draws): the run trains on the readable rest of the list, each video seen
+    more often. `dataset` (a VideoDataset, or a wrapper of one) names the check_videos command of its list."""
+    draws = samples + replaced
+    if not draws or replaced / draws <= REPLACED_WARNING:
+        return None
+    while dataset is not None and not isinstance(dataset, VideoDataset):
+        dataset = getattr(dataset, "dataset", None)
+    command = dataset.check_command() if dataset is not None else None
+    check = (f"list them with `{command}` and train on its cleaned list" if command else
+             "check DATA.PATH_PREFIX and the files of the list (datasets/DATASET.md)")
+    return (f"{header}: {replaced} of the {draws} training draws ({replaced / draws:.0%}) were unreadable videos, "
+            f"replaced by others: the epoch trained on the readable rest of the list; {check}.")

@@ -310,6 +310,19 @@ def test_an_entirely_unreadable_training_list_stops_naming_the_fraction_and_chec
                                                              "--list"]
 
 
+def test_replaced_warning_past_five_percent_of_the_draws_names_check_videos(tmp_path, synthetic_root):
+    ds = build_dataset("kinetics400", _mixed_list(tmp_path, synthetic_root), "train")
+    assert video_dataset.replaced_warning("Epoch 3", 5, 95, SeededDataset(ds)) is None  # 5 % of the draws
+    warning = video_dataset.replaced_warning("Epoch 3", 6, 94, SeededDataset(ds))
+    assert warning == (f"Epoch 3: 6 of the 100 training draws (6%) were unreadable videos, replaced by others: the "
+                       f"epoch trained on the readable rest of the list; list them with `{ds.check_command()}` and "
+                       "train on its cleaned list.")
+    assert ds.check_command() == shlex.join(["python", "-m", "datasets.preprocessing.check_videos", "--list",
+                                             ds.list_file, "--prefix", str(tmp_path)])
+    assert "check DATA.PATH_PREFIX" in video_dataset.replaced_warning("Epoch 3", 1, 1)
+    assert video_dataset.replaced_warning("Epoch 3", 0, 0) is None
+
+
 # ----------------------------------------------------------------------------------------- indices
 @pytest.fixture
 def level_video_cfg(tmp_path):

@@ -349,6 +349,19 @@ def test_training_loop_never_reads_a_value_back_to_the_host(monkeypatch):
     assert host_reads(3) == host_reads(1)
 
 
+def test_an_epoch_with_many_replaced_draws_ends_with_a_warning(monkeypatch, capsys):
+    # train_one_epoch counts the draws replaced because their video could not be read (log.txt's
+    # train_replaced_samples) and, past 5 % of the epoch's draws, says so in one line that names what to do.
+    state, args = step_state(monkeypatch, False, "--use_fp16", "false", "--batch_size_per_gpu", "2")
+    for skipped, warned in (([0, 0], False), ([0, 1], True)):
+        loader = [(step_views(), None, None, {"skipped": torch.tensor(skipped)}) for _ in range(3)]
+        assert train_ssl.train_one_epoch(state, loader, 0, 3, args)["replaced_samples"] == 3 * sum(skipped)
+        lines = [line for line in capsys.readouterr().out.splitlines() if "unreadable" in line]
+        assert lines == (["Epoch 0: 3 of the 9 training draws (33%) were unreadable videos, replaced by others: the "
+                          "epoch trained on the readable rest of the list; check DATA.PATH_PREFIX and the files of "
+                          "the list (datasets/DATASET.md)."] if warned else [])
+
+
 def test_compile_keeps_every_view_of_the_paper_layout_compiled(monkeypatch):
     # --compile (static shapes) makes a graph per view shape and grad mode; student and teacher backbones share
     # dynamo's cache. The paper's views (globals of 8 and 16 frames, locals of 2/4/8/16) need 8 graphs and
