@@ -54,14 +54,16 @@ def svt_vitb_k400(pretrained_path: str | None = None, checkpoint_key: str = "tea
     """SVT TimeSformer-B/16 backbone (divided space-time, 8 frames, 224 px; a models.timesformer.VisionTransformer),
     returning the 768-d CLS feature. `pretrained_path`: a local SVT checkpoint, e.g. the released
     `kinetics400_vitb_ssl.pth` or a training `checkpoint.pth` (`checkpoint_key` picks teacher or student); None =
-    random init. `kwargs` go to the model (num_frames, img_size, attention_type, ...)."""
+    random init. `kwargs` go to the model (num_frames, img_size, attention_type, ...); the file's positional and
+    time embeddings are kept at their stored size and resized to each input as the model runs."""
     with _svt_packages():
         from models.timesformer import vit_base_patch16_224
         from utils.checkpoint import image_model_advice, load_pretrained_weights
 
         model = vit_base_patch16_224(**kwargs)
         if pretrained_path:
-            summary = load_pretrained_weights(model, pretrained_path, checkpoint_key=checkpoint_key)
+            summary = load_pretrained_weights(model, pretrained_path, checkpoint_key=checkpoint_key,
+                                              stored_embeddings=True)
             extra_blocks = [k for k in summary.unexpected if k.startswith("blocks.")]
             if summary.image_model:
                 raise ValueError(image_model_advice(pretrained_path, "pretrained_path") + " Through torch.hub: build "

@@ -10,6 +10,7 @@ time-minor (token 1 + n*T + t is patch n of frame t).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import torch
@@ -202,6 +203,23 @@ class VisionTransformer(nn.Module):
             if isinstance(m, Attention):
                 m.fused = enable
 
+    def take_embeddings(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Replace `pos_embed` / `time_embed` by parameters of the size of those in `state` where only their token or
+        frame count differs (a square patch grid: checkpoint_filter_fn checks), so that the model is the one of the
+        stored grid and frame count, which the forward pass resizes once to each input. The values are left to
+        load_state_dict. Returns the replaced ones as "key (model shape)->(stored shape)"."""
+        taken = []
+        for key in ("pos_embed", "time_embed"):
+            own, stored = getattr(self, key, None), state.get(key)
+            if own is None or stored is None or stored.shape == own.shape or stored.shape[0::2] != own.shape[0::2]:
+                continue
+            if key == "pos_embed":
+                side = math.isqrt(stored.shape[1] - 1)
+                self.patch_embed.grid_size, self.patch_embed.num_patches = (side, side), side * side
+            setattr(self, key, nn.Parameter(own.new_zeros(stored.shape), requires_grad=own.requires_grad))
+            taken.append(f"{key} {tuple(own.shape)}->{tuple(stored.shape)}")
+        return taken
+
     def interpolate_pos_embed(self, num_tokens: int, h: int, w: int) -> torch.Tensor:
         """`pos_embed` for 1 + h*w tokens: stored as is when the count matches, else the patch grid
         resized (nearest) to (h, w) with the CLS entry kept. Keyed on the token count, as the original."""
@@ -309,8 +327,8 @@ def backbone_state(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {_strip_prefixes(k): v for k, v in state.items()}
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any],
-                         model: VisionTransformer) -> tuple[dict[str, torch.Tensor], list[str]]:
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionTransformer,
+                         resize_embeddings: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map a foreign state dict (SVT, DINO, TimeSformer or an image ViT) onto the keys and shapes of `model`.
 
     - `backbone_state`: tensors only, the backbone of a MultiCropWrapper state, prefixes stripped.
@@ -319,7 +337,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any],
       block's `attn` / `norm1` also initialise `temporal_attn` / `temporal_norm1` (TimeSformer's init);
       `time_embed` and `temporal_fc` keep the model's zero init.
     - A `pos_embed` of another square grid or a `time_embed` of another length is resized (nearest) as the
-      model resizes its own on the fly, so the loaded model computes what the stored-size one would.
+      model resizes its own on the fly, so the loaded model computes what the stored-size one would at the
+      model's size; with `resize_embeddings` False they are left as stored (only a non-square grid is an error),
+      for `VisionTransformer.take_embeddings`.
 
     Returns the mapped dict and the resized entries as "key (old shape)->(new shape)". Keys the model lacks
     and other shape mismatches are left in for the caller to report.
@@ -346,19 +366,19 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any],
         v, want = state[key], target[key].shape
         if v.shape == want or v.shape[0::2] != want[0::2]:
             continue
-        if key == "time_embed":
-            state[key] = resample_time_embed(v, want[1])
-        else:
-            side = round((v.shape[1] - 1) ** 0.5)
-            if side * side != v.shape[1] - 1:
-                patches = round((v.shape[1] - 2) ** 0.5)  # DeiT-distilled: class + distillation token + grid
-                distilled = "dist_token" in state or patches * patches == v.shape[1] - 2
-                raise ValueError(f"pos_embed with {v.shape[1]} tokens cannot be resized to {want[1]}: only square "
-                                 "patch grids are supported" + (
-                                     f"; {v.shape[1]} tokens are a class token, a distillation token and "
-                                     f"{patches}x{patches} patches: DeiT-distilled weights are not supported, use "
-                                     "the non-distilled DeiT or ViT weights" if distilled else ""))
-            state[key] = resample_pos_embed(v, (side, side), model.patch_embed.grid_size)
+        side = round((v.shape[1] - 1) ** 0.5)
+        if key == "pos_embed" and side * side != v.shape[1] - 1:
+            patches = round((v.shape[1] - 2) ** 0.5)  # DeiT-distilled: class + distillation token + grid
+            distilled = "dist_token" in state or patches * patches == v.shape[1] - 2
+            raise ValueError(f"pos_embed with {v.shape[1]} tokens cannot be resized to {want[1]}: only square "
+                             "patch grids are supported" + (
+                                 f"; {v.shape[1]} tokens are a class token, a distillation token and "
+                                 f"{patches}x{patches} patches: DeiT-distilled weights are not supported, use "
+                                 "the non-distilled DeiT or ViT weights" if distilled else ""))
+        if not resize_embeddings:
+            continue
+        state[key] = (resample_time_embed(v, want[1]) if key == "time_embed" else
+                      resample_pos_embed(v, (side, side), model.patch_embed.grid_size))
         resized.append(f"{key} {tuple(v.shape)}->{tuple(want)}")
     return state, resized
 

@@ -237,6 +237,50 @@ def test_an_image_vit_where_a_video_checkpoint_is_expected_points_to_the_spatial
     assert torch.equal(hub.blocks[1].attn.qkv.weight, space_state["blocks.1.attn.qkv.weight"])
 
 
+def test_frozen_evaluations_keep_the_stored_embeddings_and_compute_the_trained_models_features(tmp_path, capsys):
+    """A model trained at 64 px (a 4x4 patch grid) and 4 frames, evaluated with the default DATA.TRAIN_CROP_SIZE
+    224 and DATA.NUM_FRAMES 8: eval_knn / eval_linear (load_backbone) and the hub keep its pos_embed and time_embed
+    as stored, so their features are the trained model's, at its input size and, resized once, at another. (Resized
+    at load to 14x14, then back to 4x4 for a 64-px clip, nearest would keep the grid's rows 0, 0, 2, 2.)"""
+    from utils.evaluation import load_backbone
+    from utils.parser import load_config_from
+    trained = tiny(21, embed_dim=192, img_size=64, num_frames=4).eval()
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in trained.state_dict().items()}}, path)
+    cfg = load_config_from(None, ["MODEL.DEPTH", "2"])
+    assert (cfg.DATA.TRAIN_CROP_SIZE, cfg.DATA.NUM_FRAMES) == (224, 8)
+    frozen = [load_backbone("vit_tiny", cfg, torch.device("cpu"), str(path)),
+              hubconf.svt_vitb_k400(pretrained_path=str(path), embed_dim=192, depth=2, num_heads=3)]
+    torch.manual_seed(0)
+    clips = [torch.randn(2, 3, 4, 64, 64), torch.randn(2, 3, 2, 96, 96)]
+    with torch.no_grad():
+        for model in frozen:
+            for x in clips:
+                assert torch.equal(model(x), trained(x))
+            assert model.patch_embed.grid_size == (4, 4) and model.time_embed.shape == (1, 4, 192)
+            assert_same_backbone(model, trained)
+    assert capsys.readouterr().out.count("kept at the stored size (the model's -> the file's; resized to each input "
+                                         "as it runs): ['pos_embed (1, 197, 192)->(1, 17, 192)', 'time_embed (1, 8, "
+                                         "192)->(1, 4, 192)']") == 2
+
+
+def test_finetuning_resizes_the_stored_embeddings_at_load(tmp_path):
+    """eval_finetune.py follows TimeSformer: pos_embed / time_embed are resized (nearest) to the model's size at
+    load, and that parameter is what gets trained."""
+    from eval_finetune import build_model
+    from models.timesformer import resample_pos_embed, resample_time_embed
+    from utils.parser import load_config_from
+    trained = tiny(22, embed_dim=192, img_size=64, num_frames=4)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in trained.state_dict().items()}}, path)
+    args = argparse.Namespace(arch="vit_tiny", patch_size=16, pretrained_weights=str(path), checkpoint_key="teacher",
+                              grad_checkpointing=False)
+    model = build_model(args, load_config_from(None, ["MODEL.DEPTH", "2"]), num_labels=5)
+    assert model.patch_embed.grid_size == (14, 14)
+    assert torch.equal(model.pos_embed, resample_pos_embed(trained.pos_embed, (4, 4), (14, 14)))
+    assert torch.equal(model.time_embed, resample_time_embed(trained.time_embed, 8))
+
+
 def test_imagenet_init_resizes_pos_embed_and_reports_errors(tmp_path):
     vit = image_vit_state(9, img_size=64, num_classes=0)  # 4x4 grid
     path = tmp_path / "vit64.pth"

@@ -167,6 +167,7 @@ class LoadSummary:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # embeddings taken at their stored size (stored_embeddings)
     file_model: str = ""   # file_model_hint of the file's backbone
     image_model: bool = False  # is_image_model of the file's backbone, for a model with temporal weights
 
@@ -179,6 +180,9 @@ class LoadSummary:
             lines.append(f"  unexpected: {self.unexpected}")
         if self.resized:
             lines.append(f"  resized (nearest): {self.resized}")
+        if self.kept:
+            lines.append(f"  kept at the stored size (the model's -> the file's; resized to each input as it runs): "
+                         f"{self.kept}")
         return "\n".join(lines)
 
 
@@ -186,8 +190,8 @@ SVT_FILES = ("an SVT checkpoint (train_ssl.py checkpoint.pth, the released kinet
              "TimeSformer one; an ImageNet/DINO ViT is the spatial init, --opts TIMESFORMER.PRETRAINED_MODEL")
 
 
-def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
-                            checkpoint_key: str | None = "teacher", expected: str = SVT_FILES) -> LoadSummary:
+def load_pretrained_weights(model: nn.Module, path: str | os.PathLike, checkpoint_key: str | None = "teacher",
+                            expected: str = SVT_FILES, stored_embeddings: bool = False) -> LoadSummary:
     """Load backbone weights into `model` (a TimeSformer VisionTransformer) from any of:
 
     - the released `kinetics400_vitb_ssl.pth` (flat teacher state: `backbone.*` + `head.*`);
@@ -196,20 +200,26 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike,
     - an image ViT (DINO or timm ImageNet weights, possibly under `model` / `state_dict`).
 
     The keys and shapes are mapped by `models.timesformer.checkpoint_filter_fn` (prefixes, DINO head,
-    nearest resize of `pos_embed` / `time_embed`, the image-to-video init). Raises when no key matches or
+    nearest resize of `pos_embed` / `time_embed`, the image-to-video init). With `stored_embeddings` (the frozen
+    evaluations) those two are not resized: the model takes them at their stored size (`take_embeddings`) and
+    resizes them once from there to each input, as the model of the trained size does; resized at load, then again
+    to an input of the trained size, a nearest round trip would lose rows (4 -> 14 -> 4 keeps rows 0, 0, 2, 2).
+    Fine-tuning and --pretrained_rgb resize at load (TimeSformer's way: the resized parameter is trained).
+    Raises when no key matches or
     when any other shape differs (`expected`: the files the caller takes, for that error). The summary says
     whether the file is an image ViT: callers that need a video checkpoint reject one with `image_model_advice`.
     """
     path = os.fspath(path)
     entry, where = read_backbone_state(path, checkpoint_key)
     try:
-        state, resized = checkpoint_filter_fn(entry, model)
+        state, resized = checkpoint_filter_fn(entry, model, resize_embeddings=not stored_embeddings)
     except ValueError as e:  # an embedding it cannot resize: name the file
         raise ValueError(f"{path} ({where}): {e}") from e
+    kept = model.take_embeddings(state) if stored_embeddings else []
     target = model.state_dict()
     # an image ViT only where the model has temporal weights to miss (a space-only TimeSformer has none)
     temporal = any(k == "time_embed" or ".temporal_fc." in k for k in target)
-    summary = LoadSummary(path=path, source=where, resized=resized, file_model=file_model_hint(state),
+    summary = LoadSummary(path=path, source=where, resized=resized, kept=kept, file_model=file_model_hint(state),
                           image_model=temporal and is_image_model(state))
     summary.unexpected = [k for k in state if k not in target]
     summary.missing = [k for k in target if k not in state]

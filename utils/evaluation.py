@@ -36,11 +36,13 @@ BANK_CHUNK = 1 << 16
 # ----------------------------------------------------------------------------------------------------
 def load_backbone(arch: str, cfg, device: torch.device, pretrained_weights: str = "",
                   checkpoint_key: str = "teacher", patch_size: int = 16) -> nn.Module:
-    """The frozen backbone of `arch` / `patch_size` with `pretrained_weights` (any checkpoint kind) loaded;
-    without them the TIMESFORMER.PRETRAINED_MODEL init (if set) or a random one."""
+    """The frozen backbone of `arch` / `patch_size` with `pretrained_weights` (any checkpoint kind) loaded, its
+    `pos_embed` / `time_embed` at their stored size (resized once to each clip as it runs, whatever
+    DATA.TRAIN_CROP_SIZE and DATA.NUM_FRAMES say); without them the TIMESFORMER.PRETRAINED_MODEL init (if set) or
+    a random one."""
     model = build_backbone(arch, cfg, patch_size=patch_size)
     if pretrained_weights:
-        summary = load_pretrained_weights(model, pretrained_weights, checkpoint_key)
+        summary = load_pretrained_weights(model, pretrained_weights, checkpoint_key, stored_embeddings=True)
         check_backbone_load(summary, pretrained_weights, arch)
     elif cfg.TIMESFORMER.PRETRAINED_MODEL:
         load_imagenet_init(model, cfg.TIMESFORMER.PRETRAINED_MODEL)
