@@ -144,7 +144,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume_from", default=None, type=str, help="""A training checkpoint (e.g. an earlier
         checkpointNNNN.pth of a run that diverged) to continue from when --output_dir has no checkpoint.pth yet:
         weights, optimizer, loss centre, epoch and RNG, with this run's flags (e.g. a lower --lr). A
-        checkpoint.pth in --output_dir always wins (a rerun resumes its own run).""")
+        checkpoint.pth in --output_dir always wins (a rerun resumes its own run). A weights-only file (the released
+        teacher) holds no training state: pass it as --pretrained_rgb.""")
     parser.add_argument("--output_dir", default=".", type=str,
                         help="Folder for checkpoints, log.txt, config and tensorboard.")
     parser.add_argument("--saveckp_freq", default=20, type=int,
@@ -196,12 +197,15 @@ def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS, exit_after_st
 
 
 def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, exit_after_stop: bool) -> None:
-    """train_svt's run, holding --output_dir: config files, data, networks, resume, epochs."""
+    """train_svt's run, holding --output_dir: the checkpoint to resume (checked before anything is written), data,
+    networks, resume, config files, epochs."""
     output_dir = Path(args.output_dir)
+    own_checkpoint = (output_dir / "checkpoint.pth").is_file()
+    resume_path = output_dir / "checkpoint.pth" if own_checkpoint else args.resume_from
+    if resume_path:
+        checkpoint = read_resume_checkpoint(Path(resume_path), own_checkpoint, args)
     if utils.is_main_process():
         remove_stale_temp_files(output_dir)
-        (output_dir / "config.txt").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-        (output_dir / "config.yaml").write_text(cfg.dump())
 
     # ============ data, networks, loss, optimizer, schedules ... ============
     data_loader = build_train_loader(args, cfg, device)
@@ -212,11 +216,15 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
     # ============ optionally resume training ... ============
     to_restore = {"epoch": 0, "iteration": 0, "rng": None, "epoch_meters": None, "epoch_log": None,
                   "num_threads": None, "sequential_videos": None, "args": None}
-    own_checkpoint = (output_dir / "checkpoint.pth").is_file()
-    resume_checkpoint(state, output_dir / "checkpoint.pth" if own_checkpoint else args.resume_from, to_restore, args)
+    if resume_path:
+        resume_checkpoint(state, resume_path, checkpoint, to_restore)
+        del checkpoint  # its tensors are in the state now
     start_epoch = to_restore["epoch"]
     start_iter = resume_start_iteration(to_restore["iteration"], to_restore["args"], args.batch_size_per_gpu,
                                         utils.get_world_size(), what=f"epoch {start_epoch}")
+    if utils.is_main_process():
+        (output_dir / "config.txt").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        (output_dir / "config.yaml").write_text(cfg.dump())
     restore_rng(to_restore["rng"])
     restore_sequential_videos(data_loader.dataset, to_restore["sequential_videos"])
     if to_restore["num_threads"] not in (None, torch.get_num_threads()):
@@ -701,27 +709,65 @@ def online_knn(knn: OnlineKNN | None, state: TrainState, args, niter: int, stop:
 
 # The flags that shape the trained model (and its optimizer state): a checkpoint of other values does not load.
 MODEL_FLAGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "optimizer")
+# The entries a resumed checkpoint must hold: without them a resume would go on from random weights.
+TRAINING_ENTRIES = ("student", "teacher", "optimizer")
 
 
-def resume_checkpoint(state: TrainState, path: str | Path | None, to_restore: dict, args) -> None:
-    """Load `path` (if any) into the state and `to_restore`; a checkpoint of another model is an error that
-    names the flags that differ."""
-    if not path:
-        return
-    if not Path(path).is_file():
+def read_resume_checkpoint(path: Path, own: bool, args) -> dict:
+    """The checkpoint this run resumes (its --output_dir's checkpoint.pth when `own`, else --resume_from), checked
+    before anything is built or written: a file torch.save completed, a train_ssl.py checkpoint (TRAINING_ENTRIES),
+    of this run's MODEL_FLAGS. Each failure is an error naming the file and the way on."""
+    if not path.is_file():
         raise FileNotFoundError(f"--resume_from {path}: no such file.")
+    checkpoint = safe_torch_load(path)
+    missing = [key for key in TRAINING_ENTRIES if not (isinstance(checkpoint, dict) and checkpoint.get(key))]
+    if missing:
+        raise ValueError(not_a_training_checkpoint(path, checkpoint, missing, own))
+    saved = vars(checkpoint.get("args") or argparse.Namespace())
+    flags = [f"--{k} {saved[k]} (this run: {getattr(args, k)})" for k in MODEL_FLAGS
+             if k in saved and ARCH_ALIASES.get(saved[k], saved[k]) != getattr(args, k)]
+    if flags:
+        raise ValueError(another_model(path, f"{path} is a checkpoint of other model flags.", flags))
+    return checkpoint
+
+
+def not_a_training_checkpoint(path: Path, checkpoint, missing: list[str], own: bool) -> str:
+    """The error for a file without the TRAINING_ENTRIES: what it holds, and where its weights can go instead."""
+    if not isinstance(checkpoint, dict):
+        holds = f"it holds a {type(checkpoint).__name__}"
+    elif "model_state" in checkpoint:
+        holds = "it holds model_state: the weights of a TimeSformer or eval_finetune.py model"
+    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        holds = (f"it is a flat state dict of {len(checkpoint)} tensors: weights only, as the released "
+                 "kinetics400_vitb_ssl.pth")
+    else:
+        holds = f"its entries: {sorted(map(str, checkpoint))[:8]}"
+    weights = (f"To start a pretraining from its weights, pass --pretrained_rgb {path} (an SVT / TimeSformer video "
+               f"backbone) or --opts TIMESFORMER.PRETRAINED_MODEL {path} (an ImageNet / DINO image ViT)")
+    head = f"{path} is not a train_ssl.py training checkpoint: it has no {' / '.join(missing)} entry ({holds})"
+    if own:
+        return (f"{head}, so --output_dir {path.parent} is another program's folder; resuming it would train from "
+                f"random weights and overwrite that file. Pass another --output_dir. {weights}.")
+    return f"{head}, so there is no training to continue from it. {weights}, without --resume_from."
+
+
+def another_model(path: str | Path, problem: str, flags: list[str]) -> str:
+    """The error for a checkpoint written by another model: `problem`, then the `flags` that differ and the way on."""
+    opts = " Also compare MODEL.* / DATA.* in its config.yaml." if not flags else ""
+    return (f"{problem}\nThat checkpoint was written by another model: {', '.join(flags) or 'see above'}.{opts} "
+            f"Resume with the same flags, or use a new --output_dir for a new model (--pretrained_rgb {path} starts "
+            "it from that checkpoint's teacher backbone).")
+
+
+def resume_checkpoint(state: TrainState, path: str | Path, checkpoint: dict, to_restore: dict) -> None:
+    """Load the `checkpoint` read from `path` (read_resume_checkpoint) into the state and `to_restore`; an entry
+    that does not fit (e.g. another MODEL.DEPTH) is an error."""
     try:
-        restart_from_checkpoint(path, run_variables=to_restore, student=PrefixedState(state.student_without_ddp),
-                                teacher=state.teacher_without_ddp, optimizer=state.optimizer,
-                                fp16_scaler=state.fp16_scaler, dino_loss=state.dino_loss)
+        restart_from_checkpoint(path, run_variables=to_restore, loaded=checkpoint,
+                                student=PrefixedState(state.student_without_ddp), teacher=state.teacher_without_ddp,
+                                optimizer=state.optimizer, fp16_scaler=state.fp16_scaler, dino_loss=state.dino_loss)
     except ValueError as err:
-        saved = vars(safe_torch_load(path).get("args") or argparse.Namespace())
-        flags = [f"--{k} {saved[k]} (this run: {getattr(args, k)})" for k in MODEL_FLAGS
-                 if k in saved and saved[k] != getattr(args, k)]
-        opts = " Also compare MODEL.* / DATA.* in its config.yaml." if not flags else ""
-        raise ValueError(f"{err}\nThat checkpoint was written by another model: {', '.join(flags) or 'see above'}."
-                         f"{opts} Resume with the same flags, or use a new --output_dir for a new model "
-                         f"(--pretrained_rgb {path} starts it from that checkpoint's teacher backbone).") from err
+        raise ValueError(another_model(path, str(err), [])) from err
 
 
 @torch.no_grad()

@@ -232,7 +232,8 @@ def test_fp16_scaler_is_saved_only_with_fp16_and_resumes(monkeypatch, tmp_path):
         assert ("fp16_scaler" in ckpt) == with_scaler
         fresh, _ = step_state(monkeypatch, True)
         fresh.fp16_scaler = torch.amp.GradScaler("cpu") if with_scaler else None
-        train_ssl.resume_checkpoint(fresh, out / "checkpoint.pth", {"epoch": 0}, args)
+        path = out / "checkpoint.pth"
+        train_ssl.resume_checkpoint(fresh, path, train_ssl.read_resume_checkpoint(path, True, args), {"epoch": 0})
         if with_scaler:
             assert fresh.fp16_scaler.get_scale() == 2.0 ** 7
 

@@ -410,16 +410,18 @@ def with_kernel_options(state: dict, optimizer: torch.optim.Optimizer) -> dict:
 
 
 def restart_from_checkpoint(ckp_path: str | os.PathLike, run_variables: dict | None = None,
-                            **objects: Any) -> dict | None:
+                            loaded: Mapping[str, Any] | None = None, **objects: Any) -> Mapping[str, Any] | None:
     """Resume: each keyword object (module, optimizer, GradScaler, DINOLoss, ...) loads the entry of
-    the same name (modules strictly: every key, every shape; optimizers keep their fused / foreach choice);
+    the same name (modules strictly: every key, every shape; optimizers keep their fused / foreach choice; an
+    entry the checkpoint lacks is left as built, with a note: callers that need one check first);
     `run_variables` entries (e.g. `epoch`) are filled from the checkpoint. An entry that does not fit raises
-    ValueError naming it. A missing file does nothing (a fresh run). Returns the loaded checkpoint or None."""
+    ValueError naming it. `loaded`: the file's content when the caller has read it already. A missing file does
+    nothing (a fresh run). Returns the loaded checkpoint or None."""
     ckp_path = os.fspath(ckp_path)
-    if not os.path.isfile(ckp_path):
+    if loaded is None and not os.path.isfile(ckp_path):
         return None
     print(f"Resuming from {ckp_path}")
-    ckpt = safe_torch_load(ckp_path)
+    ckpt = safe_torch_load(ckp_path) if loaded is None else loaded
     for key, obj in objects.items():
         if obj is None:
             continue
