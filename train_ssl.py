@@ -35,7 +35,7 @@ from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
 from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_hint, replaced_warning,
                                      restore_sequential_videos, sequential_decodes)
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
-from utils import preemption, utils
+from utils import preemption, run_dir, utils
 from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_objects, gather_rng_states,
                               image_model_advice, load_imagenet_init, load_pretrained_weights, output_dir_lock,
                               remove_stale_temp_files, restart_from_checkpoint, restore_epoch_meters, restore_rng,
@@ -147,7 +147,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         checkpoint.pth in --output_dir always wins (a rerun resumes its own run). A weights-only file (the released
         teacher) holds no training state: pass it as --pretrained_rgb.""")
     parser.add_argument("--output_dir", default=".", type=str,
-                        help="Folder for checkpoints, log.txt, config and tensorboard.")
+                        help="""Folder for checkpoints, log.txt, config and tensorboard. A rerun resumes its
+        checkpoint.pth; a start from scratch needs a folder where no other run left its log.txt.""")
     parser.add_argument("--saveckp_freq", default=20, type=int,
                         help="Keep a numbered checkpointNNNN.pth every x epochs (0: none).")
     parser.add_argument("--saveckp_iters", default=0, type=utils.non_negative_int,
@@ -198,12 +199,14 @@ def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS, exit_after_st
 
 def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, exit_after_stop: bool) -> None:
     """train_svt's run, holding --output_dir: the checkpoint to resume (checked before anything is written), data,
-    networks, resume, config files, epochs."""
+    networks, resume, log.txt and config files, epochs."""
     output_dir = Path(args.output_dir)
     own_checkpoint = (output_dir / "checkpoint.pth").is_file()
     resume_path = output_dir / "checkpoint.pth" if own_checkpoint else args.resume_from
     if resume_path:
         checkpoint = read_resume_checkpoint(Path(resume_path), own_checkpoint, args)
+    else:
+        run_dir.check_fresh_start(output_dir)
     if utils.is_main_process():
         remove_stale_temp_files(output_dir)
 
@@ -223,6 +226,7 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
     start_iter = resume_start_iteration(to_restore["iteration"], to_restore["args"], args.batch_size_per_gpu,
                                         utils.get_world_size(), what=f"epoch {start_epoch}")
     if utils.is_main_process():
+        run_dir.tidy_epoch_log(output_dir, start_epoch)
         (output_dir / "config.txt").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         (output_dir / "config.yaml").write_text(cfg.dump())
     restore_rng(to_restore["rng"])
@@ -669,9 +673,9 @@ def is_numbered(epoch: int, args) -> bool:
 
 def finish_epoch_end(output_dir: Path, epoch_log: dict, args, writer: SummaryWriter | None, knn_pass) -> None:
     """On resume from an epoch-end checkpoint: do what a stop or kill after its save left undone, so the run ends
-    as an uninterrupted one: the numbered copy and, unless log.txt has the epoch's line (a partial last line is
-    replaced), the epoch's kNN pass (`knn_pass(epoch)`: the keys it adds to `epoch_log`) and that line. Every rank
-    calls it (the kNN pass is collective; rank 0's log.txt decides)."""
+    as an uninterrupted one: the numbered copy and, unless log.txt has the epoch's line (run_dir.tidy_epoch_log has
+    dropped a partial last line), the epoch's kNN pass (`knn_pass(epoch)`: the keys it adds to `epoch_log`) and that
+    line. Every rank calls it (the kNN pass is collective; rank 0's log.txt decides)."""
     epoch = epoch_log["epoch"]
     logged = False
     if utils.is_main_process():
@@ -679,12 +683,7 @@ def finish_epoch_end(output_dir: Path, epoch_log: dict, args, writer: SummaryWri
         if is_numbered(epoch, args) and not numbered.is_file():
             atomic_copy(output_dir / "checkpoint.pth", numbered)
             print(f"Wrote {numbered}, missing after an interrupted end of epoch {epoch}.")
-        log = output_dir / "log.txt"
-        text = log.read_text() if log.is_file() else ""
-        if text and not text.endswith("\n"):  # killed while appending: drop the partial line
-            text = text[:text.rfind("\n") + 1]
-            log.write_text(text)
-        logged = epoch in {json.loads(line).get("epoch") for line in text.splitlines() if line.strip()}
+        logged = epoch in {record.get("epoch") for record in run_dir.read_epoch_log(output_dir)}
     if not gather_objects(logged)[0]:
         utils.write_epoch_log(output_dir, {**epoch_log, **knn_pass(epoch)}, writer)
         print(f"Wrote the log.txt line of epoch {epoch}, missing after an interrupted end of epoch.")
@@ -833,7 +832,7 @@ def any_rank(flag: torch.Tensor) -> bool:
 def stop_training(reason: str, args) -> None:
     """Every rank prints `reason` and how to continue from a checkpoint before the divergence, then exits 1."""
     output_dir = Path(args.output_dir)
-    numbered = sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"))
+    numbered = run_dir.numbered_checkpoints(output_dir)
     last = output_dir / "checkpoint.pth"
     saved = (f"The last checkpoint, {last}, has finite weights (nothing non-finite is ever saved) but may "
              f"already be diverging" if last.is_file() else "No checkpoint was saved yet")

@@ -1,12 +1,14 @@
 """The lifecycle of a pretraining run's --output_dir (train_ssl.py): what a start checks before it writes anything
 (the checkpoint it resumes, the folder it starts in), how a resume keeps log.txt and the config files of the run
 consistent, and the notes it prints for what changed since the checkpoint. Tiny runs on the synthetic videos."""
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import log_records
 from tests.test_train import _argv, _train
 from utils.checkpoint import safe_torch_load
 
@@ -79,3 +81,67 @@ def test_another_optimizer_on_resume_is_an_error_before_anything_loads(finished,
         _train(monkeypatch, _argv(synthetic_root, out, "--optimizer", "sgd", "--epochs", "3"))
     assert "Resuming from" not in capsys.readouterr().out
     assert (out / "config.txt").read_text() == config
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_later_log_lines_aside(finished, synthetic_root, tmp_path,
+                                                                        monkeypatch, capsys):
+    """checkpoint0000.pth (after epoch 0) copied over checkpoint.pth of the finished run: the rerun trains epoch 1
+    again. log.txt had [0, 1, 1]; now the old epoch-1 line goes to log.txt.before_resume and log.txt ends as the
+    uninterrupted run's."""
+    out = copy_run(finished, tmp_path)
+    shutil.copy(out / "checkpoint0000.pth", out / "checkpoint.pth")
+    old_line = (out / "log.txt").read_text().splitlines(keepends=True)[1]
+    _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1"))
+    assert (f"Note: this run resumes at epoch 1, but {out / 'log.txt'} has lines of epochs [1] (of a run that went "
+            f"on past the checkpoint resumed): moved them to {out / 'log.txt.before_resume'}, so that log.txt holds "
+            "each epoch once.") in capsys.readouterr().out
+    assert log_records(out) == log_records(finished)
+    assert (out / "log.txt.before_resume").read_text() == old_line
+
+
+def test_a_start_from_scratch_in_another_runs_folder_is_refused(finished, synthetic_root, tmp_path, monkeypatch):
+    """checkpoint.pth deleted from a finished run's folder: the rerun started from scratch, appended epochs [0, 1]
+    to its log.txt and overwrote its numbered checkpoints. Now it stops naming the folder and the two ways on, and
+    the way it names (--resume_from the newest numbered checkpoint, here the folder's own) continues the run."""
+    out = copy_run(finished, tmp_path)
+    (out / "checkpoint.pth").unlink()
+    files = {name: (out / name).read_bytes() for name in written(out) if name != "tb"}
+    with pytest.raises(FileExistsError, match=rf"^--output_dir {out} holds another run \(log.txt, checkpoint0000.pth, "
+                                              r"checkpoint0001.pth\) but no checkpoint.pth to resume: starting from "
+                                              r"scratch there would append to its log.txt and overwrite its numbered "
+                                              r"checkpoints. Pass another --output_dir for a new run, or continue that "
+                                              rf"run from its newest numbered checkpoint with --resume_from "
+                                              rf"{out / 'checkpoint0001.pth'} \(the epochs after it"):
+        _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1"))
+    assert {name: (out / name).read_bytes() for name in files} == files
+    _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", "--resume_from",
+                              str(out / "checkpoint0000.pth")))
+    assert log_records(out) == log_records(finished)
+
+
+def test_a_partial_last_log_line_is_dropped_at_any_start(finished, synthetic_root, tmp_path, monkeypatch, capsys):
+    """A log.txt cut mid-line, resumed from a checkpoint without an epoch record (as a mid-epoch one): the next
+    record was glued onto the partial line, and every later start failed with a bare JSONDecodeError."""
+    out = copy_run(finished, tmp_path)
+    first, second = (out / "log.txt").read_text().splitlines(keepends=True)
+    (out / "log.txt").write_text(first + second[:20])
+    checkpoint = safe_torch_load(out / "checkpoint0000.pth")
+    torch.save({**checkpoint, "epoch_log": None}, out / "checkpoint.pth")
+    _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1"))
+    assert (f"Note: {out / 'log.txt'} ended with a partial line (the run was killed while writing it); dropped: "
+            f"{second[:20]!r}") in capsys.readouterr().out
+    assert log_records(out) == log_records(finished)
+
+
+def test_a_log_line_that_is_not_a_record_is_skipped_with_a_note(finished, synthetic_root, tmp_path, monkeypatch,
+                                                                capsys):
+    """A line glued by an earlier version (partial line + record) in the log an epoch-end resume reads: it stopped
+    every start with a JSONDecodeError; now it is skipped with a note naming log.txt and the line."""
+    out = copy_run(finished, tmp_path)
+    first, second = (out / "log.txt").read_text().splitlines(keepends=True)
+    (out / "log.txt").write_text(first + second[:20] + second)
+    shutil.copy(out / "checkpoint0000.pth", out / "checkpoint.pth")
+    _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1"))
+    assert f"Note: {out / 'log.txt'}:2 is not a JSON record, skipped: " in capsys.readouterr().out
+    lines = (out / "log.txt").read_text().splitlines()
+    assert lines[:2] == [first.strip(), (second[:20] + second).strip()] and json.loads(lines[2])["epoch"] == 1

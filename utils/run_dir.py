@@ -1,0 +1,95 @@
+"""The output folder of a pretraining run across its starts (train_ssl.py): a start from scratch never writes into
+another run's folder, and log.txt holds each epoch of the resumed run once."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+NUMBERED_GLOB = "checkpoint[0-9][0-9][0-9][0-9].pth"
+LOG_NAME = "log.txt"
+SET_ASIDE = LOG_NAME + ".before_resume"
+
+
+def numbered_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The checkpointNNNN.pth files of `folder`, oldest epoch first."""
+    return sorted(Path(folder).glob(NUMBERED_GLOB))
+
+
+def check_fresh_start(folder: str | os.PathLike) -> None:
+    """A run from scratch (no checkpoint.pth, no --resume_from) in a folder where another run left its log.txt or
+    numbered checkpoints would append to that log and overwrite those checkpoints: an error naming the folder, what
+    is there and the ways on."""
+    folder = Path(folder)
+    numbered = numbered_checkpoints(folder)
+    found = [LOG_NAME] if (folder / LOG_NAME).is_file() else []
+    found += [p.name for p in numbered]
+    if not found:
+        return
+    listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    resume = (f", or continue that run from its newest numbered checkpoint with --resume_from {numbered[-1]} "
+              "(the epochs after it are trained again)" if numbered else "")
+    raise FileExistsError(f"--output_dir {folder} holds another run ({listed}) but no checkpoint.pth to resume: "
+                          "starting from scratch there would append to its log.txt and overwrite its numbered "
+                          f"checkpoints. Pass another --output_dir for a new run{resume}.")
+
+
+def _record(line: str) -> dict | None:
+    """A log.txt line as its JSON record, or None when it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def read_epoch_log(folder: str | os.PathLike) -> list[dict]:
+    """The records of `folder`/log.txt; a line that is not a JSON record (glued to a partial line an earlier kill
+    left) is skipped with a note naming its line number."""
+    log = Path(folder) / LOG_NAME
+    records = []
+    if not log.is_file():
+        return records
+    for number, line in enumerate(log.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = _record(line)
+        if record is None:
+            print(f"Note: {log}:{number} is not a JSON record, skipped: {line[:80]!r}")
+            continue
+        records.append(record)
+    return records
+
+
+def tidy_epoch_log(folder: str | os.PathLike, start_epoch: int) -> None:
+    """Before a run that starts at `start_epoch` appends to log.txt: drop a partial last line (a kill while it was
+    written) and move the lines of epochs from `start_epoch` on to log.txt.before_resume (a resume from an older
+    checkpoint trains those epochs again), each with a note. Lines that are not records stay (read_epoch_log
+    skips them). The rewrite is atomic (a temporary file renamed over log.txt)."""
+    log = Path(folder) / LOG_NAME
+    if not log.is_file():
+        return
+    text = log.read_text()
+    kept = text
+    if text and not text.endswith("\n"):
+        cut = text.rfind("\n") + 1
+        print(f"Note: {log} ended with a partial line (the run was killed while writing it); dropped: "
+              f"{text[cut:][:80]!r}")
+        kept = text[:cut]
+    lines, later = [], []
+    for line in kept.splitlines(keepends=True):
+        record = _record(line)
+        later_epoch = record is not None and isinstance(record.get("epoch"), int) and record["epoch"] >= start_epoch
+        (later if later_epoch else lines).append(line)
+    if later:
+        aside = log.with_name(SET_ASIDE)
+        with open(aside, "a") as f:
+            f.writelines(later)
+        epochs = sorted({_record(line)["epoch"] for line in later})
+        print(f"Note: this run resumes at epoch {start_epoch}, but {log} has lines of epochs {epochs} (of a run that "
+              f"went on past the checkpoint resumed): moved them to {aside}, so that log.txt holds each epoch once.")
+    if kept != text or later:
+        tmp = log.with_name(f".{LOG_NAME}.tmp")
+        tmp.write_text("".join(lines))
+        os.replace(tmp, log)
+
