@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import log_records
 from tests.test_train import _argv, _train
-from utils.checkpoint import safe_torch_load
+from utils.checkpoint import IncompleteFileError, safe_torch_load
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,35 @@ def test_a_log_line_that_is_not_a_record_is_skipped_with_a_note(finished, synthe
     assert f"Note: {out / 'log.txt'}:2 is not a JSON record, skipped: " in capsys.readouterr().out
     lines = (out / "log.txt").read_text().splitlines()
     assert lines[:2] == [first.strip(), (second[:20] + second).strip()] and json.loads(lines[2])["epoch"] == 1
+
+
+def test_a_damaged_own_checkpoint_names_the_newest_readable_numbered_one(finished, synthetic_root, tmp_path,
+                                                                       monkeypatch):
+    """A truncated checkpoint.pth got the download advice ("re-download or re-copy it"), and --resume_from a
+    numbered one did not help (the own checkpoint is tried first). Now the error says it is damaged and how to go
+    on from the newest numbered checkpoint that reads (checkpoint0001.pth is cut too here); that recipe works."""
+    out = copy_run(finished, tmp_path)
+    for name in ("checkpoint.pth", "checkpoint0001.pth"):
+        data = (out / name).read_bytes()
+        (out / name).write_bytes(data[:len(data) // 2])
+    numbered, own = out / "checkpoint0000.pth", out / "checkpoint.pth"
+    for extra in ([], ["--resume_from", str(numbered)]):
+        with pytest.raises(IncompleteFileError, match=rf"^{own} is damaged: it is not a complete torch.save file. .* "
+                                                      r"without an atomic rename, or the file was cut by a copy. The "
+                                                      rf"newest readable numbered checkpoint is {numbered}, which "
+                                                      rf"resumes at epoch 1: move the damaged file aside \(mv {own} "
+                                                      rf"{own}.damaged\) and rerun with --resume_from {numbered} "):
+            _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", *extra))
+    own.rename(out / "checkpoint.pth.damaged")
+    _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", "--resume_from", str(numbered)))
+    assert log_records(out) == log_records(finished)
+
+
+def test_resume_from_beside_a_loading_own_checkpoint_is_noted_as_ignored(finished, synthetic_root, tmp_path,
+                                                                        monkeypatch, capsys):
+    out = copy_run(finished, tmp_path)
+    numbered = out / "checkpoint0000.pth"
+    _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", "--resume_from", str(numbered)))
+    assert (f"Note: --resume_from {numbered} is ignored: {out / 'checkpoint.pth'} is there and loads, and a run's own "
+            "checkpoint always wins (move it aside to continue from the other file).") in capsys.readouterr().out
+    assert log_records(out) == log_records(finished)

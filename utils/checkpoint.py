@@ -53,10 +53,14 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
                            "or is damaged: re-download or re-copy it (compare its size).") from e
 
 
+class IncompleteFileError(RuntimeError):
+    """A file that is not a complete torch.save one: truncated, damaged, or not a checkpoint at all."""
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """`torch.load` on CPU with `weights_only=True`, allowing the pickled `argparse.Namespace` that
     training checkpoints carry under `args`; a safetensors file (timm / Hugging Face Hub weights) gives its
-    tensors."""
+    tensors. A file torch.save did not complete raises IncompleteFileError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -65,9 +69,9 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch.save format
         if _is_safetensors(path, head):
             return _load_safetensors(path)
-        raise RuntimeError(f"{path} is not a complete file written by torch.save or safetensors (it starts with "
-                           f"{head[:2]!r}): re-download or re-copy it, e.g. not an HTML error page or a partial "
-                           "download.")
+        raise IncompleteFileError(f"{path} is not a complete file written by torch.save or safetensors (it starts "
+                                  f"with {head[:2]!r}): re-download or re-copy it, e.g. not an HTML error page or a "
+                                  "partial download.")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -77,8 +81,9 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             "argparse.Namespace are accepted; re-save the file from a trusted source without other "
             "Python objects.") from e
     except Exception as e:  # a truncated or foreign file
-        raise RuntimeError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); it is not a complete "
-                           "file written by torch.save: re-download or re-copy it (compare its size).") from e
+        raise IncompleteFileError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); it is not a "
+                                  "complete file written by torch.save: re-download or re-copy it (compare its "
+                                  "size).") from e
 
 
 def _select_state_dict(ckpt: Any, checkpoint_key: str | None, path: str) -> tuple[Mapping[str, Any], str]:
