@@ -228,10 +228,13 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
     start_epoch = to_restore["epoch"]
     start_iter = resume_start_iteration(to_restore["iteration"], to_restore["args"], args.batch_size_per_gpu,
                                         utils.get_world_size(), what=f"epoch {start_epoch}")
+    if resume_path:
+        note_changed_flags(to_restore["args"], args, state.lr_schedule[min(niter * start_epoch + start_iter,
+                                                                          len(state.lr_schedule) - 1)])
     if utils.is_main_process():
         run_dir.tidy_epoch_log(output_dir, start_epoch)
-        (output_dir / "config.txt").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-        (output_dir / "config.yaml").write_text(cfg.dump())
+        run_dir.write_config_files(output_dir, {"config.txt": json.dumps(vars(args), indent=2, default=str) + "\n",
+                                                "config.yaml": cfg.dump()})
     restore_rng(to_restore["rng"])
     restore_sequential_videos(data_loader.dataset, to_restore["sequential_videos"])
     if to_restore["num_threads"] not in (None, torch.get_num_threads()):
@@ -782,6 +785,33 @@ def another_model(path: str | Path, problem: str, flags: list[str]) -> str:
     return (f"{problem}\nThat checkpoint was written by another model: {', '.join(flags) or 'see above'}.{opts} "
             f"Resume with the same flags, or use a new --output_dir for a new model (--pretrained_rgb {path} starts "
             "it from that checkpoint's teacher backbone).")
+
+
+# Flags a resume takes without a note: those that cannot change the training, those another note covers (the global
+# batch: --batch_size_per_gpu and the world size) and MODEL_FLAGS (read_resume_checkpoint: an error).
+UNNOTED_FLAGS = ("output_dir", "resume_from", "pretrained_rgb", "num_workers", "log_freq", "saveckp_freq",
+                 "saveckp_iters", "dist_url", "dist_timeout", "local_rank", "rank", "gpu", "world_size",
+                 "batch_size_per_gpu", *MODEL_FLAGS)
+
+
+def note_changed_flags(saved_args, args, lr_now: float) -> None:
+    """On resume: a note for each flag (but UNNOTED_FLAGS) whose value differs from that of the checkpoint's run
+    (`saved_args`): this run goes on with its own, mixing two runs' settings. --epochs also recomputes the schedules
+    (as DINO's resume does; `lr_now`: the new schedule's lr where the run goes on)."""
+    def plain(value):  # a default tuple and the list a command line gives compare equal
+        return list(value) if isinstance(value, tuple) else value
+
+    saved = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else {}
+    for key, value in vars(args).items():
+        old = saved.get(key)
+        if key in UNNOTED_FLAGS or key not in saved or plain(old) == plain(value):
+            continue
+        note = f"Note: --{key} {value} on resume, where the checkpoint's run had {old}: this run goes on with {value}."
+        if key == "epochs":
+            note += (f" The lr, weight decay, teacher momentum and teacher temperature schedules are recomputed for "
+                     f"{value} epochs (as DINO's resume does): the lr goes on at {lr_now:.3g}, on the new schedule "
+                     "(after a finished run it jumps back up).")
+        print(note)
 
 
 def resume_checkpoint(state: TrainState, path: str | Path, checkpoint: dict, to_restore: dict) -> None:

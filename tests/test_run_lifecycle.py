@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import log_records
 from tests.test_train import _argv, _train
+from utils import utils
 from utils.checkpoint import IncompleteFileError, safe_torch_load
 
 
@@ -177,3 +178,28 @@ def test_resume_from_beside_a_loading_own_checkpoint_is_noted_as_ignored(finishe
     assert (f"Note: --resume_from {numbered} is ignored: {out / 'checkpoint.pth'} is there and loads, and a run's own "
             "checkpoint always wins (move it aside to continue from the other file).") in capsys.readouterr().out
     assert log_records(out) == log_records(finished)
+
+
+def test_a_resume_notes_each_changed_flag_and_keeps_the_earlier_config(finished, synthetic_root, tmp_path,
+                                                                      monkeypatch, capsys):
+    """The finished 2-epoch run resumed with --epochs 3 and another --lr and --seed: each change gets a note (the
+    schedules recomputed for 3 epochs, the lr where it goes on), a flag that cannot matter (--log_freq) none, and
+    the config.txt of the first start is kept beside this one's (it was overwritten at every start)."""
+    out = copy_run(finished, tmp_path)
+    _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", "--epochs", "3", "--lr", "0.1",
+                              "--seed", "1", "--log_freq", "1"))
+    printed = capsys.readouterr().out
+    lr_now = utils.cosine_scheduler(0.1 * 4 / 256, 1e-6, 3, 4, warmup_epochs=1)[2 * 4]
+    assert ("Note: --epochs 3 on resume, where the checkpoint's run had 2: this run goes on with 3. The lr, weight "
+            "decay, teacher momentum and teacher temperature schedules are recomputed for 3 epochs (as DINO's resume "
+            f"does): the lr goes on at {lr_now:.3g}, on the new schedule (after a finished run it jumps back "
+            "up).") in printed
+    assert "Note: --lr 0.1 on resume, where the checkpoint's run had 0.05: this run goes on with 0.1." in printed
+    assert "Note: --seed 1 on resume, where the checkpoint's run had 0: this run goes on with 1." in printed
+    assert "--log_freq 1 on resume" not in printed
+    assert [r["epoch"] for r in log_records(out)] == [0, 1, 2]
+    (kept,) = out.glob("config.*.txt")
+    assert json.loads(kept.read_text()) == json.loads((finished / "config.txt").read_text())
+    assert json.loads((out / "config.txt").read_text())["lr"] == 0.1
+    assert f"Note: {out / 'config.txt'} of an earlier start differs from this one's: kept as {kept.name}." in printed
+    assert not list(out.glob("config.*.yaml"))  # the same config.yaml: nothing to keep

@@ -1,7 +1,9 @@
 """The output folder of a pretraining run across its starts (train_ssl.py): a start from scratch never writes into
-another run's folder, and log.txt holds each epoch of the resumed run once."""
+another run's folder, log.txt holds each epoch of the resumed run once, and the config files of an earlier start
+are kept when this one's differ."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from pathlib import Path
@@ -93,3 +95,22 @@ def tidy_epoch_log(folder: str | os.PathLike, start_epoch: int) -> None:
         tmp.write_text("".join(lines))
         os.replace(tmp, log)
 
+
+
+def write_config_files(folder: str | os.PathLike, files: dict[str, str]) -> None:
+    """Write this start's config files ({name: text}); an earlier one with other content is kept as
+    <stem>.<its UTC time><suffix> (e.g. config.20250101T120000Z.txt), with a note, so the folder records how each
+    part of the run was configured."""
+    for name, text in files.items():
+        path = Path(folder) / name
+        if path.is_file():
+            if path.read_text() == text:
+                continue
+            written = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+            stamp = written.strftime("%Y%m%dT%H%M%SZ")
+            kept, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+            while kept.exists():
+                kept, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
+            os.replace(path, kept)
+            print(f"Note: {path} of an earlier start differs from this one's: kept as {kept.name}.")
+        path.write_text(text)
