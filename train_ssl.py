@@ -228,13 +228,15 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
     start_epoch = to_restore["epoch"]
     start_iter = resume_start_iteration(to_restore["iteration"], to_restore["args"], args.batch_size_per_gpu,
                                         utils.get_world_size(), what=f"epoch {start_epoch}")
-    if resume_path:
-        note_changed_flags(to_restore["args"], args, state.lr_schedule[min(niter * start_epoch + start_iter,
-                                                                          len(state.lr_schedule) - 1)])
+    finished = bool(resume_path) and start_epoch >= args.epochs
+    if resume_path and not finished:  # (a stop at an epoch's last iteration resumes at iteration niter)
+        lr_now = state.lr_schedule[min(niter * start_epoch + start_iter, len(state.lr_schedule) - 1)]
+        note_changed_flags(to_restore["args"], args, lr_now)
     if utils.is_main_process():
         run_dir.tidy_epoch_log(output_dir, start_epoch)
-        run_dir.write_config_files(output_dir, {"config.txt": json.dumps(vars(args), indent=2, default=str) + "\n",
-                                                "config.yaml": cfg.dump()})
+        if not finished:  # a run that trains nothing leaves the folder's config as it is
+            run_dir.write_config_files(output_dir, {"config.txt": json.dumps(vars(args), indent=2, default=str)
+                                                    + "\n", "config.yaml": cfg.dump()})
     restore_rng(to_restore["rng"])
     restore_sequential_videos(data_loader.dataset, to_restore["sequential_videos"])
     if to_restore["num_threads"] not in (None, torch.get_num_threads()):
@@ -250,7 +252,14 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
 
     # ============ training ... ============
     start_time = time.time()
-    print(f"SVT pretraining from epoch {start_epoch} to {args.epochs}.")
+    if finished:
+        planned = getattr(to_restore["args"], "epochs", start_epoch)
+        where = (f"already finished (at epoch {start_epoch} of {planned})" if start_epoch >= planned else
+                 f"at epoch {start_epoch} of {planned}, past --epochs {args.epochs}")
+        print(f"The run in {output_dir} is {where}: nothing to train. To train on, pass a larger --epochs (the "
+              "schedules are then recomputed for the new length).")
+    else:
+        print(f"SVT pretraining from epoch {start_epoch} to {args.epochs}.")
     # A stop signal (SLURM preemption / time limit, --signal warning) saves the step reached and exits with
     # preemption.PREEMPTED_EXIT_STATUS; the default handlers are back after training.
     with preemption.StopSignals(stop_signals, ignore_after_stop=exit_after_stop) as stop:

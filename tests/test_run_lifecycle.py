@@ -203,3 +203,18 @@ def test_a_resume_notes_each_changed_flag_and_keeps_the_earlier_config(finished,
     assert json.loads((out / "config.txt").read_text())["lr"] == 0.1
     assert f"Note: {out / 'config.txt'} of an earlier start differs from this one's: kept as {kept.name}." in printed
     assert not list(out.glob("config.*.yaml"))  # the same config.yaml: nothing to keep
+
+
+@pytest.mark.parametrize("epochs", ["2", "1"])
+def test_a_finished_run_says_so_and_trains_nothing(finished, synthetic_root, tmp_path, monkeypatch, capsys, epochs):
+    """A rerun of the finished 2-epoch run with the same or a smaller --epochs ("SVT pretraining from epoch 2 to
+    1.") trains nothing, says the run is finished and returns (the command line exits 0); its files stay as
+    they were."""
+    out = copy_run(finished, tmp_path)
+    files = {name: (out / name).read_bytes() for name in written(out) if name != "tb"}
+    _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", "--epochs", epochs))
+    printed = capsys.readouterr().out
+    assert (f"The run in {out} is already finished (at epoch 2 of 2): nothing to train. To train on, pass a larger "
+            "--epochs (the schedules are then recomputed for the new length).") in printed
+    assert "SVT pretraining from" not in printed and "Epoch: [" not in printed and "Note: --epochs" not in printed
+    assert {name: (out / name).read_bytes() for name in written(out) if name != "tb"} == files
