@@ -806,7 +806,8 @@ UNNOTED_FLAGS = ("output_dir", "resume_from", "pretrained_rgb", "num_workers", "
 def note_changed_flags(saved_args, args, lr_now: float) -> None:
     """On resume: a note for each flag (but UNNOTED_FLAGS) whose value differs from that of the checkpoint's run
     (`saved_args`): this run goes on with its own, mixing two runs' settings. --epochs also recomputes the schedules
-    (as DINO's resume does; `lr_now`: the new schedule's lr where the run goes on)."""
+    (as DINO's resume does; `lr_now`: the new schedule's lr where the run goes on), and another global batch the
+    lr (resume_start_iteration notes where in the epoch the run goes on)."""
     def plain(value):  # a default tuple and the list a command line gives compare equal
         return list(value) if isinstance(value, tuple) else value
 
@@ -821,6 +822,13 @@ def note_changed_flags(saved_args, args, lr_now: float) -> None:
                      f"{value} epochs (as DINO's resume does): the lr goes on at {lr_now:.3g}, on the new schedule "
                      "(after a finished run it jumps back up).")
         print(note)
+    if "batch_size_per_gpu" in saved and "world_size" in saved and "lr" in saved:
+        before = saved["batch_size_per_gpu"] * saved["world_size"]
+        now = args.batch_size_per_gpu * utils.get_world_size()
+        if before != now:
+            print(f"Note: the lr is rescaled for the new global batch: --lr x global batch / 256 = {args.lr} x {now} "
+                  f"/ 256 = {args.lr * now / 256:.3g} at the peak (the checkpoint's run: {saved['lr']} x {before} / "
+                  f"256 = {saved['lr'] * before / 256:.3g}).")
 
 
 def resume_checkpoint(state: TrainState, path: str | Path, checkpoint: dict, to_restore: dict) -> None:

@@ -72,7 +72,7 @@ def resume_start_iteration(iteration: int, saved_args, batch_size_per_gpu: int, 
     batch that is `iteration`; with another one (fewer or more processes, another --batch_size_per_gpu) it is
     the iterations of this run those videos fill, rounded down to a multiple of `multiple` (e.g. --accum_iter):
     fewer than one of this run's optimizer steps of videos is seen twice, none is left out. `what` names the
-    epoch in the note printed then."""
+    epoch in the note printed then (also at an epoch boundary, `iteration` 0, where that epoch starts whole)."""
     saved_batch = getattr(saved_args, "batch_size_per_gpu", batch_size_per_gpu)
     saved_world = getattr(saved_args, "world_size", world_size)
     saved_global, global_batch = saved_batch * saved_world, batch_size_per_gpu * world_size
@@ -80,8 +80,12 @@ def resume_start_iteration(iteration: int, saved_args, batch_size_per_gpu: int, 
     start = done // (global_batch * multiple) * multiple
     if start * global_batch == done and saved_global == global_batch:
         return start
-    print(f"Note: the mid-epoch checkpoint was written with a global batch of {saved_global} videos ({saved_world} "
-          f"process{'es' if saved_world > 1 else ''} x {saved_batch}), this run {global_batch}: {done} videos of "
-          f"{what or 'the epoch'} were done; continuing at iteration {start}"
+    processes = f"{saved_world} process{'es' if saved_world > 1 else ''} x {saved_batch}"
+    if iteration == 0:
+        print(f"Note: the checkpoint was written at an epoch boundary with a global batch of {saved_global} videos "
+              f"({processes}), this run {global_batch}: {what or 'the epoch'} runs with the new batch from its start.")
+        return 0
+    print(f"Note: the mid-epoch checkpoint was written with a global batch of {saved_global} videos ({processes}), "
+          f"this run {global_batch}: {done} videos of {what or 'the epoch'} were done; continuing at iteration {start}"
           + (f" ({done - start * global_batch} videos are seen again)." if done > start * global_batch else "."))
     return start

@@ -65,4 +65,9 @@ def test_resume_start_iteration_counts_the_videos_done(saved, now, multiple, sta
     saved_args = argparse.Namespace(batch_size_per_gpu=saved[0], world_size=saved[1])
     assert resume_start_iteration(3, saved_args, *now, multiple=multiple) == start
     assert ("Note:" in capsys.readouterr().out) == (saved[0] * saved[1] != now[0] * now[1])
-    assert resume_start_iteration(0, saved_args, *now, multiple=multiple) == 0
+    assert resume_start_iteration(0, saved_args, *now, multiple=multiple, what="epoch 5") == 0
+    # at an epoch boundary nothing of the epoch is done: no "0 videos of epoch 5 were done"
+    boundary = (f"Note: the checkpoint was written at an epoch boundary with a global batch of {saved[0] * saved[1]} "
+                f"videos ({saved[1]} process{'es' if saved[1] > 1 else ''} x {saved[0]}), this run {now[0] * now[1]}: "
+                "epoch 5 runs with the new batch from its start.\n")
+    assert capsys.readouterr().out == (boundary if saved[0] * saved[1] != now[0] * now[1] else "")

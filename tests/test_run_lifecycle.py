@@ -218,3 +218,18 @@ def test_a_finished_run_says_so_and_trains_nothing(finished, synthetic_root, tmp
             "--epochs (the schedules are then recomputed for the new length).") in printed
     assert "SVT pretraining from" not in printed and "Epoch: [" not in printed and "Note: --epochs" not in printed
     assert {name: (out / name).read_bytes() for name in written(out) if name != "tb"} == files
+
+
+def test_another_global_batch_at_an_epoch_boundary_is_noted_with_the_rescaled_lr(finished, synthetic_root,
+                                                                                  tmp_path, monkeypatch, capsys):
+    """The finished run (batch 4) resumed for a third epoch with batch 2: the note said "the mid-epoch checkpoint
+    ... 0 videos of epoch 2 were done"; now it names the epoch boundary, and the lr rescaling is said."""
+    out = copy_run(finished, tmp_path)
+    _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", "--epochs", "3", "--batch_size_per_gpu",
+                              "2"))
+    printed = capsys.readouterr().out
+    assert ("Note: the checkpoint was written at an epoch boundary with a global batch of 4 videos (1 process x 4), "
+            "this run 2: epoch 2 runs with the new batch from its start.") in printed
+    assert ("Note: the lr is rescaled for the new global batch: --lr x global batch / 256 = 0.05 x 2 / 256 = "
+            "0.000391 at the peak (the checkpoint's run: 0.05 x 4 / 256 = 0.000781).") in printed
+    assert "mid-epoch" not in printed and "--batch_size_per_gpu 2 on resume" not in printed
