@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None, cluster: str | None = None):
     read_video_list(os.path.join(cfg.DATA.PATH_TO_DATA_DIR, "train.csv"), cfg.DATA.PATH_PREFIX,
                     cfg.DATA.PATH_LABEL_SEPARATOR)
     train_ssl.check_args(args)
-    utils.check_writable_dir(args.output_dir)
+    utils.check_writable_dir(args.output_dir, writes=train_ssl.OUTPUT_WRITES)
     utils.check_writable_dir(job_dir, "--job_dir")
 
     executor = submitit.AutoExecutor(folder=job_dir, cluster=cluster, slurm_max_num_timeout=args.max_num_timeout,

@@ -44,6 +44,8 @@ from utils.evaluation import OnlineKNN
 from utils.parser import add_config_args, check_clip_sizes, load_config, note_unused_keys
 
 ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
+# what a pretraining writes in --output_dir, for the error on a folder it cannot write
+OUTPUT_WRITES = "checkpoint.pth, log.txt and tensorboard files are written there from the first epoch on"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -192,7 +194,7 @@ def train_svt(args, stop_signals: tuple = preemption.STOP_SIGNALS, exit_after_st
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     output_dir = Path(args.output_dir)
     if utils.is_main_process():
-        utils.check_writable_dir(output_dir)
+        utils.check_writable_dir(output_dir, writes=OUTPUT_WRITES)
     with output_dir_lock(output_dir):  # one run writes a folder (README "Reliability")
         train_in_output_dir(args, cfg, device, stop_signals, exit_after_stop)
 
@@ -926,7 +928,7 @@ def main(argv: list[str] | None = None) -> None:
     utils.line_buffered_output()
     parser = argparse.ArgumentParser("SVT", parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    utils.check_writable_dir(args.output_dir)
+    utils.check_writable_dir(args.output_dir, writes=OUTPUT_WRITES)
     with utils.named_rank_failures(args.dist_timeout):
         train_svt(args, exit_after_stop=True)
 

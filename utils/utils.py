@@ -639,9 +639,10 @@ def line_buffered_output() -> None:
             stream.reconfigure(line_buffering=True)
 
 
-def check_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> None:
+def check_writable_dir(path: str | os.PathLike, flag: str = "--output_dir",
+                       writes: str = "results are written there at the end of the run") -> None:
     """Create `path` if needed and make sure a file can be written in it, before any long work; raises
-    PermissionError naming `flag` otherwise."""
+    PermissionError naming `flag` and saying what the run `writes` there otherwise."""
     path = os.fspath(path)
     try:
         os.makedirs(path, exist_ok=True)
@@ -649,7 +650,7 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> N
             pass
     except OSError as err:
         raise PermissionError(f"{flag} {path} is not writable ({err.strerror or err}); pass a folder you can "
-                              "write to (results are written there at the end of the run).") from err
+                              f"write to ({writes}).") from err
 
 
 def _set_device(local_rank: int) -> dict:
