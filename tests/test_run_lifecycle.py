@@ -50,6 +50,9 @@ def test_resume_from_a_weights_only_file_is_refused_before_anything_is_written(f
                                          rf"--pretrained_rgb {flat} "):
         _train(monkeypatch, _argv(synthetic_root, out, "--resume_from", str(flat)))
     assert written(out) == []
+    # the flag it names takes the file: a new run starts from those weights
+    _train(monkeypatch, _argv(synthetic_root, out, "--pretrained_rgb", str(flat), "--epochs", "1"))
+    assert [r["epoch"] for r in log_records(out)] == [0]
 
 
 def test_an_own_checkpoint_of_another_program_is_refused_and_left_as_it_is(synthetic_root, tmp_path, monkeypatch):
