@@ -387,7 +387,7 @@ def eval_finetune(args, exit_after_stop: bool = False) -> dict:
     device = utils.default_device()
     output_dir = Path(args.output_dir)
     if utils.is_main_process():
-        utils.check_writable_dir(output_dir)
+        utils.check_writable_dir(output_dir, writes="its checkpoint and log are written there every epoch")
     # one training run writes a folder (README "Reliability"); an --evaluate next to it writes only the results
     with output_dir_lock(output_dir, enabled=not args.evaluate):
         return finetune_in_output_dir(args, cfg, device, exit_after_stop)

@@ -128,7 +128,7 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     note_ssl_view_keys(cfg)
     device = utils.default_device()
-    utils.check_writable_dir(args.output_dir)
+    utils.check_writable_dir(args.output_dir, writes="its checkpoint and log are written there every epoch")
     # one training run writes a folder (README "Reliability"); an --evaluate next to it writes only the results
     with output_dir_lock(args.output_dir, enabled=not evaluate_only):
         return probe_in_output_dir(args, cfg, device, evaluate_only, exit_after_stop)
