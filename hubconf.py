@@ -3,9 +3,12 @@
     model = torch.hub.load("/path/to/svt", "svt_vitb_k400", source="local",
                            pretrained_path="checkpoints/kinetics400_vitb_ssl.pth")
 
-svt's top-level packages are named `models` and `utils`, as many projects' own are. The entry points import and
-use svt's while the caller's modules of those names are set aside, and put the caller's back when they return, so
-a project's `utils` neither hides svt's nor is hidden by it afterwards.
+svt's top-level packages are named `models` and `utils`, as many projects' own are. In a process without modules of
+those names of its own, the entry points import svt's as usual and leave them imported: the model pickles whole
+(`torch.save(model)`) and every load returns the same class. A process with its own `models` or `utils` (imported
+before the load) has them set aside while the entry point imports svt's and put back when it returns, svt's leaving
+sys.modules again: neither hides the other, but svt's classes are then not importable by their names, so save such a
+model with `torch.save(model.state_dict())`, not whole.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ dependencies = ["torch", "timm", "einops"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _PACKAGES = ("models", "utils")  # svt's packages the entry points import
-_set_aside: dict[str, ModuleType] = {}  # svt's modules of those packages, out of sys.modules between calls
 
 
 def _of_packages(name: str) -> bool:
@@ -31,23 +33,20 @@ def _is_svt(module: ModuleType) -> bool:
 
 @contextlib.contextmanager
 def _svt_packages():
-    """sys.modules with svt's `models` and `utils` (this folder first on sys.path) for the time of the block. Where
-    svt's are loaded already (its own scripts and tests) they stay; otherwise the caller's modules of those names
-    are set aside and put back at the end, and svt's kept aside for the next call."""
-    before = {name: module for name, module in sys.modules.items() if _of_packages(name)}
-    theirs = {name: module for name, module in before.items() if not _is_svt(module)}
-    for name in theirs:
-        del sys.modules[name]
-    for name, module in _set_aside.items():
-        sys.modules.setdefault(name, module)
+    """svt's `models` and `utils` importable in the block (this folder first on sys.path). Modules of those names that
+    are not svt's (the caller's) are set aside for the block and put back at its end, and the svt modules it imported
+    leave sys.modules with them; without such modules svt's stay imported (module docstring)."""
+    before = {name for name in sys.modules if _of_packages(name)}
+    theirs = {name: sys.modules.pop(name) for name in before if not _is_svt(sys.modules[name])}
     sys.path.insert(0, _HERE)
     try:
         yield
     finally:
         sys.path.remove(_HERE)
-        for name in [name for name in sys.modules if _of_packages(name) and name not in before]:
-            _set_aside[name] = sys.modules.pop(name)
-        sys.modules.update(theirs)
+        if theirs:
+            for name in [name for name in sys.modules if _of_packages(name) and name not in before]:
+                del sys.modules[name]
+            sys.modules.update(theirs)
 
 
 def svt_vitb_k400(pretrained_path: str | None = None, checkpoint_key: str = "teacher", **kwargs):

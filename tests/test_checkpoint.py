@@ -387,6 +387,41 @@ torch.save(model.state_dict(), {str(tmp_path / "hub.pth")!r})
         assert torch.equal(loaded[key], value), key
 
 
+def test_hub_load_without_a_projects_own_utils_or_models_keeps_svts_registered(tmp_path):
+    """A process with no `utils` or `models` of its own: svt's stay imported after torch.hub.load, so the model
+    pickles whole (torch.save(model), torch.load(weights_only=False)) and two loads share one class; a process that
+    imported svt's `models` itself gets that class, and keeps the `utils` the load imported."""
+    repo = os.path.dirname(os.path.abspath(hubconf.__file__))
+    hub = f"torch.hub.load({repo!r}, 'svt_vitb_k400', source='local', embed_dim=48, depth=1, num_heads=3, img_size=32)"
+    script = f"""
+import inspect, io
+import torch
+first, second = {hub}, {hub}
+assert type(first) is type(second), (type(first), type(second))
+buffer = io.BytesIO()
+torch.save(first, buffer)
+buffer.seek(0)
+copy = torch.load(buffer, weights_only=False)
+assert type(copy) is type(first)
+assert all(torch.equal(value, first.state_dict()[key]) for key, value in copy.state_dict().items())
+assert "class VisionTransformer" in inspect.getsource(type(first))
+"""
+    own_models = f"""
+import sys
+import torch
+sys.path.insert(0, {repo!r})
+import models.timesformer
+model = {hub}
+assert type(model) is models.timesformer.VisionTransformer
+assert "utils.checkpoint" in sys.modules and sys.modules["utils"].__file__.startswith({repo!r})
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for code in (script, own_models):
+        run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env=env)
+        assert run.returncode == 0, run.stderr
+
+
 def test_atomic_save_and_restart_round_trip(tmp_path):
     model = tiny(11)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
