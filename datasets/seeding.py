@@ -70,9 +70,10 @@ def resume_start_iteration(iteration: int, saved_args, batch_size_per_gpu: int, 
     The sampler's order of the epoch does not depend on the batch size or the number of processes, so the
     videos already done are the first `iteration` x (its global batch) of that order. With the same global
     batch that is `iteration`; with another one (fewer or more processes, another --batch_size_per_gpu) it is
-    the iterations of this run those videos fill, rounded down to a multiple of `multiple` (e.g. --accum_iter):
-    fewer than one of this run's optimizer steps of videos is seen twice, none is left out. `what` names the
-    epoch in the note printed then (also at an epoch boundary, `iteration` 0, where that epoch starts whole)."""
+    the iterations of this run those videos fill. Either is rounded down to a multiple of `multiple` (e.g.
+    --accum_iter, which the checkpoint's run may have had another value of): fewer than one of this run's
+    optimizer steps of videos is seen twice, none is left out. `what` names the epoch in the note printed when
+    the start moves (also at an epoch boundary, `iteration` 0, where that epoch starts whole)."""
     saved_batch = getattr(saved_args, "batch_size_per_gpu", batch_size_per_gpu)
     saved_world = getattr(saved_args, "world_size", world_size)
     saved_global, global_batch = saved_batch * saved_world, batch_size_per_gpu * world_size
@@ -85,7 +86,14 @@ def resume_start_iteration(iteration: int, saved_args, batch_size_per_gpu: int, 
         print(f"Note: the checkpoint was written at an epoch boundary with a global batch of {saved_global} videos "
               f"({processes}), this run {global_batch}: {what or 'the epoch'} runs with the new batch from its start.")
         return 0
+    again = f" ({done - start * global_batch} videos are seen again)." if done > start * global_batch else "."
+    if saved_global == global_batch:  # only the accumulation differs: the save is inside one of this run's steps
+        print(f"Note: the mid-epoch checkpoint was written after {iteration} iterations of {what or 'the epoch'}, not "
+              f"a whole number of this run's optimizer steps of {multiple} iterations (--accum_iter): continuing at "
+              f"iteration {start}, where the step starts" + again)
+        return start
     print(f"Note: the mid-epoch checkpoint was written with a global batch of {saved_global} videos ({processes}), "
           f"this run {global_batch}: {done} videos of {what or 'the epoch'} were done; continuing at iteration {start}"
-          + (f" ({done - start * global_batch} videos are seen again)." if done > start * global_batch else "."))
+          + (f", where one of this run's optimizer steps of {multiple} iterations starts" if multiple > 1 else "")
+          + again)
     return start

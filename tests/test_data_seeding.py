@@ -71,3 +71,21 @@ def test_resume_start_iteration_counts_the_videos_done(saved, now, multiple, sta
                 f"videos ({saved[1]} process{'es' if saved[1] > 1 else ''} x {saved[0]}), this run {now[0] * now[1]}: "
                 "epoch 5 runs with the new batch from its start.\n")
     assert capsys.readouterr().out == (boundary if saved[0] * saved[1] != now[0] * now[1] else "")
+
+
+def test_resume_start_iteration_with_another_accumulation_only_says_so(capsys):
+    """A checkpoint saved after 13 iterations of 8 videos (a run without accumulation), resumed with the same global
+    batch and --accum_iter 8: the run goes back to iteration 8, where its optimizer step starts, and says why (not
+    'a global batch of 8 videos, this run 8'). With another global batch as well, the note says both."""
+    saved_args = argparse.Namespace(batch_size_per_gpu=8, world_size=1)
+    assert resume_start_iteration(13, saved_args, 8, 1, multiple=8, what="epoch 2") == 8
+    assert capsys.readouterr().out == (
+        "Note: the mid-epoch checkpoint was written after 13 iterations of epoch 2, not a whole number of this run's "
+        "optimizer steps of 8 iterations (--accum_iter): continuing at iteration 8, where the step starts (40 videos "
+        "are seen again).\n")
+    assert resume_start_iteration(16, saved_args, 8, 1, multiple=8) == 16 and capsys.readouterr().out == ""
+    assert resume_start_iteration(13, saved_args, 4, 1, multiple=8, what="epoch 2") == 24
+    assert capsys.readouterr().out == (
+        "Note: the mid-epoch checkpoint was written with a global batch of 8 videos (1 process x 8), this run 4: 104 "
+        "videos of epoch 2 were done; continuing at iteration 24, where one of this run's optimizer steps of 8 "
+        "iterations starts (8 videos are seen again).\n")
