@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import functools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -307,7 +308,7 @@ def finetune_run(args, cfg, train_set, val_set) -> dict:
     """What a fine-tuning's score depends on besides its initialisation, saved in its checkpoint (`run`, checked
     on resume): the dataset and its train/val lists (SSv2: and annotation JSONs), the classes, the seed, the
     slow-fast test and the clip keys. Not the lr, the epochs or the global batch: a resume applies new ones from
-    its epoch on (README)."""
+    its epoch on (README; note_another_step names another lr or effective batch)."""
     return run_record(args, cfg, ("dataset", "num_labels", "seed", "slowfast_eval"),
                       split_files(train=train_set, val=val_set))
 
@@ -415,6 +416,29 @@ def load_finetuned(model: VisionTransformer, ckpt: dict, path: Path, init_backbo
     model.load_state_dict(ckpt["model_state"])
 
 
+def note_another_step(ckpt: dict, path: Path, args) -> None:
+    """On resume: one note when this run steps with another effective batch or lr than the run of `ckpt` (read from
+    `path`) did, e.g. another --batch_size_per_gpu, process count, --accum_iter or --lr, or a checkpoint of a version
+    whose lr was for a batch of 8. Compared at the epoch its optimizer trained last: the lr of its param group (the
+    one that run used) vs this run's lr_at_epoch. This run goes on with its own from the resumed epoch."""
+    saved = ckpt.get("args")
+    then = (getattr(saved, "batch_size_per_gpu", args.batch_size_per_gpu),
+            getattr(saved, "world_size", utils.get_world_size()), getattr(saved, "accum_iter", 1))
+    now = (args.batch_size_per_gpu, utils.get_world_size(), args.accum_iter)
+    epoch = ckpt["epoch"] if ckpt.get("iteration") else max(ckpt["epoch"] - 1, 0)  # an epoch end saves epoch + 1
+    lr_then, lr_now = ckpt["optimizer_state"]["param_groups"][0]["lr"], lr_at_epoch(args, epoch)
+    if math.prod(then) == math.prod(now) and math.isclose(lr_then, lr_now, rel_tol=1e-6):
+        return
+
+    def batch(clips: int, processes: int, accumulated: int) -> str:
+        return (f"an effective batch of {clips * processes * accumulated} ({clips} clips x {processes} "
+                f"process{'es' if processes > 1 else ''} x {accumulated} accumulated)")
+
+    print(f"Note: {path}'s run trained epoch {epoch} with {batch(*then)} at lr {lr_then:g}; this run has {batch(*now)} "
+          f"and lr {lr_now:g} for that epoch (--lr {args.lr:g} x {math.prod(now)} / {REFERENCE_BATCH}, with its decay "
+          f"steps) and goes on with them from epoch {ckpt['epoch']}.")
+
+
 def resume_finetune(ckpt: dict | None, path: Path, optimizer, scaler, run: dict, train_set,
                     args) -> tuple[int, int, float, list[dict] | None, list[dict] | None]:
     """Where training starts: (epoch, iteration, best val top-1, the interrupted epoch's RNG states and meters).
@@ -423,6 +447,7 @@ def resume_finetune(ckpt: dict | None, path: Path, optimizer, scaler, run: dict,
     if ckpt is None:
         return 0, 0, 0.0, None, None
     check_same_run(ckpt.get("run"), run, str(path), "fine-tuning", "finetune.sh: EXP_NAME=... or OUTPUT_DIR=...")
+    note_another_step(ckpt, path, args)
     optimizer.load_state_dict(ckpt["optimizer_state"])
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])

@@ -149,6 +149,36 @@ def test_lr_is_timesformers_0_005_at_an_effective_batch_of_64_and_scales_linearl
     assert [lr(8, 8, e) for e in (10, 11, 13, 14)] == pytest.approx([0.005, 0.0005, 0.0005, 0.00005])
 
 
+def test_a_resume_with_another_effective_batch_or_lr_says_so(capsys):
+    """The lr and the effective batch are not part of a fine-tuning's identity (a resume applies new ones), but a
+    resume that changes them says so, once, naming both: e.g. a checkpoint of a version whose lr 0.005 was for 8
+    clips, resumed with today's 8 clips x 8 accumulated. The checkpoint's lr is its optimizer's at the epoch it
+    trained last (an epoch-end checkpoint's `epoch` is the next one): unchanged settings across a decay say nothing."""
+    def args(lr: float = 0.005, accum: int = 8) -> argparse.Namespace:
+        return argparse.Namespace(lr=lr, lr_decay_epochs=[11, 14], lr_decay=0.1, batch_size_per_gpu=8, accum_iter=accum)
+
+    def resume(saved: argparse.Namespace, epoch: int, lr: float, this_run: argparse.Namespace, iteration: int = 0):
+        ckpt = {"args": saved, "epoch": epoch, "iteration": iteration,
+                "optimizer_state": {"state": {}, "param_groups": [{"lr": lr, "params": [0]}]}}
+        eval_finetune.note_another_step(ckpt, "out/checkpoint.pth", this_run)
+        return capsys.readouterr().out
+
+    older = argparse.Namespace(lr=0.005, batch_size_per_gpu=8, world_size=1)  # no --accum_iter then
+    assert resume(older, 3, 0.005, args()) == (
+        "Note: out/checkpoint.pth's run trained epoch 2 with an effective batch of 8 (8 clips x 1 process x 1 "
+        "accumulated) at lr 0.005; this run has an effective batch of 64 (8 clips x 1 process x 8 accumulated) and lr "
+        "0.005 for that epoch (--lr 0.005 x 64 / 64, with its decay steps) and goes on with them from epoch 3.\n")
+    same = argparse.Namespace(**vars(args()), world_size=1)
+    assert resume(same, 12, 0.005 * 0.1, args()) == ""  # trained epoch 11, decayed once
+    assert resume(same, 11, 0.005, args()) == ""  # trained epoch 10, before the decay
+    assert resume(same, 11, 0.005 * 0.1, args(), iteration=5) == ""  # mid-epoch: epoch 11 itself
+    assert resume(same, 11, 0.005, args(), iteration=5).startswith(
+        "Note: out/checkpoint.pth's run trained epoch 11 with an effective batch of 64 ")
+    assert resume(same, 3, 0.005, args(lr=0.01)).endswith(
+        "at lr 0.005; this run has an effective batch of 64 (8 clips x 1 process x 8 accumulated) and lr 0.01 for that "
+        "epoch (--lr 0.01 x 64 / 64, with its decay steps) and goes on with them from epoch 3.\n")
+
+
 def finetune(args: list[str]) -> dict:
     parser = argparse.ArgumentParser(parents=[eval_finetune.get_args_parser()])
     results = eval_finetune.eval_finetune(parser.parse_args(args))
@@ -494,7 +524,7 @@ def test_sigterm_in_a_validation_or_the_test_exits_3_and_the_rerun_ends_as_an_un
 
 
 def test_mid_epoch_resume_with_another_global_batch_continues_after_the_videos_done(synthetic_root, released,
-                                                                                   tmp_path, monkeypatch):
+                                                                                   tmp_path, monkeypatch, capsys):
     """Stopped after 3 batches of 2 (6 of the 16 training videos), resumed with batches of 4: the epoch goes on
     at batch 1 of 4 (videos 4-5 of the epoch's order seen again, none left out), not at batch 3."""
     common = ["--arch", "vit_tiny", "--pretrained_weights", released, "--saveckp_iters", "3", "--num_workers", "0",
@@ -518,5 +548,9 @@ def test_mid_epoch_resume_with_another_global_batch_continues_after_the_videos_d
     dist.destroy_process_group()
     done, seen[:] = seen[:6], []
     monkeypatch.setattr(eval_finetune, "atomic_save", real_save)
+    capsys.readouterr()
     finetune(["--batch_size_per_gpu", "4"] + common)
     assert len(seen) == 12 and set(done) | set(seen) == set(range(16)) and len(set(done) & set(seen)) == 2
+    assert (f"Note: {tmp_path / 'out' / 'checkpoint.pth'}'s run trained epoch 0 with an effective batch of 2 (2 clips "
+            "x 1 process x 1 accumulated) at lr 0.00015625; this run has an effective batch of 4 (4 clips x 1 process "
+            "x 1 accumulated) and lr 0.0003125 for that epoch") in capsys.readouterr().out
