@@ -67,9 +67,13 @@ LARGE_PLAN_BYTES = 100 * 2 ** 20
 # A training sample whose video cannot be read draws a random other one, up to NUM_RETRIES times; then the run
 # stops. With a fraction q of the list unreadable, all NUM_RETRIES + 1 draws fail with probability q^501: 1e-23
 # at q = 0.9 (a list 10 % readable), 7e-12 at q = 0.95 (2e-4 over 100 Kinetics epochs of 240k samples), while an
-# entirely unreadable list stops at its first sample (~0.1 ms a draw of a file that does not open). The draws are
-# seeded per sample (datasets/seeding.py), so a rerun replays the same chain: a limit that a mostly readable list
-# could reach would stop every resume at the same sample. The original retries 10 times, then raises.
+# entirely unreadable list stops at its first sample, after NUM_RETRIES + 1 failed draws whose cost depends on the
+# failure (measured on a shared 2-core machine, every backend alike): ~0.01 ms a missing file, ~0.1 ms a truncated
+# mp4, but 40-90 ms a present file no demuxer recognises (1 MB of random bytes: FFmpeg probes it), i.e. 20-45 s per
+# sample in each loader worker before the error (longer on a network file system), with a warning line for each
+# distinct path. The draws are seeded per sample (datasets/seeding.py), so a rerun replays the same chain: a limit
+# that a mostly readable list could reach would stop every resume at the same sample. The original retries 10
+# times, then raises.
 NUM_RETRIES = 500
 # An epoch whose training draws were replaced more often than this prints a warning naming check_videos.
 REPLACED_WARNING = 0.05
