@@ -13,6 +13,8 @@
 #   BATCH_SIZE  clips per GPU per iteration                    (default: 8 / GPUS, TimeSformer's 8 per iteration)
 #   ACCUM_ITER  iterations per optimizer step (effective batch = BATCH_SIZE x GPUS x ACCUM_ITER; the lr scales
 #               with it)        (default: 64 / (GPUS x BATCH_SIZE), rounded up: the recipe's 64, or the nearest above)
+#               Set these two here: --batch_size_per_gpu / --accum_iter among the arguments are refused (they would
+#               override the defaults above, and the check of the effective batch, unseen).
 #   EXP_NAME    run name                                       (default: ft_$DATASET)
 #   OUTPUT_DIR  checkpoints, logs, results   (default: <repo>/checkpoints/finetune/$EXP_NAME); rerun to resume
 #   LIST_DIR    folder of the list files     (default: $DATA_PATH/splits; K400: $DATA_PATH/annotations)
@@ -27,6 +29,18 @@ PYTHON="${PYTHON:-python3}"
 source "$ROOT/scripts/common.sh"
 check_deps
 split_user_args "$@"
+for arg in ${user_args[@]+"${user_args[@]}"}; do
+    name="${arg%%=*}"
+    for flag in --batch_size_per_gpu=BATCH_SIZE --accum_iter=ACCUM_ITER; do
+        # the flag or an abbreviation argparse takes for it (--b..., --ac...: no other flag starts so)
+        if [[ "${flag%=*}" == "$name"* && ( "$name" == --b* || "$name" == --ac* ) ]]; then
+            echo "finetune.sh: set ${flag#*=}=... instead of passing $name: the script derives the effective" \
+                 "batch (and the lr, which scales with it) from BATCH_SIZE and ACCUM_ITER, and the argument would" \
+                 "override them unseen." >&2
+            exit 2
+        fi
+    done
+done
 DATA_PATH="${DATA_PATH:-data/ucf101}"
 DATASET="${DATASET:-ucf101}"
 GPUS="${GPUS:-8}"

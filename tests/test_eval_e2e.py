@@ -287,10 +287,12 @@ def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
     small = ["--arch", "vit_tiny", "--num_workers", "0", "--batch_size_per_gpu", "3"]
     knn_lists, lists = _odd_lists(synthetic_root, tmp_path, "knn_splits"), _odd_lists(synthetic_root, tmp_path, "splits")
 
-    def run(script, out, list_dir, *args):
+    def run(script, out, list_dir, *args, **env_vars):
+        flags = small[:-2] if script == "finetune.sh" else small  # finetune.sh takes the batch from BATCH_SIZE
         proc = on_free_port(lambda port: subprocess.run(
-            ["bash", str(repo / "scripts" / script), *small, *args], capture_output=True, text=True, timeout=300,
-            env={**env, "OUTPUT_DIR": str(tmp_path / out), "MASTER_PORT": str(port), "LIST_DIR": str(list_dir)}))
+            ["bash", str(repo / "scripts" / script), *flags, *args], capture_output=True, text=True, timeout=300,
+            env={**env, "OUTPUT_DIR": str(tmp_path / out), "MASTER_PORT": str(port), "LIST_DIR": str(list_dir),
+                 **env_vars}))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     def one_process(lists_dir) -> list[str]:
@@ -322,7 +324,8 @@ def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
     assert (results["multiview_acc1"], results["num_videos"]) == (ev["multiview_acc1"], ev["num_videos"])
 
     # 2 batches of 3 per process: one optimizer step of 2 accumulated (the script's default, 8, needs 64 clips)
-    run("finetune.sh", "ft", lists, "--epochs", "1", "--use_fp16", "false", "--num_labels", "4", "--accum_iter", "2")
+    run("finetune.sh", "ft", lists, "--epochs", "1", "--use_fp16", "false", "--num_labels", "4", BATCH_SIZE="3",
+        ACCUM_ITER="2")
     ft = json.loads((tmp_path / "ft" / "log.txt").read_text().splitlines()[0])
     assert ft["train_lr"] == pytest.approx(0.005 * 12 / 64)  # the effective batch: 2 processes x 3 x 2
     (tmp_path / "ft1").mkdir()

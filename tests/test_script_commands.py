@@ -161,6 +161,21 @@ def test_finetune_script_reaches_timesformers_effective_batch_of_64(tmp_path, en
     assert (f"an effective batch of {effective}, not TimeSformer's 64" in stderr) == (effective != 64)
 
 
+@pytest.mark.parametrize("args, variable", [(["--batch_size_per_gpu", "2"], "BATCH_SIZE"),
+                                            (["--evaluate", "--accum_iter=4"], "ACCUM_ITER"),
+                                            (["--batch_size", "2"], "BATCH_SIZE"), (["--acc", "2"], "ACCUM_ITER")])
+def test_finetune_script_refuses_batch_flags_that_would_override_its_effective_batch(tmp_path, args, variable):
+    """finetune.sh derives ACCUM_ITER's default and the effective-batch warning from BATCH_SIZE / ACCUM_ITER; the
+    same flags (or argparse's abbreviations of them) among the user's arguments would come after its own and win,
+    e.g. `finetune.sh --batch_size_per_gpu 2` on 8 GPUs training at 128 without a word. They are refused, naming
+    the variable to set instead."""
+    flag = next(a for a in args if a.startswith(("--b", "--ac"))).split("=")[0]
+    parsed = _parse("eval_finetune.py", args)[0]  # what eval_finetune.py would take them for
+    assert (parsed.batch_size_per_gpu, parsed.accum_iter) != (8, 1)
+    stderr = _launch(tmp_path, "finetune.sh", args, expect_rc=2, GPUS="8")
+    assert f"finetune.sh: set {variable}=... instead of passing {flag}:" in stderr
+
+
 @pytest.mark.parametrize("script", ["eval_knn.sh", "eval_linear.sh", "finetune.sh"])
 def test_eval_scripts_rendezvous_on_a_free_port_unless_master_port_is_set(tmp_path, script):
     """Evaluations side by side on one machine (checkpoints scored in parallel, one per GPU): without MASTER_PORT
