@@ -144,10 +144,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         every backbone weight (a strict load, as the original's). For the paper's ImageNet init use
         --opts TIMESFORMER.PRETRAINED_MODEL /path/to/dino_vitbase16_pretrain.pth.""")
     parser.add_argument("--resume_from", default=None, type=str, help="""A training checkpoint (e.g. an earlier
-        checkpointNNNN.pth of a run that diverged) to continue from when --output_dir has no checkpoint.pth yet:
-        weights, optimizer, loss centre, epoch and RNG, with this run's flags (e.g. a lower --lr). A
-        checkpoint.pth in --output_dir always wins (a rerun resumes its own run). A weights-only file (the released
-        teacher) holds no training state: pass it as --pretrained_rgb.""")
+        checkpointNNNN.pth of a run that diverged) to continue from when --output_dir has no checkpoint.pth yet
+        (a new folder, or the file's own one for a checkpointNNNN.pth): weights, optimizer, loss centre, epoch and
+        RNG, with this run's flags (e.g. a lower --lr). A checkpoint.pth in --output_dir always wins (a rerun resumes
+        its own run). A weights-only file (the released teacher) holds no training state: pass it as
+        --pretrained_rgb.""")
     parser.add_argument("--output_dir", default=".", type=str,
                         help="""Folder for checkpoints, log.txt, config and tensorboard. A rerun resumes its
         checkpoint.pth; a start from scratch needs a folder where no other run left its log.txt.""")
@@ -205,13 +206,13 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
     output_dir = Path(args.output_dir)
     own_checkpoint = (output_dir / "checkpoint.pth").is_file()
     resume_path = output_dir / "checkpoint.pth" if own_checkpoint else args.resume_from
+    if not own_checkpoint:  # nor another run's history in the folder, unless the file is of that run
+        run_dir.check_fresh_start(output_dir, args.resume_from or None)
     if resume_path:
         checkpoint = read_resume_checkpoint(Path(resume_path), own_checkpoint, args)
         if own_checkpoint and args.resume_from:
             print(f"Note: --resume_from {args.resume_from} is ignored: {resume_path} is there and loads, and a run's "
                   "own checkpoint always wins (move it aside to continue from the other file).")
-    else:
-        run_dir.check_fresh_start(output_dir)
     if utils.is_main_process():
         remove_stale_temp_files(output_dir)
 

@@ -105,19 +105,23 @@ def test_a_resume_from_an_older_checkpoint_sets_the_later_log_lines_aside(finish
 
 def test_a_start_from_scratch_in_another_runs_folder_is_refused(finished, synthetic_root, tmp_path, monkeypatch):
     """checkpoint.pth deleted from a finished run's folder: the rerun started from scratch, appended epochs [0, 1]
-    to its log.txt and overwrote its numbered checkpoints. Now it stops naming the folder and the two ways on, and
-    the way it names (--resume_from the newest numbered checkpoint, here the folder's own) continues the run."""
+    to its log.txt and overwrote its numbered checkpoints; --resume_from another folder's checkpoint there did the
+    same with that run's epochs. Now both stop naming the folder and the ways on, and the way they name
+    (--resume_from the newest numbered checkpoint, here the folder's own) continues the run."""
     out = copy_run(finished, tmp_path)
     (out / "checkpoint.pth").unlink()
     files = {name: (out / name).read_bytes() for name in written(out) if name != "tb"}
-    with pytest.raises(FileExistsError, match=rf"^--output_dir {out} holds another run \(log.txt, checkpoint0000.pth, "
-                                              r"checkpoint0001.pth\) but no checkpoint.pth to resume: starting from "
-                                              r"scratch there would append to its log.txt and overwrite its numbered "
-                                              r"checkpoints. Pass another --output_dir for a new run, or continue that "
-                                              rf"run from its newest numbered checkpoint with --resume_from "
-                                              rf"{out / 'checkpoint0001.pth'} \(the epochs after it"):
-        _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1"))
-    assert {name: (out / name).read_bytes() for name in files} == files
+    foreign = copy_run(finished, tmp_path / "other") / "checkpoint0000.pth"
+    for extra, start, run in (([], "starting from scratch", "a new run"),
+                              (["--resume_from", str(foreign)], f"continuing --resume_from {foreign}", "this run")):
+        with pytest.raises(FileExistsError, match=rf"^--output_dir {out} holds another run \(log.txt, "
+                                                  r"checkpoint0000.pth, checkpoint0001.pth\) but no checkpoint.pth to "
+                                                  rf"resume: {start} there would append to its log.txt and overwrite "
+                                                  rf"its numbered checkpoints. Pass another --output_dir for {run}, or "
+                                                  r"continue that run from its newest numbered checkpoint with "
+                                                  rf"--resume_from {out / 'checkpoint0001.pth'} \(the epochs after it"):
+            _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", *extra))
+        assert {name: (out / name).read_bytes() for name in files} == files
     _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", "--resume_from",
                               str(out / "checkpoint0000.pth")))
     assert log_records(out) == log_records(finished)

@@ -18,22 +18,32 @@ def numbered_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return sorted(Path(folder).glob(NUMBERED_GLOB))
 
 
-def check_fresh_start(folder: str | os.PathLike) -> None:
-    """A run from scratch (no checkpoint.pth, no --resume_from) in a folder where another run left its log.txt or
+def is_own_numbered(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether `path` is one of `folder`'s checkpointNNNN.pth files (links followed)."""
+    path = Path(path).resolve()
+    return path.parent == Path(folder).resolve() and path.match(NUMBERED_GLOB)
+
+
+def check_fresh_start(folder: str | os.PathLike, resume_from: str | os.PathLike | None = None) -> None:
+    """A start that does not resume `folder`'s checkpoint.pth (there is none) -- from scratch, or from a
+    `resume_from` that is not one of the folder's own numbered checkpoints -- where another run left its log.txt or
     numbered checkpoints would append to that log and overwrite those checkpoints: an error naming the folder, what
     is there and the ways on."""
     folder = Path(folder)
+    if resume_from is not None and is_own_numbered(folder, resume_from):
+        return  # that run goes on (tidy_epoch_log sets aside the log lines of the epochs it trains again)
     numbered = numbered_checkpoints(folder)
     found = [LOG_NAME] if (folder / LOG_NAME).is_file() else []
     found += [p.name for p in numbered]
     if not found:
         return
     listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    start = "starting from scratch" if resume_from is None else f"continuing --resume_from {resume_from}"
     resume = (f", or continue that run from its newest numbered checkpoint with --resume_from {numbered[-1]} "
               "(the epochs after it are trained again)" if numbered else "")
     raise FileExistsError(f"--output_dir {folder} holds another run ({listed}) but no checkpoint.pth to resume: "
-                          "starting from scratch there would append to its log.txt and overwrite its numbered "
-                          f"checkpoints. Pass another --output_dir for a new run{resume}.")
+                          f"{start} there would append to its log.txt and overwrite its numbered checkpoints. Pass "
+                          f"another --output_dir for {'a new' if resume_from is None else 'this'} run{resume}.")
 
 
 def _record(line: str) -> dict | None:
