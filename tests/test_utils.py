@@ -356,13 +356,15 @@ def test_lars_steps_match_dinos_definition():
                                    atol=1e-12)
 
 
-def test_lars_resumes_the_momentum_of_a_dino_checkpoint():
-    # DINO's LARS keeps its momentum as state["mu"]: loaded from such a checkpoint, the next step continues it.
+@pytest.mark.parametrize("key", ["mu", "momentum_buffer"])
+def test_lars_resumes_the_momentum_of_a_dino_or_an_older_checkpoint(key):
+    # DINO's LARS keeps its momentum as state["mu"], our LARS before 20be214 as state["momentum_buffer"]: loaded
+    # from either checkpoint, the next step continues it (an older one's started a zero "mu" and kept the stale key).
     matrix = nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))
     bias = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     opt = utils.LARS([matrix, bias])
-    saved = {"state": {0: {"mu": torch.tensor([[1.0, 1.0]], dtype=torch.float64)},
-                       1: {"mu": torch.tensor([2.0, -4.0], dtype=torch.float64)}},
+    saved = {"state": {0: {key: torch.tensor([[1.0, 1.0]], dtype=torch.float64)},
+                       1: {key: torch.tensor([2.0, -4.0], dtype=torch.float64)}},
              "param_groups": [{"lr": 0.1, "weight_decay": 0.5, "momentum": 0.9, "eta": 0.02, "params": [0, 1],
                                "weight_decay_filter": None, "lars_adaptation_filter": None}]}
     opt.load_state_dict(saved)

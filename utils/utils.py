@@ -113,11 +113,18 @@ def has_batchnorms(model: nn.Module) -> bool:
 class LARS(torch.optim.Optimizer):
     """LARS (DINO's version): SGD with momentum and a layer-wise trust ratio; 1-D params get neither
     weight decay nor the trust ratio. The momentum is kept under DINO's state key `mu`, so a DINO / SVT LARS
-    checkpoint resumes with its momentum."""
+    checkpoint resumes with its momentum; so does one of our earlier LARS, which kept it as `momentum_buffer`."""
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
                  eta: float = 0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    def __setstate__(self, state: dict) -> None:
+        """(load_state_dict ends here) An older checkpoint's `momentum_buffer` becomes `mu`."""
+        super().__setstate__(state)
+        for param_state in self.state.values():
+            if "momentum_buffer" in param_state:
+                param_state.setdefault("mu", param_state.pop("momentum_buffer"))
 
     @torch.no_grad()
     def step(self, closure=None):
