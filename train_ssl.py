@@ -150,8 +150,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         its own run). A weights-only file (the released teacher) holds no training state: pass it as
         --pretrained_rgb.""")
     parser.add_argument("--output_dir", default=".", type=str,
-                        help="""Folder for checkpoints, log.txt, config and tensorboard. A rerun resumes its
-        checkpoint.pth; a start from scratch needs a folder where no other run left its log.txt.""")
+                        help="""Folder for checkpoints (checkpoint.pth, checkpointNNNN.pth), log.txt, config and
+        tensorboard. A rerun resumes its checkpoint.pth; any other start (from scratch, or --resume_from a file of
+        another folder) needs a folder where no other run left its log.txt or checkpointNNNN.pth.""")
     parser.add_argument("--saveckp_freq", default=20, type=int,
                         help="Keep a numbered checkpointNNNN.pth every x epochs (0: none).")
     parser.add_argument("--saveckp_iters", default=0, type=utils.non_negative_int,
@@ -759,11 +760,9 @@ def damaged_own_checkpoint(path: Path) -> str:
     damaged = (f"{path} is damaged: it is not a complete torch.save file. This run's checkpoints are written "
                "atomically, so the machine died during a write on a file system without an atomic rename, or the file "
                "was cut by a copy.")
-    for numbered in reversed(run_dir.numbered_checkpoints(path.parent)):
-        try:
-            epoch = safe_torch_load(numbered)["epoch"]
-        except (IncompleteFileError, KeyError, TypeError):
-            continue
+    newest = run_dir.newest_readable_checkpoint(path.parent)
+    if newest:
+        numbered, epoch = newest
         return (f"{damaged} The newest readable numbered checkpoint is {numbered}, which resumes at epoch {epoch}: "
                 f"move the damaged file aside (mv {path} {path}.damaged) and rerun with --resume_from {numbered} (the "
                 f"epochs from {epoch} on are trained again).")

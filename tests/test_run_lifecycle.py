@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import log_records
 from tests.test_train import _argv, _train
-from utils import utils
+from utils import run_dir, utils
 from utils.checkpoint import IncompleteFileError, safe_torch_load
 
 
@@ -106,10 +106,13 @@ def test_a_resume_from_an_older_checkpoint_sets_the_later_log_lines_aside(finish
 def test_a_start_from_scratch_in_another_runs_folder_is_refused(finished, synthetic_root, tmp_path, monkeypatch):
     """checkpoint.pth deleted from a finished run's folder: the rerun started from scratch, appended epochs [0, 1]
     to its log.txt and overwrote its numbered checkpoints; --resume_from another folder's checkpoint there did the
-    same with that run's epochs. Now both stop naming the folder and the ways on, and the way they name
-    (--resume_from the newest numbered checkpoint, here the folder's own) continues the run."""
+    same with that run's epochs. Now both stop naming the folder and the ways on: the newest numbered checkpoint
+    that reads (checkpoint0001.pth is cut here; it was named all the same), which continues the run, or deleting
+    what the run left."""
     out = copy_run(finished, tmp_path)
     (out / "checkpoint.pth").unlink()
+    data = (out / "checkpoint0001.pth").read_bytes()
+    (out / "checkpoint0001.pth").write_bytes(data[:len(data) // 2])
     files = {name: (out / name).read_bytes() for name in written(out) if name != "tb"}
     foreign = copy_run(finished, tmp_path / "other") / "checkpoint0000.pth"
     for extra, start, run in (([], "starting from scratch", "a new run"),
@@ -118,13 +121,38 @@ def test_a_start_from_scratch_in_another_runs_folder_is_refused(finished, synthe
                                                   r"checkpoint0000.pth, checkpoint0001.pth\) but no checkpoint.pth to "
                                                   rf"resume: {start} there would append to its log.txt and overwrite "
                                                   rf"its numbered checkpoints. Pass another --output_dir for {run}, or "
-                                                  r"continue that run from its newest numbered checkpoint with "
-                                                  rf"--resume_from {out / 'checkpoint0001.pth'} \(the epochs after it"):
+                                                  r"continue that run from its newest readable numbered checkpoint "
+                                                  rf"with --resume_from {out / 'checkpoint0000.pth'} \(it resumes at "
+                                                  r"epoch 1: the epochs from 1 on are trained again\), or delete its "
+                                                  rf"log.txt, checkpointNNNN.pth files, tb/ to start {run} there.$"):
             _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", *extra))
         assert {name: (out / name).read_bytes() for name in files} == files
     _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", "--resume_from",
                               str(out / "checkpoint0000.pth")))
     assert log_records(out) == log_records(finished)
+
+
+def test_the_newest_readable_numbered_checkpoint_is_found_without_reading_the_tensors(tmp_path, monkeypatch):
+    """Both refusals name the newest numbered checkpoint that reads, and its epoch; the damaged-checkpoint one
+    loaded each numbered checkpoint in full (~1 GB for ViT-B + AdamW) on every rank just for the epoch. Now the
+    files are memory-mapped (torch.load's mmap=True): only their pickles are read."""
+    torch.save({"epoch": 1, "student": torch.ones(3)}, tmp_path / "checkpoint0000.pth")
+    torch.save({"epoch": 2, "student": torch.ones(3)}, tmp_path / "checkpoint0001.pth")
+    data = (tmp_path / "checkpoint0001.pth").read_bytes()
+    (tmp_path / "checkpoint0001.pth").write_bytes(data[:-30])  # its end (the zip's directory) is cut
+    torch.save({"student": torch.ones(3)}, tmp_path / "checkpoint0002.pth")  # no epoch: not a training checkpoint
+    loads, torch_load = [], torch.load
+
+    def spy(*args, **kwargs):
+        loaded = torch_load(*args, **kwargs)
+        loads.append((kwargs.get("mmap"), loaded))
+        return loaded
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert run_dir.newest_readable_checkpoint(tmp_path) == (tmp_path / "checkpoint0000.pth", 1)
+    assert [mmap for mmap, _ in loads] == [True, True]  # 0002 and 0000 (0001 fails before torch.load returns)
+    assert str(tmp_path / "checkpoint0000.pth") in Path("/proc/self/maps").read_text()  # mapped (spy holds it)
+    assert run_dir.newest_readable_checkpoint(tmp_path / "empty") is None
 
 
 def test_a_partial_last_log_line_is_dropped_at_any_start(finished, synthetic_root, tmp_path, monkeypatch, capsys):

@@ -57,10 +57,11 @@ class IncompleteFileError(RuntimeError):
     """A file that is not a complete torch.save one: truncated, damaged, or not a checkpoint at all."""
 
 
-def safe_torch_load(path: str | os.PathLike) -> Any:
+def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
     """`torch.load` on CPU with `weights_only=True`, allowing the pickled `argparse.Namespace` that
     training checkpoints carry under `args`; a safetensors file (timm / Hugging Face Hub weights) gives its
-    tensors. A file torch.save did not complete raises IncompleteFileError."""
+    tensors. A file torch.save did not complete raises IncompleteFileError. With `mmap` (torch.save's zip format)
+    the tensors are mapped, not read: a look at a large checkpoint's other entries costs its pickle, not its size."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -74,7 +75,7 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
                                   "partial download.")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise RuntimeError(
             f"could not load {path} with weights_only=True: {e}\nOnly tensors, containers and "

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from utils.checkpoint import IncompleteFileError, safe_torch_load
+
 NUMBERED_GLOB = "checkpoint[0-9][0-9][0-9][0-9].pth"
 LOG_NAME = "log.txt"
 SET_ASIDE = LOG_NAME + ".before_resume"
@@ -16,6 +18,17 @@ SET_ASIDE = LOG_NAME + ".before_resume"
 def numbered_checkpoints(folder: str | os.PathLike) -> list[Path]:
     """The checkpointNNNN.pth files of `folder`, oldest epoch first."""
     return sorted(Path(folder).glob(NUMBERED_GLOB))
+
+
+def newest_readable_checkpoint(folder: str | os.PathLike) -> tuple[Path, int] | None:
+    """The newest checkpointNNNN.pth of `folder` that torch.save completed, with the epoch it resumes at; None when
+    there is none. Each file is memory-mapped (safe_torch_load's mmap): a look costs its pickle, not its size."""
+    for path in reversed(numbered_checkpoints(folder)):
+        try:
+            return path, safe_torch_load(path, mmap=True)["epoch"]
+        except (IncompleteFileError, KeyError, TypeError):
+            continue
+    return None
 
 
 def is_own_numbered(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
@@ -39,11 +52,17 @@ def check_fresh_start(folder: str | os.PathLike, resume_from: str | os.PathLike 
         return
     listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
     start = "starting from scratch" if resume_from is None else f"continuing --resume_from {resume_from}"
-    resume = (f", or continue that run from its newest numbered checkpoint with --resume_from {numbered[-1]} "
-              "(the epochs after it are trained again)" if numbered else "")
+    run = "a new run" if resume_from is None else "this run"
+    newest = newest_readable_checkpoint(folder)
+    resume = (f", or continue that run from its newest readable numbered checkpoint with --resume_from {newest[0]} "
+              f"(it resumes at epoch {newest[1]}: the epochs from {newest[1]} on are trained again)" if newest else "")
+    delete = [name for name, there in ((LOG_NAME, (folder / LOG_NAME).is_file()),
+                                       ("checkpointNNNN.pth files", numbered), ("tb/", (folder / "tb").is_dir()))
+              if there]
     raise FileExistsError(f"--output_dir {folder} holds another run ({listed}) but no checkpoint.pth to resume: "
                           f"{start} there would append to its log.txt and overwrite its numbered checkpoints. Pass "
-                          f"another --output_dir for {'a new' if resume_from is None else 'this'} run{resume}.")
+                          f"another --output_dir for {run}{resume}, or delete its {', '.join(delete)} to start {run} "
+                          "there.")
 
 
 def _record(line: str) -> dict | None:
