@@ -151,9 +151,11 @@ def test_atomic_save_follows_the_umask_and_stale_temp_files_are_removed(tmp_path
     finally:
         os.umask(old)
     assert (tmp_path / "checkpoint.pth").stat().st_mode & 0o777 == 0o640
-    (tmp_path / ".checkpoint.pth.123.abcd.tmp").write_bytes(b"partial")
+    ours = [".checkpoint.pth.123.abcd.tmp", ".config.txt.123.abcd.tmp", ".log.txt.before_resume.123.abcd.tmp"]
+    for name in ours:
+        (tmp_path / name).write_bytes(b"partial")
     (tmp_path / ".other.tmp").write_bytes(b"not ours")
-    assert remove_stale_temp_files(tmp_path) == [".checkpoint.pth.123.abcd.tmp"]
+    assert remove_stale_temp_files(tmp_path) == ours
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp", "checkpoint.pth"]
 
 

@@ -1,7 +1,9 @@
 """The lifecycle of a pretraining run's --output_dir (train_ssl.py): what a start checks before it writes anything
 (the checkpoint it resumes, the folder it starts in), how a resume keeps log.txt and the config files of the run
 consistent, and the notes it prints for what changed since the checkpoint. Tiny runs on the synthetic videos."""
+import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -268,3 +270,63 @@ def test_another_global_batch_at_an_epoch_boundary_is_noted_with_the_rescaled_lr
     assert ("Note: the lr is rescaled for the new global batch: --lr x global batch / 256 = 0.05 x 2 / 256 = "
             "0.000391 at the peak (the checkpoint's run: 0.05 x 4 / 256 = 0.000781).") in printed
     assert "mid-epoch" not in printed and "--batch_size_per_gpu 2 on resume" not in printed
+
+
+class Killed(BaseException):
+    """The process killed at that point (no handler of ours catches a BaseException)."""
+
+
+def test_a_kill_between_the_two_log_writes_moves_each_line_aside_once(tmp_path, monkeypatch):
+    """A resume at epoch 1 moves log.txt's epoch-1 and -2 lines to log.txt.before_resume, then rewrites log.txt.
+    Killed in between, the next start moved those lines again: log.txt.before_resume held them twice."""
+    lines = [json.dumps({"epoch": epoch, "train_loss": 5.0 - epoch}) + "\n" for epoch in range(3)]
+    (tmp_path / "log.txt").write_text("".join(lines))
+    os_replace = os.replace
+
+    def killed_at_the_log_rename(src, dst):
+        if Path(dst).name == "log.txt":
+            raise Killed
+        os_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_log_rename)
+    with pytest.raises(Killed):
+        run_dir.tidy_epoch_log(tmp_path, 1)
+    monkeypatch.setattr(os, "replace", os_replace)
+    run_dir.tidy_epoch_log(tmp_path, 1)
+    assert (tmp_path / "log.txt").read_text() == lines[0]
+    assert (tmp_path / "log.txt.before_resume").read_text() == "".join(lines[1:])
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_kill_while_a_config_file_is_written_leaves_no_partial_one(tmp_path, monkeypatch):
+    """A start whose config differs keeps the earlier config.txt aside, then writes its own. Killed mid-write, it
+    left a partial config.txt, which the next start kept as an earlier start's config."""
+    (tmp_path / "config.txt").write_text('{"lr": 0.1}\n')
+    io_open = io.open
+
+    def dying_open(file, mode="r", *args, **kwargs):
+        opened = io_open(file, mode, *args, **kwargs)
+        if "w" not in mode:
+            return opened
+
+        class Dying:  # writes half of what it is given, then the process dies
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                opened.close()
+
+            def write(self, data):
+                opened.write(data[:len(data) // 2])
+                opened.flush()
+                raise Killed
+
+        return Dying()
+
+    monkeypatch.setattr(io, "open", dying_open)
+    with pytest.raises(Killed):
+        run_dir.write_config_files(tmp_path, {"config.txt": '{"lr": 0.2}\n'})
+    monkeypatch.setattr(io, "open", io_open)
+    run_dir.write_config_files(tmp_path, {"config.txt": '{"lr": 0.2}\n'})
+    assert (tmp_path / "config.txt").read_text() == '{"lr": 0.2}\n'
+    assert [p.read_text() for p in tmp_path.glob("config.*.txt")] == ['{"lr": 0.1}\n']

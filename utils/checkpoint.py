@@ -266,7 +266,7 @@ def load_imagenet_init(model: nn.Module, path: str | os.PathLike) -> LoadSummary
                                                          "dino_vitbase16_pretrain.pth)")
 
 
-TEMP_PATTERN = ".checkpoint*.tmp"
+TEMP_PATTERNS = (".checkpoint*.tmp", ".log.txt*.tmp", ".config.*.tmp")  # the temporary files of the atomic writes
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -280,6 +280,11 @@ def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> None:
     """Copy `src` to `path` with `atomic_save`'s guarantees."""
     with open(src, "rb") as source:
         _atomic_write(path, lambda f: shutil.copyfileobj(source, f, 1 << 24))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write `text` (UTF-8) to `path` with `atomic_save`'s guarantees: a kill leaves the old file or the new one."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _atomic_write(path: str | os.PathLike, write) -> None:
@@ -311,10 +316,11 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
-    """Delete the `.checkpoint*.tmp` files a killed save left in `folder` (call it before this run saves
-    anything there); returns their names."""
+    """Delete the temporary files (TEMP_PATTERNS: `.checkpoint*.tmp`, and of log.txt and the config files) a killed
+    atomic write left in `folder` (call it before this run writes anything there); returns their names."""
     removed = []
-    for tmp in sorted(glob.glob(os.path.join(glob.escape(os.fspath(folder)), TEMP_PATTERN))):
+    folder = glob.escape(os.fspath(folder))
+    for tmp in sorted({tmp for pattern in TEMP_PATTERNS for tmp in glob.glob(os.path.join(folder, pattern))}):
         os.remove(tmp)
         removed.append(os.path.basename(tmp))
     if removed:

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from utils.checkpoint import IncompleteFileError, safe_torch_load
+from utils.checkpoint import IncompleteFileError, atomic_write_text, safe_torch_load
 
 NUMBERED_GLOB = "checkpoint[0-9][0-9][0-9][0-9].pth"
 LOG_NAME = "log.txt"
@@ -96,7 +96,8 @@ def tidy_epoch_log(folder: str | os.PathLike, start_epoch: int) -> None:
     """Before a run that starts at `start_epoch` appends to log.txt: drop a partial last line (a kill while it was
     written) and move the lines of epochs from `start_epoch` on to log.txt.before_resume (a resume from an older
     checkpoint trains those epochs again), each with a note. Lines that are not records stay (read_epoch_log
-    skips them). The rewrite is atomic (a temporary file renamed over log.txt)."""
+    skips them). Each file is rewritten atomically (a temporary file renamed over it), and a line already at the end
+    of log.txt.before_resume is not added again (a start killed between the two writes)."""
     log = Path(folder) / LOG_NAME
     if not log.is_file():
         return
@@ -114,22 +115,21 @@ def tidy_epoch_log(folder: str | os.PathLike, start_epoch: int) -> None:
         (later if later_epoch else lines).append(line)
     if later:
         aside = log.with_name(SET_ASIDE)
-        with open(aside, "a") as f:
-            f.writelines(later)
+        before, moved = (aside.read_text() if aside.is_file() else ""), "".join(later)
+        if not before.endswith(moved):  # else a start killed before it rewrote log.txt moved them already
+            atomic_write_text(before + moved, aside)
         epochs = sorted({_record(line)["epoch"] for line in later})
         print(f"Note: this run resumes at epoch {start_epoch}, but {log} has lines of epochs {epochs} (of a run that "
               f"went on past the checkpoint resumed): moved them to {aside}, so that log.txt holds each epoch once.")
     if kept != text or later:
-        tmp = log.with_name(f".{LOG_NAME}.tmp")
-        tmp.write_text("".join(lines))
-        os.replace(tmp, log)
+        atomic_write_text("".join(lines), log)
 
 
 
 def write_config_files(folder: str | os.PathLike, files: dict[str, str]) -> None:
     """Write this start's config files ({name: text}); an earlier one with other content is kept as
     <stem>.<its UTC time><suffix> (e.g. config.20250101T120000Z.txt), with a note, so the folder records how each
-    part of the run was configured."""
+    part of the run was configured. A file is written atomically: a kill never leaves a partial one to keep."""
     for name, text in files.items():
         path = Path(folder) / name
         if path.is_file():
@@ -142,4 +142,4 @@ def write_config_files(folder: str | os.PathLike, files: dict[str, str]) -> None
                 kept, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
             os.replace(path, kept)
             print(f"Note: {path} of an earlier start differs from this one's: kept as {kept.name}.")
-        path.write_text(text)
+        atomic_write_text(text, path)
