@@ -468,21 +468,39 @@ def test_a_one_task_slurm_job_needs_no_rendezvous_port(fake_dist, monkeypatch):
     assert "MASTER_PORT" not in os.environ and "MASTER_ADDR" not in os.environ
 
 
-def test_slurm_ntasks_without_srun_names_the_fix(launcher_env, monkeypatch):
-    """SLURM_NTASKS=2 in a batch script run without srun (one process, SLURM_PROCID 0): the rendezvous times out
-    after --dist_timeout with an error that says why and what to do, not a bare DistStoreError '1/2 clients
-    joined'."""
+@pytest.mark.parametrize("procid, problem, cause", [
+    ("0", "only 1 process joined the rendezvous at {where}", utils.dist.DistStoreError),
+    ("1", "process 0 did not answer at {where} \\(this process is SLURM_PROCID 1\\)", utils.dist.DistNetworkError)])
+def test_slurm_ntasks_without_srun_names_the_fix(launcher_env, monkeypatch, procid, problem, cause):
+    """SLURM_NTASKS=2 in a batch script run without srun (one process, SLURM_PROCID 0, or 1 where the script sets
+    it): the rendezvous times out after --dist_timeout with an error that says why and what to do, not a bare
+    DistStoreError '1/2 clients joined' (process 0: its store waits for the others) or DistNetworkError 'The client
+    socket has timed out' (another process: nothing serves the rendezvous)."""
     from tests.conftest import free_port
     port = free_port()
-    _setenv(monkeypatch, SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1",
+    _setenv(monkeypatch, SLURM_PROCID=procid, SLURM_NTASKS="2", SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port))
     args = argparse.Namespace(dist_url="env://", dist_timeout=0.05)
-    with pytest.raises(RuntimeError, match=rf"^SLURM_NTASKS=2 but only 1 process joined the rendezvous at "
-                                           rf"127\.0\.0\.1:{port} within --dist_timeout 0\.05 min: start the job "
-                                           r"with srun \(one task per GPU\), or unset SLURM_NTASKS for a single "
-                                           r"process\.$") as err:
+    problem = problem.format(where=rf"127\.0\.0\.1:{port}")
+    with pytest.raises(RuntimeError, match=rf"^SLURM_NTASKS=2 but {problem} within --dist_timeout 0\.05 min: start "
+                                           r"the job with srun \(one task per GPU\), or unset SLURM_NTASKS for a "
+                                           r"single process\.$") as err:
         utils.init_distributed_mode(args)
-    assert isinstance(err.value.__cause__, utils.dist.DistStoreError)
+    assert isinstance(err.value.__cause__, cause)
+    assert not utils.dist.is_initialized()
+
+
+def test_a_taken_rendezvous_port_is_not_called_a_missing_srun(launcher_env, monkeypatch):
+    """Process 0 of a SLURM job whose MASTER_PORT another program holds: torch's error (EADDRINUSE) as it is, not
+    the advice about srun, which is for a rendezvous that timed out."""
+    import socket
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        _setenv(monkeypatch, SLURM_PROCID="0", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(holder.getsockname()[1]))
+        with pytest.raises(utils.dist.DistNetworkError, match="EADDRINUSE"):
+            utils.init_distributed_mode(argparse.Namespace(dist_url="env://", dist_timeout=0.05))
     assert not utils.dist.is_initialized()
 
 

@@ -551,16 +551,21 @@ def init_distributed_mode(args) -> None:
         try:
             dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
                                     timeout=timeout, **_set_device(args.gpu))
-        except dist.DistStoreError as err:  # the rendezvous timed out: not every task came
-            joined = re.search(r"(\d+)/\d+ clients joined", str(err))
-            who = (f"only {joined.group(1)} process{'es' if joined.group(1) != '1' else ''}" if joined else
-                   "not every process")
+        except (dist.DistStoreError, dist.DistNetworkError) as err:  # the rendezvous timed out: a task is missing
             where = (f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" if args.dist_url == "env://"
                      else args.dist_url)
+            if isinstance(err, dist.DistStoreError):  # process 0's store waited for the others
+                joined = re.search(r"(\d+)/\d+ clients joined", str(err))
+                who = (f"only {joined.group(1)} process{'es' if joined.group(1) != '1' else ''}" if joined else
+                       "not every process")
+                problem = f"{who} joined the rendezvous at {where}"
+            elif args.rank > 0 and "timed out" in str(err):  # no process 0 serves the rendezvous
+                problem = f"process 0 did not answer at {where} (this process is SLURM_PROCID {args.rank})"
+            else:  # e.g. process 0 finds the port taken: not a missing task
+                raise
             raise RuntimeError(
-                f"SLURM_NTASKS={args.world_size} but {who} joined the rendezvous at {where} within --dist_timeout "
-                f"{timeout.total_seconds() / 60:g} min: start the job with srun (one task per GPU), or unset "
-                "SLURM_NTASKS for a single process.") from err
+                f"SLURM_NTASKS={args.world_size} but {problem} within --dist_timeout {timeout.total_seconds() / 60:g} "
+                "min: start the job with srun (one task per GPU), or unset SLURM_NTASKS for a single process.") from err
     else:
         args.rank, args.world_size, args.gpu = 0, 1, 0
         # A one-process group (also a one-task SLURM job) needs no rendezvous: an in-memory store avoids port
