@@ -260,8 +260,9 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
         planned = getattr(to_restore["args"], "epochs", start_epoch)
         where = (f"already finished (at epoch {start_epoch} of {planned})" if start_epoch >= planned else
                  f"at epoch {start_epoch} of {planned}, past --epochs {args.epochs}")
-        print(f"The run in {output_dir} is {where}: nothing to train. To train on, pass a larger --epochs (the "
-              "schedules are then recomputed for the new length).")
+        run = f"The run in {output_dir}" if own_checkpoint else f"The run of --resume_from {resume_path}"
+        print(f"{run} is {where}: nothing to train. To train on, pass a larger --epochs (the schedules are then "
+              "recomputed for the new length).")
     else:
         print(f"SVT pretraining from epoch {start_epoch} to {args.epochs}.")
     # A stop signal (SLURM preemption / time limit, --signal warning) saves the step reached and exits with

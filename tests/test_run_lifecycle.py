@@ -257,6 +257,17 @@ def test_a_finished_run_says_so_and_trains_nothing(finished, synthetic_root, tmp
     assert {name: (out / name).read_bytes() for name in written(out) if name != "tb"} == files
 
 
+def test_resume_from_a_finished_run_into_another_folder_names_the_file(finished, synthetic_root, tmp_path,
+                                                                       monkeypatch, capsys):
+    """--output_dir NEW --resume_from a finished run's checkpoint.pth said "The run in NEW is already finished":
+    NEW holds no run; the message names the file resumed."""
+    out = tmp_path / "new"
+    _train(monkeypatch, _argv(synthetic_root, out, "--resume_from", str(finished / "checkpoint.pth")))
+    assert (f"The run of --resume_from {finished / 'checkpoint.pth'} is already finished (at epoch 2 of 2): nothing "
+            "to train.") in capsys.readouterr().out
+    assert not (out / "log.txt").exists() and not list(out.glob("checkpoint*"))
+
+
 def test_another_global_batch_at_an_epoch_boundary_is_noted_with_the_rescaled_lr(finished, synthetic_root,
                                                                                   tmp_path, monkeypatch, capsys):
     """The finished run (batch 4) resumed for a third epoch with batch 2: the note said "the mid-epoch checkpoint
