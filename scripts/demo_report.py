@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import visualize_attention as va  # noqa: E402  (the repository root is on the path now)
+from utils import run_dir  # noqa: E402
 from utils.collect_env import cpu_name  # noqa: E402
 
 NETWORKS = (("ssl", "SVT (SSL)"), ("random", "random init"))
@@ -43,7 +44,7 @@ def collect(out: Path, data: Path, seed: int, seconds: int, notes: dict) -> dict
         knn = json.loads((out / f"knn_{name}" / "knn_results.json").read_text())["results"]
         linear = json.loads((out / f"linear_{name}" / "linear_results.json").read_text())
         rows[name] = {"knn_top1": {k: v["top1"] for k, v in knn.items()}, "linear_top1": linear["multiview_acc1"]}
-    epochs = [json.loads(line) for line in (out / "ssl" / "log.txt").read_text().splitlines() if line.strip()]
+    epochs = run_dir.read_epoch_log(out / "ssl")  # (a line that is not a record is skipped with a note)
     first_k = next(iter(rows["ssl"]["knn_top1"]))
     return {
         "seed": seed, "wall_seconds": seconds, "cpu": cpu_name(), "threads": torch.get_num_threads(),

@@ -124,3 +124,24 @@ def test_demo_gpu_scale_commands_parse(tmp_path):
     assert load_config(parsed["eval_linear.py"][0]).DATA.RANDOM_FLIP is False
     report = parsed["scripts/demo_report.py"][0]
     assert (report.num_frames, report.sampling_rate) == (4, 8) and json.loads(report.notes)["scale"] == "gpu"
+
+
+def test_demo_report_skips_a_log_line_that_is_not_a_record(tmp_path, capsys):
+    """A log.txt line glued to a partial one (a kill while it was written, by an earlier version) stopped the
+    report with a JSONDecodeError, while README says such lines are skipped; now it is skipped with a note."""
+    from scripts import demo_report
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "classes.txt").write_text("a\nb\n")
+    for name in ("ssl", "random"):
+        for kind, result in (("knn", {"results": {"20": {"top1": 60.0 if name == "ssl" else 50.0}}}),
+                             ("linear", {"multiview_acc1": 70.0})):
+            (tmp_path / f"{kind}_{name}").mkdir()
+            (tmp_path / f"{kind}_{name}" / f"{kind}_results.json").write_text(json.dumps(result))
+    records = [{"epoch": epoch, "train_loss": 4.0 - epoch, "knn_top1": 50.0 + epoch} for epoch in range(2)]
+    lines = [json.dumps(record) for record in records]
+    (tmp_path / "ssl").mkdir()
+    (tmp_path / "ssl" / "log.txt").write_text(f"{lines[0]}\n{lines[1][:15]}{lines[1]}\n{lines[1]}\n")
+    results = demo_report.collect(tmp_path, tmp_path / "data", seed=0, seconds=1, notes={})
+    assert results["pretraining"] == {"epoch": [0, 1], "loss": [4.0, 3.0], "knn_top1": [50.0, 51.0]}
+    assert results["knn_gain"] == 10.0
+    assert f"Note: {tmp_path / 'ssl' / 'log.txt'}:2 is not a JSON record, skipped: " in capsys.readouterr().out
