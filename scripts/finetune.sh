@@ -10,7 +10,8 @@
 #   DATASET     ucf101 | hmdb51 | kinetics400 | ssv2          (default: ucf101)
 #   NUM_LABELS  classes (101 UCF, 51 HMDB, 400 K400, 174 SSv2; default: from DATASET)
 #   GPUS        processes (GPUs) to use                        (default: 8, the paper's)
-#   BATCH_SIZE  clips per GPU per iteration                    (default: 8 / GPUS, TimeSformer's 8 per iteration)
+#   BATCH_SIZE  clips per GPU per iteration   (default: 8 / GPUS where that divides, else 1; TimeSformer's 8 per
+#               iteration)
 #   ACCUM_ITER  iterations per optimizer step (effective batch = BATCH_SIZE x GPUS x ACCUM_ITER; the lr scales
 #               with it)        (default: 64 / (GPUS x BATCH_SIZE), rounded up: the recipe's 64, or the nearest above)
 #               Set these two here: --batch_size_per_gpu / --accum_iter among the arguments are refused (they would

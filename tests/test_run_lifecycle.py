@@ -341,3 +341,13 @@ def test_a_kill_while_a_config_file_is_written_leaves_no_partial_one(tmp_path, m
     run_dir.write_config_files(tmp_path, {"config.txt": '{"lr": 0.2}\n'})
     assert (tmp_path / "config.txt").read_text() == '{"lr": 0.2}\n'
     assert [p.read_text() for p in tmp_path.glob("config.*.txt")] == ['{"lr": 0.1}\n']
+
+
+def test_the_refusal_names_every_file_a_restart_in_place_must_delete(tmp_path):
+    """Deleting what the refusal lists must leave nothing of the old run: its log.txt.before_resume too, or a new
+    run's set-aside lines would be appended to the old run's."""
+    (tmp_path / "log.txt").write_text('{"epoch": 0}\n')
+    (tmp_path / "log.txt.before_resume").write_text('{"epoch": 1}\n')
+    with pytest.raises(FileExistsError, match=r"or delete its log.txt, log.txt.before_resume to start a new run "
+                                              r"there.$"):
+        run_dir.check_fresh_start(tmp_path)

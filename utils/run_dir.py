@@ -57,6 +57,7 @@ def check_fresh_start(folder: str | os.PathLike, resume_from: str | os.PathLike 
     resume = (f", or continue that run from its newest readable numbered checkpoint with --resume_from {newest[0]} "
               f"(it resumes at epoch {newest[1]}: the epochs from {newest[1]} on are trained again)" if newest else "")
     delete = [name for name, there in ((LOG_NAME, (folder / LOG_NAME).is_file()),
+                                       (SET_ASIDE, (folder / SET_ASIDE).is_file()),
                                        ("checkpointNNNN.pth files", numbered), ("tb/", (folder / "tb").is_dir()))
               if there]
     raise FileExistsError(f"--output_dir {folder} holds another run ({listed}) but no checkpoint.pth to resume: "
