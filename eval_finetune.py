@@ -45,7 +45,7 @@ from datasets import DATASET_LISTS, DATASETS, build_dataset
 from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_start_iteration
 from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
 from models import ARCHS, VisionTransformer, build_backbone
-from utils import preemption, utils
+from utils import preemption, run_dir, utils
 from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, load_imagenet_init,
                               load_pretrained_weights, output_dir_lock, remove_stale_temp_files, restore_epoch_meters,
                               restore_rng, safe_torch_load)
@@ -506,6 +506,8 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     run = finetune_run(args, cfg, train_set, val_set)
     start_epoch, start_iter, best_acc1, rng, epoch_meters = resume_finetune(ckpt, ckpt_path, optimizer, scaler, run,
                                                                               train_set, args)
+    if utils.is_main_process():
+        run_dir.tidy_epoch_log(output_dir, start_epoch)
     write_config(args, cfg)
     del ckpt
     writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None

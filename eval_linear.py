@@ -34,7 +34,7 @@ from datasets import DATASETS, build_dataset
 from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_start_iteration
 from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
 from models import ARCHS
-from utils import preemption, utils
+from utils import preemption, run_dir, utils
 from utils.checkpoint import (atomic_save, gather_objects, output_dir_lock, remove_stale_temp_files,
                               restore_epoch_meters, safe_torch_load)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_same_run, clip_features,
@@ -180,6 +180,8 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     start_epoch, start_iter, epoch_meters, best_acc, val_ids, train_replaced = resume_probe(
         ckpt_path, classifier.module if distributed else classifier, optimizer, scheduler, fingerprint, run,
         train_set, args)
+    if utils.is_main_process():
+        run_dir.tidy_epoch_log(args.output_dir, start_epoch)
     write_config(args, evaluate_only)
 
     save = functools.partial(save_checkpoint, ckpt_path, classifier, optimizer, scheduler, args, fingerprint, run,

@@ -1,6 +1,6 @@
-"""The output folder of a pretraining run across its starts (train_ssl.py): a start from scratch never writes into
-another run's folder, log.txt holds each epoch of the resumed run once, and the config files of an earlier start
-are kept when this one's differ."""
+"""The output folder of a training run across its starts (train_ssl.py; eval_linear.py and eval_finetune.py, which
+keep no numbered checkpoints): a start from scratch never writes into another pretraining's folder, log.txt holds
+each epoch of the resumed run once, and the config files of an earlier start are kept when this one's differ."""
 from __future__ import annotations
 
 import datetime
@@ -96,9 +96,10 @@ def read_epoch_log(folder: str | os.PathLike) -> list[dict]:
 def tidy_epoch_log(folder: str | os.PathLike, start_epoch: int) -> None:
     """Before a run that starts at `start_epoch` appends to log.txt: drop a partial last line (a kill while it was
     written) and move the lines of epochs from `start_epoch` on to log.txt.before_resume (a resume from an older
-    checkpoint trains those epochs again), each with a note. Lines that are not records stay (read_epoch_log
-    skips them). Each file is rewritten atomically (a temporary file renamed over it), and a line already at the end
-    of log.txt.before_resume is not added again (a start killed between the two writes)."""
+    checkpoint trains those epochs again; from scratch, at 0, every record goes: an earlier start's), each with a
+    note. Lines that are not records stay (read_epoch_log skips them). Each file is rewritten atomically (a temporary
+    file renamed over it), and a line already at the end of log.txt.before_resume is not added again (a start killed
+    between the two writes)."""
     log = Path(folder) / LOG_NAME
     if not log.is_file():
         return
@@ -112,16 +113,20 @@ def tidy_epoch_log(folder: str | os.PathLike, start_epoch: int) -> None:
     lines, later = [], []
     for line in kept.splitlines(keepends=True):
         record = _record(line)
-        later_epoch = record is not None and isinstance(record.get("epoch"), int) and record["epoch"] >= start_epoch
+        epoch = record.get("epoch") if record is not None else None
+        # from scratch every record is an earlier run's (an evaluation's test line too, which has no epoch)
+        later_epoch = record is not None and (start_epoch == 0 or isinstance(epoch, int) and epoch >= start_epoch)
         (later if later_epoch else lines).append(line)
     if later:
         aside = log.with_name(SET_ASIDE)
         before, moved = (aside.read_text() if aside.is_file() else ""), "".join(later)
         if not before.endswith(moved):  # else a start killed before it rewrote log.txt moved them already
             atomic_write_text(before + moved, aside)
-        epochs = sorted({_record(line)["epoch"] for line in later})
-        print(f"Note: this run resumes at epoch {start_epoch}, but {log} has lines of epochs {epochs} (of a run that "
-              f"went on past the checkpoint resumed): moved them to {aside}, so that log.txt holds each epoch once.")
+        epochs = sorted({_record(line).get("epoch") for line in later} - {None})
+        start = (f"resumes at epoch {start_epoch}" if start_epoch else "starts from scratch")
+        run = "a run that went on past the checkpoint resumed" if start_epoch else "an earlier start"
+        print(f"Note: this run {start}, but {log} has lines of epochs {epochs} (of {run}): moved them to {aside}, so "
+              "that log.txt holds each epoch once.")
     if kept != text or later:
         atomic_write_text("".join(lines), log)
 

@@ -1,0 +1,65 @@
+"""The output folder of eval_linear.py and eval_finetune.py across their starts, as train_ssl.py's
+(tests/test_run_lifecycle.py): log.txt holds each epoch once and no glued line."""
+import json
+import shutil
+
+import pytest
+import torch.distributed as dist
+
+from tests.conftest import log_records
+from tests.test_eval_e2e import _data_opts, checkpoint, linear  # noqa: F401 (checkpoint: a fixture)
+from tests.test_finetune import OPTS, _lists, finetune, released, teacher  # noqa: F401 (fixtures)
+
+SCRIPTS = {"eval_linear": "checkpoint.pth.tar", "eval_finetune": "checkpoint.pth"}
+
+
+@pytest.fixture
+def start(synthetic_root, checkpoint, released, tmp_path):
+    """start(script, out, *flags): a tiny run of `script` (the names of SCRIPTS) in `out`, 2 epochs by default."""
+    lists = _lists(synthetic_root, tmp_path, per_class=2)
+
+    def run(script: str, out, *flags: str) -> dict:
+        common = ["--arch", "vit_tiny", "--batch_size_per_gpu", "4", "--num_workers", "0", "--dataset", "ucf101",
+                  "--output_dir", str(out)]
+        if script == "eval_linear":
+            results = linear(common + ["--pretrained_weights", checkpoint, "--n_last_blocks", "2", "--epochs", "2", *flags,
+                              "--opts"]
+                             + _data_opts(synthetic_root, "splits"))
+            dist.destroy_process_group()
+            return results
+        return finetune(common + ["--pretrained_weights", released, "--epochs", "2", *flags, "--opts"] + lists + OPTS)
+
+    return run
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_partial_last_log_line_is_dropped_not_glued_to_the_next(start, tmp_path, script, capsys):
+    """log.txt cut in its last line (a kill while the test line was written): the resume's next line was glued to
+    it, and log.txt no longer parsed."""
+    out = tmp_path / "out"
+    start(script, out, *(["--epochs", "1"] if script == "eval_finetune" else []))  # the finetune goes on to 2
+    lines = (out / "log.txt").read_text().splitlines(keepends=True)
+    (out / "log.txt").write_text("".join(lines[:-1]) + lines[-1][:20])
+    capsys.readouterr()
+    start(script, out)
+    assert (f"Note: {out / 'log.txt'} ended with a partial line (the run was killed while writing it); dropped: "
+            f"{lines[-1][:20]!r}") in capsys.readouterr().out
+    assert [r.get("epoch") for r in log_records(out)] == [0, 1, None]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_start_from_scratch_sets_an_earlier_starts_log_aside(start, tmp_path, script, capsys):
+    """The checkpoint of a finished run removed (to train it again, or a damaged one moved aside): the new start
+    appended its epochs [0, 1] and test line to the earlier ones. Now the earlier lines, the test line included, go
+    to log.txt.before_resume."""
+    out = tmp_path / "out"
+    start(script, out)
+    first = (out / "log.txt").read_text()
+    (out / SCRIPTS[script]).unlink()
+    capsys.readouterr()
+    start(script, out)
+    assert (f"Note: this run starts from scratch, but {out / 'log.txt'} has lines of epochs [0, 1] (of an earlier "
+            f"start): moved them to {out / 'log.txt.before_resume'}, so that log.txt holds each epoch once."
+            ) in capsys.readouterr().out
+    assert [r.get("epoch") for r in log_records(out)] == [0, 1, None]
+    assert (out / "log.txt.before_resume").read_text() == first
