@@ -48,7 +48,7 @@ from models import ARCHS, VisionTransformer, build_backbone
 from utils import preemption, run_dir, utils
 from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, load_imagenet_init,
                               load_pretrained_weights, output_dir_lock, remove_stale_temp_files, restore_epoch_meters,
-                              restore_rng, safe_torch_load)
+                              restore_rng)
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, check_same_run,
                               dataset_labels, extract_features_and_labels, keeping_the_epoch, make_loader,
                               multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
@@ -471,7 +471,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     val_set = build_dataset(args.dataset, single_clip_config(cfg), "val", slowfast=args.slowfast_eval)
     test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval)
     train_set = None if args.evaluate else build_dataset(args.dataset, cfg, "train")
-    ckpt = safe_torch_load(ckpt_path) if ckpt_path.is_file() else None
+    ckpt = run_dir.read_own_checkpoint(ckpt_path, restart_here=True) if ckpt_path.is_file() else None
     if args.evaluate and ckpt is None:
         raise FileNotFoundError(f"--evaluate: no fine-tuned model at {ckpt_path}; train one first (same --output_dir).")
     labelled = [d for d in (train_set, val_set) if d is not None]

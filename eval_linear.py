@@ -146,7 +146,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval, list_mode="val")
     train_set = None if evaluate_only else build_dataset(args.dataset, cfg, "train")
     trained_path = args.lc_pretrained_weights or os.path.join(args.output_dir, CHECKPOINT_NAME)
-    trained = load_trained_classifier(trained_path) if evaluate_only else None
+    trained = load_trained_classifier(trained_path, own=not args.lc_pretrained_weights) if evaluate_only else None
     if trained is not None and args.num_labels is None:
         bias = trained["state_dict"].get("module.linear.bias", trained["state_dict"].get("linear.bias"))
         args.num_labels = None if bias is None else int(bias.shape[0])
@@ -229,13 +229,13 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     return stats
 
 
-def load_trained_classifier(path: str) -> dict:
-    """The checkpoint.pth.tar that --evaluate scores (the run's own or --lc_pretrained_weights), checked to hold a
-    classifier; a note says how much training a mid-epoch one holds."""
+def load_trained_classifier(path: str, own: bool) -> dict:
+    """The checkpoint.pth.tar that --evaluate scores (the run's own, `own`, or --lc_pretrained_weights), checked to
+    hold a classifier; a note says how much training a mid-epoch one holds."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--evaluate: no trained classifier at {path}; train one first or pass "
                                 "--lc_pretrained_weights.")
-    trained = safe_torch_load(path)
+    trained = run_dir.read_own_checkpoint(path, restart_here=True) if own else safe_torch_load(path)
     if not isinstance(trained, dict) or "state_dict" not in trained:
         raise KeyError(f"{path} has no 'state_dict' entry; pass a checkpoint.pth.tar of eval_linear.py.")
     if "iteration" in trained:
@@ -267,7 +267,7 @@ def resume_probe(path: str, classifier: nn.Module, optimizer, scheduler, fingerp
     backbone and run, whose state the classifier (not DDP-wrapped), optimizer and scheduler get."""
     if not os.path.isfile(path):
         return 0, 0, None, 0.0, set(), 0
-    ckpt = safe_torch_load(path)
+    ckpt = run_dir.read_own_checkpoint(path, restart_here=True)
     check_same_backbone(ckpt.get("backbone"), fingerprint, path, args.pretrained_weights)
     check_same_run(ckpt.get("run"), run, path, "linear probe", "eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...")
     load_classifier_state(classifier, ckpt["state_dict"], path)

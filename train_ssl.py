@@ -36,7 +36,7 @@ from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_h
                                      restore_sequential_videos, sequential_decodes)
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import preemption, run_dir, utils
-from utils.checkpoint import (IncompleteFileError, PrefixedState, atomic_copy, atomic_save, gather_objects,
+from utils.checkpoint import (PrefixedState, atomic_copy, atomic_save, gather_objects,
                               gather_rng_states, image_model_advice, load_imagenet_init, load_pretrained_weights,
                               output_dir_lock, remove_stale_temp_files, restart_from_checkpoint, restore_epoch_meters,
                               restore_rng, safe_torch_load)
@@ -738,12 +738,8 @@ def read_resume_checkpoint(path: Path, own: bool, args) -> dict:
     of this run's MODEL_FLAGS. Each failure is an error naming the file and the way on."""
     if not path.is_file():
         raise FileNotFoundError(f"--resume_from {path}: no such file.")
-    try:
-        checkpoint = safe_torch_load(path)
-    except IncompleteFileError as err:
-        if own:  # not a download to fetch again: its run's last state is lost
-            raise IncompleteFileError(damaged_own_checkpoint(path)) from err
-        raise
+    # an own checkpoint that does not load is not a download to fetch again: its run's last state is lost
+    checkpoint = run_dir.read_own_checkpoint(path) if own else safe_torch_load(path)
     missing = [key for key in TRAINING_ENTRIES if not (isinstance(checkpoint, dict) and checkpoint.get(key))]
     if missing:
         raise ValueError(not_a_training_checkpoint(path, checkpoint, missing, own))
@@ -753,22 +749,6 @@ def read_resume_checkpoint(path: Path, own: bool, args) -> dict:
     if flags:
         raise ValueError(another_model(path, f"{path} is a checkpoint of other model flags.", flags))
     return checkpoint
-
-
-def damaged_own_checkpoint(path: Path) -> str:
-    """The error for a run's own checkpoint.pth that torch.save did not complete: how that happens, and the exact
-    way on from the newest numbered checkpoint that reads."""
-    damaged = (f"{path} is damaged: it is not a complete torch.save file. This run's checkpoints are written "
-               "atomically, so the machine died during a write on a file system without an atomic rename, or the file "
-               "was cut by a copy.")
-    newest = run_dir.newest_readable_checkpoint(path.parent)
-    if newest:
-        numbered, epoch = newest
-        return (f"{damaged} The newest readable numbered checkpoint is {numbered}, which resumes at epoch {epoch}: "
-                f"move the damaged file aside (mv {path} {path}.damaged) and rerun with --resume_from {numbered} (the "
-                f"epochs from {epoch} on are trained again).")
-    return (f"{damaged} {path.parent} has no readable checkpointNNNN.pth to continue from: start again in another "
-            "--output_dir.")
 
 
 def not_a_training_checkpoint(path: Path, checkpoint, missing: list[str], own: bool) -> str:

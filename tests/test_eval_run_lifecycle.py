@@ -1,5 +1,6 @@
 """The output folder of eval_linear.py and eval_finetune.py across their starts, as train_ssl.py's
-(tests/test_run_lifecycle.py): log.txt holds each epoch once and no glued line."""
+(tests/test_run_lifecycle.py): log.txt holds each epoch once and no glued line, and a damaged own checkpoint
+names the way on, which works."""
 import json
 import shutil
 
@@ -9,6 +10,7 @@ import torch.distributed as dist
 from tests.conftest import log_records
 from tests.test_eval_e2e import _data_opts, checkpoint, linear  # noqa: F401 (checkpoint: a fixture)
 from tests.test_finetune import OPTS, _lists, finetune, released, teacher  # noqa: F401 (fixtures)
+from utils.checkpoint import IncompleteFileError
 
 SCRIPTS = {"eval_linear": "checkpoint.pth.tar", "eval_finetune": "checkpoint.pth"}
 
@@ -22,9 +24,8 @@ def start(synthetic_root, checkpoint, released, tmp_path):
         common = ["--arch", "vit_tiny", "--batch_size_per_gpu", "4", "--num_workers", "0", "--dataset", "ucf101",
                   "--output_dir", str(out)]
         if script == "eval_linear":
-            results = linear(common + ["--pretrained_weights", checkpoint, "--n_last_blocks", "2", "--epochs", "2", *flags,
-                              "--opts"]
-                             + _data_opts(synthetic_root, "splits"))
+            results = linear(common + ["--pretrained_weights", checkpoint, "--n_last_blocks", "2", "--epochs", "2",
+                                       *flags, "--opts"] + _data_opts(synthetic_root, "splits"))
             dist.destroy_process_group()
             return results
         return finetune(common + ["--pretrained_weights", released, "--epochs", "2", *flags, "--opts"] + lists + OPTS)
@@ -63,3 +64,27 @@ def test_a_start_from_scratch_sets_an_earlier_starts_log_aside(start, tmp_path, 
             ) in capsys.readouterr().out
     assert [r.get("epoch") for r in log_records(out)] == [0, 1, None]
     assert (out / "log.txt.before_resume").read_text() == first
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_damaged_own_checkpoint_says_so_and_names_a_restart_that_works(start, tmp_path, script):
+    """A truncated checkpoint got the download advice ("re-download or re-copy it"), which cannot help: the file is
+    the run's own, and these scripts keep no other. Now the error says it is damaged and names the restart (move it
+    aside, rerun); that rerun trains the run again, with log.txt holding each epoch once."""
+    out = tmp_path / "out"
+    start(script, out)
+    own = out / SCRIPTS[script]
+    data = own.read_bytes()
+    own.write_bytes(data[:len(data) // 2])
+    for flags in ([], ["--evaluate"]):  # a resume, a test of the trained model
+        with pytest.raises(IncompleteFileError, match=rf"^{own} is damaged: it is not a complete torch.save file\. "
+                                                      r".* This run keeps no other checkpoint, so its training is "
+                                                      rf"lost: move the damaged file aside \(mv {own} {own}.damaged\) "
+                                                      r"and rerun to start this run again from epoch 0"):
+            start(script, out, *flags)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    own.rename(out / f"{own.name}.damaged")
+    start(script, out)
+    assert [r.get("epoch") for r in log_records(out)] == [0, 1, None]
+    assert own.is_file()

@@ -1,12 +1,14 @@
 """The output folder of a training run across its starts (train_ssl.py; eval_linear.py and eval_finetune.py, which
 keep no numbered checkpoints): a start from scratch never writes into another pretraining's folder, log.txt holds
-each epoch of the resumed run once, and the config files of an earlier start are kept when this one's differ."""
+each epoch of the resumed run once, a damaged own checkpoint names the way on, and the config files of an earlier
+start are kept when this one's differ."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from utils.checkpoint import IncompleteFileError, atomic_write_text, safe_torch_load
 
@@ -130,6 +132,37 @@ def tidy_epoch_log(folder: str | os.PathLike, start_epoch: int) -> None:
     if kept != text or later:
         atomic_write_text("".join(lines), log)
 
+
+
+def damaged_own_checkpoint(path: Path, restart_here: bool = False) -> str:
+    """The error for a run's own checkpoint that torch.save did not complete: how that happens, and the exact way on:
+    from the newest numbered checkpoint that reads, else a start again from epoch 0 -- in this folder when
+    `restart_here` (a run whose start from scratch sets the folder's log.txt aside: the evaluations), else in
+    another one (check_fresh_start refuses this one)."""
+    damaged = (f"{path} is damaged: it is not a complete torch.save file. This run's checkpoints are written "
+               "atomically, so the machine died during a write on a file system without an atomic rename, or the file "
+               "was cut by a copy.")
+    newest = newest_readable_checkpoint(path.parent)
+    if newest:
+        numbered, epoch = newest
+        return (f"{damaged} The newest readable numbered checkpoint is {numbered}, which resumes at epoch {epoch}: "
+                f"move the damaged file aside (mv {path} {path}.damaged) and rerun with --resume_from {numbered} (the "
+                f"epochs from {epoch} on are trained again).")
+    if restart_here:
+        return (f"{damaged} This run keeps no other checkpoint, so its training is lost: move the damaged file aside "
+                f"(mv {path} {path}.damaged) and rerun to start this run again from epoch 0 (its log.txt goes to "
+                f"{SET_ASIDE}), or start it in another --output_dir.")
+    return (f"{damaged} {path.parent} has no readable checkpointNNNN.pth to continue from: start again in another "
+            "--output_dir.")
+
+
+def read_own_checkpoint(path: str | os.PathLike, restart_here: bool = False) -> Any:
+    """safe_torch_load of a run's own checkpoint: a file torch.save did not complete is an error naming the way on
+    (damaged_own_checkpoint), not the advice to download it again."""
+    try:
+        return safe_torch_load(path)
+    except IncompleteFileError as err:
+        raise IncompleteFileError(damaged_own_checkpoint(Path(path), restart_here)) from err
 
 
 def write_config_files(folder: str | os.PathLike, files: dict[str, str]) -> None:
