@@ -297,11 +297,16 @@ def check_finite_loss(loss: float, epoch: int, args) -> None:
 
 def write_config(args, cfg) -> None:
     """The run's arguments and config, written once the checkpoint it continues or tests was accepted (a refused
-    run leaves the folder's record alone): config.json / .yaml, or config_evaluate.* beside the training's."""
-    if utils.is_main_process():
-        name = Path(args.output_dir) / ("config_evaluate" if args.evaluate else "config")
-        name.with_suffix(".json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-        name.with_suffix(".yaml").write_text(cfg.dump())
+    run leaves the folder's record alone): config.json / .yaml, an earlier training start's that differs kept
+    (run_dir.write_config_files), or config_evaluate.* beside them, the last --evaluate's (as its results file)."""
+    if not utils.is_main_process():
+        return
+    files = {"json": json.dumps(vars(args), indent=2, default=str) + "\n", "yaml": cfg.dump()}
+    if args.evaluate:
+        for suffix, text in files.items():
+            (Path(args.output_dir) / f"config_evaluate.{suffix}").write_text(text)
+    else:
+        run_dir.write_config_files(args.output_dir, {f"config.{suffix}": text for suffix, text in files.items()})
 
 
 def finetune_run(args, cfg, train_set, val_set) -> dict:

@@ -285,10 +285,15 @@ def resume_probe(path: str, classifier: nn.Module, optimizer, scheduler, fingerp
 
 def write_config(args, evaluate_only: bool) -> None:
     """The run's arguments, written once the checkpoint it continues or evaluates was accepted (a refused run
-    leaves the folder's record alone): config.json, or config_evaluate.json beside the training's."""
-    if utils.is_main_process():
-        with open(os.path.join(args.output_dir, "config_evaluate.json" if evaluate_only else "config.json"), "w") as f:
+    leaves the folder's record alone): config.json, an earlier training start's that differs kept
+    (run_dir.write_config_files), or config_evaluate.json beside it, the last evaluation's (as linear_results.json)."""
+    if not utils.is_main_process():
+        return
+    if evaluate_only:
+        with open(os.path.join(args.output_dir, "config_evaluate.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
+    else:
+        run_dir.write_config_files(args.output_dir, {"config.json": json.dumps(vars(args), indent=2)})
 
 
 def mid_epoch_note(trained: dict, path: str) -> str:

@@ -1,6 +1,6 @@
 """The output folder of eval_linear.py and eval_finetune.py across their starts, as train_ssl.py's
-(tests/test_run_lifecycle.py): log.txt holds each epoch once and no glued line, and a damaged own checkpoint
-names the way on, which works."""
+(tests/test_run_lifecycle.py): log.txt holds each epoch once and no glued line, a damaged own checkpoint names the
+way on, which works, and the config files of an earlier start are kept."""
 import json
 import shutil
 
@@ -88,3 +88,21 @@ def test_a_damaged_own_checkpoint_says_so_and_names_a_restart_that_works(start, 
     start(script, out)
     assert [r.get("epoch") for r in log_records(out)] == [0, 1, None]
     assert own.is_file()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_resume_with_other_flags_keeps_the_earlier_config(start, tmp_path, script, capsys):
+    """A resume with other flags (eval_linear: --val_freq; eval_finetune: --lr for its second epoch) overwrote
+    config.json: the record of how the first start trained was lost. Now it is kept beside this start's."""
+    out = tmp_path / "out"
+    start(script, out, *(["--epochs", "1"] if script == "eval_finetune" else []))
+    first = json.loads((out / "config.json").read_text())
+    capsys.readouterr()
+    flag, value = ("lr", 0.1) if script == "eval_finetune" else ("val_freq", 2)
+    start(script, out, f"--{flag}", str(value))
+    (kept,) = out.glob("config.*.json")
+    assert json.loads(kept.read_text()) == first
+    assert f"Note: {out / 'config.json'} of an earlier start differs from this one's: kept as {kept.name}." \
+        in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())[flag] == value != first[flag]
+    assert not list(out.glob("config.*.yaml"))  # the same config.yaml (eval_finetune): nothing to keep
