@@ -320,8 +320,9 @@ def finetune_run(args, cfg, train_set, val_set) -> dict:
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, best_acc1: float, args, cfg,
                     init_backbone: str, run: dict, iteration: int = 0, epoch_meters: dict | None = None,
-                    train_set=None) -> None:
-    """checkpoint.pth, written atomically by rank 0. At an epoch end `epoch` is the next epoch to run; a
+                    train_set=None, epoch_log: dict | None = None) -> None:
+    """checkpoint.pth, written atomically by rank 0. At an epoch end `epoch` is the next epoch to run and
+    `epoch_log` the ended epoch's log.txt record (a resume writes it if a kill left it out); a
     mid-epoch save (`iteration` batches of `epoch` done, this rank's `epoch_meters`) adds what an exact resume
     needs: `iteration`, every rank's RNG states and running meters, and the `train_set` videos decoded
     sequentially; `init_backbone` is the fingerprint of the initialisation and `run` the fine-tuning's
@@ -330,6 +331,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int,
     state = {"epoch": epoch, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
              "best_acc1": best_acc1, "args": args, "cfg": cfg.dump(), "init_backbone": init_backbone, "run": run}
+    if epoch_log is not None:
+        state["epoch_log"] = epoch_log
     if iteration:
         per_rank = gather_objects(epoch_meters)
         for entry in per_rank:
@@ -445,12 +448,13 @@ def note_another_step(ckpt: dict, path: Path, args) -> None:
 
 
 def resume_finetune(ckpt: dict | None, path: Path, optimizer, scaler, run: dict, train_set,
-                    args) -> tuple[int, int, float, list[dict] | None, list[dict] | None]:
-    """Where training starts: (epoch, iteration, best val top-1, the interrupted epoch's RNG states and meters).
+                    args) -> tuple[int, int, float, list[dict] | None, list[dict] | None, dict | None]:
+    """Where training starts: (epoch, iteration, best val top-1, the interrupted epoch's RNG states and meters, the
+    log record of the epoch an epoch-end checkpoint ended).
     From scratch without `ckpt`; else from it (the run's checkpoint.pth, read from `path`, checked to be of this
     run), whose state the optimizer and the fp16 `scaler` get."""
     if ckpt is None:
-        return 0, 0, 0.0, None, None
+        return 0, 0, 0.0, None, None, None
     check_same_run(ckpt.get("run"), run, str(path), "fine-tuning", "finetune.sh: EXP_NAME=... or OUTPUT_DIR=...")
     note_another_step(ckpt, path, args)
     optimizer.load_state_dict(ckpt["optimizer_state"])
@@ -462,7 +466,8 @@ def resume_finetune(ckpt: dict | None, path: Path, optimizer, scaler, run: dict,
                                        utils.get_world_size(), args.accum_iter, f"epoch {epoch}")
     restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
     print(f"Resumed from {path}: epoch {epoch} from iteration {iteration}, best val top-1 {best_acc1:.2f}")
-    return epoch, iteration, best_acc1, ckpt.get("rng"), ckpt.get("epoch_meters")
+    return (epoch, iteration, best_acc1, ckpt.get("rng"), ckpt.get("epoch_meters"),
+            None if iteration else ckpt.get("epoch_log"))
 
 
 def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: bool) -> dict:
@@ -509,13 +514,14 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     niter = len(train_loader)  # before any skip
     num_batches = niter // args.accum_iter * args.accum_iter  # those an epoch trains on (whole accumulation groups)
     run = finetune_run(args, cfg, train_set, val_set)
-    start_epoch, start_iter, best_acc1, rng, epoch_meters = resume_finetune(ckpt, ckpt_path, optimizer, scaler, run,
-                                                                              train_set, args)
+    start_epoch, start_iter, best_acc1, rng, epoch_meters, epoch_log = resume_finetune(ckpt, ckpt_path, optimizer,
+                                                                                         scaler, run, train_set, args)
     if utils.is_main_process():
         run_dir.tidy_epoch_log(output_dir, start_epoch)
     write_config(args, cfg)
     del ckpt
     writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
+    run_dir.write_missing_epoch_line(output_dir, epoch_log, writer)
 
     print(f"Fine-tuning from epoch {start_epoch} to {args.epochs}: {len(train_loader) // args.accum_iter} steps "
           f"per epoch, effective batch {effective_batch(args)} ({args.batch_size_per_gpu} clips x "
@@ -555,7 +561,8 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
                 print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}); skipped videos: "
                       f"{val_stats['skipped_videos']}")
                 log_stats.update({f"val_{k}": v for k, v in val_stats.items()})
-            save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, best_acc1, args, cfg, init_backbone, run)
+            save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, best_acc1, args, cfg, init_backbone, run,
+                            epoch_log=log_stats)
             utils.write_epoch_log(output_dir, log_stats, writer)
         print(f"Fine-tuning took {datetime.timedelta(seconds=int(time.time() - start_time))}.")
         if writer is not None:

@@ -177,11 +177,12 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     run = probe_run(args, cfg, train_set, val_set)
 
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    start_epoch, start_iter, epoch_meters, best_acc, val_ids, train_replaced = resume_probe(
+    start_epoch, start_iter, epoch_meters, best_acc, val_ids, train_replaced, epoch_log = resume_probe(
         ckpt_path, classifier.module if distributed else classifier, optimizer, scheduler, fingerprint, run,
         train_set, args)
     if utils.is_main_process():
         run_dir.tidy_epoch_log(args.output_dir, start_epoch)
+    run_dir.write_missing_epoch_line(args.output_dir, epoch_log)
     write_config(args, evaluate_only)
 
     save = functools.partial(save_checkpoint, ckpt_path, classifier, optimizer, scheduler, args, fingerprint, run,
@@ -214,7 +215,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
             with warnings.catch_warnings():  # after a resume past epoch 0's last step no optimizer step came first
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
                 scheduler.step()
-            save(epoch + 1, best_acc, skipped={"train": train_replaced, "val": sorted(val_ids)})
+            save(epoch + 1, best_acc, skipped={"train": train_replaced, "val": sorted(val_ids)}, epoch_log=log_stats)
             utils.write_epoch_log(args.output_dir, log_stats)
 
         check = preemption.stop_check(stop, ckpt_path, args.epochs - 1, niter, "the multi-view test")
@@ -260,13 +261,14 @@ def evaluate_trained(model, classifier, fingerprint: str, trained: dict, path: s
 
 
 def resume_probe(path: str, classifier: nn.Module, optimizer, scheduler, fingerprint: str, run: dict, train_set,
-                 args) -> tuple[int, int, list[dict] | None, float, set[int], int]:
+                 args) -> tuple[int, int, list[dict] | None, float, set[int], int, dict | None]:
     """Where training starts: (epoch, iteration, the interrupted epoch's meters, best top-1, the val videos its last
-    validation left out, the draws its last epoch replaced), the last two for the summary when no epoch is left.
+    validation left out, the draws its last epoch replaced, the log record of the epoch an epoch-end checkpoint
+    ended), the two before last for the summary when no epoch is left.
     From scratch without `path` (this run's checkpoint.pth.tar); else from that checkpoint, checked to be of this
     backbone and run, whose state the classifier (not DDP-wrapped), optimizer and scheduler get."""
     if not os.path.isfile(path):
-        return 0, 0, None, 0.0, set(), 0
+        return 0, 0, None, 0.0, set(), 0, None
     ckpt = run_dir.read_own_checkpoint(path, restart_here=True)
     check_same_backbone(ckpt.get("backbone"), fingerprint, path, args.pretrained_weights)
     check_same_run(ckpt.get("run"), run, path, "linear probe", "eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...")
@@ -280,7 +282,8 @@ def resume_probe(path: str, classifier: nn.Module, optimizer, scheduler, fingerp
                                        utils.get_world_size(), what=f"epoch {epoch}")
     restore_sequential_videos(train_set, ckpt.get("sequential_videos"))
     print(f"Resumed from {path}: epoch {epoch} from iteration {iteration}, best top-1 {best_acc:.2f}")
-    return epoch, iteration, ckpt.get("epoch_meters"), best_acc, set(skipped["val"]), skipped["train"]
+    return (epoch, iteration, ckpt.get("epoch_meters"), best_acc, set(skipped["val"]), skipped["train"],
+            None if iteration else ckpt.get("epoch_log"))
 
 
 def write_config(args, evaluate_only: bool) -> None:
@@ -380,12 +383,14 @@ def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int
 
 def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args, fingerprint: str, run: dict,
                     train_set, epoch: int, best_acc: float, iteration: int = 0, epoch_iterations: int | None = None,
-                    epoch_meters: dict | None = None, skipped: dict | None = None) -> None:
+                    epoch_meters: dict | None = None, skipped: dict | None = None, epoch_log: dict | None = None
+                    ) -> None:
     """checkpoint.pth.tar, written atomically by rank 0: the classifier, its optimizer and scheduler, the
     backbone's `fingerprint` and the probe's `run` (a resume checks both) and the `train_set` videos decoded
     sequentially so far. At an epoch end `epoch` is the next epoch to run and `skipped` the draws its training
     replaced (a count, "train") and the videos its last validation left out (ids, "val"), which the final summary
-    reports. A mid-epoch save
+    reports, and `epoch_log` the ended epoch's log.txt record (a resume writes it if a kill left it out). A mid-epoch
+    save
     (`iteration` batches of `epoch` done, this rank's `epoch_meters`) adds what an exact resume needs:
     `iteration`, every rank's running meters and `args` (the global batch), and the epoch's `epoch_iterations` for
     --evaluate's note. Every rank calls it (parts are gathered from all ranks)."""
@@ -395,6 +400,8 @@ def save_checkpoint(path: str, classifier: nn.Module, optimizer, scheduler, args
              "sequential_videos": checkpoint_sequential_videos(train_set)}
     if skipped is not None:
         state["skipped_videos"] = skipped
+    if epoch_log is not None:
+        state["epoch_log"] = epoch_log
     if iteration:
         state.update(iteration=iteration, epoch_iterations=epoch_iterations,
                      epoch_meters=gather_objects(epoch_meters), args=args)

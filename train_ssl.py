@@ -703,7 +703,7 @@ def finish_epoch_end(output_dir: Path, epoch_log: dict, args, writer: SummaryWri
         if is_numbered(epoch, args) and not numbered.is_file():
             atomic_copy(output_dir / "checkpoint.pth", numbered)
             print(f"Wrote {numbered}, missing after an interrupted end of epoch {epoch}.")
-        logged = epoch in {record.get("epoch") for record in run_dir.read_epoch_log(output_dir)}
+        logged = run_dir.has_epoch_line(output_dir, epoch)
     if not gather_objects(logged)[0]:
         utils.write_epoch_log(output_dir, {**epoch_log, **knn_pass(epoch)}, writer)
         print(f"Wrote the log.txt line of epoch {epoch}, missing after an interrupted end of epoch.")

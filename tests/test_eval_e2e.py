@@ -116,7 +116,7 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
     assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 3
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=False)
     assert set(ckpt) == {"epoch", "state_dict", "optimizer", "scheduler", "best_acc", "backbone", "run",
-                         "pretrained_weights", "sequential_videos", "skipped_videos"}
+                         "pretrained_weights", "sequential_videos", "skipped_videos", "epoch_log"}
     # A process group always exists (as in the original), so the classifier is DDP-wrapped: `module.` keys.
     assert ckpt["epoch"] == 2 and list(ckpt["state_dict"]) == ["module.linear.weight", "module.linear.bias"]
     assert ckpt["state_dict"]["module.linear.weight"].shape == (4, 192 * 3)

@@ -1,6 +1,7 @@
 """The output folder of eval_linear.py and eval_finetune.py across their starts, as train_ssl.py's
 (tests/test_run_lifecycle.py): log.txt holds each epoch once and no glued line, a damaged own checkpoint names the
-way on, which works, and the config files of an earlier start are kept."""
+way on, which works, a kill between an epoch's checkpoint and its log line loses no line, and the config files of
+an earlier start are kept."""
 import json
 import shutil
 
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from tests.conftest import log_records
 from tests.test_eval_e2e import _data_opts, checkpoint, linear  # noqa: F401 (checkpoint: a fixture)
 from tests.test_finetune import OPTS, _lists, finetune, released, teacher  # noqa: F401 (fixtures)
+from utils import utils
 from utils.checkpoint import IncompleteFileError
 
 SCRIPTS = {"eval_linear": "checkpoint.pth.tar", "eval_finetune": "checkpoint.pth"}
@@ -106,3 +108,36 @@ def test_a_resume_with_other_flags_keeps_the_earlier_config(start, tmp_path, scr
         in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())[flag] == value != first[flag]
     assert not list(out.glob("config.*.yaml"))  # the same config.yaml (eval_finetune): nothing to keep
+
+
+class Killed(BaseException):
+    """The process killed at that point (no handler of ours catches a BaseException)."""
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_kill_between_an_epochs_checkpoint_and_its_log_line_loses_no_line(start, tmp_path, script, monkeypatch,
+                                                                           capsys):
+    """Killed after epoch 0's checkpoint, before its log.txt line: the rerun resumed at epoch 1 and log.txt never
+    had epoch 0. The epoch-end checkpoint now carries the line, which the resume writes when log.txt lacks it."""
+    out = tmp_path / "out"
+    write_epoch_log = utils.write_epoch_log
+
+    def killed_at_epoch_0(folder, stats, *args):
+        if stats.get("epoch") == 0:
+            raise Killed
+        write_epoch_log(folder, stats, *args)
+
+    monkeypatch.setattr(utils, "write_epoch_log", killed_at_epoch_0)
+    with pytest.raises(Killed):
+        start(script, out)
+    dist.destroy_process_group()
+    assert not (out / "log.txt").exists()
+    monkeypatch.setattr(utils, "write_epoch_log", write_epoch_log)
+    capsys.readouterr()
+    start(script, out)
+    assert "Wrote the log.txt line of epoch 0, missing after an interrupted end of epoch." in capsys.readouterr().out
+    records = log_records(out)
+    assert [r.get("epoch") for r in records] == [0, 1, None]
+    other = tmp_path / "uninterrupted"
+    start(script, other)
+    assert records[0] == log_records(other)[0]

@@ -418,7 +418,7 @@ def test_mid_epoch_checkpoint_resumes_as_an_uninterrupted_run(synthetic_root, re
     a = torch.load(once / "checkpoint.pth", weights_only=False)
     b = torch.load(stopped / "checkpoint.pth", weights_only=False)
     assert set(a) == set(b) == {"epoch", "model_state", "optimizer_state", "scaler", "best_acc1", "args", "cfg",
-                                "init_backbone", "run"}
+                                "init_backbone", "run", "epoch_log"}
     for key in a["model_state"]:
         assert torch.equal(a["model_state"][key], b["model_state"][key]), key
     for pa, pb in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from utils import utils
 from utils.checkpoint import IncompleteFileError, atomic_write_text, safe_torch_load
 
 NUMBERED_GLOB = "checkpoint[0-9][0-9][0-9][0-9].pth"
@@ -93,6 +94,21 @@ def read_epoch_log(folder: str | os.PathLike) -> list[dict]:
             continue
         records.append(record)
     return records
+
+
+def has_epoch_line(folder: str | os.PathLike, epoch: int) -> bool:
+    """Whether `folder`/log.txt holds a record of `epoch`."""
+    return epoch in {record.get("epoch") for record in read_epoch_log(folder)}
+
+
+def write_missing_epoch_line(folder: str | os.PathLike, epoch_log: dict | None, writer=None) -> None:
+    """On the main process, at a resume from an epoch-end checkpoint that carries its epoch's log record
+    (`epoch_log`; None: a mid-epoch or older checkpoint): write that line (and its tensorboard scalars to `writer`)
+    when log.txt lacks it, as a kill between the checkpoint and the line leaves it. After tidy_epoch_log."""
+    if epoch_log is None or not utils.is_main_process() or has_epoch_line(folder, epoch_log["epoch"]):
+        return
+    utils.write_epoch_log(folder, epoch_log, writer)
+    print(f"Wrote the log.txt line of epoch {epoch_log['epoch']}, missing after an interrupted end of epoch.")
 
 
 def tidy_epoch_log(folder: str | os.PathLike, start_epoch: int) -> None:
