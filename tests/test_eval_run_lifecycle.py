@@ -3,7 +3,6 @@
 way on, which works, a kill between an epoch's checkpoint and its log line loses no line, and the config files of
 an earlier start are kept."""
 import json
-import shutil
 
 import pytest
 import torch.distributed as dist

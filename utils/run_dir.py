@@ -149,7 +149,6 @@ def tidy_epoch_log(folder: str | os.PathLike, start_epoch: int) -> None:
         atomic_write_text("".join(lines), log)
 
 
-
 def damaged_own_checkpoint(path: Path, restart_here: bool = False) -> str:
     """The error for a run's own checkpoint that torch.save did not complete: how that happens, and the exact way on:
     from the newest numbered checkpoint that reads, else a start again from epoch 0 -- in this folder when
