@@ -260,8 +260,8 @@ def train_knn_cmd(opt, out: Path) -> list[str]:
 
 def check_train_knn(out: Path, stage: dict) -> dict:
     """The loss falls from the first to the last epoch, kNN reported, no CPU fallback or failed GPU decode."""
-    log_txt = out / "train_knn" / "log.txt"
-    epochs = [json.loads(line) for line in log_txt.read_text().splitlines()] if log_txt.is_file() else []
+    from utils.run_dir import read_epoch_log
+    epochs = read_epoch_log(out / "train_knn")  # a run killed at the stage's limit may leave a partial last line
     losses = [e["train_loss"] for e in epochs if "train_loss" in e]
     text = Path(stage["log"]).read_text(errors="replace") if "log" in stage else ""
     fallbacks = len(re.findall(r"not with NVDEC", text))

@@ -133,6 +133,18 @@ def test_train_knn_check_needs_a_falling_loss_knn_and_no_cpu_fallback(tmp_path):
     assert device_check.check_train_knn(tmp_path, {"status": "ok", "log": str(log)})["status"] == "failed"
 
 
+def test_train_knn_check_reads_a_log_cut_by_the_stage_limit(tmp_path):
+    run = tmp_path / "train_knn"
+    run.mkdir()
+    log = tmp_path / "stage.log"
+    log.write_text("training...\n")
+    (run / "log.txt").write_text(json.dumps({"epoch": 0, "train_loss": 6.2}) + "\n" +
+                                 json.dumps({"epoch": 1, "train_loss": 5.9, "knn_top1": 40.0}) + "\n" +
+                                 '{"epoch": 2, "train_lo')
+    checked = device_check.check_train_knn(tmp_path, {"status": "ok", "log": str(log)})
+    assert checked["status"] == "ok" and checked["checks"]["losses"] == [6.2, 5.9]
+
+
 def test_out_of_budget_stages_are_skipped_not_run(tmp_path):
     # the budget counts from --started (device_check.sh's start: its install is in the budget); env always runs
     import time

@@ -441,7 +441,8 @@ def available_cores() -> int:
 # Distributed
 # ---------------------------------------------------------------------------------------------
 def comm_device() -> torch.device:
-    """Where tensors of a collective live: the current GPU under NCCL (which cannot reduce CPU tensors), else the CPU."""
+    """Where tensors of a collective live: the current GPU under NCCL (which cannot reduce CPU tensors), else the
+    CPU."""
     if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
