@@ -131,7 +131,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=".", type=str,
                         help="checkpoint.pth, log.txt, tensorboard (tb/), config and results are written here; "
                              "a checkpoint.pth found here is resumed, also one written on SIGTERM/SIGUSR1 (exit "
-                             "status 3: run the same command again, or requeue the job).")
+                             "status 3: run the same command again, or requeue the job). A training start without "
+                             "one needs a folder where no other run left its log.txt or finetune_results.json; "
+                             "--evaluate writes only its results beside a run's files.")
     parser.add_argument("--saveckp_iters", default=0, type=utils.non_negative_int,
                         help="""Also rewrite checkpoint.pth every x iterations inside an epoch (0: off), so long
         epochs can resume mid-way. With --accum_iter the save waits for the optimizer step that ends the x-th
@@ -474,6 +476,8 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     """eval_finetune's run, holding --output_dir unless --evaluate: data, model, resume, epochs, test."""
     output_dir = Path(args.output_dir)
     ckpt_path = output_dir / CHECKPOINT_NAME
+    if not args.evaluate and not ckpt_path.is_file():  # nor another fine-tuning's log, results and tb/ in the folder
+        run_dir.check_fresh_start(output_dir, checkpoint=CHECKPOINT_NAME, results=(RESULTS_NAME,))
     if utils.is_main_process() and not args.evaluate:
         remove_stale_temp_files(output_dir)  # not next to a training run, whose save it could be
 
@@ -481,7 +485,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     val_set = build_dataset(args.dataset, single_clip_config(cfg), "val", slowfast=args.slowfast_eval)
     test_set = build_dataset(args.dataset, cfg, "test", slowfast=args.slowfast_eval)
     train_set = None if args.evaluate else build_dataset(args.dataset, cfg, "train")
-    ckpt = run_dir.read_own_checkpoint(ckpt_path, restart_here=True) if ckpt_path.is_file() else None
+    ckpt = run_dir.read_own_checkpoint(ckpt_path, True, (RESULTS_NAME,)) if ckpt_path.is_file() else None
     if args.evaluate and ckpt is None:
         raise FileNotFoundError(f"--evaluate: no fine-tuned model at {ckpt_path}; train one first (same --output_dir).")
     labelled = [d for d in (train_set, val_set) if d is not None]

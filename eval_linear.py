@@ -44,6 +44,7 @@ from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, che
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
+RESULTS_NAME = "linear_results.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -89,7 +90,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=".",
                         help="checkpoint.pth.tar, log.txt and results are written here; a checkpoint.pth.tar found "
                              "here is resumed, also one written mid-epoch by --saveckp_iters or on SIGTERM/SIGUSR1 "
-                             "(exit status 3: run the same command again, or requeue the job).")
+                             "(exit status 3: run the same command again, or requeue the job). A training start "
+                             "without one needs a folder where no other run left its log.txt or "
+                             "linear_results.json; --evaluate writes only its results beside a run's files.")
     parser.add_argument("--saveckp_iters", default=0, type=utils.non_negative_int,
                         help="Also rewrite checkpoint.pth.tar every N iterations inside an epoch (0: off), with "
                              "what a stop signal's mid-epoch checkpoint holds, so that a run killed without a "
@@ -136,6 +139,9 @@ def eval_linear(args, exit_after_stop: bool = False) -> dict:
 
 def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, exit_after_stop: bool) -> dict:
     """eval_linear's run, holding --output_dir unless it only evaluates: data, backbone, probe, resume, test."""
+    ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    if not evaluate_only and not os.path.isfile(ckpt_path):  # nor another probe's log and results in the folder
+        run_dir.check_fresh_start(args.output_dir, checkpoint=CHECKPOINT_NAME, results=(RESULTS_NAME,))
     if utils.is_main_process() and not evaluate_only:
         remove_stale_temp_files(args.output_dir)  # not next to a training run, whose save it could be
 
@@ -176,7 +182,6 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     optimizer, scheduler = build_probe_optimizer(classifier, args)
     run = probe_run(args, cfg, train_set, val_set)
 
-    ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     start_epoch, start_iter, epoch_meters, best_acc, val_ids, train_replaced, epoch_log = resume_probe(
         ckpt_path, classifier.module if distributed else classifier, optimizer, scheduler, fingerprint, run,
         train_set, args)
@@ -236,7 +241,7 @@ def load_trained_classifier(path: str, own: bool) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--evaluate: no trained classifier at {path}; train one first or pass "
                                 "--lc_pretrained_weights.")
-    trained = run_dir.read_own_checkpoint(path, restart_here=True) if own else safe_torch_load(path)
+    trained = run_dir.read_own_checkpoint(path, True, (RESULTS_NAME,)) if own else safe_torch_load(path)
     if not isinstance(trained, dict) or "state_dict" not in trained:
         raise KeyError(f"{path} has no 'state_dict' entry; pass a checkpoint.pth.tar of eval_linear.py.")
     if "iteration" in trained:
@@ -269,7 +274,7 @@ def resume_probe(path: str, classifier: nn.Module, optimizer, scheduler, fingerp
     backbone and run, whose state the classifier (not DDP-wrapped), optimizer and scheduler get."""
     if not os.path.isfile(path):
         return 0, 0, None, 0.0, set(), 0, None
-    ckpt = run_dir.read_own_checkpoint(path, restart_here=True)
+    ckpt = run_dir.read_own_checkpoint(path, True, (RESULTS_NAME,))
     check_same_backbone(ckpt.get("backbone"), fingerprint, path, args.pretrained_weights)
     check_same_run(ckpt.get("run"), run, path, "linear probe", "eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...")
     load_classifier_state(classifier, ckpt["state_dict"], path)
@@ -524,7 +529,7 @@ def with_unreadable_counts(stats: dict, train_replaced: int, val_ids: set[int], 
 
 def _write_results(args, stats: dict) -> None:
     if utils.is_main_process():
-        with open(os.path.join(args.output_dir, "linear_results.json"), "w") as f:
+        with open(os.path.join(args.output_dir, RESULTS_NAME), "w") as f:
             json.dump({"dataset": args.dataset, "pretrained_weights": args.pretrained_weights,
                        "ensemble": args.ensemble, "slowfast_eval": args.slowfast_eval, **stats}, f, indent=2)
     if utils.is_dist_avail_and_initialized():

@@ -1,8 +1,10 @@
 """The output folder of eval_linear.py and eval_finetune.py across their starts, as train_ssl.py's
-(tests/test_run_lifecycle.py): log.txt holds each epoch once and no glued line, a damaged own checkpoint names the
-way on, which works, a kill between an epoch's checkpoint and its log line loses no line, and the config files of
-an earlier start are kept."""
+(tests/test_run_lifecycle.py): a start from scratch never writes into another run's folder, log.txt holds each epoch
+once and no glued line, a damaged own checkpoint names the way on, which works, a kill between an epoch's
+checkpoint and its log line loses no line, and the config files of an earlier start are kept."""
 import json
+import re
+import shutil
 
 import pytest
 import torch.distributed as dist
@@ -14,6 +16,7 @@ from utils import utils
 from utils.checkpoint import IncompleteFileError
 
 SCRIPTS = {"eval_linear": "checkpoint.pth.tar", "eval_finetune": "checkpoint.pth"}
+RESULTS = {"eval_linear": "linear_results.json", "eval_finetune": "finetune_results.json"}
 
 
 @pytest.fixture
@@ -49,29 +52,71 @@ def test_a_partial_last_log_line_is_dropped_not_glued_to_the_next(start, tmp_pat
     assert [r.get("epoch") for r in log_records(out)] == [0, 1, None]
 
 
+def _left_names(script: str) -> str:
+    """What a finished run of `script` leaves that a new run there would append to, overwrite or mix with."""
+    return f"log.txt, {RESULTS[script]}" + (", tb/" if script == "eval_finetune" else "")
+
+
+def _delete(out, script: str) -> None:
+    for name in _left_names(script).split(", "):
+        shutil.rmtree(out / name) if name == "tb/" else (out / name).unlink()
+
+
+def _left(out) -> dict:
+    """Every file under `out` (tb/'s event files too) and its bytes, but the lock file every start takes."""
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_start_from_scratch_sets_an_earlier_starts_log_aside(start, tmp_path, script, capsys):
-    """The checkpoint of a finished run removed (to train it again, or a damaged one moved aside): the new start
-    appended its epochs [0, 1] and test line to the earlier ones. Now the earlier lines, the test line included, go
-    to log.txt.before_resume."""
+def test_a_start_from_scratch_in_another_runs_folder_is_refused(start, tmp_path, script):
+    """A finished run's checkpoint deleted (a new evaluation in a reused folder, e.g. after the advice to delete a
+    checkpoint of another backbone): the new start moved the old log aside, overwrote its results at the end and
+    (eval_finetune) added its curves to the old run's tb/. Now it stops before writing anything, naming the folder,
+    what is there and the ways on, as train_ssl.py's check; deleting the named files lets it start."""
     out = tmp_path / "out"
     start(script, out)
-    first = (out / "log.txt").read_text()
     (out / SCRIPTS[script]).unlink()
-    capsys.readouterr()
+    results = RESULTS[script]
+    harm = (f"append to its log.txt, overwrite its {results} and add this run's curves to its tb/"
+            if script == "eval_finetune" else f"append to its log.txt and overwrite its {results}")
+    before = _left(out)
+    with pytest.raises(FileExistsError, match=rf"^--output_dir {out} holds another run \(log.txt, {results}\) but no "
+                                              rf"{re.escape(SCRIPTS[script])} to resume: starting from scratch there "
+                                              rf"would {harm}\. Pass "
+                                              r"another --output_dir for a new run, or delete its "
+                                              rf"{_left_names(script)} to start a new run there\.$"):
+        start(script, out)
+    assert _left(out) == before
+    _delete(out, script)
     start(script, out)
-    assert (f"Note: this run starts from scratch, but {out / 'log.txt'} has lines of epochs [0, 1] (of an earlier "
-            f"start): moved them to {out / 'log.txt.before_resume'}, so that log.txt holds each epoch once."
-            ) in capsys.readouterr().out
     assert [r.get("epoch") for r in log_records(out)] == [0, 1, None]
-    assert (out / "log.txt.before_resume").read_text() == first
+
+
+def test_a_probe_start_next_to_another_evaluations_results_is_refused_and_evaluate_is_not(start, tmp_path):
+    """linear_results.json of an --evaluate of another classifier (--lc_pretrained_weights): a training there
+    overwrote it at its end. Its refusal names it; --evaluate, which writes only its own results, is not refused
+    (it tests the folder's checkpoint again, next to its log)."""
+    trained = tmp_path / "trained"
+    start("eval_linear", trained)
+    out = tmp_path / "out"
+    start("eval_linear", out, "--lc_pretrained_weights", str(trained / "checkpoint.pth.tar"))
+    with pytest.raises(FileExistsError, match=rf"^--output_dir {out} holds another run \(linear_results.json\) .* "
+                                              r"starting from scratch there would overwrite its linear_results.json\. "
+                                              r".* or delete its linear_results.json to start a new run there\.$"):
+        start("eval_linear", out)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["config_evaluate.json",
+                                                                          "linear_results.json"]
+    log = (trained / "log.txt").read_text()
+    assert start("eval_linear", trained, "--evaluate")["acc1"] >= 0
+    assert (trained / "log.txt").read_text() == log
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_damaged_own_checkpoint_says_so_and_names_a_restart_that_works(start, tmp_path, script):
     """A truncated checkpoint got the download advice ("re-download or re-copy it"), which cannot help: the file is
-    the run's own, and these scripts keep no other. Now the error says it is damaged and names the restart (move it
-    aside, rerun); that rerun trains the run again, with log.txt holding each epoch once."""
+    the run's own, and these scripts keep no other. Now the error says it is damaged and names the restart: another
+    --output_dir, or here once the file is moved aside and what the start from scratch would refuse to write next
+    to is deleted; that rerun trains the run again, with log.txt holding each epoch once."""
     out = tmp_path / "out"
     start(script, out)
     own = out / SCRIPTS[script]
@@ -80,12 +125,15 @@ def test_a_damaged_own_checkpoint_says_so_and_names_a_restart_that_works(start, 
     for flags in ([], ["--evaluate"]):  # a resume, a test of the trained model
         with pytest.raises(IncompleteFileError, match=rf"^{own} is damaged: it is not a complete torch.save file\. "
                                                       r".* This run keeps no other checkpoint, so its training is "
-                                                      rf"lost: move the damaged file aside \(mv {own} {own}.damaged\) "
-                                                      r"and rerun to start this run again from epoch 0"):
+                                                      r"lost: start it again from epoch 0 in another --output_dir, or "
+                                                      rf"move the damaged file aside \(mv {own} {own}.damaged\) and "
+                                                      rf"delete its {_left_names(script)} and rerun to start it "
+                                                      rf"again in {out}\.$"):
             start(script, out, *flags)
         if dist.is_initialized():
             dist.destroy_process_group()
     own.rename(out / f"{own.name}.damaged")
+    _delete(out, script)
     start(script, out)
     assert [r.get("epoch") for r in log_records(out)] == [0, 1, None]
     assert own.is_file()

@@ -121,8 +121,9 @@ def test_a_start_from_scratch_in_another_runs_folder_is_refused(finished, synthe
                               (["--resume_from", str(foreign)], f"continuing --resume_from {foreign}", "this run")):
         with pytest.raises(FileExistsError, match=rf"^--output_dir {out} holds another run \(log.txt, "
                                                   r"checkpoint0000.pth, checkpoint0001.pth\) but no checkpoint.pth to "
-                                                  rf"resume: {start} there would append to its log.txt and overwrite "
-                                                  rf"its numbered checkpoints. Pass another --output_dir for {run}, or "
+                                                  rf"resume: {start} there would append to its log.txt, overwrite "
+                                                  r"its numbered checkpoints and add this run's curves to its tb/\. "
+                                                  rf"Pass another --output_dir for {run}, or "
                                                   r"continue that run from its newest readable numbered checkpoint "
                                                   rf"with --resume_from {out / 'checkpoint0000.pth'} \(it resumes at "
                                                   r"epoch 1: the epochs from 1 on are trained again\), or delete its "

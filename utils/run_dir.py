@@ -1,5 +1,5 @@
 """The output folder of a training run across its starts (train_ssl.py; eval_linear.py and eval_finetune.py, which
-keep no numbered checkpoints): a start from scratch never writes into another pretraining's folder, log.txt holds
+keep no numbered checkpoints): a start from scratch never writes into another run's folder, log.txt holds
 each epoch of the resumed run once, a damaged own checkpoint names the way on, and the config files of an earlier
 start are kept when this one's differ."""
 from __future__ import annotations
@@ -40,33 +40,47 @@ def is_own_numbered(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
     return path.parent == Path(folder).resolve() and path.match(NUMBERED_GLOB)
 
 
-def check_fresh_start(folder: str | os.PathLike, resume_from: str | os.PathLike | None = None) -> None:
-    """A start that does not resume `folder`'s checkpoint.pth (there is none) -- from scratch, or from a
-    `resume_from` that is not one of the folder's own numbered checkpoints -- where another run left its log.txt or
-    numbered checkpoints would append to that log and overwrite those checkpoints: an error naming the folder, what
-    is there and the ways on."""
+def left_files(folder: str | os.PathLike, results: tuple[str, ...] = ()) -> list[str]:
+    """What an earlier run left in `folder` that a new run there would append to, overwrite or mix with, as the
+    refusals name it for deletion: log.txt, log.txt.before_resume (or the new run's set-aside lines would join
+    the old run's), the checkpointNNNN.pth files, the `results` files (an evaluation's results) and tb/ (its
+    TensorBoard event files), each when there."""
+    folder = Path(folder)
+    there = [(LOG_NAME, (folder / LOG_NAME).is_file()), (SET_ASIDE, (folder / SET_ASIDE).is_file()),
+             ("checkpointNNNN.pth files", bool(numbered_checkpoints(folder)))]
+    there += [(name, (folder / name).is_file()) for name in results]
+    return [name for name, present in there + [("tb/", (folder / "tb").is_dir())] if present]
+
+
+def check_fresh_start(folder: str | os.PathLike, resume_from: str | os.PathLike | None = None,
+                      checkpoint: str = "checkpoint.pth", results: tuple[str, ...] = ()) -> None:
+    """A start that does not resume `folder`'s `checkpoint` (there is none) -- from scratch, or from a
+    `resume_from` that is not one of the folder's own numbered checkpoints -- where another run left its log.txt,
+    numbered checkpoints or `results` files (an evaluation's) would append to that log, overwrite those files and
+    add its curves to that run's tb/: an error naming the folder, what is there and the ways on."""
     folder = Path(folder)
     if resume_from is not None and is_own_numbered(folder, resume_from):
         return  # that run goes on (tidy_epoch_log sets aside the log lines of the epochs it trains again)
     numbered = numbered_checkpoints(folder)
-    found = [LOG_NAME] if (folder / LOG_NAME).is_file() else []
-    found += [p.name for p in numbered]
+    log = (folder / LOG_NAME).is_file()
+    outputs = [name for name in results if (folder / name).is_file()]
+    found = ([LOG_NAME] if log else []) + [p.name for p in numbered] + outputs
     if not found:
         return
     listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
     start = "starting from scratch" if resume_from is None else f"continuing --resume_from {resume_from}"
     run = "a new run" if resume_from is None else "this run"
-    newest = newest_readable_checkpoint(folder)
+    newest = newest_readable_checkpoint(folder) if numbered else None
     resume = (f", or continue that run from its newest readable numbered checkpoint with --resume_from {newest[0]} "
               f"(it resumes at epoch {newest[1]}: the epochs from {newest[1]} on are trained again)" if newest else "")
-    delete = [name for name, there in ((LOG_NAME, (folder / LOG_NAME).is_file()),
-                                       (SET_ASIDE, (folder / SET_ASIDE).is_file()),
-                                       ("checkpointNNNN.pth files", numbered), ("tb/", (folder / "tb").is_dir()))
-              if there]
-    raise FileExistsError(f"--output_dir {folder} holds another run ({listed}) but no checkpoint.pth to resume: "
-                          f"{start} there would append to its log.txt and overwrite its numbered checkpoints. Pass "
-                          f"another --output_dir for {run}{resume}, or delete its {', '.join(delete)} to start {run} "
-                          "there.")
+    overwritten = (["numbered checkpoints"] if numbered else []) + outputs
+    harms = [text for text, there in (("append to its log.txt", log),
+                                      (f"overwrite its {', '.join(overwritten)}", overwritten),
+                                      ("add this run's curves to its tb/", (folder / "tb").is_dir())) if there]
+    harm = ", ".join(harms[:-1]) + " and " * (len(harms) > 1) + harms[-1]
+    raise FileExistsError(f"--output_dir {folder} holds another run ({listed}) but no {checkpoint} to resume: "
+                          f"{start} there would {harm}. Pass another --output_dir for {run}{resume}, or delete its "
+                          f"{', '.join(left_files(folder, results))} to start {run} there.")
 
 
 def _record(line: str) -> dict | None:
@@ -149,11 +163,12 @@ def tidy_epoch_log(folder: str | os.PathLike, start_epoch: int) -> None:
         atomic_write_text("".join(lines), log)
 
 
-def damaged_own_checkpoint(path: Path, restart_here: bool = False) -> str:
+def damaged_own_checkpoint(path: Path, restart_here: bool = False, results: tuple[str, ...] = ()) -> str:
     """The error for a run's own checkpoint that torch.save did not complete: how that happens, and the exact way on:
-    from the newest numbered checkpoint that reads, else a start again from epoch 0 -- in this folder when
-    `restart_here` (a run whose start from scratch sets the folder's log.txt aside: the evaluations), else in
-    another one (check_fresh_start refuses this one)."""
+    from the newest numbered checkpoint that reads, else a start again from epoch 0 -- in another folder, or, when
+    `restart_here` (the evaluations, which keep no numbered checkpoints), in this one once the damaged file is moved
+    aside and what check_fresh_start would refuse a new run next to (left_files, with the run's `results`) is
+    deleted."""
     damaged = (f"{path} is damaged: it is not a complete torch.save file. This run's checkpoints are written "
                "atomically, so the machine died during a write on a file system without an atomic rename, or the file "
                "was cut by a copy.")
@@ -164,20 +179,22 @@ def damaged_own_checkpoint(path: Path, restart_here: bool = False) -> str:
                 f"move the damaged file aside (mv {path} {path}.damaged) and rerun with --resume_from {numbered} (the "
                 f"epochs from {epoch} on are trained again).")
     if restart_here:
-        return (f"{damaged} This run keeps no other checkpoint, so its training is lost: move the damaged file aside "
-                f"(mv {path} {path}.damaged) and rerun to start this run again from epoch 0 (its log.txt goes to "
-                f"{SET_ASIDE}), or start it in another --output_dir.")
+        left = left_files(path.parent, results)
+        delete = f" and delete its {', '.join(left)}" if left else ""
+        return (f"{damaged} This run keeps no other checkpoint, so its training is lost: start it again from epoch 0 "
+                f"in another --output_dir, or move the damaged file aside (mv {path} {path}.damaged){delete} and rerun "
+                f"to start it again in {path.parent}.")
     return (f"{damaged} {path.parent} has no readable checkpointNNNN.pth to continue from: start again in another "
             "--output_dir.")
 
 
-def read_own_checkpoint(path: str | os.PathLike, restart_here: bool = False) -> Any:
+def read_own_checkpoint(path: str | os.PathLike, restart_here: bool = False, results: tuple[str, ...] = ()) -> Any:
     """safe_torch_load of a run's own checkpoint: a file torch.save did not complete is an error naming the way on
     (damaged_own_checkpoint), not the advice to download it again."""
     try:
         return safe_torch_load(path)
     except IncompleteFileError as err:
-        raise IncompleteFileError(damaged_own_checkpoint(Path(path), restart_here)) from err
+        raise IncompleteFileError(damaged_own_checkpoint(Path(path), restart_here, results)) from err
 
 
 def write_config_files(folder: str | os.PathLike, files: dict[str, str]) -> None:
