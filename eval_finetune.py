@@ -418,7 +418,8 @@ def load_finetuned(model: VisionTransformer, ckpt: dict, path: Path, init_backbo
             raise ValueError(f"{path} is a fine-tuning of another initialisation than --pretrained_weights "
                              f"{args.pretrained_weights or '(none)'}; resuming it would report its scores for this "
                              "checkpoint. Give this run its own --output_dir (finetune.sh: EXP_NAME=... or "
-                             f"OUTPUT_DIR=...), or delete {path} to start a new one.")
+                             f"OUTPUT_DIR=...), or delete {run_dir.delete_to_restart(path, (RESULTS_NAME,))} to "
+                             "start a new one.")
         if args.pretrained_weights:
             print(f"Note: {path} is a fine-tuning of another initialisation than --pretrained_weights "
                   f"{args.pretrained_weights}; --evaluate tests the weights of {path} (all of them), so "

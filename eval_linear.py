@@ -468,7 +468,8 @@ def check_same_backbone(saved: str | None, fingerprint: str, path: str, pretrain
         raise ValueError(f"{path} is a linear classifier trained on the features of another backbone than "
                          f"--pretrained_weights {pretrained_weights or '(none: random init)'}; resuming or testing it "
                          "would report its scores for this checkpoint. Give this evaluation its own --output_dir "
-                         f"(eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...), or delete {path} to train a new one.")
+                         f"(eval_linear.sh: EXP_NAME=... or OUTPUT_DIR=...), or delete "
+                         f"{run_dir.delete_to_restart(path, (RESULTS_NAME,))} to train a new one.")
 
 
 def probe_run(args, cfg, train_set, val_set) -> dict:

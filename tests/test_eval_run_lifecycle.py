@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from tests.conftest import log_records
@@ -109,6 +110,32 @@ def test_a_probe_start_next_to_another_evaluations_results_is_refused_and_evalua
     log = (trained / "log.txt").read_text()
     assert start("eval_linear", trained, "--evaluate")["acc1"] >= 0
     assert (trained / "log.txt").read_text() == log
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_advice_for_another_backbones_checkpoint_starts_a_new_run(start, checkpoint, released, tmp_path,
+                                                                      script):
+    """The same folder for another backbone (the launch scripts' default EXP_NAME): the refusal to resume the
+    first run's checkpoint said to delete it, and the start that followed was refused for the first run's log and
+    results. Now it names those too, and deleting what it names starts the new run."""
+    out = tmp_path / "out"
+    start(script, out)
+    weights = torch.load(checkpoint if script == "eval_linear" else released, weights_only=False)
+    flat = weights["teacher"] if script == "eval_linear" else weights
+    flat["backbone.norm.bias"] = flat["backbone.norm.bias"] + 0.5
+    other = tmp_path / "other.pth"
+    torch.save(weights, other)
+    own = out / SCRIPTS[script]
+    with pytest.raises(ValueError, match=rf"or delete {own} and its {_left_names(script)} to (train|start) a new "
+                                         r"one\.$"):
+        start(script, out, "--pretrained_weights", str(other))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    own.unlink()
+    _delete(out, script)
+    start(script, out, "--pretrained_weights", str(other))
+    assert [r.get("epoch") for r in log_records(out)] == [0, 1, None]
+    assert json.loads((out / RESULTS[script]).read_text())["pretrained_weights"] == str(other)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

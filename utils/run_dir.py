@@ -52,6 +52,14 @@ def left_files(folder: str | os.PathLike, results: tuple[str, ...] = ()) -> list
     return [name for name, present in there + [("tb/", (folder / "tb").is_dir())] if present]
 
 
+def delete_to_restart(checkpoint: str | os.PathLike, results: tuple[str, ...] = ()) -> str:
+    """What to delete to start a new run in the folder of a run's own `checkpoint` that another run wrote (the
+    advice of the errors that refuse to resume it): the checkpoint and what check_fresh_start would then refuse to
+    start next to (left_files, with the run's `results`), e.g. "out/checkpoint.pth and its log.txt, tb/"."""
+    left = left_files(Path(checkpoint).parent, results)
+    return f"{checkpoint}" + (f" and its {', '.join(left)}" if left else "")
+
+
 def check_fresh_start(folder: str | os.PathLike, resume_from: str | os.PathLike | None = None,
                       checkpoint: str = "checkpoint.pth", results: tuple[str, ...] = ()) -> None:
     """A start that does not resume `folder`'s `checkpoint` (there is none) -- from scratch, or from a
