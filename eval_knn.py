@@ -26,6 +26,8 @@ from utils.evaluation import (ReturnIndexLabelDataset, build_train_bank_dataset,
                               single_clip_config, unreadable_advice)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
+DUMP_NAMES = ("trainfeat", "testfeat", "trainlabels", "testlabels")
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Evaluation with weighted k-NN on video features", add_help=False)
@@ -55,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(changes from run to run).")
     parser.add_argument("--dump_features", default=None,
                         help="Directory where trainfeat.pth, testfeat.pth, trainlabels.pth and "
-                             "testlabels.pth are saved.")
+                             "testlabels.pth are saved (an earlier dump's four files there are deleted first).")
     parser.add_argument("--load_features", default=None,
                         help="Directory with the four files of --dump_features; skips the extraction.")
     parser.add_argument("--num_workers", default=10, type=int,
@@ -139,22 +141,32 @@ def extract_feature_pipeline(args, cfg, device: torch.device):
     print(f"Videos decoded sequentially (random access not trusted on them): {sequential}.")
     # Dumped rows stay aligned with the list lines; skipped videos keep label -1 (dropped in main).
     if args.dump_features and utils.is_main_process():
-        os.makedirs(args.dump_features, exist_ok=True)
-        for name, tensor in (("trainfeat", train_features), ("testfeat", test_features),
-                             ("trainlabels", train_labels), ("testlabels", test_labels)):
-            torch.save(tensor.cpu(), os.path.join(args.dump_features, f"{name}.pth"))
+        dump_features(args.dump_features, (train_features, test_features, train_labels, test_labels))
     splits = [(describe_split(d), unreadable_advice(d)) for d in (dataset_train, dataset_val)]
     return train_features, test_features, train_labels, test_labels, sequential, splits
+
+
+def dump_features(folder: str, tensors: tuple[torch.Tensor, ...]) -> None:
+    """The four tensors of --dump_features (train/test features, train/test labels) as one set: an earlier dump's
+    files go first, so a dump cut short (a kill, a full disk) leaves some missing, which --load_features names,
+    never this run's train features beside an earlier run's (another backbone's) test features."""
+    os.makedirs(folder, exist_ok=True)
+    for name in DUMP_NAMES:
+        if os.path.isfile(os.path.join(folder, f"{name}.pth")):
+            os.remove(os.path.join(folder, f"{name}.pth"))
+    for name, tensor in zip(DUMP_NAMES, tensors):
+        torch.save(tensor.cpu(), os.path.join(folder, f"{name}.pth"))
 
 
 def load_dumped_features(folder: str):
     """The four tensors of --dump_features: train/test features, train/test labels."""
     tensors = []
-    for name in ("trainfeat", "testfeat", "trainlabels", "testlabels"):
+    for name in DUMP_NAMES:
         path = os.path.join(folder, f"{name}.pth")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--load_features {folder}: {name}.pth is missing (written by "
-                                    "--dump_features).")
+                                    "--dump_features; a dump cut short leaves some of its files out: extract the "
+                                    "features again).")
         tensors.append(torch.load(path, map_location="cpu", weights_only=True))
     return tuple(tensors)
 

@@ -345,6 +345,38 @@ def test_scripts_with_two_cpu_processes(synthetic_root, checkpoint, tmp_path):
     assert ft["val_loss"] == pytest.approx(val_one["loss"], rel=1e-5) and ft["val_acc1"] == val_one["acc1"]
 
 
+class Killed(BaseException):
+    """The process killed at that point (no handler of ours catches a BaseException)."""
+
+
+def test_a_dump_cut_short_never_pairs_its_features_with_an_earlier_dumps(synthetic_root, checkpoint, tmp_path,
+                                                                         monkeypatch):
+    """A second backbone dumped into the folder of the first one's features, killed after its trainfeat.pth: the
+    first backbone's testfeat / labels stayed beside it, and --load_features scored the mix without a word. Now
+    an earlier dump's files go first: the cut dump is missing files, and --load_features names one."""
+    common = ["--arch", "vit_tiny", "--nb_knn", "1", "--batch_size_per_gpu", "8", "--num_workers", "0",
+              "--use_cuda", "False", "--dump_features", str(tmp_path / "feats"), "--opts"]
+    common += _data_opts(synthetic_root, "knn_splits")
+    knn(["--pretrained_weights", checkpoint, "--output_dir", str(tmp_path / "first")] + common)
+    dist.destroy_process_group()
+    save = torch.save
+
+    def killed_after_trainfeat(obj, path, *args, **kwargs):
+        if str(path).endswith("testfeat.pth"):
+            raise Killed
+        save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_after_trainfeat)
+    with pytest.raises(Killed):  # random init: other features
+        knn(["--output_dir", str(tmp_path / "second")] + common)
+    dist.destroy_process_group()
+    assert sorted(p.name for p in (tmp_path / "feats").iterdir()) == ["trainfeat.pth"]
+    with pytest.raises(FileNotFoundError, match=rf"^--load_features {tmp_path / 'feats'}: testfeat.pth is missing "
+                                                r"\(written by --dump_features; a dump cut short leaves some of its "
+                                                r"files out: extract the features again\)\.$"):
+        eval_knn.load_dumped_features(str(tmp_path / "feats"))
+
+
 def _lists_with_corrupt_videos(synthetic_root, tmp_path, list_dir: str, names: list[str]):
     """Copies of `list_dir`'s lists in tmp_path/with_corrupt, with an unreadable video (absolute path, so
     DATA.PATH_PREFIX leaves it as is) inserted in the middle of each list of `names`."""
