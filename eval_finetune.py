@@ -43,7 +43,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from datasets import DATASET_LISTS, DATASETS, build_dataset
 from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_start_iteration
-from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
+from datasets.video_dataset import (checkpoint_sequential_videos, replaced_warning, restore_sequential_videos,
+                                    sequential_decodes)
 from models import ARCHS, VisionTransformer, build_backbone
 from utils import preemption, run_dir, utils
 from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, load_imagenet_init,
@@ -552,6 +553,11 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
                                                       start_iter=start_iter if resumed else 0,
                                                       epoch_meters=epoch_meters if resumed else None,
                                                       save_mid_epoch=save_mid_epoch, stop=stop)
+            # the epoch trains on whole batches (drop_last) of whole accumulation groups, on every process
+            warning = replaced_warning(f"Epoch {epoch}", train_stats["replaced_samples"],
+                                       num_batches * args.batch_size_per_gpu * utils.get_world_size(), train_set)
+            if warning:
+                print(warning)
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                          "sequential_decodes": sequential_decodes(train_set, val_set)}
             if epoch % args.val_freq == 0 or epoch == args.epochs - 1:

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 
 from datasets import DATASETS, build_dataset
 from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_start_iteration
-from datasets.video_dataset import checkpoint_sequential_videos, restore_sequential_videos, sequential_decodes
+from datasets.video_dataset import (checkpoint_sequential_videos, replaced_warning, restore_sequential_videos,
+                                    sequential_decodes)
 from models import ARCHS
 from utils import preemption, run_dir, utils
 from utils.checkpoint import (atomic_save, gather_objects, output_dir_lock, remove_stale_temp_files,
@@ -179,6 +180,9 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
             classifier, device_ids=[device.index] if device.type == "cuda" else None)
     train_loader = build_train_loader(train_set, args, device)
     niter = len(train_loader)  # before any skip
+    # the clips an epoch trains on, over the processes (each shard padded to the same length)
+    samples = (niter * args.batch_size_per_gpu if train_loader.drop_last else train_loader.sampler.num_samples
+               ) * utils.get_world_size()
     optimizer, scheduler = build_probe_optimizer(classifier, args)
     run = probe_run(args, cfg, train_set, val_set)
 
@@ -204,6 +208,9 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
                                                       epoch_meters=epoch_meters if resumed else None,
                                                       save_mid_epoch=save_mid_epoch, stop=stop)
             train_replaced = train_stats["replaced_samples"]
+            warning = replaced_warning(f"Epoch {epoch}", train_replaced, samples, train_set)
+            if warning:
+                print(warning)
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
                 # a stop here keeps the epoch's training: a checkpoint after its last iteration, as a stop there

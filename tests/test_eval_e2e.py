@@ -415,7 +415,7 @@ def test_knn_skips_unreadable_train_and_val_videos(synthetic_root, checkpoint, t
     assert reloaded["results"] == clean["results"] and reloaded["skipped_videos"] == 2
 
 
-def test_linear_probe_skips_unreadable_videos_once_per_split(synthetic_root, checkpoint, tmp_path):
+def test_linear_probe_skips_unreadable_videos_once_per_split(synthetic_root, checkpoint, tmp_path, capsys):
     lists = _lists_with_corrupt_videos(synthetic_root, tmp_path, "splits",
                                        ["ucf101_train_split_1_videos.txt", "ucf101_val_split_1_videos.txt"])
     common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--n_last_blocks", "1",
@@ -429,6 +429,12 @@ def test_linear_probe_skips_unreadable_videos_once_per_split(synthetic_root, che
     assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 2
     assert (stats["val_skipped_videos"], stats["multiview_skipped_videos"], stats["multiview_skipped_clips"]) == (1, 1, 2)
     assert (stats["skipped_videos"], stats["train_replaced_samples"]) == (1, 1)
+    # 1 of the 18 draws for the 17 train clips (6 %, past 5 %): a warning naming the command that lists them
+    train_list = lists / "ucf101_train_split_1_videos.txt"
+    assert [line for line in capsys.readouterr().out.splitlines() if "training draws" in line] == [
+        "Epoch 0: 1 of the 18 training draws (6%) were unreadable videos, replaced by others: the epoch trained on "
+        f"the readable rest of the list; list them with `python -m datasets.preprocessing.check_videos --list "
+        f"{train_list} --prefix {synthetic_root / 'videos'}` and train on its cleaned list."]
     assert not {"train_skipped_videos", "eval_skipped_videos"} & stats.keys()
     assert json.loads((out / "linear_results.json").read_text())["skipped_videos"] == 1
     lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]

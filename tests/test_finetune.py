@@ -264,6 +264,7 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
               "--accum_iter", "2", "--num_workers", "0", "--lr", "0.08", "--log_freq", "2"]
     once, resumed = tmp_path / "once", tmp_path / "resumed"
     res = finetune(common + ["--epochs", "2", "--output_dir", str(once), "--opts"] + data + OPTS)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "training draws" in line]
     finetune(common + ["--epochs", "1", "--output_dir", str(resumed), "--opts"] + data + OPTS)
     assert torch.load(resumed / "checkpoint.pth", weights_only=False)["epoch"] == 1
     killed_save = resumed / ".checkpoint.pth.123.abcd.tmp"  # what a save killed mid-write leaves
@@ -294,6 +295,16 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
     assert 0 <= json.loads((once / "log.txt").read_text().splitlines()[0])["train_data_wait"] < 1
     assert "val_acc5" not in epoch  # top-5 only with at least 5 classes
     assert epoch["train_replaced_samples"] >= 1 and epoch["val_skipped_videos"] == 1
+    # each epoch trains on 16 of the 17 train clips (4 whole batches of 4); past 5 % of the draws replaced, a
+    # warning at the epoch's end
+    replaced = [line["train_replaced_samples"] for line in once_log[:2]]
+    assert warnings == [f"Epoch {e}: {n} of the {16 + n} training draws ({n / (16 + n):.0%}) were unreadable videos, "
+                        "replaced by others: the epoch trained on the readable rest of the list; list them with "
+                        "`python -m datasets.preprocessing.check_videos --list "
+                        f"{tmp_path / 'lists' / 'ucf101_train_split_1_videos.txt'} --prefix "
+                        f"{synthetic_root / 'videos'}` and train on its cleaned list." for e, n in enumerate(replaced)
+                        if n / (16 + n) > 0.05]
+    assert warnings
     assert epoch["sequential_decodes"] == 0  # generated H.264 mp4s are decoded by random access
     # The multi-view test: 1 x 3 clips of the 8 readable val videos; the unreadable one is counted.
     results = json.loads((once / "finetune_results.json").read_text())
