@@ -528,12 +528,12 @@ def guard_nvdec_cache(version: str | None = None, decoders=None) -> bool:
     """Make NVDEC decoding safe from torchcodec#1704 in this process. torchcodec (`version` / its `decoders`
     module, by default the installed ones) from NVDEC_MIN_TORCHCODEC on: nothing to do (False). Older: its
     decoder cache is emptied for good (True; each video then creates its NVDEC decoder, tens of ms), or, when it
-    has no such setter, an ImportError naming the fix. Nothing when torchcodec does not import (decode_on_device
-    names that fix)."""
+    has no such setter, an ImportError naming the fix. Nothing when torchcodec does not import, or not with
+    this torch (decode_on_device names that fix)."""
     if version is None:
         try:
             from torchcodec import __version__ as version, decoders
-        except ImportError:
+        except Exception:  # not installed, or built for another torch than this one (an OSError of its library)
             return False
     found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
     if found >= NVDEC_MIN_TORCHCODEC:
@@ -561,9 +561,10 @@ def decode_on_device(data: torch.Tensor, indices: Sequence[int], info: VideoInfo
     another size than the probe's upright one are a DecodeError."""
     try:
         from torchcodec.decoders import VideoDecoder  # noqa: F401  (the import error names the fix)
-    except ImportError as err:
+    except Exception as err:  # not installed, or built for another torch than this one (an OSError of its library)
         raise ImportError("DATA.DECODE_DEVICE cuda decodes with torchcodec: " + torchcodec_status() + ". Fix: "
-                          "pip install torchcodec (see constraints.txt) and FFmpeg's shared libraries.") from err
+                          "pip install the torchcodec release that matches your torch (see constraints.txt) and "
+                          "FFmpeg's shared libraries.") from err
     device, indices = torch.device(device), [int(i) for i in indices]
     try:
         video = _open_torchcodec(data, info, str(device))

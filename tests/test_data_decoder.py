@@ -178,3 +178,24 @@ def test_broken_torchcodec_install_is_reported_not_raised(monkeypatch):
         assert decoder.torchcodec_status().startswith(("ImportError", "ModuleNotFoundError"))
     finally:
         decoder.torchcodec_status.cache_clear()
+
+
+def test_a_torchcodec_built_for_another_torch_is_named_by_the_device_decoder(tmp_path, monkeypatch):
+    # requirements.txt lets an older torch keep a torchcodec built for a newer one (torchcodec 0.17 on torch 2.5):
+    # its import raises an OSError of its library. DATA.DECODE_DEVICE cuda then gets the ImportError that names
+    # the reason and the fix, and the NVDEC cache guard leaves it to that error.
+    import sys
+    fake = tmp_path / "torchcodec"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise OSError('libnvrtc.so.13: cannot open shared object file (simulated)')\n")
+    for name in [m for m in sys.modules if m == "torchcodec" or m.startswith("torchcodec.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    decoder.torchcodec_status.cache_clear()
+    try:
+        assert decoder.guard_nvdec_cache() is False
+        with pytest.raises(ImportError, match=r"DATA.DECODE_DEVICE cuda decodes with torchcodec: OSError: libnvrtc"
+                                              r".*\(simulated\)\. Fix: pip install the torchcodec release that matches"):
+            decoder.decode_on_device(torch.zeros(1, dtype=torch.uint8), [0], None, "cpu", "v.mp4")
+    finally:
+        decoder.torchcodec_status.cache_clear()
