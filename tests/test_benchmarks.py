@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.frame_code import require_backend
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def _run_bench(script: str, out: Path, *args: str) -> dict:
 
 
 def test_bench_open_times_both_ways_of_opening(tmp_path):
+    require_backend("torchcodec")  # it times torchcodec's two ways of opening a video
     report = _run_bench("bench_open.py", tmp_path / "open.json", "--videos", "1", "--seconds", "1")
     times = report["ms_per_video_median"]
     assert {"1s_exact_scan_open", "1s_frame_table", "1s_exact_scan", "1s_probe"} <= set(times)

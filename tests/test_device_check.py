@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import device_check  # noqa: E402
+from tests.frame_code import require_backend  # noqa: E402
 
 
 def test_run_stage_records_ok_failure_and_timeout_and_kills_the_process_group(tmp_path):
@@ -265,6 +266,7 @@ def test_steps_run_fp16_on_a_gpu_without_bf16():
 
 @pytest.mark.slow
 def test_dry_run_of_the_step_and_data_stages(tmp_path):
+    require_backend("torchcodec")  # the decode path of DATA.DECODE_DEVICE is measured (torchcodec)
     report = device_check.main(["--dry-run", "--out", str(tmp_path), "--only", "env", "step_b16", "data"])
     stages = report["stages"]
     assert stages["step_b16"]["status"] == "ok", stages["step_b16"]
@@ -373,6 +375,7 @@ def test_sh_installs_nothing_and_says_why_when_no_index_is_reachable(tmp_path):
 
 
 def test_data_stage_keeps_the_numbers_measured_before_its_time_limit(tmp_path):
+    require_backend("torchcodec")  # the decode path of DATA.DECODE_DEVICE is measured (torchcodec)
     # bench_data.py rewrites its JSON after each loader, the GPU decode path first and most workers first:
     # killed at the stage's limit, the numbers measured so far stay readable.
     import subprocess, time
@@ -399,6 +402,7 @@ def test_data_stage_keeps_the_numbers_measured_before_its_time_limit(tmp_path):
 
 @pytest.mark.slow
 def test_data_stage_goes_on_after_a_failed_measurement_and_feeds_the_step_before_the_cpu_loaders(tmp_path):
+    require_backend("torchcodec")  # the decode path of DATA.DECODE_DEVICE is measured (torchcodec)
     # torchcodec unable to open the plans' bytes on the stage's device (a CPU-only build on a GPU machine, no
     # FFmpeg for it): the stage's time split fails; every other measurement, the fed step's three paths among
     # them, is still made (the stage decodes those videos sequentially on the CPU and counts them)

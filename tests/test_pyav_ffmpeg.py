@@ -76,7 +76,12 @@ def test_needed_entries_only_when_torchcodec_lacks_ffmpeg_and_the_links_help(tmp
 
 @needs_wheel_ffmpeg
 def test_torchcodec_decodes_frame_exact_on_pyavs_ffmpeg(tmp_path):
-    pytest.importorskip("torchcodec")
+    try:
+        import torchcodec  # noqa: F401
+    except ImportError:
+        pytest.skip("torchcodec is not installed")
+    except OSError as err:  # its library does not load: a release built for another torch (or CUDA) than this one
+        pytest.skip(f"this torchcodec does not load: {err}")
     video = tmp_path / "bframes.mp4"
     encode_frames(str(video), "libx264", [code_frame(k) for k in range(24)],
                   {"preset": "veryfast", "crf": "12", "g": "10", "bf": "3", "threads": "1"})
