@@ -492,16 +492,17 @@ def test_slurm_ntasks_without_srun_names_the_fix(launcher_env, monkeypatch, proc
 
 def test_a_taken_rendezvous_port_is_not_called_a_missing_srun(launcher_env, monkeypatch):
     """Process 0 of a SLURM job whose MASTER_PORT another program holds: torch's error (EADDRINUSE) as it is, not
-    the advice about srun, which is for a rendezvous that timed out."""
+    the advice about srun, which is for a rendezvous that timed out. (torch 2.14 raises a DistNetworkError, torch 2.5 a
+    plain RuntimeError, its base class.)"""
     import socket
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         _setenv(monkeypatch, SLURM_PROCID="0", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(holder.getsockname()[1]))
-        with pytest.raises(utils.dist.DistNetworkError, match="EADDRINUSE"):
+        with pytest.raises(RuntimeError, match="EADDRINUSE") as raised:
             utils.init_distributed_mode(argparse.Namespace(dist_url="env://", dist_timeout=0.05))
-    assert not utils.dist.is_initialized()
+    assert "srun" not in str(raised.value) and not utils.dist.is_initialized()
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm", "single"])
