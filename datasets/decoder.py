@@ -51,6 +51,7 @@ import os
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from importlib import metadata
 from typing import Sequence
 
 import av
@@ -91,7 +92,11 @@ def torchcodec_status() -> str:
             return f"torchcodec returned frames of shape {tuple(frames.shape)} for a 2x32x32 test video"
         return ""
     except Exception as err:  # ImportError, missing FFmpeg libraries, an ABI mismatch with this torch, ...
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        try:  # an installed torchcodec that fails: its version and torch's (each release is built for one torch)
+            return f"{why} (torchcodec {metadata.version('torchcodec')}, torch {torch.__version__})"
+        except metadata.PackageNotFoundError:
+            return why
 
 
 def decord_status() -> str:

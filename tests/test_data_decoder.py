@@ -180,14 +180,17 @@ def test_broken_torchcodec_install_is_reported_not_raised(monkeypatch):
         decoder.torchcodec_status.cache_clear()
 
 
-def test_a_torchcodec_built_for_another_torch_is_named_by_the_device_decoder(tmp_path, monkeypatch):
+def test_a_torchcodec_built_for_another_torch_is_passed_over_and_named(tmp_path, monkeypatch, caplog):
     # requirements.txt lets an older torch keep a torchcodec built for a newer one (torchcodec 0.17 on torch 2.5):
-    # its import raises an OSError of its library. DATA.DECODE_DEVICE cuda then gets the ImportError that names
-    # the reason and the fix, and the NVDEC cache guard leaves it to that error.
+    # its import raises an OSError of its library. `auto` falls back with one line that says why (with both
+    # versions), DATA.DECODE_DEVICE cuda gets the ImportError that names the reason and the fix, and the NVDEC
+    # cache guard leaves it to that error.
     import sys
     fake = tmp_path / "torchcodec"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise OSError('libnvrtc.so.13: cannot open shared object file (simulated)')\n")
+    (tmp_path / "torchcodec-0.99.0.dist-info").mkdir()  # its installed version, which the reason names
+    (tmp_path / "torchcodec-0.99.0.dist-info" / "METADATA").write_text("Name: torchcodec\nVersion: 0.99.0\n")
     for name in [m for m in sys.modules if m == "torchcodec" or m.startswith("torchcodec.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -195,7 +198,16 @@ def test_a_torchcodec_built_for_another_torch_is_named_by_the_device_decoder(tmp
     try:
         assert decoder.guard_nvdec_cache() is False
         with pytest.raises(ImportError, match=r"DATA.DECODE_DEVICE cuda decodes with torchcodec: OSError: libnvrtc"
-                                              r".*\(simulated\)\. Fix: pip install the torchcodec release that matches"):
+                                              r".*\(simulated\) \(torchcodec 0\.99\.0, torch .*\)\. Fix: pip install "
+                                              r"the torchcodec release that matches"):
             decoder.decode_on_device(torch.zeros(1, dtype=torch.uint8), [0], None, "cpu", "v.mp4")
+        why = "OSError: libnvrtc.so.13: cannot open shared object file (simulated) (torchcodec 0.99.0, torch "
+        assert decoder.torchcodec_status() == f"{why}{torch.__version__})"
+        monkeypatch.setattr(decoder, "_LOGGED_CHOICE", set())
+        with caplog.at_level("INFO", logger="datasets.decoder"):
+            backend = decoder.resolve_backend("auto")
+        assert backend in ("decord", "pyav") and len(caplog.records) == 1
+        assert caplog.records[0].getMessage().startswith(f"DATA.DECODING_BACKEND auto -> {backend} (torchcodec "
+                                                         f"unavailable: {why}{torch.__version__})")
     finally:
         decoder.torchcodec_status.cache_clear()

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -361,7 +362,7 @@ def test_sh_installs_the_fallback_torchcodec_when_the_carried_one_does_not_decod
                   ("step_b8",))
     assert got["report"]["torchcodec_wheel"] == (
         "torchcodec 0.16.0: decodes, from fallback/ (the main wheel's torchcodec 0.17.0: RuntimeError: undefined "
-        "symbol: a torch 2.12 function)")
+        f"symbol: a torch 2.12 function (torchcodec 0.17.0, torch {torch.__version__}))")
     site = tmp_path / "svt_device_site"
     assert (site / "torchcodec-0.16.0.dist-info").is_dir() and not (site / "torchcodec-0.17.0.dist-info").exists()
     assert (site / "svt_probe_pkg").is_dir()  # the other wheels stay
