@@ -298,16 +298,17 @@ def eval_crop_box(height: int, width: int, spatial_idx: int, min_scale: int, max
 
     spatial_idx -1 (train): short side round(U(min_scale, max_scale)), or with `inverse_uniform`
     (DATA.INV_UNIFORM_SAMPLE, TimeSformer's SSv2 setting) round(1 / U(1 / max_scale, 1 / min_scale)), which
-    favours the small sides; random crop, random flip. 0/1/2: short side min_scale, uniform crop spatial_idx,
-    no flip."""
+    favours the small sides; random crop at offsets 0 ... S - crop_size - 1 (the original's: never flush with the
+    bottom/right edge), random flip. 0/1/2: short side min_scale, uniform crop spatial_idx, no flip."""
     if spatial_idx == -1:
         if inverse_uniform:
             short = int(round(1.0 / float(torch.empty(()).uniform_(1.0 / max_scale, 1.0 / min_scale))))
         else:
             short = int(round(float(torch.empty(()).uniform_(min_scale, max_scale))))
         rh, rw = short_side_size(height, width, short)
-        top = int(torch.randint(0, rh - crop_size + 1, ()))
-        left = int(torch.randint(0, rw - crop_size + 1, ()))
+        # the original's random_crop: offsets in [0, S - crop_size), exclusive (0 when S == crop_size)
+        top = int(torch.randint(0, max(rh - crop_size, 1), ()))
+        left = int(torch.randint(0, max(rw - crop_size, 1), ()))
         flip = random_flip and bool(torch.rand(()) < 0.5)
         return (rh, rw), (top, left), flip
     rh, rw = short_side_size(height, width, min_scale)

@@ -257,6 +257,18 @@ def test_eval_crop_box_train_jitter_range():
     assert transform.eval_crop_box(240, 320, 1, 256, 256, 224, True) == ((256, 341), (16, 59), False)
 
 
+def test_eval_crop_box_train_offsets_are_the_originals_exclusive_range():
+    # The original's random_crop draws randint(0, S - crop) (numpy, exclusive), 0 when S == crop: with the short
+    # side 20 -> (20, 30) and a 16 crop, tops 0..3 and lefts 0..13, never 4 / 14 (flush with the edge).
+    torch.manual_seed(0)
+    boxes = [transform.eval_crop_box(40, 60, -1, 20, 20, 16, False) for _ in range(600)]
+    assert {resized for resized, _, _ in boxes} == {(20, 30)}
+    assert {top for _, (top, _), _ in boxes} == set(range(4))
+    assert {left for _, (_, left), _ in boxes} == set(range(14))
+    square = [transform.eval_crop_box(40, 40, -1, 16, 16, 16, False)[1] for _ in range(20)]
+    assert set(square) == {(0, 0)}
+
+
 def test_inverse_uniform_scale_jitter_draws_one_over_a_uniform_reciprocal():
     """DATA.INV_UNIFORM_SAMPLE (TimeSformer's SSv2 setting): the short side is 1 / U(1/320, 1/256), so the mean of
     1 / side is the midpoint of 1/320 and 1/256; the plain jitter U(256, 320) has mean side 288 and mean 1 / side
