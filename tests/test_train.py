@@ -107,6 +107,27 @@ def test_teacher_temp_schedule_per_epoch():
     np.testing.assert_allclose(loss_fn.teacher_temp_schedule, [0.04, 0.055, 0.07, 0.07, 0.07])
 
 
+def test_dino_loss_sharpens_the_teacher_with_the_temperature_of_its_epoch():
+    # The forward of epoch e uses teacher_temp_schedule[e]: 0.04, 0.055, then 0.07 after the 3-epoch warm-up.
+    # Teacher logits of the temperatures' scale, so that the targets (and the loss) depend on the temperature.
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3 * 2, 16), 0.05 * torch.randn(2 * 2, 16)
+    loss_fn = DINOLoss(16, 3, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3, nepochs=5)
+    for epoch, temp in [(0, 0.04), (1, 0.055), (4, 0.07)]:
+        loss_fn.center.zero_()
+        ref, _ = reference_dino_loss(student, teacher, torch.zeros(1, 16), 3, temp)
+        torch.testing.assert_close(loss_fn(student, teacher, epoch), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dino_loss_teacher_targets_are_a_stop_gradient():
+    # DINO's sg(teacher): the loss has a gradient for the student only, even for teacher logits that carry one.
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3 * 2, 8, requires_grad=True), torch.randn(2 * 2, 8, requires_grad=True)
+    loss = DINOLoss(8, 3, 0.04, 0.04, 0, 1)(student, teacher, 0)
+    grad_student, grad_teacher = torch.autograd.grad(loss, [student, teacher], allow_unused=True)
+    assert grad_teacher is None and grad_student.abs().sum() > 0
+
+
 def test_ema_update():
     teacher, student = [torch.ones(3), torch.zeros(2, 2)], [torch.full((3,), 3.0), torch.ones(2, 2)]
     train_ssl.ema_update(teacher, student, 0.75)
