@@ -105,6 +105,14 @@ def test_ssl_view_indices_match_original_for_l256():
     assert len({int(v[0]) for v in views[2:]}) > 1   # independent windows
 
 
+def test_local_view_windows_start_anywhere_in_0_to_l_minus_w_minus_1():
+    # L = 64, W = L // 8 = 8: a local view's window starts uniformly in [0, L - W - 1] = [0, 55], each of the 56
+    # starts reached (2400 draws), none later (its last frame, start + W, stays below L).
+    torch.manual_seed(0)
+    starts = [int(v[0]) for _ in range(300) for v in decoder.ssl_view_indices(64, (2, 2), (2,) * 8)[2:]]
+    assert set(starts) == set(range(56))
+
+
 def test_ssl_view_indices_rand_fr_counts():
     views = decoder.ssl_view_indices(256, (4, 8), (2, 2, 4, 4, 8, 8, 16, 16))
     assert [len(v) for v in views] == [4, 8, 2, 2, 4, 4, 8, 8, 16, 16]
