@@ -84,6 +84,20 @@ def test_random_resized_crop_params_respect_scale_and_ratio():
         assert 0.04 < h * w / (256 * 340) < 0.42 and 0.70 < w / h < 1.40
 
 
+def test_random_resized_crop_params_are_torchvisions_for_the_same_seed():
+    # torchvision's RandomResizedCrop rule, draw for draw: area U(scale), log-uniform ratio in [3/4, 4/3], a box up to
+    # the whole side (w <= width), offsets 0 ... side - box inclusive, the centre fallback after 10 attempts.
+    from torchvision.transforms import RandomResizedCrop
+    for (height, width), scale in itertools.product([(256, 340), (340, 256), (10, 10), (12, 30)],
+                                                    [(0.05, 0.4), (0.4, 1.0), (0.9, 1.0)]):
+        for seed in range(40):
+            torch.manual_seed(seed)
+            ours = transform.random_resized_crop_params(height, width, scale)
+            torch.manual_seed(seed)
+            theirs = RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), [3 / 4, 4 / 3])
+            assert ours == tuple(theirs), (height, width, scale, seed)
+
+
 def test_view_params_probabilities_and_jitter_ranges():
     # The original's view recipe (spec 4.1): flip p 0.5, colour jitter p 0.8 with brightness/contrast 0.4 and
     # saturation 0.2 (no hue) in a random order, grayscale p 0.2, ImageNet normalisation. 4000 draws: each
