@@ -110,6 +110,41 @@ def test_run_knn_notes_a_k_larger_than_the_train_bank(capsys):
     assert acc[7] == acc[5]  # the whole bank either way
 
 
+class _Rows(Dataset):
+    """(row, index, label) samples (a ReturnIndexLabelDataset's layout): with an identity backbone the rows are the
+    features."""
+
+    def __init__(self, rows: torch.Tensor, labels: list[int]):
+        self.rows, self.labels = rows, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.rows[index], index, self.labels[index]
+
+
+def test_online_knn_votes_with_l2_normalised_rows():
+    # Bank rows of norms 2, 3 and 4.24 (classes 0, 1, 2): once each row is unit length, query (1, 0.1) is nearest to
+    # class 0's direction and (0.1, 1) to class 1's. Normalising the columns instead (dim 0) sends both to class 2.
+    online = object.__new__(evaluation.OnlineKNN)  # its datasets come from video lists; the vote is what is tested
+    online.device, online.k, online.temperature, online.num_classes = torch.device("cpu"), 1, 0.07, 3
+    bank, queries = torch.tensor([[2.0, 0.0], [0.0, 3.0], [3.0, 3.0]]), torch.tensor([[1.0, 0.1], [0.1, 1.0]])
+    online.loaders = [DataLoader(_Rows(bank, [0, 1, 2]), batch_size=2),
+                      DataLoader(_Rows(queries, [0, 1]), batch_size=2)]
+    online.splits = [("bank list", "advice"), ("query list", "advice")]
+    assert online.evaluate(torch.nn.Identity()) == (100.0, 100.0)
+
+
+def test_accuracy_stats_top5_from_five_classes():
+    # Labels ranked 1st, 5th and 2nd of 5 classes: top-1 1/3, top-5 3/3; with 4 classes no top-5 is reported.
+    scores = torch.tensor([[5.0, 4, 3, 2, 1], [5.0, 4, 3, 2, 1], [1.0, 5, 2, 3, 4]])
+    stats = evaluation.accuracy_stats(scores, torch.tensor([0, 4, 4]), num_labels=5)
+    assert stats == {"acc1": pytest.approx(100 / 3), "acc5": 100.0}
+    assert evaluation.accuracy_stats(scores[:, :4], torch.tensor([0, 3, 3]), num_labels=4) == {
+        "acc1": pytest.approx(100 / 3)}
+
+
 # ------------------------------------------------------------------------------------------------------
 # Gathering and distributed extraction
 # ------------------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ def test_knn_end_to_end_with_dump_and_load(synthetic_root, checkpoint, tmp_path)
     feats = torch.load(tmp_path / "feats" / "trainfeat.pth")
     assert feats.shape == (16, 192)
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(16))
+    torch.testing.assert_close(torch.load(tmp_path / "feats" / "testfeat.pth").norm(dim=1), torch.ones(8))
     assert torch.load(tmp_path / "feats" / "trainlabels.pth").tolist() == [c for c in range(4) for _ in range(4)]
     # Deterministic train bank (val-style clips): a second extraction gives the same features.
     dist.destroy_process_group()
