@@ -361,6 +361,76 @@ def test_decode_streams_are_made_once_and_each_pass_gives_its_threads_distinct_o
 
 
 @pytest.mark.usefixtures("torchcodec_works")
+def test_on_cuda_each_sample_is_made_on_its_threads_stream_and_handed_to_the_current_one(synthetic_cfg,
+                                                                                        monkeypatch):
+    # The stage's CUDA-only branch (_on_stream, _collect), which no CPU device runs: torch.cuda's stream calls are
+    # recorded here (the tensors stay on the CPU). Each sample is decoded and cropped inside its thread's stream
+    # and the stage's device, an event is recorded on that stream after the work, the current stream waits for
+    # every event, and every tensor handed over is recorded on the current stream (else the caching allocator
+    # could reuse its memory while the current stream still reads it).
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    batch = collate_plans([plans[(i % len(plans), 70 + i)] for i in range(3)])[0]
+    expected, _ = DeviceViews(aug.sizes, "cpu")(batch)
+    cuda, local, calls = torch.device("cuda", 0), threading.local(), []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+
+        def record_event(self):
+            event = object()
+            calls.append(("event", self, event))
+            return event
+
+    class Current:
+        def wait_event(self, event):
+            calls.append(("wait", event))
+
+    def within(name, value):
+        class Context:
+            def __enter__(self):
+                setattr(local, name, value)
+
+            def __exit__(self, *exc):
+                setattr(local, name, None)
+        return Context()
+
+    def on(name, real):
+        def call(*args):
+            calls.append((name, getattr(local, "stream", None), getattr(local, "device", None)))
+            return real(*args)
+        return call
+
+    current = Current()
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: within("stream", stream))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: within("device", device))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: current if device == cuda else None)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: calls.append(("handed", stream)))
+    monkeypatch.setattr(device_views, "host_to_device", lambda tensor, device: tensor)
+    real_decode = decoder.decode_on_device
+    monkeypatch.setattr(decoder, "decode_on_device", on("decode", lambda data, indices, info, device, path: real_decode(
+        data, indices, info, "cpu" if device == cuda else device, path)))
+    monkeypatch.setattr(device_views, "crop_and_resize", on("crop", device_views.crop_and_resize))
+    stage = DeviceViews(aug.sizes, "cpu", threads=2)
+    stage.device = cuda  # as built for a CUDA device, without its NVDEC check
+    views, skipped = stage(batch)
+    stage.close()
+    assert all(torch.equal(a, b) for a, b in zip(views, expected)) and skipped.tolist() == [0, 0, 0]
+    work = [c for c in calls if c[0] in ("decode", "crop")]
+    assert len(work) == 6 and all(isinstance(s, Stream) and s.device == cuda and d == cuda for _, s, d in work)
+    for stream in stage._streams:  # on each stream, every sample's decode, then its crops, then its event
+        made = [c[0] for c in calls if c[0] in ("decode", "crop", "event") and c[1] is stream]
+        assert made == ["decode", "crop", "event"] * (len(made) // 3)
+    events = [c[2] for c in calls if c[0] == "event"]
+    waited = [c[1] for c in calls if c[0] == "wait"]
+    assert len(events) == 3 and sorted(map(id, waited)) == sorted(map(id, events))
+    handed = [c for c in calls if c[0] == "handed"]
+    assert len(handed) == 3 * len(aug.sizes) and all(stream is current for _, stream in handed)
+
+
+@pytest.mark.usefixtures("torchcodec_works")
 def test_the_loader_decodes_the_next_batch_while_one_is_trained_on(synthetic_cfg, monkeypatch):
     # One batch ahead: when a batch reaches the training step, the next one's videos are already decoding.
     aug = _aug()
