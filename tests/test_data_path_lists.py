@@ -1,0 +1,83 @@
+"""PathList / PathLists (datasets/path_lists.py): the compact path storage of VideoDataset reads as the lists of
+str it replaces, survives pickling into DataLoader workers, and the datasets hold the paths their lists name."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datasets import build_dataset
+from datasets.path_lists import PathList, PathLists
+from tests.conftest import build_cfg, write_ssv2
+
+PATHS = ["/data/k400/air drumming/a b.mp4", "rel/x.mp4", "", "/data/été/ü.mp4", "/data/日本/動画.mp4",
+         "/data/emoji/\U0001F600.mp4", "last.avi"]
+GROUPS = [["1/000001.jpg", "1/000002.jpg"], ["2/000001.jpg"], [], ["/abs/é/1.jpg", "/abs/é/2.jpg", "/abs/é/3.jpg"]]
+
+
+def test_path_list_reads_as_the_list_it_was_made_of():
+    paths = PathList(PATHS)
+    assert len(paths) == len(PATHS) and list(paths) == PATHS and paths == PATHS and PATHS == paths
+    assert [paths[i] for i in range(len(PATHS))] == PATHS
+    assert [paths[-i] for i in range(1, len(PATHS) + 1)] == [PATHS[-i] for i in range(1, len(PATHS) + 1)]
+    for cut in (slice(None), slice(1, 4), slice(2, 3), slice(3, 3), slice(5, 1), slice(None, None, 2),
+                slice(None, None, -1), slice(-3, None), slice(1, 100)):
+        assert paths[cut] == PATHS[cut], cut
+    assert paths[torch.tensor(3).item()] == PATHS[3] and paths[np.int64(4)] == PATHS[4]
+    assert PATHS[1] in paths and paths.index(PATHS[5]) == 5 and paths != PATHS[:-1] and paths != PATHS[::-1]
+    for bad in (len(PATHS), -len(PATHS) - 1):
+        with pytest.raises(IndexError):
+            paths[bad]
+    assert list(PathList([])) == [] and len(PathList([])) == 0 and PathList([""])[0] == ""
+
+
+def test_a_path_with_a_nul_is_refused_by_name():
+    with pytest.raises(ValueError, match="'a\\\\x00b.mp4' holds a NUL"):
+        PathList(["ok.mp4", "a\0b.mp4"])
+
+
+def test_path_lists_read_as_the_lists_they_were_made_of():
+    lists = PathLists(iter(GROUPS))
+    assert len(lists) == len(GROUPS) and lists == GROUPS
+    for v, group in enumerate(GROUPS):
+        assert lists[v] == group and isinstance(lists[v], list) and lists[v - len(GROUPS)] == group
+    assert lists[1:3] == GROUPS[1:3] and lists[::-1] == GROUPS[::-1]
+    lists[0].append("changed")  # a read is a new list: the storage does not change
+    assert lists[0] == GROUPS[0]
+    with pytest.raises(IndexError):
+        lists[len(GROUPS)]
+
+
+class _Reads(Dataset):
+    """The paths of video i, as a DataLoader worker reads them."""
+
+    def __init__(self, paths, lists):
+        self.paths, self.lists = paths, lists
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.paths[i], self.lists[i % len(self.lists)]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_read_the_same_paths(context):
+    data = _Reads(PathList(PATHS), PathLists(GROUPS))
+    assert pickle.loads(pickle.dumps(data.paths)) == PATHS and pickle.loads(pickle.dumps(data.lists)) == GROUPS
+    loader = DataLoader(data, batch_size=None, num_workers=2, multiprocessing_context=context)
+    assert [(p, g) for p, g in loader] == [(PATHS[i], GROUPS[i % len(GROUPS)]) for i in range(len(PATHS))]
+
+
+def test_datasets_hold_the_paths_of_their_lists(tmp_path, synthetic_cfg):
+    for name, list_dir in (("kinetics400", "annotations"), ("ucf101", "splits")):
+        ds = build_dataset(name, synthetic_cfg(list_dir), "test")
+        assert isinstance(ds.video_paths, PathList) and ds.frame_paths is None
+        assert ds.video_paths == [r["path"] for r in ds.load_data_list()]
+    write_ssv2(tmp_path, num_videos=3, frames=5)
+    ds = build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "train")
+    records = ds.load_data_list()
+    assert ds.video_paths == ["100", "101", "102"] == [r["path"] for r in records]
+    assert ds.frame_paths == [r["frames"] for r in records]
+    assert ds.frame_paths[1] == [str(tmp_path / "frames" / "101" / f"{f:06d}.jpg") for f in range(5)]
