@@ -185,8 +185,9 @@ def tiny_vit(**kw) -> VisionTransformer:
     return VisionTransformer(**{**cfg, **kw}).eval()
 
 
-def _extract_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _extract_worker(rank: int, world: int, init_file: str, out_dir: str, budget: int) -> None:
     # no destroy_process_group, as tests/test_checkpoint.py's _lock_worker (a deadlock before torch 2.8)
+    evaluation.SIM_BUDGET = budget  # rows per gather round: budget // (49 columns * 2 ranks)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     dataset = TinyLabelledClips()
     loader = DataLoader(dataset, sampler=ShardSampler(len(dataset)), batch_size=2)
@@ -194,10 +195,11 @@ def _extract_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
                os.path.join(out_dir, f"rank{rank}.pth"))
 
 
-def test_distributed_extraction_matches_single_process(tmp_path):
+@pytest.mark.parametrize("budget", [evaluation.SIM_BUDGET, 2 * 49 * 2])  # one gather round; 2 rows a round
+def test_distributed_extraction_matches_single_process(tmp_path, budget):
     # forked, not spawned: a spawned child imports this module (eval_linear, torch, ...) again, seconds each
-    mp.start_processes(_extract_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(_extract_worker, args=(2, str(tmp_path / "init"), str(tmp_path), budget), nprocs=2,
+                       join=True, start_method="fork")
     dataset = TinyLabelledClips()
     single, labels = extract_features_and_labels(tiny_vit(), DataLoader(dataset, batch_size=3), torch.device("cpu"))
     with torch.no_grad():

@@ -298,14 +298,15 @@ class ShardSampler(Sampler):
 def gather_rows(local: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
     """Place each rank's row `local[i]` at row `index[i]` of a (total, D) float32 CPU tensor, on every rank.
 
-    Rows travel in chunks (bounded device memory); an index produced twice (padding duplicates) is
-    harmless. Raises when some row of the result was produced by no rank.
+    Rows travel in chunks (bounded device memory) and are written into the result as they arrive (host memory:
+    the result and one chunk, not the result and a copy of every rank's rows); an index produced twice (padding
+    duplicates) is harmless. Raises when some row of the result was produced by no rank.
     """
     local = local.float().cpu()
     index = index.long().cpu()
-    parts = [(local, index)]
     dim = local.shape[1] if local.dim() == 2 else -1
-    if utils.is_dist_avail_and_initialized():
+    distributed = utils.is_dist_avail_and_initialized()
+    if distributed:
         comm = utils.comm_device()
         world = dist.get_world_size()
         meta = torch.tensor([local.shape[0], dim if local.shape[0] else -1], device=comm)
@@ -313,9 +314,20 @@ def gather_rows(local: torch.Tensor, index: torch.Tensor, total: int) -> torch.T
         dist.all_gather(metas, meta)
         longest = max(int(m[0]) for m in metas)
         dim = max(int(m[1]) for m in metas)
-        local = local.reshape(-1, max(dim, 0))
+    if dim < 0:  # every rank alike
+        raise RuntimeError("gather_rows: no rank produced any row (empty dataset?).")
+    out = torch.zeros(total, dim)
+    filled = torch.zeros(total, dtype=torch.bool)
+
+    def place(feats: torch.Tensor, idx: torch.Tensor) -> None:
+        out.index_copy_(0, idx, feats)
+        filled[idx] = True
+
+    if not distributed:
+        place(local, index)
+    else:
+        local = local.reshape(-1, dim)
         rows = max(1, SIM_BUDGET // (max(dim, 1) * world))
-        parts = []
         for start in range(0, longest, rows):
             n = min(rows, longest - start)
             feats = torch.zeros(n, dim, device=comm)
@@ -329,14 +341,7 @@ def gather_rows(local: torch.Tensor, index: torch.Tensor, total: int) -> torch.T
             dist.all_gather(all_idx, idx)
             for f, i in zip(all_feats, all_idx):
                 i = i.cpu()
-                parts.append((f.cpu()[i >= 0], i[i >= 0]))
-    if dim < 0:
-        raise RuntimeError("gather_rows: no rank produced any row (empty dataset?).")
-    out = torch.zeros(total, dim)
-    filled = torch.zeros(total, dtype=torch.bool)
-    for feats, idx in parts:
-        out.index_copy_(0, idx, feats)
-        filled[idx] = True
+                place(f.cpu()[i >= 0], i[i >= 0])
     if not bool(filled.all()):
         missing = (~filled).nonzero().flatten()[:10].tolist()
         raise RuntimeError(f"gather_rows: {int((~filled).sum())} of {total} rows were produced by no rank "
