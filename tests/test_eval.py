@@ -491,6 +491,16 @@ def test_multi_view_leaves_out_skipped_clips_and_videos():
         video_labels(torch.tensor([3, 3, 1, 1, 1, 1]), 3)
 
 
+def test_multi_view_of_fully_decoded_clips_scores_every_video_and_leaves_the_logits_as_they_were():
+    logits = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 0.0], [0.0, 1.0]])  # video 0: [1, 3] -> 1; video 1: [2, 1] -> 0
+    before = logits.clone()
+    for ensemble in ("sum", "softmax"):
+        stats = multi_view_stats(logits, torch.tensor([1, 1, 1, 1]), torch.tensor([1, 1, 1, 1]), num_clips=2,
+                                 ensemble=ensemble, num_labels=2)
+        assert stats["multiview_acc1"] == 50.0 and stats["num_videos"] == 2 and stats["multiview_skipped_clips"] == 0
+        assert torch.equal(logits, before)
+
+
 def test_clip_features_last_blocks_avgpool_and_slowfast():
     model = tiny_vit(depth=3)
     x = torch.randn(2, 3, 2, 32, 32)
