@@ -290,10 +290,10 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
 def _atomic_write(path: str | os.PathLike, write) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, unlike mkstemp's 0o600
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, unlike mkstemp's 0o600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -301,12 +301,11 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            with contextlib.suppress(OSError):  # a folder made read-only since: the error says so
+                os.remove(tmp)
         if isinstance(err, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
             kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
-            raise OSError(f"{path}: could not be written ({err}); {kept}. If the disk is full, free space in "
-                          f"{folder} (df -h {folder}) and run the same command again: it resumes from the last "
-                          f"checkpoint.") from err
+            raise OSError(utils.storage_fault(path, err, kept)) from err
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:

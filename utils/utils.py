@@ -3,6 +3,7 @@ import argparse
 import builtins
 import contextlib
 import datetime
+import errno
 import json
 import os
 import platform
@@ -392,13 +393,54 @@ class MetricLogger:
         print(f"{header} Total time: {total_time} ({(time.time() - start_time) / max(i - start, 1):.4f} s / it)")
 
 
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError in `err`'s chain of causes (torch.save reports a failed write as a RuntimeError whose context
+    is the OSError), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def storage_fault(path: str | os.PathLike, err: BaseException, kept: str) -> str:
+    """The error for a write of `path` that failed with `err`: the file, the cause in words (the disk is full, the
+    folder is not writable, else `err`), what is `kept` and what to do, instead of torch.save's or the OS's message
+    without the folder."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    cause = _os_error(err)
+    code = cause.errno if cause is not None else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        why, fix = f"the disk of {folder} is full: {cause.strerror}", f"Free space in {folder} (df -h {folder})"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why, fix = (f"{folder} is not writable: {cause.strerror}",
+                    f"Make {folder} writable (its permissions, a read-only mount) or pass another output folder")
+    else:
+        why, fix = str(err), f"If the disk is full, free space in {folder} (df -h {folder})"
+    return (f"{path}: could not be written ({why}); {kept}. {fix} and run the same command again (a training run "
+            "resumes from its last checkpoint).")
+
+
 def write_epoch_log(output_dir: str | os.PathLike, stats: dict, writer=None) -> None:
     """On the main process: append `stats` to output_dir/log.txt as one JSON line and, with a tensorboard `writer`,
-    add its numbers as epoch/<key> scalars at step stats["epoch"] (flushed)."""
+    add its numbers as epoch/<key> scalars at step stats["epoch"] (flushed). A failed append (a full disk, a
+    folder made read-only) cuts log.txt back to its earlier lines and raises storage_fault's error."""
     if not is_main_process():
         return
-    with open(os.path.join(output_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(stats) + "\n")
+    path = os.path.join(output_dir, "log.txt")
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+    except OSError as err:
+        if size is not None:
+            with contextlib.suppress(OSError):  # no partial line after the earlier ones
+                os.truncate(path, size)
+        raise OSError(storage_fault(path, err, "its earlier lines are intact" if size else "nothing was written")
+                      ) from err
     if writer is not None:
         for k, v in stats.items():
             if k != "epoch" and isinstance(v, (int, float)):
