@@ -10,6 +10,7 @@ it is left out of the bank and of the queries, and counted as "skipped_videos".
         DATA.PATH_PREFIX data/ucf101/videos
 """
 import argparse
+import glob
 import json
 import os
 
@@ -17,16 +18,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from datasets import DATASETS, build_dataset
-from datasets.video_dataset import sequential_decodes
+from datasets import DATASET_LISTS, DATASETS, build_dataset
+from datasets.video_dataset import sequential_decodes, ssv2_annotation_files
 from models import ARCHS
 from utils import utils
-from utils.evaluation import (ReturnIndexLabelDataset, build_train_bank_dataset, describe_split, drop_unreadable,
-                              extract_features_and_labels, load_backbone, make_loader, note_ssl_view_keys, run_knn,
-                              single_clip_config, unreadable_advice)
+from utils.checkpoint import atomic_save, atomic_write_text
+from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, build_train_bank_dataset, describe_split,
+                              drop_unreadable, extract_features_and_labels, list_fingerprint, load_backbone,
+                              make_loader, note_ssl_view_keys, run_knn, single_clip_config, unreadable_advice)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 DUMP_NAMES = ("trainfeat", "testfeat", "trainlabels", "testlabels")
+RECORD_NAME = "dump_record.json"  # what a dump's features are of (dump_record), beside its four files
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,9 +60,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(changes from run to run).")
     parser.add_argument("--dump_features", default=None,
                         help="Directory where trainfeat.pth, testfeat.pth, trainlabels.pth and "
-                             "testlabels.pth are saved (an earlier dump's four files there are deleted first).")
+                             "testlabels.pth are saved (torch.load reads each), with dump_record.json: the "
+                             "checkpoint, its fingerprint, the lists and the row counts they are of (an earlier "
+                             "dump's files there are deleted first).")
     parser.add_argument("--load_features", default=None,
-                        help="Directory with the four files of --dump_features; skips the extraction.")
+                        help="Directory with the files of --dump_features; skips the extraction. With "
+                             "--pretrained_weights the dump must be of those weights (and of this run's lists, "
+                             "--dataset and --train_aug), else an error; without, the dump's checkpoint is "
+                             "evaluated (named in the output).")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="DataLoader worker processes per GPU (decoding is CPU-bound).")
     parser.add_argument("--seed", default=0, type=int,
@@ -85,8 +93,11 @@ def main(args) -> dict | None:
     utils.check_writable_dir(args.output_dir)
     if args.dump_features:
         utils.check_writable_dir(args.dump_features, "--dump_features")
+    source = {"pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key}
     if args.load_features:
-        train_features, test_features, train_labels, test_labels = load_dumped_features(args.load_features)
+        tensors, record = load_dumped_features(args.load_features)
+        source = check_dump(args.load_features, record, tensors, args, cfg, device)
+        train_features, test_features, train_labels, test_labels = tensors
         sequential = 0
         splits = [(f"the {split} split dumped in --load_features {args.load_features}",
                    "they were dumped so: fix the data, then extract the features again (--dump_features)")
@@ -106,8 +117,7 @@ def main(args) -> dict | None:
         acc = run_knn(train_features, test_features, train_labels, test_labels, args.nb_knn,
                       args.temperature, knn_device)
         results = {
-            "dataset": args.dataset, "pretrained_weights": args.pretrained_weights,
-            "checkpoint_key": args.checkpoint_key, "temperature": args.temperature,
+            "dataset": args.dataset, **source, "temperature": args.temperature,
             "train_aug": args.train_aug, "num_train": int(train_features.shape[0]),
             "num_test": int(test_features.shape[0]), "skipped_videos": skipped, "sequential_decodes": sequential,
             "train_skipped_videos": skipped_train, "val_skipped_videos": skipped_test,
@@ -141,25 +151,55 @@ def extract_feature_pipeline(args, cfg, device: torch.device):
     print(f"Videos decoded sequentially (random access not trusted on them): {sequential}.")
     # Dumped rows stay aligned with the list lines; skipped videos keep label -1 (dropped in main).
     if args.dump_features and utils.is_main_process():
-        dump_features(args.dump_features, (train_features, test_features, train_labels, test_labels))
+        record = dump_record(args, cfg, backbone_fingerprint(model), len(train_labels), len(test_labels))
+        dump_features(args.dump_features, (train_features, test_features, train_labels, test_labels), record)
     splits = [(describe_split(d), unreadable_advice(d)) for d in (dataset_train, dataset_val)]
     return train_features, test_features, train_labels, test_labels, sequential, splits
 
 
-def dump_features(folder: str, tensors: tuple[torch.Tensor, ...]) -> None:
-    """The four tensors of --dump_features (train/test features, train/test labels) as one set: an earlier dump's
-    files go first, so a dump cut short (a kill, a full disk) leaves some missing, which --load_features names,
-    never this run's train features beside an earlier run's (another backbone's) test features."""
+def dump_lists(dataset: str, cfg) -> dict[str, str]:
+    """The files a kNN's labels come from ({name: path}, as utils.evaluation.split_files names them): the train
+    and val lists in DATA.PATH_TO_DATA_DIR and, for SSv2, its annotation JSONs. Read from the config alone: a
+    --load_features run builds no dataset."""
+    root, lists = cfg.DATA.PATH_TO_DATA_DIR, DATASET_LISTS[dataset]
+    files = {"train list": os.path.join(root, lists.train), "val list": os.path.join(root, lists.val)}
+    if lists.frame_folders:
+        files.update({**ssv2_annotation_files(root, "train"), **ssv2_annotation_files(root, "val")})
+    return files
+
+
+def dump_record(args, cfg, fingerprint: str, num_train: int, num_test: int) -> dict:
+    """What the features of a dump are of, saved beside them (RECORD_NAME) and checked by check_dump: the
+    checkpoint (--pretrained_weights, --checkpoint_key, TIMESFORMER.PRETRAINED_MODEL without one) with the
+    backbone's `fingerprint` (utils.evaluation.backbone_fingerprint, as a probe's checkpoint records it), the
+    dataset, its lists (list_fingerprint's digests), the train-bank mode (--train_aug) and the rows of each split."""
+    return {"pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key,
+            "TIMESFORMER.PRETRAINED_MODEL": cfg.TIMESFORMER.PRETRAINED_MODEL, "backbone": fingerprint,
+            "arch": args.arch, "patch_size": args.patch_size, "dataset": args.dataset, "train_aug": args.train_aug,
+            "lists": {name: list_fingerprint(path) for name, path in dump_lists(args.dataset, cfg).items()},
+            "num_train": num_train, "num_test": num_test}
+
+
+def dump_features(folder: str, tensors: tuple[torch.Tensor, ...], record: dict) -> None:
+    """The four tensors of --dump_features (train/test features, train/test labels) as one set with their
+    `record` (dump_record): an earlier dump's files go first, the record is written before the tensors, and each
+    file atomically (utils.checkpoint.atomic_save), so a dump cut short (a kill, a full disk) leaves some of them
+    missing, which --load_features names, never a partial file nor this run's train features beside an earlier
+    run's (another backbone's) test features."""
     os.makedirs(folder, exist_ok=True)
-    for name in DUMP_NAMES:
-        if os.path.isfile(os.path.join(folder, f"{name}.pth")):
-            os.remove(os.path.join(folder, f"{name}.pth"))
+    for name in DUMP_NAMES + (RECORD_NAME,):
+        if os.path.isfile(os.path.join(folder, name if name == RECORD_NAME else f"{name}.pth")):
+            os.remove(os.path.join(folder, name if name == RECORD_NAME else f"{name}.pth"))
+        for tmp in glob.glob(os.path.join(glob.escape(folder), f".{name}*.tmp")):  # of a killed dump
+            os.remove(tmp)
+    atomic_write_text(json.dumps(record, indent=2) + "\n", os.path.join(folder, RECORD_NAME))
     for name, tensor in zip(DUMP_NAMES, tensors):
-        torch.save(tensor.cpu(), os.path.join(folder, f"{name}.pth"))
+        atomic_save(tensor.cpu(), os.path.join(folder, f"{name}.pth"))
 
 
-def load_dumped_features(folder: str):
-    """The four tensors of --dump_features: train/test features, train/test labels."""
+def load_dumped_features(folder: str) -> tuple[tuple[torch.Tensor, ...], dict | None]:
+    """The four tensors of --dump_features (train/test features, train/test labels) and the dump's record (None
+    for a dump of an older svt, which has none)."""
     tensors = []
     for name in DUMP_NAMES:
         path = os.path.join(folder, f"{name}.pth")
@@ -168,7 +208,62 @@ def load_dumped_features(folder: str):
                                     "--dump_features; a dump cut short leaves some of its files out: extract the "
                                     "features again).")
         tensors.append(torch.load(path, map_location="cpu", weights_only=True))
-    return tuple(tensors)
+    record_path = os.path.join(folder, RECORD_NAME)
+    if not os.path.isfile(record_path):
+        return tuple(tensors), None
+    with open(record_path) as f:
+        return tuple(tensors), json.load(f)
+
+
+def check_dump(folder: str, record: dict | None, tensors: tuple[torch.Tensor, ...], args, cfg,
+               device: torch.device) -> dict:
+    """--load_features: the dump's features are scored only as what this run describes. Its files must be one
+    dump's (the rows its record counts), and its record must match --dataset, --train_aug, the lists this run names
+    (those present: compared by content) and, with --pretrained_weights (or TIMESFORMER.PRETRAINED_MODEL), the
+    fingerprint of that backbone, built and loaded here. Returns the checkpoint the results name (the dump's when
+    this run names none). A dump without a record (older svt) loads with a warning."""
+    given = {"pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key}
+    files = ", ".join(f"{name}.pth" for name in DUMP_NAMES)
+    if record is None:
+        print(f"WARNING: --load_features {folder} has no {RECORD_NAME} (a dump of an older svt): nothing tells which "
+              "checkpoint and lists its features are of, so they are scored unchecked as those of this run's "
+              "arguments. Dump them again (--dump_features) to have them checked.")
+        return given
+    rows = {"trainfeat.pth": (tensors[0].shape[0], record["num_train"]), "testfeat.pth": (tensors[1].shape[0],
+            record["num_test"]), "trainlabels.pth": (tensors[2].shape[0], record["num_train"]),
+            "testlabels.pth": (tensors[3].shape[0], record["num_test"])}
+    mixed = [f"{name} has {have} rows, the record {want}" for name, (have, want) in rows.items() if have != want]
+    if mixed:
+        raise ValueError(f"--load_features {folder}: its files are not of one dump ({'; '.join(mixed)}): files of "
+                         f"another dump were copied in. Extract the features again (--dump_features {folder}).")
+    differ = [f"--{key}: dump {record[key]!r}, this run {getattr(args, key)!r}" for key in ("dataset", "train_aug")
+              if record[key] != getattr(args, key)]
+    ours = dump_lists(args.dataset, cfg)
+    for name, saved in record["lists"].items():
+        path = ours.get(name)
+        if path is not None and os.path.isfile(path) and list_fingerprint(path)["sha1"] != saved["sha1"]:
+            differ.append(f"{name}: dump {saved['path']} (sha1 {saved['sha1'][:12]}), this run {path} (another "
+                          "content)")
+    dumped = (f"{record['pretrained_weights']} ({record['checkpoint_key']!r})" if record["pretrained_weights"] else
+              record["TIMESFORMER.PRETRAINED_MODEL"] or "a random init")
+    if args.pretrained_weights or cfg.TIMESFORMER.PRETRAINED_MODEL:
+        model = load_backbone(args.arch, cfg, device, args.pretrained_weights, args.checkpoint_key, args.patch_size)
+        if backbone_fingerprint(model) != record["backbone"]:
+            ours_name = (f"{args.pretrained_weights} ({args.checkpoint_key!r})" if args.pretrained_weights else
+                         cfg.TIMESFORMER.PRETRAINED_MODEL)
+            differ.append(f"backbone: dump {dumped}, sha1 {record['backbone'][:12]}, this run {ours_name}, sha1 "
+                          f"{backbone_fingerprint(model)[:12]} (other weights, or the file changed since)")
+        del model
+    else:
+        print(f"Note: --load_features {folder}: the features are of {dumped} (no --pretrained_weights given: "
+              "the dump's checkpoint is evaluated).")
+        given = {key: record[key] for key in given}
+    if differ:
+        raise ValueError(f"--load_features {folder}: its features ({files}, described by {RECORD_NAME}) are not "
+                         f"those of this run: {'; '.join(differ)}. Scoring them would report them as this run's. "
+                         "Pass the dump's values, or extract this run's features: drop --load_features (with "
+                         "--dump_features DIR to keep them; another DIR keeps this dump).")
+    return given
 
 
 if __name__ == "__main__":

@@ -360,22 +360,105 @@ def test_a_dump_cut_short_never_pairs_its_features_with_an_earlier_dumps(synthet
     common += _data_opts(synthetic_root, "knn_splits")
     knn(["--pretrained_weights", checkpoint, "--output_dir", str(tmp_path / "first")] + common)
     dist.destroy_process_group()
-    save = torch.save
+    save = eval_knn.atomic_save
 
-    def killed_after_trainfeat(obj, path, *args, **kwargs):
+    def killed_after_trainfeat(obj, path):
         if str(path).endswith("testfeat.pth"):
             raise Killed
-        save(obj, path, *args, **kwargs)
+        save(obj, path)
 
-    monkeypatch.setattr(torch, "save", killed_after_trainfeat)
+    monkeypatch.setattr(eval_knn, "atomic_save", killed_after_trainfeat)
     with pytest.raises(Killed):  # random init: other features
         knn(["--output_dir", str(tmp_path / "second")] + common)
     dist.destroy_process_group()
-    assert sorted(p.name for p in (tmp_path / "feats").iterdir()) == ["trainfeat.pth"]
+    assert sorted(p.name for p in (tmp_path / "feats").iterdir()) == ["dump_record.json", "trainfeat.pth"]
     with pytest.raises(FileNotFoundError, match=rf"^--load_features {tmp_path / 'feats'}: testfeat.pth is missing "
                                                 r"\(written by --dump_features; a dump cut short leaves some of its "
                                                 r"files out: extract the features again\)\.$"):
         eval_knn.load_dumped_features(str(tmp_path / "feats"))
+
+
+def test_a_dump_records_what_made_it_and_load_features_refuses_other_weights_or_lists(synthetic_root, checkpoint,
+                                                                                     tmp_path, capsys):
+    """A dump of checkpoint.pth, then checkpoint.pth overwritten by the run that goes on: --load_features with it
+    scored the old features as the new checkpoint's, and with another list or --train_aug as that run's, without a
+    word. Now dump_record.json says what made the dump and a load that disagrees stops, naming the folder, the
+    files and the fix; one without --pretrained_weights evaluates (and names) the dump's checkpoint; a dump of
+    before the record loads with a warning; files of two dumps mixed are named."""
+    weights = tmp_path / "run" / "checkpoint.pth"
+    weights.parent.mkdir()
+    shutil.copy(checkpoint, weights)
+    feats = tmp_path / "feats"
+    common = ["--arch", "vit_tiny", "--nb_knn", "1", "3", "--batch_size_per_gpu", "8", "--num_workers", "0",
+              "--use_cuda", "False"]
+    opts = ["--opts"] + _data_opts(synthetic_root, "knn_splits")
+    dumped = knn(common + ["--pretrained_weights", str(weights), "--output_dir", str(tmp_path / "a"),
+                           "--dump_features", str(feats)] + opts)
+    dist.destroy_process_group()
+    record = json.loads((feats / "dump_record.json").read_text())
+    assert (record["pretrained_weights"], record["checkpoint_key"], record["num_train"], record["num_test"]) == (
+        str(weights), "teacher", 16, 8)
+    assert re.fullmatch("[0-9a-f]{40}", record["backbone"]) and (record["dataset"], record["train_aug"]) == (
+        "ucf101", False)
+    assert {name: value["path"] for name, value in record["lists"].items()} == {
+        "train list": str(synthetic_root / "knn_splits" / "ucf101_train_split_1_videos.txt"),
+        "val list": str(synthetic_root / "knn_splits" / "ucf101_val_split_1_videos.txt")}
+    assert torch.load(feats / "trainfeat.pth", weights_only=True).shape == (16, 192)  # a plain tensor, as before
+    # the same weights: loads; no --pretrained_weights: the dump's checkpoint, named in the results
+    again = knn(common + ["--pretrained_weights", str(weights), "--output_dir", str(tmp_path / "b"),
+                          "--load_features", str(feats)] + opts)
+    assert again["results"] == dumped["results"]
+    dist.destroy_process_group()
+    alone = knn(common + ["--output_dir", str(tmp_path / "c"), "--load_features", str(feats)] + opts)
+    assert (alone["pretrained_weights"], alone["results"]) == (str(weights), dumped["results"])
+    assert f"the features are of {weights} ('teacher')" in capsys.readouterr().out
+    dist.destroy_process_group()
+    # the training run went on and overwrote checkpoint.pth: other weights under the same path
+    ckpt = torch.load(weights, weights_only=False)
+    ckpt["teacher"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["teacher"].items()}
+    torch.save(ckpt, weights)
+    refused = (rf"^--load_features {re.escape(str(feats))}: its features \(trainfeat.pth, testfeat.pth, "
+               r"trainlabels.pth, testlabels.pth, described by dump_record.json\) are not those of this run: {}\. "
+               r"Scoring them would report them as this run's\. Pass the dump's values, or extract this run's "
+               r"features: drop --load_features")
+    with pytest.raises(ValueError, match=refused.format(
+            rf"backbone: dump {re.escape(str(weights))} \('teacher'\), sha1 {record['backbone'][:12]}, this run "
+            rf"{re.escape(str(weights))} \('teacher'\), sha1 [0-9a-f]{{12}} \(other weights, or the file changed "
+            r"since\)")):
+        knn(common + ["--pretrained_weights", str(weights), "--output_dir", str(tmp_path / "d"), "--load_features",
+                      str(feats)] + opts)
+    dist.destroy_process_group()
+    # another val list (a line fewer), and the augmented train bank
+    lists = tmp_path / "lists"
+    shutil.copytree(synthetic_root / "knn_splits", lists)
+    val = lists / "ucf101_val_split_1_videos.txt"
+    val.write_text("".join(val.read_text().splitlines(keepends=True)[:-1]))
+    other = ["--opts", "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(synthetic_root / "videos")] + OPTS
+    with pytest.raises(ValueError, match=refused.format(
+            rf"--train_aug: dump False, this run True; val list: dump {re.escape(str(synthetic_root))}/knn_splits/"
+            rf"ucf101_val_split_1_videos.txt \(sha1 {record['lists']['val list']['sha1'][:12]}\), this run "
+            rf"{re.escape(str(val))} \(another content\)")):
+        knn(common + ["--train_aug", "True", "--output_dir", str(tmp_path / "e"), "--load_features", str(feats)]
+            + other)
+    dist.destroy_process_group()
+    # the 7-video list's testfeat copied over this dump's: files of two dumps
+    knn(common + ["--output_dir", str(tmp_path / "f"), "--dump_features", str(tmp_path / "feats7")] + other)
+    dist.destroy_process_group()
+    mixed = tmp_path / "mixed"
+    shutil.copytree(feats, mixed)
+    shutil.copy(tmp_path / "feats7" / "testfeat.pth", mixed / "testfeat.pth")
+    with pytest.raises(ValueError, match=rf"^--load_features {re.escape(str(mixed))}: its files are not of one dump "
+                                         r"\(testfeat.pth has 7 rows, the record 8\): files of another dump were "
+                                         r"copied in\."):
+        knn(common + ["--output_dir", str(tmp_path / "g"), "--load_features", str(mixed)] + opts)
+    dist.destroy_process_group()
+    # a dump of an older svt (no record) still loads, with a warning
+    (feats / "dump_record.json").unlink()
+    old = knn(common + ["--pretrained_weights", str(weights), "--output_dir", str(tmp_path / "h"),
+                        "--load_features", str(feats)] + opts)
+    assert old["results"] == dumped["results"]
+    assert (f"WARNING: --load_features {feats} has no dump_record.json (a dump of an older svt)"
+            in capsys.readouterr().out)
 
 
 def _lists_with_corrupt_videos(synthetic_root, tmp_path, list_dir: str, names: list[str]):

@@ -2,6 +2,7 @@
 file stays behind, and the error names the file, its folder and the cause in words (README "Reliability"). The
 faults are injected where the OS would raise them: a file write that raises OSError(ENOSPC) under a real torch.save
 (which reports it as a RuntimeError), an os.open / open that raises PermissionError(EACCES)."""
+import argparse
 import errno
 import functools
 import json
@@ -12,9 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import eval_knn
 import models
 import train_ssl
 from tests.test_train import TINY_BACKBONE
+from tests.test_eval_e2e import _data_opts
 from utils import checkpoint, utils
 from utils.checkpoint import atomic_save, atomic_write_text
 
@@ -147,3 +150,30 @@ def test_train_ssl_on_a_disk_that_fills_keeps_the_last_checkpoint_and_log(synthe
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 1
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+
+
+def test_a_knn_dump_on_a_full_disk_leaves_no_partial_file(synthetic_root, tmp_path, monkeypatch):
+    """The disk fills while testfeat.pth is written: the files written before it are whole, none is partial (a
+    truncated testfeat.pth would fail --load_features with a torch error, not the missing-file one), no temporary
+    file stays, and the error names the dump folder and the cause."""
+    feats = tmp_path / "feats"
+    args = ["--arch", "vit_tiny", "--nb_knn", "1", "--batch_size_per_gpu", "8", "--num_workers", "0",
+            "--use_cuda", "False", "--output_dir", str(tmp_path / "out"), "--dump_features", str(feats),
+            "--opts"] + _data_opts(synthetic_root, "knn_splits")
+
+    def fills_at_testfeat(obj, f, *a, **kw):
+        (save_to_a_full_disk if obj.shape[0] == 8 and obj.ndim == 2 else REAL_SAVE)(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", fills_at_testfeat)
+    with pytest.raises(OSError, match=rf"^{re.escape(str(feats / 'testfeat.pth'))}: could not be written \(the disk "
+                                      rf"of {re.escape(str(feats))} is full: No space left on device\); nothing was "
+                                      r"written\."):
+        eval_knn.main(argparse.ArgumentParser(parents=[eval_knn.get_args_parser()]).parse_args(args))
+    monkeypatch.undo()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    assert sorted(os.listdir(feats)) == ["dump_record.json", "trainfeat.pth"]
+    assert torch.load(feats / "trainfeat.pth", weights_only=True).shape == (16, 192)
+    with pytest.raises(FileNotFoundError, match="testfeat.pth is missing"):
+        eval_knn.load_dumped_features(str(feats))
+
