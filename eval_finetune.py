@@ -525,8 +525,10 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     if utils.is_main_process():
         run_dir.tidy_epoch_log(output_dir, start_epoch)
     write_config(args, cfg)
+    if utils.is_main_process() and ckpt is None:  # a start from scratch: not an earlier start's curves in tb/
+        run_dir.set_aside_tensorboard(output_dir)
     del ckpt
-    writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
+    writer = SummaryWriter(str(output_dir / run_dir.TB_NAME)) if utils.is_main_process() else None
     run_dir.write_missing_epoch_line(output_dir, epoch_log, writer)
 
     print(f"Fine-tuning from epoch {start_epoch} to {args.epochs}: {len(train_loader) // args.accum_iter} steps "

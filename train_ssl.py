@@ -248,7 +248,10 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
               f"has {torch.get_num_threads()}: CPU float reductions are summed in another order, so the resumed run "
               "matches an uninterrupted one to ~1e-6, not bit for bit (set OMP_NUM_THREADS to match).")
 
-    state.writer = writer = SummaryWriter(str(output_dir / "tb")) if utils.is_main_process() else None
+    if utils.is_main_process() and not own_checkpoint and not (args.resume_from and run_dir.is_own_numbered(
+            output_dir, args.resume_from)):  # a new run in the folder: not an earlier start's curves in tb/
+        run_dir.set_aside_tensorboard(output_dir)
+    state.writer = writer = SummaryWriter(str(output_dir / run_dir.TB_NAME)) if utils.is_main_process() else None
     knn = None
     if args.knn_freq > 0:
         knn = OnlineKNN(cfg, device, args.knn_dataset, args.knn_data_path, args.knn_path_prefix, args.nb_knn,

@@ -93,6 +93,42 @@ def test_a_start_from_scratch_in_another_runs_folder_is_refused(start, tmp_path,
     assert [r.get("epoch") for r in log_records(out)] == [0, 1, None]
 
 
+class Killed(BaseException):
+    """The process killed at that point (no handler of ours catches a BaseException)."""
+
+
+def test_a_finetune_killed_before_its_first_checkpoint_leaves_its_curves_apart_from_the_rerun(start, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """Killed at its first checkpoint (nothing but tb/ and its config written), the rerun in the same folder added
+    its event file to the killed start's tb/: TensorBoard showed the two starts' train/loss curves as one run. Now
+    the rerun moves the killed start's event files, unchanged, to tb.<time>/ and tb/ holds its own alone."""
+    import eval_finetune
+    out = tmp_path / "out"
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(eval_finetune, "atomic_save", killed)
+    with pytest.raises(Killed):
+        start("eval_finetune", out, "--epochs", "1", "--log_freq", "1")
+    dist.destroy_process_group()
+    monkeypatch.undo()
+    killed_events = {p.name: p.read_bytes() for p in (out / "tb").iterdir()}
+    assert len(killed_events) == 1 and not (out / "log.txt").exists()
+    capsys.readouterr()
+    start("eval_finetune", out, "--epochs", "1")
+    aside = [p for p in out.iterdir() if p.name.startswith("tb.")]
+    assert len(aside) == 1 and re.fullmatch(r"tb\.\d{8}T\d{6}Z", aside[0].name)
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == killed_events
+    own = list((out / "tb").iterdir())
+    assert len(own) == 1 and own[0].name not in killed_events
+    assert (f"Note: {out / 'tb'} held the tensorboard curves of an earlier start that stopped before its first "
+            f"checkpoint: moved them to {aside[0]}") in capsys.readouterr().out
+    # a resume of the run's own checkpoint keeps its curves where they are
+    start("eval_finetune", out, "--epochs", "2")
+    assert [p for p in out.iterdir() if p.name.startswith("tb.")] == aside and (out / "tb" / own[0].name).exists()
+
+
 def test_a_probe_start_next_to_another_evaluations_results_is_refused_and_evaluate_is_not(start, tmp_path):
     """linear_results.json of an --evaluate of another classifier (--lc_pretrained_weights): a training there
     overwrote it at its end. Its refusal names it; --evaluate, which writes only its own results, is not refused
@@ -182,10 +218,6 @@ def test_a_resume_with_other_flags_keeps_the_earlier_config(start, tmp_path, scr
         in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())[flag] == value != first[flag]
     assert not list(out.glob("config.*.yaml"))  # the same config.yaml (eval_finetune): nothing to keep
-
-
-class Killed(BaseException):
-    """The process killed at that point (no handler of ours catches a BaseException)."""
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -352,3 +352,27 @@ def test_the_refusal_names_every_file_a_restart_in_place_must_delete(tmp_path):
     with pytest.raises(FileExistsError, match=r"or delete its log.txt, log.txt.before_resume to start a new run "
                                               r"there.$"):
         run_dir.check_fresh_start(tmp_path)
+
+
+def test_a_start_killed_before_its_first_checkpoint_leaves_its_curves_apart_from_the_rerun(synthetic_root, tmp_path,
+                                                                                         monkeypatch):
+    """train_ssl.py killed at its first checkpoint: the rerun from scratch in that folder added its event file to
+    the killed start's tb/ (TensorBoard showed both starts' curves as one run). Now they move to tb.<time>/."""
+    import train_ssl
+    out = tmp_path / "out"
+    argv = _argv(synthetic_root, out, "--epochs", "1")
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(train_ssl, "atomic_save", killed)
+        with pytest.raises(Killed):
+            _train(m, argv)
+    killed_events = {p.name: p.read_bytes() for p in (out / "tb").iterdir()}
+    assert len(killed_events) == 1 and not (out / "checkpoint.pth").exists()
+    _train(monkeypatch, argv)
+    aside = [p for p in out.iterdir() if p.name.startswith("tb.")]
+    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == killed_events
+    own = list((out / "tb").iterdir())
+    assert len(own) == 1 and own[0].name not in killed_events

@@ -91,6 +91,32 @@ def check_fresh_start(folder: str | os.PathLike, resume_from: str | os.PathLike 
                           f"{', '.join(left_files(folder, results))} to start {run} there.")
 
 
+TB_NAME = "tb"
+TB_EVENTS = "events.out.tfevents.*"  # the files a SummaryWriter writes
+
+
+def set_aside_tensorboard(folder: str | os.PathLike) -> Path | None:
+    """At a start from scratch that check_fresh_start let through (no checkpoint to resume, no log.txt): the
+    tensorboard event files an earlier start killed before its first checkpoint left in `folder`/tb (TensorBoard
+    would show their curves and this run's as one run) move to tb.<UTC time of the newest>/ (a run of its own
+    there), with a note. Only the event files move; returns where, or None when there were none."""
+    tb = Path(folder) / TB_NAME
+    events = sorted(tb.glob(TB_EVENTS)) if tb.is_dir() else []
+    if not events:
+        return None
+    newest = max(event.stat().st_mtime for event in events)
+    stamp = datetime.datetime.fromtimestamp(newest, datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside, n = tb.with_name(f"{TB_NAME}.{stamp}"), 1
+    while aside.exists():
+        aside, n = tb.with_name(f"{TB_NAME}.{stamp}-{n}"), n + 1
+    aside.mkdir()
+    for event in events:
+        os.replace(event, aside / event.name)
+    print(f"Note: {tb} held the tensorboard curves of an earlier start that stopped before its first checkpoint: "
+          f"moved them to {aside}, so that {tb} holds this run's alone.")
+    return aside
+
+
 def _record(line: str) -> dict | None:
     """A log.txt line as its JSON record, or None when it is not one."""
     try:
