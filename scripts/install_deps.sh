@@ -2,7 +2,8 @@
 # Install what svt needs into the active Python environment, but only what is missing.
 # A torch that is already importable is kept (cluster users keep their CUDA build); when torch
 # is missing, constraints.txt pins the versions we test with. Pass "test" to add pytest.
-# torchcodec (the default decoder when it works) needs FFmpeg's shared libraries: installed with apt
+# torchcodec (the default decoder when it works): the release built for the torch there (torchcodec_for_torch.py),
+# none for a torch older than 2.10. It needs FFmpeg's shared libraries: installed with apt
 # when we are root and apt-get exists, otherwise one line says how; without them DATA.DECODING_BACKEND
 # auto falls back to decord, then PyAV.
 # `install_deps.sh --check` installs nothing: it exits 3 naming what is missing of the required packages
@@ -67,6 +68,15 @@ if ! ldconfig -p 2>/dev/null | grep -q "libavcodec\.so"; then
     fi
 fi
 
+# The torchcodec built for the torch there is (each release is built for one torch: scripts/torchcodec_for_torch.py);
+# none for a torch older than 2.10: it is left out, and decoding falls back to decord, then PyAV.
+codec=$("$PYTHON" "$ROOT/scripts/torchcodec_for_torch.py")
+if [[ -z "$codec" ]]; then
+    optional="${optional/torchcodec/}"
+    echo "[install_deps] no torchcodec release svt can use (>= 0.10) is built for this torch (2.10 or newer needed):" \
+         "torchcodec is not installed; DATA.DECODING_BACKEND auto decodes with decord, then PyAV." >&2
+fi
+
 modules="$required $optional"
 if [[ "${1:-}" == "test" ]]; then modules="$modules pytest"; fi
 missing=$(missing_of $modules)
@@ -75,9 +85,15 @@ if [[ -z "$missing" ]]; then
 fi
 echo "[install_deps] missing: $missing -> installing requirements.txt" >&2
 constraint=()
+requirements="$ROOT/requirements.txt"
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     constraint=(-c "$ROOT/constraints.txt")
+else  # requirements.txt with the torchcodec of this torch (pip would take the newest, built for another torch)
+    requirements=$(mktemp)
+    trap 'rm -f "$requirements"' EXIT
+    grep -v '^torchcodec' "$ROOT/requirements.txt" > "$requirements"
+    if [[ -n "$codec" ]]; then echo "$codec" >> "$requirements"; fi
 fi
 extra=()
 if [[ " $missing " == *" pytest "* ]]; then extra=(pytest); fi
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements.txt" "${constraint[@]}" "${extra[@]}"
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -r "$requirements" "${constraint[@]}" "${extra[@]}"

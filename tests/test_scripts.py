@@ -35,6 +35,54 @@ def test_install_deps_refuses_a_torch_older_than_requirements_and_never_replaces
     assert "never replaces a torch you have" in run.stderr
 
 
+def test_the_torchcodec_of_each_torch_is_the_one_built_for_it():
+    """TorchCodec's README table (each release built for one torch) and constraints.txt's tested pair; a torch
+    older than the first torchcodec svt can use (requirements.txt's floor) gets none, a newer one the newest."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import torchcodec_for_torch as pick
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert [pick.requirement(v) for v in ("2.5.1+cu124", "2.9.1", "2.10.0", "2.11.0", "2.13.1", "2.15.0")] == [
+        "", "", "torchcodec==0.10.*", "torchcodec==0.12.*", "torchcodec==0.12.*", "torchcodec>=0.10"]
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert pick.requirement(pins["torch"]) == f"torchcodec=={pins['torchcodec'].rsplit('.', 1)[0]}.*"
+    assert f"torchcodec>={pick.OLDEST}\n" in (ROOT / "requirements.txt").read_text()
+
+
+@pytest.mark.parametrize("torch_version, codec", [("2.5.1", None), ("2.10.1", "torchcodec==0.10.*"),
+                                                  ("2.14.1", "torchcodec==0.17.*")])
+def test_install_deps_installs_the_torchcodec_of_the_torch_there(tmp_path, torch_version, codec):
+    """A torch 2.5.1 kept by install_deps.sh got the newest torchcodec (0.17, built for torch 2.14), which does not
+    load. Now pip is given requirements.txt with the torchcodec of that torch, or none (a note says so). A stand-in
+    python records the pip call (nothing is installed) and reports einops missing; the torch version is the
+    package metadata found first on the path; a stand-in ldconfig finds FFmpeg (no apt)."""
+    dist = tmp_path / f"torch-{torch_version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ldconfig").write_text("#!/bin/sh\necho 'libavcodec.so.61 (libc6,x86-64) => /usr/lib/libavcodec.so.61'\n")
+    (bin_dir / "python").write_text(
+        "#!/bin/bash\n"
+        f'if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "$@" > {tmp_path / "pip_args"}; '
+        f'while [ $# -gt 0 ]; do [ "$1" = "-r" ] && cp "$2" {tmp_path / "requirements.txt"}; shift; done; exit 0; fi\n'
+        'case "$2" in *find_spec*) echo einops; exit 0;; esac\n'
+        f'exec {sys.executable} "$@"\n')
+    for tool in ("ldconfig", "python"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHON": str(bin_dir / "python"),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "install_deps.sh")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "-m pip install" in (tmp_path / "pip_args").read_text()
+    installed = (tmp_path / "requirements.txt").read_text().splitlines()
+    assert [line for line in installed if line.startswith("torchcodec")] == ([codec] if codec else [])
+    assert "timm>=0.9" in installed and "torch>=2.5" in installed
+    assert ("no torchcodec release svt can use (>= 0.10) is built for this torch" in run.stderr) == (codec is None)
+
+
 @pytest.mark.parametrize("script", ["train.sh", "slurm_train.sh", "eval_knn.sh", "eval_linear.sh"])
 def test_launch_script_without_the_packages_stops_naming_install_deps(tmp_path, script):
     python = tmp_path / "python"  # an interpreter without site-packages: no torch, timm, ...
