@@ -16,9 +16,10 @@ import torch.distributed as dist
 import eval_knn
 import models
 import train_ssl
+from tests.test_eval_e2e import OPTS, _data_opts, linear
 from tests.test_train import TINY_BACKBONE
-from tests.test_eval_e2e import _data_opts
-from utils import checkpoint, utils
+from utils import utils
+from utils.parser import load_config_from
 from utils.checkpoint import atomic_save, atomic_write_text
 
 REAL_SAVE = torch.save
@@ -72,7 +73,7 @@ def test_a_full_disk_during_a_checkpoint_write_names_the_folder_and_keeps_the_pr
 def test_a_folder_made_read_only_names_it_instead_of_the_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "log.txt"
     atomic_write_text("earlier\n", path)
-    monkeypatch.setattr(checkpoint.os, "open", denied_tmp(os.open))
+    monkeypatch.setattr(os, "open", denied_tmp(os.open))
     with pytest.raises(OSError, match=rf"^{re.escape(str(path))}: could not be written \({re.escape(str(tmp_path))} "
                                       r"is not writable: Permission denied\); the previous log.txt is intact\. Make "
                                       rf"{re.escape(str(tmp_path))} writable \(its permissions, a read-only mount\) "
@@ -149,6 +150,30 @@ def test_train_ssl_on_a_disk_that_fills_keeps_the_last_checkpoint_and_log(synthe
     assert saves == [1, 2]
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+
+
+def test_eval_linear_on_a_disk_that_fills_keeps_the_last_checkpoint_and_log(synthetic_root, tmp_path, monkeypatch):
+    weights = tmp_path / "backbone.pth"
+    torch.save(models.build_backbone("vit_tiny", load_config_from(None, OPTS)).state_dict(), weights)
+    out = tmp_path / "le"
+    args = ["--arch", "vit_tiny", "--pretrained_weights", str(weights), "--n_last_blocks", "1", "--epochs", "2",
+            "--batch_size_per_gpu", "8", "--num_workers", "0", "--dataset", "ucf101", "--output_dir", str(out),
+            "--opts"] + _data_opts(synthetic_root, "splits")
+
+    def fills_at_epoch_1(obj, f, *a, **kw):
+        (save_to_a_full_disk if obj.get("epoch") == 2 else REAL_SAVE)(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", fills_at_epoch_1)
+    with pytest.raises(OSError, match=rf"^{re.escape(str(out / 'checkpoint.pth.tar'))}: could not be written \(the "
+                                      rf"disk of {re.escape(str(out))} is full: No space left on device\); the "
+                                      r"previous checkpoint.pth.tar is intact\."):
+        linear(args)
+    monkeypatch.undo()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert torch.load(out / "checkpoint.pth.tar", weights_only=False)["epoch"] == 1
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
 
 
