@@ -187,10 +187,10 @@ def dump_features(folder: str, tensors: tuple[torch.Tensor, ...], record: dict) 
     missing, which --load_features names, never a partial file nor this run's train features beside an earlier
     run's (another backbone's) test features."""
     os.makedirs(folder, exist_ok=True)
-    for name in DUMP_NAMES + (RECORD_NAME,):
-        if os.path.isfile(os.path.join(folder, name if name == RECORD_NAME else f"{name}.pth")):
-            os.remove(os.path.join(folder, name if name == RECORD_NAME else f"{name}.pth"))
-        for tmp in glob.glob(os.path.join(glob.escape(folder), f".{name}*.tmp")):  # of a killed dump
+    for name in [f"{name}.pth" for name in DUMP_NAMES] + [RECORD_NAME]:
+        if os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+        for tmp in glob.glob(os.path.join(glob.escape(folder), f".{name}.*.tmp")):  # of a killed dump
             os.remove(tmp)
     atomic_write_text(json.dumps(record, indent=2) + "\n", os.path.join(folder, RECORD_NAME))
     for name, tensor in zip(DUMP_NAMES, tensors):
@@ -247,13 +247,13 @@ def check_dump(folder: str, record: dict | None, tensors: tuple[torch.Tensor, ..
     dumped = (f"{record['pretrained_weights']} ({record['checkpoint_key']!r})" if record["pretrained_weights"] else
               record["TIMESFORMER.PRETRAINED_MODEL"] or "a random init")
     if args.pretrained_weights or cfg.TIMESFORMER.PRETRAINED_MODEL:
-        model = load_backbone(args.arch, cfg, device, args.pretrained_weights, args.checkpoint_key, args.patch_size)
-        if backbone_fingerprint(model) != record["backbone"]:
+        fingerprint = backbone_fingerprint(load_backbone(args.arch, cfg, device, args.pretrained_weights,
+                                                         args.checkpoint_key, args.patch_size))
+        if fingerprint != record["backbone"]:
             ours_name = (f"{args.pretrained_weights} ({args.checkpoint_key!r})" if args.pretrained_weights else
                          cfg.TIMESFORMER.PRETRAINED_MODEL)
             differ.append(f"backbone: dump {dumped}, sha1 {record['backbone'][:12]}, this run {ours_name}, sha1 "
-                          f"{backbone_fingerprint(model)[:12]} (other weights, or the file changed since)")
-        del model
+                          f"{fingerprint[:12]} (other weights, or the file changed since)")
     else:
         print(f"Note: --load_features {folder}: the features are of {dumped} (no --pretrained_weights given: "
               "the dump's checkpoint is evaluated).")
