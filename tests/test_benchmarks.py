@@ -29,3 +29,20 @@ def test_bench_augment_times_the_views_alone(tmp_path):
     report = _run_bench("bench_augment.py", tmp_path / "augment.json", "--videos", "1", "--samples", "2")
     assert report["views"] == {"global_frames": [8, 8], "local_frames": [8] * 8} and report["samples"] == 2
     assert report["ms_per_sample"]["this"]["best"] > 0 and report["minor_page_faults_per_sample"]["this"] >= 0
+
+
+def test_bench_lists_builds_the_dataset_and_reads_each_worker_memory(tmp_path):
+    for layout, as_lists in (("k400", []), ("ssv2", ["--as_lists"])):
+        out = tmp_path / f"{layout}.json"
+        run = subprocess.run([sys.executable, "benchmarks/bench_lists.py", "--layout", layout, "--videos", "50",
+                              "--workers", "1", *as_lists, "--out", str(out)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        report = json.loads(out.read_text())
+        assert (report["layout"], report["videos"], report["workers"], report["samples"]) == (layout, 50, 1, 50)
+        assert report["as_lists"] == bool(as_lists)
+        assert report["path_types"] == (["list", "list"] if as_lists else ["PathList", "NoneType"])
+        assert report["build_s"] > 0 and report["parse_s"] > 0 and report["epoch_s"] > 0
+        assert report["build_peak_mb"] >= 0 and report["rss_after_build_mb"] > 0
+        assert len(report["worker_private_growth_mb"]) == 1 and report["worker_private_growth_mb"][0] >= 0
+    assert 50 * 30 <= report["frames"] <= 50 * 60  # SSv2: 30-60 frames per video
