@@ -123,3 +123,15 @@ def test_no_library_module_imports_an_entry_script():
     for module in [p for folder in ("models", "datasets", "utils") for p in (ROOT / folder).rglob("*.py")]:
         imported = set(re.findall(r"^\s*(?:from|import)\s+(\w+)", module.read_text(), flags=re.M))
         assert not imported & scripts, f"{module.relative_to(ROOT)} imports {sorted(imported & scripts)}"
+
+
+def test_layout_names_every_source_file():
+    """README "Layout" names every module and script (a file of a subfolder such as datasets/preprocessing/ may be
+    named by its folder), so a new file gets its line there."""
+    layout = re.search(r"## Layout\n.*?```\n(.*?)```", README, flags=re.S).group(1)
+    files = [*ROOT.glob("*.py"), *ROOT.glob("*.sh")]
+    files += [p for folder in ("models", "datasets", "utils", "scripts", "benchmarks") for ext in ("py", "sh")
+              for p in (ROOT / folder).rglob(f"*.{ext}") if p.name != "__init__.py"]
+    missing = [str(p.relative_to(ROOT)) for p in files
+               if p.name not in layout and not (p.parent.parent != ROOT and f"{p.parent.name}/" in layout)]
+    assert not missing, f"README Layout does not name {missing}"
