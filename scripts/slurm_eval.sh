@@ -29,7 +29,7 @@ script="${1:?usage: sbatch scripts/slurm_eval.sh scripts/eval_linear.sh|scripts/
 shift
 if [[ -z "${GPUS:-}" && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then export GPUS="$SLURM_GPUS_ON_NODE"; fi
 # jobs packed onto one node (1-GPU probes) each need their own rendezvous port: one from the job id, below Linux's
-# ephemeral ports, instead of the scripts' fixed default (a second job would fail to bind it)
+# ephemeral ports (without MASTER_PORT the scripts' torchrun --standalone takes a free one)
 export MASTER_PORT="${MASTER_PORT:-$((15000 + ${SLURM_JOB_ID:-0} % 15000))}"
 # torchrun kills its processes 30 s after passing on the signal by default: leave them the warning's time (read by
 # torchrun after torch 2.11; 2.11 and older keep 30 s, which 5 steps and a checkpoint usually fit in)
