@@ -135,3 +135,20 @@ def test_layout_names_every_source_file():
     missing = [str(p.relative_to(ROOT)) for p in files
                if p.name not in layout and not (p.parent.parent != ROOT and f"{p.parent.name}/" in layout)]
     assert not missing, f"README Layout does not name {missing}"
+
+
+# Flags the README names that are not svt's: torchrun's and SLURM's, and one it names as removed.
+OTHER_FLAGS = {"--nproc_per_node", "--standalone", "--master_port", "--cpus-per-task", "--signal", "--requeue",
+               "--use_flow"}
+
+
+def test_every_flag_the_readme_names_is_a_programs():
+    """Every `--flag` in the README's prose too (not only its commands) is one that some svt program's
+    `add_argument` declares."""
+    declared = {"--help"}
+    for path in [*ROOT.glob("*.py"), *(p for folder in ("datasets", "utils", "scripts", "benchmarks")
+                                       for p in (ROOT / folder).rglob("*.py"))]:
+        for names in re.findall(r"""add_argument\(\s*((?:["']--[\w-]+["'],\s*)+)""", path.read_text()):
+            declared |= set(re.findall(r"--[\w-]+", names))
+    unknown = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", README)) - declared - OTHER_FLAGS
+    assert not unknown, f"no svt program has {sorted(unknown)}"
