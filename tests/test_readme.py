@@ -112,9 +112,19 @@ def test_readme_config_keys_exist():
         assert key[1] in cfg[key[0]], ".".join(key)
 
 
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (lower case, punctuation dropped, spaces to hyphens)."""
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
 def test_readme_links_exist():
-    for target in re.findall(r"\]\(((?!https?:|#)[^)]+)\)", README):
-        assert (ROOT / target).exists(), target
+    """Links to files exist, and their `#anchor`s (and the README's own) name a heading there."""
+    for target in re.findall(r"\]\(((?!https?:)[^)]+)\)", README):
+        path, _, anchor = target.partition("#")
+        assert not path or (ROOT / path).exists(), target
+        if anchor:
+            assert anchor in _anchors((ROOT / path).read_text() if path else README), target
 
 
 def test_no_library_module_imports_an_entry_script():
