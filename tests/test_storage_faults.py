@@ -122,6 +122,15 @@ def test_a_failed_log_append_keeps_the_earlier_lines_whole_and_names_the_cause(t
     assert (tmp_path / "log.txt").read_text() == before and os.listdir(tmp_path) == ["log.txt"]
 
 
+def test_a_failed_first_log_append_leaves_no_log(tmp_path, monkeypatch):
+    """The disk fills at the first line of a new log.txt: the error says nothing was written, and so it is (a
+    half line left in a new log.txt was glued to the next start's first line)."""
+    monkeypatch.setattr(utils, "open", HalfWritten, raising=False)
+    with pytest.raises(OSError, match=r"full: No space left on device\); nothing was written\. Free space"):
+        utils.write_epoch_log(tmp_path, {"epoch": 0, "train_loss": 1.5})
+    assert os.listdir(tmp_path) == []
+
+
 def test_train_ssl_on_a_disk_that_fills_keeps_the_last_checkpoint_and_log(synthetic_root, tmp_path, monkeypatch):
     """Epoch 0 ends with its checkpoint and log line; the disk fills during epoch 1's checkpoint.pth: the run stops
     naming the folder and the cause, epoch 0's checkpoint (which the rerun resumes) and log line are intact."""

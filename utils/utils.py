@@ -436,9 +436,11 @@ def write_epoch_log(output_dir: str | os.PathLike, stats: dict, writer=None) -> 
         with open(path, "a") as f:
             f.write(json.dumps(stats) + "\n")
     except OSError as err:
-        if size is not None:
-            with contextlib.suppress(OSError):  # no partial line after the earlier ones
+        with contextlib.suppress(OSError):  # no partial line after the earlier ones, nor a log.txt made here
+            if size is not None:
                 os.truncate(path, size)
+            elif os.path.isfile(path):
+                os.remove(path)
         raise OSError(storage_fault(path, err, "its earlier lines are intact" if size else "nothing was written")
                       ) from err
     if writer is not None:
