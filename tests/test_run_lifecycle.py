@@ -206,6 +206,7 @@ def test_a_damaged_own_checkpoint_names_the_newest_readable_numbered_one(finishe
     own.rename(out / "checkpoint.pth.damaged")
     _train(monkeypatch, _argv(synthetic_root, out, "--saveckp_freq", "1", "--resume_from", str(numbered)))
     assert log_records(out) == log_records(finished)
+    assert not list(out.glob("tb.*"))  # the run goes on: its curves stay in tb/
 
 
 def test_resume_from_beside_a_loading_own_checkpoint_is_noted_as_ignored(finished, synthetic_root, tmp_path,
