@@ -1,5 +1,6 @@
 """PathList / PathLists (datasets/path_lists.py): the compact path storage of VideoDataset reads as the lists of
 str it replaces, survives pickling into DataLoader workers, and the datasets hold the paths their lists name."""
+import os
 import pickle
 
 import numpy as np
@@ -9,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datasets import build_dataset
 from datasets.path_lists import PathList, PathLists
+from datasets.video_dataset import load_frame_lists
 from tests.conftest import build_cfg, write_ssv2
 
 PATHS = ["/data/k400/air drumming/a b.mp4", "rel/x.mp4", "", "/data/été/ü.mp4", "/data/日本/動画.mp4",
@@ -81,3 +83,12 @@ def test_datasets_hold_the_paths_of_their_lists(tmp_path, synthetic_cfg):
     assert ds.video_paths == ["100", "101", "102"] == [r["path"] for r in records]
     assert ds.frame_paths == [r["frames"] for r in records]
     assert ds.frame_paths[1] == [str(tmp_path / "frames" / "101" / f"{f:06d}.jpg") for f in range(5)]
+
+
+@pytest.mark.parametrize("prefix", ["", "/data/frames", "/data/frames/", "frames"])
+def test_frame_list_paths_are_joined_to_the_prefix_as_os_path_join_does(tmp_path, prefix):
+    """load_frame_lists' fast join: the prefix and a '/' before a relative path, an absolute path as it is."""
+    (tmp_path / "train.csv").write_text('original_vido_id video_id frame_id path labels\n7 0 0 7/000001.jpg ""\n'
+                                        '7 0 1 /abs/7/000002.jpg ""\n8 1 0 8/000001.jpg ""\n')
+    assert load_frame_lists(str(tmp_path / "train.csv"), prefix) == {
+        "7": [os.path.join(prefix, "7/000001.jpg"), "/abs/7/000002.jpg"], "8": [os.path.join(prefix, "8/000001.jpg")]}
