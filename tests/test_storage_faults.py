@@ -83,6 +83,29 @@ def test_a_folder_made_read_only_names_it_instead_of_the_temporary_file(tmp_path
     assert os.listdir(tmp_path) == ["log.txt"] and path.read_text() == "earlier\n"
 
 
+def test_a_folder_that_cannot_be_made_is_named_and_nothing_is_left(tmp_path, monkeypatch):
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(os, "makedirs", denied)
+    folder = tmp_path / "out"
+    with pytest.raises(OSError, match=rf"^{re.escape(str(folder / 'log.txt'))}: could not be written \("
+                                      rf"{re.escape(str(folder))} is not writable: Permission denied\); nothing was "
+                                      r"written\."):
+        atomic_write_text("later\n", folder / "log.txt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_knn_dump_removes_the_temporary_files_of_a_killed_one(tmp_path):
+    killed = [tmp_path / ".testfeat.pth.123.abcd1234.tmp", tmp_path / ".dump_record.json.123.abcd1234.tmp"]
+    for path in killed:
+        path.write_bytes(b"partial")
+    tensors = (torch.ones(2, 3), torch.ones(1, 3), torch.zeros(2), torch.zeros(1))
+    eval_knn.dump_features(str(tmp_path), tensors, {"num_train": 2})
+    assert sorted(os.listdir(tmp_path)) == ["dump_record.json", "testfeat.pth", "testlabels.pth", "trainfeat.pth",
+                                            "trainlabels.pth"]
+
+
 class HalfWritten:
     """open(..., "a") of a file on a full disk: half of each write reaches the file, then ENOSPC."""
 
