@@ -24,8 +24,9 @@ from models import ARCHS
 from utils import utils
 from utils.checkpoint import atomic_save, atomic_write_text
 from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, build_train_bank_dataset, describe_split,
-                              drop_unreadable, extract_features_and_labels, list_fingerprint, load_backbone,
-                              make_loader, note_ssl_view_keys, run_knn, single_clip_config, unreadable_advice)
+                              drop_unreadable, extract_features_and_labels, load_backbone, make_loader,
+                              note_ssl_view_keys, run_differences, run_knn, run_record, single_clip_config,
+                              unreadable_advice)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 DUMP_NAMES = ("trainfeat", "testfeat", "trainlabels", "testlabels")
@@ -168,15 +169,19 @@ def dump_lists(dataset: str, cfg) -> dict[str, str]:
     return files
 
 
+DUMP_FLAGS = ("dataset", "train_aug")  # the run_record flags a dump's features depend on
+
+
 def dump_record(args, cfg, fingerprint: str, num_train: int, num_test: int) -> dict:
     """What the features of a dump are of, saved beside them (RECORD_NAME) and checked by check_dump: the
     checkpoint (--pretrained_weights, --checkpoint_key, TIMESFORMER.PRETRAINED_MODEL without one) with the
-    backbone's `fingerprint` (utils.evaluation.backbone_fingerprint, as a probe's checkpoint records it), the
-    dataset, its lists (list_fingerprint's digests), the train-bank mode (--train_aug) and the rows of each split."""
+    backbone's `fingerprint` (utils.evaluation.backbone_fingerprint, as a probe's checkpoint records it), the `run`
+    (utils.evaluation.run_record, as a probe's: --dataset, --train_aug, the clip keys and the lists' digests) and the
+    rows of each split."""
     return {"pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key,
             "TIMESFORMER.PRETRAINED_MODEL": cfg.TIMESFORMER.PRETRAINED_MODEL, "backbone": fingerprint,
-            "arch": args.arch, "patch_size": args.patch_size, "dataset": args.dataset, "train_aug": args.train_aug,
-            "lists": {name: list_fingerprint(path) for name, path in dump_lists(args.dataset, cfg).items()},
+            "arch": args.arch, "patch_size": args.patch_size,
+            "run": run_record(args, cfg, DUMP_FLAGS, dump_lists(args.dataset, cfg)),
             "num_train": num_train, "num_test": num_test}
 
 
@@ -218,9 +223,9 @@ def load_dumped_features(folder: str) -> tuple[tuple[torch.Tensor, ...], dict | 
 def check_dump(folder: str, record: dict | None, tensors: tuple[torch.Tensor, ...], args, cfg,
                device: torch.device) -> dict:
     """--load_features: the dump's features are scored only as what this run describes. Its files must be one
-    dump's (the rows its record counts), and its record must match --dataset, --train_aug, the lists this run names
-    (those present: compared by content) and, with --pretrained_weights (or TIMESFORMER.PRETRAINED_MODEL), the
-    fingerprint of that backbone, built and loaded here. Returns the checkpoint the results name (the dump's when
+    dump's (the rows its record counts), and its record's run must match this one's (run_differences: --dataset,
+    --train_aug, the clip keys, the lists found on this machine, by content) and, with --pretrained_weights (or
+    TIMESFORMER.PRETRAINED_MODEL), the fingerprint of that backbone, built and loaded here. Returns the checkpoint the results name (the dump's when
     this run names none). A dump without a record (older svt) loads with a warning."""
     given = {"pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key}
     files = ", ".join(f"{name}.pth" for name in DUMP_NAMES)
@@ -236,14 +241,8 @@ def check_dump(folder: str, record: dict | None, tensors: tuple[torch.Tensor, ..
     if mixed:
         raise ValueError(f"--load_features {folder}: its files are not of one dump ({'; '.join(mixed)}): files of "
                          f"another dump were copied in. Extract the features again (--dump_features {folder}).")
-    differ = [f"--{key}: dump {record[key]!r}, this run {getattr(args, key)!r}" for key in ("dataset", "train_aug")
-              if record[key] != getattr(args, key)]
-    ours = dump_lists(args.dataset, cfg)
-    for name, saved in record["lists"].items():
-        path = ours.get(name)
-        if path is not None and os.path.isfile(path) and list_fingerprint(path)["sha1"] != saved["sha1"]:
-            differ.append(f"{name}: dump {saved['path']} (sha1 {saved['sha1'][:12]}), this run {path} (another "
-                          "content)")
+    lists = {name: path for name, path in dump_lists(args.dataset, cfg).items() if os.path.isfile(path)}
+    differ, _ = run_differences(record["run"], run_record(args, cfg, DUMP_FLAGS, lists), "dump")
     dumped = (f"{record['pretrained_weights']} ({record['checkpoint_key']!r})" if record["pretrained_weights"] else
               record["TIMESFORMER.PRETRAINED_MODEL"] or "a random init")
     if args.pretrained_weights or cfg.TIMESFORMER.PRETRAINED_MODEL:

@@ -398,11 +398,13 @@ def test_a_dump_records_what_made_it_and_load_features_refuses_other_weights_or_
     record = json.loads((feats / "dump_record.json").read_text())
     assert (record["pretrained_weights"], record["checkpoint_key"], record["num_train"], record["num_test"]) == (
         str(weights), "teacher", 16, 8)
-    assert re.fullmatch("[0-9a-f]{40}", record["backbone"]) and (record["dataset"], record["train_aug"]) == (
+    run = record["run"]
+    assert re.fullmatch("[0-9a-f]{40}", record["backbone"]) and (run["--dataset"], run["--train_aug"]) == (
         "ucf101", False)
-    assert {name: value["path"] for name, value in record["lists"].items()} == {
+    assert {name: run[name]["path"] for name in ("train list", "val list")} == {
         "train list": str(synthetic_root / "knn_splits" / "ucf101_train_split_1_videos.txt"),
         "val list": str(synthetic_root / "knn_splits" / "ucf101_val_split_1_videos.txt")}
+    assert run["DATA.NUM_FRAMES"] == 4 and run["DATA.TEST_CROP_SIZE"] == 32
     assert torch.load(feats / "trainfeat.pth", weights_only=True).shape == (16, 192)  # a plain tensor, as before
     # the same weights: loads; no --pretrained_weights: the dump's checkpoint, named in the results
     again = knn(common + ["--pretrained_weights", str(weights), "--output_dir", str(tmp_path / "b"),
@@ -428,6 +430,11 @@ def test_a_dump_records_what_made_it_and_load_features_refuses_other_weights_or_
         knn(common + ["--pretrained_weights", str(weights), "--output_dir", str(tmp_path / "d"), "--load_features",
                       str(feats)] + opts)
     dist.destroy_process_group()
+    # clips of another length than the dump's
+    with pytest.raises(ValueError, match=refused.format("DATA.NUM_FRAMES: dump 4, this run 2")):
+        knn(common + ["--output_dir", str(tmp_path / "d2"), "--load_features", str(feats)] + opts
+            + ["DATA.NUM_FRAMES", "2"])
+    dist.destroy_process_group()
     # another val list (a line fewer), and the augmented train bank
     lists = tmp_path / "lists"
     shutil.copytree(synthetic_root / "knn_splits", lists)
@@ -436,8 +443,8 @@ def test_a_dump_records_what_made_it_and_load_features_refuses_other_weights_or_
     other = ["--opts", "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(synthetic_root / "videos")] + OPTS
     with pytest.raises(ValueError, match=refused.format(
             rf"--train_aug: dump False, this run True; val list: dump {re.escape(str(synthetic_root))}/knn_splits/"
-            rf"ucf101_val_split_1_videos.txt \(sha1 {record['lists']['val list']['sha1'][:12]}\), this run "
-            rf"{re.escape(str(val))} \(another content\)")):
+            rf"ucf101_val_split_1_videos.txt \(sha1 {run['val list']['sha1'][:12]}\), this run "
+            rf"{re.escape(str(val))} \(sha1 [0-9a-f]{{12}}\)")):
         knn(common + ["--train_aug", "True", "--output_dir", str(tmp_path / "e"), "--load_features", str(feats)]
             + other)
     dist.destroy_process_group()

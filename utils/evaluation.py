@@ -112,7 +112,7 @@ def run_record(args, cfg, flags: Sequence[str], lists: dict[str, str]) -> dict:
     the `flags` (argparse names) of `args`, the CLIP_KEYS of `cfg` and the `lists` ({name: list file}) as
     list_fingerprint's digests."""
     run = {f"--{name}": getattr(args, name) for name in flags}
-    for key in CLIP_KEYS + (("DATA.LOCAL_CROP_SIZE",) if args.slowfast_eval else ()):
+    for key in CLIP_KEYS + (("DATA.LOCAL_CROP_SIZE",) if getattr(args, "slowfast_eval", False) else ()):
         node, name = key.split(".")
         run[key] = cfg[node][name]
     run.update({name: list_fingerprint(path) for name, path in lists.items()})
@@ -130,17 +130,10 @@ def split_files(**splits) -> dict[str, str]:
     return files
 
 
-def check_same_run(saved: dict | None, run: dict, path: str, what: str, output_hint: str) -> None:
-    """Resume only the run this command describes (`run_record`): with any other value, resuming would continue
-    another run's training and report its score as this one's. A list counts as the same when its content does
-    (a moved data folder resumes). A file without a run record (the original SVT's, an older svt one) cannot
-    tell: a note.
-    `what`: the kind of run, `output_hint`: how the launch script names another output folder."""
-    if saved is None:
-        print(f"Note: {path} has no run record (dataset, lists, hyper-parameters): an original SVT file or an older "
-              "svt one; resuming it unchecked.")
-        return
-
+def run_differences(saved: dict, run: dict, where: str) -> tuple[list[str], list[str]]:
+    """How a saved `run_record` differs from this command's `run`: ('key: <where> X, this run Y' for each key both
+    hold with other values, the keys of `run` that `saved` lacks). A list counts as the same when its content does
+    (a moved data folder is the same list)."""
     def same(key):
         if isinstance(run[key], dict):
             return saved[key]["sha1"] == run[key]["sha1"]
@@ -150,9 +143,21 @@ def check_same_run(saved: dict | None, run: dict, path: str, what: str, output_h
         return f"{value['path']} (sha1 {value['sha1'][:12]})" if isinstance(value, dict) else repr(value)
 
     saved = {**{key: value for key, value in RECORD_VALUE_BEFORE.items() if key in run}, **saved}
-    differ = [f"{key}: checkpoint {show(saved[key])}, this run {show(run[key])}" for key in run
+    differ = [f"{key}: {where} {show(saved[key])}, this run {show(run[key])}" for key in run
               if key in saved and not same(key)]
-    unchecked = [key for key in run if key not in saved]
+    return differ, [key for key in run if key not in saved]
+
+
+def check_same_run(saved: dict | None, run: dict, path: str, what: str, output_hint: str) -> None:
+    """Resume only the run this command describes (`run_record`): with any other value, resuming would continue
+    another run's training and report its score as this one's (run_differences). A file without a run record (the
+    original SVT's, an older svt one) cannot tell: a note.
+    `what`: the kind of run, `output_hint`: how the launch script names another output folder."""
+    if saved is None:
+        print(f"Note: {path} has no run record (dataset, lists, hyper-parameters): an original SVT file or an older "
+              "svt one; resuming it unchecked.")
+        return
+    differ, unchecked = run_differences(saved, run, "checkpoint")
     if unchecked and not differ:
         print(f"Note: {path}'s run record has no {', '.join(unchecked)} (written by an older svt): resuming "
               "without checking them.")
