@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets import DATASET_LISTS, DATASETS, build_dataset
+from datasets.loader_watchdog import WatchedLoader
 from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_start_iteration
 from datasets.video_dataset import (checkpoint_sequential_videos, replaced_warning, restore_sequential_videos,
                                     sequential_decodes)
@@ -143,6 +144,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="Random seed (head init, data order, augmentation).")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="DataLoader worker processes per GPU (decoding is CPU-bound).")
+    utils.add_decode_timeout_arg(parser)
     utils.add_distributed_args(parser)
     add_config_args(parser)
     return parser
@@ -176,9 +178,10 @@ def build_train_loader(train_set, args, device: torch.device) -> DataLoader:
     the same clips; the loader's own generator keeps its worker-seed draw off the global stream (drop path),
     which a mid-epoch resume restores."""
     sampler = SeededDistributedSampler(train_set, shuffle=True, seed=args.seed)
-    loader = DataLoader(SeededDataset(train_set), sampler=sampler, batch_size=args.batch_size_per_gpu,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                        worker_init_fn=utils.seed_worker, generator=torch.Generator().manual_seed(args.seed))
+    loader = WatchedLoader(SeededDataset(train_set), sampler=sampler, batch_size=args.batch_size_per_gpu,
+                           num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+                           worker_init_fn=utils.seed_worker, generator=torch.Generator().manual_seed(args.seed),
+                           decode_timeout=args.decode_timeout)
     if len(loader) < args.accum_iter:
         raise ValueError(f"{len(train_set)} training videos give {len(loader)} batches per process, fewer than "
                          f"one optimizer step (--accum_iter {args.accum_iter} x --batch_size_per_gpu "
@@ -359,7 +362,8 @@ def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.d
         with utils.autocast_context(precision, device):
             return predict(model, frames).float()
 
-    loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers)
+    loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers,
+                         args.decode_timeout)
     logits, returned = extract_features_and_labels(score, loader, device, check_stop)
     unreadable_videos(dataset, returned)
     if dataset.mode != "test":

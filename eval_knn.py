@@ -71,6 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "evaluated (named in the output).")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="DataLoader worker processes per GPU (decoding is CPU-bound).")
+    utils.add_decode_timeout_arg(parser)
     parser.add_argument("--seed", default=0, type=int,
                         help="Seed of the random-init backbone (no --pretrained_weights).")
     parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS,
@@ -140,7 +141,7 @@ def extract_feature_pipeline(args, cfg, device: torch.device):
     dataset_val = ReturnIndexLabelDataset(build_dataset(args.dataset, cfg, "val"))
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val clips.")
     model = load_backbone(args.arch, cfg, device, args.pretrained_weights, args.checkpoint_key, args.patch_size)
-    train_loader, val_loader = (make_loader(d, args.batch_size_per_gpu, args.num_workers)
+    train_loader, val_loader = (make_loader(d, args.batch_size_per_gpu, args.num_workers, args.decode_timeout)
                                 for d in (dataset_train, dataset_val))
     print("Extracting features for the train set...")
     train_features, train_labels = extract_features_and_labels(model, train_loader, device)

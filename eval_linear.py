@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from datasets import DATASETS, build_dataset
+from datasets.loader_watchdog import WatchedLoader
 from datasets.seeding import SeededDataset, SeededDistributedSampler, resume_start_iteration
 from datasets.video_dataset import (checkpoint_sequential_videos, replaced_warning, restore_sequential_videos,
                                     sequential_decodes)
@@ -83,6 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     utils.add_distributed_args(parser)
     parser.add_argument("--num_workers", default=10, type=int,
                         help="DataLoader worker processes per GPU (decoding is CPU-bound).")
+    utils.add_decode_timeout_arg(parser)
     parser.add_argument("--seed", default=0, type=int,
                         help="Seed of the random-init backbone (no --pretrained_weights) and of the probe training "
                              "(classifier init, clip order; each clip's augmentation is drawn under its own seed, "
@@ -340,9 +342,9 @@ def build_train_loader(train_set, args, device: torch.device) -> DataLoader:
     unless --feature_bn would leave a last batch of one clip (no batch statistics)."""
     sampler = SeededDistributedSampler(train_set, shuffle=True, seed=args.seed)
     drop_last = args.feature_bn and len(sampler) % args.batch_size_per_gpu == 1
-    return DataLoader(SeededDataset(train_set), sampler=sampler, batch_size=args.batch_size_per_gpu,
-                      num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=drop_last,
-                      worker_init_fn=utils.seed_worker)
+    return WatchedLoader(SeededDataset(train_set), sampler=sampler, batch_size=args.batch_size_per_gpu,
+                         num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=drop_last,
+                         worker_init_fn=utils.seed_worker, decode_timeout=args.decode_timeout)
 
 
 def train_one_epoch(model, classifier, optimizer, loader, epoch: int, niter: int, args, device, start_iter: int = 0,
@@ -520,7 +522,8 @@ def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args, device: 
     def score(frames):
         return head(clip_features(model, frames, args.n_last_blocks, args.avgpool_patchtokens))
 
-    loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers)
+    loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers,
+                         args.decode_timeout)
     return extract_features_and_labels(score, loader, device, check_stop)
 
 

@@ -30,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from datasets import build_dataset
 from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans
+from datasets.loader_watchdog import WatchedLoader
 from datasets.seeding import SeededDataset, SeededDistributedSampler, preserved_rng_state, resume_start_iteration
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
 from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_hint, replaced_warning,
@@ -164,6 +165,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         (decoding is CPU-bound: give it cores; with DATA.AUGMENT_DEVICE cuda the workers only decode, with
         DATA.DECODE_DEVICE cuda they only read bytes and draw parameters; log.txt's train_data_wait says whether
         the step waited for them).""")
+    utils.add_decode_timeout_arg(parser)
     utils.add_distributed_args(parser)
 
     # Online kNN on a held-out list
@@ -255,7 +257,7 @@ def train_in_output_dir(args, cfg, device: torch.device, stop_signals: tuple, ex
     knn = None
     if args.knn_freq > 0:
         knn = OnlineKNN(cfg, device, args.knn_dataset, args.knn_data_path, args.knn_path_prefix, args.nb_knn,
-                        args.temperature, args.eval_batch_size_per_gpu, args.num_workers)
+                        args.temperature, args.eval_batch_size_per_gpu, args.num_workers, args.decode_timeout)
 
     # ============ training ... ============
     start_time = time.time()
@@ -590,7 +592,7 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceVi
     dataset = build_dataset("kinetics400", cfg, "train", ssl_aug=transform)
     sampler = SeededDistributedSampler(dataset, seed=args.seed, shuffle=True)
     cuda = device.type == "cuda"
-    loader = DataLoader(
+    loader = WatchedLoader(
         SeededDataset(dataset),
         sampler=sampler,
         batch_size=args.batch_size_per_gpu,
@@ -602,6 +604,7 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceVi
         worker_init_fn=utils.seed_worker,
         # The loader's own generator: creating an iterator never consumes the global RNG.
         generator=torch.Generator().manual_seed(args.seed + utils.get_rank()),
+        decode_timeout=args.decode_timeout,
     )
     if len(loader) == 0:
         raise ValueError(f"{cfg.DATA.PATH_TO_DATA_DIR}/train.csv has {len(dataset)} videos, fewer than one "
@@ -785,8 +788,8 @@ def another_model(path: str | Path, problem: str, flags: list[str]) -> str:
 # Flags a resume takes without a note: those that cannot change the training, those another note covers (the global
 # batch: --batch_size_per_gpu and the world size) and MODEL_FLAGS (read_resume_checkpoint: an error).
 UNNOTED_FLAGS = ("output_dir", "resume_from", "pretrained_rgb", "num_workers", "log_freq", "saveckp_freq",
-                 "saveckp_iters", "dist_url", "dist_timeout", "local_rank", "rank", "gpu", "world_size",
-                 "batch_size_per_gpu", *MODEL_FLAGS)
+                 "saveckp_iters", "dist_url", "dist_timeout", "decode_timeout", "local_rank", "rank", "gpu",
+                 "world_size", "batch_size_per_gpu", *MODEL_FLAGS)
 
 
 def note_changed_flags(saved_args, args, lr_now: float) -> None:

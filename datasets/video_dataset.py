@@ -434,6 +434,7 @@ class VideoDataset(Dataset):
         self.frame_paths = PathLists(r["frames"] for r in records) if self.lists.frame_folders else None
         self.num_videos = len(records)
         self.sequential_videos = torch.zeros(self.num_videos, dtype=torch.int32).share_memory_()
+        self.decode_slots = None  # a WatchedLoader's (datasets/loader_watchdog.py): what its workers read
         self.labels = [y for y in self.video_labels for _ in range(self.num_clips_per_video)]
 
     def load_data_list(self) -> list[dict]:
@@ -600,9 +601,19 @@ class VideoDataset(Dataset):
         return shlex.join(check)
 
     def __getitem__(self, index: int):
+        try:
+            return self._draw(index)
+        finally:
+            if self.decode_slots is not None:
+                self.decode_slots.end()
+
+    def _draw(self, index: int):
+        """The sample `index` (see the module docstring: skipped, replaced or a placeholder when unreadable)."""
         tried = []
         for _ in range(self.num_retries + 1):
             self.num_draws += self.mode == "train"
+            if self.decode_slots is not None:
+                self.decode_slots.begin(index // self.num_clips_per_video)
             try:
                 frames = self._load(index)
             except decoder.DecodeError as err:
@@ -636,6 +647,13 @@ class VideoDataset(Dataset):
                            f"on:\n  {self.check_command()}")
 
 
+def video_dataset_of(dataset) -> VideoDataset | None:
+    """The VideoDataset `dataset` is or wraps (`.dataset`, e.g. SeededDataset, ReturnIndexDataset), or None."""
+    while dataset is not None and not isinstance(dataset, VideoDataset):
+        dataset = getattr(dataset, "dataset", None)
+    return dataset
+
+
 def replaced_warning(header: str, replaced: int, samples: int, dataset=None) -> str | None:
     """The warning of an epoch of `samples` training samples of which `replaced` draws hit an unreadable video
     (None up to REPLACED_WARNING of the draws): the run trains on the readable rest of the list, each video seen
@@ -643,8 +661,7 @@ def replaced_warning(header: str, replaced: int, samples: int, dataset=None) -> 
     draws = samples + replaced
     if not draws or replaced / draws <= REPLACED_WARNING:
         return None
-    while dataset is not None and not isinstance(dataset, VideoDataset):
-        dataset = getattr(dataset, "dataset", None)
+    dataset = video_dataset_of(dataset)
     command = dataset.check_command() if dataset is not None else None
     check = (f"list them with `{command}` and train on its cleaned list" if command else
              "check DATA.PATH_PREFIX and the files of the list (datasets/DATASET.md)")

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from datasets import ReturnIndexDataset, build_dataset
+from datasets.loader_watchdog import WatchedLoader
 from datasets.video_dataset import SKIPPED_LABEL
 from models import build_backbone
 from utils import preemption, utils
@@ -200,11 +201,13 @@ def dataset_labels(dataset) -> torch.Tensor:
     return torch.as_tensor(list(inner.labels), dtype=torch.long)
 
 
-def make_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
-    """Sequential loader over this rank's shard (every sample once across ranks)."""
-    return DataLoader(dataset, sampler=ShardSampler(len(dataset)), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=False,
-                      worker_init_fn=utils.seed_worker, persistent_workers=False)
+def make_loader(dataset, batch_size: int, num_workers: int,
+                decode_timeout: float = utils.DEFAULT_DECODE_TIMEOUT_MIN) -> DataLoader:
+    """Sequential loader over this rank's shard (every sample once across ranks); a batch that does not come
+    within `decode_timeout` minutes stops the run naming the videos being read (datasets/loader_watchdog.py)."""
+    return WatchedLoader(dataset, sampler=ShardSampler(len(dataset)), batch_size=batch_size, shuffle=False,
+                         num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=False,
+                         worker_init_fn=utils.seed_worker, persistent_workers=False, decode_timeout=decode_timeout)
 
 
 def derived_config(cfg, **overrides):
@@ -613,13 +616,14 @@ class OnlineKNN:
     CLS features on a held-out train/val list (the lists of `dataset` in `data_path`)."""
 
     def __init__(self, cfg, device: torch.device, dataset: str, data_path: str, path_prefix: str, k: int,
-                 temperature: float, batch_size: int, num_workers: int):
+                 temperature: float, batch_size: int, num_workers: int,
+                 decode_timeout: float = utils.DEFAULT_DECODE_TIMEOUT_MIN):
         knn_cfg = single_clip_config(derived_config(cfg, DATA__PATH_TO_DATA_DIR=data_path,
                                                     DATA__PATH_PREFIX=path_prefix))
         datasets = (ReturnIndexLabelDataset(build_train_bank_dataset(dataset, knn_cfg)),
                     ReturnIndexLabelDataset(build_dataset(dataset, knn_cfg, "val")))
         self.device, self.k, self.temperature = device, k, temperature
-        self.loaders = [make_loader(ds, batch_size, num_workers) for ds in datasets]
+        self.loaders = [make_loader(ds, batch_size, num_workers, decode_timeout) for ds in datasets]
         self.splits = [(describe_split(ds), unreadable_advice(ds)) for ds in datasets]
         self.num_classes = int(max(int(dataset_labels(ds).max()) for ds in datasets)) + 1
         print(f"Online kNN on {dataset}: {len(datasets[0])} train and {len(datasets[1])} val videos.")

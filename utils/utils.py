@@ -43,6 +43,14 @@ def non_negative_int(value: str) -> int:
     return number
 
 
+def non_negative_float(value: str) -> float:
+    """argparse type of a limit where 0 means off (--decode_timeout)."""
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"{number} is not a number >= 0: give 0 (off) or a positive number")
+    return number
+
+
 def fix_random_seeds(seed: int = 31) -> None:
     """Seed torch (CPU and CUDA), numpy and python's random."""
     torch.manual_seed(seed)
@@ -554,6 +562,21 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
         bounds the start-up rendezvous: every process must have started within this time.""")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="Ignored (torch.distributed.launch passes it; torchrun sets LOCAL_RANK instead).")
+
+
+DEFAULT_DECODE_TIMEOUT_MIN = 15.0
+
+
+def add_decode_timeout_arg(parser: argparse.ArgumentParser) -> None:
+    """--decode_timeout (datasets/loader_watchdog.py), shared by every entry point."""
+    parser.add_argument("--decode_timeout", default=DEFAULT_DECODE_TIMEOUT_MIN, type=non_negative_float,
+                        help="""Minutes a process waits for a batch from its DataLoader workers before it stops with
+        an error naming the videos they are reading, the backend and the fix (a decode that never returns, e.g.
+        decord's get_batch on a few H.264 files, would otherwise hang the run without a word): delete or re-encode
+        that file, or pick another DATA.DECODING_BACKEND, then rerun the same command to resume. Raise it only if
+        one batch legitimately takes longer (long 4K videos decoded sequentially on a slow file system); keep it
+        below --dist_timeout, so that the stuck process is the one that names the video. 0: wait forever. Needs
+        --num_workers >= 1: without workers the decode runs in the training process, where nothing can stop it.""")
 
 
 def slurm_default_port() -> int:

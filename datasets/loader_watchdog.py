@@ -1,0 +1,108 @@
+"""A decode that never returns, named instead of hanging the run. decord's get_batch spins forever in native code
+on some ordinary H.264 files (dmlc/decord issues 269, 373, 375), holding the GIL: no signal handler or timer in the
+worker can end it, and without a limit the training process waits for its batch forever, with no message (a job of
+several processes until --dist_timeout, naming only the rank; its resume reaches the same sample and hangs again).
+
+Each loader worker notes in shared memory which video it reads and since when (`DecodeSlots`: three scalar writes
+per video, read only when a batch is late). `WatchedLoader` waits at most --decode_timeout minutes for each batch
+(the DataLoader's own `timeout`), then stops its workers, kills those still stuck (SIGKILL: the only signal such a
+decode obeys) and raises DecodeHang naming the videos read longest, the backend, how long, and the fix. In a job of
+several processes that rank exits with the error and the launcher stops the others (utils.named_rank_failures hands
+the error to torchrun's summary). The limit needs loader workers: with --num_workers 0 the decode runs in the
+training process itself, where nothing can interrupt it.
+"""
+import shlex
+import time
+
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from datasets.video_dataset import video_dataset_of
+from utils import utils
+
+
+class DecodeHang(TimeoutError):
+    """No batch within --decode_timeout; the message names the videos being read. Not a RuntimeError, which
+    utils.named_rank_failures would take for a failed collective when the message says "timeout"."""
+
+
+class DecodeSlots:
+    """One row per loader worker in shared memory, written by the workers (forked or spawned: it travels with the
+    dataset) and read by the training process: (video index, or -1 between videos; time.time() at its start)."""
+
+    def __init__(self, num_workers: int):
+        self.table = torch.full((num_workers, 2), -1.0, dtype=torch.float64).share_memory_()
+
+    def begin(self, video: int) -> None:
+        """In a loader worker: it starts reading `video` (an index of the dataset's video list). Elsewhere nothing."""
+        worker = get_worker_info()
+        if worker is not None:
+            self.table[worker.id, 1] = time.time()
+            self.table[worker.id, 0] = video
+
+    def end(self) -> None:
+        """In a loader worker: its sample is done."""
+        worker = get_worker_info()
+        if worker is not None:
+            self.table[worker.id, 0] = -1
+
+    def busy(self) -> list[tuple[int, float]]:
+        """(video, seconds since it started) of each worker reading one, the longest first."""
+        now = time.time()
+        return sorted(((int(v), now - t) for v, t in self.table.tolist() if v >= 0), key=lambda row: -row[1])
+
+
+class WatchedLoader(DataLoader):
+    """A DataLoader whose workers report the video each reads and which waits at most `decode_timeout` minutes
+    for a batch (0: forever; no limit without workers), then raises DecodeHang (see the module docstring)."""
+
+    def __init__(self, dataset, *args, decode_timeout: float = utils.DEFAULT_DECODE_TIMEOUT_MIN, **kwargs):
+        workers = kwargs.get("num_workers", 0)
+        super().__init__(dataset, *args, timeout=decode_timeout * 60 if workers else 0, **kwargs)
+        self.videos = video_dataset_of(dataset)
+        self.slots = DecodeSlots(workers) if self.timeout and self.videos is not None else None
+
+    def __iter__(self):
+        if self.slots is None:
+            return super().__iter__()
+        self.videos.decode_slots = self.slots  # before the workers start: they fork or unpickle the dataset
+        return self._watched(super().__iter__())
+
+    def _watched(self, batches):
+        try:
+            yield from batches
+        except RuntimeError as err:
+            if not str(err).startswith("DataLoader timed out after"):  # its `timeout` (a worker's error differs)
+                raise
+            message = self.hang_message()
+            # The workers' shutdown first: it unregisters them from the DataLoader's SIGCHLD check, which would
+            # raise in this process when a worker is killed. It waits 5 s for each and sends SIGTERM, which a
+            # decode that holds the GIL never acts on.
+            batches._shutdown_workers()
+            for worker in batches._workers:
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
+            self._iterator = None  # a persistent one: the next pass starts new workers
+            raise DecodeHang(message) from None
+
+    def hang_message(self) -> str:
+        """What DecodeHang says: the videos read longest and the way on."""
+        busy, data = self.slots.busy(), self.videos.cfg.DATA
+        backend = f"{self.videos.backend} (DATA.DECODING_BACKEND {data.DECODING_BACKEND})"
+        head = f"No batch came from the DataLoader workers within --decode_timeout {self.timeout / 60:g} min"
+        if not busy:
+            return (f"{head}, and none of them is reading a video: they are stuck elsewhere (e.g. in a collate or a "
+                    "file system that stopped answering). If they were only slow, raise --decode_timeout (0: wait "
+                    "forever).")
+        stuck = shlex.quote(self.videos.video_paths[busy[0][0]])
+        rows = "\n".join(f"  {self.videos.video_paths[v]}: {s / 60:.1f} min" for v, s in busy[:3])
+        other = "pyav" if self.videos.backend != "pyav" else "torchcodec"
+        return (f"{head}. The videos the workers are reading, with {backend}, the longest first:\n{rows}\n"
+                f"A decode that never returns is a known failure of some files (decord's get_batch spins forever on "
+                f"a few ordinary H.264 mp4s: dmlc/decord issues 269, 373, 375); the stuck workers were killed. Delete "
+                f"{stuck} (a missing video is skipped and counted like any unreadable one; the list stays as it is) "
+                f"or re-encode it in place (ffmpeg -i {stuck} -c:v libx264 -an fixed.mp4, then move fixed.mp4 over "
+                f"it), or decode with another backend (--opts DATA.DECODING_BACKEND {other}); then rerun the same "
+                "command (a training run resumes from its last checkpoint). If the decode was only slow (long 4K "
+                "videos on a slow file system), raise --decode_timeout (0: wait forever).")
