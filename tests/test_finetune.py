@@ -234,7 +234,7 @@ def test_a_split_without_a_readable_video_is_an_error_not_top1_0(synthetic_root,
     (tmp_path / "ucf101_val_split_1_videos.txt").write_text(f"{bad} 0\n{bad} 1\n")
     cfg = load_config_from(None, OPTS + ["DATA.PATH_TO_DATA_DIR", str(tmp_path), "TEST.NUM_SPATIAL_CROPS", "1"])
     dataset = build_dataset("ucf101", cfg, mode)
-    args = argparse.Namespace(batch_size_per_gpu=4, num_workers=0, num_labels=4, ensemble="sum")
+    args = argparse.Namespace(batch_size_per_gpu=4, num_workers=0, num_labels=4, ensemble="sum", decode_timeout=0)
     with pytest.raises(RuntimeError, match=r"none of the 2 videos of .*ucf101_val_split_1_videos.txt .*could be read"):
         eval_finetune.evaluate(eval_finetune.build_model(_args(released), cfg, 4), dataset, args, None,
                                torch.device("cpu"))
