@@ -226,8 +226,9 @@ def check_dump(folder: str, record: dict | None, tensors: tuple[torch.Tensor, ..
     """--load_features: the dump's features are scored only as what this run describes. Its files must be one
     dump's (the rows its record counts), and its record's run must match this one's (run_differences: --dataset,
     --train_aug, the clip keys, the lists found on this machine, by content) and, with --pretrained_weights (or
-    TIMESFORMER.PRETRAINED_MODEL), the fingerprint of that backbone, built and loaded here. Returns the checkpoint the results name (the dump's when
-    this run names none). A dump without a record (older svt) loads with a warning."""
+    TIMESFORMER.PRETRAINED_MODEL), the fingerprint of that backbone, built and loaded here. Returns the checkpoint
+    the results name (the dump's when this run names none). A dump without a record (older svt) loads with a
+    warning."""
     given = {"pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key}
     files = ", ".join(f"{name}.pth" for name in DUMP_NAMES)
     if record is None:
