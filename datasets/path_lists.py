@@ -7,6 +7,7 @@ memory grows toward the size of the whole list over an epoch (pytorch/pytorch#13
 lists as lists of strings: ~300 MB per worker per epoch, measured on svt). Here the paths are one str, joined by
 NULs, and a numpy array of offsets: a read writes no page of them.
 """
+import ctypes
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -27,6 +28,17 @@ class PathList(Sequence):
             raise ValueError(f"path {bad!r} holds a NUL character, which no file name can hold")
         self._offsets = np.zeros(len(paths) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, paths), dtype=np.int64, count=len(paths)) + 1, out=self._offsets[1:])
+
+    @classmethod
+    def chain(cls, lists: Iterable["PathList"]) -> "PathList":
+        """The paths of `lists` one after the other, joined from their texts: no str per path is made."""
+        lists = [p for p in lists if len(p)]  # an empty one holds no path (and the text "")
+        chained = cls.__new__(cls)
+        chained._text = _SEP.join(p._text for p in lists)
+        lengths = np.concatenate([np.diff(p._offsets) for p in lists]) if lists else np.zeros(0, dtype=np.int64)
+        chained._offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=chained._offsets[1:])  # each difference is a path's length + 1, as in __init__
+        return chained
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -60,13 +72,15 @@ class PathList(Sequence):
 
 class PathLists(Sequence):
     """An immutable sequence of lists of str paths (one list per frame-folder video: its frames in order) held in
-    one PathList; item v is the list of video v's paths, a new list at each read."""
+    one PathList; item v is the list of video v's paths, a new list at each read. Groups that are PathLists
+    are joined from their texts (PathList.chain): building from them holds no str per path."""
 
     def __init__(self, groups: Iterable[Sequence[str]]):
         groups = list(groups)
         self._bounds = np.zeros(len(groups) + 1, dtype=np.int64)
         np.cumsum([len(g) for g in groups], out=self._bounds[1:])
-        self._paths = PathList([p for g in groups for p in g])
+        self._paths = (PathList.chain(groups) if all(isinstance(g, PathList) for g in groups)
+                       else PathList([p for g in groups for p in g]))
 
     def __len__(self) -> int:
         return len(self._bounds) - 1
@@ -88,3 +102,14 @@ class PathLists(Sequence):
 
     def __repr__(self) -> str:
         return f"PathLists({len(self)} lists of {len(self._paths)} paths)"
+
+
+def return_freed_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's malloc_trim; nothing where there is none).
+
+    Building PathLists from SSv2's per-video PathLists frees 169k texts of ~2 KB each: glibc keeps them (~470 MB
+    of RSS) while any later allocation sits above them in its heap."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -42,7 +42,6 @@ import logging
 import os
 import re
 import shlex
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +51,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datasets import decoder, transform
-from datasets.path_lists import PathList, PathLists
+from datasets.path_lists import PathList, PathLists, return_freed_heap
 from utils import utils
 
 logger = logging.getLogger(__name__)
@@ -262,13 +261,15 @@ def parse_list_file(list_file: str, separator: str = " ") -> list[tuple[str, int
     return items
 
 
-def load_frame_lists(csv_file: str, prefix: str) -> dict[str, list[str]]:
-    """{video id: [frame paths in file order]} from a frame-list csv."""
+def load_frame_lists(csv_file: str, prefix: str) -> dict[str, PathList]:
+    """{video id: its frame paths in file order} from a frame-list csv."""
     if not os.path.isfile(csv_file):
         raise FileNotFoundError(f"SSv2 frame list {csv_file} not found; check DATA.PATH_TO_DATA_DIR.")
     # os.path.join(prefix, path) is head + path for a relative path: SSv2's 7.6M train frames read in 6 s, not 12
     head = os.path.join(prefix, "")
-    frames = defaultdict(list)
+    # A video's paths are a list while its lines are read, then a PathList: SSv2's train list (7.6M frames) never
+    # holds a str per frame, which the dataset's one joined text would double (a build peak ~600 MB higher).
+    frames, video, paths = {}, None, []
     with open(csv_file, encoding="utf-8-sig") as f:
         for number, raw in enumerate(f, start=1):
             fields = raw.split()
@@ -277,8 +278,15 @@ def load_frame_lists(csv_file: str, prefix: str) -> dict[str, list[str]]:
             if len(fields) != 5:
                 raise ValueError(f"{csv_file}:{number}: malformed line {raw.strip()!r}; expected 5 space-separated "
                                  f"columns 'original_vido_id video_id frame_id path labels'.")
+            if fields[0] != video:
+                if video is not None:
+                    frames[video] = PathList(paths)
+                video = fields[0]
+                paths = list(frames.get(video, ()))  # a video whose lines resume after another's continues
             path = fields[3]
-            frames[fields[0]].append(path if os.path.isabs(path) else head + path)
+            paths.append(path if os.path.isabs(path) else head + path)
+    if video is not None:
+        frames[video] = PathList(paths)
     return frames
 
 
@@ -436,6 +444,9 @@ class VideoDataset(Dataset):
         self.sequential_videos = torch.zeros(self.num_videos, dtype=torch.int32).share_memory_()
         self.decode_slots = None  # a WatchedLoader's (datasets/loader_watchdog.py): what its workers read
         self.labels = [y for y in self.video_labels for _ in range(self.num_clips_per_video)]
+        if self.lists.frame_folders:
+            del records
+            return_freed_heap()
 
     def load_data_list(self) -> list[dict]:
         """The samples of `self.list_file`: [{"path", "label"}], plus "frames" (the JPEG paths) for frame

@@ -51,6 +51,18 @@ def test_path_lists_read_as_the_lists_they_were_made_of():
         lists[len(GROUPS)]
 
 
+def test_path_lists_of_path_lists_are_joined_from_their_texts():
+    """PathList.chain (what PathLists does with PathList groups, as SSv2's frame lists are) reads as the paths of
+    its lists in turn, empty lists and non-ASCII paths included."""
+    groups = [PathList(g) for g in GROUPS + [[], PATHS]]
+    assert PathList.chain(groups) == [p for g in GROUPS + [PATHS] for p in g]
+    assert PathList.chain([]) == [] and PathList.chain([PathList([]), PathList([])]) == []
+    assert PathList.chain([PathList([""]), PathList(["", "a"])]) == ["", "", "a"]
+    lists = PathLists(groups)
+    assert lists == GROUPS + [[], PATHS] and lists._paths._text == PathLists(GROUPS + [[], PATHS])._paths._text
+    assert np.array_equal(lists._paths._offsets, PathLists(GROUPS + [[], PATHS])._paths._offsets)
+
+
 class _Reads(Dataset):
     """The paths of video i, as a DataLoader worker reads them."""
 
@@ -92,3 +104,14 @@ def test_frame_list_paths_are_joined_to_the_prefix_as_os_path_join_does(tmp_path
                                         '7 0 1 /abs/7/000002.jpg ""\n8 1 0 8/000001.jpg ""\n')
     assert load_frame_lists(str(tmp_path / "train.csv"), prefix) == {
         "7": [os.path.join(prefix, "7/000001.jpg"), "/abs/7/000002.jpg"], "8": [os.path.join(prefix, "8/000001.jpg")]}
+
+
+def test_a_video_whose_frame_lines_resume_after_another_keeps_them_all_in_file_order(tmp_path):
+    """Each video's frames become a PathList when another video's lines start: lines of a video that come back
+    later (not SSv2's order, but a csv may have it) are appended to it, not put in place of it."""
+    lines = [("7", 1), ("8", 1), ("7", 2), ("9", 1), ("7", 3), ("8", 2)]
+    (tmp_path / "val.csv").write_text("".join(f'{v} 0 {k} {v}/{k:06d}.jpg ""\n' for v, k in lines))
+    frames = load_frame_lists(str(tmp_path / "val.csv"), "/f")
+    assert frames == {"7": ["/f/7/000001.jpg", "/f/7/000002.jpg", "/f/7/000003.jpg"],
+                      "8": ["/f/8/000001.jpg", "/f/8/000002.jpg"], "9": ["/f/9/000001.jpg"]}
+    assert all(isinstance(p, PathList) for p in frames.values())
