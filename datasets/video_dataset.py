@@ -438,7 +438,10 @@ class VideoDataset(Dataset):
         records = self.load_data_list()
         # Paths as PathList / PathLists, not lists of str: DataLoader workers reading them copy no memory pages
         self.video_paths = PathList(r["path"] for r in records)
-        self.video_labels = [r["label"] for r in records]
+        # One int object per class, not per video: a worker reading a label writes its reference count, and a
+        # label > 256 parsed per line is an object of its own (K400's 240k: ~2.6 MB of pages each worker copies).
+        classes = {}
+        self.video_labels = [classes.setdefault(r["label"], r["label"]) for r in records]
         self.frame_paths = PathLists(r["frames"] for r in records) if self.lists.frame_folders else None
         self.num_videos = len(records)
         self.sequential_videos = torch.zeros(self.num_videos, dtype=torch.int32).share_memory_()

@@ -97,6 +97,17 @@ def test_datasets_hold_the_paths_of_their_lists(tmp_path, synthetic_cfg):
     assert ds.frame_paths[1] == [str(tmp_path / "frames" / "101" / f"{f:06d}.jpg") for f in range(5)]
 
 
+def test_videos_of_a_class_share_its_label_object(tmp_path):
+    """A worker reading a label writes its reference count: labels > 256 (each line's int, an object of its own)
+    are one object per class, so that an epoch's reads write a few pages, not one per video (240k in K400)."""
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").touch()
+    (tmp_path / "train.csv").write_text("".join(f"{v}.mp4 {y}\n" for v, y in zip("abcdef", [300, 7, 300, 399, 7, 300])))
+    ds = build_dataset("kinetics400", build_cfg(tmp_path, tmp_path / "videos"), "train")
+    assert ds.video_labels == [300, 7, 300, 399, 7, 300] and ds.labels == ds.video_labels
+    assert len({id(y) for y in ds.video_labels}) == 3 and ds.labels[5] is ds.video_labels[0]
+
+
 @pytest.mark.parametrize("prefix", ["", "/data/frames", "/data/frames/", "frames"])
 def test_frame_list_paths_are_joined_to_the_prefix_as_os_path_join_does(tmp_path, prefix):
     """load_frame_lists' fast join: the prefix and a '/' before a relative path, an absolute path as it is."""
