@@ -1,10 +1,17 @@
 """A decode that never returns stops the run with an error naming the video (datasets/loader_watchdog.py): in the
 training loop and in an evaluation loader, for a hang that holds the GIL (as decord's, dmlc/decord #375) and one
-that does not; no loader worker outlives the error, and a loader without a hang yields what a plain one does."""
+that does not; no loader worker outlives the error, and a loader without a hang yields what a plain one does;
+in a 2-process torchrun job the stuck rank's error ends the job and is the one torchrun's summary names."""
 import ctypes
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +19,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from datasets import ReturnIndexDataset, build_dataset, decoder
 from datasets.loader_watchdog import DecodeHang
-from tests.test_fault_tolerance import _tiny_argv, _train_here
+from tests.test_fault_tolerance import ROOT, _set_flag, _tiny_argv, _train_here
 from utils import utils
 from utils.evaluation import make_loader
 
@@ -106,3 +113,77 @@ def test_without_workers_there_is_no_limit_and_the_hang_error_is_no_collective_f
         with utils.named_rank_failures():
             raise DecodeHang("No batch came within --decode_timeout 15 min: x.mp4")
     assert "DecodeHang: No batch came within --decode_timeout 15 min: x.mp4" in (tmp_path / "error.json").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 processes (torchrun, gloo): the loader worker of one rank, or of both, stuck in its first decode
+# ---------------------------------------------------------------------------------------------
+HANG_LAUNCHER = textwrap.dedent("""
+    # train_ssl.py as torchrun runs it, but in the ranks {ranks} each loader worker's first decode never returns
+    # (in libc's sleep, holding the GIL); such a worker writes 'pid path' to hung.<rank>.
+    import os, runpy, sys
+    sys.path.insert(0, {root!r})
+    from datasets import decoder
+    from tests.test_loader_watchdog import _hang_on
+    rank = int(os.environ["RANK"])
+    decoder.open_video = _hang_on(os.path.join({folder!r}, f"hung.{{rank}}"), lambda path: rank in {ranks},
+                                  hold_gil=True)
+    sys.argv[0] = os.path.join({root!r}, "train_ssl.py")
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def _processes_of(launcher: Path) -> list[int]:
+    """Live processes whose command line names `launcher`: torchrun, its ranks and their (forked) loader workers.
+    An exited one that is not reaped yet (a zombie) has an empty command line."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(launcher).encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # it exited meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("ranks", [[1], [0, 1]], ids=["rank_1", "both_ranks"])
+def test_a_decode_that_never_returns_on_a_rank_ends_the_torchrun_job_naming_the_video(synthetic_root, tmp_path,
+                                                                                       ranks):
+    """The stuck rank raises DecodeHang after --decode_timeout (3 s) and exits 1; torchrun stops the other rank
+    (blocked in the first step's all-reduce, or stuck too) and its summary names the video, long before
+    --dist_timeout (30 min: the job would exceed the 120 s limit). No process of the job is left."""
+    launcher = tmp_path / "hang_launcher.py"
+    launcher.write_text(HANG_LAUNCHER.format(root=str(ROOT), folder=str(tmp_path), ranks=ranks))
+    argv = _set_flag(_set_flag(_tiny_argv(synthetic_root, tmp_path / "run"), "--num_workers", "1"),
+                     "--batch_size_per_gpu", "2")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+         "--decode_timeout", TWO_SECONDS_MIN, "--dist_timeout", "30", *argv],
+        env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = torchrun.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for pid in _processes_of(launcher):  # torchrun starts each rank in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        out, _ = torchrun.communicate()
+        pytest.fail(f"the job did not end within 120 s:\n{out[-3000:]}")
+    assert torchrun.returncode == 1, out[-3000:]
+    stuck = {}
+    for rank in ranks:
+        (line,) = (tmp_path / f"hung.{rank}").read_text().splitlines()
+        stuck[rank] = line.split(" ", 1)[1]
+        assert f"[rank{rank}]: datasets.loader_watchdog.DecodeHang: No batch came from the DataLoader workers" in out
+        assert f"[rank{rank}]:   {stuck[rank]}: " in out, out[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("hung.*")) == [f"hung.{rank}" for rank in ranks]
+    # torchrun's closing summary (the first rank to fail, from its error file): the stuck video and the fix
+    summary = out.rsplit("Root Cause (first observed failure):", 1)[1]
+    first = int(summary.split("rank      : ", 1)[1].split(" ", 1)[0])
+    assert first in ranks, summary
+    assert "DecodeHang: No batch came from the DataLoader workers within --decode_timeout" in summary
+    assert f"Delete {stuck[first]} " in summary
+    deadline = time.time() + 30  # a worker of a rank that was not stuck notices its parent's end within 5 s
+    while _processes_of(launcher) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _processes_of(launcher) == []
