@@ -366,12 +366,14 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
 
 def test_short_finetune_fits_a_small_training_set_and_moves_every_weight(synthetic_root, released, teacher, tmp_path):
     """8 videos (2 per class), val = train, no weight decay (so a weight that moves had a gradient), no
-    flip or scale jitter: the recipe's schedule over 14 epochs reaches 100 % on the training videos."""
+    flip or scale jitter: the recipe's schedule over 14 epochs reaches 100 % on the training videos. At
+    --lr 0.04 it does for every --seed 0-7 on torch 2.5.1 and 2.14.1; at 0.16 it ended at 75-87.5 % for some
+    (torch 2.5.1 at seed 0: its drop-path masks are other draws than 2.14's)."""
     data = _lists(synthetic_root, tmp_path, per_class=2, val_is_train=True)
     easy = ["DATA.TRAIN_JITTER_SCALES", "[32,32]", "DATA.RANDOM_FLIP", "False", "TEST.NUM_SPATIAL_CROPS", "1"]
     out = tmp_path / "fit"
     args = ["--arch", "vit_tiny", "--pretrained_weights", released, "--batch_size_per_gpu", "4", "--num_workers",
-            "0", "--lr", "0.16", "--weight_decay", "0", "--epochs", "14", "--val_freq", "100",
+            "0", "--lr", "0.04", "--weight_decay", "0", "--epochs", "14", "--val_freq", "100",
             "--output_dir", str(out), "--opts"] + data + OPTS + easy
     res = finetune(args)
     log = log_records(out)
