@@ -49,12 +49,13 @@ def test_link_dir_refuses_a_folder_without_ffmpeg(tmp_path):
     ("", True),  # an older torchcodec without the flag: imported means loaded
     ("raise RuntimeError('Could not load libtorchcodec')", False),  # an older one without FFmpeg
 ])
-def test_torchcodec_probe_reads_whether_ffmpeg_loaded(tmp_path, ops, finds):
+def test_torchcodec_probe_reads_whether_ffmpeg_loaded(tmp_path, monkeypatch, ops, finds):
     core = tmp_path / "torchcodec" / "_core"
     core.mkdir(parents=True)
     (tmp_path / "torchcodec" / "__init__.py").write_text("")
     (core / "__init__.py").write_text("")
     (core / "ops.py").write_text(ops + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # installed here too (torch < 2.10 gets no torchcodec): probed, not None
     assert pyav_ffmpeg.torchcodec_finds_ffmpeg({**os.environ, "PYTHONPATH": str(tmp_path)}) is finds
 
 
