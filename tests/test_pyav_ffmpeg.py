@@ -1,5 +1,6 @@
 """torchcodec on PyAV's FFmpeg (datasets/pyav_ffmpeg.py): the links, the LD_LIBRARY_PATH they need, and a
 frame-exact decode by torchcodec through them in a fresh process."""
+import importlib
 import json
 import os
 import subprocess
@@ -78,7 +79,7 @@ def test_needed_entries_only_when_torchcodec_lacks_ffmpeg_and_the_links_help(tmp
 @needs_wheel_ffmpeg
 def test_torchcodec_decodes_frame_exact_on_pyavs_ffmpeg(tmp_path):
     try:
-        import torchcodec  # noqa: F401
+        importlib.import_module("torchcodec")
     except ImportError:
         pytest.skip("torchcodec is not installed")
     except OSError as err:  # its library does not load: a release built for another torch (or CUDA) than this one
