@@ -11,6 +11,7 @@ several processes that rank exits with the error and the launcher stops the othe
 the error to torchrun's summary). The limit needs loader workers: with --num_workers 0 the decode runs in the
 training process itself, where nothing can interrupt it.
 """
+import os
 import shlex
 import time
 
@@ -88,21 +89,35 @@ class WatchedLoader(DataLoader):
 
     def hang_message(self) -> str:
         """What DecodeHang says: the videos read longest and the way on."""
-        busy, data = self.slots.busy(), self.videos.cfg.DATA
-        backend = f"{self.videos.backend} (DATA.DECODING_BACKEND {data.DECODING_BACKEND})"
+        busy, videos, data = self.slots.busy(), self.videos, self.videos.cfg.DATA
         head = f"No batch came from the DataLoader workers within --decode_timeout {self.timeout / 60:g} min"
         if not busy:
             return (f"{head}, and none of them is reading a video: they are stuck elsewhere (e.g. in a collate or a "
                     "file system that stopped answering). If they were only slow, raise --decode_timeout (0: wait "
                     "forever).")
-        stuck = shlex.quote(self.videos.video_paths[busy[0][0]])
-        rows = "\n".join(f"  {self.videos.video_paths[v]}: {s / 60:.1f} min" for v, s in busy[:3])
-        other = "pyav" if self.videos.backend != "pyav" else "torchcodec"
-        return (f"{head}. The videos the workers are reading, with {backend}, the longest first:\n{rows}\n"
+        if videos.frame_paths is not None:  # SSv2: an item is a video id whose frames PIL reads, no video file
+            folders = [(os.path.dirname(videos.frame_paths[v][0]), videos.video_paths[v], s) for v, s in busy]
+            rows = "\n".join(f"  {folder} (video {vid}): {s / 60:.1f} min" for folder, vid, s in folders[:3])
+            stuck = shlex.quote(folders[0][0])
+            return (f"{head}. The frame folders the workers are reading (JPEG frames, with PIL), the longest first:"
+                    f"\n{rows}\nA JPEG read that never returns is a file system that stopped answering (a network "
+                    f"or FUSE mount); the stuck workers were killed. Check that the first folder's frames can be read "
+                    f"(cat {stuck}/* > /dev/null), then rerun the same command (a training run resumes from its last "
+                    "checkpoint). If the reads were only slow, raise --decode_timeout (0: wait forever).")
+        if videos.ssl_plans and not videos.decode_plans:  # the workers probe and read bytes; the GPU decodes
+            reader = "PyAV (its probe and a read of the bytes: DATA.DECODE_DEVICE cuda)"
+            switch = "decode on the CPU (--opts DATA.DECODE_DEVICE cpu)"
+        else:
+            other = "pyav" if videos.backend != "pyav" else "torchcodec"
+            reader = f"{videos.backend} (DATA.DECODING_BACKEND {data.DECODING_BACKEND})"
+            switch = f"decode with another backend (--opts DATA.DECODING_BACKEND {other})"
+        stuck = shlex.quote(videos.video_paths[busy[0][0]])
+        rows = "\n".join(f"  {videos.video_paths[v]}: {s / 60:.1f} min" for v, s in busy[:3])
+        return (f"{head}. The videos the workers are reading, with {reader}, the longest first:\n{rows}\n"
                 f"A decode that never returns is a known failure of some files (decord's get_batch spins forever on "
                 f"a few ordinary H.264 mp4s: dmlc/decord issues 269, 373, 375); the stuck workers were killed. Delete "
                 f"{stuck} (a missing video is skipped and counted like any unreadable one; the list stays as it is) "
                 f"or re-encode it in place (ffmpeg -i {stuck} -c:v libx264 -an fixed.mp4, then move fixed.mp4 over "
-                f"it), or decode with another backend (--opts DATA.DECODING_BACKEND {other}); then rerun the same "
-                "command (a training run resumes from its last checkpoint). If the decode was only slow (long 4K "
-                "videos on a slow file system), raise --decode_timeout (0: wait forever).")
+                f"it), or {switch}; then rerun the same command (a training run resumes from its last checkpoint). If "
+                "the decode was only slow (long 4K videos on a slow file system), raise --decode_timeout (0: wait "
+                "forever).")

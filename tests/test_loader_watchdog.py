@@ -18,7 +18,10 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from datasets import ReturnIndexDataset, build_dataset, decoder
-from datasets.loader_watchdog import DecodeHang
+from datasets.loader_watchdog import DecodeHang, WatchedLoader
+from datasets.seeding import SeededDataset
+from datasets.transform import VideoDataAugmentationDINO
+from tests.conftest import build_cfg, write_ssv2
 from tests.test_fault_tolerance import ROOT, _set_flag, _tiny_argv, _train_here
 from utils import utils
 from utils.evaluation import make_loader
@@ -45,7 +48,7 @@ def _hang_on(record, should_hang, hold_gil: bool):
 
 def _listed(message: str) -> dict[str, float]:
     """{path: minutes} of the videos a DecodeHang message lists, checked to be in order, the longest first."""
-    rows = message.split("the longest first:\n", 1)[1].split("\nA decode", 1)[0].splitlines()
+    rows = message.split("the longest first:\n", 1)[1].split("\nA ", 1)[0].splitlines()
     minutes = [float(row.rsplit(": ", 1)[1].removesuffix(" min")) for row in rows]
     assert minutes == sorted(minutes, reverse=True)
     return {row.strip().rsplit(": ", 1)[0]: m for row, m in zip(rows, minutes)}
@@ -187,3 +190,34 @@ def test_a_decode_that_never_returns_on_a_rank_ends_the_torchrun_job_naming_the_
     while _processes_of(launcher) and time.time() < deadline:
         time.sleep(0.5)
     assert _processes_of(launcher) == []
+
+
+def _message_of(dataset, busy_video: int) -> str:
+    """The DecodeHang message of a watched loader over `dataset` whose one worker reads `busy_video` since 90 s."""
+    loader = WatchedLoader(dataset, batch_size=2, num_workers=1, decode_timeout=1)
+    loader.slots.table[0] = torch.tensor([busy_video, time.time() - 90], dtype=torch.float64)
+    return loader.hang_message()
+
+
+def test_a_stuck_frame_folder_is_named_as_a_folder_of_jpeg_frames_not_as_a_video_to_re_encode(tmp_path):
+    """SSv2's samples are folders of JPEGs read with PIL: the message names the folder (its list item is a video
+    id, no file) and no video advice (delete, ffmpeg, DATA.DECODING_BACKEND: none applies to a JPEG read)."""
+    write_ssv2(tmp_path)
+    dataset = build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "val")
+    message = _message_of(dataset, 1)
+    folder = str(tmp_path / "frames" / "101")
+    assert _listed(message) == {f"{folder} (video 101)": 1.5}
+    assert "JPEG frames" in message and f"cat {folder}/*" in message and "--decode_timeout" in message
+    assert "ffmpeg" not in message and "DECODING_BACKEND" not in message and "Delete" not in message
+
+
+def test_workers_that_only_probe_and_read_bytes_are_named_so(synthetic_cfg):
+    """DATA.DECODE_DEVICE cuda: the workers probe each video with PyAV and read its bytes (the GPU decodes it), so
+    the message names PyAV, not DATA.DECODING_BACKEND, and offers the CPU decode instead of another backend."""
+    aug = VideoDataAugmentationDINO(global_size=32, local_size=16, global_frames=(4, 8),
+                                    local_frames=(2, 2, 4, 4, 8, 8, 16, 16))
+    plans = build_dataset("kinetics400", synthetic_cfg(**{"DATA.DECODE_DEVICE": "cuda"}), "train", ssl_aug=aug)
+    message = _message_of(SeededDataset(plans), 2)
+    assert _listed(message) == {plans.video_paths[2]: 1.5}
+    assert "with PyAV (its probe and a read of the bytes: DATA.DECODE_DEVICE cuda)" in message
+    assert "--opts DATA.DECODE_DEVICE cpu" in message and "DATA.DECODING_BACKEND" not in message
