@@ -5,8 +5,8 @@ several processes until --dist_timeout, naming only the rank; its resume reaches
 
 Each loader worker notes in shared memory which video it reads and since when (`DecodeSlots`: three scalar writes
 per video, read only when a batch is late). `WatchedLoader` waits at most --decode_timeout minutes for each batch
-(the DataLoader's own `timeout`), then stops its workers, kills those still stuck (SIGKILL: the only signal such a
-decode obeys) and raises DecodeHang naming the videos read longest, the backend, how long, and the fix. In a job of
+(the DataLoader's own `timeout`), then stops its workers, ends those still stuck (torch's SIGTERM, SIGKILL if that
+failed) and raises DecodeHang naming the videos read longest, the backend, how long, and the fix. In a job of
 several processes that rank exits with the error and the launcher stops the others (utils.named_rank_failures hands
 the error to torchrun's summary). The limit needs loader workers: with --num_workers 0 the decode runs in the
 training process itself, where nothing can interrupt it.
@@ -77,8 +77,9 @@ class WatchedLoader(DataLoader):
                 raise
             message = self.hang_message()
             # The workers' shutdown first: it unregisters them from the DataLoader's SIGCHLD check, which would
-            # raise in this process when a worker is killed. It waits 5 s for each and sends SIGTERM, which a
-            # decode that holds the GIL never acts on.
+            # raise in this process when a worker is killed. It waits 5 s for each, then sends SIGTERM, which
+            # torch's handler in the worker obeys in C (_exit), GIL or not (measured on torch 2.14: a worker in a
+            # GIL-holding sleep ends at once); SIGKILL for any that outlived it.
             batches._shutdown_workers()
             for worker in batches._workers:
                 if worker.is_alive():

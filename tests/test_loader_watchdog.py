@@ -31,8 +31,8 @@ TWO_SECONDS_MIN = "0.033"  # --decode_timeout in minutes
 
 def _hang_on(record, should_hang, hold_gil: bool):
     """decoder.open_video that, in a loader worker, appends 'pid path' to `record` and never returns when
-    `should_hang(path)`: in libc's sleep holding the GIL (nothing but SIGKILL ends it), or waiting on an event
-    that never fires."""
+    `should_hang(path)`: in libc's sleep holding the GIL (no Python signal handler runs; torch's C handler of
+    SIGTERM ends it), or waiting on an event that never fires."""
     real = decoder.open_video
 
     def open_video(path, backend="auto"):
