@@ -2,6 +2,7 @@
 training loop and in an evaluation loader, for a hang that holds the GIL (as decord's, dmlc/decord #375) and one
 that does not; no loader worker outlives the error, and a loader without a hang yields what a plain one does;
 in a 2-process torchrun job the stuck rank's error ends the job and is the one torchrun's summary names."""
+import argparse
 import ctypes
 import multiprocessing
 import os
@@ -221,3 +222,18 @@ def test_workers_that_only_probe_and_read_bytes_are_named_so(synthetic_cfg):
     assert _listed(message) == {plans.video_paths[2]: 1.5}
     assert "with PyAV (its probe and a read of the bytes: DATA.DECODE_DEVICE cuda)" in message
     assert "--opts DATA.DECODE_DEVICE cpu" in message and "DATA.DECODING_BACKEND" not in message
+
+
+def test_a_decode_timeout_too_long_for_the_loader_is_refused_when_parsed():
+    """A DataLoader wait above 2**31 ms (~35,791 min; 'inf' too) raises OverflowError at the first batch, deep in
+    multiprocessing, after the whole setup: --decode_timeout refuses it when parsed, with the way to wait
+    forever; the largest value it takes is a wait the loader accepts."""
+    parser = argparse.ArgumentParser()
+    utils.add_decode_timeout_arg(parser)
+    assert parser.parse_args(["--decode_timeout", "0"]).decode_timeout == 0
+    for value in ("inf", "nan", "-1", "1e6", f"{utils.MAX_DECODE_TIMEOUT_MIN + 1}"):
+        with pytest.raises(argparse.ArgumentTypeError, match="0: wait forever"):
+            utils.decode_timeout_minutes(value)
+    longest = parser.parse_args(["--decode_timeout", str(utils.MAX_DECODE_TIMEOUT_MIN)]).decode_timeout
+    batches = list(WatchedLoader(list(range(4)), batch_size=2, num_workers=1, decode_timeout=longest))
+    assert [b.tolist() for b in batches] == [[0, 1], [2, 3]]

@@ -43,11 +43,16 @@ def non_negative_int(value: str) -> int:
     return number
 
 
-def non_negative_float(value: str) -> float:
-    """argparse type of a limit where 0 means off (--decode_timeout)."""
+# A DataLoader wait above 2**31 ms (35,791 min) overflows (OverflowError at the first batch; 'inf' alike).
+MAX_DECODE_TIMEOUT_MIN = 35000
+
+
+def decode_timeout_minutes(value: str) -> float:
+    """argparse type of --decode_timeout: minutes in [0, MAX_DECODE_TIMEOUT_MIN], 0 meaning no limit."""
     number = float(value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"{number} is not a number >= 0: give 0 (off) or a positive number")
+    if not 0 <= number <= MAX_DECODE_TIMEOUT_MIN:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of minutes from 0 to {MAX_DECODE_TIMEOUT_MIN} "
+                                         "(the longest wait a DataLoader takes); 0: wait forever")
     return number
 
 
@@ -569,7 +574,7 @@ DEFAULT_DECODE_TIMEOUT_MIN = 15.0
 
 def add_decode_timeout_arg(parser: argparse.ArgumentParser) -> None:
     """--decode_timeout (datasets/loader_watchdog.py), shared by every entry point."""
-    parser.add_argument("--decode_timeout", default=DEFAULT_DECODE_TIMEOUT_MIN, type=non_negative_float,
+    parser.add_argument("--decode_timeout", default=DEFAULT_DECODE_TIMEOUT_MIN, type=decode_timeout_minutes,
                         help="""Minutes a process waits for a batch from its DataLoader workers before it stops with
         an error naming the videos they are reading, the backend and the fix (a decode that never returns, e.g.
         decord's get_batch on a few H.264 files, would otherwise hang the run without a word): delete or re-encode
