@@ -62,13 +62,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dump_features", default=None,
                         help="Directory where trainfeat.pth, testfeat.pth, trainlabels.pth and "
                              "testlabels.pth are saved (torch.load reads each), with dump_record.json: the "
-                             "checkpoint, its fingerprint, the lists and the row counts they are of (an earlier "
-                             "dump's files there are deleted first).")
+                             "checkpoint, its fingerprint, the lists, the clip keys and the row counts they are of "
+                             "(an earlier dump's files there are deleted first).")
     parser.add_argument("--load_features", default=None,
-                        help="Directory with the files of --dump_features; skips the extraction. With "
-                             "--pretrained_weights the dump must be of those weights (and of this run's lists, "
-                             "--dataset and --train_aug), else an error; without, the dump's checkpoint is "
-                             "evaluated (named in the output).")
+                        help="Directory with the files of --dump_features; skips the extraction. The dump must "
+                             "be of this run's lists, clip keys, --dataset and --train_aug and, with "
+                             "--pretrained_weights, of those weights, else an error; without --pretrained_weights "
+                             "the dump's checkpoint is evaluated (named in the output).")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="DataLoader worker processes per GPU (decoding is CPU-bound).")
     utils.add_decode_timeout_arg(parser)
