@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what svt needs into the active Python environment, but only what is missing.
 # A torch that is already importable is kept (cluster users keep their CUDA build); when torch
-# is missing, constraints.txt pins the versions we test with. Pass "test" to add pytest.
+# is missing, constraints.txt pins the versions we test with. Pass "test" to add pytest and pytest-xdist.
 # torchcodec (the default decoder when it works): the release built for the torch there (torchcodec_for_torch.py),
 # none for a torch older than 2.10. It needs FFmpeg's shared libraries: installed with apt
 # when we are root and apt-get exists, otherwise one line says how; without them DATA.DECODING_BACKEND
@@ -78,7 +78,7 @@ if [[ -z "$codec" ]]; then
 fi
 
 modules="$required $optional"
-if [[ "${1:-}" == "test" ]]; then modules="$modules pytest"; fi
+if [[ "${1:-}" == "test" ]]; then modules="$modules pytest xdist"; fi
 missing=$(missing_of $modules)
 if [[ -z "$missing" ]]; then
     exit 0
@@ -96,4 +96,5 @@ else  # requirements.txt with the torchcodec of this torch (pip would take the n
 fi
 extra=()
 if [[ " $missing " == *" pytest "* ]]; then extra=(pytest); fi
+if [[ " $missing " == *" xdist "* ]]; then extra+=(pytest-xdist); fi
 "$PYTHON" -m pip install --quiet --disable-pip-version-check -r "$requirements" "${constraint[@]}" "${extra[@]}"

@@ -147,9 +147,9 @@ def test_layout_names_every_source_file():
     assert not missing, f"README Layout does not name {missing}"
 
 
-# Flags the README names that are not svt's: torchrun's and SLURM's, and one it names as removed.
+# Flags the README names that are not svt's: torchrun's, SLURM's and pytest's, and one it names as removed.
 OTHER_FLAGS = {"--nproc_per_node", "--standalone", "--master_port", "--cpus-per-task", "--signal", "--requeue",
-               "--use_flow"}
+               "--pdb", "--use_flow"}
 
 
 def test_every_flag_the_readme_names_is_a_programs():
