@@ -19,7 +19,6 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from datasets.video_dataset import video_dataset_of
-from utils import utils
 
 
 class DecodeHang(TimeoutError):
@@ -57,7 +56,7 @@ class WatchedLoader(DataLoader):
     """A DataLoader whose workers report the video each reads and which waits at most `decode_timeout` minutes
     for a batch (0: forever; no limit without workers), then raises DecodeHang (see the module docstring)."""
 
-    def __init__(self, dataset, *args, decode_timeout: float = utils.DEFAULT_DECODE_TIMEOUT_MIN, **kwargs):
+    def __init__(self, dataset, *args, decode_timeout: float, **kwargs):
         workers = kwargs.get("num_workers", 0)
         super().__init__(dataset, *args, timeout=decode_timeout * 60 if workers else 0, **kwargs)
         self.videos = video_dataset_of(dataset)

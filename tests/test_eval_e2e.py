@@ -646,7 +646,7 @@ def test_a_knn_split_without_a_readable_video_is_an_error_naming_its_list(synthe
              "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(prefix)] + OPTS)
     cfg = load_config_from(None, OPTS)
     online = OnlineKNN(cfg, torch.device("cpu"), "ucf101", str(lists), str(prefix), k=1, temperature=0.07,
-                       batch_size=8, num_workers=0)
+                       batch_size=8, num_workers=0, decode_timeout=0)
     with pytest.raises(RuntimeError, match=error):
         online.evaluate(build_backbone("vit_tiny", cfg))
 

@@ -201,8 +201,7 @@ def dataset_labels(dataset) -> torch.Tensor:
     return torch.as_tensor(list(inner.labels), dtype=torch.long)
 
 
-def make_loader(dataset, batch_size: int, num_workers: int,
-                decode_timeout: float = utils.DEFAULT_DECODE_TIMEOUT_MIN) -> DataLoader:
+def make_loader(dataset, batch_size: int, num_workers: int, decode_timeout: float) -> DataLoader:
     """Sequential loader over this rank's shard (every sample once across ranks); a batch that does not come
     within `decode_timeout` minutes stops the run naming the videos being read (datasets/loader_watchdog.py)."""
     return WatchedLoader(dataset, sampler=ShardSampler(len(dataset)), batch_size=batch_size, shuffle=False,
@@ -616,8 +615,7 @@ class OnlineKNN:
     CLS features on a held-out train/val list (the lists of `dataset` in `data_path`)."""
 
     def __init__(self, cfg, device: torch.device, dataset: str, data_path: str, path_prefix: str, k: int,
-                 temperature: float, batch_size: int, num_workers: int,
-                 decode_timeout: float = utils.DEFAULT_DECODE_TIMEOUT_MIN):
+                 temperature: float, batch_size: int, num_workers: int, decode_timeout: float):
         knn_cfg = single_clip_config(derived_config(cfg, DATA__PATH_TO_DATA_DIR=data_path,
                                                     DATA__PATH_PREFIX=path_prefix))
         datasets = (ReturnIndexLabelDataset(build_train_bank_dataset(dataset, knn_cfg)),
