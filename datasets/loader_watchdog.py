@@ -9,7 +9,15 @@ per video, read only when a batch is late). `WatchedLoader` waits at most --deco
 failed) and raises DecodeHang naming the videos read longest, the backend, how long, and the fix. In a job of
 several processes that rank exits with the error and the launcher stops the others (utils.named_rank_failures hands
 the error to torchrun's summary). The limit needs loader workers: with --num_workers 0 the decode runs in the
-training process itself, where nothing can interrupt it.
+training thread itself, where nothing can interrupt it.
+
+With DATA.DECODE_DEVICE cuda the workers only probe and read bytes; the videos are decoded in the training
+process, in the decode threads of datasets/device_views.py (DeviceViews). The training thread waits at most
+--decode_timeout minutes for each video (torchcodec and PyAV release the GIL while they decode, so the wait can run
+out), then raises DecodeHang naming the videos the threads decode, their decoder and the fix (`stuck_videos_message`
+words both errors). A thread stuck in native code cannot be stopped, and the interpreter joins such threads at
+exit: that error is marked `stuck_threads`, and utils.named_rank_failures ends the process (os._exit) once it has
+named it.
 """
 import os
 import shlex
@@ -23,7 +31,14 @@ from datasets.video_dataset import video_dataset_of
 
 class DecodeHang(TimeoutError):
     """No batch within --decode_timeout; the message names the videos being read. Not a RuntimeError, which
-    utils.named_rank_failures would take for a failed collective when the message says "timeout"."""
+    utils.named_rank_failures would take for a failed collective when the message says "timeout".
+    `stuck_threads`: threads of this process are still stuck in the decode (DeviceViews' decode threads, which
+    nothing can stop and which the interpreter would join at exit), so utils.named_rank_failures ends the process
+    with os._exit after naming the error."""
+
+    def __init__(self, message: str, stuck_threads: bool = False):
+        super().__init__(message)
+        self.stuck_threads = stuck_threads
 
 
 class DecodeSlots:
@@ -111,13 +126,20 @@ class WatchedLoader(DataLoader):
             other = "pyav" if videos.backend != "pyav" else "torchcodec"
             reader = f"{videos.backend} (DATA.DECODING_BACKEND {data.DECODING_BACKEND})"
             switch = f"decode with another backend (--opts DATA.DECODING_BACKEND {other})"
-        stuck = shlex.quote(videos.video_paths[busy[0][0]])
-        rows = "\n".join(f"  {videos.video_paths[v]}: {s / 60:.1f} min" for v, s in busy[:3])
-        return (f"{head}. The videos the workers are reading, with {reader}, the longest first:\n{rows}\n"
-                f"A decode that never returns is a known failure of some files (decord's get_batch spins forever on "
-                f"a few ordinary H.264 mp4s: dmlc/decord issues 269, 373, 375); the stuck workers were killed. Delete "
-                f"{stuck} (a missing video is skipped and counted like any unreadable one; the list stays as it is) "
-                f"or re-encode it in place (ffmpeg -i {stuck} -c:v libx264 -an fixed.mp4, then move fixed.mp4 over "
-                f"it), or {switch}; then rerun the same command (a training run resumes from its last checkpoint). If "
-                "the decode was only slow (long 4K videos on a slow file system), raise --decode_timeout (0: wait "
-                "forever).")
+        why = ("A decode that never returns is a known failure of some files (decord's get_batch spins forever on a "
+               "few ordinary H.264 mp4s: dmlc/decord issues 269, 373, 375); the stuck workers were killed.")
+        return stuck_videos_message(f"{head}. The videos the workers are reading, with {reader}",
+                                    [(videos.video_paths[v], s) for v, s in busy], why, switch)
+
+
+def stuck_videos_message(head: str, busy: list[tuple[str, float]], why: str, switch: str) -> str:
+    """What DecodeHang says of videos whose decode did not return: `head` (what waited, how long, who decodes the
+    videos with what), `busy` (path, seconds since its decode began) the longest first, `why` (the likely cause
+    and what became of the stuck readers) and the way on: delete or re-encode the first video, or `switch`."""
+    stuck = shlex.quote(busy[0][0])
+    rows = "\n".join(f"  {path}: {s / 60:.1f} min" for path, s in busy[:3])
+    return (f"{head}, the longest first:\n{rows}\n{why} Delete {stuck} (a missing video is skipped and counted like "
+            f"any unreadable one; the list stays as it is) or re-encode it in place (ffmpeg -i {stuck} -c:v libx264 "
+            f"-an fixed.mp4, then move fixed.mp4 over it), or {switch}; then rerun the same command (a training run "
+            "resumes from its last checkpoint). If the decode was only slow (long 4K videos on a slow file system), "
+            "raise --decode_timeout (0: wait forever).")
