@@ -695,10 +695,18 @@ def named_rank_failures(timeout_min: float = DEFAULT_DIST_TIMEOUT_MIN):
     dead process), print which rank saw it and which ranks stopped answering, then end this process with
     exit code 1 (the launcher then stops the others) instead of a bare backend traceback or a hang. Any other
     error is handed to torchrun (its error file), so the summary it prints last names the error instead of
-    `error_file: <N/A>`; then it propagates as usual."""
+    `error_file: <N/A>`; then it propagates as usual, except an error that leaves threads stuck in native code
+    (`stuck_threads`: loader_watchdog.DecodeHang of DeviceViews' decode threads), which nothing can stop and the
+    interpreter would join at exit: its traceback is printed and the process ends at once (exit code 1)."""
     try:
         yield
     except Exception as err:
+        if getattr(err, "stuck_threads", False):
+            record_for_launcher(err)
+            sys.stderr.write(traceback.format_exc())  # not print: on ranks > 0 setup_for_distributed muted it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         if not (isinstance(err, RuntimeError) and get_world_size() >= 2 and _COLLECTIVE_FAILURE.search(str(err))):
             record_for_launcher(err)
             raise
