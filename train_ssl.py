@@ -616,7 +616,7 @@ def build_train_loader(args, cfg, device: torch.device) -> DataLoader | DeviceVi
         # The workers hand over bytes (or decoded frames) + drawn parameters; this process decodes with NVDEC
         # (unless the worker decoded) and augments on the GPU.
         stage = DeviceViews(transform.sizes, device, cfg.DATA.DEVICE_DECODE_THREADS,
-                            nvdec=cfg.DATA.DECODE_DEVICE == "cuda")
+                            nvdec=cfg.DATA.DECODE_DEVICE == "cuda", decode_timeout=args.decode_timeout)
         return DeviceViewLoader(loader, stage)
     return loader
 

@@ -65,6 +65,7 @@ from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans, 
 from datasets.synthetic import MOTIONS, render_video, write_video  # noqa: E402
 from utils.collect_env import cpu_name  # noqa: E402
 from utils.defaults import get_cfg  # noqa: E402
+from utils.utils import DEFAULT_DECODE_TIMEOUT_MIN  # noqa: E402  (a stage's hung decode: DecodeHang, not a hang)
 
 
 def _write_one(job) -> None:
@@ -245,7 +246,7 @@ def thread_scaling(batches: list[dict], stage_threads: Sequence[int], device: to
     sessions and the streams), timed to the device's end; `measured(out)` after each t."""
     out = {}
     for threads in stage_threads:
-        stage = DeviceViews(sizes, device, threads)
+        stage = DeviceViews(sizes, device, threads, decode_timeout=DEFAULT_DECODE_TIMEOUT_MIN)
         stage(batches[0])
         seconds, _ = clock(device, lambda: stage(batches[1]))
         stage.close()
@@ -464,7 +465,8 @@ def main() -> None:
             batches = plan_batches(plans, 3)
             if device.type == "cuda":  # before any stage: DeviceViews turns the cache off for good before 0.17
                 attempt("nvdec_cache", lambda: nvdec_cache_compare(batches, device), extra)
-            attempt("device_stage_ms", lambda: stage_breakdown(batches, DeviceViews(aug.sizes, device)), extra)
+            attempt("device_stage_ms", lambda: stage_breakdown(
+                batches, DeviceViews(aug.sizes, device, decode_timeout=DEFAULT_DECODE_TIMEOUT_MIN)), extra)
             if args.decode_threads:
                 attempt("device_stage_threads_ms", lambda: thread_scaling(
                     plan_batches(plans, 2, 16), args.decode_threads, device, aug.sizes,
@@ -473,7 +475,8 @@ def main() -> None:
             def stage_loader(kind: str, dataset, pin: bool) -> float:
                 """The GPU decode (kind "device") or AUGMENT_DEVICE ("augment": the workers decode, this process
                 renders) loader with the most workers, batches of --feed_batch clips (the step's)."""
-                stages[kind] = DeviceViews(aug.sizes, device, cfg.DATA.DEVICE_DECODE_THREADS, nvdec=kind == "device")
+                stages[kind] = DeviceViews(aug.sizes, device, cfg.DATA.DEVICE_DECODE_THREADS, nvdec=kind == "device",
+                                           decode_timeout=DEFAULT_DECODE_TIMEOUT_MIN)
                 try:
                     return loader_rate(Subset(dataset, repeat[:loader_samples(args.samples, workers)]), workers,
                                        args.feed_batch, stage=stages[kind], max_s=args.max_s, pin=pin)

@@ -25,6 +25,7 @@ the CPU path's views within interpolation tolerance for the same seed.
 """
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, default_collate
 
 from datasets import decoder
+from datasets.loader_watchdog import DecodeHang, stuck_videos_message
 from datasets.transform import IMAGENET_MEAN, IMAGENET_STD, PARAM_COLUMNS
 from datasets.video_dataset import mark_sequential
 
@@ -161,12 +163,19 @@ class DeviceViews:
     stream waits for each video's decode before the views are rendered on it. A thread also crops and resizes
     its sample's views (the per-sample part of the rendering, most of its kernel launches), so the training
     thread only colours the batch. `submit` starts a batch's decoding and `finish` colours it, so a caller can
-    keep a batch decoding ahead (DeviceViewLoader)."""
+    keep a batch decoding ahead (DeviceViewLoader).
 
-    def __init__(self, sizes: Sequence[int], device: torch.device | str, threads: int = 1, nvdec: bool = True):
+    `finish` waits at most `decode_timeout` minutes (--decode_timeout; 0: forever) for each sample, then raises
+    DecodeHang naming the videos the threads are decoding (each thread notes its sample, the time it began and its
+    decoder: a few scalars per sample, read only then). A stuck thread cannot be stopped: the error is marked
+    `stuck_threads`, and utils.named_rank_failures ends the process."""
+
+    def __init__(self, sizes: Sequence[int], device: torch.device | str, threads: int = 1, nvdec: bool = True, *,
+                 decode_timeout: float):
         if threads < 1:
             raise ValueError(f"DATA.DEVICE_DECODE_THREADS must be >= 1, got {threads}")
         self.sizes, self.device, self.threads = list(sizes), torch.device(device), threads
+        self.decode_timeout = decode_timeout
         if self.device.type == "cuda" and self.device.index is None:  # a decode thread starts on device 0
             self.device = torch.device("cuda", torch.cuda.current_device())
         if self.device.type == "cuda" and nvdec:  # nvdec False: the workers decode (DATA.AUGMENT_DEVICE cuda)
@@ -180,6 +189,7 @@ class DeviceViews:
         self._streams: list[torch.cuda.Stream] = []  # made once: a pass's threads take them in turn
         self._taken = 0
         self._lock = threading.Lock()
+        self._decoding: dict[int, list] = {}  # decode thread id -> [path, time.time() at its start, decoder]
 
     def _stream(self) -> torch.cuda.Stream:
         """This thread's decode stream: one of `threads` streams made once for the stage, so that every pass
@@ -215,22 +225,36 @@ class DeviceViews:
             positions = plans["positions"][b]
             pos = host_to_device(torch.cat(positions), self.device).split([len(x) for x in positions])
             return crop_and_resize(frames, pos, plans["params"][b].tolist(), self.sizes), how, why
-        return self._on_stream(decode_and_crop)
+        thread = threading.get_ident()
+        self._decoding[thread] = [plans["path"][b], time.time(), ""]
+        try:
+            return self._on_stream(decode_and_crop)
+        finally:
+            del self._decoding[thread]
 
     def _decode_frames(self, plans: dict, b: int) -> tuple:
         if plans["decoded"][b] is not None:
+            self._now(f"a copy to {self.device} of the frames its loader worker decoded")
             return host_to_device(plans["decoded"][b], self.device), "", ""
         path, indices = plans["path"][b], plans["frames"][b].tolist()
+        self._now(f"torchcodec on {self.device}")
         try:
             frames, fallback = decoder.decode_on_device(plans["video"][b], indices, plans["info"][b], self.device,
                                                         path)
         except decoder.DecodeError as err:
+            self._now("the sequential CPU decode (PyAV, from its bytes)")
             try:
                 frames = decoder.decode_bytes_sequentially(plans["video"][b], indices, plans["info"][b], path)
             except decoder.DecodeError as failed:
                 return failed, "", ""
             return host_to_device(frames, self.device), "sequential", str(err)
         return frames, "fallback" if fallback else "", fallback
+
+    def _now(self, decoder_name: str) -> None:
+        """In a decode thread: the decoder its sample is now in (DecodeHang names it); elsewhere nothing."""
+        entry = self._decoding.get(threading.get_ident())
+        if entry is not None:
+            entry[2] = decoder_name
 
     def _collect(self, plans: dict, b: int, prepared: tuple):
         """Sample b's tensors (its frames or crops), ready for the current stream, after counting and logging how
@@ -277,7 +301,12 @@ class DeviceViews:
         crops, good = [None] * num, []
         self.sequential = []
         for b, future in enumerate(pending):
-            prepared = future.result()
+            try:
+                prepared = future.result(timeout=self.decode_timeout * 60 or None)
+            except TimeoutError:
+                if not future.done():
+                    raise self._hang() from None
+                prepared = future.result()  # it ended just then (or raised a TimeoutError of its own)
             try:
                 crops[b] = self._collect(plans, b, prepared)
                 good.append(b)
@@ -290,6 +319,25 @@ class DeviceViews:
         source = [b if crops[b] is not None else good[b % len(good)] for b in range(num)]
         skipped = torch.tensor([int(s != b) for b, s in enumerate(source)])
         return colour_views([crops[s] for s in source], plans["params"][source]), skipped
+
+    def _hang(self) -> DecodeHang:
+        """The error of a sample not decoded within --decode_timeout, naming the videos the threads are decoding,
+        the longest first; the thread pool is let go without waiting for them (close would wait forever)."""
+        now, busy = time.time(), sorted(self._decoding.values(), key=lambda entry: entry[1])
+        head = (f"A video did not finish decoding in this process's decode threads (DATA.DECODE_DEVICE cuda) within "
+                f"--decode_timeout {self.decode_timeout:g} min")
+        if not busy:  # its decode ended just after the wait ran out
+            return DecodeHang(f"{head}; it ended just after, so it was only slow: raise --decode_timeout (0: wait "
+                              "forever).")
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        decoders = " or ".join(dict.fromkeys(name for _, _, name in busy[:3]))
+        why = ("A decode that never returns is a file the decoder hangs on (in NVDEC or FFmpeg) or a file system that "
+               "stopped answering; a stuck decode thread cannot be stopped, so the run ends here.")
+        return DecodeHang(stuck_videos_message(f"{head}. The videos the threads are decoding, with {decoders}",
+                                               [(path, now - start) for path, start, _ in busy], why,
+                                               "decode in the loader workers (--opts DATA.DECODE_DEVICE cpu)"),
+                          stuck_threads=True)
 
     def close(self) -> None:
         """Stop the decode threads (made again on the next call): DeviceViewLoader does it at the end of each

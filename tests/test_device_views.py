@@ -64,7 +64,7 @@ def test_device_path_on_cpu_gives_the_cpu_views_for_the_same_seed(synthetic_cfg,
     items = [(i % len(cpu), 1000 + i) for i in range(5)]
     expected = [torch.stack(views) for views in zip(*(cpu[item][0] for item in items))]
     batch = collate_plans([plans[item] for item in items])
-    stage = DeviceViews(aug.sizes, device)
+    stage = DeviceViews(aug.sizes, device, decode_timeout=0)
     views, skipped = stage(batch[0])
     assert all(v.device.type == device.type for v in views)
     assert skipped.tolist() == [0] * 5 and stage.failed == 0 and stage.cpu_fallbacks == 0
@@ -142,7 +142,7 @@ def test_a_device_out_of_memory_is_raised_not_decoded_on_the_cpu(synthetic_cfg, 
         raise torch.OutOfMemoryError("CUDA out of memory (test)")
 
     monkeypatch.setattr(decoder, "_open_torchcodec", out_of_memory)
-    stage = DeviceViews(aug.sizes, "cpu")
+    stage = DeviceViews(aug.sizes, "cpu", decode_timeout=0)
     with pytest.raises(torch.OutOfMemoryError):
         stage(batch)
     stage.close()
@@ -197,7 +197,7 @@ def test_undecodable_sample_takes_another_samples_views(synthetic_cfg):
     _, plans = _datasets(synthetic_cfg, aug)
     batch = collate_plans([plans[(i, i)] for i in range(3)])[0]
     batch["video"][1] = torch.zeros(5000, dtype=torch.uint8)  # not a video any more
-    stage = DeviceViews(aug.sizes, "cpu")
+    stage = DeviceViews(aug.sizes, "cpu", decode_timeout=0)
     views, skipped = stage(batch)
     assert skipped.tolist() == [0, 1, 0] and stage.failed == 1
     assert all(torch.equal(v[1], v[2]) for v in views)  # sample 1 took sample 2's views
@@ -217,7 +217,7 @@ def test_a_video_torchcodec_fails_on_is_decoded_sequentially_not_skipped(synthet
     _, plans = _datasets(synthetic_cfg, aug)
     order = [(i, 70 + i) for i in range(3)]
     batches = DataLoader(plans, sampler=order, batch_size=3, collate_fn=collate_plans)
-    (expected, *_), = list(DeviceViewLoader(batches, DeviceViews(aug.sizes, "cpu")))
+    (expected, *_), = list(DeviceViewLoader(batches, DeviceViews(aug.sizes, "cpu", decode_timeout=0)))
     real, failing = decoder.decode_on_device, plans.dataset.video_paths[1]
 
     def flaky(data, indices, info, device, path):
@@ -226,7 +226,7 @@ def test_a_video_torchcodec_fails_on_is_decoded_sequentially_not_skipped(synthet
         return real(data, indices, info, device, path)
 
     monkeypatch.setattr(decoder, "decode_on_device", flaky)
-    stage = DeviceViews(aug.sizes, "cpu")
+    stage = DeviceViews(aug.sizes, "cpu", decode_timeout=0)
     (views, _, _, meta), = list(DeviceViewLoader(batches, stage))
     assert stage.sequential == [1] and stage.sequential_total == 1 and stage.failed == 0
     assert meta["skipped"].tolist() == [0, 0, 0]
@@ -261,7 +261,7 @@ def test_frames_of_another_size_than_the_probes_are_decoded_sequentially(synthet
     with pytest.raises(decoder.DecodeError, match=f"returned {info.width - 1}x{info.height} frames, the probe's "
                                                   f"are {info.width}x{info.height}"):
         decoder.decode_on_device(batch["video"][0], batch["frames"][0].tolist(), info, "cpu", "v.mp4")
-    stage = DeviceViews(aug.sizes, "cpu")
+    stage = DeviceViews(aug.sizes, "cpu", decode_timeout=0)
     frames = stage.decode(batch, 0)
     assert stage.sequential == [0] and tuple(frames.shape[1:3]) == (info.height, info.width)
 
@@ -284,7 +284,7 @@ def test_threads_give_the_one_thread_views_and_counts(synthetic_cfg, monkeypatch
     monkeypatch.setattr(decoder, "decode_on_device", flaky)
     results = []
     for threads in (1, 4):
-        stage = DeviceViews(aug.sizes, "cpu", threads=threads)
+        stage = DeviceViews(aug.sizes, "cpu", threads=threads, decode_timeout=0)
         views, skipped = stage(batch)
         stage.close()
         results.append((views, skipped, stage.sequential, stage.sequential_total, stage.failed))
@@ -310,7 +310,7 @@ def test_a_batch_decodes_its_videos_at_once_and_a_pass_ends_its_threads(syntheti
 
     monkeypatch.setattr(decoder, "decode_on_device", together)
     before = set(threading.enumerate())
-    stage = DeviceViews(aug.sizes, "cpu", threads=3)
+    stage = DeviceViews(aug.sizes, "cpu", threads=3, decode_timeout=0)
     order = [(i, 40 + i) for i in range(3)] * 2
     loader = DeviceViewLoader(DataLoader(plans, sampler=order, batch_size=3, collate_fn=collate_plans), stage)
     batches = list(loader)
@@ -318,7 +318,7 @@ def test_a_batch_decodes_its_videos_at_once_and_a_pass_ends_its_threads(syntheti
     # the threads end with the pass: none is alive when the next pass's DataLoader forks its workers
     assert stage._pool is None and not [t for t in set(threading.enumerate()) - before if t.name.startswith("svt")]
     with pytest.raises(ValueError, match="DATA.DEVICE_DECODE_THREADS must be >= 1, got 0"):
-        DeviceViews(aug.sizes, "cpu", threads=0)
+        DeviceViews(aug.sizes, "cpu", threads=0, decode_timeout=0)
 
 
 @pytest.mark.usefixtures("torchcodec_works")
@@ -328,7 +328,7 @@ def test_the_stage_renders_what_render_views_renders_from_its_frames(synthetic_c
     aug = _aug()
     _, plans = _datasets(synthetic_cfg, aug)
     batch = collate_plans([plans[(i % len(plans), 30 + i)] for i in range(3)])[0]
-    stage = DeviceViews(aug.sizes, "cpu", threads=2)
+    stage = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=0)
     views, _ = stage(batch)
     stage.close()
     frames = [stage.decode(batch, b) for b in range(3)]
@@ -345,7 +345,7 @@ def test_decode_streams_are_made_once_and_each_pass_gives_its_threads_distinct_o
     from concurrent.futures import ThreadPoolExecutor
     made = []
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or object())
-    stage = DeviceViews([16], "cpu", threads=3)
+    stage = DeviceViews([16], "cpu", threads=3, decode_timeout=0)
     for _ in range(2):  # two passes, each with three new threads
         barrier = threading.Barrier(3, timeout=20)
 
@@ -371,7 +371,7 @@ def test_on_cuda_each_sample_is_made_on_its_threads_stream_and_handed_to_the_cur
     aug = _aug()
     _, plans = _datasets(synthetic_cfg, aug)
     batch = collate_plans([plans[(i % len(plans), 70 + i)] for i in range(3)])[0]
-    expected, _ = DeviceViews(aug.sizes, "cpu")(batch)
+    expected, _ = DeviceViews(aug.sizes, "cpu", decode_timeout=0)(batch)
     cuda, local, calls = torch.device("cuda", 0), threading.local(), []
 
     class Stream:
@@ -413,7 +413,7 @@ def test_on_cuda_each_sample_is_made_on_its_threads_stream_and_handed_to_the_cur
     monkeypatch.setattr(decoder, "decode_on_device", on("decode", lambda data, indices, info, device, path: real_decode(
         data, indices, info, "cpu" if device == cuda else device, path)))
     monkeypatch.setattr(device_views, "crop_and_resize", on("crop", device_views.crop_and_resize))
-    stage = DeviceViews(aug.sizes, "cpu", threads=2)
+    stage = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=0)
     stage.device = cuda  # as built for a CUDA device, without its NVDEC check
     views, skipped = stage(batch)
     stage.close()
@@ -435,7 +435,7 @@ def test_the_loader_decodes_the_next_batch_while_one_is_trained_on(synthetic_cfg
     # One batch ahead: when a batch reaches the training step, the next one's videos are already decoding.
     aug = _aug()
     _, plans = _datasets(synthetic_cfg, aug)
-    stage = DeviceViews(aug.sizes, "cpu", threads=2)
+    stage = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=0)
     submitted, real = [], stage.submit
     monkeypatch.setattr(stage, "submit", lambda batch: submitted.append(batch["path"]) or real(batch))
     order = [(i % len(plans), 80 + i) for i in range(6)]
@@ -455,7 +455,8 @@ def test_device_view_loader_yields_what_the_cpu_loader_yields(synthetic_cfg):
     order = [(i, 50 + i) for i in range(4)]
     cpu_loader = DataLoader(cpu, sampler=order, batch_size=2)
     device_loader = DeviceViewLoader(DataLoader(plans, sampler=order, batch_size=2, num_workers=1,
-                                                collate_fn=collate_plans), DeviceViews(aug.sizes, "cpu"))
+                                                collate_fn=collate_plans),
+                                     DeviceViews(aug.sizes, "cpu", decode_timeout=0))
     assert len(device_loader) == 2 and device_loader.sampler is order
     for (views_c, label_c, index_c, meta_c), (views_d, label_d, index_d, meta_d) in zip(cpu_loader, device_loader):
         _assert_views_close(views_d, views_c)
@@ -480,7 +481,7 @@ def test_only_the_cpu_decode_paths_pin_their_batches(synthetic_cfg, monkeypatch,
     monkeypatch.setattr(decoder, "guard_nvdec_cache", lambda: guarded.append(1))
     guarded = []
     args = train_ssl.get_args_parser().parse_args(["--local_crops_number", "8", "--batch_size_per_gpu", "2",
-                                                   "--num_workers", "0"])
+                                                   "--num_workers", "0", "--decode_timeout", "7"])
     dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
     try:
         cfg = synthetic_cfg(**{"DATA.DECODE_DEVICE": decode, "DATA.AUGMENT_DEVICE": augment,
@@ -493,6 +494,7 @@ def test_only_the_cpu_decode_paths_pin_their_batches(synthetic_cfg, monkeypatch,
     assert guarded == ([1] if decode == "cuda" else [])
     if isinstance(loader, DeviceViewLoader):
         assert loader.stage.threads == 3 and loader.dataset.dataset.decode_plans is (decode == "cpu")
+        assert loader.stage.decode_timeout == 7
 
 
 def test_nvdec_cache_is_emptied_or_refused_before_torchcodec_0_17(monkeypatch, caplog):
@@ -521,10 +523,10 @@ def test_nvdec_cache_is_emptied_or_refused_before_torchcodec_0_17(monkeypatch, c
     installed.decoders = types.SimpleNamespace(
         set_nvdec_cache_capacity=lambda n: pytest.fail("built on the CPU, the stage must not touch NVDEC"))
     monkeypatch.setitem(sys.modules, "torchcodec", installed)
-    assert DeviceViews([32, 16], "cpu").device.type == "cpu"
+    assert DeviceViews([32, 16], "cpu", decode_timeout=0).device.type == "cpu"
     installed.decoders = types.SimpleNamespace()  # neither setter
     with pytest.raises(ImportError, match="this is 0.16.0"):
-        DeviceViews([32, 16], torch.device("cuda", 1))
+        DeviceViews([32, 16], torch.device("cuda", 1), decode_timeout=0)
 
 
 @pytest.mark.gpu
@@ -552,10 +554,10 @@ def test_nvdec_decodes_the_union_on_the_gpu_without_cpu_fallback(synthetic_cfg):
     aug = _aug()
     _, plans = _datasets(synthetic_cfg, aug)
     batch = collate_plans([plans[(i, i)] for i in range(4)])[0]
-    stage = DeviceViews(aug.sizes, "cuda")
+    stage = DeviceViews(aug.sizes, "cuda", decode_timeout=0)
     frames = stage.decode(batch, 0)
     assert frames.device.type == "cuda" and frames.dtype == torch.uint8 and frames.shape[-1] == 3
-    cpu_frames = DeviceViews(aug.sizes, "cpu").decode(batch, 0)
+    cpu_frames = DeviceViews(aug.sizes, "cpu", decode_timeout=0).decode(batch, 0)
     assert frames.shape == cpu_frames.shape
     assert (frames.cpu().float() - cpu_frames.float()).abs().mean() < 3  # NVDEC's YUV->RGB differs slightly
     views, skipped = stage(batch)
@@ -570,8 +572,8 @@ def test_nvdec_threads_decode_beside_the_busy_training_stream(synthetic_cfg):
     aug = _aug()
     _, plans = _datasets(synthetic_cfg, aug)
     batch = collate_plans([plans[(i % len(plans), 60 + i)] for i in range(4)])[0]
-    expected, _ = DeviceViews(aug.sizes, "cuda", threads=1)(batch)
-    stage = DeviceViews(aug.sizes, "cuda", threads=4)
+    expected, _ = DeviceViews(aug.sizes, "cuda", threads=1, decode_timeout=0)(batch)
+    stage = DeviceViews(aug.sizes, "cuda", threads=4, decode_timeout=0)
     assert stage.device == torch.device("cuda", torch.cuda.current_device())  # decode threads start on device 0
     stage(batch)  # warm-up: NVDEC sessions, streams
     stage.close()  # a pass ends: the next pass's threads decode on the same 4 streams
@@ -608,7 +610,7 @@ def test_the_stages_training_thread_part_has_no_host_sync(synthetic_cfg):
     aug = _aug()
     _, plans = _datasets(synthetic_cfg, aug)
     batch = collate_plans([plans[(i % len(plans), 90 + i)] for i in range(4)])[0]
-    stage = DeviceViews(aug.sizes, "cuda", threads=2)
+    stage = DeviceViews(aug.sizes, "cuda", threads=2, decode_timeout=0)
     stage(batch)  # warm-up
     pending = stage.submit(batch)
     for future in pending:

@@ -19,10 +19,12 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from datasets import ReturnIndexDataset, build_dataset, decoder
+from datasets.device_views import DeviceViews, collate_plans
 from datasets.loader_watchdog import DecodeHang, WatchedLoader
 from datasets.seeding import SeededDataset
 from datasets.transform import VideoDataAugmentationDINO
 from tests.conftest import build_cfg, write_ssv2
+from tests.test_device_views import _aug, _datasets
 from tests.test_fault_tolerance import ROOT, _set_flag, _tiny_argv, _train_here
 from utils import utils
 from utils.evaluation import make_loader
@@ -237,3 +239,142 @@ def test_a_decode_timeout_too_long_for_the_loader_is_refused_when_parsed():
     longest = parser.parse_args(["--decode_timeout", str(utils.MAX_DECODE_TIMEOUT_MIN)]).decode_timeout
     batches = list(WatchedLoader(list(range(4)), batch_size=2, num_workers=1, decode_timeout=longest))
     assert [b.tolist() for b in batches] == [[0, 1], [2, 3]]
+
+
+# ---------------------------------------------------------------------------------------------
+# DATA.DECODE_DEVICE cuda: the videos are decoded in the training process, in DeviceViews' decode threads (here on
+# the CPU: the same threads; each video decoded sequentially from its bytes with PyAV, no torchcodec needed)
+# ---------------------------------------------------------------------------------------------
+def hanging(stuck: list[str], release: threading.Event, refused: tuple = ()) -> tuple:
+    """Stand-ins for (decoder.decode_on_device, decoder.decode_bytes_sequentially) that decode every video
+    sequentially from its bytes, except that the decode of each `stuck` video waits for `release` (the GIL
+    released, as in torchcodec's and PyAV's native decode): in torchcodec's place, or, for a video in `refused`
+    (which torchcodec refuses), in the sequential decode after it. The stuck decodes begin in the order listed."""
+    sequential, began = decoder.decode_bytes_sequentially, [threading.Event() for _ in stuck]
+
+    def hang(path: str) -> None:
+        if path in stuck:
+            k = stuck.index(path)
+            if k:
+                began[k - 1].wait()
+            began[k].set()
+            release.wait()
+
+    def on_device(data, indices, info, device, path):
+        if path in refused:
+            raise decoder.DecodeError(f"{path}: refused (test)")
+        hang(path)
+        return sequential(data, indices, info, path), ""
+
+    def bytes_sequentially(data, indices, info, path):
+        hang(path)
+        return sequential(data, indices, info, path)
+    return on_device, bytes_sequentially
+
+
+@pytest.fixture
+def release():
+    """The event stuck decode threads wait for; set at the end, so that no thread of the test outlives it."""
+    before, event = set(threading.enumerate()), threading.Event()
+    yield event
+    event.set()
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=60)
+        assert not thread.is_alive(), thread.name
+
+
+def _plans_batch(synthetic_cfg, size: int) -> tuple:
+    aug = _aug()
+    _, plans = _datasets(synthetic_cfg, aug)
+    return aug, collate_plans([plans[(i, 100 + i)] for i in range(size)])[0]
+
+
+def test_a_decode_thread_that_never_returns_is_named_instead_of_waited_for(synthetic_cfg, monkeypatch, release):
+    """Samples 0 and 2 never decode (0 in torchcodec's place, 2 in the sequential decode after torchcodec refused
+    it), each in a thread of its own (sample 1 decodes in between): DecodeHang after --decode_timeout names both,
+    the longest first, with their decoders and the fix; the thread pool is let go, not waited for."""
+    aug, batch = _plans_batch(synthetic_cfg, 3)
+    stuck = [batch["path"][0], batch["path"][2]]
+    on_device, sequentially = hanging(stuck, release, refused=(stuck[1],))
+    monkeypatch.setattr(decoder, "decode_on_device", on_device)
+    monkeypatch.setattr(decoder, "decode_bytes_sequentially", sequentially)
+    stage = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=float(TWO_SECONDS_MIN))
+    with pytest.raises(DecodeHang) as stopped:
+        stage(batch)
+    message = str(stopped.value)
+    assert stopped.value.stuck_threads
+    assert list(_listed(message)) == stuck
+    assert (f"A video did not finish decoding in this process's decode threads (DATA.DECODE_DEVICE cuda) within "
+            f"--decode_timeout {float(TWO_SECONDS_MIN):g} min. The videos the threads are decoding, with torchcodec "
+            "on cpu or the sequential CPU decode (PyAV, from its bytes), the longest first:") in message
+    assert f"Delete {stuck[0]} (a missing video is skipped and counted like any unreadable one" in message
+    assert f"ffmpeg -i {stuck[0]} -c:v libx264" in message and "or decode in the loader workers (--opts " \
+        "DATA.DECODE_DEVICE cpu); then rerun the same command" in message and "raise --decode_timeout" in message
+    assert stage._pool is None  # let go: its shutdown would wait for the stuck threads
+    stage.close()
+
+
+def test_decode_threads_without_a_hang_give_their_views_and_0_waits_for_any_decode(synthetic_cfg, monkeypatch,
+                                                                                  release):
+    """--decode_timeout 0 waits as long as a decode takes (here until it is released, 1 s on); a limit changes
+    nothing for a batch that decodes within it, and no thread's note outlives its sample."""
+    aug, batch = _plans_batch(synthetic_cfg, 3)
+    monkeypatch.setattr(decoder, "decode_on_device", hanging([batch["path"][1]], release)[0])
+    threading.Timer(1.0, release.set).start()
+    forever = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=0)
+    expected, skipped = forever(batch)
+    forever.close()
+    assert skipped.tolist() == [0, 0, 0] and forever._decoding == {}
+    limited = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=1)
+    views, skipped = limited(batch)
+    limited.close()
+    assert skipped.tolist() == [0, 0, 0] and limited._decoding == {}
+    assert all(torch.equal(a, b) for a, b in zip(views, expected, strict=True))
+
+
+STUCK_ENTRY_POINT = textwrap.dedent("""
+    # An entry point's loop over DATA.DECODE_DEVICE cuda batches (DeviceViewLoader, its stage on the CPU) inside
+    # utils.named_rank_failures, where the decode of the video argv[2] never returns. argv[1]: the synthetic root.
+    import sys, threading
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from torch.utils.data import DataLoader
+    from datasets import build_dataset, decoder
+    from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans
+    from datasets.seeding import SeededDataset
+    from tests.conftest import build_cfg
+    from tests.test_loader_watchdog import _aug, hanging
+    from utils import utils
+    root, stuck = Path(sys.argv[1]), sys.argv[2]
+    decoder.decode_on_device, decoder.decode_bytes_sequentially = hanging([stuck], threading.Event())
+    aug = _aug()
+    cfg = build_cfg(root / "annotations", root / "videos", **{{"DATA.DECODE_DEVICE": "cuda"}})
+    plans = SeededDataset(build_dataset("kinetics400", cfg, "train", ssl_aug=aug))
+    loader = DataLoader(plans, sampler=[(i, 100 + i) for i in range(4)], batch_size=2, collate_fn=collate_plans)
+    with utils.named_rank_failures():
+        for batch in DeviceViewLoader(loader, DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout={timeout})):
+            pass
+    print("every batch came")
+""")
+
+
+def test_an_entry_point_whose_decode_thread_never_returns_exits_naming_the_video(synthetic_root, synthetic_cfg,
+                                                                                tmp_path):
+    """The stuck thread cannot be stopped and the interpreter would join it at exit: named_rank_failures prints
+    the error, hands it to torchrun's error file and ends the process (exit code 1) instead of hanging there."""
+    script = tmp_path / "stuck_entry_point.py"
+    script.write_text(STUCK_ENTRY_POINT.format(root=str(ROOT), timeout=TWO_SECONDS_MIN))
+    stuck = build_dataset("kinetics400", synthetic_cfg(), "train").video_paths[3]  # the second batch's
+    error_file = tmp_path / "error.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHELASTIC_ERROR_FILE": str(error_file)}
+    try:
+        done = subprocess.run([sys.executable, str(script), str(synthetic_root), stuck], env=env,
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the process did not end within 120 s (its stuck thread joined at exit?):\n"
+                    f"{(err.stderr or b'').decode()[-3000:]}")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "every batch came" not in done.stdout
+    assert "datasets.loader_watchdog.DecodeHang: A video did not finish decoding" in done.stderr, done.stderr[-3000:]
+    assert f"  {stuck}: " in done.stderr and f"Delete {stuck} " in done.stderr
+    assert "DecodeHang: A video did not finish decoding" in error_file.read_text()
