@@ -575,13 +575,15 @@ DEFAULT_DECODE_TIMEOUT_MIN = 15.0
 def add_decode_timeout_arg(parser: argparse.ArgumentParser) -> None:
     """--decode_timeout (datasets/loader_watchdog.py), shared by every entry point."""
     parser.add_argument("--decode_timeout", default=DEFAULT_DECODE_TIMEOUT_MIN, type=decode_timeout_minutes,
-                        help="""Minutes a process waits for a batch from its DataLoader workers before it stops with
-        an error naming the videos they are reading, the backend and the fix (a decode that never returns, e.g.
-        decord's get_batch on a few H.264 files, would otherwise hang the run without a word): delete or re-encode
-        that file, or pick another DATA.DECODING_BACKEND, then rerun the same command to resume. Raise it only if
-        one batch legitimately takes longer (long 4K videos decoded sequentially on a slow file system); keep it
-        below --dist_timeout, so that the stuck process is the one that names the video. 0: wait forever. Needs
-        --num_workers >= 1: without workers the decode runs in the training process, where nothing can stop it.""")
+                        help="""Minutes a process waits for a batch from its DataLoader workers (and, with
+        DATA.DECODE_DEVICE cuda, for each video from its decode threads) before it stops with an error naming the
+        videos being decoded, the decoder and the fix (a decode that never returns, e.g. decord's get_batch on a
+        few H.264 files, would otherwise hang the run without a word): delete or re-encode that file, or pick
+        another DATA.DECODING_BACKEND (DATA.DECODE_DEVICE cpu for the decode threads), then rerun the same command
+        to resume. Raise it only if one batch legitimately takes longer (long 4K videos decoded sequentially on a
+        slow file system); keep it below --dist_timeout, so that the stuck process is the one that names the
+        video. 0: wait forever. The workers' limit needs --num_workers >= 1: without workers their decode runs in
+        the training process, where nothing can stop it.""")
 
 
 def slurm_default_port() -> int:
