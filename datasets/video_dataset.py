@@ -124,16 +124,21 @@ def check_paths_resolve(paths: list[str], list_file: str, prefix: str, probes: i
     sample = paths[::step][:probes]
     if any(os.path.isfile(p) for p in sample):
         return
+    stray_f = ""
+    if prefix.startswith("f") and any(p.startswith(prefix) and os.path.isfile(prefix[1:] + p[len(prefix):])
+                                      for p in sample):
+        stray_f = (f" The videos are under {prefix[1:]!r}: drop the leading 'f' of DATA.PATH_PREFIX (the original's"
+                   f" eval scripts pass f\"${{DATA_PATH}}/videos\", a Python f-string prefix that bash keeps).")
     if frames:
         raise FileNotFoundError(
             f"{list_file}: none of the first frames of {len(sample)} checked videos exists, e.g. {sample[0]!r} "
             f"(DATA.PATH_PREFIX={prefix!r} joined to the frame list's path column). Set DATA.PATH_PREFIX to the "
             f"folder of the extracted JPEG frames, which holds a folder per video id (e.g. --opts DATA.PATH_PREFIX "
-            f"/data/ssv2/frames; the scripts' VIDEO_DIR), or extract the frames (datasets/DATASET.md).")
+            f"/data/ssv2/frames; the scripts' VIDEO_DIR), or extract the frames (datasets/DATASET.md)." + stray_f)
     raise FileNotFoundError(
         f"{list_file}: none of {len(sample)} checked videos exists, e.g. {sample[0]!r} "
         f"(DATA.PATH_PREFIX={prefix!r} joined to the list path). Set DATA.PATH_PREFIX to the folder the "
-        f"list's paths are relative to (e.g. --opts DATA.PATH_PREFIX /data/k400/videos), or fix the list.")
+        f"list's paths are relative to (e.g. --opts DATA.PATH_PREFIX /data/k400/videos), or fix the list." + stray_f)
 
 
 def read_video_list(list_file: str, prefix: str, separator: str = " ") -> list[dict]:

@@ -1,6 +1,7 @@
 """Datasets: list formats, errors, retries, view indices through the whole pipeline, eval modes, loader."""
 import json
 import logging
+import re
 import shlex
 
 import numpy as np
@@ -446,6 +447,19 @@ def test_wrong_path_prefix_fails_at_construction_naming_the_key(synthetic_root, 
     cfg = build_cfg(synthetic_root / "annotations", tmp_path / "not_the_videos")
     with pytest.raises(FileNotFoundError, match=r"train\.csv: none of \d+ checked videos exists.*DATA\.PATH_PREFIX"):
         build_dataset("kinetics400", cfg, "train")
+
+
+def test_a_prefix_with_the_original_scripts_stray_f_is_named(synthetic_root):
+    """The original's eval scripts pass DATA.PATH_PREFIX f"${DATA_PATH}/videos": bash keeps the f, so a user who
+    copies them gets 'f/data/...'. The error says to drop it; a prefix that is merely wrong does not."""
+    videos = str(synthetic_root / "videos")
+    cfg = build_cfg(synthetic_root / "annotations", "f" + videos)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"The videos are under {videos!r}: drop the leading 'f'")):
+        build_dataset("kinetics400", cfg, "train")
+    cfg = build_cfg(synthetic_root / "annotations", "f" + videos + "_elsewhere")
+    with pytest.raises(FileNotFoundError, match="joined to the list path") as err:
+        build_dataset("kinetics400", cfg, "train")
+    assert "leading 'f'" not in str(err.value)
 
 
 def _list_with_a_missing_video(synthetic_root, tmp_path, split, first="gone/absent.mp4", **opts):
