@@ -647,8 +647,27 @@ def test_a_knn_split_without_a_readable_video_is_an_error_naming_its_list(synthe
     cfg = load_config_from(None, OPTS)
     online = OnlineKNN(cfg, torch.device("cpu"), "ucf101", str(lists), str(prefix), k=1, temperature=0.07,
                        batch_size=8, num_workers=0, decode_timeout=0)
-    with pytest.raises(RuntimeError, match=error):
+    flags = "of the online kNN are train_ssl.py's --knn_data_path and --knn_path_prefix"
+    with pytest.raises(RuntimeError, match=error + ".*" + flags):
         online.evaluate(build_backbone("vit_tiny", cfg))
+
+
+@pytest.mark.parametrize("wrong", ["lists", "prefix"])
+def test_online_knn_lists_or_videos_not_found_name_its_flags(synthetic_root, wrong, tmp_path):
+    """train_ssl.py's online kNN reads its lists from --knn_data_path and joins --knn_path_prefix to them: the error
+    of a wrong one (which names DATA.PATH_TO_DATA_DIR / DATA.PATH_PREFIX, the keys they set) names the flag too;
+    it used to say only 'Set DATA.PATH_PREFIX', which the user had set, for the training lists."""
+    lists, prefix = synthetic_root / "knn_splits", synthetic_root / "videos"
+    if wrong == "lists":
+        lists = tmp_path / "nowhere"
+    else:
+        prefix = tmp_path / "nowhere"
+    key = "DATA.PATH_TO_DATA_DIR" if wrong == "lists" else "DATA.PATH_PREFIX"
+    flags = re.escape(f"DATA.PATH_TO_DATA_DIR and DATA.PATH_PREFIX of the online kNN are train_ssl.py's "
+                      f"--knn_data_path and --knn_path_prefix, here '{lists}' and '{prefix}'. ")
+    with pytest.raises(FileNotFoundError, match=f"{flags}.*{key}"):
+        OnlineKNN(load_config_from(None, OPTS), torch.device("cpu"), "ucf101", str(lists), str(prefix), k=1,
+                  temperature=0.07, batch_size=8, num_workers=0, decode_timeout=0)
 
 
 # ---------------------------------------------------------------------------------------------

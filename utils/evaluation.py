@@ -106,6 +106,8 @@ def keeping_the_epoch(save: Callable[[], None], path, epoch: int):
 
 
 CHECK_VIDEOS_ADVICE = "check DATA.PATH_PREFIX and run python -m datasets.preprocessing.check_videos on the list"
+ONLINE_KNN_FLAGS = ("DATA.PATH_TO_DATA_DIR and DATA.PATH_PREFIX of the online kNN are train_ssl.py's --knn_data_path "
+                    "and --knn_path_prefix")
 
 
 def run_record(args, cfg, flags: Sequence[str], lists: dict[str, str]) -> dict:
@@ -618,11 +620,14 @@ class OnlineKNN:
                  temperature: float, batch_size: int, num_workers: int, decode_timeout: float):
         knn_cfg = single_clip_config(derived_config(cfg, DATA__PATH_TO_DATA_DIR=data_path,
                                                     DATA__PATH_PREFIX=path_prefix))
-        datasets = (ReturnIndexLabelDataset(build_train_bank_dataset(dataset, knn_cfg)),
-                    ReturnIndexLabelDataset(build_dataset(dataset, knn_cfg, "val")))
+        try:  # a list or videos not found: the error names the DATA.* keys, which these flags set here
+            datasets = (ReturnIndexLabelDataset(build_train_bank_dataset(dataset, knn_cfg)),
+                        ReturnIndexLabelDataset(build_dataset(dataset, knn_cfg, "val")))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{ONLINE_KNN_FLAGS}, here {data_path!r} and {path_prefix!r}. {err}") from err
         self.device, self.k, self.temperature = device, k, temperature
         self.loaders = [make_loader(ds, batch_size, num_workers, decode_timeout) for ds in datasets]
-        self.splits = [(describe_split(ds), unreadable_advice(ds)) for ds in datasets]
+        self.splits = [(describe_split(ds), f"{unreadable_advice(ds)} ({ONLINE_KNN_FLAGS})") for ds in datasets]
         self.num_classes = int(max(int(dataset_labels(ds).max()) for ds in datasets)) + 1
         print(f"Online kNN on {dataset}: {len(datasets[0])} train and {len(datasets[1])} val videos.")
 
