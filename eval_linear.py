@@ -247,6 +247,9 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
 def load_trained_classifier(path: str, own: bool) -> dict:
     """The checkpoint.pth.tar that --evaluate scores (the run's own, `own`, or --lc_pretrained_weights), checked to
     hold a classifier; a note says how much training a mid-epoch one holds."""
+    if not os.path.isfile(path) and not own:
+        raise FileNotFoundError(f"--lc_pretrained_weights {path}: no such file; pass the checkpoint.pth.tar of an "
+                                "eval_linear.py run.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--evaluate: no trained classifier at {path}; train one first or pass "
                                 "--lc_pretrained_weights.")

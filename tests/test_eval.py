@@ -564,6 +564,16 @@ def test_load_backbone_rejects_wrong_architecture_and_foreign_files(tmp_path):
         _load(tmp_path / "resnet.pth")
 
 
+def test_a_missing_classifier_file_names_the_flag_that_gave_it(tmp_path):
+    """--lc_pretrained_weights of a file that is not there is named as such; it used to be reported as '--evaluate:
+    ... pass --lc_pretrained_weights', the flag the user had passed."""
+    given = str(tmp_path / "typo.pth.tar")
+    with pytest.raises(FileNotFoundError, match=rf"^--lc_pretrained_weights {given}: no such file"):
+        eval_linear.load_trained_classifier(given, own=False)
+    with pytest.raises(FileNotFoundError, match="^--evaluate: no trained classifier at .*pass --lc_pretrained_weights"):
+        eval_linear.load_trained_classifier(given, own=True)
+
+
 def test_parsers_accept_legacy_local_rank():
     for parser in (eval_knn.get_args_parser(), eval_linear.get_args_parser()):
         assert parser.parse_args(["--local-rank=3"]).local_rank == 3
