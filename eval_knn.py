@@ -27,7 +27,7 @@ from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, bui
                               drop_unreadable, extract_features_and_labels, load_backbone, make_loader,
                               note_ssl_view_keys, run_differences, run_knn, run_record, single_clip_config,
                               unreadable_advice)
-from utils.parser import add_config_args, check_clip_sizes, load_config
+from utils.parser import LISTS_FROM_OPTS, add_config_args, add_dropped_args, check_clip_sizes, load_config
 
 DUMP_NAMES = ("trainfeat", "testfeat", "trainlabels", "testlabels")
 RECORD_NAME = "dump_record.json"  # what a dump's features are of (dump_record), beside its four files
@@ -79,6 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "without flips, DATASET_OPTS in utils/parser.py).")
     parser.add_argument("--output_dir", default=".", type=str, help="Where knn_results.json is written.")
     utils.add_distributed_args(parser)
+    add_dropped_args(parser, {"--data_path": LISTS_FROM_OPTS})
     add_config_args(parser)
     return parser
 

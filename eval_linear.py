@@ -43,7 +43,7 @@ from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, che
                               dataset_labels, extract_features_and_labels, keeping_the_epoch, load_backbone,
                               make_loader, multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record,
                               single_clip_config, single_view_stats, split_files, to_device, unreadable_videos)
-from utils.parser import add_config_args, check_clip_sizes, load_config
+from utils.parser import LISTS_FROM_OPTS, add_config_args, add_dropped_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 RESULTS_NAME = "linear_results.json"
@@ -118,6 +118,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slowfast_eval", default=False, type=utils.bool_flag,
                         help="Evaluate each clip as the mean feature of a NUM_FRAMES x TEST_CROP_SIZE and an "
                              "8*NUM_FRAMES x LOCAL_CROP_SIZE clip (the paper's slow-fast inference).")
+    add_dropped_args(parser, {"--data_path": LISTS_FROM_OPTS,
+                              "--use_flow": "the optical-flow branch of the original is not ported (its config keys "
+                                            "are accepted only as False)"})
     add_config_args(parser)
     return parser
 

@@ -580,6 +580,23 @@ def test_parsers_accept_legacy_local_rank():
         assert parser.parse_args(["--local_rank", "2"]).local_rank == 2
 
 
+@pytest.mark.parametrize("script, argv", [(eval_linear, ["--data_path", "/data/ucf101"]),
+                                          (eval_linear, ["--use_flow", "False"]), (eval_linear, ["--use_flow"]),
+                                          (eval_knn, ["--data_path=/data/ucf101"])])
+def test_the_original_s_dropped_options_are_errors_saying_what_to_pass(script, argv, capsys):
+    """The original's eval_linear.py --data_path / --use_flow and eval_knn.py --data_path (DINO's scripts read
+    --data_path) did nothing there; argparse only said 'unrecognized arguments'. Without them the args hold no such
+    attribute (config files and run records stay as they were)."""
+    parser = script.get_args_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv + ["--opts", "DATA.NUM_FRAMES", "4"])
+    err = capsys.readouterr().err
+    assert f"{argv[0].split('=')[0]} is an option of the original that svt does not take: " in err
+    assert ("DATA.PATH_TO_DATA_DIR" if "data_path" in argv[0] else "optical-flow branch") in err
+    args = parser.parse_args(["--opts", "DATA.NUM_FRAMES", "4"])
+    assert not hasattr(args, "data_path") and not hasattr(args, "use_flow")
+
+
 def test_linear_results_count_replaced_train_samples_and_skipped_eval_videos_apart():
     """Replaced training draws and val/test videos left out are two counts under their own keys, never added. A
     video left out of the val pass and of the multi-view test of the same list counts once."""

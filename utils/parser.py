@@ -1,4 +1,5 @@
 """Load the fvcore config from `--cfg` and `--opts`, as the original scripts pass them."""
+import argparse
 import difflib
 import os
 from typing import Sequence
@@ -16,13 +17,34 @@ DEFAULT_CFG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def add_config_args(parser) -> None:
     """Add the original's `--cfg` and `--opts` arguments to an argparse parser (`--opts` must be last)."""
-    import argparse
     parser.add_argument("--cfg", dest="cfg_file", default=DEFAULT_CFG, type=str,
                         help="fvcore YAML with the data/model config (default: the SVT Kinetics config).")
     parser.add_argument("--opts", default=None, nargs=argparse.REMAINDER,
                         help="KEY VALUE pairs that override the YAML, e.g. `--opts DATA.PATH_PREFIX /data/k400/videos "
                              "DATA.NUM_FRAMES 16`; the keys are those of utils/defaults.py (another one is an error "
                              "naming it). Must be the last argument.")
+
+
+class DroppedOption(argparse.Action):
+    """An option of the original (or of DINO's same script) that svt does not take: an error saying what to pass
+    instead, where argparse would only say 'unrecognized arguments'. Not in --help and not in the parsed args."""
+
+    def __init__(self, option_strings, dest, instead: str, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.instead = instead
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is an option of the original that svt does not take: {self.instead}")
+
+
+def add_dropped_args(parser, dropped: dict[str, str]) -> None:
+    """Options of the original script that svt dropped (they did nothing there), each with what to pass instead."""
+    for flag, instead in dropped.items():
+        parser.add_argument(flag, action=DroppedOption, instead=instead)
+
+
+LISTS_FROM_OPTS = ("the lists come from --opts DATA.PATH_TO_DATA_DIR (the folder of the list files) and the videos "
+                   "from DATA.PATH_PREFIX (the folder their paths are relative to), as in the original's scripts")
 
 
 def _all_keys(node: CfgNode, prefix: str = "") -> list[str]:
