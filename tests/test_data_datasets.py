@@ -1,5 +1,4 @@
 """Datasets: list formats, errors, retries, view indices through the whole pipeline, eval modes, loader."""
-import json
 import logging
 import re
 import shlex
@@ -7,7 +6,6 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import DATASETS, ReturnIndexDataset, build_dataset, decoder, video_dataset
