@@ -29,9 +29,10 @@ def test_path_list_reads_as_the_list_it_was_made_of():
     assert paths[torch.tensor(3).item()] == PATHS[3] and paths[np.int64(4)] == PATHS[4]
     assert PATHS[1] in paths and paths.index(PATHS[5]) == 5 and paths != PATHS[:-1] and paths != PATHS[::-1]
     for bad in (len(PATHS), -len(PATHS) - 1):
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match=rf"^PathList index {bad} out of range \(7 paths\)$"):
             paths[bad]
     assert list(PathList([])) == [] and len(PathList([])) == 0 and PathList([""])[0] == ""
+    assert PathList(["a", "b"]) != "ab" and PathList(["a", "b"]) != b"ab"  # a str is no sequence of paths
 
 
 def test_a_path_with_a_nul_is_refused_by_name():
@@ -46,8 +47,8 @@ def test_path_lists_read_as_the_lists_they_were_made_of():
         assert lists[v] == group and isinstance(lists[v], list) and lists[v - len(GROUPS)] == group
     assert lists[1:3] == GROUPS[1:3] and lists[::-1] == GROUPS[::-1]
     lists[0].append("changed")  # a read is a new list: the storage does not change
-    assert lists[0] == GROUPS[0]
-    with pytest.raises(IndexError):
+    assert lists[0] == GROUPS[0] and lists == [tuple(g) for g in GROUPS]
+    with pytest.raises(IndexError, match=r"^PathLists index 4 out of range \(4 lists\)$"):
         lists[len(GROUPS)]
 
 
@@ -61,6 +62,8 @@ def test_path_lists_of_path_lists_are_joined_from_their_texts():
     lists = PathLists(groups)
     assert lists == GROUPS + [[], PATHS] and lists._paths._text == PathLists(GROUPS + [[], PATHS])._paths._text
     assert np.array_equal(lists._paths._offsets, PathLists(GROUPS + [[], PATHS])._paths._offsets)
+    mixed = [PathList(GROUPS[0]), GROUPS[1], PathList(GROUPS[2]), tuple(GROUPS[3])]  # PathLists and plain lists
+    assert PathLists(mixed) == GROUPS
 
 
 class _Reads(Dataset):
