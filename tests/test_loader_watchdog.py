@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from datasets import ReturnIndexDataset, build_dataset, decoder
+from datasets import ReturnIndexDataset, build_dataset, decoder, loader_watchdog
 from datasets.device_views import DeviceViews, collate_plans
-from datasets.loader_watchdog import DecodeHang, WatchedLoader
+from datasets.loader_watchdog import DecodeHang, DecodeSlots, WatchedLoader
 from datasets.seeding import SeededDataset
 from datasets.transform import VideoDataAugmentationDINO
 from tests.conftest import build_cfg, write_ssv2
@@ -105,6 +105,19 @@ def test_an_evaluation_loader_names_the_stuck_video_and_is_otherwise_unchanged(s
         list(loader)
     assert stuck in _listed(str(stopped.value))
     _assert_workers_gone([int(line.split()[0]) for line in record.read_text().splitlines()])
+
+
+def test_an_error_of_a_worker_is_raised_as_itself_not_as_a_hang(synthetic_cfg, monkeypatch):
+    """Only the DataLoader's own timeout is a hang: a worker's error (here a RuntimeError of the decoder, not one
+    it skips as unreadable) reaches the caller as it is, naming its cause."""
+    def broken(path, backend="auto"):
+        raise RuntimeError(f"{path}: the decoder broke (test)")
+
+    monkeypatch.setattr(decoder, "open_video", broken)
+    dataset = ReturnIndexDataset(build_dataset("kinetics400", synthetic_cfg(), "val"))
+    with pytest.raises(RuntimeError, match="the decoder broke") as raised:
+        list(make_loader(dataset, 4, num_workers=1, decode_timeout=1))
+    assert not isinstance(raised.value, DecodeHang)
 
 
 def test_without_workers_there_is_no_limit_and_the_hang_error_is_no_collective_failure(synthetic_cfg, tmp_path,
@@ -195,11 +208,51 @@ def test_a_decode_that_never_returns_on_a_rank_ends_the_torchrun_job_naming_the_
     assert _processes_of(launcher) == []
 
 
-def _message_of(dataset, busy_video: int) -> str:
-    """The DecodeHang message of a watched loader over `dataset` whose one worker reads `busy_video` since 90 s."""
-    loader = WatchedLoader(dataset, batch_size=2, num_workers=1, decode_timeout=1)
-    loader.slots.table[0] = torch.tensor([busy_video, time.time() - 90], dtype=torch.float64)
+def _message_of(dataset, *busy: tuple[int, float]) -> str:
+    """The DecodeHang message of a watched loader over `dataset` whose workers read each (video, since seconds) of
+    `busy`, one each."""
+    loader = WatchedLoader(dataset, batch_size=2, num_workers=max(len(busy), 1), decode_timeout=1)
+    for worker, (video, seconds) in enumerate(busy):
+        loader.slots.table[worker] = torch.tensor([video, time.time() - seconds], dtype=torch.float64)
     return loader.hang_message()
+
+
+def test_the_slots_hold_each_worker_s_video_from_its_start_to_its_end(monkeypatch):
+    """DecodeSlots as the workers write it: a worker's row names its video (0 too) from begin to end, busy() lists
+    the videos being read, the longest first, with the seconds since each began; outside a worker nothing."""
+    now, worker = [100.0], argparse.Namespace(id=None)
+    monkeypatch.setattr(loader_watchdog, "time", argparse.Namespace(time=lambda: now[0]))
+    monkeypatch.setattr(loader_watchdog, "get_worker_info", lambda: worker if worker.id is not None else None)
+    slots = DecodeSlots(3)
+    for now[0], worker.id, video in ((100.0, 2, 0), (130.0, 0, 7), (145.0, 1, 3)):
+        slots.begin(video)
+    slots.end()  # worker 1's video 3 is done
+    worker.id, now[0] = None, 190.0
+    slots.begin(5)
+    assert slots.busy() == [(0, 90.0), (7, 60.0)]
+    worker.id = 2
+    slots.end()
+    assert slots.busy() == [(7, 60.0)]
+
+
+def test_the_message_lists_the_three_videos_read_longest_and_names_the_longest(synthetic_cfg):
+    """Four workers stuck: the three longest reads are listed, the longest first; the fix names the longest one
+    and a backend other than the one that hangs."""
+    dataset = build_dataset("kinetics400", synthetic_cfg(**{"DATA.DECODING_BACKEND": "pyav"}), "val")
+    message = _message_of(dataset, (1, 90), (2, 30), (0, 150), (3, 60))
+    paths = dataset.video_paths
+    assert _listed(message) == {paths[0]: 2.5, paths[1]: 1.5, paths[3]: 1.0}
+    assert f"Delete {paths[0]} " in message and f"ffmpeg -i {paths[0]} " in message
+    assert "with pyav (DATA.DECODING_BACKEND pyav)" in message
+    assert "decode with another backend (--opts DATA.DECODING_BACKEND torchcodec)" in message
+
+
+def test_workers_stuck_outside_any_video_are_named_so(synthetic_cfg):
+    """No worker is reading a video when the wait runs out (a collate or a file system stuck): no video is named."""
+    message = _message_of(build_dataset("kinetics400", synthetic_cfg(), "val"))
+    assert message == ("No batch came from the DataLoader workers within --decode_timeout 1 min, and none of them is "
+                       "reading a video: they are stuck elsewhere (e.g. in a collate or a file system that stopped "
+                       "answering). If they were only slow, raise --decode_timeout (0: wait forever).")
 
 
 def test_a_stuck_frame_folder_is_named_as_a_folder_of_jpeg_frames_not_as_a_video_to_re_encode(tmp_path):
@@ -207,7 +260,7 @@ def test_a_stuck_frame_folder_is_named_as_a_folder_of_jpeg_frames_not_as_a_video
     id, no file) and no video advice (delete, ffmpeg, DATA.DECODING_BACKEND: none applies to a JPEG read)."""
     write_ssv2(tmp_path)
     dataset = build_dataset("ssv2", build_cfg(tmp_path, tmp_path / "frames"), "val")
-    message = _message_of(dataset, 1)
+    message = _message_of(dataset, (1, 90))
     folder = str(tmp_path / "frames" / "101")
     assert _listed(message) == {f"{folder} (video 101)": 1.5}
     assert "JPEG frames" in message and f"cat {folder}/*" in message and "--decode_timeout" in message
@@ -220,19 +273,28 @@ def test_workers_that_only_probe_and_read_bytes_are_named_so(synthetic_cfg):
     aug = VideoDataAugmentationDINO(global_size=32, local_size=16, global_frames=(4, 8),
                                     local_frames=(2, 2, 4, 4, 8, 8, 16, 16))
     plans = build_dataset("kinetics400", synthetic_cfg(**{"DATA.DECODE_DEVICE": "cuda"}), "train", ssl_aug=aug)
-    message = _message_of(SeededDataset(plans), 2)
+    message = _message_of(SeededDataset(plans), (2, 90))
     assert _listed(message) == {plans.video_paths[2]: 1.5}
     assert "with PyAV (its probe and a read of the bytes: DATA.DECODE_DEVICE cuda)" in message
     assert "--opts DATA.DECODE_DEVICE cpu" in message and "DATA.DECODING_BACKEND" not in message
+    # DATA.AUGMENT_DEVICE cuda alone: the workers decode with the backend, the GPU only augments
+    decoding = build_dataset("kinetics400", synthetic_cfg(**{"DATA.AUGMENT_DEVICE": "cuda"}), "train", ssl_aug=aug)
+    message = _message_of(SeededDataset(decoding), (2, 90))
+    assert f"with {decoding.backend} (DATA.DECODING_BACKEND auto)" in message and "PyAV" not in message
 
 
-def test_a_decode_timeout_too_long_for_the_loader_is_refused_when_parsed():
+def test_a_decode_timeout_too_long_for_the_loader_is_refused_when_parsed(capsys):
     """A DataLoader wait above 2**31 ms (~35,791 min; 'inf' too) raises OverflowError at the first batch, deep in
     multiprocessing, after the whole setup: --decode_timeout refuses it when parsed, with the way to wait
     forever; the largest value it takes is a wait the loader accepts."""
     parser = argparse.ArgumentParser()
     utils.add_decode_timeout_arg(parser)
     assert parser.parse_args(["--decode_timeout", "0"]).decode_timeout == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--decode_timeout", "inf"])
+    assert "argument --decode_timeout: inf is not a number of minutes" in capsys.readouterr().err
+    # by default on, and shorter than the collectives' wait: the stuck rank names its video before a peer times out
+    assert 0 < parser.parse_args([]).decode_timeout < utils.DEFAULT_DIST_TIMEOUT_MIN
     for value in ("inf", "nan", "-1", "1e6", f"{utils.MAX_DECODE_TIMEOUT_MIN + 1}"):
         with pytest.raises(argparse.ArgumentTypeError, match="0: wait forever"):
             utils.decode_timeout_minutes(value)
@@ -310,14 +372,25 @@ def test_a_decode_thread_that_never_returns_is_named_instead_of_waited_for(synth
     assert f"Delete {stuck[0]} (a missing video is skipped and counted like any unreadable one" in message
     assert f"ffmpeg -i {stuck[0]} -c:v libx264" in message and "or decode in the loader workers (--opts " \
         "DATA.DECODE_DEVICE cpu); then rerun the same command" in message and "raise --decode_timeout" in message
+    assert all(minutes < 1 for minutes in _listed(message).values())  # decoding since the wait began
     assert stage._pool is None  # let go: its shutdown would wait for the stuck threads
     stage.close()
+
+
+def test_a_decode_that_ended_just_after_the_wait_is_called_slow_not_stuck(synthetic_cfg):
+    """The wait ran out, but no thread decodes any more when the error is made: nothing to name, no stuck thread."""
+    hang = DeviceViews(_aug().sizes, "cpu", decode_timeout=0.5)._hang()
+    assert str(hang) == ("A video did not finish decoding in this process's decode threads (DATA.DECODE_DEVICE cuda) "
+                         "within --decode_timeout 0.5 min; it ended just after, so it was only slow: raise "
+                         "--decode_timeout (0: wait forever).")
+    assert not hang.stuck_threads
 
 
 def test_decode_threads_without_a_hang_give_their_views_and_0_waits_for_any_decode(synthetic_cfg, monkeypatch,
                                                                                   release):
     """--decode_timeout 0 waits as long as a decode takes (here until it is released, 1 s on); a limit changes
-    nothing for a batch that decodes within it, and no thread's note outlives its sample."""
+    nothing for a batch that decodes within it (a decode of 1 s within 0.5 min: the limit counts minutes), and no
+    thread's note outlives its sample."""
     aug, batch = _plans_batch(synthetic_cfg, 3)
     monkeypatch.setattr(decoder, "decode_on_device", hanging([batch["path"][1]], release)[0])
     threading.Timer(1.0, release.set).start()
@@ -325,7 +398,10 @@ def test_decode_threads_without_a_hang_give_their_views_and_0_waits_for_any_deco
     expected, skipped = forever(batch)
     forever.close()
     assert skipped.tolist() == [0, 0, 0] and forever._decoding == {}
-    limited = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=1)
+    held = threading.Event()
+    monkeypatch.setattr(decoder, "decode_on_device", hanging([batch["path"][1]], held)[0])
+    threading.Timer(1.0, held.set).start()
+    limited = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=0.5)
     views, skipped = limited(batch)
     limited.close()
     assert skipped.tolist() == [0, 0, 0] and limited._decoding == {}
