@@ -96,6 +96,21 @@ def test_a_folder_that_cannot_be_made_is_named_and_nothing_is_left(tmp_path, mon
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("code, cause", [(errno.EDQUOT, "the disk of {} is full: Disk quota exceeded"),
+                                         (errno.EROFS, "{} is not writable: Read-only file system"),
+                                         (errno.EPERM, "{} is not writable: Operation not permitted")])
+def test_a_quota_or_a_read_only_mount_is_named_in_words_with_the_absolute_folder(tmp_path, monkeypatch, code, cause):
+    """A cluster's disk quota is a full disk, a read-only mount or a refused operation a folder not writable; a file
+    named relative to the working folder (here: in it) is named with its folder's absolute path."""
+    monkeypatch.chdir(tmp_path)
+    err = RuntimeError("torch.save failed")  # as torch.save reports the OSError of a write: its context
+    err.__context__ = OSError(code, os.strerror(code))
+    fault = utils.storage_fault("checkpoint.pth", err, "the previous checkpoint.pth is intact")
+    assert fault.startswith(f"checkpoint.pth: could not be written ({cause.format(tmp_path)}); the previous "
+                            "checkpoint.pth is intact. ")
+    assert (f"df -h {tmp_path})" in fault) == (code == errno.EDQUOT)
+
+
 def test_a_knn_dump_removes_the_temporary_files_of_a_killed_one(tmp_path):
     killed = [tmp_path / ".testfeat.pth.123.abcd1234.tmp", tmp_path / ".dump_record.json.123.abcd1234.tmp"]
     for path in killed:
