@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -377,3 +378,36 @@ def test_a_start_killed_before_its_first_checkpoint_leaves_its_curves_apart_from
     assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == killed_events
     own = list((out / "tb").iterdir())
     assert len(own) == 1 and own[0].name not in killed_events
+
+
+def test_earlier_curves_move_to_a_folder_named_in_utc_after_the_newest_and_never_onto_another(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """set_aside_tensorboard: only the event files move, to tb.<UTC time of the newest one> whatever the machine's
+    time zone; earlier starts killed in the same second each get a folder of their own; no event file, no folder."""
+    assert run_dir.set_aside_tensorboard(tmp_path) is None
+    tb = tmp_path / "tb"
+    tb.mkdir()
+    (tb / "notes.txt").write_text("not a curve")
+    assert run_dir.set_aside_tensorboard(tmp_path) is None and os.listdir(tmp_path) == ["tb"]
+    newest = 1767229384  # 2026-01-01 01:03:04 UTC
+
+    def killed_start(k: int) -> list[str]:
+        names = [f"events.out.tfevents.{k}.a", f"events.out.tfevents.{k}.b"]
+        for name, mtime in zip(names, (newest, newest - 3600)):
+            (tb / name).write_bytes(name.encode())
+            os.utime(tb / name, (mtime, mtime))
+        return names
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # UTC+5:30: a local time would name another hour
+    time.tzset()
+    try:
+        for k, suffix in enumerate(["", "-1", "-2"]):
+            names = killed_start(k)
+            assert run_dir.set_aside_tensorboard(tmp_path) == tmp_path / f"tb.20260101T010304Z{suffix}"
+            assert sorted(os.listdir(tmp_path / f"tb.20260101T010304Z{suffix}")) == names
+            assert os.listdir(tb) == ["notes.txt"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert f"moved them to {tmp_path / 'tb.20260101T010304Z-2'}, so that {tb} holds this run's alone" in \
+        capsys.readouterr().out
