@@ -406,6 +406,28 @@ def test_run_record_holds_the_local_crop_size_only_for_slow_fast(tmp_path):
         evaluation.check_same_run({**slowfast, "DATA.LOCAL_CROP_SIZE": 96}, slowfast, "ckpt", "linear probe", "hint")
 
 
+def test_a_dump_is_checked_against_what_this_machine_holds_of_its_lists(synthetic_root, tmp_path, capsys):
+    """--load_features where the lists are not (only the dump was copied there): the lists cannot be compared and are
+    not, the rest of the record is; a list there with the dump's content is the dump's list wherever it lies."""
+    args = argparse.ArgumentParser(parents=[eval_knn.get_args_parser()]).parse_args(["--dataset", "ucf101"])
+    cfg = load_config_from(None, ["DATA.PATH_TO_DATA_DIR", str(synthetic_root / "knn_splits")])
+    record = eval_knn.dump_record(args, cfg, "0" * 40, 2, 1)
+    tensors = (torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(2), torch.zeros(1))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "ucf101_train_split_1_videos.txt").write_bytes(
+        (synthetic_root / "knn_splits" / "ucf101_train_split_1_videos.txt").read_bytes())
+    elsewhere = load_config_from(None, ["DATA.PATH_TO_DATA_DIR", str(moved)])  # no val list there
+    with pytest.raises(ValueError, match=r"not of one dump \(testlabels.pth has 2 rows, the record 1\)"):
+        eval_knn.check_dump("feats", record, tensors[:3] + (torch.zeros(2),), args, elsewhere, torch.device("cpu"))
+    given = eval_knn.check_dump("feats", record, tensors, args, elsewhere, torch.device("cpu"))
+    assert given == {"pretrained_weights": "", "checkpoint_key": "teacher"}
+    assert "the features are of a random init" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"this run: DATA.NUM_FRAMES: dump 8, this run 4\. Scoring"):
+        eval_knn.check_dump("feats", record, tensors, args, load_config_from(None, [
+            "DATA.PATH_TO_DATA_DIR", str(moved), "DATA.NUM_FRAMES", "4"]), torch.device("cpu"))
+
+
 def test_num_labels_error_names_the_lists_and_spots_one_based_labels(capsys):
     def lists(path, labels):
         return types.SimpleNamespace(list_file=path, labels=labels)

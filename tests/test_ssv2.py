@@ -188,6 +188,7 @@ def test_a_run_record_of_before_a_key_is_checked_against_its_old_value(tmp_path,
     with pytest.raises(ValueError, match=r"DATA.INV_UNIFORM_SAMPLE: checkpoint False, this run True"):
         check_same_run(old, run, "ckpt", "fine-tuning", "hint")
     check_same_run(old, {**run, "DATA.INV_UNIFORM_SAMPLE": False}, "ckpt", "fine-tuning", "hint")
+    check_same_run(run, run, "ckpt", "fine-tuning", "hint")  # a record that holds the key: its own value counts
     assert "Note" not in capsys.readouterr().out
     (tmp_path / "labels.json").write_text("{}")
     with_json = {**old, "DATA.INV_UNIFORM_SAMPLE": False,
