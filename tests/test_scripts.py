@@ -48,6 +48,9 @@ def test_the_torchcodec_of_each_torch_is_the_one_built_for_it():
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
     assert pick.minor(pins["torchcodec"]) >= (0, 12) and pick.requirement(pins["torch"]) == "torchcodec>=0.12"
     assert f"torchcodec>={pick.OLDEST}\n" in (ROOT / "requirements.txt").read_text()
+    given = subprocess.run([sys.executable, str(ROOT / "scripts" / "torchcodec_for_torch.py"), "2.10.1"],
+                           capture_output=True, text=True, check=True)
+    assert given.stdout == "torchcodec==0.10.*\n"  # the torch named on the command line, not the installed one
 
 
 @pytest.mark.parametrize("torch_version, codec", [("2.5.1", None), ("2.10.1", "torchcodec==0.10.*"),
