@@ -511,8 +511,12 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
 
     if args.evaluate:
         write_config(args, cfg)
+        # the tested model's initialisation is the fine-tuning's, not this command's --pretrained_weights (unused)
+        trained = ckpt.get("args")
+        init = {key: getattr(trained, key) for key in ("pretrained_weights", "checkpoint_key") if hasattr(trained, key)}
         return final_test(model, test_set, args, precision, device, output_dir,
-                          {"epoch": ckpt["epoch"], "sequential_decodes": sequential_decodes(test_set)})
+                          {**init, "epoch": ckpt["epoch"], "best_val_acc1": ckpt["best_acc1"],
+                           "sequential_decodes": sequential_decodes(test_set)})
 
     model_ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
