@@ -116,6 +116,15 @@ def test_opts_key_that_became_a_flag_names_the_flag():
         load_config_from(DEFAULT_CFG, ["TRAIN.BATCH_SIZE", "8"])
 
 
+@pytest.mark.parametrize("key, flag", [("TRAIN.CHECKPOINT_FILE_PATH", "--pretrained_weights"),
+                                       ("TEST.CHECKPOINT_FILE_PATH", "--evaluate"), ("TRAIN.EVAL_PERIOD", "--val_freq"),
+                                       ("TRAIN.CHECKPOINT_PERIOD", "--saveckp_freq"), ("TEST.DATASET", "--dataset")])
+def test_timesformer_readme_keys_name_the_flag(key, flag):
+    """The keys TimeSformer's README passes to fine-tune from a checkpoint and to test one name the flag here."""
+    with pytest.raises(KeyError, match=rf"{key}' of the original is a command-line option here: use {flag}"):
+        load_config_from(DEFAULT_CFG, [key, "x"])
+
+
 # The original's launch lines (its scripts/train.sh, eval_linear.sh, eval_knn.sh; spec section 8), data paths
 # aside: parsed here they must give the original's run (its argparse defaults plus what the scripts pass).
 ORIGINAL_TRAIN_ARGV = ["--arch", "timesformer", "--batch_size_per_gpu", "8", "--data_path", "/data/k400",

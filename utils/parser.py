@@ -64,6 +64,13 @@ _FLAG_INSTEAD = {
     "MODEL.NUM_CLASSES": "--num_labels (eval_linear.py, eval_finetune.py)",
     "NUM_GPUS": "the launcher (torchrun --nproc_per_node)", "OUTPUT_DIR": "--output_dir",
     "RNG_SEED": "--seed",
+    # what TimeSformer's README passes to fine-tune from a checkpoint and to test one
+    "TRAIN.CHECKPOINT_FILE_PATH": "--pretrained_weights (train_ssl.py: --pretrained_rgb)",
+    "TEST.CHECKPOINT_FILE_PATH": "--evaluate with the fine-tuning's --output_dir (eval_finetune.py; eval_linear.py: "
+                                 "--lc_pretrained_weights)",
+    "TRAIN.EVAL_PERIOD": "--val_freq (eval_linear.py, eval_finetune.py)",
+    "TRAIN.CHECKPOINT_PERIOD": "--saveckp_freq (train_ssl.py; the evaluation scripts rewrite checkpoint every epoch)",
+    "TRAIN.DATASET": "--dataset", "TEST.DATASET": "--dataset",
 }
 
 
