@@ -236,8 +236,30 @@ def missing_list_hint(list_file: str) -> str:
         return (f"{folder} holds val.csv but no test.csv: Kinetics-400 has no labelled test split, so test on val "
                 f"as TimeSformer does: cp {shlex.quote(os.path.join(folder, 'val.csv'))} "
                 f"{shlex.quote(list_file)} (datasets/DATASET.md).")
+    split = re.fullmatch(r"(ucf101|hmdb51)_(train|val)_split_1_videos\.txt", os.path.basename(list_file))
+    if split:
+        hint = _split_list_hint(folder, lists, *split.groups())
+        if hint:
+            return hint
     return (f"{folder} holds {', '.join(lists)} (lists of another --dataset?)." if lists
             else f"{folder} holds no list files (.csv/.txt).")
+
+
+def _split_list_hint(folder: str, lists: list[str], dataset: str, mode: str) -> str | None:
+    """Why a folder lacks `{dataset}_{mode}_split_1_videos.txt` when it holds MMAction2 lists of that dataset: its
+    frame lists (rawframes) instead of its video lists, or the lists of another split only. None otherwise."""
+    own = [f for f in lists if re.fullmatch(rf"{dataset}_{mode}_split_\d_(videos|rawframes)\.txt", f)]
+    if f"{dataset}_{mode}_split_1_rawframes.txt" in own:
+        return (f"{folder} holds {dataset}_{mode}_split_1_rawframes.txt: MMAction2's list of extracted frames "
+                f"('folder num_frames label'). svt reads the videos, listed by MMAction2's video lists (step 4 of its "
+                f"{dataset} preparation, tools/data/{dataset}/generate_videos_filelist.sh; no frame extraction), "
+                f"'Class/video.avi label' (datasets/DATASET.md).")
+    if own:
+        return (f"{folder} holds {', '.join(own)}, of another split: svt reads split 1's list names, as the original "
+                f"does. To evaluate another split, link its lists under split 1's names in a folder of their own (e.g. "
+                f"ln -s {os.path.join(os.path.abspath(folder), own[0])} <folder>/{dataset}_{mode}_split_1_videos.txt) "
+                f"and pass that folder as DATA.PATH_TO_DATA_DIR.")
+    return None
 
 
 def parse_list_file(list_file: str, separator: str = " ") -> list[tuple[str, int]]:

@@ -167,6 +167,21 @@ def test_missing_list_names_the_lists_the_folder_holds(tmp_path, synthetic_root)
         parse_list_file(str(tmp_path / "nope" / "train.csv"))
 
 
+@pytest.mark.parametrize("listed, said", [
+    ("hmdb51_{}_split_1_rawframes.txt", r"hmdb51_train_split_1_rawframes.txt: MMAction2's list of extracted frames "
+                                        r".*svt reads the videos, listed by MMAction2's video lists \(step 4"),
+    ("hmdb51_{}_split_2_videos.txt", r"hmdb51_train_split_2_videos.txt, of another split: svt reads split 1's list "
+                                     r"names.*ln -s \S*hmdb51_train_split_2_videos.txt <folder>/hmdb51_train_split_1_")])
+def test_mmaction2_frame_lists_or_another_splits_lists_are_named_as_such(tmp_path, synthetic_root, listed, said):
+    """A folder of MMAction2's rawframes lists, or of split 2's video lists only: the error says what they are and
+    what svt reads, not 'lists of another --dataset?'."""
+    for mode in ("train", "val"):
+        (tmp_path / listed.format(mode)).write_text("brush_hair/a 30 0\n")
+    with pytest.raises(FileNotFoundError, match=said) as err:
+        build_dataset("hmdb51", build_cfg(tmp_path, synthetic_root / "videos"), "train")
+    assert "another --dataset" not in str(err.value)
+
+
 def test_kinetics_without_test_csv_is_told_to_copy_val(tmp_path, synthetic_root):
     """eval_finetune's final test reads test.csv, which Kinetics-400 does not have: copy val.csv (TimeSformer's
     convention), not 'lists of another --dataset?'."""
