@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from datasets.decoder import BACKENDS, open_video
+from datasets.decoder import BACKENDS, DecodeError, open_video
 from datasets.transform import apply_eval_crop, eval_crop_box
 from models import VisionTransformer, build_backbone, vit_base_patch16_224
 from models.timesformer import ARCH_OF_WIDTH
@@ -182,11 +182,21 @@ def save_animation(panels: np.ndarray, path: Path, fps: float = 2.0) -> None:
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
+def read_video_arg(args) -> tuple[np.ndarray, torch.Tensor]:
+    """`read_clip` of --video; a missing or undecodable file is a DecodeError naming --video (and the
+    decoder's reason)."""
+    try:
+        return read_clip(args.video, args.num_frames, args.image_size, args.sampling_rate, args.backend)
+    except DecodeError as err:
+        reason = str(err).removeprefix(f"{args.video}: ")
+        raise DecodeError(f"--video {args.video}: {reason}.") from err
+
+
 def visualize(args) -> tuple[Path, Path]:
+    frames, clip = read_video_arg(args)  # before the model: a bad --video is reported at once
     model = backbone_from_checkpoint(args.pretrained_weights, args.checkpoint_key, args.seed)
     if args.image_size % model.patch_size:
         raise ValueError(f"--image_size {args.image_size} is not a multiple of the patch size {model.patch_size}")
-    frames, clip = read_clip(args.video, args.num_frames, args.image_size, args.sampling_rate, args.backend)
     attention = cls_attention(model, clip)
     panels = attention_panels(frames, attention)
     out = Path(args.output_dir)
@@ -200,6 +210,15 @@ def visualize(args) -> tuple[Path, Path]:
     return png, gif
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The command line; a --video that does not decode ends it with a one-line error (exit status 2)."""
+    parser = argparse.ArgumentParser("Visualize the CLS attention of a video transformer", parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    try:
+        visualize(args)
+    except DecodeError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
 if __name__ == "__main__":
-    visualize(argparse.ArgumentParser("Visualize the CLS attention of a video transformer",
-                                      parents=[get_args_parser()]).parse_args())
+    main()

@@ -108,3 +108,23 @@ def test_the_clip_shown_is_the_evaluation_pipelines_val_clip_of_the_video(tmp_pa
     pixels = torch.from_numpy(shown).permute(3, 0, 1, 2).float() / 255  # the same pixels, de-normalised
     torch.testing.assert_close((pixels - 0.45) / 0.225, val_clip.clamp((0 - 0.45) / 0.225, (1 - 0.45) / 0.225),
                                rtol=0, atol=0.5 / 255 / 0.225 + 1e-6)
+
+
+def test_a_bad_video_is_a_one_line_error_naming_the_flag(tmp_path, capsys):
+    """A missing or undecodable --video: exit status 2 and one line on stderr naming --video, the path and the
+    decoder's reason, no traceback (and no model loaded first)."""
+    missing = tmp_path / "no_such.mp4"
+    with pytest.raises(SystemExit) as exit_info:
+        va.main(["--video", str(missing), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.splitlines() == [f"Visualize the CLS attention of a video transformer: error: --video {missing}: "
+                                "no such file."]
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00not a video" * 64)
+    with pytest.raises(SystemExit) as exit_info:
+        va.main(["--video", str(garbage), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"error: --video {garbage}: cannot " in err  # the decoder's reason follows
+    assert not (tmp_path / "out").exists()
