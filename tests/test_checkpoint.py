@@ -300,6 +300,31 @@ def test_imagenet_init_resizes_pos_embed_and_reports_errors(tmp_path):
         load_imagenet_init(model, other)
 
 
+def test_pretrained_model_log_says_whether_an_image_vit_or_a_video_backbone_was_loaded(training_checkpoint, capsys):
+    """TIMESFORMER.PRETRAINED_MODEL also takes a video backbone (the released file, a train_ssl.py checkpoint),
+    loaded whole as the original does (spec 6.3): the log calls that a video backbone, an image ViT an ImageNet
+    init, each with its tensor counts."""
+    path, _, teacher = training_checkpoint
+    released = path.parent / "released.pth"
+    torch.save(teacher.state_dict(), released)  # the flat backbone.* / head.* teacher dict
+    for video in (path, released):
+        capsys.readouterr()
+        model = VisionTransformer(**TINY)
+        summary = load_imagenet_init(model, video)
+        assert_same_backbone(model, teacher.backbone)  # every weight, temporal ones included
+        out = capsys.readouterr().out
+        assert out.splitlines()[0] == (
+            f"Video backbone init from {video} (TIMESFORMER.PRETRAINED_MODEL; a video model's weights, not an "
+            "ImageNet image ViT's): 47 tensors, 17 of them temporal, all from the file:")  # time_embed + 8 a block
+        assert str(summary) in out and "ImageNet init" not in out
+    image = path.parent / "vit.pth"
+    torch.save(image_vit_state(8), image)
+    load_imagenet_init(VisionTransformer(**TINY), image)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"ImageNet init from {image}: an image ViT's spatial weights, 30 tensors; temporal_attn / temporal_norm1 "
+        "start as copies of the spatial ones (12 tensors), time_embed and temporal_fc at their zero init:")
+
+
 def test_deit_distilled_weights_are_named_as_the_cause(tmp_path):
     """A DeiT-distilled ImageNet file: its pos_embed holds a distillation token besides the class token, so its
     grid is not square; the error names the file, that cause and the weights to use instead."""

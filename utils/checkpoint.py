@@ -197,7 +197,8 @@ SVT_FILES = ("an SVT checkpoint (train_ssl.py checkpoint.pth, the released kinet
 
 
 def load_pretrained_weights(model: nn.Module, path: str | os.PathLike, checkpoint_key: str | None = "teacher",
-                            expected: str = SVT_FILES, stored_embeddings: bool = False) -> LoadSummary:
+                            expected: str = SVT_FILES, stored_embeddings: bool = False,
+                            report: bool = True) -> LoadSummary:
     """Load backbone weights into `model` (a TimeSformer VisionTransformer) from any of:
 
     - the released `kinetics400_vitb_ssl.pth` (flat teacher state: `backbone.*` + `head.*`);
@@ -214,6 +215,7 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike, checkpoin
     Raises when no key matches or
     when any other shape differs (`expected`: the files the caller takes, for that error). The summary says
     whether the file is an image ViT: callers that need a video checkpoint reject one with `image_model_advice`.
+    The summary is printed unless `report` is False (a caller that prints it under its own heading).
     """
     path = os.fspath(path)
     entry, where = read_backbone_state(path, checkpoint_key)
@@ -245,7 +247,8 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike, checkpoin
                              + (" It is an image ViT: pass it as the spatial init, --opts TIMESFORMER.PRETRAINED_MODEL,"
                                 " not as a video checkpoint." if summary.image_model and expected is SVT_FILES else ""))
     model.load_state_dict({k: state[k] for k in summary.matched}, strict=False)
-    print(summary)
+    if report:
+        print(summary)
     return summary
 
 
@@ -261,9 +264,26 @@ def load_imagenet_init(model: nn.Module, path: str | os.PathLike) -> LoadSummary
             f"ImageNet init file not found: {path} (TIMESFORMER.PRETRAINED_MODEL). Download the DINO "
             f"ViT-B/16 weights from {DINO_VITB16_URL} and put them at that path, or set "
             "TIMESFORMER.PRETRAINED_MODEL to '' for a random init.")
-    print(f"ImageNet init from {path}:")
-    return load_pretrained_weights(model, path, expected="an image ViT (DINO or timm ImageNet weights, e.g. "
-                                                         "dino_vitbase16_pretrain.pth)")
+    summary = load_pretrained_weights(model, path, expected="an image ViT (DINO or timm ImageNet weights, e.g. "
+                                                            "dino_vitbase16_pretrain.pth)", report=False)
+    print(f"{_init_heading(summary)}\n{summary}")
+    return summary
+
+
+def _init_heading(summary: LoadSummary) -> str:
+    """What TIMESFORMER.PRETRAINED_MODEL loaded: an image ViT's spatial weights (the ImageNet init) or, as the
+    original also takes, a video backbone's weights temporal ones included (the released SVT file, a train_ssl.py
+    checkpoint's teacher, a TimeSformer one)."""
+    temporal = [k for k in summary.matched if k == "time_embed" or ".temporal_" in k]
+    if summary.image_model:  # its temporal_attn / temporal_norm1 are copies of the spatial ones
+        return (f"ImageNet init from {summary.path}: an image ViT's spatial weights, "
+                f"{len(summary.matched) - len(temporal)} tensors; temporal_attn / temporal_norm1 start as copies of "
+                f"the spatial ones ({len(temporal)} tensors), time_embed and temporal_fc at their zero init:")
+    if temporal:
+        return (f"Video backbone init from {summary.path} (TIMESFORMER.PRETRAINED_MODEL; a video model's weights, "
+                f"not an ImageNet image ViT's): {len(summary.matched)} tensors, {len(temporal)} of them temporal, "
+                "all from the file:")
+    return f"Spatial init from {summary.path} (TIMESFORMER.PRETRAINED_MODEL, a space-only model):"
 
 
 TEMP_PATTERNS = (".checkpoint*.tmp", ".log.txt*.tmp", ".config.*.tmp")  # the temporary files of the atomic writes
