@@ -351,11 +351,13 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int,
 
 
 @torch.no_grad()
-def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.device, check_stop=None) -> dict:
+def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.device, check_stop=None,
+             header: str = "") -> dict:
     """Accuracy on the dataset's clips, each rank running its shard: single-view stats in val mode (one clip
     per video), per-video stats over NUM_ENSEMBLE_VIEWS x NUM_SPATIAL_CROPS clips aggregated by
     `args.ensemble` in test mode (keys multiview_*). Undecodable videos are left out and counted.
-    `check_stop`: see utils.evaluation.extract_features_and_labels."""
+    `check_stop`: see utils.evaluation.extract_features_and_labels; `header` labels the progress lines ("Val:"
+    or "Test:", by the dataset's mode, when empty)."""
     model.eval()
 
     def score(frames):
@@ -364,7 +366,8 @@ def evaluate(model: VisionTransformer, dataset, args, precision, device: torch.d
 
     loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers,
                          args.decode_timeout)
-    logits, returned = extract_features_and_labels(score, loader, device, check_stop)
+    header = header or ("Test:" if dataset.mode == "test" else "Val:")
+    logits, returned = extract_features_and_labels(score, loader, device, check_stop, header)
     unreadable_videos(dataset, returned)
     if dataset.mode != "test":
         return single_view_stats(logits, returned, args.num_labels)
@@ -577,7 +580,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
                                                                 epoch_meters=own_meters))
                 with keeping_the_epoch(functools.partial(save_mid_epoch, iteration=num_batches,
                                                                     epoch_meters=own_meters), ckpt_path, epoch):
-                    val_stats = evaluate(model, val_set, args, precision, device, check)
+                    val_stats = evaluate(model, val_set, args, precision, device, check, f"Val (epoch {epoch}):")
                 best_acc1 = max(best_acc1, val_stats["acc1"])
                 print(f"Epoch {epoch}: val top-1 {val_stats['acc1']:.2f} (best {best_acc1:.2f}); skipped videos: "
                       f"{val_stats['skipped_videos']}")

@@ -264,7 +264,11 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
               "--accum_iter", "2", "--num_workers", "0", "--lr", "0.08", "--log_freq", "2"]
     once, resumed = tmp_path / "once", tmp_path / "resumed"
     res = finetune(common + ["--epochs", "2", "--output_dir", str(once), "--opts"] + data + OPTS)
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "training draws" in line]
+    out = capsys.readouterr().out.splitlines()
+    warnings = [line for line in out if "training draws" in line]
+    # the progress lines of the validations and the test say which runs (not the kNN's "Extracting features:")
+    labels = [line.split("  [")[0] for line in out if "  [" in line and "eta:" in line and "Epoch: [" not in line]
+    assert sorted(set(labels)) == ["Test:", "Val (epoch 0):", "Val (epoch 1):"]
     finetune(common + ["--epochs", "1", "--output_dir", str(resumed), "--opts"] + data + OPTS)
     assert torch.load(resumed / "checkpoint.pth", weights_only=False)["epoch"] == 1
     killed_save = resumed / ".checkpoint.pth.123.abcd.tmp"  # what a save killed mid-write leaves

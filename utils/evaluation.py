@@ -375,7 +375,8 @@ class ReturnIndexLabelDataset(ReturnIndexDataset):
 
 @torch.no_grad()
 def extract_features_and_labels(model: Callable, loader: Iterable, device: torch.device,
-                                check_stop: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                check_stop: Callable[[], None] | None = None,
+                                header: str = "Extracting features:") -> tuple[torch.Tensor, torch.Tensor]:
     """((N, D) float32 CPU outputs of `model`, (N,) labels as returned by the dataset, -1 for a skipped video)
     for every sample of `loader.dataset`, rows in index order.
 
@@ -383,14 +384,14 @@ def extract_features_and_labels(model: Callable, loader: Iterable, device: torch
     its shard (make_loader) and the rows of all ranks are gathered on every rank, so every rank drops the same
     rows. `frames` may be a list of clips when `model` takes one. `check_stop` (a collective that may end the
     pass by raising, e.g. on a stop signal) is called by every rank after the same batches: every
-    preemption.CHECK_EVERY batches of the shortest shard and at its last.
+    preemption.CHECK_EVERY batches of the shortest shard and at its last. `header` labels the progress lines.
     """
     total = len(loader.dataset)
     # the batches of the shortest shard (ShardSampler: total // world samples), which every rank reaches
     common = math.ceil(total // utils.get_world_size() / loader.batch_size) if check_stop is not None else 0
     metric_logger = utils.MetricLogger(delimiter="  ")
     feats, idxs = [], []
-    for i, (frames, index, label) in enumerate(metric_logger.log_every(loader, 10, "Extracting features:")):
+    for i, (frames, index, label) in enumerate(metric_logger.log_every(loader, 10, header)):
         out = model(to_device(frames, device)).float().cpu()
         # the label travels as an extra column (exact in float32 for any class id)
         feats.append(torch.cat([out, torch.as_tensor(label).float().view(-1, 1)], dim=1))
