@@ -117,6 +117,8 @@ def main(args) -> dict | None:
     results = None
     if utils.is_main_process():
         knn_device = device if args.use_cuda else torch.device("cpu")
+        print(f"k-NN classification on {knn_device.type}"
+              f"{' (--use_cuda: no GPU here)' if args.use_cuda and knn_device.type != 'cuda' else ''}.")
         acc = run_knn(train_features, test_features, train_labels, test_labels, args.nb_knn,
                       args.temperature, knn_device)
         results = {

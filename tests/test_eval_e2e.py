@@ -85,7 +85,8 @@ def test_knn_end_to_end_with_dump_and_load(synthetic_root, checkpoint, tmp_path)
                                torch.load(tmp_path / "feats" / "testfeat.pth"))
 
 
-def test_a_backbone_pretrained_with_another_patch_size_is_evaluated_with_patch_size(synthetic_root, tmp_path):
+def test_a_backbone_pretrained_with_another_patch_size_is_evaluated_with_patch_size(synthetic_root, tmp_path,
+                                                                                    capsys):
     from utils.evaluation import load_backbone
     import eval_finetune
     cfg = load_config_from(None, OPTS)
@@ -103,6 +104,9 @@ def test_a_backbone_pretrained_with_another_patch_size_is_evaluated_with_patch_s
                "--batch_size_per_gpu", "8", "--num_workers", "0", "--dataset", "ucf101", "--output_dir",
                str(tmp_path), "--opts"] + _data_opts(synthetic_root, "knn_splits"))
     assert (res["num_train"], res["num_test"]) == (16, 8)
+    # --use_cuda (default True): the args dump says True, this line where the k-NN ran
+    ran = "cuda." if torch.cuda.is_available() else "cpu (--use_cuda: no GPU here)."
+    assert f"k-NN classification on {ran}" in capsys.readouterr().out.splitlines()
     for script in (eval_linear, eval_finetune):  # the same flag, passed to the same loader
         assert script.get_args_parser().parse_args(["--patch_size", "8"]).patch_size == 8
 
