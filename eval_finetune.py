@@ -82,7 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='Entry of a full training checkpoint to start from ("teacher", the paper\'s, or '
                              '"student").')
     parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS,
-                        help="ucf101, hmdb51 (split 1), kinetics400 or ssv2 (no horizontal flip).")
+                        help="ucf101, hmdb51 (the split of --opts DATA.SPLIT, 1 by default), kinetics400 or ssv2 "
+                             "(no horizontal flip).")
     parser.add_argument("--num_labels", default=None, type=int,
                         help="Classes of the new head (101 UCF-101, 51 HMDB-51, 400 Kinetics-400, 174 SSv2). "
                              "Default: max label + 1 of the lists.")

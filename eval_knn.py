@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from datasets import DATASET_LISTS, DATASETS, build_dataset
+from datasets import DATASETS, build_dataset, dataset_lists
 from datasets.video_dataset import sequential_decodes, ssv2_annotation_files
 from models import ARCHS
 from utils import utils
@@ -166,7 +166,7 @@ def dump_lists(dataset: str, cfg) -> dict[str, str]:
     """The files a kNN's labels come from ({name: path}, as utils.evaluation.split_files names them): the train
     and val lists in DATA.PATH_TO_DATA_DIR and, for SSv2, its annotation JSONs. Read from the config alone: a
     --load_features run builds no dataset."""
-    root, lists = cfg.DATA.PATH_TO_DATA_DIR, DATASET_LISTS[dataset]
+    root, lists = cfg.DATA.PATH_TO_DATA_DIR, dataset_lists(dataset, cfg.DATA.SPLIT)
     files = {"train list": os.path.join(root, lists.train), "val list": os.path.join(root, lists.val)}
     if lists.frame_folders:
         files.update({**ssv2_annotation_files(root, "train"), **ssv2_annotation_files(root, "val")})

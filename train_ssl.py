@@ -33,7 +33,7 @@ from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans
 from datasets.loader_watchdog import WatchedLoader
 from datasets.seeding import SeededDataset, SeededDistributedSampler, preserved_rng_state, resume_start_iteration
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
-from datasets.video_dataset import (checkpoint_sequential_videos, missing_list_hint, replaced_warning,
+from datasets.video_dataset import (check_split, checkpoint_sequential_videos, missing_list_hint, replaced_warning,
                                      restore_sequential_videos, sequential_decodes)
 from models import ARCHS, DINOHead, DINOLoss, MultiCropWrapper, build_backbone
 from utils import preemption, run_dir, utils
@@ -175,7 +175,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--knn_dataset", default="ucf101", type=str,
                         help="Dataset of the kNN lists (a name known to datasets.build_dataset).")
     parser.add_argument("--knn_data_path", default="", type=str,
-                        help="Folder with the kNN train/val lists (e.g. UCF-101 knn_splits).")
+                        help="""Folder with the kNN train/val lists (e.g. UCF-101 knn_splits; --opts DATA.SPLIT N
+                        reads UCF-101 / HMDB-51's split N lists).""")
     parser.add_argument("--knn_path_prefix", default="", type=str,
                         help="Prefix joined to the kNN list paths (the videos folder).")
     parser.add_argument("--eval_batch_size_per_gpu", default=128, type=int,
@@ -654,6 +655,11 @@ def prepare_config(args):
                          "leave it False.")
     note_unused_keys(cfg, ("DATA.MEAN", "DATA.STD"), "the SSL views are normalised with the ImageNet statistics, "
                      "as in the original; DATA.MEAN/STD normalise evaluation clips (the online kNN, eval_*.py).")
+    if args.knn_freq > 0:  # DATA.SPLIT picks the online kNN's lists; the Kinetics train.csv has no splits
+        check_split(args.knn_dataset, cfg.DATA.SPLIT)
+    else:
+        note_unused_keys(cfg, ("DATA.SPLIT",), "it picks the UCF-101 / HMDB-51 split of the online kNN lists, which "
+                         "--knn_freq 0 turns off.")
     note_unused_keys(cfg, ("DATA.INV_UNIFORM_SAMPLE",), "it draws the short side of the clips the evaluation scripts "
                      "train on; the SSL views are sized by their crop scales (--global_crops_scale, "
                      "--local_crops_scale).")

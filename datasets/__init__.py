@@ -3,7 +3,7 @@ DATASET_LISTS), and the index wrapper of feature extraction."""
 from torch.utils.data import Dataset
 
 from datasets.transform import VideoDataAugmentationDINO, ssl_view_frames
-from datasets.video_dataset import DATASET_LISTS, VideoDataset
+from datasets.video_dataset import DATASET_LISTS, VideoDataset, dataset_lists
 
 DATASETS = tuple(DATASET_LISTS)
 
@@ -35,5 +35,5 @@ class ReturnIndexDataset(Dataset):
         return getattr(self.dataset, name)
 
 
-__all__ = ["DATASETS", "DATASET_LISTS", "build_dataset", "ReturnIndexDataset", "VideoDataset",
+__all__ = ["DATASETS", "DATASET_LISTS", "build_dataset", "dataset_lists", "ReturnIndexDataset", "VideoDataset",
            "VideoDataAugmentationDINO", "ssl_view_frames"]

@@ -5,8 +5,9 @@ and, for SSv2, lists of JPEG frame folders instead of videos.
 List layouts in DATA.PATH_TO_DATA_DIR (paths joined to DATA.PATH_PREFIX):
 - Kinetics-400: `{train,val,test}.csv`, lines `path label` (space, tab or comma; the label is split off the
   right, so a path may hold spaces).
-- UCF-101 / HMDB-51: the MMAction2 split lists `{ucf101,hmdb51}_{train,val}_split_1_videos.txt`
-  (`Class/video.avi label`, 0-based); mode "test" reads the val list (multi-view).
+- UCF-101 / HMDB-51: the MMAction2 split lists `{ucf101,hmdb51}_{train,val}_split_{N}_videos.txt`, N the official
+  split DATA.SPLIT (1, as the original, 2 or 3; `Class/video.avi label`, 0-based); mode "test" reads the val list
+  (multi-view).
 - SSv2 (TimeSformer's layout): `something-something-v2-labels.json` ({template: "class id"}),
   `something-something-v2-{train,validation}.json` ([{"id", "template", ...}]; val/test read validation),
   and the frame lists `{train,val}.csv`: a header line starting `original_vido_id`, then lines
@@ -59,6 +60,9 @@ logger = logging.getLogger(__name__)
 MODES = ("train", "val", "test")
 _LOGGED_FAILURES: set = set()
 SKIPPED_LABEL = -1
+# The official train/test splits of UCF-101 and HMDB-51, the values of DATA.SPLIT (utils/parser.py checks it).
+SPLITS = (1, 2, 3)
+SPLIT_DATASETS = ("ucf101", "hmdb51")
 # The values of DATA.DECODE_DEVICE and DATA.AUGMENT_DEVICE (utils/parser.py checks them).
 DECODE_DEVICES = ("cpu", "cuda")
 # DATA.AUGMENT_DEVICE cuda ships each sample's decoded frames through shared and pinned memory: above this many
@@ -89,30 +93,45 @@ class FrameError(decoder.DecodeError):
 
 @dataclass(frozen=True)
 class DatasetLists:
-    """The list file of each mode (in DATA.PATH_TO_DATA_DIR) and whether the lists name videos or folders
-    of JPEG frames (SSv2)."""
+    """The list file of each mode (in DATA.PATH_TO_DATA_DIR), whether the lists name videos or folders of JPEG
+    frames (SSv2) and the official split they are of (UCF-101 / HMDB-51; None: one list per mode)."""
 
     name: str
     train: str
     val: str
     test: str
     frame_folders: bool = False
+    split: int | None = None
 
 
-def _split_lists(prefix: str) -> DatasetLists:
-    """The MMAction2 split-1 lists of UCF-101 / HMDB-51 (mode "test" reads the val list)."""
-    val = f"{prefix}_val_split_1_videos.txt"
-    return DatasetLists(prefix, f"{prefix}_train_split_1_videos.txt", val, val)
+def _split_lists(prefix: str, split: int) -> DatasetLists:
+    """The MMAction2 lists of split `split` of UCF-101 / HMDB-51 (mode "test" reads the val list)."""
+    val = f"{prefix}_val_split_{split}_videos.txt"
+    return DatasetLists(prefix, f"{prefix}_train_split_{split}_videos.txt", val, val, split=split)
 
 
+# UCF-101 / HMDB-51 at split 1, the original's; dataset_lists gives the split of DATA.SPLIT.
 _KINETICS = DatasetLists("kinetics400", "train.csv", "val.csv", "test.csv")
 DATASET_LISTS = {
     "kinetics400": _KINETICS,
     "kinetics": _KINETICS,
-    "ucf101": _split_lists("ucf101"),
-    "hmdb51": _split_lists("hmdb51"),
+    "ucf101": _split_lists("ucf101", 1),
+    "hmdb51": _split_lists("hmdb51", 1),
     "ssv2": DatasetLists("ssv2", "train.csv", "val.csv", "val.csv", frame_folders=True),
 }
+
+
+def dataset_lists(name: str, split: int) -> DatasetLists:
+    """The lists of dataset `name` (a key of DATASET_LISTS); `split` (DATA.SPLIT) picks the official split of
+    UCF-101 / HMDB-51, and the other datasets, one list per mode, leave it 1 (check_split)."""
+    return _split_lists(name, split) if name in SPLIT_DATASETS else DATASET_LISTS[name]
+
+
+def check_split(name: str, split: int) -> None:
+    """DATA.SPLIT `split` other than 1 for dataset `name` without official splits: an error."""
+    if split != 1 and name not in SPLIT_DATASETS:
+        raise ValueError(f"DATA.SPLIT {split} applies only to {'/'.join(SPLIT_DATASETS)} (their official splits "
+                         f"{', '.join(map(str, SPLITS))}); {name} has one list per mode: leave DATA.SPLIT 1.")
 
 
 def check_paths_resolve(paths: list[str], list_file: str, prefix: str, probes: int = 16,
@@ -442,7 +461,7 @@ class VideoDataset(Dataset):
         list_mode = list_mode or mode
         if mode not in MODES or list_mode not in MODES:
             raise ValueError(f"mode {mode!r} / list_mode {list_mode!r}: each is one of {MODES}")
-        self.lists = DATASET_LISTS[dataset]
+        self.lists = dataset_lists(dataset, cfg.DATA.SPLIT)
         self.dataset_name = self.lists.name
         if ssl_aug is not None and self.lists.frame_folders:
             raise ValueError(f"{self.dataset_name} has no SSL mode (SVT pretrains on Kinetics); pass ssl_aug=None.")

@@ -301,8 +301,25 @@ def test_every_entry_script_rejects_an_unknown_opts_key_by_name(script, run, tmp
     """Each job, run as its command line runs it, refuses a misspelt key before any work, naming it and the real
     one (run_with_submitit: tests/test_submitit.py)."""
     with pytest.raises(KeyError, match=r"unknown config key 'DATA\.SAMPLING_RAT'\. Did you mean DATA\.SAMPLING_RATE"
-                       r"\?"):
+                       r"[,?]"):  # the closest key first
         _run_entry(script, run, ["--output_dir", str(tmp_path), "--opts", "DATA.SAMPLING_RAT", "4"])
+
+
+@pytest.mark.parametrize("script, run", [("eval_linear", "eval_linear"), ("eval_knn", "main"),
+                                         ("eval_finetune", "eval_finetune")])
+@pytest.mark.parametrize("dataset", ["kinetics400", "ssv2"])
+def test_data_split_of_a_dataset_without_splits_is_an_error_before_any_work(script, run, dataset, tmp_path):
+    with pytest.raises(ValueError, match=rf"^DATA.SPLIT 2 applies only to ucf101/hmdb51 \(their official splits 1, "
+                                         rf"2, 3\); {dataset} has one list per mode: leave DATA.SPLIT 1\.$"):
+        _run_entry(script, run, ["--dataset", dataset, "--output_dir", str(tmp_path), "--opts", "DATA.SPLIT", "2"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_data_split_loads_for_the_datasets_with_splits():
+    for dataset in ("ucf101", "hmdb51"):
+        args = argparse.Namespace(dataset=dataset, cfg_file=None, opts=["DATA.SPLIT", "3"])
+        assert load_config(args).DATA.SPLIT == 3
+    assert load_config(argparse.Namespace(dataset="kinetics400", cfg_file=None, opts=[])).DATA.SPLIT == 1
 
 
 def _run_entry(script: str, run: str, argv: list[str]) -> None:
@@ -335,6 +352,7 @@ TINY_SIZES = ["DATA.TRAIN_CROP_SIZE", "32", "DATA.LOCAL_CROP_SIZE", "16", "DATA.
     ("DATA.MEAN", "[0.45, 0.45]", "3 in all"), ("DATA.STD", "[0.2, 0.2, 0.2, 0.2]", "3 in all"),
     ("DATA.STD", "[0.2, 0.0, 0.2]", "must be > 0"),
     ("DATA.TRAIN_JITTER_SCALES", "[320, 256]", "1 <= MIN <= MAX"), ("DATA.TRAIN_JITTER_SCALES", "[256]", "MIN"),
+    ("DATA.SPLIT", "0", "takes 1, 2, 3"), ("DATA.SPLIT", "4", "takes 1, 2, 3"),
 ])
 def test_a_value_no_run_can_use_is_an_error_naming_the_key(key, value, says):
     with pytest.raises(ValueError, match=rf"^{key.replace('.', '[.]')} .*{says}"):

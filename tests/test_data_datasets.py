@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datasets import DATASETS, ReturnIndexDataset, build_dataset, decoder, video_dataset
+from datasets import DATASET_LISTS, DATASETS, ReturnIndexDataset, build_dataset, dataset_lists, decoder, video_dataset
 from datasets.synthetic import write_video
 from datasets.transform import IMAGENET_MEAN, IMAGENET_STD, VideoDataAugmentationDINO, ssl_view_frames
 from datasets.seeding import SeededDataset, SeededDistributedSampler
@@ -180,6 +180,29 @@ def test_mmaction2_frame_lists_or_another_splits_lists_are_named_as_such(tmp_pat
     with pytest.raises(FileNotFoundError, match=said) as err:
         build_dataset("hmdb51", build_cfg(tmp_path, synthetic_root / "videos"), "train")
     assert "another --dataset" not in str(err.value)
+
+
+@pytest.mark.parametrize("dataset", ["ucf101", "hmdb51"])
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_data_split_picks_the_lists_of_that_split(tmp_path, synthetic_root, dataset, split):
+    """DATA.SPLIT N reads MMAction2's split-N lists of UCF-101 / HMDB-51 (mode test: the val list)."""
+    lists = dataset_lists(dataset, split)
+    assert (lists.train, lists.val, lists.test, lists.split) == (
+        f"{dataset}_train_split_{split}_videos.txt", f"{dataset}_val_split_{split}_videos.txt",
+        f"{dataset}_val_split_{split}_videos.txt", split)
+    videos = (synthetic_root / "splits" / f"{dataset}_train_split_1_videos.txt").read_text().splitlines()
+    for n in (1, 2, 3):  # split n lists the first n + 1 videos
+        for mode in ("train", "val"):
+            (tmp_path / f"{dataset}_{mode}_split_{n}_videos.txt").write_text("\n".join(videos[:n + 1]) + "\n")
+    cfg = build_cfg(tmp_path, synthetic_root / "videos", **{"DATA.SPLIT": split})
+    for mode in ("train", "test"):
+        ds = build_dataset(dataset, cfg, mode)
+        assert ds.list_file == str(tmp_path / getattr(lists, mode)) and ds.num_videos == split + 1
+
+
+@pytest.mark.parametrize("dataset", ["kinetics400", "kinetics", "ssv2"])
+def test_datasets_without_splits_keep_their_lists(dataset):
+    assert dataset_lists(dataset, 1) == DATASET_LISTS[dataset] and DATASET_LISTS[dataset].split is None
 
 
 def test_kinetics_without_test_csv_is_told_to_copy_val(tmp_path, synthetic_root):

@@ -821,6 +821,21 @@ def test_eval_normalisation_keys_given_to_pretraining_are_noted(synthetic_root, 
     assert "Note:" not in capsys.readouterr().out
 
 
+def test_data_split_in_pretraining_picks_the_online_knn_split(synthetic_root, capsys):
+    """train_ssl's DATA.SPLIT is the online kNN's (the Kinetics train.csv has no splits): checked against
+    --knn_dataset when the kNN runs, noted as unread when it does not."""
+    def prepare(*argv):
+        train_ssl.prepare_config(train_ssl.get_args_parser().parse_args(
+            ["--data_path", str(synthetic_root / "annotations"), *argv, "--opts", "DATA.SPLIT", "2"]))
+        return capsys.readouterr().out
+
+    assert "Note:" not in prepare("--knn_freq", "1", "--knn_dataset", "hmdb51")
+    assert "Note: DATA.SPLIT is set, but it picks the UCF-101 / HMDB-51 split of the online kNN lists, which " \
+           "--knn_freq 0 turns off." in prepare()
+    with pytest.raises(ValueError, match=r"^DATA.SPLIT 2 applies only to ucf101/hmdb51 .*kinetics400 has one list"):
+        prepare("--knn_freq", "1", "--knn_dataset", "kinetics400")
+
+
 def test_no_rgb_aug_which_would_leave_no_ssl_views_is_an_error(synthetic_root):
     """DATA.NO_RGB_AUG True (the original's plain Kinetics train clip) is read nowhere: pretraining refuses it."""
     args = train_ssl.get_args_parser().parse_args(["--data_path", str(synthetic_root / "annotations"), "--opts",

@@ -11,8 +11,11 @@ _C = CfgNode()
 # Data
 # ---------------------------------------------------------------------------------------------
 _C.DATA = CfgNode()
-# Folder with the list files: Kinetics {train,val,test}.csv, UCF/HMDB *_split_1_videos.txt, SSv2 json+csv.
+# Folder with the list files: Kinetics {train,val,test}.csv, UCF/HMDB *_split_{SPLIT}_videos.txt, SSv2 json+csv.
 _C.DATA.PATH_TO_DATA_DIR = ""
+# The official split of UCF-101 / HMDB-51 whose lists are read ({ucf101,hmdb51}_{train,val}_split_{SPLIT}_videos.txt):
+# 1, 2 or 3; the original reads split 1. Only these datasets have splits: 1 for the others.
+_C.DATA.SPLIT = 1
 # Prefix joined to every path of a list file (videos, or SSv2 frame folders).
 _C.DATA.PATH_PREFIX = ""
 # Separator between path and label in a list line; a comma or whitespace also works (the label is split off the

@@ -7,7 +7,7 @@ from typing import Sequence
 from fvcore.common.config import CfgNode
 
 from datasets.decoder import BACKENDS
-from datasets.video_dataset import DECODE_DEVICES
+from datasets.video_dataset import DECODE_DEVICES, SPLITS, check_split
 from models.timesformer import ATTENTION_TYPES
 from utils.defaults import UNSUPPORTED_TRUE_KEYS, get_cfg
 
@@ -149,6 +149,9 @@ def _check_ranges(cfg: CfgNode) -> None:
     if not 0 <= cfg.MODEL.DROP_PATH_RATE < 1:
         raise ValueError(f"MODEL.DROP_PATH_RATE {cfg.MODEL.DROP_PATH_RATE}: a drop probability takes 0 <= rate < 1 "
                          "(SVT's: 0.1).")
+    if data.SPLIT not in SPLITS:
+        raise ValueError(f"DATA.SPLIT {data.SPLIT}: the official split of UCF-101 / HMDB-51 whose lists are read "
+                         f"takes {', '.join(map(str, SPLITS))}.")
     if cfg.TEST.NUM_SPATIAL_CROPS not in (1, 3):
         raise ValueError(f"TEST.NUM_SPATIAL_CROPS {cfg.TEST.NUM_SPATIAL_CROPS}: 1 (centre crop) or 3 "
                          "(left/centre/right) are supported, as in the original.")
@@ -231,6 +234,10 @@ DATASET_OPTS = {"ssv2": ["DATA.RANDOM_FLIP", "False", "DATA.INV_UNIFORM_SAMPLE",
 
 def load_config(args) -> CfgNode:
     """The config for a parsed argparse namespace with `cfg_file` and `opts`: the defaults, the YAML, the
-    DATASET_OPTS of its `dataset` (if it has one), then `opts`."""
-    opts = DATASET_OPTS.get(getattr(args, "dataset", None), []) + list(getattr(args, "opts", None) or [])
-    return load_config_from(getattr(args, "cfg_file", None), opts)
+    DATASET_OPTS of its `dataset` (if it has one), then `opts`; DATA.SPLIT checked to apply to that dataset."""
+    dataset = getattr(args, "dataset", None)
+    opts = DATASET_OPTS.get(dataset, []) + list(getattr(args, "opts", None) or [])
+    cfg = load_config_from(getattr(args, "cfg_file", None), opts)
+    if dataset is not None:
+        check_split(dataset, cfg.DATA.SPLIT)
+    return cfg
