@@ -383,7 +383,7 @@ def final_test(model, test_set, args, precision, device, output_dir: Path, extra
           f"{', slow-fast' if args.slowfast_eval else ''}): top-1 {stats['multiview_acc1']:.2f}"
           + (f", top-5 {stats['multiview_acc5']:.2f}" if "multiview_acc5" in stats else "")
           + f"; skipped videos (unreadable, left out): {stats['multiview_skipped_videos']}")
-    results = {"dataset": args.dataset, "pretrained_weights": args.pretrained_weights,
+    results = {"dataset": args.dataset, "split": test_set.lists.split, "pretrained_weights": args.pretrained_weights,
                "checkpoint_key": args.checkpoint_key, "ensemble": args.ensemble,
                "slowfast_eval": args.slowfast_eval, **{f"test_{k}": v for k, v in stats.items()}, **extra}
     if utils.is_main_process():

@@ -122,8 +122,8 @@ def main(args) -> dict | None:
         acc = run_knn(train_features, test_features, train_labels, test_labels, args.nb_knn,
                       args.temperature, knn_device)
         results = {
-            "dataset": args.dataset, **source, "temperature": args.temperature,
-            "train_aug": args.train_aug, "num_train": int(train_features.shape[0]),
+            "dataset": args.dataset, "split": dataset_lists(args.dataset, cfg.DATA.SPLIT).split, **source,
+            "temperature": args.temperature, "train_aug": args.train_aug, "num_train": int(train_features.shape[0]),
             "num_test": int(test_features.shape[0]), "skipped_videos": skipped, "sequential_decodes": sequential,
             "train_skipped_videos": skipped_train, "val_skipped_videos": skipped_test,
             "results": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in acc.items()},

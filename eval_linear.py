@@ -243,7 +243,7 @@ def probe_in_output_dir(args, cfg, device: torch.device, evaluate_only: bool, ex
     print(f"Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy (best single view): {best_acc:.1f}")
     utils.write_epoch_log(args.output_dir, {f"test_{k}": v for k, v in stats.items()})
-    _write_results(args, stats)
+    _write_results(args, test_set, stats)
     return stats
 
 
@@ -276,7 +276,7 @@ def evaluate_trained(model, classifier, fingerprint: str, trained: dict, path: s
     print(f"Single-view val top-1: {val_stats['acc1']:.2f}; skipped videos: {len(val_ids)}")
     stats = with_unreadable_counts({**val_stats, **test_stats}, 0, val_ids, test_ids, val_set, test_set)
     stats["sequential_decodes"] = sequential_decodes(val_set, test_set)
-    _write_results(args, stats)
+    _write_results(args, test_set, stats)
     return stats
 
 
@@ -544,11 +544,12 @@ def with_unreadable_counts(stats: dict, train_replaced: int, val_ids: set[int], 
             "skipped_videos": evaluated}
 
 
-def _write_results(args, stats: dict) -> None:
+def _write_results(args, test_set, stats: dict) -> None:
     if utils.is_main_process():
         with open(os.path.join(args.output_dir, RESULTS_NAME), "w") as f:
-            json.dump({"dataset": args.dataset, "pretrained_weights": args.pretrained_weights,
-                       "ensemble": args.ensemble, "slowfast_eval": args.slowfast_eval, **stats}, f, indent=2)
+            json.dump({"dataset": args.dataset, "split": test_set.lists.split,
+                       "pretrained_weights": args.pretrained_weights, "ensemble": args.ensemble,
+                       "slowfast_eval": args.slowfast_eval, **stats}, f, indent=2)
     if utils.is_dist_avail_and_initialized():
         dist.barrier()
 

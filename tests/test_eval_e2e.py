@@ -252,9 +252,47 @@ def test_linear_probe_on_kinetics_lists_and_missing_classifier(synthetic_root, c
                           "--output_dir", str(tmp_path / "k_eval")] + opts)
     assert ev["multiview_acc1"] == stats["multiview_acc1"]
     assert not (tmp_path / "k_eval" / "checkpoint.pth.tar").exists()
+    assert json.loads((tmp_path / "k_eval" / "linear_results.json").read_text())["split"] is None  # no splits
     dist.destroy_process_group()
     with pytest.raises(FileNotFoundError, match="no trained classifier"):
         linear(common + ["--evaluate", "--output_dir", str(tmp_path / "empty")] + opts)
+
+
+def test_data_split_2_is_read_recorded_and_kept_apart_from_split_1(synthetic_root, checkpoint, tmp_path):
+    """--opts DATA.SPLIT 2 reads the split-2 lists beside split 1's (here: other videos, fewer of them), the results
+    record the split, and a kNN dump or a probe checkpoint of split 2 is not scored or resumed as split 1's."""
+    lists = tmp_path / "lists"
+    shutil.copytree(synthetic_root / "splits", lists)
+    for mode, kept in (("train", slice(1, None, 2)), ("val", slice(2, None))):  # 8 of 16 train, 6 of 8 val videos
+        lines = (lists / f"ucf101_{mode}_split_1_videos.txt").read_text().splitlines(keepends=True)
+        (lists / f"ucf101_{mode}_split_2_videos.txt").write_text("".join(lines[kept]))
+    common = ["--arch", "vit_tiny", "--pretrained_weights", checkpoint, "--batch_size_per_gpu", "8",
+              "--num_workers", "0", "--dataset", "ucf101"]
+    opts = ["--opts", "DATA.PATH_TO_DATA_DIR", str(lists), "DATA.PATH_PREFIX", str(synthetic_root / "videos")] + OPTS
+    split_2 = ["DATA.SPLIT", "2"]
+
+    res = knn(common + ["--nb_knn", "1", "--use_cuda", "False", "--output_dir", str(tmp_path / "knn"),
+                        "--dump_features", str(tmp_path / "feats")] + opts + split_2)
+    assert (res["split"], res["num_train"], res["num_test"]) == (2, 8, 6)
+    assert json.loads((tmp_path / "knn" / "knn_results.json").read_text()) == res
+    run = json.loads((tmp_path / "feats" / "dump_record.json").read_text())["run"]
+    assert (run["train list"]["path"], run["val list"]["path"]) == (
+        str(lists / "ucf101_train_split_2_videos.txt"), str(lists / "ucf101_val_split_2_videos.txt"))
+    dist.destroy_process_group()
+    with pytest.raises(ValueError, match=rf"not those of this run: train list: dump {lists}/ucf101_train_split_2_"
+                                         rf"videos.txt \(sha1 \w{{12}}\), this run {lists}/ucf101_train_split_1_"):
+        knn(common + ["--output_dir", str(tmp_path / "knn1"), "--load_features", str(tmp_path / "feats")] + opts)
+    dist.destroy_process_group()
+
+    probe = common + ["--n_last_blocks", "1", "--epochs", "1", "--output_dir", str(tmp_path / "le")]
+    stats = linear(probe + opts + split_2)
+    assert stats["num_videos"] == 6
+    assert json.loads((tmp_path / "le" / "linear_results.json").read_text())["split"] == 2
+    dist.destroy_process_group()
+    with pytest.raises(ValueError, match=rf"holds another linear probe run: train list: checkpoint {lists}/ucf101_"
+                                         rf"train_split_2_videos.txt \(sha1 \w{{12}}\), this run {lists}/ucf101_"
+                                         rf"train_split_1_videos.txt"):
+        linear(probe + opts)
 
 
 @pytest.mark.slow

@@ -313,7 +313,7 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
     # The multi-view test: 1 x 3 clips of the 8 readable val videos; the unreadable one is counted.
     results = json.loads((once / "finetune_results.json").read_text())
     assert results == res
-    assert (res["test_num_videos"], res["test_num_clips_per_video"]) == (8, 3)
+    assert (res["split"], res["test_num_videos"], res["test_num_clips_per_video"]) == (1, 8, 3)
     assert (res["test_multiview_skipped_videos"], res["test_multiview_skipped_clips"]) == (1, 3)
     assert 0 <= res["test_multiview_acc1"] <= 100 and res["epoch"] == 2 and res["sequential_decodes"] == 0
     assert any(p.name.startswith("events.out.tfevents") for p in (once / "tb").iterdir())
@@ -356,15 +356,22 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
     tested = {k: v for k, v in res.items() if k.startswith("test_")}
     assert {k: v for k, v in noted.items() if k.startswith("test_")} == tested
     assert {k: v for k, v in alone.items() if k.startswith("test_")} == tested
-    # Another run's lists (one train line less) or seed: an error naming what differs (a new --epochs does not).
+    # Another run's lists (one train line less, or another split's) or seed: an error naming what differs (a new
+    # --epochs does not).
     edited = tmp_path / "edited"
     shutil.copytree(data[1], edited)
     train_list = edited / "ucf101_train_split_1_videos.txt"
     train_list.write_text("".join(train_list.read_text().splitlines(keepends=True)[:-1]))
+    for mode in ("train", "val"):  # those lists as split 2's: DATA.SPLIT 2 reads them
+        name = f"ucf101_{mode}_split_{{}}_videos.txt"
+        shutil.copy(edited / name.format(1), tmp_path / "lists" / name.format(2))
     for extra, lists, differs in ((["--seed", "1"], data, r"--seed: checkpoint 0, this run 1\."),
                                   ([], ["DATA.PATH_TO_DATA_DIR", str(edited)] + data[2:],
                                    r"train list: checkpoint \S*lists/ucf101_train\S* \(sha1 \w+\), this run "
-                                   r"\S*edited/ucf101_train\S* \(sha1 \w+\)\.")):
+                                   r"\S*edited/ucf101_train\S* \(sha1 \w+\)\."),
+                                  ([], data + ["DATA.SPLIT", "2"],
+                                   r"train list: checkpoint \S*lists/ucf101_train_split_1_videos.txt \(sha1 \w+\), "
+                                   r"this run \S*lists/ucf101_train_split_2_videos.txt \(sha1 \w+\)\.")):
         with pytest.raises(ValueError, match=rf"checkpoint.pth holds another fine-tuning run: {differs} .*EXP_NAME="):
             finetune(common + ["--epochs", "3"] + extra + ["--output_dir", str(once), "--opts"] + lists + OPTS)
         dist.destroy_process_group()
