@@ -255,7 +255,7 @@ def missing_list_hint(list_file: str) -> str:
         return (f"{folder} holds val.csv but no test.csv: Kinetics-400 has no labelled test split, so test on val "
                 f"as TimeSformer does: cp {shlex.quote(os.path.join(folder, 'val.csv'))} "
                 f"{shlex.quote(list_file)} (datasets/DATASET.md).")
-    split = re.fullmatch(r"(ucf101|hmdb51)_(train|val)_split_1_videos\.txt", os.path.basename(list_file))
+    split = re.fullmatch(r"(ucf101|hmdb51)_(train|val)_split_(\d)_videos\.txt", os.path.basename(list_file))
     if split:
         hint = _split_list_hint(folder, lists, *split.groups())
         if hint:
@@ -264,20 +264,23 @@ def missing_list_hint(list_file: str) -> str:
             else f"{folder} holds no list files (.csv/.txt).")
 
 
-def _split_list_hint(folder: str, lists: list[str], dataset: str, mode: str) -> str | None:
-    """Why a folder lacks `{dataset}_{mode}_split_1_videos.txt` when it holds MMAction2 lists of that dataset: its
-    frame lists (rawframes) instead of its video lists, or the lists of another split only. None otherwise."""
+def _split_list_hint(folder: str, lists: list[str], dataset: str, mode: str, split: str) -> str | None:
+    """Why a folder lacks `{dataset}_{mode}_split_{split}_videos.txt` when it holds MMAction2 lists of that dataset:
+    its frame lists (rawframes) instead of its video lists, or the video lists of other splits only. None
+    otherwise."""
     own = [f for f in lists if re.fullmatch(rf"{dataset}_{mode}_split_\d_(videos|rawframes)\.txt", f)]
-    if f"{dataset}_{mode}_split_1_rawframes.txt" in own:
-        return (f"{folder} holds {dataset}_{mode}_split_1_rawframes.txt: MMAction2's list of extracted frames "
-                f"('folder num_frames label'). svt reads the videos, listed by MMAction2's video lists (step 4 of its "
-                f"{dataset} preparation, tools/data/{dataset}/generate_videos_filelist.sh; no frame extraction), "
-                f"'Class/video.avi label' (datasets/DATASET.md).")
-    if own:
-        return (f"{folder} holds {', '.join(own)}, of another split: svt reads split 1's list names, as the original "
-                f"does. To evaluate another split, link its lists under split 1's names in a folder of their own (e.g. "
-                f"ln -s {os.path.join(os.path.abspath(folder), own[0])} <folder>/{dataset}_{mode}_split_1_videos.txt) "
-                f"and pass that folder as DATA.PATH_TO_DATA_DIR.")
+    rawframes = f"{dataset}_{mode}_split_{split}_rawframes.txt"
+    splits = sorted({f.split("_")[3] for f in own if f.endswith("_videos.txt")})  # {dataset}_{mode}_split_N_...
+    if rawframes in own or own and not splits:
+        return (f"{folder} holds {rawframes if rawframes in own else ', '.join(own)}: MMAction2's list of extracted "
+                f"frames ('folder num_frames label'). svt reads the videos, listed by MMAction2's video lists (step 4 "
+                f"of its {dataset} preparation, tools/data/{dataset}/generate_videos_filelist.sh; no frame "
+                f"extraction), 'Class/video.avi label' (datasets/DATASET.md).")
+    if splits:
+        return (f"{folder} holds {', '.join(own)}: the {mode} list of split{'s' * (len(splits) > 1)} "
+                f"{' and '.join(splits)}, not of split {split}, which DATA.SPLIT names (1 by default, as in the "
+                f"original). To evaluate split {splits[0]}, pass --opts DATA.SPLIT {splits[0]}; to evaluate split "
+                f"{split}, add its lists to the folder.")
     return None
 
 

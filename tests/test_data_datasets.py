@@ -167,18 +167,27 @@ def test_missing_list_names_the_lists_the_folder_holds(tmp_path, synthetic_root)
         parse_list_file(str(tmp_path / "nope" / "train.csv"))
 
 
-@pytest.mark.parametrize("listed, said", [
-    ("hmdb51_{}_split_1_rawframes.txt", r"hmdb51_train_split_1_rawframes.txt: MMAction2's list of extracted frames "
-                                        r".*svt reads the videos, listed by MMAction2's video lists \(step 4"),
-    ("hmdb51_{}_split_2_videos.txt", r"hmdb51_train_split_2_videos.txt, of another split: svt reads split 1's list "
-                                     r"names.*ln -s \S*hmdb51_train_split_2_videos.txt <folder>/hmdb51_train_split_1_")])
-def test_mmaction2_frame_lists_or_another_splits_lists_are_named_as_such(tmp_path, synthetic_root, listed, said):
-    """A folder of MMAction2's rawframes lists, or of split 2's video lists only: the error says what they are and
-    what svt reads, not 'lists of another --dataset?'."""
+@pytest.mark.parametrize("listed, split, said", [
+    (["hmdb51_{}_split_1_rawframes.txt"], 1,
+     r"hmdb51_train_split_1_rawframes.txt: MMAction2's list of extracted frames .*svt reads the videos, listed by "
+     r"MMAction2's video lists \(step 4"),
+    (["hmdb51_{}_split_2_rawframes.txt"], 1, r"holds hmdb51_train_split_2_rawframes.txt: MMAction2's list of extracted"),
+    (["hmdb51_{}_split_2_videos.txt"], 1,
+     r"holds hmdb51_train_split_2_videos.txt: the train list of split 2, not of split 1, which DATA.SPLIT names \(1 by "
+     r"default, as in the original\)\. To evaluate split 2, pass --opts DATA.SPLIT 2; to evaluate split 1, add its "
+     r"lists to the folder\.$"),
+    (["hmdb51_{}_split_1_videos.txt", "hmdb51_{}_split_2_videos.txt"], 3,
+     r"holds hmdb51_train_split_1_videos.txt, hmdb51_train_split_2_videos.txt: the train list of splits 1 and 2, not "
+     r"of split 3, .*pass --opts DATA.SPLIT 1;")])
+def test_mmaction2_frame_lists_or_another_splits_lists_are_named_as_such(tmp_path, synthetic_root, listed, split,
+                                                                         said):
+    """A folder of MMAction2's rawframes lists, or of other splits' video lists only: the error says what they are
+    and what svt reads (the DATA.SPLIT that reads them), not 'lists of another --dataset?'."""
     for mode in ("train", "val"):
-        (tmp_path / listed.format(mode)).write_text("brush_hair/a 30 0\n")
+        for name in listed:
+            (tmp_path / name.format(mode)).write_text("brush_hair/a 30 0\n")
     with pytest.raises(FileNotFoundError, match=said) as err:
-        build_dataset("hmdb51", build_cfg(tmp_path, synthetic_root / "videos"), "train")
+        build_dataset("hmdb51", build_cfg(tmp_path, synthetic_root / "videos", **{"DATA.SPLIT": split}), "train")
     assert "another --dataset" not in str(err.value)
 
 

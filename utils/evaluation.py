@@ -250,7 +250,7 @@ def _one_based_fix(name: str) -> str | None:
         return None
     if name in ("ucf101", "hmdb51"):
         return ("as in UCF-101's classInd.txt / trainlist01.txt: the lists take 0-based labels (MMAction2's "
-                f"{name}_*_split_1_videos.txt); subtract 1 from every label.")
+                f"{name}_*_split_*_videos.txt); subtract 1 from every label.")
     return ("the lists take 0-based labels, the position of the video's class in the sorted class names "
             "(datasets/DATASET.md); subtract 1 from every label.")
 
