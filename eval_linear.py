@@ -521,7 +521,8 @@ def load_classifier_state(classifier: LinearClassifier, state: dict, path: str) 
 def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args, device: torch.device,
                 check_stop=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N_clips, C) classifier logits and (N_clips,) returned labels (-1: undecodable) of every clip, each
-    rank its shard, gathered in index order on every rank; `check_stop`: see extract_features_and_labels."""
+    rank its shard, gathered in index order on every rank; `check_stop`: see extract_features_and_labels. The
+    progress lines say "Val:" or "Test:" (the multi-view test), by the dataset's mode."""
     classifier.eval()
     head = classifier.module if hasattr(classifier, "module") else classifier
 
@@ -530,7 +531,7 @@ def clip_logits(model: nn.Module, classifier: nn.Module, dataset, args, device: 
 
     loader = make_loader(ReturnIndexLabelDataset(dataset), args.batch_size_per_gpu, args.num_workers,
                          args.decode_timeout)
-    return extract_features_and_labels(score, loader, device, check_stop)
+    return extract_features_and_labels(score, loader, device, check_stop, "Test:" if dataset.mode == "test" else "Val:")
 
 
 def with_unreadable_counts(stats: dict, train_replaced: int, val_ids: set[int], test_ids: set[int], val_set,

@@ -119,6 +119,10 @@ def test_linear_probe_trains_checkpoints_resumes_and_evaluates(synthetic_root, c
     opts = ["--opts"] + _data_opts(synthetic_root, "splits")
     stats = linear(common + ["--epochs", "2"] + opts)
     assert stats["num_videos"] == 8 and stats["num_clips_per_video"] == 3
+    # the progress lines of the validations and the multi-view test say which runs (not "Extracting features:")
+    out_lines = capsys.readouterr().out.splitlines()
+    labels = {line.split("  [")[0] for line in out_lines if "  [" in line and "eta:" in line and "Epoch: [" not in line}
+    assert labels == {"Val:", "Test:"}
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=False)
     assert set(ckpt) == {"epoch", "state_dict", "optimizer", "scheduler", "best_acc", "backbone", "run",
                          "pretrained_weights", "sequential_videos", "skipped_videos", "epoch_log"}
