@@ -211,9 +211,12 @@ def visualize(args) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The command line; a --video that does not decode ends it with a one-line error (exit status 2)."""
+    """The command line; a --pretrained_weights file that is not there or a --video that does not decode ends it
+    with a one-line error (exit status 2)."""
     parser = argparse.ArgumentParser("Visualize the CLS attention of a video transformer", parents=[get_args_parser()])
     args = parser.parse_args(argv)
+    if args.pretrained_weights and not Path(args.pretrained_weights).is_file():
+        parser.error(f"--pretrained_weights {args.pretrained_weights}: no such file.")
     try:
         visualize(args)
     except DecodeError as err:

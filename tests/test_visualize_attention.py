@@ -128,3 +128,10 @@ def test_a_bad_video_is_a_one_line_error_naming_the_flag(tmp_path, capsys):
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"error: --video {garbage}: cannot " in err  # the decoder's reason follows
     assert not (tmp_path / "out").exists()
+    weights = tmp_path / "no_such.pth"
+    with pytest.raises(SystemExit) as exit_info:
+        va.main(["--video", str(garbage), "--pretrained_weights", str(weights), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.splitlines()[-1] == ("Visualize the CLS attention of a video transformer: error: --pretrained_weights "
+                                    f"{weights}: no such file.")
