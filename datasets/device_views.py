@@ -174,7 +174,7 @@ class DeviceViews:
                  decode_timeout: float):
         if threads < 1:
             raise ValueError(f"DATA.DEVICE_DECODE_THREADS must be >= 1, got {threads}")
-        self.sizes, self.device, self.threads = list(sizes), torch.device(device), threads
+        self.sizes, self.device, self.threads, self.nvdec = list(sizes), torch.device(device), threads, nvdec
         self.decode_timeout = decode_timeout
         if self.device.type == "cuda" and self.device.index is None:  # a decode thread starts on device 0
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -324,7 +324,8 @@ class DeviceViews:
         """The error of a sample not decoded within --decode_timeout, naming the videos the threads are decoding,
         the longest first; the thread pool is let go without waiting for them (close would wait forever)."""
         now, busy = time.time(), sorted(self._decoding.values(), key=lambda entry: entry[1])
-        head = (f"A video did not finish decoding in this process's decode threads (DATA.DECODE_DEVICE cuda) within "
+        key = "DECODE_DEVICE" if self.nvdec else "AUGMENT_DEVICE"  # without NVDEC the threads copy decoded frames
+        head = (f"A video did not finish decoding in this process's decode threads (DATA.{key} cuda) within "
                 f"--decode_timeout {self.decode_timeout:g} min")
         if not busy:  # its decode ended just after the wait ran out
             return DecodeHang(f"{head}; it ended just after, so it was only slow: raise --decode_timeout (0: wait "
@@ -334,9 +335,9 @@ class DeviceViews:
         decoders = " or ".join(dict.fromkeys(name for _, _, name in busy[:3]))
         why = ("A decode that never returns is a file the decoder hangs on (in NVDEC or FFmpeg) or a file system that "
                "stopped answering; a stuck decode thread cannot be stopped, so the run ends here.")
+        switch = f"{'decode' if self.nvdec else 'augment'} in the loader workers (--opts DATA.{key} cpu)"
         return DecodeHang(stuck_videos_message(f"{head}. The videos the threads are decoding, with {decoders}",
-                                               [(path, now - start) for path, start, _ in busy], why,
-                                               "decode in the loader workers (--opts DATA.DECODE_DEVICE cpu)"),
+                                               [(path, now - start) for path, start, _ in busy], why, switch),
                           stuck_threads=True)
 
     def close(self) -> None:

@@ -384,6 +384,9 @@ def test_a_decode_that_ended_just_after_the_wait_is_called_slow_not_stuck(synthe
                          "within --decode_timeout 0.5 min; it ended just after, so it was only slow: raise "
                          "--decode_timeout (0: wait forever).")
     assert not hang.stuck_threads
+    # DATA.AUGMENT_DEVICE cuda alone (no NVDEC): the threads copy what the workers decoded; its key is named
+    copying = DeviceViews(_aug().sizes, "cpu", nvdec=False, decode_timeout=0.5)._hang()
+    assert "decode threads (DATA.AUGMENT_DEVICE cuda) within" in str(copying)
 
 
 def test_decode_threads_without_a_hang_give_their_views_and_0_waits_for_any_decode(synthetic_cfg, monkeypatch,
