@@ -65,7 +65,7 @@ from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans, 
 from datasets.synthetic import MOTIONS, render_video, write_video  # noqa: E402
 from utils.collect_env import cpu_name  # noqa: E402
 from utils.defaults import get_cfg  # noqa: E402
-from utils.utils import DEFAULT_DECODE_TIMEOUT_MIN  # noqa: E402  (a stage's hung decode: DecodeHang, not a hang)
+from utils.utils import DEFAULT_DECODE_TIMEOUT_MIN  # noqa: E402  (a stage's hung decode: DecodeHang, then exit 1)
 
 
 def _write_one(job) -> None:
@@ -435,7 +435,7 @@ def main() -> None:
             with the next measurement. The JSON is rewritten after each, so a run killed at its time limit keeps
             what it measured."""
             start = time.perf_counter()
-            value = None
+            value, stuck = None, False
             try:
                 value = fn()
                 if into is not None:
@@ -443,8 +443,13 @@ def main() -> None:
             except Exception as err:
                 traceback.print_exc()
                 errors[name] = f"{type(err).__name__}: {err}"
+                stuck = getattr(err, "stuck_threads", False)
             seconds[name] = round(seconds.get(name, 0) + time.perf_counter() - start, 1)
             write_json(args.out, report())
+            if stuck:  # a decode thread that cannot be stopped: the interpreter would wait for it at exit
+                print(f"{name}: a decode thread is stuck, the run ends here"
+                      f"{f'; the measurements so far are in {args.out}' if args.out else ''}", flush=True)
+                os._exit(1)
             return value
 
         def best(name: str, run) -> float:
