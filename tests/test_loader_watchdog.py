@@ -235,6 +235,7 @@ def test_the_slots_hold_each_worker_s_video_from_its_start_to_its_end(monkeypatc
     assert slots.busy() == [(7, 60.0)]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on 2 cores, never started
 def test_the_message_lists_the_three_videos_read_longest_and_names_the_longest(synthetic_cfg):
     """Four workers stuck: the three longest reads are listed, the longest first; the fix names the longest one
     and a backend other than the one that hangs."""
