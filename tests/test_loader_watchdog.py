@@ -396,19 +396,18 @@ def test_decode_threads_without_a_hang_give_their_views_and_0_waits_for_any_deco
     nothing for a batch that decodes within it (a decode of 1 s within 0.5 min: the limit counts minutes), and no
     thread's note outlives its sample."""
     aug, batch = _plans_batch(synthetic_cfg, 3)
-    monkeypatch.setattr(decoder, "decode_on_device", hanging([batch["path"][1]], release)[0])
-    threading.Timer(1.0, release.set).start()
-    forever = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=0)
-    expected, skipped = forever(batch)
-    forever.close()
-    assert skipped.tolist() == [0, 0, 0] and forever._decoding == {}
-    held = threading.Event()
-    monkeypatch.setattr(decoder, "decode_on_device", hanging([batch["path"][1]], held)[0])
-    threading.Timer(1.0, held.set).start()
-    limited = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=0.5)
-    views, skipped = limited(batch)
-    limited.close()
-    assert skipped.tolist() == [0, 0, 0] and limited._decoding == {}
+
+    def views_with_a_1s_decode(decode_timeout: float, held: threading.Event) -> list[torch.Tensor]:
+        monkeypatch.setattr(decoder, "decode_on_device", hanging([batch["path"][1]], held)[0])
+        threading.Timer(1.0, held.set).start()
+        stage = DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout=decode_timeout)
+        views, skipped = stage(batch)
+        stage.close()
+        assert skipped.tolist() == [0, 0, 0] and stage._decoding == {}
+        return views
+
+    expected = views_with_a_1s_decode(0, release)
+    views = views_with_a_1s_decode(0.5, threading.Event())
     assert all(torch.equal(a, b) for a, b in zip(views, expected, strict=True))
 
 
