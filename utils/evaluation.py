@@ -170,21 +170,6 @@ def check_same_run(saved: dict | None, run: dict, path: str, what: str, output_h
                          f"({output_hint}), or pass the checkpoint's values to continue it.")
 
 
-def check_evaluated_lists(saved: dict | None, val_set, path: str) -> None:
-    """--evaluate tests a trained model on the val list (and SSv2's annotations) of its own training run (`saved`,
-    its run_record; none in an original SVT or older svt file: unchecked). Other lists are refused: another
-    DATA.SPLIT's test videos are largely among the model's training videos, and other lists score another run."""
-    if saved is None:
-        return
-    lists = {name: list_fingerprint(file) for name, file in split_files(val=val_set).items()}
-    differ, _ = run_differences(saved, lists, "trained with")
-    if differ:
-        raise ValueError(f"{path} was trained and validated on other lists than this --evaluate would test: "
-                         f"{'; '.join(differ)}. Evaluate it with its training's --dataset and --opts "
-                         "DATA.PATH_TO_DATA_DIR / DATA.SPLIT (another split's test videos are largely among its "
-                         "training videos), or train a model on these lists in another --output_dir.")
-
-
 def check_backbone_load(summary, path: str, arch: str) -> None:
     """Evaluation needs every backbone weight from the file: missing keys (random weights) or blocks the
     model does not have mean the checkpoint is of another depth (MODEL.DEPTH) or architecture (--arch)."""
