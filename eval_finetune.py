@@ -51,10 +51,11 @@ from utils import preemption, run_dir, utils
 from utils.checkpoint import (atomic_save, gather_objects, gather_rng_states, load_imagenet_init,
                               load_pretrained_weights, output_dir_lock, remove_stale_temp_files, restore_epoch_meters,
                               restore_rng)
-from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, check_same_run,
-                              dataset_labels, extract_features_and_labels, keeping_the_epoch, make_loader,
-                              multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record, single_clip_config,
-                              single_view_stats, split_files, to_device, topk_hits, unreadable_videos)
+from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_backbone_load, check_evaluated_split,
+                              check_same_run, dataset_labels, extract_features_and_labels, keeping_the_epoch,
+                              make_loader, multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record,
+                              single_clip_config, single_view_stats, split_files, to_device, topk_hits,
+                              unreadable_videos)
 from utils.parser import add_config_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -128,7 +129,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "TestMeter) or the mean of the clip softmax probabilities.")
     parser.add_argument("--evaluate", action="store_true",
                         help="Only run the multi-view test of the model in output_dir/checkpoint.pth, which holds "
-                             "every weight (no --pretrained_weights needed).")
+                             "every weight (no --pretrained_weights needed), on the DATA.SPLIT it was trained on "
+                             "(another split is refused).")
     parser.add_argument("--val_freq", default=1, type=int,
                         help="Single-view validation every N epochs (and after the last).")
     parser.add_argument("--output_dir", default=".", type=str,
@@ -514,6 +516,7 @@ def finetune_in_output_dir(args, cfg, device: torch.device, exit_after_stop: boo
     model.to(device)
 
     if args.evaluate:
+        check_evaluated_split(ckpt.get("run"), test_set.lists, str(ckpt_path))
         write_config(args, cfg)
         # the tested model's initialisation is the fine-tuning's, not this command's --pretrained_weights (unused)
         trained = ckpt.get("args")

@@ -39,10 +39,11 @@ from models import ARCHS
 from utils import preemption, run_dir, utils
 from utils.checkpoint import (atomic_save, gather_objects, output_dir_lock, remove_stale_temp_files,
                               restore_epoch_meters, safe_torch_load)
-from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_same_run, clip_features,
-                              dataset_labels, extract_features_and_labels, keeping_the_epoch, load_backbone,
-                              make_loader, multi_view_stats, note_ssl_view_keys, resolve_num_labels, run_record,
-                              single_clip_config, single_view_stats, split_files, to_device, unreadable_videos)
+from utils.evaluation import (ReturnIndexLabelDataset, backbone_fingerprint, check_evaluated_split, check_same_run,
+                              clip_features, dataset_labels, extract_features_and_labels, keeping_the_epoch,
+                              load_backbone, make_loader, multi_view_stats, note_ssl_view_keys, resolve_num_labels,
+                              run_record, single_clip_config, single_view_stats, split_files, to_device,
+                              unreadable_videos)
 from utils.parser import LISTS_FROM_OPTS, add_config_args, add_dropped_args, check_clip_sizes, load_config
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -111,7 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Evaluation dataset (ssv2 trains without flips: DATASET_OPTS, utils/parser.py).")
     parser.add_argument("--evaluate", action="store_true",
                         help="Only evaluate a trained classifier (--lc_pretrained_weights, else the "
-                             "output_dir checkpoint): single-view val and the multi-view test.")
+                             "output_dir checkpoint): single-view val and the multi-view test, on the DATA.SPLIT it was "
+                             "trained on (another split is refused).")
     parser.add_argument("--ensemble", default="sum", choices=("sum", "softmax"),
                         help="Multi-view aggregation per video: sum of the clip logits (the original's "
                              "TestMeter) or the mean of the clip softmax probabilities.")
@@ -269,6 +271,7 @@ def evaluate_trained(model, classifier, fingerprint: str, trained: dict, path: s
     """--evaluate: the classifier of `trained` (read from `path`) on the features of its own backbone (`fingerprint`
     checked), scored on one val clip and the multi-view test clips of each video; written to linear_results.json."""
     check_same_backbone(trained.get("backbone"), fingerprint, path, args.pretrained_weights)
+    check_evaluated_split(trained.get("run"), test_set.lists, path)
     load_classifier_state(classifier, trained["state_dict"], path)
     write_config(args, evaluate_only=True)
     val_stats, val_ids = validate_network(model, classifier, val_set, args, device)

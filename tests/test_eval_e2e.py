@@ -297,6 +297,14 @@ def test_data_split_2_is_read_recorded_and_kept_apart_from_split_1(synthetic_roo
                                          rf"train_split_2_videos.txt \(sha1 \w{{12}}\), this run {lists}/ucf101_"
                                          rf"train_split_1_videos.txt"):
         linear(probe + opts)
+    dist.destroy_process_group()
+    # --evaluate of the split-2 probe on split 1, whose val videos it partly trained on: refused, naming the splits
+    with pytest.raises(ValueError, match=rf"checkpoint.pth.tar was trained on split 2 of ucf101 \({lists}/ucf101_train_"
+                                         rf"split_2_videos.txt\); this --evaluate tests split 1 \(DATA.SPLIT\), whose "
+                                         rf"test videos .* Pass --opts DATA.SPLIT 2 to test it"):
+        linear(probe + ["--evaluate"] + opts)
+    dist.destroy_process_group()
+    assert linear(probe + ["--evaluate"] + opts + split_2)["num_videos"] == 6
 
 
 @pytest.mark.slow

@@ -375,6 +375,12 @@ def test_finetune_end_to_end_resumes_bit_identically(synthetic_root, released, t
         with pytest.raises(ValueError, match=rf"checkpoint.pth holds another fine-tuning run: {differs} .*EXP_NAME="):
             finetune(common + ["--epochs", "3"] + extra + ["--output_dir", str(once), "--opts"] + lists + OPTS)
         dist.destroy_process_group()
+    # --evaluate on split 2, whose test videos a split-1 model largely trained on: refused, naming both splits
+    with pytest.raises(ValueError, match=r"checkpoint.pth was trained on split 1 of ucf101 \(\S*lists/ucf101_train_split_"
+                                         r"1_videos.txt\); this --evaluate tests split 2 \(DATA.SPLIT\).* Pass --opts "
+                                         r"DATA.SPLIT 1 to test it, or train a model on split 2 in another --output_dir"):
+        finetune(common + ["--evaluate", "--output_dir", str(once), "--opts"] + data + ["DATA.SPLIT", "2"] + OPTS)
+    dist.destroy_process_group()
     assert json.loads((once / "config.json").read_text())["epochs"] == 2  # the record of the run that trained it
     assert torch.load(once / "checkpoint.pth", weights_only=False)["epoch"] == 2
 

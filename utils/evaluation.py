@@ -9,6 +9,7 @@ left out of banks, queries and accuracies, and counted.
 import contextlib
 import hashlib
 import math
+import os
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from datasets import ReturnIndexDataset, build_dataset
 from datasets.loader_watchdog import WatchedLoader
-from datasets.video_dataset import SKIPPED_LABEL
+from datasets.video_dataset import SKIPPED_LABEL, SPLITS, DatasetLists, dataset_lists
 from models import build_backbone
 from utils import preemption, utils
 from utils.checkpoint import image_model_advice, load_imagenet_init, load_pretrained_weights
@@ -168,6 +169,22 @@ def check_same_run(saved: dict | None, run: dict, path: str, what: str, output_h
         raise ValueError(f"{path} holds another {what} run: {'; '.join(differ)}. Resuming it would continue that "
                          f"run's training and report its score as this one's. Give this run another --output_dir "
                          f"({output_hint}), or pass the checkpoint's values to continue it.")
+
+
+def check_evaluated_split(saved: dict | None, lists: DatasetLists, path: str) -> None:
+    """--evaluate of a UCF-101 / HMDB-51 model (`saved`: its run_record, read from `path`) trained on another official
+    split than the one DATA.SPLIT reads (`lists`): an error, as that split's test videos are largely among the
+    model's training videos. The trained split is the one whose train list the record names; other list changes
+    (a cleaned list of the same split) and files without a record (the original's, older svt's) are tested."""
+    if saved is None or lists.split is None:
+        return
+    trained = os.path.basename(saved.get("train list", {}).get("path", ""))
+    split = next((s for s in SPLITS if trained == dataset_lists(lists.name, s).train), lists.split)
+    if split != lists.split:
+        raise ValueError(f"{path} was trained on split {split} of {lists.name} ({saved['train list']['path']}); this "
+                         f"--evaluate tests split {lists.split} (DATA.SPLIT), whose test videos are largely among "
+                         f"split {split}'s training videos. Pass --opts DATA.SPLIT {split} to test it, or train a "
+                         f"model on split {lists.split} in another --output_dir.")
 
 
 def check_backbone_load(summary, path: str, arch: str) -> None:
