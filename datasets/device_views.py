@@ -24,9 +24,10 @@ On a CPU device the same code runs (torchcodec's CPU decoder): tests/test_device
 the CPU path's views within interpolation tolerance for the same seed.
 """
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Iterator, Sequence
 
 import torch
@@ -50,6 +51,52 @@ def collate_plans(batch: list) -> tuple:
     collated = {key: [p[key] for p in plans] for key in ("path", "video", "decoded", "frames", "positions", "info")}
     collated["params"] = torch.stack([p["params"] for p in plans])
     return (collated, *default_collate([sample[1:] for sample in batch]))
+
+
+# How long closing the decode threads waits for the videos they are decoding (a stopped run's batch ahead) before
+# it leaves them behind: a stop's checkpoint is written, and SLURM's kill follows its warning within minutes.
+CLOSE_GRACE_S = 20.0
+
+
+class DecodeThreads:
+    """`num` daemon threads that run submitted jobs, each returning a concurrent.futures.Future. Unlike a
+    ThreadPoolExecutor's threads, which the interpreter joins at exit, a thread stuck in a decode that never
+    returns does not keep the process from exiting (a stopped run's exit status, DecodeHang's)."""
+
+    def __init__(self, num: int, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(num)]
+        for thread in self.threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as err:  # the caller's future.result() raises it
+                    future.set_exception(err)
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def close(self, grace_s: float) -> list[threading.Thread]:
+        """Cancel the jobs not begun and end the threads, waiting at most `grace_s` seconds in all for the jobs
+        they run; returns the threads still running one then (left behind)."""
+        while True:
+            try:
+                self._jobs.get_nowait()[0].cancel()
+            except queue.Empty:
+                break
+        for _ in self.threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + grace_s
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [thread for thread in self.threads if thread.is_alive()]
 
 
 def _grayscale(clip: torch.Tensor) -> torch.Tensor:
@@ -184,7 +231,7 @@ class DeviceViews:
         self.failed = 0
         self.sequential: list[int] = []
         self.sequential_total = 0
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DecodeThreads | None = None
         self._local = threading.local()
         self._streams: list[torch.cuda.Stream] = []  # made once: a pass's threads take them in turn
         self._taken = 0
@@ -292,7 +339,7 @@ class DeviceViews:
         if plans["params"].shape[-1] != PARAM_COLUMNS:
             raise ValueError(f"plans carry {plans['params'].shape[-1]} parameter columns, expected {PARAM_COLUMNS}")
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="svt-decode")
+            self._pool = DecodeThreads(self.threads, "svt-decode")
         return [self._pool.submit(self._prepare, plans, b) for b in range(len(plans["video"]))]
 
     def finish(self, plans: dict, pending: list[Future]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -322,7 +369,7 @@ class DeviceViews:
 
     def _hang(self) -> DecodeHang:
         """The error of a sample not decoded within --decode_timeout, naming the videos the threads are decoding,
-        the longest first; the thread pool is let go without waiting for them (close would wait forever)."""
+        the longest first; the thread pool is let go without waiting for them."""
         now, busy = time.time(), sorted(self._decoding.values(), key=lambda entry: entry[1])
         key = "DECODE_DEVICE" if self.nvdec else "AUGMENT_DEVICE"  # without NVDEC the threads copy decoded frames
         head = (f"A video did not finish decoding in this process's decode threads (DATA.{key} cuda) within "
@@ -330,7 +377,7 @@ class DeviceViews:
         if not busy:  # its decode ended just after the wait ran out
             return DecodeHang(f"{head}; it ended just after, so it was only slow: raise --decode_timeout (0: wait "
                               "forever).")
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close(grace_s=0)
         self._pool = None
         decoders = " or ".join(dict.fromkeys(name for _, _, name in busy[:3]))
         why = ("A decode that never returns is a file the decoder hangs on (in NVDEC or FFmpeg) or a file system that "
@@ -342,11 +389,21 @@ class DeviceViews:
 
     def close(self) -> None:
         """Stop the decode threads (made again on the next call): DeviceViewLoader does it at the end of each
-        pass, so that no idle thread is alive when the next pass's DataLoader forks its workers."""
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)  # a stopped run does not decode the batch it will not use
-            self._pool = None
-            self._taken = 0
+        pass, so that no idle thread is alive when the next pass's DataLoader forks its workers. A pass left early
+        (a stop signal, an error) drops the batches not begun; a video still decoding after CLOSE_GRACE_S is left
+        to its thread, named in a warning: the process can exit without it."""
+        if self._pool is None:
+            return
+        pool, self._pool, self._taken = self._pool, None, 0
+        left = {thread.ident for thread in pool.close(CLOSE_GRACE_S)}
+        busy = sorted((entry for ident, entry in list(self._decoding.items()) if ident in left), key=lambda e: e[1])
+        if busy:
+            now = time.time()
+            rows = "; ".join(f"{path} ({name}, {(now - start) / 60:.1f} min)" for path, start, name in busy[:3])
+            logger.warning("%d decode thread(s) still decoding %.0f s after their pass ended, left behind: %s. A "
+                           "decode that never returns is a file the decoder hangs on or a file system that stopped "
+                           "answering; if the run goes on, expect DecodeHang to name it.", len(busy), CLOSE_GRACE_S,
+                           rows)
 
     def _log(self, path: str, message: str) -> None:
         if path not in _LOGGED:

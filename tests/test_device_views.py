@@ -4,6 +4,7 @@ import dataclasses
 import logging
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -14,7 +15,8 @@ from torch.utils.data import DataLoader
 
 import train_ssl
 from datasets import VideoDataAugmentationDINO, build_dataset, decoder, device_views, transform
-from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans, render_views, resize_as_uint8
+from datasets.device_views import (DecodeThreads, DeviceViewLoader, DeviceViews, collate_plans, render_views,
+                                   resize_as_uint8)
 from datasets.seeding import SeededDataset
 from datasets.synthetic import write_video
 from tests.frame_code import require_backend
@@ -342,7 +344,6 @@ def test_the_stage_renders_what_render_views_renders_from_its_frames(synthetic_c
 def test_decode_streams_are_made_once_and_each_pass_gives_its_threads_distinct_ones(monkeypatch):
     # The caching allocator reuses a freed block only on the stream it was made on: streams made anew each pass
     # would leave the blocks cached on the last pass's streams idle. CUDA streams stand in for fakes here.
-    from concurrent.futures import ThreadPoolExecutor
     made = []
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or object())
     stage = DeviceViews([16], "cpu", threads=3, decode_timeout=0)
@@ -353,11 +354,43 @@ def test_decode_streams_are_made_once_and_each_pass_gives_its_threads_distinct_o
             barrier.wait()  # three distinct threads
             return stage._stream()
 
-        stage._pool = ThreadPoolExecutor(3)
-        streams = list(stage._pool.map(take, range(3)))
+        stage._pool = DecodeThreads(3, "test")
+        streams = [future.result() for future in [stage._pool.submit(take, k) for k in range(3)]]
         stage.close()
         assert len({id(s) for s in streams}) == 3
     assert len(made) == 3
+
+
+def test_decode_threads_give_results_and_errors_drop_jobs_not_begun_and_leave_a_stuck_one_behind():
+    """DeviceViews' pool: each job's result or exception through its future; close cancels the jobs no thread has
+    begun, waits for the running ones at most grace_s, and returns the threads still running then (daemon threads,
+    which the interpreter does not join at exit)."""
+    pool = DecodeThreads(2, "test")
+    assert all(thread.daemon for thread in pool.threads) and len(pool.threads) == 2
+    assert pool.submit(lambda a, b: a * b, 6, 7).result(timeout=20) == 42
+    with pytest.raises(ZeroDivisionError):
+        pool.submit(lambda: 1 / 0).result(timeout=20)
+    release, began = threading.Event(), threading.Barrier(3, timeout=20)
+
+    def stuck() -> str:
+        began.wait()
+        release.wait()
+        return "ended"
+
+    running = [pool.submit(stuck) for _ in range(2)]
+    queued = pool.submit(lambda: "never run")
+    began.wait()  # both threads are inside their jobs
+    start = time.monotonic()
+    left = pool.close(grace_s=0.5)
+    assert 0.4 < time.monotonic() - start < 10
+    assert left == pool.threads and queued.cancelled() and not any(f.done() for f in running)
+    release.set()
+    assert [f.result(timeout=20) for f in running] == ["ended", "ended"]
+    for thread in pool.threads:
+        thread.join(timeout=20)
+        assert not thread.is_alive()  # the stop sent at close ends each thread after its job
+    idle = DecodeThreads(3, "test")
+    assert idle.close(grace_s=20) == []
 
 
 @pytest.mark.usefixtures("torchcodec_works")

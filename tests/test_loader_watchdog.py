@@ -26,7 +26,7 @@ from datasets.transform import VideoDataAugmentationDINO
 from tests.conftest import build_cfg, write_ssv2
 from tests.test_device_views import _aug, _datasets
 from tests.test_fault_tolerance import ROOT, _set_flag, _tiny_argv, _train_here
-from utils import utils
+from utils import preemption, utils
 from utils.evaluation import make_loader
 
 TWO_SECONDS_MIN = "0.033"  # --decode_timeout in minutes
@@ -414,17 +414,20 @@ def test_decode_threads_without_a_hang_give_their_views_and_0_waits_for_any_deco
 STUCK_ENTRY_POINT = textwrap.dedent("""
     # An entry point's loop over DATA.DECODE_DEVICE cuda batches (DeviceViewLoader, its stage on the CPU) inside
     # utils.named_rank_failures, where the decode of the video argv[2] never returns. argv[1]: the synthetic root.
+    # With argv[3] "stop", a stop signal's exit (Preempted, checkpoint written) after the first batch.
     import sys, threading
     sys.path.insert(0, {root!r})
     from pathlib import Path
     from torch.utils.data import DataLoader
     from datasets import build_dataset, decoder
+    from datasets import device_views
     from datasets.device_views import DeviceViewLoader, DeviceViews, collate_plans
     from datasets.seeding import SeededDataset
     from tests.conftest import build_cfg
     from tests.test_loader_watchdog import _aug, hanging
-    from utils import utils
-    root, stuck = Path(sys.argv[1]), sys.argv[2]
+    from utils import preemption, utils
+    root, stuck, stop = Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ["stop"]
+    device_views.CLOSE_GRACE_S = 1.0
     decoder.decode_on_device, decoder.decode_bytes_sequentially = hanging([stuck], threading.Event())
     aug = _aug()
     cfg = build_cfg(root / "annotations", root / "videos", **{{"DATA.DECODE_DEVICE": "cuda"}})
@@ -432,7 +435,8 @@ STUCK_ENTRY_POINT = textwrap.dedent("""
     loader = DataLoader(plans, sampler=[(i, 100 + i) for i in range(4)], batch_size=2, collate_fn=collate_plans)
     with utils.named_rank_failures():
         for batch in DeviceViewLoader(loader, DeviceViews(aug.sizes, "cpu", threads=2, decode_timeout={timeout})):
-            pass
+            if stop:
+                raise preemption.Preempted("checkpoint written", [])
     print("every batch came")
 """)
 
@@ -457,3 +461,24 @@ def test_an_entry_point_whose_decode_thread_never_returns_exits_naming_the_video
     assert "datasets.loader_watchdog.DecodeHang: A video did not finish decoding" in done.stderr, done.stderr[-3000:]
     assert f"  {stuck}: " in done.stderr and f"Delete {stuck} " in done.stderr
     assert "DecodeHang: A video did not finish decoding" in error_file.read_text()
+
+
+def test_a_stopped_entry_point_exits_with_its_stop_status_past_a_decode_thread_that_never_returns(
+        synthetic_root, synthetic_cfg, tmp_path):
+    """A stop signal's exit (status 3: the SLURM script requeues the job) while a decode thread of the batch ahead
+    never returns (--decode_timeout far off): the thread is given CLOSE_GRACE_S (here 1 s), named in a warning and
+    left behind, and the process exits with 3 instead of joining it until SLURM's kill (no requeue)."""
+    script = tmp_path / "stopped_entry_point.py"
+    script.write_text(STUCK_ENTRY_POINT.format(root=str(ROOT), timeout=15))
+    stuck = build_dataset("kinetics400", synthetic_cfg(), "train").video_paths[3]  # the batch ahead's
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([sys.executable, str(script), str(synthetic_root), stuck, "stop"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the stopped process did not end within 120 s (its stuck thread joined at exit?):\n"
+                    f"{(err.stderr or b'').decode()[-3000:]}")
+    assert done.returncode == preemption.PREEMPTED_EXIT_STATUS, done.stderr[-3000:]
+    assert "1 decode thread(s) still decoding 1 s after their pass ended, left behind: " \
+           f"{stuck} (torchcodec on cpu, 0.0 min)" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr  # no error: the stop's own exit
