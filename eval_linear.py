@@ -111,9 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="ucf101", type=str, choices=DATASETS,
                         help="Evaluation dataset (ssv2 trains without flips: DATASET_OPTS, utils/parser.py).")
     parser.add_argument("--evaluate", action="store_true",
-                        help="Only evaluate a trained classifier (--lc_pretrained_weights, else the "
-                             "output_dir checkpoint): single-view val and the multi-view test, on the DATA.SPLIT it was "
-                             "trained on (another split is refused).")
+                        help="Only evaluate a trained classifier (--lc_pretrained_weights, else the output_dir "
+                             "checkpoint): single-view val and the multi-view test, on the DATA.SPLIT it was trained "
+                             "on (another split is refused).")
     parser.add_argument("--ensemble", default="sum", choices=("sum", "softmax"),
                         help="Multi-view aggregation per video: sum of the clip logits (the original's "
                              "TestMeter) or the mean of the clip softmax probabilities.")
